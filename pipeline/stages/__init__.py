@@ -1,0 +1,1 @@
+"""One stage per module. None of them imports Ray; see ``pipeline.graph``."""

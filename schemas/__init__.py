@@ -1,0 +1,176 @@
+"""The one definition of every record and file layout in a reelpack corpus.
+
+Column names and file keys here are permanent API: later versions add columns,
+never rename or repurpose them. Bump ``SCHEMA_VERSION`` when the layout changes.
+
+Tables (parquet, one file per committed part):
+
+- ``sources/``: one row per input source, whatever happened to it.
+- ``index/``: one row per clip, kept, rejected or failed, with every score.
+
+Shards (webdataset tar) hold one sample per *kept* clip; see ``SAMPLE_*``.
+The stream that flows between pipeline stages is wider than the index: it also
+carries transient payload columns (``STREAM_ONLY_COLUMNS``) that are never
+persisted in a table.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = [
+    "CLIP_COLUMNS",
+    "CLIP_SCHEMA",
+    "CLIP_STATUSES",
+    "INDEX_DIR",
+    "MANIFEST_NAME",
+    "SAMPLE_CAPTION",
+    "SAMPLE_LATENTS",
+    "SAMPLE_META",
+    "SCHEMA_VERSION",
+    "SCORE_NAMES",
+    "SHARDS_DIR",
+    "SOURCES_DIR",
+    "SOURCE_SCHEMA",
+    "SOURCE_STATUSES",
+    "STREAM_COLUMNS",
+    "STREAM_ONLY_COLUMNS",
+    "TENSOR_LATENTS",
+    "TENSOR_TEXT_EMBEDS",
+    "score_column",
+]
+
+SCHEMA_VERSION = 1
+
+# --- file layout under a corpus root -------------------------------------------------
+MANIFEST_NAME = "manifest.json"
+INDEX_DIR = "index"
+SOURCES_DIR = "sources"
+SHARDS_DIR = "shards"
+
+# --- shard sample layout ---------------------------------------------------------------
+# A sample ``<key>`` in a shard tar consists of these members (webdataset convention:
+# ``<key>.<suffix>``). Nothing in a shard is pickled.
+SAMPLE_LATENTS = "latents.safetensors"  # safetensors file, see TENSOR_* below
+SAMPLE_META = "json"  # UTF-8 JSON object: the clip's index row (scalars only)
+SAMPLE_CAPTION = "txt"  # UTF-8 caption
+TENSOR_LATENTS = "latents"  # [C, T, H, W] bfloat16, normalised as the manifest says
+TENSOR_TEXT_EMBEDS = "text_embeds"  # optional [L, D] caption embeddings, unpadded
+
+SOURCE_STATUSES = ("done", "error")
+CLIP_STATUSES = ("kept", "rejected", "error")
+
+# Quality signals. Each gets a float64 column ``score_<name>`` in the index, written for
+# every clip whether kept or not (NaN where a signal could not be computed).
+SCORE_NAMES = (
+    "sharpness",  # variance of the Laplacian of luma, on the working resolution
+    "exposure",  # mean luma in [0, 1]
+    "dark_fraction",  # share of near-black pixels (luma < 16/255)
+    "bright_fraction",  # share of near-white pixels (luma > 239/255)
+    "motion",  # mean absolute frame difference in [0, 1] between sampled frames
+    "aesthetic",  # LAION improved-aesthetic predictor on CLIP image embeddings, ~1..10
+)
+
+
+def score_column(name: str) -> str:
+    """Index column of one quality signal."""
+    return f"score_{name}"
+
+
+SOURCE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),  # URI: absolute path or s3://
+        pa.field("status", pa.string(), nullable=False),  # SOURCE_STATUSES
+        pa.field("error", pa.string()),  # reason, when status == "error"
+        pa.field("duration_s", pa.float64()),
+        pa.field("fps", pa.float64()),  # average frame rate
+        pa.field("width", pa.int32()),  # display width (after SAR and rotation)
+        pa.field("height", pa.int32()),  # display height
+        pa.field("num_clips", pa.int32()),
+        pa.field("num_frames", pa.int64()),
+        pa.field("codec", pa.string()),
+    ]
+)
+
+CLIP_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),  # uuid5(source, start, end)
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # CLIP_STATUSES
+        pa.field("reasons", pa.list_(pa.string())),  # every failed threshold
+        pa.field("error", pa.string()),
+        pa.field("start_s", pa.float64()),
+        pa.field("end_s", pa.float64()),  # exclusive
+        pa.field("start_frame", pa.int64()),  # source frame numbering
+        pa.field("end_frame", pa.int64()),  # exclusive
+        pa.field("fps", pa.float64()),
+        pa.field("width", pa.int32()),  # display size of the source
+        pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("latent_shape", pa.list_(pa.int32())),  # C, T, H, W
+        pa.field("shard", pa.string()),  # shard path relative to the corpus root
+        pa.field("key", pa.string()),  # sample key inside the shard
+        # what the encoder saw: exact size, frame rate and frame count after resampling
+        pa.field("encode_width", pa.int32()),
+        pa.field("encode_height", pa.int32()),
+        pa.field("encode_fps", pa.float64()),
+        pa.field("encode_frames", pa.int32()),
+        pa.field("num_tokens", pa.int64()),  # latent tokens at the manifest's patch size
+        *[pa.field(score_column(n), pa.float64()) for n in SCORE_NAMES],
+    ]
+)
+
+CLIP_COLUMNS = tuple(CLIP_SCHEMA.names)
+
+# Transient columns that flow between stages and are never written to a table.
+STREAM_ONLY_COLUMNS = (
+    "clip_bytes",  # the clip at working resolution, H.264 mp4 bytes (decode once)
+    "latents",  # safetensors bytes of the sample, produced by encode
+    "src_status",  # source-level status / error / facts, folded into SOURCE_SCHEMA
+    "src_error",
+    "src_duration_s",
+    "src_num_clips",
+    "src_num_frames",
+    "src_codec",
+)
+
+STREAM_COLUMNS = CLIP_COLUMNS + STREAM_ONLY_COLUMNS
+
+# --- manifest.json ---------------------------------------------------------------------
+# Top-level keys of ``<root>/manifest.json`` (a JSON object). Values:
+#   schema_version   int, SCHEMA_VERSION
+#   reelpack_version str, the package version that wrote the corpus
+#   created_at       str, ISO-8601 UTC time of the last write
+#   vae              object: id, class, config_sha256, spatial_factor, temporal_factor,
+#                    latent_channels, frame_rule {base, step}, normalization {kind, ...}
+#   patch_size       [pt, ph, pw] used for ``num_tokens``
+#   text_encoder     null or object: id, dim
+#   captioner        null or object: id
+#   random_weights   true when any model in the build had random weights (tiny preset):
+#                    latents and captions are then meaningless test data
+#   counts           object: sources, sources_error, clips, clips_kept, clips_rejected,
+#                    clips_error, shards, latent_tokens
+#   config           the resolved build config (JSON)
+MANIFEST_KEYS = (
+    "schema_version",
+    "reelpack_version",
+    "created_at",
+    "vae",
+    "patch_size",
+    "text_encoder",
+    "captioner",
+    "random_weights",
+    "counts",
+    "config",
+)
+COUNT_KEYS = (
+    "sources",
+    "sources_error",
+    "clips",
+    "clips_kept",
+    "clips_rejected",
+    "clips_error",
+    "shards",
+    "latent_tokens",
+)
+__all__ += ["COUNT_KEYS", "MANIFEST_KEYS"]
