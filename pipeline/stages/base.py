@@ -63,7 +63,7 @@ def batch_to_rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
-def with_columns(batch: Mapping[str, np.ndarray], **columns: Sequence[Any]) -> Batch:
+def with_columns(batch: Mapping[str, np.ndarray], **columns: Sequence[Any] | np.ndarray) -> Batch:
     """A copy of ``batch`` with ``columns`` added or replaced (same row count)."""
     n = num_rows(batch)
     out = dict(batch)

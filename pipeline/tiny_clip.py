@@ -1,0 +1,123 @@
+"""A tiny random-weight CLIP and aesthetic head, for tests and CPU smoke runs.
+
+No machine here can download the real ViT-L/14 or the LAION head, so tests
+build this ~2 M-parameter stand-in, save it to a folder and load it back through
+the same loaders users run: ``open_clip.create_model_and_transforms(name,
+pretrained=<file>)`` and ``torch.load(weights_only=True)``. Its scores are
+meaningless numbers; a corpus built with it must say ``random_weights``.
+
+Example::
+
+    paths = build_tiny_clip("/tmp/tiny")     # writes config, weights, head; registers config
+    scorer = AestheticScorer(AestheticConfig(**paths))
+
+Another process (a Ray worker) finds the model through ``AestheticConfig.clip_config``,
+or by calling :func:`register_tiny_clip` before loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TypedDict
+
+import torch
+from torch import nn
+
+from pipeline.stages.aesthetic import AestheticHead, register_clip_config
+
+__all__ = [
+    "TINY_CLIP_CONFIG",
+    "TINY_CLIP_NAME",
+    "TinyClipPaths",
+    "build_tiny_clip",
+    "register_tiny_clip",
+]
+
+TINY_CLIP_NAME = "reelpack-tiny-clip"  # open_clip names a model by its config file's stem
+TINY_CLIP_CONFIG: dict = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    # full vocab so the bundled BPE tokenizer's ids stay valid; it dominates the size
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+class TinyClipPaths(TypedDict):
+    """What :func:`build_tiny_clip` wrote; also ``AestheticConfig`` keyword arguments."""
+
+    clip_model: str
+    clip_pretrained: str
+    head: str
+    clip_config: str
+
+
+def _config_path(out_dir: Path) -> Path:
+    return out_dir / f"{TINY_CLIP_NAME}.json"
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    # a concurrent reader (another test worker) never sees a half-written file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def register_tiny_clip(out_dir: str | Path) -> str:
+    """Register the tiny config written by :func:`build_tiny_clip` with open_clip in this
+    process; returns the model name."""
+    register_clip_config(_config_path(Path(out_dir)), TINY_CLIP_NAME)
+    return TINY_CLIP_NAME
+
+
+def _init_head(head: AestheticHead) -> None:
+    """Variance-preserving init and a bias of 5, so random scores spread around the
+    real head's ~1..10 range instead of collapsing to ~0 through five linear layers."""
+    for layer in head.layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+            nn.init.zeros_(layer.bias)
+    last = head.layers[-1]
+    assert isinstance(last, nn.Linear)
+    nn.init.constant_(last.bias, 5.0)
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> TinyClipPaths:
+    """Write the tiny CLIP config, its seeded random weights and a seeded random
+    aesthetic head of matching width under ``out_dir``; register the config in this
+    process. Idempotent: existing files are kept (same seed, same bytes).
+
+    Returns ``AestheticConfig`` keyword arguments: ``clip_model``, ``clip_pretrained``
+    (weights file), ``head`` (head ``.pth``), ``clip_config`` (config JSON).
+    """
+    import open_clip
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _config_path(out)
+    text = json.dumps(TINY_CLIP_CONFIG, indent=2, sort_keys=True)
+    if not config.exists() or config.read_text() != text:
+        tmp = config.with_name(f".{config.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, config)
+    register_tiny_clip(out)
+
+    weights = out / f"{TINY_CLIP_NAME}-seed{seed}.pt"
+    head_path = out / f"aesthetic-head-{TINY_CLIP_CONFIG['embed_dim']}-seed{seed}.pth"
+    if not weights.exists() or not head_path.exists():
+        # seed a private RNG stream: building must not disturb the caller's randomness
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+            head = AestheticHead(TINY_CLIP_CONFIG["embed_dim"])
+            _init_head(head)
+        _atomic_save(model.state_dict(), weights)
+        _atomic_save(head.state_dict(), head_path)
+    return TinyClipPaths(
+        clip_model=TINY_CLIP_NAME,
+        clip_pretrained=str(weights),
+        head=str(head_path),
+        clip_config=str(config),
+    )

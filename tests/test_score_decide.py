@@ -1,0 +1,452 @@
+"""Quality scoring and keep / reject: signals on generated clips with known properties,
+the Score / AestheticScorer / Decide stages on batches without Ray, and the aesthetic
+path end to end on a tiny random CLIP saved to disk and loaded back."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.stages.aesthetic import AestheticConfig, AestheticHead, AestheticScorer, load_head
+from pipeline.stages.base import rows_to_batch
+from pipeline.stages.decide import DEFAULT_THRESHOLDS, Decide, DecideConfig, decide
+from pipeline.stages.score import (
+    CHEAP_SIGNALS,
+    Score,
+    ScoreConfig,
+    bright_fraction,
+    dark_fraction,
+    exposure,
+    motion,
+    resize_to_width,
+    sample_indices,
+    score_frames,
+    sharpness,
+)
+from pipeline.tiny_clip import TINY_CLIP_NAME, TinyClipPaths, build_tiny_clip
+from pipeline.video import decode_mp4, encode_mp4
+from schemas import CLIP_STATUSES, SCORE_NAMES, STREAM_COLUMNS, score_column
+
+T, H, W = 8, 64, 96
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- generated clips -----------------------------------------------------------------------
+
+
+def noise_frame(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def static_clip(seed: int = 0) -> np.ndarray:
+    return np.repeat(noise_frame(seed)[None], T, axis=0)
+
+
+def moving_clip(seed: int = 0) -> np.ndarray:
+    # the same texture panning 4 px per frame
+    base = noise_frame(seed)
+    return np.stack([np.roll(base, 4 * i, axis=1) for i in range(T)])
+
+
+def blurred(frames: np.ndarray, sigma: float = 3.0) -> np.ndarray:
+    return np.stack([cv2.GaussianBlur(f, (0, 0), sigma) for f in frames])
+
+
+def checkerboard_clip(cell: int = 4) -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W]
+    board = (((yy // cell) + (xx // cell)) % 2 * 255).astype(np.uint8)
+    return np.repeat(np.repeat(board[None, :, :, None], 3, axis=3), T, axis=0)
+
+
+def flat_clip(value: int) -> np.ndarray:
+    return np.full((T, H, W, 3), value, dtype=np.uint8)
+
+
+def roundtrip(frames: np.ndarray) -> np.ndarray:
+    """Frames as a later stage sees them: through the H.264 clip payload."""
+    return decode_mp4(encode_mp4(frames, fps=8.0))[0]
+
+
+# --- pure signal functions -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("total", "num", "expected"),
+    [(10, 4, [0, 3, 6, 9]), (3, 8, [0, 1, 2]), (9, 1, [4]), (8, 8, list(range(8))), (0, 4, [])],
+)
+def test_sample_indices(total: int, num: int, expected: list[int]) -> None:
+    assert sample_indices(total, num).tolist() == expected
+
+
+def test_sample_indices_distinct_and_in_range() -> None:
+    for total in range(1, 40):
+        for num in range(1, 12):
+            idx = sample_indices(total, num)
+            assert len(idx) == min(total, num) == len(set(idx.tolist()))
+            assert idx.min() >= 0 and idx.max() < total
+
+
+def test_resize_to_width_downscales_only_and_keeps_aspect() -> None:
+    frames = np.zeros((2, 180, 320, 3), dtype=np.uint8)
+    assert resize_to_width(frames, 160).shape == (2, 90, 160, 3)
+    assert resize_to_width(frames, 640) is frames  # never upscale
+    assert resize_to_width(frames, 0) is frames
+
+
+def test_flat_frames_exact_values() -> None:
+    grey, black, white = flat_clip(128), flat_clip(0), flat_clip(255)
+    assert exposure(grey) == pytest.approx(128 / 255)
+    assert (exposure(black), exposure(white)) == (0.0, 1.0)
+    assert (dark_fraction(black), dark_fraction(grey), dark_fraction(white)) == (1.0, 0.0, 0.0)
+    assert (bright_fraction(black), bright_fraction(grey), bright_fraction(white)) == (0, 0, 1)
+    assert sharpness(grey) == 0.0 and motion(grey) == 0.0
+    # luma thresholds are strict: 16 is not dark, 239 is not bright
+    assert dark_fraction(flat_clip(15)) == 1.0 and dark_fraction(flat_clip(16)) == 0.0
+    assert bright_fraction(flat_clip(240)) == 1.0 and bright_fraction(flat_clip(239)) == 0.0
+
+
+def test_half_black_half_white() -> None:
+    frames = flat_clip(0)
+    frames[:, :, W // 2 :] = 255
+    assert dark_fraction(frames) == 0.5 and bright_fraction(frames) == 0.5
+    assert exposure(frames) == pytest.approx(0.5)
+    assert sharpness(frames) > 0  # one vertical edge
+
+
+def test_motion_is_mean_abs_difference_of_consecutive_frames() -> None:
+    frames = np.stack([flat_clip(0)[0], flat_clip(51)[0], flat_clip(0)[0]])
+    assert motion(frames) == pytest.approx(51 / 255)
+    assert motion(frames[:1]) == 0.0
+    assert motion(static_clip()) == 0.0
+    assert 0.1 < motion(moving_clip()) <= 1.0
+
+
+def test_signals_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        exposure(np.zeros((2, 4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="at least one frame"):
+        sharpness(np.zeros((0, 4, 4, 3), dtype=np.uint8))
+
+
+# --- signals on encoded clips (what the stage sees) ----------------------------------------
+
+
+def test_static_vs_moving_after_encoding() -> None:
+    still = score_frames(roundtrip(static_clip()))
+    pan = score_frames(roundtrip(moving_clip()))
+    assert still["motion"] < 0.002 < 0.1 < pan["motion"]
+
+
+@pytest.mark.parametrize("make", [moving_clip, checkerboard_clip])
+def test_sharp_vs_blurred_after_encoding(make: Callable[[], np.ndarray]) -> None:
+    sharp = score_frames(roundtrip(make()))["sharpness"]
+    soft = score_frames(roundtrip(blurred(make())))["sharpness"]
+    min_sharpness = dict(DEFAULT_THRESHOLDS)["sharpness"][0]
+    assert min_sharpness is not None
+    assert soft < min_sharpness < sharp
+    assert sharp > 50 * soft
+
+
+@pytest.mark.parametrize(
+    ("value", "exp", "dark", "bright"),
+    [(0, 0.0, 1.0, 0.0), (128, 128 / 255, 0.0, 0.0), (255, 1.0, 0.0, 1.0)],
+)
+def test_black_grey_white_after_encoding(
+    value: int, exp: float, dark: float, bright: float
+) -> None:
+    s = score_frames(roundtrip(flat_clip(value)))
+    assert s["exposure"] == pytest.approx(exp, abs=0.01)
+    assert s["dark_fraction"] == pytest.approx(dark, abs=0.01)
+    assert s["bright_fraction"] == pytest.approx(bright, abs=0.01)
+    assert s["sharpness"] < 1.0 and s["motion"] < 0.002
+
+
+def test_analysis_width_bounds_the_work_not_the_exposure() -> None:
+    frames = roundtrip(moving_clip())
+    small = score_frames(frames, ScoreConfig(num_frames=3, analysis_width=32))
+    full = score_frames(frames, ScoreConfig(num_frames=3, analysis_width=0))
+    assert small["exposure"] == pytest.approx(full["exposure"], abs=0.01)
+    assert small["sharpness"] != full["sharpness"]
+
+
+# --- Score stage ----------------------------------------------------------------------------
+
+
+def stage_batch(payloads: list[bytes | None], clip_ids: list[str | None]) -> dict[str, np.ndarray]:
+    rows = [
+        {"clip_id": cid, "source": f"/videos/{i}.mp4", "status": None, "clip_bytes": p}
+        for i, (cid, p) in enumerate(zip(clip_ids, payloads, strict=True))
+    ]
+    return rows_to_batch(rows)
+
+
+def test_stage_columns_are_in_schema() -> None:
+    for stage in (Score, AestheticScorer, Decide):
+        assert set(stage.reads) <= set(STREAM_COLUMNS), stage
+        assert set(stage.writes) <= set(STREAM_COLUMNS), stage
+    assert set(CHEAP_SIGNALS) | {"aesthetic"} == set(SCORE_NAMES)
+
+
+def test_score_stage_bad_rows_stay_alone() -> None:
+    good = encode_mp4(moving_clip(), fps=8.0)
+    batch = stage_batch(
+        [good, b"\x00garbage, not an mp4", None, encode_mp4(static_clip(), fps=8.0), None],
+        ["clip-good", "clip-bad", None, "clip-still", "clip-empty"],
+    )
+    batch["status"][3] = "error"  # failed upstream: must pass through untouched
+    batch["error"] = np.array([None, None, None, "split: boom", None], dtype=object)
+    out = Score(ScoreConfig(num_frames=4))(batch)
+
+    assert len(out["clip_id"]) == 5 and out["source"].tolist() == batch["source"].tolist()
+    assert out["status"].tolist() == [None, "error", None, "error", "error"]
+    assert "clip-bad" in out["error"][1] and "InvalidData" in out["error"][1]
+    assert out["error"][3] == "split: boom"
+    assert "clip-empty" in out["error"][4] and "empty" in out["error"][4]
+    for name in CHEAP_SIGNALS:
+        col = out[score_column(name)]
+        assert col.dtype == np.float64
+        assert math.isfinite(col[0]), name
+        assert np.isnan(col[1:]).all(), name
+    assert out[score_column("motion")][0] > 0.1
+    assert score_column("aesthetic") not in out  # not this stage's signal
+
+
+# --- decide ---------------------------------------------------------------------------------
+
+
+def test_decide_lists_every_failure_in_threshold_order() -> None:
+    thresholds = dict(DEFAULT_THRESHOLDS)
+    scores = {
+        "sharpness": 3.0,
+        "exposure": 0.97,
+        "dark_fraction": 0.0,
+        "bright_fraction": 0.95,
+        "motion": 0.0,
+    }
+    assert decide(scores, thresholds) == [
+        "sharpness<20",
+        "exposure>0.95",
+        "bright_fraction>0.9",
+        "motion<0.002",
+    ]
+    ok = {"sharpness": 500.0, "exposure": 0.5, "dark_fraction": 0.1, "bright_fraction": 0.0}
+    assert decide({**ok, "motion": 0.05}, thresholds) == []
+
+
+def test_decide_bounds_are_inclusive() -> None:
+    thresholds = {"motion": (0.002, 0.5)}
+    assert decide({"motion": 0.002}, thresholds) == []
+    assert decide({"motion": 0.5}, thresholds) == []
+    assert decide({"motion": 0.0019999}, thresholds) == ["motion<0.002"]
+    assert decide({"motion": 0.5000001}, thresholds) == ["motion>0.5"]
+    assert decide({"motion": 1e9}, {"motion": (None, None)}) == []
+
+
+def test_decide_missing_or_nan_is_a_reason() -> None:
+    thresholds = {"aesthetic": (4.5, None), "exposure": (0.05, None)}
+    assert decide({"exposure": 0.5}, thresholds) == ["aesthetic:missing"]
+    assert decide({"aesthetic": math.nan, "exposure": 0.0}, thresholds) == [
+        "aesthetic:missing",
+        "exposure<0.05",
+    ]
+
+
+def test_decide_config_validates_and_roundtrips_json() -> None:
+    with pytest.raises(ValueError, match="unknown signal"):
+        DecideConfig(thresholds=(("brightness", (0.1, None)),))
+    with pytest.raises(ValueError, match="min"):
+        DecideConfig(thresholds=(("exposure", (0.9, 0.1)),))
+    with pytest.raises(ValueError, match="two thresholds"):
+        DecideConfig(thresholds=(("exposure", (0.1, None)), ("exposure", (None, 0.9))))
+    cfg = DecideConfig()
+    assert "aesthetic" not in cfg.threshold_map()
+    loaded = json.loads(json.dumps(cfg.thresholds))  # lists, as a saved config comes back
+    again = DecideConfig(thresholds=loaded)
+    assert again == cfg and hash(again) == hash(cfg)
+    # the mapping form a YAML file gives is stored as the same tuple form
+    yaml_like: dict[str, Any] = {"motion": [0.002, None], "exposure": (0, 1)}
+    as_mapping = DecideConfig(thresholds=yaml_like)
+    assert as_mapping.thresholds == (("motion", (0.002, None)), ("exposure", (0.0, 1.0)))
+
+
+def test_decide_stage() -> None:
+    nan = math.nan
+    good = {"sharpness": 300.0, "exposure": 0.5, "dark_fraction": 0.0, "bright_fraction": 0.0}
+    rows: list[dict[str, Any]] = [
+        {"clip_id": "keep", **good, "motion": 0.05, "aesthetic": 6.0},
+        {"clip_id": "still", **good, "motion": 0.0, "aesthetic": 6.0},
+        {"clip_id": "ugly", **good, "motion": 0.05, "aesthetic": 3.0},
+        {"clip_id": "unscored", **good, "motion": 0.05, "aesthetic": nan},
+        {"clip_id": "broken", **{k: nan for k in good}, "motion": nan, "status": "error"},
+        {"clip_id": None, **{k: nan for k in good}, "motion": nan},
+    ]
+    batch = rows_to_batch(
+        [
+            {
+                "clip_id": r["clip_id"],
+                "status": r.get("status"),
+                "start_s": 0.0,
+                "end_s": 2.0,
+                **{score_column(k): r[k] for k in SCORE_NAMES if k in r},
+            }
+            for r in rows
+        ]
+    )
+    cfg = DecideConfig(thresholds=(*DEFAULT_THRESHOLDS, ("aesthetic", (4.5, None))))
+    out = Decide(cfg)(batch)
+    assert out["status"].tolist() == ["kept", "rejected", "rejected", "rejected", "error", None]
+    assert out["reasons"].tolist() == [
+        [],
+        ["motion<0.002"],
+        ["aesthetic<4.5"],
+        ["aesthetic:missing"],
+        None,
+        None,
+    ]
+    assert set(out["status"].tolist()) - {None} <= set(CLIP_STATUSES)
+
+    # no aesthetic column at all (stage not configured) while thresholding on it
+    no_aesthetic = {k: v for k, v in batch.items() if k != score_column("aesthetic")}
+    assert Decide(cfg)(no_aesthetic)["reasons"][0] == ["aesthetic:missing"]
+    # the default config never asks for an aesthetic score
+    assert Decide()(no_aesthetic)["status"][0] == "kept"
+    # duration: inclusive bound, on end_s - start_s
+    assert Decide(DecideConfig(min_duration_s=2.0))(batch)["reasons"][0] == []
+    assert Decide(DecideConfig(min_duration_s=2.5))(batch)["reasons"][0] == ["duration_s<2.5"]
+
+
+def test_score_then_decide_on_real_clips() -> None:
+    clips = [moving_clip(), static_clip(), blurred(moving_clip()), flat_clip(0)]
+    batch = stage_batch([encode_mp4(c, fps=8.0) for c in clips], ["pan", "still", "soft", "black"])
+    out = Decide()(Score()(batch))
+    assert out["status"].tolist() == ["kept", "rejected", "rejected", "rejected"]
+    assert out["reasons"][1] == ["motion<0.002"]
+    assert out["reasons"][2] == ["sharpness<20"]
+    assert out["reasons"][3] == [
+        "sharpness<20",
+        "exposure<0.05",
+        "dark_fraction>0.9",
+        "motion<0.002",
+    ]
+
+
+# --- aesthetic, end to end on a tiny random CLIP --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyClipPaths:
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+def test_head_matches_laion_checkpoint_layout() -> None:
+    shapes = {k: tuple(v.shape) for k, v in AestheticHead(768).state_dict().items()}
+    assert shapes == {
+        "layers.0.weight": (1024, 768),
+        "layers.0.bias": (1024,),
+        "layers.2.weight": (128, 1024),
+        "layers.2.bias": (128,),
+        "layers.4.weight": (64, 128),
+        "layers.4.bias": (64,),
+        "layers.6.weight": (16, 64),
+        "layers.6.bias": (16,),
+        "layers.7.weight": (1, 16),
+        "layers.7.bias": (1,),
+    }
+
+
+def test_tiny_clip_loads_through_user_loaders(tiny: TinyClipPaths, tmp_path: Path) -> None:
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        tiny["clip_model"], pretrained=tiny["clip_pretrained"]
+    )
+    state = torch.load(tiny["head"], map_location="cpu", weights_only=True)
+    assert sorted(state) == sorted(AestheticHead(32).state_dict())
+    from PIL import Image
+
+    pixels = preprocess(Image.fromarray(noise_frame()))
+    assert tuple(pixels.shape) == (3, 32, 32)  # the tiny config's image size
+    saved = torch.load(tiny["clip_pretrained"], map_location="cpu", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+    # idempotent and seeded: a rebuild keeps the files, another folder gets the same weights
+    before = {p: Path(p).read_bytes() for p in (tiny["clip_pretrained"], tiny["head"])}
+    assert build_tiny_clip(Path(tiny["head"]).parent) == tiny
+    assert all(Path(p).read_bytes() == b for p, b in before.items())
+    other = build_tiny_clip(tmp_path)
+    for key in ("clip_pretrained", "head"):
+        a = torch.load(tiny[key], weights_only=True)
+        b = torch.load(other[key], weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # a head of the wrong width is refused with a clear message
+    torch.save(AestheticHead(16).state_dict(), tmp_path / "narrow.pth")
+    with pytest.raises(ValueError, match="32-wide"):
+        load_head(tmp_path / "narrow.pth", 32)
+
+
+def test_aesthetic_refuses_without_head() -> None:
+    with pytest.raises(ValueError, match="LAION"):
+        AestheticScorer(AestheticConfig(head=None))
+
+
+def test_aesthetic_scorer_end_to_end(tiny: TinyClipPaths) -> None:
+    wide = moving_clip(1)
+    tall = np.ascontiguousarray(np.transpose(checkerboard_clip(), (0, 2, 1, 3)))  # 96x64
+    cfg = AestheticConfig(**tiny, num_frames=3, batch_size=2, device="cpu")
+    batch = stage_batch(
+        [encode_mp4(wide, 8.0), encode_mp4(tall, 8.0), b"not a clip", None],
+        ["wide", "tall", "bad", None],
+    )
+    scorer = AestheticScorer(cfg)
+    out = scorer(batch)
+    col = out[score_column("aesthetic")]
+    assert np.isfinite(col[:2]).all() and np.isnan(col[2:]).all()
+    assert abs(col[0] - col[1]) > 1e-4  # different clips, different scores
+    assert out["status"].tolist() == [None, None, "error", None]
+    assert "bad" in out["error"][2]
+
+    # the clip's score is the mean over its sampled frames
+    frames = roundtrip(wide)
+    per_frame = scorer.score_frames(list(frames[sample_indices(len(frames), 3)]))
+    assert len(np.unique(per_frame)) == 3
+    assert col[0] == pytest.approx(per_frame.mean(), rel=1e-6)
+
+    # deterministic: a fresh scorer loaded from the same files gives the same numbers
+    again = AestheticScorer(cfg)(batch)[score_column("aesthetic")]
+    np.testing.assert_allclose(again[:2], col[:2], rtol=1e-6)
+
+
+def test_aesthetic_in_a_fresh_process(tiny: TinyClipPaths) -> None:
+    """A Ray worker knows nothing of this process's open_clip registry: the config
+    path in AestheticConfig must be enough."""
+    code = (
+        "import json, sys, numpy as np\n"
+        "from pipeline.stages.aesthetic import AestheticConfig, AestheticScorer\n"
+        "from pipeline.video import encode_mp4\n"
+        "cfg = AestheticConfig(**json.loads(sys.argv[1]), device='cpu')\n"
+        "clip = np.full((2, 32, 32, 3), 100, dtype=np.uint8)\n"
+        "batch = {'clip_id': np.array(['a'], dtype=object),\n"
+        "         'clip_bytes': np.array([encode_mp4(clip, 8.0)], dtype=object)}\n"
+        "print(AestheticScorer(cfg)(batch)['score_aesthetic'][0])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(tiny)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert math.isfinite(float(done.stdout.strip().splitlines()[-1]))
+    assert tiny["clip_model"] == TINY_CLIP_NAME
