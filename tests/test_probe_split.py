@@ -1,0 +1,395 @@
+"""Probe and split: generated videos with known cuts, real videos for metadata,
+bad files as error rows. Run: ``python -m pytest tests/test_probe_split.py -q``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+
+from pipeline.stages import split as split_mod
+from pipeline.stages.base import batch_to_rows
+from pipeline.stages.probe import Probe, ProbeConfig, open_source, probe_video
+from pipeline.stages.split import (
+    CLIP_NAMESPACE,
+    Split,
+    SplitConfig,
+    _Frame,
+    _iter_frames,
+    _SourceSplitter,
+    clip_spans,
+    cut_clips,
+    detect_shots,
+    shots,
+)
+from pipeline.synth import demo_videos, synth_video
+from pipeline.video import decode_mp4, even_size
+from schemas import STREAM_COLUMNS
+
+VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "videos")
+if not os.path.isdir(VIDEOS):
+    VIDEOS = "/work/shared/videos"
+
+
+def shared(name: str) -> str:
+    path = os.path.join(VIDEOS, name)
+    if not os.path.exists(path):
+        pytest.skip(f"shared test video {name} not available")
+    return path
+
+
+SHOTS = [30, 42, 26, 36]  # frames per shot at 24 fps: 1.25 s, 1.75 s, 1.08 s, 1.5 s
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def landscape(synth_dir: str) -> tuple[str, list[int]]:
+    path = os.path.join(synth_dir, "landscape.mp4")
+    return path, synth_video(path, width=160, height=90, fps=24, shots=SHOTS, seed=0)
+
+
+def probe_batch(*sources: str) -> dict[str, np.ndarray]:
+    column = np.empty(len(sources), dtype=object)
+    column[:] = list(sources)
+    return Probe(ProbeConfig())({"source": column})
+
+
+def decoded(path: str, max_area: int = 160 * 90) -> list[np.ndarray]:
+    with open_source(path) as container:
+        return [frame.image for frame, _ in _iter_frames(container, None, max_area)]
+
+
+# --- synthetic videos and shot detection -------------------------------------------------
+
+
+def test_synth_returns_cut_frames_and_writes_every_frame(landscape: tuple[str, list[int]]) -> None:
+    path, cuts = landscape
+    assert cuts == [30, 72, 98]
+    facts = probe_video(path)
+    assert facts["num_frames"] == sum(SHOTS)
+    assert (facts["display_width"], facts["display_height"]) == (160, 90)
+    assert facts["fps"] == pytest.approx(24.0)
+
+
+@pytest.mark.parametrize(("width", "height"), [(160, 90), (90, 160), (128, 128)])
+def test_detected_boundaries_match_known_cuts(synth_dir: str, width: int, height: int) -> None:
+    path = os.path.join(synth_dir, f"cuts_{width}x{height}.mp4")
+    cuts = synth_video(path, width=width, height=height, fps=24, shots=SHOTS, seed=width)
+    found = shots(path)
+    starts = [s["start_frame"] for s in found]
+    assert len(starts) == len(SHOTS), found
+    assert starts[0] == 0 and found[-1]["end_frame"] == sum(SHOTS)
+    for got, want in zip(starts[1:], cuts, strict=True):
+        assert abs(got - want) <= 1, (starts, cuts)
+    # times come from the frames' pts: shot k starts at cut / fps
+    for shot, want in zip(found[1:], cuts, strict=True):
+        assert shot["start_s"] == pytest.approx(shot["start_frame"] / 24.0, abs=1e-3)
+        assert abs(shot["start_s"] - want / 24.0) <= 1 / 24.0 + 1e-6
+    assert found[-1]["end_s"] == pytest.approx(sum(SHOTS) / 24.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("detector", ["content", "histogram"])
+def test_other_detectors_find_the_cuts(landscape: tuple[str, list[int]], detector: str) -> None:
+    path, cuts = landscape
+    found = detect_shots(decoded(path), 24.0, SplitConfig(detector=detector))
+    starts = [a for a, _ in found[1:]]
+    assert len(starts) == len(cuts)
+    assert all(abs(a - b) <= 1 for a, b in zip(starts, cuts, strict=True)), (starts, cuts)
+
+
+def test_unknown_detector_is_rejected_up_front() -> None:
+    with pytest.raises(ValueError, match="unknown detector"):
+        Split(SplitConfig(detector="nope"))
+
+
+def test_demo_videos_are_small_and_varied(tmp_path: os.PathLike[str]) -> None:
+    paths = demo_videos(str(tmp_path))
+    assert len(paths) == 6
+    aspects = set()
+    for path in paths:
+        facts = probe_video(path)
+        assert 2.0 <= facts["duration_s"] <= 4.0 + 1e-6
+        assert max(facts["width"], facts["height"]) <= 320
+        aspects.add(round(facts["width"] / facts["height"], 2))
+    assert {1.78, 0.56, 1.0, 1.33} <= aspects
+    dark = next(p for p in paths if "dark" in p)
+    frames = decoded(dark, 320 * 180)
+    assert frames[-1].mean() < 16 < frames[0].mean()
+
+
+# --- clip rules ----------------------------------------------------------------------------
+
+
+def test_short_shots_are_dropped_and_long_ones_chunked() -> None:
+    cfg = SplitConfig(min_clip_s=1.0, max_clip_s=2.0)
+    fps = 10.0
+    assert clip_spans(0, 9, fps, cfg) == []  # 0.9 s < min
+    assert clip_spans(0, 10, fps, cfg) == [(0, 10)]
+    assert clip_spans(5, 25, fps, cfg) == [(5, 25)]  # exactly max
+    assert clip_spans(0, 21, fps, cfg) == [(0, 10), (10, 21)]  # similar halves
+    spans = cut_clips([(0, 9), (9, 104), (104, 120)], fps, cfg)
+    long = [s for s in spans if s[1] <= 104]
+    assert long[0][0] == 9 and long[-1][1] == 104  # the long shot is covered end to end
+    assert all(b == c for (_, b), (c, _) in itertools.pairwise(long))
+    lengths = [b - a for a, b in long]
+    assert all(10 <= n <= 20 for n in lengths) and max(lengths) - min(lengths) <= 10
+    assert spans[-1] == (104, 120)
+
+
+def test_chunks_respect_min_even_when_min_exceeds_half_max() -> None:
+    cfg = SplitConfig(min_clip_s=1.5, max_clip_s=2.0)
+    spans = clip_spans(0, 25, 10.0, cfg)  # halves of 12.5 frames would be under 15
+    assert spans == [(0, 20)]
+    for start, end in [(0, 15), (0, 47), (3, 100), (0, 61)]:
+        for a, b in clip_spans(start, end, 10.0, cfg):
+            assert 15 <= b - a <= 20 and start <= a < b <= end
+
+
+@pytest.mark.parametrize("fps", [24.0, 29.97, 30000 / 1001])
+def test_frame_limits_tolerate_fractional_rates(fps: float) -> None:
+    cfg = SplitConfig(min_clip_s=1.0, max_clip_s=2.0)
+    spans = clip_spans(0, 1000, fps, cfg)
+    assert spans[0][0] == 0 and spans[-1][1] == 1000
+    assert all(1.0 <= (b - a) / fps <= 2.0 for a, b in spans)
+    n = int(2.0 * fps + 1e-6)  # the most frames that fit in 2.0 s
+    assert clip_spans(0, n, fps, cfg) == [(0, n)]
+    assert len(clip_spans(0, n + 1, fps, cfg)) == 2
+
+
+# --- streaming split -------------------------------------------------------------------
+
+
+def test_split_batch_with_good_and_bad_sources(
+    landscape: tuple[str, list[int]], tmp_path: os.PathLike[str]
+) -> None:
+    good, _ = landscape
+    empty = os.path.join(tmp_path, "empty.mp4")
+    text = os.path.join(tmp_path, "notes.mp4")
+    open(empty, "wb").close()
+    with open(text, "w") as f:
+        f.write("this is not a video\n")
+    probed = probe_batch(good, empty, text)
+    assert list(probed["src_status"]) == ["done", "error", "error"]
+    out = Split(SplitConfig())(probed)
+    rows = batch_to_rows(out)
+    clips = [r for r in rows if r["source"] == good]
+    expected = cut_clips(detect_shots(decoded(good), 24.0, SplitConfig()), 24.0, SplitConfig())
+    assert [(r["start_frame"], r["end_frame"]) for r in clips] == expected
+    assert len(clips) == len(SHOTS)  # every synthetic shot is 1-2 s: one clip each
+    for r in clips:
+        assert r["status"] == "kept" and list(r["reasons"]) == []
+        assert r["src_status"] == "done" and r["src_num_clips"] == len(SHOTS)
+        assert r["src_codec"] == "h264" and r["src_num_frames"] == sum(SHOTS)
+        assert (r["width"], r["height"]) == (160, 90) and r["fps"] == pytest.approx(24.0)
+    for bad in (empty, text):
+        (row,) = [r for r in rows if r["source"] == bad]
+        assert row["clip_id"] is None and row["clip_bytes"] is None
+        assert row["src_status"] == "error" and row["src_num_clips"] == 0
+        assert bad in row["src_error"] and "Invalid data" in row["src_error"]
+    assert set(out) <= set(STREAM_COLUMNS)
+
+
+def test_clip_bytes_decode_to_the_recorded_frames(landscape: tuple[str, list[int]]) -> None:
+    path, _ = landscape
+    out = Split(SplitConfig(work_max_area=96 * 54))(probe_batch(path))
+    for row in batch_to_rows(out):
+        frames, fps = decode_mp4(row["clip_bytes"])
+        assert frames.shape == (row["end_frame"] - row["start_frame"], 54, 96, 3)
+        assert fps == pytest.approx(24.0)
+        assert row["start_s"] == pytest.approx(row["start_frame"] / 24.0, abs=1e-3)
+        assert row["end_s"] == pytest.approx(row["end_frame"] / 24.0, abs=1e-3)
+
+
+def test_clip_ids_are_deterministic(landscape: tuple[str, list[int]]) -> None:
+    path, _ = landscape
+    first = Split()(probe_batch(path))
+    second = Split()(probe_batch(path))
+    assert list(first["clip_id"]) == list(second["clip_id"])
+    ids = set(first["clip_id"])
+    assert len(ids) == len(first["clip_id"])
+    row = batch_to_rows(first)[0]
+    key = f"{path}|{row['start_frame']}|{row['end_frame']}"
+    assert row["clip_id"] == uuid.uuid5(CLIP_NAMESPACE, key).hex
+
+
+def test_long_shot_streams_in_bounded_memory(synth_dir: str) -> None:
+    path = os.path.join(synth_dir, "long.mp4")
+    synth_video(path, width=64, height=36, fps=20, shots=[40, 230, 30], seed=7)
+    cfg = SplitConfig(min_clip_s=1.0, max_clip_s=1.5, work_max_area=64 * 36)
+    frames = decoded(path, 64 * 36)
+    splitter = _SourceSplitter(cfg, 20.0)
+    peak = 0
+    for num, image in enumerate(frames):
+        splitter.push(_Frame(num, num / 20.0, image), 1 / 20.0)
+        peak = max(peak, len(splitter.buffer))
+    spans = [(c.start_frame, c.end_frame) for c in splitter.finish()]
+    # the streaming result equals the offline rule on the whole video ...
+    assert spans == cut_clips(detect_shots(frames, 20.0, cfg), 20.0, cfg)
+    assert all(20 <= b - a <= 30 for a, b in spans)
+    # ... while holding at most two chunks (+ the detector's delay), not the 230-frame shot
+    assert peak <= 2 * 30 + splitter.tracker.delay + 1 < 230
+
+
+def test_mid_decode_failure_becomes_one_error_row(
+    landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = landscape
+    real = split_mod._iter_frames
+
+    def breaks_halfway(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 80:
+                raise ValueError("corrupt packet")
+            yield item
+
+    monkeypatch.setattr(split_mod, "_iter_frames", breaks_halfway)
+    rows = batch_to_rows(Split()(probe_batch(path)))
+    assert len(rows) == 1  # the clips found before the failure are discarded
+    assert rows[0]["clip_id"] is None and rows[0]["src_status"] == "error"
+    assert path in rows[0]["src_error"] and "corrupt packet" in rows[0]["src_error"]
+
+
+def test_source_without_clips_emits_done_placeholder() -> None:
+    path = shared("delayed_start.mp4")  # 24 frames at 25 fps: shorter than min_clip_s
+    (row,) = batch_to_rows(Split()(probe_batch(path)))
+    assert row["clip_id"] is None and row["src_status"] == "done"
+    assert row["src_num_clips"] == 0 and row["src_error"] is None
+
+
+def test_times_are_relative_to_a_late_stream_start() -> None:
+    path = shared("delayed_start.mp4")
+    assert probe_video(path)["start_s"] == pytest.approx(1.075)
+    rows = batch_to_rows(Split(SplitConfig(min_clip_s=0.5))(probe_batch(path)))
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 24)]
+    assert rows[0]["start_s"] == pytest.approx(0.0)
+    assert rows[0]["end_s"] == pytest.approx(0.96)
+
+
+def test_split_on_empty_batch() -> None:
+    out = Split()({"source": np.empty(0, dtype=object)})
+    assert set(Split.writes) <= set(out) and all(len(v) == 0 for v in out.values())
+
+
+# --- probe -------------------------------------------------------------------------------
+
+
+def test_probe_rotation_gives_portrait_display_size() -> None:
+    facts = probe_video(shared("issue-134-rotate.mp4"))
+    assert (facts["width"], facts["height"]) == (1280, 544)
+    assert facts["rotation"] % 180 == 90
+    assert (facts["display_width"], facts["display_height"]) == (544, 1280)
+    (row,) = batch_to_rows(probe_batch(shared("issue-134-rotate.mp4")))
+    assert (row["width"], row["height"]) == (544, 1280)
+    assert row["src_num_frames"] == 240 and row["fps"] == pytest.approx(24000 / 1001)
+
+
+def test_probe_anamorphic_display_aspect() -> None:
+    facts = probe_video(shared("mmaction2_test.mp4"))
+    assert (facts["width"], facts["height"]) == (340, 256)
+    assert facts["display_width"] / facts["display_height"] == pytest.approx(16 / 9, rel=0.01)
+    assert facts["num_frames"] == 300 and facts["num_frames_exact"]
+
+
+def test_split_frames_are_display_oriented() -> None:
+    path = shared("issue-134-rotate.mp4")
+    with open_source(path) as container:
+        frame, _ = next(_iter_frames(container, (544, 1280), 128 * 300))
+    assert frame.image.shape[:2][::-1] == even_size(544, 1280, 128 * 300)
+    assert frame.image.shape[0] > frame.image.shape[1]
+
+
+def test_probe_limits_and_errors_are_values(landscape: tuple[str, list[int]]) -> None:
+    path, _ = landscape
+    column = np.array([path, path + ".missing"], dtype=object)
+    out = Probe(ProbeConfig(max_pixels=100 * 100))({"source": column})
+    rows = batch_to_rows(out)
+    assert [r["src_status"] for r in rows] == ["error", "error"]
+    assert path in rows[0]["src_error"] and "exceeds 10000 pixels" in rows[0]["src_error"]
+    assert rows[0]["width"] == 160  # facts are kept even when a limit fails
+    assert "No such file" in rows[1]["src_error"]
+    short = Probe(ProbeConfig(max_duration_s=1.0))({"source": column[:1]})
+    assert "duration" in short["src_error"][0]
+    assert set(Probe.writes) <= set(STREAM_COLUMNS) and set(Probe.reads) <= set(STREAM_COLUMNS)
+    assert set(Split.writes) <= set(STREAM_COLUMNS) and set(Split.reads) <= set(STREAM_COLUMNS)
+
+
+def test_s3_sources_open_through_the_storage_layer(
+    landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.storage
+
+    path, _ = landscape
+    opened: list[str] = []
+
+    class FakeStorage:
+        def open(self, uri: str) -> Any:
+            opened.append(uri)
+            return open(path, "rb")
+
+    monkeypatch.setattr(pipeline.storage, "storage_for", lambda uri: FakeStorage())
+    uri = "s3://bucket/videos/landscape.mp4"
+    (row,) = batch_to_rows(probe_batch(uri))
+    assert row["src_status"] == "done" and row["src_num_frames"] == sum(SHOTS)
+    out = batch_to_rows(Split()(probe_batch(uri)))
+    assert len(out) == len(SHOTS) and all(r["source"] == uri for r in out)
+    assert opened and set(opened) == {uri}
+
+
+def test_missing_values_from_ray_stay_missing(landscape: tuple[str, list[int]]) -> None:
+    path, _ = landscape
+    batch = probe_batch(path)
+    # Ray Data turns None into NaN in mixed columns; the split must not echo "nan".
+    batch["src_error"] = np.array([np.nan])
+    rows = batch_to_rows(Split()(batch))
+    assert rows and all(r["src_error"] is None for r in rows)
+    failed = {"source": np.array([path], dtype=object), "src_status": np.array(["error"])}
+    failed["src_error"] = np.array([np.nan])
+    (row,) = batch_to_rows(Split()(failed))
+    assert (
+        row["src_status"] == "error"
+        and row["src_error"] == f"{path}: probe failed (no reason recorded)"
+    )
+
+
+@pytest.mark.parametrize(("rotation", "corner"), [(-90, "top_right"), (90, "bottom_left")])
+def test_rotation_direction_matches_players(
+    tmp_path: os.PathLike[str], rotation: int, corner: str
+) -> None:
+    """A display matrix of -90 degrees (counter-clockwise) is a clockwise quarter turn on
+    screen, as ffmpeg's autorotate shows it: the coded top-left corner lands top-right."""
+    path = os.path.join(tmp_path, "marker.mp4")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(24))
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(rotation)
+        image = np.zeros((32, 64, 3), np.uint8)
+        image[:16, :32] = 255  # coded top-left quadrant
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    facts = probe_video(path)
+    assert (facts["display_width"], facts["display_height"]) == (32, 64)
+    with open_source(path) as container:
+        frame, _ = next(_iter_frames(container, None, 64 * 32))
+    luma = frame.image.mean(axis=2)
+    quadrants = {
+        "top_left": luma[:32, :16],
+        "top_right": luma[:32, 16:],
+        "bottom_left": luma[32:, :16],
+        "bottom_right": luma[32:, 16:],
+    }
+    assert max(quadrants, key=lambda k: quadrants[k].mean()) == corner
