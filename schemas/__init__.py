@@ -141,7 +141,7 @@ STREAM_COLUMNS = CLIP_COLUMNS + STREAM_ONLY_COLUMNS
 #   schema_version   int, SCHEMA_VERSION
 #   reelpack_version str, the package version that wrote the corpus
 #   created_at       str, ISO-8601 UTC time of the last write
-#   vae              object: id, class, config_sha256, spatial_factor, temporal_factor,
+#   vae              object: id, class, subfolder, config_sha256, spatial_factor, temporal_factor,
 #                    latent_channels, frame_rule {base, step}, normalization {kind, ...}
 #   patch_size       [pt, ph, pw] used for ``num_tokens``
 #   text_encoder     null or object: id, dim

@@ -1,0 +1,10 @@
+"""reelpack's model package: the video VAE wrapper, corpus streaming and packing,
+a packed-sequence DiT, rectified flow, and the trainer.
+
+Separate from `pipeline` (never imports it); both depend on `schemas`. The pipeline
+may use `model.vae` only, the one place a VAE is loaded. Submodules are imported
+explicitly (``from model.vae import VideoVAE``) so that loading the VAE wrapper does
+not pull in the trainer.
+"""
+
+__all__ = ["data", "dit", "flow", "train", "vae"]
