@@ -20,8 +20,8 @@ def even_size(width: int, height: int, max_area: int) -> tuple[int, int]:
     """Scale ``(width, height)`` down (never up) to at most ``max_area`` pixels,
     keeping the aspect ratio, with even sides (H.264 4:2:0 needs them), each >= 2."""
     scale = min(1.0, (max_area / float(width * height)) ** 0.5)
-    w = max(2, int(round(width * scale / 2)) * 2)
-    h = max(2, int(round(height * scale / 2)) * 2)
+    w = max(2, round(width * scale / 2) * 2)
+    h = max(2, round(height * scale / 2) * 2)
     while w * h > max_area and (w > 2 or h > 2):
         if w >= h and w > 2:
             w -= 2

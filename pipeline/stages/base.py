@@ -30,9 +30,7 @@ def _to_array(values: Sequence[Any]) -> np.ndarray:
     """Column values to a 1-D array; anything non-numeric becomes an object array."""
     if values and all(isinstance(v, (bool, np.bool_)) for v in values):
         return np.asarray(values, dtype=bool)
-    if values and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values
-    ):
+    if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         return np.asarray(values, dtype=np.int64)
     if values and all(
         isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool)

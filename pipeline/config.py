@@ -1,0 +1,254 @@
+"""The build configuration: one typed dataclass tree, presets, and YAML loading.
+
+A config file is YAML (or JSON) mirroring :class:`BuildConfig`; unknown keys are
+rejected with their dotted path, so a typo never passes silently::
+
+    encode:
+      pixel_budget: 409920
+    decide:
+      thresholds: {motion: [0.002, null]}
+
+Presets fill in model locations: ``default`` names the real models a user with a
+GPU runs (hub ids); ``tiny`` builds random-weight models from small configs into
+a cache folder and points the config at them, so everything runs offline on a
+CPU through exactly the loaders the real models use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.stages.aesthetic import AestheticConfig
+from pipeline.stages.caption import CaptionConfig
+from pipeline.stages.decide import DecideConfig
+from pipeline.stages.encode import EncodeConfig
+from pipeline.stages.probe import ProbeConfig
+from pipeline.stages.score import ScoreConfig
+from pipeline.stages.split import SplitConfig
+from pipeline.writer import WriteConfig
+
+__all__ = [
+    "PRESETS",
+    "BuildConfig",
+    "RayConfig",
+    "config_hash",
+    "from_dict",
+    "load_config",
+    "resolve_preset",
+    "to_dict",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how the build runs on Ray. Per-stage resources live in each stage's config."""
+
+    address: str | None = (
+        None  # None: start (or join) a local Ray; "auto" or ray://... for a cluster
+    )
+    num_cpus: int | None = None  # local Ray only; None = all cores
+    object_store_memory: int | None = None  # local Ray only, bytes
+    cpu_stage_batch_size: int = 4  # clips per batch in the CPU (task) stages
+    actor_num_cpus: float = 1.0  # CPUs reserved by each model actor (caption, encode, aesthetic)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    preset: str = "default"
+    model_cache: str = ""  # where the tiny preset builds its models; "" = ~/.cache/reelpack
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
+    decide: DecideConfig = field(default_factory=DecideConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _resolve_type(tp: Any, owner: type) -> Any:
+    if isinstance(tp, str):
+        module = __import__(owner.__module__, fromlist=["_"])
+        return eval(tp, vars(module))  # annotations of our own dataclasses only
+    return tp
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], path: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, path)
+        except (TypeError, ValueError) as e:
+            errors.append(str(e))
+    raise ValueError(f"config {path}: {value!r} fits none of {args}: {errors}")
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...], path: str) -> tuple[Any, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"config {path}: expected a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if len(args) != len(value):
+        raise ValueError(f"config {path}: expected {len(args)} items, got {value!r}")
+    return tuple(
+        _coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+    )
+
+
+def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and (
+        not isinstance(value, tp) or (tp is int and isinstance(value, bool))
+    ):
+        raise ValueError(f"config {path}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert a YAML value to the annotated field type (dataclasses, tuples, optionals)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(value, typing.get_args(tp), path)
+    if origin is tuple:
+        return _coerce_tuple(value, typing.get_args(tp), path)
+    if (is_dataclass(tp) and isinstance(tp, type)) or origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config {path}: expected a mapping, got {value!r}")
+        return (
+            from_dict(tp, value, path) if isinstance(tp, type) and is_dataclass(tp) else dict(value)
+        )
+    return _coerce_scalar(value, tp, path)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
+    """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys."""
+    assert is_dataclass(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        where = path or "top level"
+        raise ValueError(f"config {where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        name: _coerce(value, _resolve_type(hints[name], cls), f"{path}.{name}".lstrip("."))
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a resolved config (canonicalised through a load round trip,
+    so ``20`` and ``20.0`` in a float field hash alike)."""
+    canonical = to_dict(from_dict(type(cfg), to_dict(cfg)))
+    blob = json.dumps(canonical, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def load_config(
+    path: str | None = None, preset: str | None = None, **overrides: Any
+) -> BuildConfig:
+    """Load a config: defaults <- YAML/JSON file <- preset name <- overrides, then the preset
+    resolves model locations (building tiny models if needed)."""
+    data: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config {path}: top level must be a mapping")
+        data = loaded
+    if preset:
+        data = _deep_merge(data, {"preset": preset})
+    data = _deep_merge(data, overrides)
+    cfg = from_dict(BuildConfig, data)
+    return resolve_preset(cfg, user_keys=data)
+
+
+def _cache_dir(cfg: BuildConfig) -> Path:
+    root = cfg.model_cache or os.environ.get("REELPACK_CACHE") or "~/.cache/reelpack"
+    return Path(root).expanduser()
+
+
+def _tiny(cfg: BuildConfig, user_keys: dict[str, Any]) -> BuildConfig:
+    """Random-weight models built from small configs into the model cache; sizes for CPUs."""
+    from model.vae import build_tiny_vae
+    from pipeline.tiny_clip import build_tiny_clip
+    from pipeline.tiny_vlm import build_tiny_vlm
+
+    cache = _cache_dir(cfg) / "tiny"
+    vae_dir = build_tiny_vae(str(cache / "vae"))
+    vlm_dir = build_tiny_vlm(str(cache / "vlm"))
+    clip = build_tiny_clip(str(cache / "clip"))
+
+    def keep_user(section: str, **values: Any) -> dict[str, Any]:
+        given = user_keys.get(section, {}) or {}
+        return {k: v for k, v in values.items() if k not in given}
+
+    return replace(
+        cfg,
+        aesthetic=replace(
+            cfg.aesthetic, **keep_user("aesthetic", **clip, num_frames=2, device="cpu")
+        ),
+        caption=replace(
+            cfg.caption, **keep_user("caption", model=vlm_dir, max_new_tokens=24, num_frames=4)
+        ),
+        encode=replace(
+            cfg.encode,
+            **keep_user(
+                "encode",
+                vae=vae_dir,
+                vae_subfolder=None,
+                pixel_budget=128 * 128,
+                target_fps=8.0,
+                max_frames=17,
+            ),
+        ),
+        split=replace(cfg.split, **keep_user("split", work_max_area=256 * 144)),
+        write=replace(cfg.write, **keep_user("write", shard_max_bytes=4 << 20)),
+        # three small model actors must fit beside the CPU tasks on a 2-core machine
+        ray=replace(cfg.ray, **keep_user("ray", actor_num_cpus=0.25)),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[BuildConfig, dict[str, Any]], BuildConfig]] = {
+    "default": lambda cfg, user_keys: cfg,  # the dataclass defaults name the real models
+    "tiny": _tiny,
+}
+
+
+def resolve_preset(cfg: BuildConfig, user_keys: dict[str, Any] | None = None) -> BuildConfig:
+    """Apply ``cfg.preset``; values the user set explicitly win over the preset's."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; known: {sorted(PRESETS)}")
+    return PRESETS[cfg.preset](cfg, user_keys or {})

@@ -1,0 +1,62 @@
+"""Expand build arguments (files, folders, ``s3://`` prefixes) into source URIs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "expand_sources"]
+
+VIDEO_EXTENSIONS = frozenset(
+    {
+        ".mp4",
+        ".m4v",
+        ".mov",
+        ".mkv",
+        ".webm",
+        ".avi",
+        ".ts",
+        ".mts",
+        ".mpg",
+        ".mpeg",
+        ".wmv",
+        ".flv",
+        ".3gp",
+        ".ogv",
+        ".gif",
+    }
+)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+
+
+def _is_media(name: str) -> bool:
+    base = os.path.basename(name)
+    return not base.startswith(".") and os.path.splitext(base)[1].lower() in MEDIA_EXTENSIONS
+
+
+def expand_sources(args: Iterable[str]) -> list[str]:
+    """Each argument is a file (taken whatever its name), a folder (media files below it,
+    recursively) or an ``s3://`` prefix (media objects under it). Returns sorted unique URIs:
+    absolute local paths or ``s3://bucket/key``. A missing path raises ``FileNotFoundError``."""
+    from pipeline.storage import is_s3, storage_for
+
+    out: set[str] = set()
+    for arg in args:
+        if is_s3(arg):
+            st = storage_for(arg)
+            if st.exists(arg) and not arg.endswith("/"):
+                out.add(arg)
+                continue
+            prefix = arg if arg.endswith("/") else arg + "/"
+            out.update(uri for uri in st.list(prefix) if _is_media(uri))
+            continue
+        path = Path(arg).expanduser().resolve()
+        if path.is_file():
+            out.add(str(path))
+        elif path.is_dir():
+            out.update(str(p) for p in path.rglob("*") if p.is_file() and _is_media(p.name))
+        else:
+            raise FileNotFoundError(f"source {arg!r} does not exist")
+    return sorted(out)

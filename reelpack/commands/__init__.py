@@ -1,0 +1,8 @@
+"""One module per ``reelpack`` subcommand.
+
+Each module defines ``register(subparsers)``, which adds its parser and sets
+``func`` to a function ``(args) -> int`` (the exit code). Heavy imports happen
+inside those functions, so ``reelpack --help`` stays fast.
+"""
+
+COMMANDS = ("build", "train", "demo")

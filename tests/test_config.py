@@ -1,0 +1,69 @@
+"""Config tree: YAML loading, unknown keys, presets, hashing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import BuildConfig, config_hash, from_dict, load_config, to_dict
+
+
+def test_defaults_name_real_models() -> None:
+    cfg = load_config()
+    assert cfg.preset == "default"
+    assert cfg.caption.model == "Qwen/Qwen3-VL-8B-Instruct"
+    assert cfg.encode.vae_class == "AutoencoderKLWan"
+    assert "Wan" in cfg.encode.vae
+
+
+def test_yaml_overrides_and_types(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "encode:\n  pixel_budget: 4096\n  patch_size: [1, 2, 2]\n  target_fps: 12\n"
+        "split:\n  min_clip_s: 0.5\n"
+    )
+    cfg = load_config(str(path))
+    assert cfg.encode.pixel_budget == 4096
+    assert cfg.encode.patch_size == (1, 2, 2)
+    assert cfg.encode.target_fps == 12.0 and isinstance(cfg.encode.target_fps, float)
+    assert cfg.split.min_clip_s == 0.5
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("encode:\n  pixel_budgte: 4096\n", "encode"),
+        ("bogus: 1\n", "top level"),
+        ("encode:\n  pixel_budget: many\n", "encode.pixel_budget"),
+        ("encode:\n  patch_size: [1, 2]\n", "encode.patch_size"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text: str, where: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=where.replace(".", r"\.")):
+        load_config(str(path))
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config(preset="huge")
+
+
+def test_round_trip_and_hash() -> None:
+    cfg = BuildConfig()
+    data = to_dict(cfg)
+    json.dumps(data)
+    assert from_dict(BuildConfig, data) == cfg
+    assert config_hash(cfg) == config_hash(from_dict(BuildConfig, data))
+    other = from_dict(BuildConfig, {**data, "encode": {**data["encode"], "pixel_budget": 1024}})
+    assert config_hash(other) != config_hash(cfg)
+
+
+def test_tiny_preset_keeps_user_values(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("REELPACK_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(preset="tiny", encode={"pixel_budget": 64 * 64})
+    assert cfg.encode.pixel_budget == 64 * 64  # the user's value wins over the preset's
+    assert cfg.encode.vae.startswith(str(tmp_path / "cache"))
+    assert cfg.caption.model.startswith(str(tmp_path / "cache"))
