@@ -242,6 +242,16 @@ class VideoVAE:
         return vae
 
     # --- shapes ----------------------------------------------------------------------
+    @property
+    def compression(self) -> tuple[int, int, int]:
+        """Compression factors (t, h, w): pixels per latent cell along each axis."""
+        return (self.temporal_factor, self.spatial_factor, self.spatial_factor)
+
+    @property
+    def frame_rule(self) -> tuple[int, int]:
+        """(base, step): valid clip lengths are base + k * step frames (1 + 4k for Wan)."""
+        return (1, self.frame_step)
+
     def valid_frames(self, n: int) -> int:
         """Largest valid frame count 1 + k * frame_step that is <= n."""
         if n < 1:
@@ -375,23 +385,30 @@ def describe_pretrained(
 
 
 def native_size(
-    width: int, height: int, pixel_budget: int, multiple: int, max_aspect_error: float = 0.02
+    width: int,
+    height: int,
+    pixel_budget: int,
+    multiple: int,
+    max_aspect_error: float = 0.02,
+    min_fill: float = 0.75,
 ) -> tuple[int, int]:
     """(W, H): multiples of `multiple`, W*H <= `pixel_budget`, aspect close to width/height.
 
     Searches every candidate height; for each, the widths on either side of the exact
     aspect that fit the budget. Among sizes whose relative aspect error is within
     `max_aspect_error`, the largest area wins (a tiny exact match must not beat a
-    near-exact one at full budget); when none is that close, the smallest aspect error
-    wins (larger area on ties).
+    near-exact one at full budget). When that largest area fills less than `min_fill`
+    of the budget, the tolerance widens in steps up to 1.5x `max_aspect_error` (the grid
+    of multiples can leave no close size near the budget: 166x77 at 256^2 with 16 px
+    blocks); when no size is within even that, the smallest aspect error wins (larger
+    area on ties).
     """
     if width <= 0 or height <= 0 or multiple <= 0:
         raise ValueError(f"need positive sizes, got {width}x{height} multiple {multiple}")
     if pixel_budget < multiple * multiple:
         raise ValueError(f"pixel budget {pixel_budget} is below one {multiple}x{multiple} block")
     aspect = width / height
-    best_close: tuple[int, int, int] | None = None  # (area, W, H)
-    best_any: tuple[float, int, int, int] | None = None  # (error, -area, W, H)
+    candidates: list[tuple[float, int, int]] = []  # (error, W, H)
     for h in range(multiple, pixel_budget // multiple + 1, multiple):
         w_max = pixel_budget // h // multiple * multiple
         if w_max < multiple:
@@ -399,12 +416,15 @@ def native_size(
         exact = h * aspect / multiple
         for k in {math.floor(exact), math.ceil(exact)}:
             w = min(max(k * multiple, multiple), w_max)
-            error = abs(w / h / aspect - 1.0)
-            if error <= max_aspect_error and (best_close is None or w * h > best_close[0]):
-                best_close = (w * h, w, h)
-            if best_any is None or (error, -w * h) < best_any[:2]:
-                best_any = (error, -w * h, w, h)
-    if best_close is not None:
-        return best_close[1], best_close[2]
-    assert best_any is not None  # the loop ran at least once: budget >= multiple**2
-    return best_any[2], best_any[3]
+            candidates.append((abs(w / h / aspect - 1.0), w, h))
+    best: tuple[int, int, int] | None = None  # (area, W, H)
+    for tolerance in (max_aspect_error * f for f in (1.0, 1.25, 1.5)):
+        close = [(w * h, w, h) for e, w, h in candidates if e <= tolerance]
+        if close:
+            best = max(close)
+            if best[0] >= min_fill * pixel_budget:
+                break
+    if best is not None:
+        return best[1], best[2]
+    _, w, h = min(candidates, key=lambda c: (c[0], -c[1] * c[2]))
+    return w, h

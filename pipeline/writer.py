@@ -10,11 +10,28 @@ with other sources. The writer buffers a source until it has all
     index/part-{n:06d}.parquet     every clip row of the part's sources (CLIP_SCHEMA)
     sources/part-{n:06d}.parquet   one row per source (SOURCE_SCHEMA), the commit marker
 
-They are written in that order, each atomically, so a source is done iff it
-appears in a committed ``sources`` part. Opening a corpus deletes what a killed
-run left behind (parts and shards without a ``sources`` part) and continues the
-numbering, so resuming never shows a partial shard and never writes a clip twice.
-Only one writer may work on a corpus root at a time.
+They are written in that order, each atomically (a local shard is written under a
+hidden temporary name in ``shards/`` and renamed at commit; an S3 shard becomes
+visible when its upload completes), so a source is done iff it appears in a
+committed ``sources`` part. Opening a corpus deletes what a killed run left behind
+(parts and shards without a ``sources`` part, temporary files, unfinished multipart
+uploads) and continues the numbering, so resuming never shows a partial shard and
+never writes a clip twice. Only one writer may work on a corpus root at a time.
+
+**Latest part wins.** A source may appear in several committed parts (a refilter
+records new decisions with :func:`rewrite_sources_rows`; a rebuild of a source that
+:func:`sources_needing_work` names writes it again). Readers take, per source, the
+rows of the highest-numbered committed part that holds it and ignore the rest:
+:func:`read_index`, :func:`read_sources`, :func:`corpus_counts`,
+``CorpusWriter.done_sources`` and ``reelpack inspect`` all apply this rule. Shards
+are never rewritten, so a superseded sample may stay in its old shard; only index
+rows say which samples are live.
+
+**Test hook.** ``REELPACK_TEST_KILL_AFTER=<event>[:<n>]`` makes the process SIGKILL
+itself right after the ``n``-th (default first) ``event`` of this process, one of
+``sample`` (a sample went into the temporary tar), ``shard`` (a shard reached its
+final name), ``index`` (an index part was written), ``sources`` (a commit marker was
+written) and ``manifest``. Only the crash tests set it (tests/test_store_resume.py).
 
     writer = CorpusWriter("s3://bucket/corpus")
     todo = [s for s in sources if s not in writer.done_sources()]
@@ -26,39 +43,71 @@ Only one writer may work on a corpus root at a time.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import io
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import tarfile
 import tempfile
-from collections.abc import Mapping
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import webdataset
 
 import schemas
-from pipeline.storage import Storage, join, storage_for
+from pipeline.storage import LocalStorage, S3Storage, Storage, join, split_s3, storage_for
 
 __all__ = [
+    "KILL_ENV",
+    "SAMPLE_KEY_RE",
     "CorpusWriter",
     "WriteConfig",
     "corpus_counts",
     "read_index",
     "read_sources",
+    "rewrite_sources_rows",
+    "sources_needing_work",
 ]
 
-_PART_RE = re.compile(r"part-(\d{6})\.parquet$")
-_SHARD_RE = re.compile(r"shard-(\d{6})\.tar$")
+_PART_RE = re.compile(r"^part-(\d{6})\.parquet$")
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+_TMP_MARK = ".tmp-"  # hidden temporary files: ".<final name>.tmp-<uuid>"
 _TAR_BLOCK = 512
 _REQUIRED = ("source", "clip_id", "src_status", "src_num_clips")
+# A sample key becomes tar member names ``<key>.<suffix>``: no dots (webdataset splits
+# there), no slashes or ``..`` (path traversal on extraction), nothing unprintable.
+SAMPLE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+KILL_ENV = "REELPACK_TEST_KILL_AFTER"
+_KILL_EVENTS = ("sample", "shard", "index", "sources", "manifest")
+_kill_seen: Counter[str] = Counter()
+
+
+def _kill_point(event: str) -> None:
+    """Test hook: SIGKILL this process after the n-th ``event`` (see the module docstring)."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    name, _, nth = spec.partition(":")
+    if name not in _KILL_EVENTS:
+        raise ValueError(f"{KILL_ENV}={spec!r}: event must be one of {_KILL_EVENTS}")
+    if name != event:
+        return
+    _kill_seen[event] += 1
+    if _kill_seen[event] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -97,6 +146,8 @@ def _cast(value: Any, typ: pa.DataType) -> Any:
         return None
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, float) and math.isnan(value) and not pa.types.is_floating(typ):
+        return None  # Ray Data hands an all-null column of a block over as NaN floats
     if pa.types.is_list(typ):
         return [_cast(v, typ.value_type) for v in list(value)]
     if pa.types.is_string(typ):
@@ -137,6 +188,9 @@ _SOURCE_NAMES = {
 }
 
 
+_META_EXCLUDED = frozenset({"clip_embedding"})
+
+
 def _json_safe(value: Any) -> Any:
     """NaN/inf to null so the sample's JSON is strict JSON any parser reads."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -163,25 +217,76 @@ def _committed(root: str, st: Storage) -> dict[int, str]:
     return _numbered(st.list(join(root, schemas.SOURCES_DIR)), _PART_RE)
 
 
-def _read_parts(root: str, directory: str, schema: pa.Schema) -> pa.Table:
-    st = storage_for(root)
-    tables = [
-        pq.read_table(io.BytesIO(st.read(join(root, directory, _part_name(n)))))
+def _read_part(st: Storage, root: str, directory: str, n: int, schema: pa.Schema) -> pa.Table:
+    table = pq.read_table(io.BytesIO(st.read(join(root, directory, _part_name(n)))))
+    # Parts written before a column was added lack it: add it as nulls, then order as schema.
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
+
+
+def _source_parts(root: str, st: Storage) -> dict[int, pa.Table]:
+    return {
+        n: _read_part(st, root, schemas.SOURCES_DIR, n, schemas.SOURCE_SCHEMA)
         for n in sorted(_committed(root, st))
-    ]
-    if not tables:
-        return schema.empty_table()
-    return pa.concat_tables([t.cast(schema) for t in tables])
+    }
 
 
-def read_index(root: str) -> pa.Table:
-    """Every clip row of every committed part (CLIP_SCHEMA)."""
-    return _read_parts(root, schemas.INDEX_DIR, schemas.CLIP_SCHEMA)
+def _latest_part(source_parts: Mapping[int, pa.Table]) -> dict[str, int]:
+    """Per source, the highest committed part that holds it ("latest part wins")."""
+    latest: dict[str, int] = {}
+    for n in sorted(source_parts):
+        for source in source_parts[n].column("source").to_pylist():
+            latest[source] = n
+    return latest
 
 
-def read_sources(root: str) -> pa.Table:
-    """Every source row of every committed part (SOURCE_SCHEMA)."""
-    return _read_parts(root, schemas.SOURCES_DIR, schemas.SOURCE_SCHEMA)
+def _live(table: pa.Table, n: int, latest: Mapping[str, int]) -> pa.Table:
+    """The rows of part ``n`` whose source's latest part is ``n``."""
+    sources = set(table.column("source").to_pylist())
+    live = [s for s in sources if latest.get(s) == n]
+    if len(live) == len(sources):
+        return table
+    return table.filter(pc.is_in(table.column("source"), value_set=pa.array(live, pa.string())))
+
+
+def _concat(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
+    tables = list(tables)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _read_tables(root: str, include_superseded: bool = False) -> tuple[pa.Table, pa.Table]:
+    """(index, sources) of the committed corpus; latest part per source unless told otherwise."""
+    st = storage_for(root)
+    source_parts = _source_parts(root, st)
+    latest = _latest_part(source_parts)
+    index_parts: list[pa.Table] = []
+    sources: list[pa.Table] = []
+    for n, table in source_parts.items():
+        index = _read_part(st, root, schemas.INDEX_DIR, n, schemas.CLIP_SCHEMA)
+        if not include_superseded:
+            index, table = _live(index, n, latest), _live(table, n, latest)
+        index_parts.append(index)
+        sources.append(table)
+    return (
+        _concat(index_parts, schemas.CLIP_SCHEMA),
+        _concat(sources, schemas.SOURCE_SCHEMA),
+    )
+
+
+def read_index(root: str, include_superseded: bool = False) -> pa.Table:
+    """Every clip row of the committed corpus (CLIP_SCHEMA), latest part per source.
+
+    ``include_superseded=True`` returns the rows of every committed part instead
+    (history: a source then appears once per part that holds it).
+    """
+    return _read_tables(root, include_superseded)[0]
+
+
+def read_sources(root: str, include_superseded: bool = False) -> pa.Table:
+    """Every source row of the committed corpus (SOURCE_SCHEMA), latest part per source."""
+    return _read_tables(root, include_superseded)[1]
 
 
 def _counts(index: pa.Table, sources: pa.Table) -> dict[str, int]:
@@ -191,7 +296,11 @@ def _counts(index: pa.Table, sources: pa.Table) -> dict[str, int]:
         for t, s in zip(index.column("num_tokens").to_pylist(), clip_status, strict=True)
         if s == "kept"
     ]
-    shards = {s for s in index.column("shard").to_pylist() if s}
+    shards = {
+        sh
+        for sh, s in zip(index.column("shard").to_pylist(), clip_status, strict=True)
+        if sh and s == "kept"
+    }
     counts = {
         "sources": sources.num_rows,
         "sources_error": sources.column("status").to_pylist().count("error"),
@@ -207,8 +316,35 @@ def _counts(index: pa.Table, sources: pa.Table) -> dict[str, int]:
 
 
 def corpus_counts(root: str) -> dict[str, int]:
-    """``schemas.COUNT_KEYS`` over the whole committed corpus at ``root``."""
-    return _counts(read_index(root), read_sources(root))
+    """``schemas.COUNT_KEYS`` over the whole committed corpus at ``root`` (latest rows).
+
+    ``shards`` counts the shards that hold at least one live (kept, latest) sample.
+    """
+    return _counts(*_read_tables(root))
+
+
+def _needing_work(index: pa.Table) -> set[str]:
+    out = set()
+    for source, status, shard, key in zip(
+        index.column("source").to_pylist(),
+        index.column("status").to_pylist(),
+        index.column("shard").to_pylist(),
+        index.column("key").to_pylist(),
+        strict=True,
+    ):
+        if status == "kept" and (not shard or not key):
+            out.add(source)
+    return out
+
+
+def sources_needing_work(root: str) -> set[str]:
+    """Committed sources whose latest rows have a ``kept`` clip without a sample
+    (no shard/key: e.g. a refilter turned a rejected clip into a kept one).
+
+    A build must process them again; ``CorpusWriter.done_sources`` already leaves
+    them out, and the writer accepts their rows again (the new part supersedes).
+    """
+    return _needing_work(read_index(root))
 
 
 # --- the writer -------------------------------------------------------------------------------
@@ -229,13 +365,15 @@ class CorpusWriter:
         self.root = root
         self.cfg = cfg
         self._st = storage_for(root)
-        self._tmp: str | None = None  # local folder of the shard being written, made on demand
+        self._local = isinstance(self._st, LocalStorage)
+        self._tmp: str | None = None  # S3: local folder of the shard being written
+        self._tar_tmp_path: str | None = None  # the shard being written, temporary name
         self._pending: dict[str, _Pending] = {}
-        self._done: set[str] = set()  # committed
+        self._done: set[str] = set()  # committed and complete
         self._in_part: set[str] = set()  # complete, in the part being assembled
         self._index_rows: list[dict[str, Any]] = []
         self._source_rows: list[dict[str, Any]] = []
-        self._tar: webdataset.TarWriter | None = None
+        self._tar: _TarStream | None = None
         self._tar_file: Any = None
         self._samples = 0
         self._run_counts = dict.fromkeys(schemas.COUNT_KEYS, 0)
@@ -259,19 +397,43 @@ class CorpusWriter:
     def _recover(self) -> int:
         """Delete a killed run's leftovers; load committed sources; return the next part number."""
         committed = _committed(self.root, self._st)
-        index = _numbered(self._st.list(join(self.root, schemas.INDEX_DIR)), _PART_RE)
-        shards = _numbered(self._st.list(join(self.root, schemas.SHARDS_DIR)), _SHARD_RE)
-        for table in (index, shards):
-            for n, uri in table.items():
-                if n not in committed:
-                    self._st.delete(uri)
-        for uri in committed.values():
-            table = pq.read_table(io.BytesIO(self._st.read(uri)), columns=["source"])
-            self._done.update(table.column("source").to_pylist())
+        for directory, pattern in (
+            (schemas.INDEX_DIR, _PART_RE),
+            (schemas.SHARDS_DIR, _SHARD_RE),
+            (schemas.SOURCES_DIR, _PART_RE),
+        ):
+            for uri in self._st.list(join(self.root, directory)):
+                name = uri.rsplit("/", 1)[-1]
+                m = pattern.search(name)
+                if (m is None and name.startswith(".") and _TMP_MARK in name) or (
+                    m is not None and int(m.group(1)) not in committed
+                ):
+                    self._st.delete(uri)  # a killed run's temp file or uncommitted part
+        self._abort_uploads()
+        index, sources = _read_tables(self.root)
+        self._done = set(sources.column("source").to_pylist()) - _needing_work(index)
         return max(committed, default=-1) + 1
 
+    def _abort_uploads(self) -> None:
+        """S3: abort multipart uploads a killed run left unfinished below the root."""
+        if not isinstance(self._st, S3Storage):
+            return
+        bucket, prefix = split_s3(self.root)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        client = self._st.client
+        try:
+            resp = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+        except Exception:  # a store without the listing call: nothing there is visible anyway
+            return
+        for upload in resp.get("Uploads", ()):
+            with contextlib.suppress(Exception):
+                client.abort_multipart_upload(
+                    Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+
     def done_sources(self) -> set[str]:
-        """Sources in committed parts (earlier runs, and this one so far): skip them on resume."""
+        """Committed sources that are complete (earlier runs, and this one so far): skip
+        them on resume. Sources that :func:`sources_needing_work` names are not done."""
         return set(self._done)
 
     # -- adding rows -----------------------------------------------------------------------
@@ -326,7 +488,7 @@ class CorpusWriter:
             raise ValueError(f"source {source!r}: unknown src_status {source_row['status']!r}")
         samples: list[tuple[dict[str, Any], bytes]] = []
         for out, row in zip(index_rows, clips, strict=True):
-            self._check_clip(out)
+            _check_clip(out)
             out["shard"] = out["key"] = None  # set below for clips that get a sample
             latents = row.get("latents")
             if out["status"] == "kept":
@@ -353,22 +515,11 @@ class CorpusWriter:
         ):
             self._commit()
 
-    @staticmethod
-    def _check_clip(row: dict[str, Any]) -> None:
-        cid = row["clip_id"]
-        if "." in cid or "/" in cid:
-            # webdataset splits sample keys at the first dot of the member name.
-            raise ValueError(
-                f"clip_id {cid!r} of {row['source']!r} cannot be a shard key (has . or /)"
-            )
-        if row["status"] not in schemas.CLIP_STATUSES:
-            raise ValueError(f"clip {cid!r} of {row['source']!r}: unknown status {row['status']!r}")
-
     # -- shards ------------------------------------------------------------------------------
 
     def _tar_bytes(self, extra: int = 0) -> int:
         """Size of the finished shard file if ``extra`` more member bytes were added."""
-        offset = (int(self._tar.tarstream.offset) if self._tar is not None else 0) + extra
+        offset = (int(self._tar.offset) if self._tar is not None else 0) + extra
         if offset == 0:
             return 0
         # Closing adds two zero blocks and pads to a whole tar record.
@@ -390,37 +541,72 @@ class CorpusWriter:
         )
         return self._tar_bytes(extra) > self.cfg.shard_max_bytes
 
+    def _open_tar(self) -> None:
+        if self._local:
+            # Written in place under a hidden temporary name and renamed at commit: one
+            # write of the bytes, and a killed run leaves only a ``.tmp-`` file to delete.
+            folder = join(self.root, schemas.SHARDS_DIR)
+            os.makedirs(folder, exist_ok=True)
+            name = f"shard-{self._next:06d}.tar"
+            self._tar_tmp_path = os.path.join(folder, f".{name}{_TMP_MARK}{uuid.uuid4().hex}")
+        else:
+            self._tmp = self._tmp or tempfile.mkdtemp(prefix="reelpack-shard-")
+            self._tar_tmp_path = os.path.join(self._tmp, "shard.tar")
+        self._tar_file = open(self._tar_tmp_path, "wb")  # noqa: SIM115 - closed in _close_tar
+        self._tar = _TarStream(self._tar_file)
+
     def _write_sample(self, row: dict[str, Any], latents: bytes) -> None:
         if self._tar is None:
-            self._tmp = self._tmp or tempfile.mkdtemp(prefix="reelpack-shard-")
-            self._tar_file = open(self._tar_path(), "wb")  # noqa: SIM115 - closed in _close_tar
-            # Fixed mtime: re-running a build produces byte-identical shards.
-            self._tar = webdataset.TarWriter(self._tar_file, encoder=False, mtime=0)
-        meta = json.dumps({k: _json_safe(v) for k, v in row.items()}, allow_nan=False)
-        self._tar.write(
-            {
-                "__key__": row["key"],
-                schemas.SAMPLE_LATENTS: latents,
-                schemas.SAMPLE_META: meta.encode("utf-8"),
-                schemas.SAMPLE_CAPTION: (row["caption"] or "").encode("utf-8"),
-            }
+            self._open_tar()
+        assert self._tar is not None
+        # the index row minus bulky vectors (the CLIP embedding stays in the parquet index)
+        meta = json.dumps(
+            {k: _json_safe(v) for k, v in row.items() if k not in _META_EXCLUDED},
+            allow_nan=False,
         )
+        for suffix, data in (
+            (schemas.SAMPLE_LATENTS, latents),
+            (schemas.SAMPLE_META, meta.encode("utf-8")),
+            (schemas.SAMPLE_CAPTION, (row["caption"] or "").encode("utf-8")),
+        ):
+            self._tar.add(f"{row['key']}.{suffix}", data)
         self._samples += 1
-
-    def _tar_path(self) -> str:
-        assert self._tmp is not None
-        return os.path.join(self._tmp, "shard.tar")
+        _kill_point("sample")
 
     def _drop_tmp(self) -> None:
+        if self._tar_tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._tar_tmp_path)
+            self._tar_tmp_path = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def _close_tar(self) -> None:
+    def _close_tar(self, sync: bool = False) -> None:
         if self._tar is not None:
-            self._tar.close()
+            self._tar.close()  # ends the tar stream, not the file under it
+            if sync:
+                self._tar_file.flush()
+                os.fsync(self._tar_file.fileno())
             self._tar_file.close()
             self._tar = self._tar_file = None
+
+    def _publish_shard(self, n: int) -> None:
+        """Move the finished temporary shard to its final name (the shard's commit)."""
+        assert self._tar_tmp_path is not None
+        final = join(self.root, _shard_rel(n))
+        if self._local:
+            os.replace(self._tar_tmp_path, final)
+            fd = os.open(os.path.dirname(final), os.O_RDONLY)
+            try:
+                os.fsync(fd)  # make the rename durable
+            finally:
+                os.close(fd)
+        else:
+            self._st.upload(self._tar_tmp_path, final)
+            os.remove(self._tar_tmp_path)
+        self._tar_tmp_path = None
+        _kill_point("shard")
 
     # -- commit ------------------------------------------------------------------------------
 
@@ -429,20 +615,72 @@ class CorpusWriter:
         if not self._source_rows:
             return
         n = self._next
-        self._close_tar()
+        self._close_tar(sync=self._local)
         if self._samples:
-            self._st.upload(self._tar_path(), join(self.root, _shard_rel(n)))
-            os.remove(self._tar_path())
+            self._publish_shard(n)
         index = _table(self._index_rows, schemas.CLIP_SCHEMA)
         sources = _table(self._source_rows, schemas.SOURCE_SCHEMA)
-        self._st.write(join(self.root, schemas.INDEX_DIR, _part_name(n)), _parquet_bytes(index))
-        self._st.write(join(self.root, schemas.SOURCES_DIR, _part_name(n)), _parquet_bytes(sources))
+        self._write_part(n, index, sources)
         for key, value in _counts(index, sources).items():
             self._run_counts[key] += value
         self._done |= self._in_part
         self._in_part = set()
         self._index_rows, self._source_rows, self._samples = [], [], 0
+
+    def _write_part(self, n: int, index: pa.Table, sources: pa.Table) -> None:
+        self._st.write(join(self.root, schemas.INDEX_DIR, _part_name(n)), _parquet_bytes(index))
+        _kill_point("index")
+        self._st.write(join(self.root, schemas.SOURCES_DIR, _part_name(n)), _parquet_bytes(sources))
+        _kill_point("sources")
         self._next = n + 1
+
+    def rewrite(self, rows_by_source: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
+        """Commit a part (no shard) that replaces the index rows of committed sources.
+
+        See :func:`rewrite_sources_rows`. Returns the part number written (-1 if empty).
+        """
+        if self._pending or self._index_rows or self._source_rows:
+            raise ValueError("rewrite needs a writer with nothing uncommitted")
+        if not rows_by_source:
+            return -1
+        index_all = read_index(self.root, include_superseded=True)
+        samples = set(
+            zip(
+                index_all.column("shard").to_pylist(),
+                index_all.column("key").to_pylist(),
+                strict=True,
+            )
+        )
+        samples.discard((None, None))
+        latest_sources = {r["source"]: r for r in read_sources(self.root).to_pylist()}
+        index_rows: list[dict[str, Any]] = []
+        source_rows: list[dict[str, Any]] = []
+        for source, rows in rows_by_source.items():
+            if source not in latest_sources:
+                raise ValueError(f"rewrite: {source!r} is not a committed source of {self.root}")
+            for row in rows:
+                out = _cast_row(row, schemas.CLIP_SCHEMA, {})
+                if out["source"] != source:
+                    raise ValueError(f"rewrite: row of {out['source']!r} given for {source!r}")
+                _check_clip(out)
+                if out["status"] != "kept":
+                    out["shard"] = out["key"] = None  # only kept clips point at samples
+                elif (out["shard"] or out["key"]) and (out["shard"], out["key"]) not in samples:
+                    raise ValueError(
+                        f"rewrite: clip {out['clip_id']} of {source!r} points at "
+                        f"{out['shard']}:{out['key']}, which no committed part wrote"
+                    )
+                index_rows.append(out)
+            source_rows.append({**latest_sources[source], "num_clips": len(rows)})
+        n = self._next
+        self._write_part(
+            n,
+            _table(index_rows, schemas.CLIP_SCHEMA),
+            _table(source_rows, schemas.SOURCE_SCHEMA),
+        )
+        needing = _needing_work(_table(index_rows, schemas.CLIP_SCHEMA))
+        self._done = (self._done | set(rows_by_source)) - needing
+        return n
 
     def close(self) -> dict[str, int]:
         """Commit everything complete; return this run's counts (``schemas.COUNT_KEYS``).
@@ -469,9 +707,10 @@ class CorpusWriter:
         self._index_rows, self._source_rows, self._samples = [], [], 0
 
     def write_manifest(self, extra: Mapping[str, Any]) -> dict[str, Any]:
-        """Write ``manifest.json`` atomically: ``extra`` plus schema version, time and
-        counts over the whole corpus on storage. Returns what was written."""
+        """Write ``manifest.json`` atomically: ``extra`` plus schema version, package
+        version, time and counts over the whole corpus on storage. Returns what was written."""
         manifest = {
+            "reelpack_version": _package_version(),
             **extra,
             "schema_version": schemas.SCHEMA_VERSION,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -479,4 +718,75 @@ class CorpusWriter:
         }
         data = json.dumps(manifest, indent=2, allow_nan=False).encode("utf-8")
         self._st.write(join(self.root, schemas.MANIFEST_NAME), data)
+        _kill_point("manifest")
         return manifest
+
+
+class _TarStream:
+    """A write-only tar stream, byte for byte what ``tarfile`` (mode "w", PAX) writes.
+
+    ``tarfile.addfile`` copies member data in 16 KiB pieces; shards are mostly large
+    latents, so this writes each member's header, data and padding in three calls.
+    """
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.offset = 0  # bytes written so far
+
+    def add(self, name: str, data: bytes) -> None:
+        """One read-only regular file. Fixed mtime and owner: a re-run writes identical bytes."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "reelpack"
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        pad = -len(data) % _TAR_BLOCK
+        self._f.write(header)
+        self._f.write(data)
+        self._f.write(b"\0" * pad)
+        self.offset += len(header) + len(data) + pad
+
+    def close(self) -> None:
+        """The end-of-archive marker (two zero blocks), padded to a whole record."""
+        end = self.offset + 2 * _TAR_BLOCK
+        end += -end % tarfile.RECORDSIZE
+        self._f.write(b"\0" * (end - self.offset))
+        self.offset = end
+
+
+def _check_clip(row: dict[str, Any]) -> None:
+    cid = row["clip_id"]
+    if not isinstance(cid, str) or not SAMPLE_KEY_RE.match(cid):
+        # The id becomes the sample key and tar member names: no dots (webdataset splits
+        # keys at the first dot), no path separators or "..", nothing unprintable.
+        raise ValueError(
+            f"clip_id {cid!r} of {row['source']!r} cannot be a shard key "
+            f"(must match {SAMPLE_KEY_RE.pattern})"
+        )
+    if row["status"] not in schemas.CLIP_STATUSES:
+        raise ValueError(f"clip {cid!r} of {row['source']!r}: unknown status {row['status']!r}")
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("reelpack")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def rewrite_sources_rows(
+    root: str, rows_by_source: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> int:
+    """Record new index rows for committed sources without touching old files.
+
+    Appends one committed part (``index/part-N`` then ``sources/part-N``, no shard)
+    whose rows replace, by "latest part wins", every earlier row of each given
+    source. ``rows_by_source[source]`` is the source's complete new list of clip rows
+    (CLIP_SCHEMA columns; typically the latest rows from :func:`read_index` with
+    ``status``/``reasons`` changed). Rows that are not ``kept`` lose ``shard``/``key``;
+    a ``kept`` row either keeps a (shard, key) that a committed part wrote, or has none,
+    which puts its source into :func:`sources_needing_work` for the next build. The
+    source's row is carried over with ``num_clips`` updated. Raises ValueError for an
+    uncommitted source or a row that does not fit; nothing is written then. Like any
+    writer, it must not run while a build writes to the same root.
+    """
+    return CorpusWriter(root).rewrite(rows_by_source)

@@ -36,7 +36,9 @@ __all__ = [
     "STREAM_COLUMNS",
     "STREAM_ONLY_COLUMNS",
     "TENSOR_LATENTS",
+    "TENSOR_LATENTS_AT",
     "TENSOR_TEXT_EMBEDS",
+    "latents_tensor_name",
     "score_column",
 ]
 
@@ -56,6 +58,17 @@ SAMPLE_META = "json"  # UTF-8 JSON object: the clip's index row (scalars only)
 SAMPLE_CAPTION = "txt"  # UTF-8 caption
 TENSOR_LATENTS = "latents"  # [C, T, H, W] bfloat16, normalised as the manifest says
 TENSOR_TEXT_EMBEDS = "text_embeds"  # optional [L, D] caption embeddings, unpadded
+# Optional extra resolutions of the same clip (same frames, other pixel budgets), e.g.
+# ``latents@480x832``: [C, T, H', W'] bf16, normalised like TENSOR_LATENTS; H x W is the
+# pixel size fed to the VAE. The index lists them in ``extra_latents`` /
+# ``extra_latent_shapes``; TENSOR_LATENTS stays the primary (``pixel_budget``) latent.
+TENSOR_LATENTS_AT = "latents@{height}x{width}"
+
+
+def latents_tensor_name(height: int, width: int) -> str:
+    """Safetensors name of the latent encoded at ``height`` x ``width`` pixels."""
+    return TENSOR_LATENTS_AT.format(height=height, width=width)
+
 
 SOURCE_STATUSES = ("done", "error")
 CLIP_STATUSES = ("kept", "rejected", "error")
@@ -69,6 +82,15 @@ SCORE_NAMES = (
     "bright_fraction",  # share of near-white pixels (luma > 239/255)
     "motion",  # mean absolute frame difference in [0, 1] between sampled frames
     "aesthetic",  # LAION improved-aesthetic predictor on CLIP image embeddings, ~1..10
+    # --- added by the quality-scoring issue ---
+    # dense optical flow (OpenCV DIS) between consecutive frames at a small analysis width:
+    # mean flow magnitude in frame diagonals per second (0 = still)
+    "flow",
+    "still_fraction",  # share of sampled frame pairs without motion: 1 = static / slideshow
+    "black_frame_fraction",  # share of sampled frames that are black (>= 98% dark pixels)
+    "blank_frame_fraction",  # share of sampled frames of (nearly) uniform luma, any colour
+    "text_coverage",  # share of the frame area covered by overlaid text (edge-based proxy)
+    "agreement",  # CLIP cosine similarity of the clip and its caption, -1..1 (NaN: no caption)
 )
 
 
@@ -89,6 +111,17 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("num_clips", pa.int32()),
         pa.field("num_frames", pa.int64()),
         pa.field("codec", pa.string()),
+        # probe facts (added after v1 columns; null where a source failed before probing)
+        pa.field("container", pa.string()),  # demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+        pa.field("media_kind", pa.string()),  # "video" or "image" (a still: one 1-frame clip)
+        pa.field("coded_width", pa.int32()),  # decoded frame size before SAR and rotation
+        pa.field("coded_height", pa.int32()),
+        pa.field("sar", pa.float64()),  # sample (pixel) aspect ratio
+        pa.field("rotation_deg", pa.int32()),  # display matrix, counter-clockwise: 0/90/180/270
+        pa.field("vfr", pa.bool_()),  # variable frame rate (packet durations differ)
+        pa.field("start_s", pa.float64()),  # stream start time in the container
+        pa.field("num_frames_exact", pa.bool_()),  # num_frames from the container, not estimated
+        pa.field("has_audio", pa.bool_()),
     ]
 )
 
@@ -117,6 +150,35 @@ CLIP_SCHEMA = pa.schema(
         pa.field("encode_frames", pa.int32()),
         pa.field("num_tokens", pa.int64()),  # latent tokens at the manifest's patch size
         *[pa.field(score_column(n), pa.float64()) for n in SCORE_NAMES],
+        # --- added by the encode/store issue (exact preprocessing, extra resolutions) ---
+        # The clip payload's decoded size, then the primary latent's resize (aspect kept,
+        # covering encode_width x encode_height) and the centre crop taken from it.
+        pa.field("encode_src_width", pa.int32()),
+        pa.field("encode_src_height", pa.int32()),
+        pa.field("encode_resize_width", pa.int32()),
+        pa.field("encode_resize_height", pa.int32()),
+        pa.field("encode_crop_left", pa.int32()),
+        pa.field("encode_crop_top", pa.int32()),
+        # payload frame numbers (0-based) fed to the VAE, after fps resampling + frame rule
+        pa.field("encode_frame_indices", pa.list_(pa.int32())),
+        # Extra resolutions in the same safetensors blob (see TENSOR_LATENTS_AT): tensor
+        # names, their [C, T, H, W] and tokens at the manifest's patch size, in the order
+        # of the config's extra pixel budgets. Null when a clip has none.
+        pa.field("extra_latents", pa.list_(pa.string())),
+        pa.field("extra_latent_shapes", pa.list_(pa.list_(pa.int32()))),
+        pa.field("extra_num_tokens", pa.list_(pa.int64())),
+        # --- added by the quality-scoring issue (near-duplicates) ---
+        # 64-bit perceptual hash (dHash, 16 hex digits) of the mean of the clip's sampled
+        # frames; the L2-normalised CLIP image embedding of the clip (mean of its sampled
+        # frames' embeddings, renormalised; null when no CLIP ran); the clip_id of the kept
+        # clip this one duplicates (null: not a duplicate)
+        pa.field("frame_hash", pa.string()),
+        pa.field("clip_embedding", pa.list_(pa.float32())),
+        pa.field("dup_of", pa.string()),
+        # --- added by the captioning issue ---
+        pa.field("caption_short", pa.string()),  # optional one-sentence caption (null: off)
+        # rows L of the sample's text_embeds tensor (unpadded; null: no text encoder ran)
+        pa.field("text_tokens", pa.int32()),
     ]
 )
 
@@ -132,6 +194,23 @@ STREAM_ONLY_COLUMNS = (
     "src_num_clips",
     "src_num_frames",
     "src_codec",
+    # probe facts, folded into the SOURCE_SCHEMA column of the same name without "src_"
+    "src_container",
+    "src_media_kind",
+    "src_coded_width",
+    "src_coded_height",
+    "src_sar",
+    "src_rotation_deg",
+    "src_vfr",
+    "src_start_s",
+    "src_num_frames_exact",
+    "src_has_audio",
+    # straggler ranges: one long source split into frame ranges processed in parallel,
+    # stitched back on the driver (see pipeline.stitching)
+    "range_start_frame",
+    "range_end_frame",  # exclusive; None = to the end of the stream
+    "range_index",
+    "range_count",
 )
 
 STREAM_COLUMNS = CLIP_COLUMNS + STREAM_ONLY_COLUMNS

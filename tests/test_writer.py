@@ -21,7 +21,15 @@ from safetensors.torch import save as st_save
 import schemas
 from pipeline.stages.base import rows_to_batch
 from pipeline.storage import is_s3, join, split_s3, storage_for
-from pipeline.writer import CorpusWriter, WriteConfig, corpus_counts, read_index, read_sources
+from pipeline.writer import (
+    CorpusWriter,
+    WriteConfig,
+    corpus_counts,
+    read_index,
+    read_sources,
+    rewrite_sources_rows,
+    sources_needing_work,
+)
 
 
 def latents_bytes(seed: int, shape: tuple[int, ...] = (4, 2, 3, 5)) -> bytes:
@@ -296,3 +304,197 @@ def test_kept_clip_without_latents_becomes_an_error_row(tmp_path) -> None:
     (row,) = read_index(root).to_pylist()
     assert row["status"] == "error" and "without latents" in row["error"] and row["shard"] is None
     assert not os.path.exists(os.path.join(root, "shards"))
+
+
+# --- latest part wins, refilter support --------------------------------------------------------
+
+
+def _small_corpus(root: str) -> None:
+    writer = CorpusWriter(root, WriteConfig(shard_max_samples=2))
+    writer.add(batch([clip("/v/a.mp4", i, 2) for i in range(2)] + [clip("/v/b.mp4", 0, 1)]))
+    writer.add(batch([clip("/v/c.mp4", 0, 2, "rejected"), clip("/v/c.mp4", 1, 2)]))
+    writer.close()
+    writer.write_manifest({"vae": {"id": "tiny"}, "patch_size": [1, 1, 1]})
+
+
+def test_rewrite_rows_latest_part_wins(root: str) -> None:
+    _small_corpus(root)
+    before = {r["clip_id"]: r for r in read_index(root).to_pylist()}
+    assert corpus_counts(root)["clips_kept"] == 4 and sources_needing_work(root) == set()
+
+    # A refilter: a's first clip becomes rejected, c's rejected clip becomes kept.
+    a = [dict(before["_v_a_mp4-0"], status="rejected", reasons=["too_dark"]), before["_v_a_mp4-1"]]
+    c = [dict(before["_v_c_mp4-0"], status="kept", reasons=[]), before["_v_c_mp4-1"]]
+    part = rewrite_sources_rows(root, {"/v/a.mp4": a, "/v/c.mp4": c})
+    assert part == 2  # after parts 0 and 1 of the build; no new shard
+    assert len(storage_for(root).list(join(root, "shards"))) == 2
+
+    after = {r["clip_id"]: r for r in read_index(root).to_pylist()}
+    assert sorted(after) == sorted(before)  # one row per clip: the latest
+    assert after["_v_a_mp4-0"]["status"] == "rejected" and after["_v_a_mp4-0"]["shard"] is None
+    assert after["_v_a_mp4-1"]["shard"] == before["_v_a_mp4-1"]["shard"]  # still live
+    assert after["_v_c_mp4-0"]["status"] == "kept" and after["_v_c_mp4-0"]["key"] is None
+    assert len(read_index(root, include_superseded=True)) == 5 + 4
+    assert len(read_sources(root)) == 3 and len(read_sources(root, include_superseded=True)) == 5
+    counts = corpus_counts(root)
+    assert (counts["clips"], counts["clips_kept"], counts["clips_rejected"]) == (5, 4, 1)
+    assert counts["latent_tokens"] == 3 * 6  # the kept clip without a sample has no tokens yet
+
+    # c has a kept clip without a sample: a build must redo it, and the writer accepts it.
+    assert sources_needing_work(root) == {"/v/c.mp4"}
+    writer = CorpusWriter(root, WriteConfig(shard_max_samples=2))
+    assert writer.done_sources() == {"/v/a.mp4", "/v/b.mp4"}
+    writer.add(batch([clip("/v/c.mp4", 0, 2), clip("/v/c.mp4", 1, 2), clip("/v/a.mp4", 0, 2)]))
+    assert writer.duplicates_skipped == 1  # a is done: skipped
+    writer.close()
+    assert sources_needing_work(root) == set()
+    final = {r["clip_id"]: r for r in read_index(root).to_pylist()}
+    assert final["_v_c_mp4-0"]["shard"] == "shards/shard-000003.tar"
+    assert final["_v_a_mp4-0"]["status"] == "rejected"  # the refilter's decision stays
+    assert corpus_counts(root)["clips_kept"] == 4
+
+
+def test_rewrite_refuses_what_does_not_fit(tmp_path) -> None:
+    root = str(tmp_path / "corpus")
+    _small_corpus(root)
+    rows = {r["clip_id"]: r for r in read_index(root).to_pylist()}
+    with pytest.raises(ValueError, match="not a committed source"):
+        rewrite_sources_rows(root, {"/v/zzz.mp4": []})
+    forged = dict(rows["_v_b_mp4-0"], key="_v_a_mp4-0")  # a sample b never had
+    with pytest.raises(ValueError, match="no committed part wrote"):
+        rewrite_sources_rows(root, {"/v/b.mp4": [forged]})
+    with pytest.raises(ValueError, match="given for"):
+        rewrite_sources_rows(root, {"/v/b.mp4": [rows["_v_a_mp4-0"]]})
+    assert len(read_index(root, include_superseded=True)) == 5  # nothing written
+
+
+def test_unsafe_clip_ids_never_become_member_names(tmp_path) -> None:
+    root = str(tmp_path / "corpus")
+    for bad in ("../evil", "/abs", "a.b", "", "x" * 200, "sp ace"):
+        writer = CorpusWriter(root)
+        with pytest.raises(ValueError, match="cannot be a shard key"):
+            writer.add(batch([clip("/v/a.mp4", 0, 1, clip_id=bad)]))
+        writer.abort()
+    assert not os.path.exists(os.path.join(root, "shards"))
+
+
+def test_recover_removes_temp_files_and_unfinished_uploads(root: str) -> None:
+    _small_corpus(root)
+    st = storage_for(root)
+    if is_s3(root):
+        import boto3
+
+        bucket, prefix = split_s3(root)
+        s3 = boto3.client("s3")
+        s3.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/shards/shard-000002.tar")
+
+        def uploads() -> list:
+            resp = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix + "/")
+            return resp.get("Uploads", [])
+
+        assert len(uploads()) == 1
+    else:
+        leftover = join(root, "shards", ".shard-000002.tar.tmp-0123abcd")
+        with open(leftover, "wb") as f:
+            f.write(b"half a tar")
+    CorpusWriter(root)
+    if is_s3(root):
+        assert uploads() == []
+    else:
+        assert not os.path.exists(leftover)
+    assert len(st.list(join(root, "shards"))) == 2
+
+
+def test_local_shard_is_hidden_until_commit(tmp_path) -> None:
+    root = str(tmp_path / "corpus")
+    writer = CorpusWriter(root, WriteConfig(shard_max_samples=3))
+    writer.add(batch([clip("/v/a.mp4", 0, 1)]))
+    names = os.listdir(os.path.join(root, "shards"))
+    assert len(names) == 1 and names[0].startswith(".shard-000000.tar.tmp-")
+    writer.close()
+    assert os.listdir(os.path.join(root, "shards")) == ["shard-000000.tar"]
+
+
+def test_manifest_names_the_package_version(tmp_path) -> None:
+    import importlib.metadata
+
+    root = str(tmp_path / "corpus")
+    _small_corpus(root)
+    with open(os.path.join(root, schemas.MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    assert manifest["reelpack_version"] == importlib.metadata.version("reelpack")
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from safetensors.numpy import save
+    from pipeline.writer import CorpusWriter, WriteConfig
+    writer = CorpusWriter({root!r}, WriteConfig(shard_max_samples=2))
+    for i in range(4):
+        col = lambda *v: np.array(list(v), dtype=object)
+        writer.add({{
+            "source": col(f"/v/s{{i}}.mp4", f"/v/s{{i}}.mp4"),
+            "clip_id": col(f"_v_s{{i}}_mp4-0", f"_v_s{{i}}_mp4-1"),
+            "status": col("kept", "kept"),
+            "caption": col(f"clip {{i}} 0", f"clip {{i}} 1"),
+            "latent_shape": col([4, 1, 2, i + 1], [4, 1, 2, i + 1]),
+            "latents": col(*[save({{"latents": np.full((4, 1, 2, i + 1), j, np.float32)}})
+                             for j in range(2)]),
+            "src_status": col("done", "done"),
+            "src_num_clips": np.array([2, 2]),
+        }})
+    writer.close()
+    writer.write_manifest({{"vae": {{"id": "tiny"}}, "patch_size": [1, 1, 1]}})
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("where", "event"),
+    [
+        ("local", "sample:3"),
+        ("local", "shard:2"),
+        ("local", "index:2"),
+        ("local", "sources:2"),
+        ("local", "manifest"),
+        ("s3", "shard:2"),
+        ("s3", "index:1"),
+    ],
+)
+def test_kill_hook_then_resume_equals_uninterrupted(
+    where: str, event: str, request, tmp_path
+) -> None:
+    """A writer process SIGKILLed at each commit step, then resumed, gives the same corpus."""
+    root = str(tmp_path / "corpus") if where == "local" else request.getfixturevalue("s3_bucket")
+    script = _KILL_SCRIPT.format(root=root)
+    env = dict(os.environ, REELPACK_TEST_KILL_AFTER=event)
+    killed = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, timeout=120
+    )
+    assert killed.returncode == -9, killed.stderr.decode()
+    # readers never see more than what was committed before the kill
+    committed = read_index(root).column("clip_id").to_pylist()
+    assert len(committed) == len(set(committed)) <= 8
+    env.pop("REELPACK_TEST_KILL_AFTER")
+    resumed = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    rows = read_index(root).to_pylist()
+    assert sorted(r["clip_id"] for r in rows) == sorted(
+        f"_v_s{i}_mp4-{j}" for i in range(4) for j in range(2)
+    )
+    local = local_copy(root, tmp_path)
+    names = sorted(os.listdir(os.path.join(local, "shards")))
+    assert all(n.startswith("shard-") for n in names)  # no temporary leftovers
+    samples = list(
+        webdataset.WebDataset([os.path.join(local, "shards", n) for n in names], shardshuffle=False)
+    )
+    assert sorted(s["__key__"] for s in samples) == sorted(r["clip_id"] for r in rows)
+    by_key = {r["key"]: r for r in rows}
+    for s in samples:
+        z = st_load(s[schemas.SAMPLE_LATENTS])[schemas.TENSOR_LATENTS]
+        assert list(z.shape) == by_key[s["__key__"]]["latent_shape"]
+        assert z.flatten()[0].item() == int(s["__key__"][-1])  # the right sample's bytes
+        assert s[schemas.SAMPLE_CAPTION].decode() == by_key[s["__key__"]]["caption"]

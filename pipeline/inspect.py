@@ -1,0 +1,347 @@
+"""Validate a corpus on storage: index, shards and manifest agree, nothing is unsafe.
+
+``inspect_corpus(root)`` reads a corpus (local folder or ``s3://``) the way a
+trainer would and lists every problem it finds:
+
+- files: only ``part-NNNNNN.parquet`` / ``shard-NNNNNN.tar`` names; every committed
+  part has its index part; no uncommitted leftovers (a part or shard without a
+  ``sources`` part: a killed run that was not resumed yet);
+- index (latest part per source, see ``pipeline.writer``): unique clip ids, known
+  statuses, ``num_clips`` of each source equals its clip rows, every kept row has a
+  shard and key, ``num_tokens`` matches ``latent_shape`` at the manifest's patch size;
+- shards: every member is a regular file named ``<key>.<suffix>`` with a safe key and
+  a known suffix (never ``.pyd``/``.pickle`` or any other code-carrying member, no
+  absolute paths or ``..``); every sample is complete; every kept row points at an
+  existing sample whose safetensors header has the recorded latent shape (bf16) and
+  extra resolutions, whose JSON names the clip and whose caption matches; no member
+  belongs to no committed row (orphan). Samples of superseded rows (a refilter) are
+  counted as ``stale_samples``, not problems;
+- manifest: present, current schema version, counts equal to the index.
+
+Only safetensors headers, JSON and text are parsed; nothing is unpickled and
+latent tensors are not loaded (the header gives dtype and shape).
+
+    report = inspect_corpus("s3://bucket/corpus")
+    if not report.ok:
+        print("\\n".join(report.problems))
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+import schemas
+from pipeline.storage import Storage, join, storage_for
+from pipeline.writer import _PART_RE, _SHARD_RE, SAMPLE_KEY_RE, _counts, read_index, read_sources
+
+__all__ = ["ALLOWED_SUFFIXES", "InspectReport", "inspect_corpus"]
+
+ALLOWED_SUFFIXES = (schemas.SAMPLE_LATENTS, schemas.SAMPLE_META, schemas.SAMPLE_CAPTION)
+_PICKLE_SUFFIXES = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz", "ckpt", "bin")
+_MAX_HEADER = 1 << 24  # a safetensors header larger than 16 MiB is not ours
+
+
+@dataclass
+class InspectReport:
+    """What :func:`inspect_corpus` found; ``ok`` when ``problems`` is empty."""
+
+    root: str
+    problems: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": self.root, "ok": self.ok, "problems": self.problems, "stats": self.stats}
+
+
+@dataclass
+class _Member:
+    """One sample's members in one shard."""
+
+    suffixes: dict[str, tuple[int, int]] = field(default_factory=dict)  # suffix -> (offset, size)
+
+
+def _numbered(
+    st: Storage, root: str, directory: str, pattern: Any, problems: list[str]
+) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for uri in st.list(join(root, directory)):
+        name = uri.rsplit("/", 1)[-1]
+        m = pattern.search(name)
+        if m is None:
+            problems.append(f"{directory}/{name}: unexpected file (leftover or foreign)")
+        else:
+            out[int(m.group(1))] = uri
+    return out
+
+
+def _check_files(st: Storage, root: str, problems: list[str]) -> tuple[dict[int, str], set[int]]:
+    """Shard files by number, and the committed part numbers."""
+    sources = _numbered(st, root, schemas.SOURCES_DIR, _PART_RE, problems)
+    index = _numbered(st, root, schemas.INDEX_DIR, _PART_RE, problems)
+    shards = _numbered(st, root, schemas.SHARDS_DIR, _SHARD_RE, problems)
+    committed = set(sources)
+    for n in sorted(committed - set(index)):
+        problems.append(f"sources part {n:06d} is committed but index part {n:06d} is missing")
+    for n in sorted(set(index) - committed):
+        problems.append(f"index part {n:06d} is not committed (leftover of a killed run)")
+    for n in sorted(set(shards) - committed):
+        problems.append(f"shards/shard-{n:06d}.tar is not committed (leftover of a killed run)")
+    return shards, committed
+
+
+def _tokens(shape: list[int], patch: list[int]) -> int | None:
+    if len(shape) != 4 or len(patch) != 3:
+        return None
+    _, t, h, w = shape
+    if t % patch[0] or h % patch[1] or w % patch[2]:
+        return None
+    return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
+
+
+def _check_rows(
+    index: pa.Table, sources: pa.Table, patch: list[int] | None, problems: list[str]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Row-level checks on the latest index; returns kept rows by (shard, key)."""
+    rows = index.to_pylist()
+    seen: set[str] = set()
+    per_source: dict[str, int] = {}
+    live: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        cid = r["clip_id"]
+        if cid in seen:
+            problems.append(f"clip {cid}: more than one index row")
+        seen.add(cid)
+        per_source[r["source"]] = per_source.get(r["source"], 0) + 1
+        if r["status"] not in schemas.CLIP_STATUSES:
+            problems.append(f"clip {cid}: unknown status {r['status']!r}")
+        if r["status"] != "kept":
+            if r["shard"] or r["key"]:
+                problems.append(f"clip {cid}: status {r['status']} but points at a sample")
+            continue
+        if not r["shard"] or not r["key"]:
+            problems.append(f"clip {cid}: kept but has no shard/key (needs a rebuild)")
+            continue
+        if (r["shard"], r["key"]) in live:
+            problems.append(f"clip {cid}: sample {r['shard']}:{r['key']} claimed twice")
+        live[(r["shard"], r["key"])] = r
+        if patch is not None and r["num_tokens"] != _tokens(r["latent_shape"] or [], patch):
+            problems.append(
+                f"clip {cid}: num_tokens {r['num_tokens']} does not match latent_shape "
+                f"{r['latent_shape']} at patch {patch}"
+            )
+    for s in sources.to_pylist():
+        got = per_source.get(s["source"], 0)
+        if (s["num_clips"] or 0) != got:
+            problems.append(
+                f"source {s['source']}: num_clips {s['num_clips']} but {got} index rows"
+            )
+    for s in set(per_source) - set(sources.column("source").to_pylist()):
+        problems.append(f"source {s}: has index rows but no committed source row")
+    return live
+
+
+def _member_name(name: str, shard: str, problems: list[str]) -> tuple[str, str] | None:
+    """(key, suffix) of a safe, known member name; None (and a problem) otherwise."""
+    if name.startswith("/") or "\\" in name or ".." in name.split("/") or "/" in name:
+        problems.append(f"{shard}: unsafe member name {name!r} (absolute, nested or '..')")
+        return None
+    key, _, suffix = name.partition(".")
+    if suffix.rsplit(".", 1)[-1].lower() in _PICKLE_SUFFIXES:
+        problems.append(f"{shard}: member {name!r} would need unpickling; refused")
+        return None
+    if not SAMPLE_KEY_RE.match(key) or suffix not in ALLOWED_SUFFIXES:
+        problems.append(f"{shard}: unexpected member {name!r}")
+        return None
+    return key, suffix
+
+
+def _read_shard(st: Storage, uri: str, shard: str, problems: list[str]) -> dict[str, _Member]:
+    samples: dict[str, _Member] = {}
+    with st.open(uri) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                problems.append(f"{shard}: member {info.name!r} is not a regular file")
+                continue
+            parsed = _member_name(info.name, shard, problems)
+            if parsed is None:
+                continue
+            key, suffix = parsed
+            member = samples.setdefault(key, _Member())
+            if suffix in member.suffixes:
+                problems.append(f"{shard}: member {info.name!r} appears twice")
+            member.suffixes[suffix] = (info.offset_data, info.size)
+    return samples
+
+
+def _read_at(st: Storage, uri: str, offset: int, size: int) -> bytes:
+    return st.read_range(uri, offset, offset + size)
+
+
+def _safetensors_header(data_head: bytes, size: int) -> dict[str, Any]:
+    if len(data_head) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", data_head[:8])
+    if n > _MAX_HEADER or 8 + n > size:
+        raise ValueError(f"header length {n} does not fit a {size}-byte member")
+    header: dict[str, Any] = json.loads(data_head[8 : 8 + n])
+    return header
+
+
+def _check_sample(
+    st: Storage,
+    uri: str,
+    shard: str,
+    key: str,
+    member: _Member,
+    row: dict[str, Any],
+    problems: list[str],
+) -> None:
+    cid = row["clip_id"]
+    off, size = member.suffixes[schemas.SAMPLE_LATENTS]
+    head = _read_at(st, uri, off, min(size, 8))
+    try:
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        header = _safetensors_header(_read_at(st, uri, off, min(size, 8 + n)), size)
+    except (ValueError, struct.error) as e:
+        problems.append(f"{shard}:{key}: latents are not safetensors: {e}")
+        return
+    want = {schemas.TENSOR_LATENTS: row["latent_shape"]}
+    for name, shape in zip(
+        row["extra_latents"] or [], row["extra_latent_shapes"] or [], strict=False
+    ):
+        want[name] = shape
+    for name, shape in want.items():
+        got = header.get(name)
+        if not isinstance(got, dict):
+            problems.append(f"{shard}:{key}: tensor {name!r} missing (clip {cid})")
+        elif got.get("shape") != shape or got.get("dtype") != "BF16":
+            problems.append(
+                f"{shard}:{key}: tensor {name!r} is {got.get('dtype')} {got.get('shape')}, "
+                f"index says BF16 {shape} (clip {cid})"
+            )
+    off, size = member.suffixes[schemas.SAMPLE_META]
+    try:
+        meta = json.loads(_read_at(st, uri, off, size))
+    except ValueError as e:
+        problems.append(f"{shard}:{key}: metadata is not JSON: {e}")
+        meta = {}
+    if meta and meta.get("clip_id") != cid:
+        problems.append(f"{shard}:{key}: metadata names clip {meta.get('clip_id')!r}, not {cid}")
+    off, size = member.suffixes[schemas.SAMPLE_CAPTION]
+    if _read_at(st, uri, off, size).decode("utf-8", "replace") != (row["caption"] or ""):
+        problems.append(f"{shard}:{key}: caption differs from the index (clip {cid})")
+
+
+def _check_shards(
+    st: Storage,
+    shards: dict[int, str],
+    committed: set[int],
+    live: dict[tuple[str, str], dict[str, Any]],
+    history: pa.Table,
+    problems: list[str],
+) -> dict[str, int]:
+    ever = set(
+        zip(history.column("shard").to_pylist(), history.column("key").to_pylist(), strict=True)
+    )
+    stats = {"shards_read": 0, "samples": 0, "stale_samples": 0, "orphan_samples": 0}
+    found: set[tuple[str, str]] = set()
+    for n, uri in sorted(shards.items()):
+        if n not in committed:
+            continue
+        shard = f"{schemas.SHARDS_DIR}/shard-{n:06d}.tar"
+        try:
+            samples = _read_shard(st, uri, shard, problems)
+        except (tarfile.TarError, OSError) as e:
+            problems.append(f"{shard}: unreadable tar: {e}")
+            continue
+        stats["shards_read"] += 1
+        for key, member in samples.items():
+            stats["samples"] += 1
+            missing = sorted(set(ALLOWED_SUFFIXES) - set(member.suffixes))
+            if missing:
+                problems.append(f"{shard}:{key}: incomplete sample, missing {missing}")
+                continue
+            row = live.get((shard, key))
+            if row is not None:
+                found.add((shard, key))
+                _check_sample(st, uri, shard, key, member, row, problems)
+            elif (shard, key) in ever:
+                stats["stale_samples"] += 1  # superseded by a later part: not live, not lost
+            else:
+                stats["orphan_samples"] += 1
+                problems.append(f"{shard}:{key}: orphan sample (no committed index row)")
+    for shard, key in sorted(set(live) - found):
+        problems.append(
+            f"clip {live[(shard, key)]['clip_id']}: sample {shard}:{key} is not in the shard"
+        )
+    return stats
+
+
+def _check_manifest(
+    st: Storage, root: str, counts: dict[str, int], problems: list[str]
+) -> list[int] | None:
+    """Manifest checks; returns its patch size when it has a usable one."""
+    uri = join(root, schemas.MANIFEST_NAME)
+    if not st.exists(uri):
+        problems.append(f"{schemas.MANIFEST_NAME}: missing")
+        return None
+    try:
+        manifest = json.loads(st.read(uri))
+    except ValueError as e:
+        problems.append(f"{schemas.MANIFEST_NAME}: not JSON: {e}")
+        return None
+    if manifest.get("schema_version") != schemas.SCHEMA_VERSION:
+        problems.append(
+            f"{schemas.MANIFEST_NAME}: schema_version {manifest.get('schema_version')!r}, "
+            f"this reelpack reads {schemas.SCHEMA_VERSION}"
+        )
+    for key in ("vae", "patch_size", "counts"):
+        if key not in manifest:
+            problems.append(f"{schemas.MANIFEST_NAME}: no {key!r}")
+    got = manifest.get("counts") or {}
+    for key, value in counts.items():
+        if got.get(key) != value:
+            problems.append(
+                f"{schemas.MANIFEST_NAME}: counts.{key} is {got.get(key)!r}, the index gives {value}"
+            )
+    patch = manifest.get("patch_size")
+    if isinstance(patch, list) and len(patch) == 3 and all(isinstance(p, int) for p in patch):
+        return patch
+    return None
+
+
+def inspect_corpus(root: str) -> InspectReport:
+    """Check the corpus at ``root``; see the module docstring for what is checked."""
+    st = storage_for(root)
+    report = InspectReport(root)
+    problems = report.problems
+    shards, committed = _check_files(st, root, problems)
+    if not committed:
+        problems.append("no committed parts: not a corpus (or an empty one)")
+    try:
+        index, sources = read_index(root), read_sources(root)
+        history = read_index(root, include_superseded=True)
+    except (OSError, pa.ArrowException) as e:
+        problems.append(f"index unreadable: {e}")
+        return report
+    counts = _counts(index, sources)
+    patch = _check_manifest(st, root, counts, problems)
+    live = _check_rows(index, sources, patch, problems)
+    stats = _check_shards(st, shards, committed, live, history, problems)
+    report.stats = {
+        **counts,
+        **stats,
+        "parts": len(committed),
+        "superseded_rows": history.num_rows - index.num_rows,
+    }
+    return report

@@ -1,0 +1,392 @@
+"""The corpus store: ``reelpack inspect`` on good and damaged corpora, and builds that are
+SIGKILLed mid-write then resumed, locally and on SeaweedFS, equal an uninterrupted build.
+
+The crash tests run ``reelpack build`` as a subprocess and kill it with the writer's
+test hook ``REELPACK_TEST_KILL_AFTER=<event>[:<n>]`` (see ``pipeline.writer``): the
+process SIGKILLs itself right after that write, which is the worst moment for each
+step of a commit. They are few builds (each starts Ray) and marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_interop import _rows
+
+import schemas
+from pipeline.inspect import inspect_corpus
+from pipeline.stages.base import rows_to_batch
+from pipeline.storage import is_s3, split_s3
+from pipeline.writer import KILL_ENV, CorpusWriter, WriteConfig, read_index, rewrite_sources_rows
+
+
+# --- inspect ---------------------------------------------------------------------------------
+def _make(root: str) -> str:
+    writer = CorpusWriter(root, WriteConfig(shard_max_samples=2))
+    writer.add(rows_to_batch(_rows(), columns=schemas.STREAM_COLUMNS))
+    writer.close()
+    writer.write_manifest({"vae": {"id": "tiny", "latent_channels": 4}, "patch_size": [1, 2, 2]})
+    return root
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> str:
+    return _make(str(tmp_path / "good"))
+
+
+def _damaged(good: str, tmp_path: Path) -> Path:
+    copy = tmp_path / "damaged"
+    shutil.copytree(good, copy)
+    return copy
+
+
+def _rewrite_tar(path: Path, keep: Any = lambda info: True, extra: list | None = None) -> None:
+    tmp = path.with_suffix(".new")
+    with tarfile.open(path) as tin, tarfile.open(tmp, "w") as tout:
+        for info in tin.getmembers():
+            if keep(info):
+                tout.addfile(info, tin.extractfile(info))
+        for name, data in extra or []:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+    tmp.replace(path)
+
+
+def test_inspect_passes_on_a_good_corpus(good: str) -> None:
+    report = inspect_corpus(good)
+    assert report.ok, report.problems
+    assert report.stats["clips_kept"] == 4 and report.stats["samples"] == 4
+    assert report.stats["shards_read"] == report.stats["shards"] == 2
+
+
+def test_inspect_passes_on_s3(s3_bucket: str) -> None:
+    report = inspect_corpus(_make(s3_bucket))
+    assert report.ok, report.problems
+    assert report.stats["samples"] == 4
+
+
+def test_inspect_after_refilter_counts_stale_samples(good: str) -> None:
+    rows = {r["clip_id"]: r for r in read_index(good).to_pylist()}
+    rewrite_sources_rows(good, {"/videos/v0.mp4": [dict(rows["clip00"], status="rejected")]})
+    with open(os.path.join(good, schemas.MANIFEST_NAME)) as f:
+        manifest = json.load(f)
+    CorpusWriter(good).write_manifest({k: manifest[k] for k in ("vae", "patch_size")})
+    report = inspect_corpus(good)
+    assert report.ok, report.problems
+    assert report.stats["stale_samples"] == 1 and report.stats["superseded_rows"] == 1
+
+
+def _shard_of(root: Path, key: str) -> Path:
+    row = next(r for r in read_index(str(root)).to_pylist() if r["key"] == key)
+    return root / row["shard"]
+
+
+_DAMAGE = {
+    "missing shard": (
+        lambda c: _shard_of(c, "clip00").unlink(),
+        ["sample shards/shard-000000.tar:clip00 is not in the shard"],
+    ),
+    "missing sample": (
+        lambda c: _rewrite_tar(_shard_of(c, "clip03"), lambda i: not i.name.startswith("clip03")),
+        ["clip03 is not in the shard"],
+    ),
+    "orphan member": (
+        lambda c: _rewrite_tar(
+            _shard_of(c, "clip00"),
+            extra=[(f"ghost.{s}", b"{}") for s in ("latents.safetensors", "json", "txt")],
+        ),
+        ["ghost: orphan sample"],
+    ),
+    "pickle member": (
+        lambda c: _rewrite_tar(_shard_of(c, "clip00"), extra=[("clip00.pyd", b"\x80\x04.")]),
+        ["'clip00.pyd' would need unpickling"],
+    ),
+    "path traversal": (
+        lambda c: _rewrite_tar(_shard_of(c, "clip00"), extra=[("../clip00.txt", b"x")]),
+        ["unsafe member name '../clip00.txt'"],
+    ),
+    "wrong latent shape": (
+        lambda c: _swap_latents(c, "clip01", "clip04"),
+        ["tensor 'latents' is BF16 [4, 5, 4, 6], index says BF16 [4, 2, 4, 6]"],
+    ),
+    "manifest counts": (
+        lambda c: _edit_manifest(c, lambda m: m["counts"].update(clips_kept=99)),
+        ["counts.clips_kept is 99, the index gives 4"],
+    ),
+    "uncommitted leftover": (
+        lambda c: (c / "index" / "part-000009.parquet").write_bytes(
+            (c / "index" / "part-000000.parquet").read_bytes()
+        ),
+        ["index part 000009 is not committed"],
+    ),
+}
+
+
+def _swap_latents(root: Path, a: str, b: str) -> None:
+    """Give sample ``a`` the latents of sample ``b`` (another shape)."""
+    blob = None
+    with tarfile.open(_shard_of(root, b)) as tar:
+        blob = tar.extractfile(f"{b}.latents.safetensors").read()  # type: ignore[union-attr]
+    path = _shard_of(root, a)
+    _rewrite_tar(
+        path, lambda i: i.name != f"{a}.latents.safetensors", [(f"{a}.latents.safetensors", blob)]
+    )
+
+
+def _edit_manifest(root: Path, edit: Any) -> None:
+    path = root / schemas.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_inspect_fails_on_a_damaged_copy(good: str, tmp_path: Path, damage: str) -> None:
+    copy = _damaged(good, tmp_path)
+    apply, expected = _DAMAGE[damage]
+    apply(copy)
+    report = inspect_corpus(str(copy))
+    assert not report.ok
+    for text in expected:
+        assert any(text in p for p in report.problems), report.problems
+
+
+def test_inspect_command(
+    good: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    import reelpack.cli
+    import reelpack.commands
+    from reelpack.cli import main
+
+    for module in (reelpack.commands, reelpack.cli):  # until the lead registers it
+        names = getattr(module, "COMMANDS", None)
+        if names is not None and "inspect" not in names:
+            monkeypatch.setattr(module, "COMMANDS", (*names, "inspect"))
+    assert main(["inspect", good]) == 0
+    assert capsys.readouterr().out.startswith("OK ")
+    copy = _damaged(good, tmp_path)
+    _edit_manifest(copy, lambda m: m["counts"].update(shards=7))
+    assert main(["inspect", str(copy), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and any("counts.shards" in p for p in out["problems"])
+
+
+# --- kill a real build mid-write, resume, compare ------------------------------------------------
+@pytest.fixture(scope="module")
+def build_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], str]:
+    """Four small videos (one broken) and a tiny-preset config with one sample per shard."""
+    from pipeline.config import load_config
+    from pipeline.synth import synth_video
+
+    root = tmp_path_factory.mktemp("resume-inputs")
+    specs = {
+        "landscape.mp4": (192, 108, [30, 30]),
+        "portrait.mp4": (90, 160, [36]),
+        "square.mp4": (128, 128, [24, 24]),
+    }
+    videos = []
+    for i, (name, (w, h, shots)) in enumerate(specs.items()):
+        synth_video(str(root / name), width=w, height=h, fps=12.0, shots=shots, seed=i)
+        videos.append(str(root / name))
+    (root / "broken.mp4").write_bytes(b"not a video")
+    videos.append(str(root / "broken.mp4"))
+    cache = root / "models"
+    config = {
+        "preset": "tiny",
+        "model_cache": str(cache),
+        "split": {"min_clip_s": 1.0, "max_clip_s": 3.0},
+        "write": {"shard_max_samples": 1},
+        "ray": {"num_cpus": 2},
+    }
+    cfg_path = root / "build.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    load_config(str(cfg_path))  # builds the tiny models once, before the timed builds
+    return videos, str(cfg_path)
+
+
+def _build(videos: list[str], out: str, config: str, kill: str | None, log: Path) -> int:
+    env = dict(os.environ)
+    env.pop(KILL_ENV, None)
+    # A fresh local Ray per build, even if another cluster on this machine left its
+    # address file (ray.init() would otherwise join it).
+    env["RAY_ADDRESS"] = "local"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if kill:
+        env[KILL_ENV] = kill
+    cmd = [
+        sys.executable,
+        "-m",
+        "reelpack.cli",
+        "-v",
+        "build",
+        *videos,
+        "--out",
+        out,
+        "--config",
+        config,
+    ]
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            # Ray processes this build started share its process group: end them too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return code
+
+
+def _snapshot(root: str, tmp_path: Path) -> dict[str, Any]:
+    """The corpus content that must not depend on kills: per clip, everything but the shard."""
+    local = Path(_local_copy(root, tmp_path))
+    rows = {r["clip_id"]: r for r in read_index(str(local)).to_pylist()}
+    samples: dict[str, tuple[str, str, str]] = {}
+    for path in sorted((local / schemas.SHARDS_DIR).glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for info in tar.getmembers():
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                key, _, suffix = info.name.partition(".")
+                if suffix == schemas.SAMPLE_META:
+                    meta = json.loads(data)
+                    data = json.dumps({k: v for k, v in meta.items() if k != "shard"}).encode()
+                digest = hashlib.sha256(data).hexdigest()
+                entry = samples.setdefault(key, ("", "", ""))
+                i = (schemas.SAMPLE_LATENTS, schemas.SAMPLE_META, schemas.SAMPLE_CAPTION).index(
+                    suffix
+                )
+                assert entry[i] == "", f"{key}.{suffix} twice"  # no duplicates anywhere
+                samples[key] = (*entry[:i], digest, *entry[i + 1 :])  # type: ignore[assignment]
+    clips = {cid: {k: v for k, v in r.items() if k != "shard"} for cid, r in rows.items()}
+    return {"clips": clips, "samples": samples, "local": str(local)}
+
+
+def _local_copy(root: str, tmp_path: Path) -> str:
+    if not is_s3(root):
+        return root
+    import boto3
+
+    bucket, prefix = split_s3(root)
+    s3 = boto3.client("s3")
+    dest = tmp_path / f"fetched-{prefix.replace('/', '_')}"
+    shutil.rmtree(dest, ignore_errors=True)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            out = dest / obj["Key"][len(prefix) + 1 :]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(out))
+    return str(dest)
+
+
+def _assert_only_leftovers(root: str) -> None:
+    """A killed corpus: readers see complete sources only; inspect flags just the leftovers."""
+    rows = read_index(root).to_pylist()
+    assert len({r["clip_id"] for r in rows}) == len(rows)
+    report = inspect_corpus(root)
+    allowed = ("not committed", "no committed parts", schemas.MANIFEST_NAME)
+    assert all(any(a in p for a in allowed) for p in report.problems), report.problems
+
+
+@pytest.fixture(scope="module")
+def reference(build_inputs, tmp_path_factory) -> dict[str, Any]:
+    videos, config = build_inputs
+    tmp = tmp_path_factory.mktemp("reference")
+    root = str(tmp / "corpus")
+    assert _build(videos, root, config, None, tmp / "log") == 0, (tmp / "log").read_text()[-3000:]
+    snap = _snapshot(root, tmp)
+    kept = [c for c in snap["clips"].values() if c["status"] == "kept"]
+    assert len(kept) >= 3, "the reference build must write several shards"
+    assert set(snap["samples"]) == {c["key"] for c in kept}
+    assert inspect_corpus(root).ok
+    return snap
+
+
+def _assert_same(snap: dict[str, Any], reference: dict[str, Any]) -> None:
+    assert sorted(snap["clips"]) == sorted(reference["clips"])  # same clips, none lost
+    for cid, clip in reference["clips"].items():
+        got = snap["clips"][cid]
+        for k in (
+            "status",
+            "key",
+            "caption",
+            "latent_shape",
+            "num_tokens",
+            "encode_width",
+            "encode_height",
+            "encode_frames",
+        ):
+            assert got[k] == clip[k], (cid, k)
+    assert snap["samples"] == reference["samples"]  # same bytes: latents, metadata, caption
+
+
+@pytest.mark.slow
+def test_local_build_killed_twice_resumes_to_the_same_corpus(
+    build_inputs, reference, tmp_path
+) -> None:
+    videos, config = build_inputs
+    root = str(tmp_path / "corpus")
+    log = tmp_path / "log"
+    # 1: killed right after the first shard reached its final name, before its index part
+    assert _build(videos, root, config, "shard:1", log) == -signal.SIGKILL, log.read_text()[-3000:]
+    assert os.listdir(os.path.join(root, schemas.SHARDS_DIR))  # the shard is there...
+    assert read_index(root).num_rows == 0  # ...but not visible
+    _assert_only_leftovers(root)
+    # 2: resumed, then killed after its second index part, before that part's commit marker
+    assert _build(videos, root, config, "index:2", log) == -signal.SIGKILL, log.read_text()[-3000:]
+    done = {
+        Path(s).name
+        for s in pq.read_table(os.path.join(root, "sources")).column("source").to_pylist()
+    }
+    assert done and len(done) < len(videos)  # some sources committed, others not
+    _assert_only_leftovers(root)
+    # 3: resumed to the end
+    assert _build(videos, root, config, None, log) == 0, log.read_text()[-3000:]
+    assert inspect_corpus(root).ok, inspect_corpus(root).problems
+    _assert_same(_snapshot(root, tmp_path), reference)
+
+
+@pytest.mark.slow
+def test_s3_build_killed_resumes_to_the_same_corpus_and_leaks_no_keys(
+    build_inputs, reference, s3_server, s3_bucket, tmp_path
+) -> None:
+    videos, config = build_inputs
+    root = f"{s3_bucket}/corpus"
+    log = tmp_path / "log"
+    assert _build(videos, root, config, "sources:2", log) == -signal.SIGKILL, log.read_text()[
+        -3000:
+    ]
+    assert read_index(root).num_rows > 0
+    _assert_only_leftovers(root)
+    assert _build(videos, root, config, None, log) == 0, log.read_text()[-3000:]
+    report = inspect_corpus(root)
+    assert report.ok, report.problems
+    snap = _snapshot(root, tmp_path)
+    _assert_same(snap, reference)
+    # No credential in anything the build wrote or printed.
+    secrets = [s3_server.access_key.encode(), s3_server.secret_key.encode()]
+    files = [p for p in Path(snap["local"]).rglob("*") if p.is_file()] + [log]
+    assert len(files) > 5
+    for path in files:
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret not in data, f"{secret!r} leaked into {path}"
+    with tarfile.open(next(Path(snap["local"]).rglob("*.tar"))) as tar:
+        for info in tar.getmembers():
+            data = tar.extractfile(info).read()  # type: ignore[union-attr]
+            assert all(s not in data for s in secrets)
