@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import colorsys
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 
 import av
 import numpy as np
 
-__all__ = ["demo_videos", "synth_video"]
+__all__ = ["demo_videos", "iter_synth_frames", "synth_video"]
 
 # Hue steps of the golden ratio keep any two consecutive shots far apart on the colour wheel.
 _GOLDEN = 0.618033988749895
@@ -47,40 +48,99 @@ def _bounce(position: float, low: float, high: float) -> float:
     return low + (folded if folded <= span else 2 * span - folded)
 
 
-def _draw_shot(
-    num_frames: int, width: int, height: int, index: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Frames (T, H, W, 3) uint8 of one shot: striped colour field + texture + moving disc."""
-    base, accent, angle = _shot_style(index, rng)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    period = max(6.0, min(width, height) / rng.uniform(3.0, 6.0))
-    phase_axis = np.cos(angle) * xx + np.sin(angle) * yy
-    # A fixed texture per shot, shifted a little each frame: motion without new content.
-    texture = rng.normal(0.0, 0.06, size=(height, width, 1)).astype(np.float32)
-    radius = max(2.0, min(width, height) / 6)
-    cx0, cy0 = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
-    vx, vy = rng.uniform(-1.5, 1.5, size=2) * max(1.0, min(width, height) / 100)
-    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
-    for t in range(num_frames):
-        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (phase_axis + 1.5 * t) / period)
-        img = base[None, None, :] * (0.75 + 0.25 * stripes[..., None])
-        img = img + np.roll(texture, shift=t, axis=1)
-        cx = _bounce(cx0 + vx * t, radius, width - radius)
-        cy = _bounce(cy0 + vy * t, radius, height - radius)
-        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
-        img[disc] = accent
-        frames[t] = np.clip(img * 255.0, 0, 255).astype(np.uint8)
-    return frames
+class _ShotPainter:
+    """Draws frame ``t`` of one shot on demand (stateless per frame, so a video of any
+    length streams): striped colour field + drifting texture + moving disc.
+
+    ``style``: "normal"; "fast" (fast camera-like motion: stripes and disc race);
+    "static" (nothing moves); "dark" (almost black, almost static).
+    """
+
+    def __init__(
+        self, width: int, height: int, index: int, rng: np.random.Generator, style: str
+    ) -> None:
+        self.style = style
+        self.base, self.accent, angle = _shot_style(index, rng)
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        self.xx, self.yy = xx, yy
+        self.period = max(6.0, min(width, height) / rng.uniform(3.0, 6.0))
+        self.phase_axis = np.cos(angle) * xx + np.sin(angle) * yy
+        # A fixed texture per shot, shifted a little each frame: motion without new content.
+        self.texture = rng.normal(0.0, 0.06, size=(height, width, 1)).astype(np.float32)
+        self.radius = max(2.0, min(width, height) / 6)
+        r = self.radius
+        self.c0 = (rng.uniform(r, max(r, width - r)), rng.uniform(r, max(r, height - r)))
+        self.v = rng.uniform(-1.5, 1.5, size=2) * max(1.0, min(width, height) / 100)
+        self.speed = {"fast": 6.0, "static": 0.0}.get(style, 1.0)
+        self.size = (width, height)
+        level = rng.integers(3, 9)
+        noise = rng.integers(0, 3, size=(height, width, 1))
+        self.dark = np.clip(level + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)
+
+    def frame(self, t: int) -> np.ndarray:
+        if self.style == "dark":
+            return self.dark
+        width, height = self.size
+        tm = t * self.speed
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (self.phase_axis + 1.5 * tm) / self.period)
+        img = self.base[None, None, :] * (0.75 + 0.25 * stripes[..., None])
+        img = img + np.roll(self.texture, shift=round(tm), axis=1)
+        cx = _bounce(self.c0[0] + self.v[0] * tm, self.radius, width - self.radius)
+        cy = _bounce(self.c0[1] + self.v[1] * tm, self.radius, height - self.radius)
+        disc = (self.xx - cx) ** 2 + (self.yy - cy) ** 2 <= self.radius**2
+        img[disc] = self.accent
+        return np.clip(img * 255.0, 0, 255).astype(np.uint8)
 
 
-def _draw_dark_shot(
-    num_frames: int, width: int, height: int, rng: np.random.Generator
-) -> np.ndarray:
-    """An almost black, almost static shot (what a quality filter should reject)."""
-    level = rng.integers(3, 9)
-    noise = rng.integers(0, 3, size=(height, width, 1))
-    frame = np.clip(level + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)
-    return np.broadcast_to(frame, (num_frames, height, width, 3))
+def _transition_weight(f: int, cut: int, kind: str, n: int) -> tuple[float, float] | None:
+    """(weight of the outgoing shot, weight of the incoming one) at frame ``f`` inside a
+    transition around ``cut``, or None outside it. Fades pass through black."""
+    if kind == "dissolve":
+        lo = cut - n // 2
+        if lo <= f < lo + n:
+            a = (f - lo + 1) / (n + 1)
+            return 1.0 - a, a
+    elif kind == "fade":
+        if cut - n <= f < cut:
+            return (cut - f - 1) / n, 0.0
+        if cut <= f < cut + n:
+            return 0.0, (f - cut + 1) / n
+    return None
+
+
+def iter_synth_frames(
+    width: int,
+    height: int,
+    shots: list[int],
+    seed: int,
+    styles: dict[int, str] | None = None,
+    transitions: dict[int, tuple[str, int]] | None = None,
+    flashes: tuple[int, ...] = (),
+) -> Iterator[np.ndarray]:
+    """The frames of :func:`synth_video`, one at a time (memory independent of length)."""
+    rng = np.random.default_rng(seed)
+    styles = styles or {}
+    transitions = transitions or {}
+    painters = [
+        _ShotPainter(width, height, i, rng, styles.get(i, "normal")) for i in range(len(shots))
+    ]
+    starts = [0, *np.cumsum(shots).tolist()]
+    for f in range(starts[-1]):
+        k = int(np.searchsorted(starts, f, side="right")) - 1
+        image = painters[k].frame(f - starts[k])
+        for j in (k, k + 1):  # a transition belongs to the cut starting shot j
+            if j < 1 or j >= len(shots) or j not in transitions:
+                continue
+            kind, n = transitions[j]
+            weights = _transition_weight(f, starts[j], kind, n)
+            if weights is not None:
+                out = painters[j - 1].frame(f - starts[j - 1]).astype(np.float32) * weights[0]
+                inc = painters[j].frame(max(0, f - starts[j])).astype(np.float32) * weights[1]
+                image = np.clip(out + inc, 0, 255).astype(np.uint8)
+        if f in flashes:
+            # A camera flash: one frame blown out towards white.
+            image = (255 - (255 - image.astype(np.uint16)) // 6).astype(np.uint8)
+        yield image
 
 
 def synth_video(
@@ -93,39 +153,45 @@ def synth_video(
     seed: int,
     codec: str = "libx264",
     dark_shots: tuple[int, ...] = (),
+    styles: dict[int, str] | None = None,
+    transitions: dict[int, tuple[str, int]] | None = None,
+    flashes: tuple[int, ...] = (),
+    pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None,
 ) -> list[int]:
     """Write a video of ``len(shots)`` visually distinct shots; return the cut frames.
 
     ``shots`` holds the number of frames of each shot; the returned list holds the
     first frame of every shot after the first (so ``[30, 70]`` for ``[30, 40, 25]``).
-    ``dark_shots`` lists shot indices drawn as near-black static frames instead.
-    ``width`` and ``height`` must be even (4:2:0 chroma).
+    ``dark_shots`` lists shot indices drawn as near-black static frames instead;
+    ``styles`` maps shot indices to "fast", "static" or "dark". ``transitions`` maps a
+    shot index ``k >= 1`` to ``("dissolve", n)`` (an ``n``-frame cross-fade centred on
+    the cut: frames ``cut - n//2 .. cut - n//2 + n``) or ``("fade", n)`` (``n`` frames
+    fading to black before the cut and ``n`` fading in after it). ``flashes`` lists
+    frames blown out to near-white (camera flashes: not cuts). ``width`` and ``height``
+    must be even (4:2:0 chroma) unless ``pix_fmt`` allows odd sizes.
     """
-    if width % 2 or height % 2 or width < 2 or height < 2:
+    if (pix_fmt == "yuv420p" and (width % 2 or height % 2)) or width < 1 or height < 1:
         raise ValueError(f"{path}: width and height must be even and >= 2, got {width}x{height}")
     if not shots or any(n < 1 for n in shots):
         raise ValueError(f"{path}: every shot needs >= 1 frame, got {shots}")
-    rng = np.random.default_rng(seed)
+    styles = {**(styles or {}), **{i: "dark" for i in dark_shots}}
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(path, mode="w") as out:
         stream = out.add_stream(codec, rate=rate)
         if not isinstance(stream, av.VideoStream):
             raise ValueError(f"{path}: {codec!r} is not a video codec")
         stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
+        stream.pix_fmt = pix_fmt
+        if options is not None:
+            stream.options = dict(options)
+        elif codec == "libx264":
             stream.options = {"crf": "20", "preset": "veryfast"}
-        for index, num_frames in enumerate(shots):
-            if index in dark_shots:
-                frames = _draw_dark_shot(num_frames, width, height, rng)
-            else:
-                frames = _draw_shot(num_frames, width, height, index, rng)
-            for frame in frames:
-                video_frame = av.VideoFrame.from_ndarray(
-                    np.ascontiguousarray(frame), format="rgb24"
-                )
-                for packet in stream.encode(video_frame):
-                    out.mux(packet)
+        frames = iter_synth_frames(width, height, shots, seed, styles, transitions, flashes)
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in stream.encode(video_frame):
+                out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
     return [int(c) for c in np.cumsum(shots)[:-1]]
@@ -155,3 +221,170 @@ def demo_videos(out_dir: str) -> list[str]:
         )
         paths.append(path)
     return paths
+
+
+# --- a corpus of bad and unusual inputs ---------------------------------------------------------
+
+
+def _encode_frames(
+    path: str,
+    frames: list[np.ndarray] | Iterator[np.ndarray],
+    *,
+    fps: float = 10.0,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None,
+    fmt: str | None = None,
+    rotation: int = 0,
+    pts_s: list[float] | None = None,
+) -> None:
+    """Encode RGB frames; ``pts_s`` gives each frame's own time (variable frame rate)."""
+    frames = iter(frames)
+    first = next(frames)
+    height, width = first.shape[:2]
+    with av.open(path, mode="w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if options:
+            stream.options = dict(options)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if pts_s is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, image in enumerate([first, *frames]):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if pts_s is not None:
+                frame.pts, frame.time_base = round(pts_s[i] * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _shots_frames(width: int, height: int, shots: list[int], seed: int) -> list[np.ndarray]:
+    return list(iter_synth_frames(width, height, shots, seed))
+
+
+def bad_input_corpus(out_dir: str, long_minutes: float = 15.0) -> dict[str, str]:
+    """Write the bad / unusual input corpus of the ingest tests into ``out_dir``.
+
+    Returns ``{file name: what it is}``. Every file is tiny except the ``long_minutes``
+    static video, which is 16x16 at 10 fps so that it is quick to write and decode.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    p = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    rng = np.random.default_rng(0)
+    made: dict[str, str] = {}
+
+    def note(name: str, what: str) -> None:
+        made[name] = what
+
+    open(p("zero_bytes.mp4"), "wb").close()
+    note("zero_bytes.mp4", "zero-byte file")
+    with open(p("random_bytes.mp4"), "wb") as f:
+        f.write(rng.integers(0, 256, 64 << 10, dtype=np.uint8).tobytes())
+    note("random_bytes.mp4", "random bytes")
+    with open(p("text.mp4"), "w") as text:
+        text.write("this is not a video\n" * 50)
+    note("text.mp4", "text named .mp4")
+
+    good = _shots_frames(96, 64, [25, 25], seed=1)
+    _encode_frames(p("_good.mp4"), good)
+    with open(p("_good.mp4"), "rb") as src:
+        data = src.read()
+    os.remove(p("_good.mp4"))
+    with open(p("no_moov.mp4"), "wb") as f:  # moov is at the end: cut before it
+        f.write(data[: len(data) // 2])
+    note("no_moov.mp4", "mp4 truncated before its index (no moov)")
+    _encode_frames(p("_fast.mp4"), good, options={"movflags": "faststart"})
+    with open(p("_fast.mp4"), "rb") as src:
+        fast = src.read()
+    os.remove(p("_fast.mp4"))
+    with open(p("truncated_mdat.mp4"), "wb") as f:
+        f.write(fast[: len(fast) * 2 // 3])
+    note("truncated_mdat.mp4", "mp4 with truncated media data")
+    corrupt = bytearray(fast)
+    mid = len(corrupt) // 2
+    corrupt[mid : mid + 2048] = rng.integers(0, 256, 2048, dtype=np.uint8).tobytes()
+    with open(p("corrupt_mid.mp4"), "wb") as f:
+        f.write(bytes(corrupt))
+    note("corrupt_mid.mp4", "bytes corrupted mid-stream")
+
+    with av.open(p("audio_only.mp4"), "w") as out:
+        astream = out.add_stream("aac", rate=16000, layout="mono")
+        samples = (np.sin(np.arange(16000) / 10.0) * 0.3).astype(np.float32)[None]
+        for start in range(0, 16000, 1024):
+            frame = av.AudioFrame.from_ndarray(
+                samples[:, start : start + 1024], format="fltp", layout="mono"
+            )
+            frame.sample_rate = 16000
+            for packet in astream.encode(frame):
+                out.mux(packet)
+        for packet in astream.encode():
+            out.mux(packet)
+    note("audio_only.mp4", "audio only")
+    _encode_frames(p("image_named.mp4"), good[:1], codec="png", pix_fmt="rgb24", fmt="image2pipe")
+    note("image_named.mp4", "a PNG image named .mp4")
+    _encode_frames(p("one_frame.mp4"), good[:1])
+    note("one_frame.mp4", "1-frame video")
+    _encode_frames(p("tiny_2x2.mp4"), [f[:2, :2] for f in good])
+    note("tiny_2x2.mp4", "2x2 pixels")
+    _encode_frames(p("odd_641x359.mp4"), _shots_frames(641, 359, [12, 12], 2), pix_fmt="yuv444p")
+    note("odd_641x359.mp4", "odd dimensions 641x359")
+    _encode_frames(p("extreme_16x1024.mp4"), _shots_frames(16, 1024, [15, 15], 3))
+    note("extreme_16x1024.mp4", "extreme aspect 16x1024")
+    huge = np.full((8192, 8192, 3), 90, np.uint8)
+    _encode_frames(p("huge_8192.mov"), [huge], codec="png", pix_fmt="rgb24")
+    note("huge_8192.mov", "an 8192x8192 frame")
+    vfr_times = np.cumsum([0.0] + [0.05 if i % 3 else 0.15 for i in range(59)]).tolist()
+    _encode_frames(p("vfr.mkv"), _shots_frames(64, 48, [30, 30], 4), pts_s=vfr_times)
+    note("vfr.mkv", "variable frame rate")
+    _encode_frames(
+        p("hevc_10bit.mp4"),
+        _shots_frames(64, 64, [12, 12], 5),
+        codec="libx265",
+        pix_fmt="yuv420p10le",
+        options={"preset": "ultrafast", "x265-params": "log-level=none"},
+    )
+    note("hevc_10bit.mp4", "10-bit HEVC")
+    _encode_frames(
+        p("vp9.webm"),
+        _shots_frames(64, 48, [12, 12], 6),
+        codec="libvpx-vp9",
+        options={"deadline": "realtime", "cpu-used": "8"},
+    )
+    note("vp9.webm", "VP9 WebM")
+    _encode_frames(
+        p("animated.gif"), _shots_frames(48, 32, [12, 12], 7), codec="gif", pix_fmt="rgb8"
+    )
+    note("animated.gif", "animated GIF")
+    _encode_frames(p("rotated_90.mp4"), _shots_frames(96, 48, [15, 15], 8), rotation=90)
+    note("rotated_90.mp4", "rotated 90 degrees")
+    _encode_frames(p("vidéo 東京 clip.mp4"), _shots_frames(64, 48, [15, 15], 9))
+    note("vidéo 東京 clip.mp4", "non-ASCII file name with spaces")
+    frames2 = _shots_frames(64, 48, [15, 15], 10)
+    with av.open(p("two_video_streams.mkv"), "w") as out:
+        streams = []
+        for _ in range(2):
+            s = out.add_stream("libx264", rate=10)
+            assert isinstance(s, av.VideoStream)
+            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+            streams.append(s)
+        for image in frames2:
+            for s in streams:
+                for packet in s.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    out.mux(packet)
+        for s in streams:
+            for packet in s.encode():
+                out.mux(packet)
+    note("two_video_streams.mkv", "two video streams")
+    still = np.full((16, 16, 3), 120, np.uint8)
+    n = round(long_minutes * 60 * 10)
+    _encode_frames(
+        p("static_long.mp4"),
+        (still for _ in range(n)),
+        options={"preset": "ultrafast", "crf": "30"},
+    )
+    note("static_long.mp4", f"{long_minutes:g}-minute static video (16x16)")
+    return made

@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 
+from pipeline.decode import DecodedFrame, iter_pyav
 from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows
 from pipeline.stages.probe import Probe, ProbeConfig, open_source, probe_video
@@ -22,7 +23,6 @@ from pipeline.stages.split import (
     Split,
     SplitConfig,
     _Frame,
-    _iter_frames,
     _SourceSplitter,
     clip_spans,
     cut_clips,
@@ -57,6 +57,13 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def landscape(synth_dir: str) -> tuple[str, list[int]]:
     path = os.path.join(synth_dir, "landscape.mp4")
     return path, synth_video(path, width=160, height=90, fps=24, shots=SHOTS, seed=0)
+
+
+def _iter_frames(
+    container: Any, display: tuple[int, int] | None, max_area: int
+) -> Iterator[tuple[DecodedFrame, float]]:
+    for frame in iter_pyav(container, display, max_area):
+        yield frame, frame.duration_s
 
 
 def probe_batch(*sources: str) -> dict[str, np.ndarray]:
@@ -245,7 +252,7 @@ def test_mid_decode_failure_becomes_one_error_row(
     landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _ = landscape
-    real = split_mod._iter_frames
+    real = split_mod.iter_source_frames
 
     def breaks_halfway(*args: Any, **kwargs: Any) -> Iterator[Any]:
         for i, item in enumerate(real(*args, **kwargs)):
@@ -253,7 +260,7 @@ def test_mid_decode_failure_becomes_one_error_row(
                 raise ValueError("corrupt packet")
             yield item
 
-    monkeypatch.setattr(split_mod, "_iter_frames", breaks_halfway)
+    monkeypatch.setattr(split_mod, "iter_source_frames", breaks_halfway)
     rows = batch_to_rows(Split()(probe_batch(path)))
     assert len(rows) == 1  # the clips found before the failure are discarded
     assert rows[0]["clip_id"] is None and rows[0]["src_status"] == "error"
@@ -264,7 +271,8 @@ def test_source_without_clips_emits_done_placeholder() -> None:
     path = shared("delayed_start.mp4")  # 24 frames at 25 fps: shorter than min_clip_s
     (row,) = batch_to_rows(Split()(probe_batch(path)))
     assert row["clip_id"] is None and row["src_status"] == "done"
-    assert row["src_num_clips"] == 0 and row["src_error"] is None
+    assert row["src_num_clips"] == 0
+    assert "no clips" in row["src_error"] and "min_clip_s=1" in row["src_error"]
 
 
 def test_times_are_relative_to_a_late_stream_start() -> None:

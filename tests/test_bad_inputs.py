@@ -1,0 +1,214 @@
+"""Bad input never crashes a build, never hangs, never disappears.
+
+The corpus (:func:`pipeline.synth.bad_input_corpus`) goes through Probe -> Split ->
+Score -> Decide without Ray: every source ends in exactly one terminal outcome (clips,
+or one placeholder row with a reason naming the cause), no temp file is left, the
+whole corpus finishes in bounded time, a per-source timeout exists, memory stays flat
+in video length, and ``s3://`` sources are streamed, not downloaded.
+
+Run: ``python -m pytest tests/test_bad_inputs.py -q``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.stages.base import batch_to_rows
+from pipeline.stages.decide import Decide, DecideConfig
+from pipeline.stages.probe import Probe, ProbeConfig
+from pipeline.stages.score import Score, ScoreConfig
+from pipeline.stages.split import Split, SplitConfig
+from pipeline.synth import bad_input_corpus, synth_video
+from schemas import CLIP_STATUSES, SOURCE_STATUSES
+
+# What each file must end as: ("error", words the reason names) or ("clips", None) or
+# ("done", words of the no-clip note).
+EXPECTED: dict[str, tuple[str, str | None]] = {
+    "zero_bytes.mp4": ("error", "not a readable video"),
+    "random_bytes.mp4": ("error", "not a readable video"),
+    "text.mp4": ("error", "not a readable video"),
+    "no_moov.mp4": ("error", "not a readable video"),
+    "truncated_mdat.mp4": ("error", "not a readable video"),
+    "corrupt_mid.mp4": ("error", "corrupt or truncated data"),
+    "audio_only.mp4": ("error", "no video stream (streams: audio)"),
+    "image_named.mp4": ("clips", None),  # a PNG whatever its name: a 1-frame clip
+    "one_frame.mp4": ("done", "no clips"),
+    "tiny_2x2.mp4": ("error", "has a side under 16 px"),
+    "odd_641x359.mp4": ("clips", None),
+    "extreme_16x1024.mp4": ("clips", None),
+    "huge_8192.mov": ("error", "8192x8192 exceeds"),
+    "vfr.mkv": ("clips", None),
+    "hevc_10bit.mp4": ("clips", None),
+    "vp9.webm": ("clips", None),
+    "animated.gif": ("clips", None),
+    "rotated_90.mp4": ("clips", None),
+    "vidéo 東京 clip.mp4": ("clips", None),
+    "two_video_streams.mkv": ("clips", None),
+    "static_long.mp4": ("clips", None),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = str(tmp_path_factory.mktemp("bad"))
+    made = bad_input_corpus(root, long_minutes=15.0)
+    assert set(made) == set(EXPECTED)
+    return root
+
+
+def run_stages(paths: list[str], split_cfg: SplitConfig | None = None) -> list[dict[str, Any]]:
+    batch: dict[str, np.ndarray] = {"source": np.array(paths, dtype=object)}
+    batch = Probe(ProbeConfig())(batch)
+    batch = Split(split_cfg or SplitConfig())(batch)
+    batch = Score(ScoreConfig())(batch)
+    batch = Decide(DecideConfig())(batch)
+    return batch_to_rows(batch)
+
+
+def test_every_bad_input_ends_in_one_terminal_outcome(
+    corpus: str, tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private_tmp = os.path.join(tmp_path, "tmp")
+    os.makedirs(private_tmp)
+    monkeypatch.setenv("TMPDIR", private_tmp)
+    monkeypatch.setattr(tempfile, "tempdir", private_tmp)
+    before = sorted(os.listdir(corpus))
+    t0 = time.monotonic()
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for name in EXPECTED:  # one source per batch, as the graph runs probe and split
+        for row in run_stages([os.path.join(corpus, name)]):
+            by_source.setdefault(str(row["source"]), []).append(row)
+    elapsed = time.monotonic() - t0
+    assert sorted(os.path.basename(s) for s in by_source) == sorted(EXPECTED)
+    for source, rows in by_source.items():
+        name = os.path.basename(source)
+        kind, words = EXPECTED[name]
+        statuses = {r["src_status"] for r in rows}
+        assert len(statuses) == 1 and statuses <= set(SOURCE_STATUSES), (name, statuses)
+        num_clips = int(rows[0]["src_num_clips"])
+        if kind == "clips":
+            assert rows[0]["src_status"] == "done" and num_clips == len(rows) >= 1, name
+            assert all(r["clip_id"] and r["status"] in CLIP_STATUSES for r in rows), name
+            for r in rows:  # a rejected or failed clip says why
+                assert r["status"] == "kept" or r["reasons"] is not None or r["error"], name
+        else:
+            assert len(rows) == 1 and rows[0]["clip_id"] is None and num_clips == 0, name
+            assert rows[0]["src_status"] == kind, (name, rows[0]["src_error"])
+            reason = rows[0]["src_error"]
+            assert reason and source in reason and str(words) in reason, (name, reason)
+    assert os.listdir(private_tmp) == [], "temp files left behind"
+    assert sorted(os.listdir(corpus)) == before
+    assert elapsed < 240, f"the corpus took {elapsed:.0f} s"
+
+
+def test_image_named_mp4_and_rotation_facts(corpus: str) -> None:
+    probed = batch_to_rows(
+        Probe()(
+            {
+                "source": np.array(
+                    [os.path.join(corpus, n) for n in ("image_named.mp4", "rotated_90.mp4")],
+                    dtype=object,
+                )
+            }
+        )
+    )
+    image, rotated = probed
+    assert image["src_media_kind"] == "image" and image["src_num_frames"] == 1
+    assert rotated["src_rotation_deg"] == 90 and (rotated["width"], rotated["height"]) == (48, 96)
+    assert rotated["src_coded_width"] == 96 and not rotated["src_has_audio"]
+
+
+def test_per_source_timeout_ends_the_source_as_an_error(corpus: str) -> None:
+    path = os.path.join(corpus, "static_long.mp4")
+    t0 = time.monotonic()
+    (row,) = run_stages([path], SplitConfig(timeout_s=0.5))
+    assert time.monotonic() - t0 < 20
+    assert row["clip_id"] is None and row["src_status"] == "error"
+    assert "timeout after 0.5 s" in row["src_error"] and path in row["src_error"]
+
+
+_RSS_SCRIPT = """
+import resource, sys
+from pipeline.stages.probe import Probe
+from pipeline.stages.split import Split, SplitConfig
+import numpy as np
+b = Probe()({"source": np.array([sys.argv[1]], dtype=object)})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = Split(SplitConfig(max_clip_s=10.0))(b)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(out["clip_id"]), before, after)
+"""
+
+
+def _split_rss_kib(path: str) -> tuple[int, int]:
+    """(clips, peak RSS growth in KiB while splitting ``path``) in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, path],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    clips, before, after = (int(x) for x in out.stdout.split()[-3:])
+    return clips, after - before
+
+
+def test_memory_is_flat_in_video_length(corpus: str, tmp_path: os.PathLike[str]) -> None:
+    """A 15-minute and a 1-minute video of the same (tiny) size peak at the same memory."""
+    short = os.path.join(tmp_path, "one_minute.mp4")
+    synth_video(short, width=16, height=16, fps=10, shots=[600], seed=0, styles={0: "static"})
+    clips_short, grow_short = _split_rss_kib(short)
+    clips_long, grow_long = _split_rss_kib(os.path.join(corpus, "static_long.mp4"))
+    assert (clips_short, clips_long) == (6, 90)
+    assert grow_long - grow_short < 32 * 1024, (grow_short, grow_long)
+
+
+def test_s3_sources_are_streamed_not_downloaded(
+    s3_bucket: str, tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.storage as storage
+
+    local = os.path.join(tmp_path, "remote.mp4")
+    cuts = synth_video(local, width=192, height=108, fps=24, shots=[30, 40, 30], seed=4)
+    uri = f"{s3_bucket}/videos/remote.mp4"
+    storage.storage_for(uri).upload(local, uri)
+    size = os.path.getsize(local)
+    readers: list[Any] = []
+    real_open = storage.S3Storage.open
+
+    def small_read_ahead(self: Any, u: str) -> Any:
+        # A read-ahead far below the file size, so reading it takes many ranged GETs.
+        reader = storage.S3RangeReader(self, u, read_ahead=16 << 10)
+        readers.append(reader)
+        return reader
+
+    monkeypatch.setattr(storage.S3Storage, "open", small_read_ahead)
+    private_tmp = os.path.join(tmp_path, "tmp")
+    os.makedirs(private_tmp)
+    monkeypatch.setattr(tempfile, "tempdir", private_tmp)
+    rows = run_stages([uri])
+    assert real_open is not None and size > 4 * (16 << 10)
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 30), (30, 70), (70, 100)]
+    assert cuts == [30, 70] and all(r["source"] == uri for r in rows)
+    assert len(readers) == 2  # probe, then split's single decode pass
+    probe_reader, split_reader = readers
+    print(
+        "\nS3 bytes fetched / object size: probe",
+        probe_reader.bytes_fetched / size,
+        "split",
+        split_reader.bytes_fetched / size,
+    )
+    # The probe reads the header, one frame and the first packets (here: the whole
+    # short file, plus the index at its end).
+    assert probe_reader.bytes_fetched <= 1.5 * size
+    # One decode pass reads the object about once, not a multiple of it.
+    assert size <= split_reader.bytes_fetched <= 1.25 * size + (64 << 10)
+    assert os.listdir(private_tmp) == []
