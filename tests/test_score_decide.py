@@ -18,26 +18,49 @@ import pytest
 import torch
 
 from pipeline.stages.aesthetic import AestheticConfig, AestheticHead, AestheticScorer, load_head
+from pipeline.stages.agreement import Agreement, AgreementConfig
 from pipeline.stages.base import rows_to_batch
 from pipeline.stages.decide import DEFAULT_THRESHOLDS, Decide, DecideConfig, decide
+from pipeline.stages.dedup import Dedup
 from pipeline.stages.score import (
     CHEAP_SIGNALS,
     Score,
     ScoreConfig,
+    black_frame_fraction,
+    blank_frame_fraction,
     bright_fraction,
     dark_fraction,
     exposure,
+    flow_stats,
+    frame_count,
+    frame_hash,
+    hamming,
     motion,
     resize_to_width,
     sample_indices,
+    score_clip,
     score_frames,
     sharpness,
+    text_coverage,
+    text_mask,
 )
 from pipeline.tiny_clip import TINY_CLIP_NAME, TinyClipPaths, build_tiny_clip
 from pipeline.video import decode_mp4, encode_mp4
 from schemas import CLIP_STATUSES, SCORE_NAMES, STREAM_COLUMNS, score_column
 
 T, H, W = 8, 64, 96
+# scores of a clip that passes every default threshold
+GOOD = {
+    "sharpness": 300.0,
+    "exposure": 0.5,
+    "dark_fraction": 0.0,
+    "bright_fraction": 0.0,
+    "motion": 0.05,
+    "still_fraction": 0.0,
+    "black_frame_fraction": 0.0,
+    "blank_frame_fraction": 0.0,
+    "text_coverage": 0.0,
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -191,10 +214,10 @@ def stage_batch(payloads: list[bytes | None], clip_ids: list[str | None]) -> dic
 
 
 def test_stage_columns_are_in_schema() -> None:
-    for stage in (Score, AestheticScorer, Decide):
+    for stage in (Score, AestheticScorer, Decide, Agreement, Dedup):
         assert set(stage.reads) <= set(STREAM_COLUMNS), stage
         assert set(stage.writes) <= set(STREAM_COLUMNS), stage
-    assert set(CHEAP_SIGNALS) | {"aesthetic"} == set(SCORE_NAMES)
+    assert set(CHEAP_SIGNALS) | {"aesthetic", "agreement"} == set(SCORE_NAMES)
 
 
 def test_score_stage_bad_rows_stay_alone() -> None:
@@ -232,15 +255,21 @@ def test_decide_lists_every_failure_in_threshold_order() -> None:
         "dark_fraction": 0.0,
         "bright_fraction": 0.95,
         "motion": 0.0,
+        "still_fraction": 1.0,
+        "black_frame_fraction": 0.0,
+        "blank_frame_fraction": 1.0,
+        "text_coverage": 0.5,
     }
     assert decide(scores, thresholds) == [
         "sharpness<20",
         "exposure>0.95",
         "bright_fraction>0.9",
         "motion<0.002",
+        "still_fraction>0.9",
+        "blank_frame_fraction>0.5",
+        "text_coverage>0.15",
     ]
-    ok = {"sharpness": 500.0, "exposure": 0.5, "dark_fraction": 0.1, "bright_fraction": 0.0}
-    assert decide({**ok, "motion": 0.05}, thresholds) == []
+    assert decide({**GOOD, "motion": 0.05}, thresholds) == []
 
 
 def test_decide_bounds_are_inclusive() -> None:
@@ -281,7 +310,7 @@ def test_decide_config_validates_and_roundtrips_json() -> None:
 
 def test_decide_stage() -> None:
     nan = math.nan
-    good = {"sharpness": 300.0, "exposure": 0.5, "dark_fraction": 0.0, "bright_fraction": 0.0}
+    good = {k: v for k, v in GOOD.items() if k != "motion"}
     rows: list[dict[str, Any]] = [
         {"clip_id": "keep", **good, "motion": 0.05, "aesthetic": 6.0},
         {"clip_id": "still", **good, "motion": 0.0, "aesthetic": 6.0},
@@ -330,13 +359,16 @@ def test_score_then_decide_on_real_clips() -> None:
     batch = stage_batch([encode_mp4(c, fps=8.0) for c in clips], ["pan", "still", "soft", "black"])
     out = Decide()(Score()(batch))
     assert out["status"].tolist() == ["kept", "rejected", "rejected", "rejected"]
-    assert out["reasons"][1] == ["motion<0.002"]
+    assert out["reasons"][1] == ["motion<0.002", "still_fraction>0.9"]
     assert out["reasons"][2] == ["sharpness<20"]
     assert out["reasons"][3] == [
         "sharpness<20",
         "exposure<0.05",
         "dark_fraction>0.9",
         "motion<0.002",
+        "still_fraction>0.9",
+        "black_frame_fraction>0.5",
+        "blank_frame_fraction>0.5",
     ]
 
 
@@ -394,9 +426,9 @@ def test_tiny_clip_loads_through_user_loaders(tiny: TinyClipPaths, tmp_path: Pat
         load_head(tmp_path / "narrow.pth", 32)
 
 
-def test_aesthetic_refuses_without_head() -> None:
+def test_aesthetic_refuses_with_nothing_to_do() -> None:
     with pytest.raises(ValueError, match="LAION"):
-        AestheticScorer(AestheticConfig(head=None))
+        AestheticScorer(AestheticConfig(head=None, embeddings=False))
 
 
 def test_aesthetic_scorer_end_to_end(tiny: TinyClipPaths) -> None:
@@ -451,3 +483,224 @@ def test_aesthetic_in_a_fresh_process(tiny: TinyClipPaths) -> None:
     assert done.returncode == 0, done.stderr
     assert math.isfinite(float(done.stdout.strip().splitlines()[-1]))
     assert tiny["clip_model"] == TINY_CLIP_NAME
+
+
+# --- new signals: flow, still / slideshow, black and blank frames, text, frame hash --------
+
+
+def smooth_frame(seed: int = 0, h: int = H, w: int = W) -> np.ndarray:
+    """Natural-looking content: low-frequency colour blobs (no text-like edges)."""
+    small = np.random.default_rng(seed).integers(0, 256, (6, 8, 3)).astype(np.float32)
+    return np.clip(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC), 0, 255).astype(
+        np.uint8
+    )
+
+
+def pan_clip(step: int, frames: int = T, h: int = H, w: int = W, seed: int = 0) -> np.ndarray:
+    base = noise_frame(seed) if (h, w) == (H, W) else cv2.resize(noise_frame(seed), (w, h))
+    return np.stack([np.roll(base, step * i, axis=1) for i in range(frames)])
+
+
+def with_text(frames: np.ndarray, lines: list[tuple[str, int]], scale: float = 0.45) -> np.ndarray:
+    out = frames.copy()
+    for f in out:
+        for text, y in lines:
+            cv2.putText(f, text, (6, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("total", "fps", "num", "per_s", "cap", "expected"),
+    [(48, 24.0, 8, 0.0, 32, 8), (48, 24.0, 8, 2.0, 32, 4), (240, 24.0, 8, 2.0, 5, 5),
+     (5, 24.0, 8, 2.0, 32, 1), (48, 0.0, 8, 2.0, 32, 8)],
+)  # fmt: skip
+def test_frame_count_by_number_or_rate(
+    total: int, fps: float, num: int, per_s: float, cap: int, expected: int
+) -> None:
+    assert frame_count(total, fps, num, per_s, cap) == expected
+
+
+def test_flow_measures_motion_in_frame_diagonals_per_second() -> None:
+    # 4 px per frame at 96x64 (no downscale below 128 px) and 8 fps
+    expected = 4 / math.hypot(W, H) * 8.0
+    flow, still = flow_stats(roundtrip(pan_clip(4)), fps=8.0)
+    assert flow == pytest.approx(expected, rel=0.15) and still == 0.0
+    # the same motion at twice the resolution is the same share of the frame
+    big, _ = flow_stats(roundtrip(pan_clip(8, h=2 * H, w=2 * W)), fps=8.0, width=128)
+    assert big == pytest.approx(flow, rel=0.2)
+    # and per second: twice the frame rate, twice the flow
+    assert flow_stats(roundtrip(pan_clip(4)), fps=16.0)[0] == pytest.approx(2 * flow, rel=0.01)
+    assert flow_stats(roundtrip(static_clip()), fps=8.0) == (0.0, 1.0)
+    assert flow_stats(static_clip()[:1], fps=8.0) == (0.0, 1.0)
+
+
+def test_slideshow_is_caught_by_still_fraction_not_by_motion() -> None:
+    # three stills, cut hard: sampled frames differ a lot, consecutive frames barely
+    slides = np.concatenate([np.repeat(smooth_frame(s)[None], 10, axis=0) for s in range(3)])
+    values, _ = score_clip(roundtrip(slides), 8.0, ScoreConfig(flow_pairs=6))
+    assert values["motion"] > 0.02  # passes the motion threshold...
+    assert values["still_fraction"] >= 4 / 6  # ...but most frame pairs do not move
+    pan, _ = score_clip(roundtrip(pan_clip(2)), 8.0)
+    assert pan["still_fraction"] == 0.0 and pan["flow"] > 0.05
+    out = Decide(DecideConfig(thresholds={"motion": (0.002, None), "still_fraction": (None, 0.6)}))(
+        rows_to_batch([{"clip_id": "slides", **{score_column(k): v for k, v in values.items()}}])
+    )
+    assert out["reasons"][0] == ["still_fraction>0.6"]
+
+
+def test_black_and_blank_frames() -> None:
+    clip = np.concatenate([flat_clip(5)[:4], moving_clip()[:4]])  # half near-black
+    assert black_frame_fraction(clip) == 0.5 and blank_frame_fraction(clip) == 0.5
+    red = np.zeros((4, H, W, 3), np.uint8)
+    red[..., 0] = 200
+    assert black_frame_fraction(red) == 0.0 and blank_frame_fraction(red) == 1.0
+    # a dark but textured frame is not black; a black frame with a small logo still is
+    dim = (noise_frame()[None] // 8).astype(np.uint8)  # luma 0..31, mostly above 25
+    assert black_frame_fraction(dim) == 0.0
+    logo = flat_clip(0)[:1].copy()
+    logo[0, :4, :8] = 255  # 0.5% of the pixels
+    assert black_frame_fraction(logo) == 1.0 and blank_frame_fraction(logo) == 0.0
+    s = score_frames(roundtrip(np.concatenate([flat_clip(0), moving_clip()])))
+    assert s["black_frame_fraction"] == 0.5 and s["blank_frame_fraction"] == 0.5
+
+
+def test_text_coverage_with_and_without_burned_in_text() -> None:
+    h, w = 216, 384
+    scene = np.stack([smooth_frame(i % 3, h, w) for i in range(T)])
+    subtitles = with_text(scene, [("Where are we going tonight?", 200)], scale=0.6)
+    slide = with_text(
+        np.full((T, h, w, 3), 40, np.uint8),
+        [(f"Quarterly results line {k}: up 12%", 20 + 24 * k) for k in range(8)],
+    )
+    plain = [text_coverage(roundtrip(c)) for c in (scene, moving_clip(), checkerboard_clip())]
+    assert max(plain) < 0.01, plain
+    sub = text_coverage(roundtrip(subtitles))
+    assert 0.02 < sub < 0.15  # one line: present, below the default slide threshold
+    full = text_coverage(roundtrip(slide))
+    assert full > 0.2
+    mask = text_mask(cv2.cvtColor(roundtrip(subtitles)[0], cv2.COLOR_RGB2GRAY))
+    rows = np.flatnonzero(mask.any(axis=1))
+    assert rows.min() > 170  # the boxes sit on the subtitle line, nowhere else
+    default_max = dict(DEFAULT_THRESHOLDS)["text_coverage"][1]
+    assert default_max is not None and sub < default_max < full
+
+
+def test_frame_hash_exact_copies_match_different_clips_do_not() -> None:
+    clip = moving_clip(3)
+    h0 = frame_hash(roundtrip(clip))
+    rescaled = np.stack([cv2.resize(f, (2 * W, 2 * H)) for f in clip])
+    copies = [
+        frame_hash(decode_mp4(encode_mp4(clip, 8.0, crf=30))[0]),
+        frame_hash(roundtrip(rescaled)),
+    ]
+    assert all(hamming(h0, c) <= 4 for c in copies), [hamming(h0, c) for c in copies]
+    others = [frame_hash(roundtrip(c)) for c in (moving_clip(4), static_clip(3), pan_clip(2))]
+    assert all(hamming(h0, o) > 12 for o in others), [hamming(h0, o) for o in others]
+    assert len(h0) == 16 and int(h0, 16) == dhash_of_mean(roundtrip(clip))
+
+
+def dhash_of_mean(frames: np.ndarray) -> int:
+    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).mean(axis=0)
+    small = cv2.resize(gray.astype(np.float32), (9, 8), interpolation=cv2.INTER_AREA)
+    return int("".join("1" if b else "0" for b in (small[:, :-1] > small[:, 1:]).ravel()), 2)
+
+
+def test_score_stage_writes_every_cheap_signal_and_the_hash() -> None:
+    batch = stage_batch(
+        [encode_mp4(moving_clip(), 8.0), encode_mp4(static_clip(), 8.0), b"junk"],
+        ["pan", "still", "bad"],
+    )
+    out = Score(ScoreConfig(frames_per_second=2.0, max_frames=3))(batch)
+    for name in CHEAP_SIGNALS:
+        assert np.isfinite(out[score_column(name)][:2]).all(), name
+        assert np.isnan(out[score_column(name)][2]), name
+    assert out[score_column("still_fraction")].tolist()[:2] == [0.0, 1.0]
+    assert [len(h) for h in out["frame_hash"][:2]] == [16, 16] and out["frame_hash"][2] is None
+
+
+# --- decide: late signals and duplicates ---------------------------------------------------
+
+
+def test_decide_agreement_is_pending_without_caption() -> None:
+    cfg = DecideConfig(thresholds={"agreement": (0.2, None)})
+    rows = [
+        {"clip_id": "uncaptioned", "caption": None, score_column("agreement"): math.nan},
+        {"clip_id": "empty", "caption": "", score_column("agreement"): math.nan},
+        {"clip_id": "unscored", "caption": "a dog", score_column("agreement"): math.nan},
+        {"clip_id": "off", "caption": "a dog", score_column("agreement"): 0.1},
+        {"clip_id": "on", "caption": "a dog", score_column("agreement"): 0.3},
+    ]
+    out = Decide(cfg)(rows_to_batch(rows))
+    assert out["reasons"].tolist() == [[], [], ["agreement:missing"], ["agreement<0.2"], []]
+    assert decide({}, {"agreement": (0.2, None)}, pending=["agreement"]) == []
+
+
+def test_decide_rejects_marked_duplicates_unless_told_not_to() -> None:
+    rows = [
+        {"clip_id": "a", **{score_column(k): v for k, v in GOOD.items()}, "dup_of": None},
+        {"clip_id": "b", **{score_column(k): v for k, v in GOOD.items()}, "dup_of": "a"},
+    ]
+    out = Decide()(rows_to_batch(rows))
+    assert out["status"].tolist() == ["kept", "rejected"]
+    assert out["reasons"][1] == ["duplicate"]
+    assert Decide(DecideConfig(reject_duplicates=False))(rows_to_batch(rows))["reasons"][1] == []
+
+
+# --- CLIP embeddings and clip-caption agreement on the tiny random CLIP --------------------
+
+
+def test_aesthetic_writes_unit_clip_embeddings_with_or_without_head(tiny: TinyClipPaths) -> None:
+    batch = stage_batch(
+        [encode_mp4(moving_clip(1), 8.0), encode_mp4(moving_clip(1), 8.0), None],
+        ["a", "copy", "broken"],
+    )
+    with_head = AestheticScorer(AestheticConfig(**tiny, num_frames=2, device="cpu"))(batch)
+    no_head = AestheticScorer(
+        AestheticConfig(**{**tiny, "head": None}, frames_per_second=2.0, device="cpu")
+    )(batch)
+    emb = np.asarray(with_head["clip_embedding"][0], dtype=np.float32)
+    assert emb.shape == (32,) and np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(with_head["clip_embedding"][1], emb, atol=1e-5)
+    # one (N, D) array (a tensor column on Ray), all-NaN where there is no embedding
+    assert with_head["clip_embedding"].shape == (3, 32)
+    assert np.isnan(with_head["clip_embedding"][2]).all() and with_head["status"][2] == "error"
+    # no head: embeddings still written, the aesthetic score is NaN, never invented
+    assert np.isnan(no_head[score_column("aesthetic")]).all()
+    assert np.isfinite(with_head[score_column("aesthetic")][:2]).all()
+    assert np.asarray(no_head["clip_embedding"][0]).shape == (32,)
+
+
+def test_agreement_reuses_stored_embeddings_and_skips_uncaptioned(
+    tiny: TinyClipPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip_cfg = {k: tiny[k] for k in ("clip_model", "clip_pretrained", "clip_config")}  # type: ignore[literal-required]
+    payload = encode_mp4(moving_clip(2), 8.0)
+    embedded = AestheticScorer(AestheticConfig(**tiny, num_frames=3, device="cpu"))(
+        stage_batch([payload], ["c"])
+    )["clip_embedding"][0]
+    rows = [
+        {"clip_id": "stored", "caption": "a red ball", "clip_embedding": embedded,
+         "clip_bytes": payload},
+        {"clip_id": "decoded", "caption": "a red ball", "clip_embedding": None,
+         "clip_bytes": payload},
+        {"clip_id": "other", "caption": "an old man reading", "clip_embedding": embedded,
+         "clip_bytes": None},
+        {"clip_id": "rejected", "caption": None, "clip_embedding": embedded, "clip_bytes": None},
+        {"clip_id": "bad", "caption": "x", "clip_embedding": None, "clip_bytes": b"junk"},
+    ]  # fmt: skip
+    stage = Agreement(AgreementConfig(**clip_cfg, num_frames=3, device="cpu"))
+    out = stage(rows_to_batch(rows))
+    score = out[score_column("agreement")]
+    assert np.isfinite(score[:3]).all() and (np.abs(score[:3]) <= 1.0).all()
+    assert score[0] == pytest.approx(score[1], abs=1e-4)  # stored == recomputed
+    assert score[0] != pytest.approx(score[2], abs=1e-4)  # another caption, another score
+    assert np.isnan(score[3]) and out["status"][3] is None  # pending, not an error
+    assert out["status"][4] == "error" and "bad" in out["error"][4]
+
+    # a stored embedding means no decode at all
+    def no_decode(*_: Any, **__: Any) -> Any:
+        raise AssertionError("decoded although an embedding was stored")
+
+    monkeypatch.setattr("pipeline.stages.agreement.decode_mp4", no_decode)
+    again = stage(rows_to_batch(rows[:1] + rows[2:4]))[score_column("agreement")]
+    np.testing.assert_allclose(again[:2], score[[0, 2]], rtol=1e-5)

@@ -10,7 +10,16 @@ Threshold semantics: a signal with bounds ``(lo, hi)`` passes when
 below ``lo`` gives the reason ``"<name><<lo>"``, above ``hi`` ``"<name>><hi>"``
 (numbers in ``%g`` form, e.g. ``"motion<0.002"``, ``"exposure>0.95"``). A NaN or
 absent score for a thresholded signal gives ``"<name>:missing"``: a clip is never
-kept on a signal nobody measured. Reasons come in threshold order, duration last.
+kept on a signal nobody measured. Reasons come in threshold order, then duration,
+then ``"duplicate"`` (the row has ``dup_of`` set, see ``pipeline.stages.dedup``).
+
+Late signals (``LATE_SIGNALS``) need something that only exists after the decision:
+``agreement`` needs the caption, and only kept clips are captioned. Their thresholds
+apply only to rows that have that input; without it the signal is *pending*, not
+missing. So one config serves every step: the first ``Decide`` (before captioning)
+skips agreement, a second one after ``pipeline.stages.agreement`` applies it, and
+``reelpack refilter`` keeps a newly passing, not yet captioned clip (the next build
+captions it, scores agreement and decides again).
 
 Example::
 
@@ -25,17 +34,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
+
 from pipeline.stages.base import Batch, num_rows
 from pipeline.stages.score import float_column, object_column, passes_through, require_columns
 from schemas import SCORE_NAMES, score_column
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "DUPLICATE_REASON",
+    "LATE_SIGNALS",
     "Bounds",
     "Decide",
     "DecideConfig",
     "decide",
     "duration_reasons",
+    "list_cells",
 ]
 
 Bounds = tuple[float | None, float | None]  # (min or None, max or None), both inclusive
@@ -49,20 +63,38 @@ DEFAULT_THRESHOLDS: tuple[tuple[str, Bounds], ...] = (
     ("bright_fraction", (None, 0.9)),
     # a still H.264 clip scores exactly 0; slow real footage ~0.01
     ("motion", (0.002, None)),
+    # every sampled frame pair without optical flow: a still image or a slideshow
+    ("still_fraction", (None, 0.9)),
+    ("black_frame_fraction", (None, 0.5)),  # mostly black frames (fades, dead air)
+    ("blank_frame_fraction", (None, 0.5)),  # mostly uniform frames (colour cards)
+    # slides and text-heavy frames; burned-in subtitles alone score ~0.05..0.1
+    ("text_coverage", (None, 0.15)),
 )
+
+# signal -> the column it needs; without that input the signal is pending, not missing
+LATE_SIGNALS: dict[str, str] = {"agreement": "caption"}
+DUPLICATE_REASON = "duplicate"
 
 
 def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def decide(scores: Mapping[str, float], thresholds: Mapping[str, Bounds]) -> list[str]:
+def decide(
+    scores: Mapping[str, float],
+    thresholds: Mapping[str, Bounds],
+    pending: Iterable[str] = (),
+) -> list[str]:
     """Every threshold ``scores`` fails, as readable stable strings (empty: keep).
 
-    A signal absent from ``scores`` or NaN fails with ``"<name>:missing"``.
+    A signal absent from ``scores`` or NaN fails with ``"<name>:missing"``, unless it
+    is in ``pending`` (not measurable yet): then its threshold is skipped.
     """
     reasons: list[str] = []
+    skip = set(pending)
     for name, (lo, hi) in thresholds.items():
+        if name in skip:
+            continue
         value = scores.get(name)
         if value is None or math.isnan(value):
             reasons.append(f"{name}:missing")
@@ -82,6 +114,19 @@ def duration_reasons(duration_s: float, min_duration_s: float) -> list[str]:
     if math.isnan(duration_s):
         return ["duration_s:missing"]
     return [f"duration_s<{_fmt(min_duration_s)}"] if duration_s < min_duration_s else []
+
+
+def list_cells(column: np.ndarray) -> np.ndarray:
+    """An object column of list cells with every cell a plain Python list (or None).
+
+    On Ray, a list<string> column arrives as numpy arrays per cell; returned as they
+    are, Ray stores them as pickled objects, and blocks with plain lists (list<string>)
+    then fail to concatenate with them. Plain lists keep one Arrow type everywhere.
+    """
+    out = np.empty(len(column), dtype=object)
+    for i, value in enumerate(column):
+        out[i] = None if value is None else [str(v) for v in value]
+    return out
 
 
 def _normalise(thresholds: Iterable[Any] | Mapping[str, Any]) -> tuple[tuple[str, Bounds], ...]:
@@ -112,6 +157,7 @@ class DecideConfig:
     # stored as the tuple form, so a config stays hashable and JSON round-trips
     thresholds: tuple[tuple[str, Bounds], ...] | Mapping[str, Bounds] = DEFAULT_THRESHOLDS
     min_duration_s: float = 0.0  # split already enforces its minimum; raise to retune
+    reject_duplicates: bool = True  # a row with dup_of set is rejected ("duplicate")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "thresholds", _normalise(self.thresholds))
@@ -134,6 +180,8 @@ class Decide:
         "reasons",
         "start_s",
         "end_s",
+        "dup_of",
+        *LATE_SIGNALS.values(),
         *(score_column(n) for n in SCORE_NAMES),
     )
     writes: tuple[str, ...] = ("status", "reasons")
@@ -149,11 +197,18 @@ class Decide:
         duration = float_column(batch, "end_s") - float_column(batch, "start_s")
         status = object_column(batch, "status")
         reasons = object_column(batch, "reasons")
+        dup_of = object_column(batch, "dup_of")
+        late_inputs = {name: object_column(batch, col) for name, col in LATE_SIGNALS.items()}
         for i in range(n):
             if passes_through(batch["clip_id"][i], status[i]):
                 continue
-            row_reasons = decide({k: float(v[i]) for k, v in scores.items()}, self._thresholds)
+            pending = [name for name, col in late_inputs.items() if not col[i]]
+            row_reasons = decide(
+                {k: float(v[i]) for k, v in scores.items()}, self._thresholds, pending
+            )
             row_reasons += duration_reasons(float(duration[i]), self.cfg.min_duration_s)
+            if self.cfg.reject_duplicates and isinstance(dup_of[i], str) and dup_of[i]:
+                row_reasons.append(DUPLICATE_REASON)
             status[i] = "rejected" if row_reasons else "kept"
             reasons[i] = row_reasons
-        return {**batch, "status": status, "reasons": reasons}
+        return {**batch, "status": status, "reasons": list_cells(reasons)}

@@ -1,9 +1,10 @@
-"""Cheap per-clip quality signals: sharpness, exposure, clipping and motion.
+"""Cheap per-clip quality signals: sharpness, exposure, motion, black frames, text.
 
-1:1 stage, one clip in, the same clip out with ``score_<name>`` columns added.
-No models: a few OpenCV / numpy reductions over a handful of frames sampled
-evenly from the clip's payload (``clip_bytes``), downscaled to a fixed analysis
-width so that the numbers are comparable across source resolutions.
+1:1 stage, one clip in, the same clip out with ``score_<name>`` columns and a
+perceptual ``frame_hash`` added. No models: OpenCV / numpy reductions over frames
+sampled from the clip's payload (``clip_bytes``, decoded once here; the source is
+never reopened), downscaled to fixed analysis widths so that the numbers are
+comparable across source resolutions.
 
 Scores are always written, kept or not; the keep / reject decision is
 ``pipeline.stages.decide``, so thresholds can be retuned without re-scoring.
@@ -15,6 +16,26 @@ All signals are computed on BT.601 luma (``cv2.COLOR_RGB2GRAY``) in 0..255:
 - ``motion``: mean absolute luma difference between consecutive *sampled* frames, in
   [0, 1]; samples are spread over the whole clip, so this measures change across
   the clip rather than per frame; 0 for a one-frame clip.
+- ``flow``: dense optical flow (OpenCV DIS, ultrafast preset) between *consecutive*
+  frames at a few positions of the clip, at ``flow_width``: mean flow magnitude in
+  frame diagonals per second (resolution- and frame-rate-free; a slow pan ~0.05,
+  walking ~0.3). DIS over Farneback: ~8x cheaper here at the same accuracy on pans.
+- ``still_fraction``: share of those frame pairs whose flow is below ``still_flow``:
+  1.0 for a still image, high with a few jumps for a slideshow. This is the
+  static/slideshow flag, kept as a number so its cut-off stays retunable.
+- ``black_frame_fraction``: share of sampled frames that are black, by FFmpeg
+  ``blackdetect``'s defaults: >= 98% of pixels at luma <= 10% of full scale.
+- ``blank_frame_fraction``: share of sampled frames whose luma standard deviation is
+  below 4 / 255: uniform frames of any colour (black, white, a colour card).
+- ``text_coverage``: share of the frame covered by overlaid text, mean over a few
+  frames, from :func:`text_mask` (a cheap edge-based proxy, see there for why).
+
+``frame_hash`` is a 64-bit difference hash (dHash) of the mean of the sampled luma
+frames: identical or re-encoded copies of a clip get (nearly) the same hash, which
+``pipeline.stages.dedup`` uses to catch exact duplicates without any model.
+
+Frames are sampled by count (``num_frames``) or, with ``frames_per_second > 0``, by
+rate (capped by ``max_frames``).
 
 Example::
 
@@ -38,25 +59,43 @@ __all__ = [
     "CHEAP_SIGNALS",
     "Score",
     "ScoreConfig",
+    "black_frame_fraction",
+    "blank_frame_fraction",
     "bright_fraction",
     "dark_fraction",
+    "dhash",
     "exposure",
     "float_column",
+    "flow_stats",
+    "frame_count",
+    "frame_hash",
+    "hamming",
     "luma",
+    "luma_at_width",
     "motion",
     "object_column",
     "passes_through",
     "payload_bytes",
+    "pixel_signals",
     "require_columns",
     "resize_to_width",
     "sample_indices",
+    "score_clip",
     "score_frames",
     "sharpness",
+    "text_coverage",
+    "text_mask",
 ]
 
 # Luma bounds of "near black" / "near white": the limits of video (studio) range.
 DARK_LUMA = 16
 BRIGHT_LUMA = 239
+# FFmpeg blackdetect defaults: a pixel is black at <= 10% of full scale, a frame is black
+# when >= 98% of its pixels are.
+BLACK_PIXEL_LUMA = 25
+BLACK_FRAME_SHARE = 0.98
+BLANK_LUMA_STD = 4.0  # a frame with luma std below this (0..255) is blank / uniform
+TEXT_EDGE_MIN = 64  # overlaid text is high-contrast; weaker edges are mostly texture
 
 
 @dataclass(frozen=True)
@@ -64,7 +103,17 @@ class ScoreConfig:
     """How the cheap signals look at a clip."""
 
     num_frames: int = 8  # frames sampled evenly over the clip (all frames if fewer)
+    # > 0: sample this many frames per second of clip instead of num_frames (max_frames cap)
+    frames_per_second: float = 0.0
+    max_frames: int = 32
     analysis_width: int = 256  # downscale wider frames to this width first; 0 = never
+    flow_width: int = 128  # optical flow on frame pairs downscaled to this width
+    flow_pairs: int = 4  # consecutive-frame pairs spread over the clip
+    # a pair is still below this flow (frame diagonals per second; ~0.03 px/frame at
+    # 128 px wide and 24 fps); H.264 of a still image gives exactly 0
+    still_flow: float = 0.005
+    text_width: int = 384  # text needs more pixels than the other signals
+    text_frames: int = 3  # frames (of the sampled ones) searched for text
 
 
 # --- frame helpers ----------------------------------------------------------------------
@@ -92,6 +141,17 @@ def sample_indices(total: int, num: int) -> np.ndarray:
     return np.linspace(0, total - 1, num).round().astype(np.int64)
 
 
+def frame_count(
+    total: int, fps: float, num_frames: int, frames_per_second: float = 0.0, max_frames: int = 32
+) -> int:
+    """How many frames to sample from a clip of ``total`` frames at ``fps``: ``num_frames``,
+    or with ``frames_per_second > 0`` one per ``1 / frames_per_second`` seconds (at least
+    1, at most ``max_frames``; ``num_frames`` when the frame rate is unknown)."""
+    if frames_per_second <= 0 or fps <= 0:
+        return num_frames
+    return int(min(max(1, round(total / fps * frames_per_second)), max(1, max_frames)))
+
+
 def resize_to_width(frames: np.ndarray, width: int) -> np.ndarray:
     """Downscale ``frames`` (T, H, W, C) to ``width`` keeping the aspect ratio.
 
@@ -111,56 +171,261 @@ def luma(frames: np.ndarray) -> np.ndarray:
     return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
 
 
+def luma_at_width(frames: np.ndarray, width: int) -> np.ndarray:
+    """Luma (T, h, w) uint8 of RGB frames downscaled to ``width`` (never up): luma first,
+    then one channel to resize, a third of the work of resizing RGB."""
+    y = luma(frames)
+    h, w = y.shape[1:]
+    if width <= 0 or w <= width:
+        return y
+    size = (width, max(1, round(h * width / w)))
+    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in y])
+
+
 # --- signals: pure functions on uint8 RGB frames (T, H, W, 3) ----------------------------
+# Each has a core on luma (T, H, W) uint8, so score_clip converts the frames once.
+
+
+def _sharpness(y: np.ndarray) -> float:
+    return float(np.mean([cv2.Laplacian(f, cv2.CV_64F).var() for f in y]))
+
+
+def _exposure(y: np.ndarray) -> float:
+    return float(y.mean(dtype=np.float64) / 255.0)
+
+
+def _dark_fraction(y: np.ndarray) -> float:
+    return float(np.count_nonzero(y < DARK_LUMA) / y.size)
+
+
+def _bright_fraction(y: np.ndarray) -> float:
+    return float(np.count_nonzero(y > BRIGHT_LUMA) / y.size)
+
+
+def _motion(y: np.ndarray) -> float:
+    if len(y) < 2:
+        return 0.0
+    return float(np.abs(np.diff(y.astype(np.int16), axis=0)).mean(dtype=np.float64) / 255.0)
+
+
+def _black_frame_fraction(y: np.ndarray) -> float:
+    black_share = (y <= BLACK_PIXEL_LUMA).reshape(len(y), -1).mean(axis=1)
+    return float((black_share >= BLACK_FRAME_SHARE).mean())
+
+
+def _blank_frame_fraction(y: np.ndarray) -> float:
+    stds = [float(cv2.meanStdDev(f)[1][0, 0]) for f in y]
+    return float((np.asarray(stds) < BLANK_LUMA_STD).mean())
 
 
 def sharpness(frames: np.ndarray) -> float:
     """Variance of the Laplacian of luma (0..255 scale), mean over frames."""
-    y = luma(frames)
-    return float(np.mean([cv2.Laplacian(f, cv2.CV_64F).var() for f in y]))
+    return _sharpness(luma(frames))
 
 
 def exposure(frames: np.ndarray) -> float:
     """Mean luma in [0, 1]."""
-    return float(luma(frames).mean(dtype=np.float64) / 255.0)
+    return _exposure(luma(frames))
 
 
 def dark_fraction(frames: np.ndarray) -> float:
     """Share of pixels with luma < 16/255 (near black)."""
-    return float((luma(frames) < DARK_LUMA).mean())
+    return _dark_fraction(luma(frames))
 
 
 def bright_fraction(frames: np.ndarray) -> float:
     """Share of pixels with luma > 239/255 (near white)."""
-    return float((luma(frames) > BRIGHT_LUMA).mean())
+    return _bright_fraction(luma(frames))
 
 
 def motion(frames: np.ndarray) -> float:
     """Mean absolute luma difference between consecutive frames, in [0, 1]; 0 for one frame."""
-    y = luma(frames).astype(np.int16)
-    if len(y) < 2:
-        return 0.0
-    return float(np.abs(np.diff(y, axis=0)).mean(dtype=np.float64) / 255.0)
+    return _motion(luma(frames))
 
 
-_SIGNAL_FUNCS: dict[str, Callable[[np.ndarray], float]] = {
-    "sharpness": sharpness,
-    "exposure": exposure,
-    "dark_fraction": dark_fraction,
-    "bright_fraction": bright_fraction,
-    "motion": motion,
+def black_frame_fraction(frames: np.ndarray) -> float:
+    """Share of frames that are black: >= 98% of pixels at luma <= 25 (FFmpeg blackdetect)."""
+    return _black_frame_fraction(luma(frames))
+
+
+def blank_frame_fraction(frames: np.ndarray) -> float:
+    """Share of frames of (nearly) uniform luma: standard deviation < 4 / 255."""
+    return _blank_frame_fraction(luma(frames))
+
+
+def flow_stats(
+    frames: np.ndarray, fps: float, pairs: int = 4, width: int = 128, still_flow: float = 0.005
+) -> tuple[float, float]:
+    """``(flow, still_fraction)`` of a clip's frames (T, H, W, 3), all of them in order.
+
+    ``pairs`` consecutive-frame pairs ``(t, t + 1)`` spread evenly over the clip, each
+    downscaled to ``width``; per pair the mean magnitude of the DIS optical flow, divided
+    by the frame diagonal (pixels at ``width``) and multiplied by ``fps``. ``flow`` is the
+    mean over pairs in frame diagonals per second; ``still_fraction`` the share of pairs
+    below ``still_flow``. A one-frame clip is still: ``(0.0, 1.0)``. With an unknown frame
+    rate (``fps <= 0``) the flow is per frame instead.
+    """
+    _check_frames(frames)
+    if len(frames) < 2:
+        return 0.0, 1.0
+    starts = sample_indices(len(frames) - 1, pairs)
+    needed = np.unique(np.concatenate([starts, starts + 1]))  # decode-order frame numbers
+    y = luma_at_width(frames[needed], width)
+    position = {int(t): i for i, t in enumerate(needed)}
+    h, w = y.shape[1:]
+    per_second = fps if fps > 0 else 1.0
+    # ULTRAFAST preset: multi-scale patch search, ~0.2 ms per 128 px pair; one object per
+    # call keeps the function thread-safe
+    dis = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
+    values = []
+    for t in starts:
+        a, b = y[position[int(t)]], y[position[int(t) + 1]]
+        if np.array_equal(a, b):
+            values.append(0.0)  # identical frames: no flow, and DIS need not run
+            continue
+        field = np.asarray(dis.calc(a, b, None))  # type: ignore[call-overload]  # (h, w, 2) px
+        magnitude = float(np.sqrt((field.astype(np.float64) ** 2).sum(axis=-1)).mean())
+        values.append(magnitude / float(np.hypot(h, w)) * per_second)
+    arr = np.asarray(values)
+    return float(arr.mean()), float((arr < still_flow).mean())
+
+
+_ELLIPSE3 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+
+
+def text_mask(gray: np.ndarray) -> np.ndarray:
+    """Boolean mask (H, W) of the boxes of text-like regions in one luma frame (H, W) uint8.
+
+    A documented cheap proxy, not an OCR detector. Why: the score stage's budget is a
+    fraction of the clip's decode (``benchmarks/score_bench.py``: all cheap signals
+    together ~0.2x), which a neural text detector (DBNet-style, e.g. the ONNX models
+    that ``rapidocr-onnxruntime`` bundles in its wheel) cannot meet on a CPU, and it
+    would add onnxruntime and model files to every install; none is installed here,
+    so none is offered as an option either. Overlaid text (subtitles, watermarks,
+    slides) is high-contrast, horizontal and dense in strokes, which edge statistics
+    capture at ~1 ms per frame. Steps (the morphological-gradient text localisation
+    known from OpenCV practice):
+
+    1. morphological gradient (3x3 ellipse), kept where strong (Otsu and >= 64 / 255:
+       fine film grain or noise textures stay below, text outlines do not);
+    2. horizontal closing (width / 40) joins the strokes of a word or line into blobs;
+    3. a blob is text when its box is 2..20% of the frame tall, at least 1.5x wider than
+       tall, at least 20% filled with edges, and has >= 1 rising stroke edge per row per
+       box height of width (letters; a lone edge or stripe has far fewer);
+    4. the mask is the union of those boxes.
+
+    Natural texture (foliage, water, noise) joins into blobs too tall or too sparse in
+    strokes; long straight edges fail the stroke density. Small text (< 4 px tall at the
+    analysis width) is missed, and dense regular patterns (fences, tiled text-like
+    facades) can pass: treat the score as "how much of the frame looks like text".
+    """
+    h, w = gray.shape
+    grad = cv2.morphologyEx(gray, cv2.MORPH_GRADIENT, _ELLIPSE3)
+    _, edges = cv2.threshold(grad, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    edges[grad < TEXT_EDGE_MIN] = 0
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (max(3, w // 40), 1))
+    closed = cv2.morphologyEx(edges, cv2.MORPH_CLOSE, kernel)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(closed, connectivity=8)
+    mask = np.zeros((h, w), dtype=bool)
+    min_h, max_h = max(4, round(0.02 * h)), 0.2 * h
+    for x, y, bw, bh, _area in stats[1:count]:
+        if bh < min_h or bh > max_h or bw < 1.5 * bh:
+            continue
+        box = edges[y : y + bh, x : x + bw] > 0
+        rising = np.count_nonzero(box[:, 1:] & ~box[:, :-1]) / bh  # stroke edges per row
+        if box.mean() < 0.2 or rising / (bw / bh) < 1.0:
+            continue
+        mask[y : y + bh, x : x + bw] = True
+    return mask
+
+
+def text_coverage(frames: np.ndarray) -> float:
+    """Share of the frame area inside :func:`text_mask` boxes, mean over frames."""
+    return _text_coverage(luma(frames))
+
+
+def _text_coverage(y: np.ndarray) -> float:
+    return float(np.mean([np.count_nonzero(text_mask(f)) / f.size for f in y]))
+
+
+def dhash(gray: np.ndarray) -> int:
+    """64-bit difference hash of one luma image (H, W): 9x8 area-downscale, one bit per
+    horizontally adjacent pair (left brighter than right), row-major, MSB first."""
+    small = cv2.resize(gray, (9, 8), interpolation=cv2.INTER_AREA).astype(np.float32)
+    bits = (small[:, :-1] > small[:, 1:]).ravel()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def frame_hash(frames: np.ndarray) -> str:
+    """:func:`dhash` of the mean luma of ``frames``, as 16 hex digits. The temporal mean
+    makes one hash describe the whole clip and shrugs off re-encoding noise."""
+    return _frame_hash(luma(frames))
+
+
+def _frame_hash(y: np.ndarray) -> str:
+    return f"{dhash(y.mean(axis=0, dtype=np.float64).astype(np.float32)):016x}"
+
+
+def hamming(a: str | int, b: str | int) -> int:
+    """Bits in which two 64-bit hashes (ints or hex strings) differ."""
+    x = int(a, 16) if isinstance(a, str) else a
+    y = int(b, 16) if isinstance(b, str) else b
+    return (x ^ y).bit_count()
+
+
+_LUMA_SIGNALS: dict[str, Callable[[np.ndarray], float]] = {
+    "sharpness": _sharpness,
+    "exposure": _exposure,
+    "dark_fraction": _dark_fraction,
+    "bright_fraction": _bright_fraction,
+    "motion": _motion,
+    "black_frame_fraction": _black_frame_fraction,
+    "blank_frame_fraction": _blank_frame_fraction,
 }
-CHEAP_SIGNALS: tuple[str, ...] = tuple(_SIGNAL_FUNCS)
+CHEAP_SIGNALS: tuple[str, ...] = (*_LUMA_SIGNALS, "flow", "still_fraction", "text_coverage")
 assert set(CHEAP_SIGNALS) <= set(SCORE_NAMES), "every signal needs a column in schemas"
 
 
+def pixel_signals(frames: np.ndarray) -> dict[str, float]:
+    """The per-pixel statistics (sharpness, exposure, dark / bright, motion, black /
+    blank frames) of frames (T, H, W, 3) uint8 RGB, as given (no sampling, no resize)."""
+    y = luma(frames)
+    return {name: fn(y) for name, fn in _LUMA_SIGNALS.items()}
+
+
+def _sampled_signals(picked: np.ndarray, cfg: ScoreConfig) -> tuple[dict[str, float], str]:
+    """Pixel statistics, text coverage and frame hash of the sampled frames."""
+    y = luma_at_width(picked, cfg.analysis_width)
+    out = {name: fn(y) for name, fn in _LUMA_SIGNALS.items()}
+    text = picked[sample_indices(len(picked), cfg.text_frames)]
+    # text_frames = 0 turns the text signal off (NaN: a threshold on it then rejects)
+    out["text_coverage"] = (
+        _text_coverage(luma_at_width(text, cfg.text_width)) if len(text) else float("nan")
+    )
+    return out, _frame_hash(y)
+
+
 def score_frames(frames: np.ndarray, cfg: ScoreConfig | None = None) -> dict[str, float]:
-    """Every cheap signal of one clip's decoded frames (T, H, W, 3) uint8 RGB."""
+    """The per-frame signals of one clip's decoded frames (T, H, W, 3) uint8 RGB, all
+    frames in order (no flow: that needs the frame rate, see :func:`score_clip`)."""
     cfg = cfg or ScoreConfig()
     _check_frames(frames)
-    picked = frames[sample_indices(len(frames), cfg.num_frames)]
-    picked = resize_to_width(picked, cfg.analysis_width)
-    return {name: fn(picked) for name, fn in _SIGNAL_FUNCS.items()}
+    return _sampled_signals(frames[sample_indices(len(frames), cfg.num_frames)], cfg)[0]
+
+
+def score_clip(
+    frames: np.ndarray, fps: float, cfg: ScoreConfig | None = None
+) -> tuple[dict[str, float], str]:
+    """Every cheap signal (``CHEAP_SIGNALS``) and the ``frame_hash`` of one clip's decoded
+    frames (T, H, W, 3) uint8 RGB, all frames in order, at ``fps``."""
+    cfg = cfg or ScoreConfig()
+    _check_frames(frames)
+    count = frame_count(len(frames), fps, cfg.num_frames, cfg.frames_per_second, cfg.max_frames)
+    out, hashed = _sampled_signals(frames[sample_indices(len(frames), count)], cfg)
+    out["flow"], out["still_fraction"] = flow_stats(
+        frames, fps, cfg.flow_pairs, cfg.flow_width, cfg.still_flow
+    )
+    return out, hashed
 
 
 # --- row helpers shared by the scoring stages --------------------------------------------
@@ -209,7 +474,8 @@ def require_columns(batch: Mapping[str, np.ndarray], stage: str, names: tuple[st
 
 
 class Score:
-    """1:1: decode each clip's payload and write the cheap ``score_*`` columns.
+    """1:1: decode each clip's payload and write the cheap ``score_*`` columns and
+    ``frame_hash``.
 
     Rows with ``clip_id`` None (source placeholders) or status ``"error"`` pass
     through with their scores unchanged (NaN if absent). A payload that cannot be
@@ -217,7 +483,12 @@ class Score:
     """
 
     reads: tuple[str, ...] = ("clip_id", "status", "clip_bytes")
-    writes: tuple[str, ...] = (*(score_column(n) for n in CHEAP_SIGNALS), "status", "error")
+    writes: tuple[str, ...] = (
+        *(score_column(n) for n in CHEAP_SIGNALS),
+        "frame_hash",
+        "status",
+        "error",
+    )
 
     def __init__(self, cfg: ScoreConfig | None = None) -> None:
         self.cfg = cfg or ScoreConfig()
@@ -226,6 +497,7 @@ class Score:
         require_columns(batch, "score", ("clip_id", "clip_bytes"))
         n = num_rows(batch)
         scores = {name: float_column(batch, score_column(name)) for name in CHEAP_SIGNALS}
+        hashes = object_column(batch, "frame_hash")
         status = object_column(batch, "status")
         error = object_column(batch, "error")
         for i in range(n):
@@ -233,16 +505,18 @@ class Score:
             if passes_through(clip_id, status[i]):
                 continue
             try:
-                frames, _ = decode_mp4(payload_bytes(batch["clip_bytes"][i]))
-                values = score_frames(frames, self.cfg)
+                frames, fps = decode_mp4(payload_bytes(batch["clip_bytes"][i]))
+                values, hashes[i] = score_clip(frames, fps, self.cfg)
             except Exception as exc:  # any bad payload is this row's error, never the batch's
                 status[i] = "error"
                 error[i] = f"score: clip {clip_id}: {type(exc).__name__}: {exc}"
+                hashes[i] = None
                 for name in CHEAP_SIGNALS:
                     scores[name][i] = np.nan
                 continue
             for name, value in values.items():
                 scores[name][i] = value
         out = dict(batch)
-        out.update({score_column(k): v for k, v in scores.items()}, status=status, error=error)
+        out.update({score_column(k): v for k, v in scores.items()})
+        out.update(frame_hash=hashes, status=status, error=error)
         return out

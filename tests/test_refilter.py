@@ -1,0 +1,248 @@
+"""``reelpack refilter``: new decisions from stored scores, with every decoder and model
+made to raise (no recompute), only index parts added, and clips that become kept
+either pointing at their old sample again or left for the next build."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.config import BuildConfig, to_dict
+from pipeline.refilter import load_refilter_config, reason_counts, redecide, refilter
+from pipeline.stages.base import rows_to_batch
+from pipeline.stages.decide import DEFAULT_THRESHOLDS, Decide, DecideConfig
+from pipeline.stages.dedup import Dedup, DedupConfig
+from pipeline.stages.score import Score
+from pipeline.video import encode_mp4
+from pipeline.writer import CorpusWriter, read_index, sources_needing_work
+from reelpack.cli import main
+
+H, W, T = 64, 96, 8
+
+
+def pan(seed: int) -> np.ndarray:
+    base = np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    return np.stack([np.roll(base, 3 * i, axis=1) for i in range(T)])
+
+
+# source -> its clips (clip_id, frames); "copy" repeats "pan-a" in another source
+CLIPS: dict[str, list[tuple[str, np.ndarray]]] = {
+    "/videos/a.mp4": [("pan-a", pan(0)), ("still-a", np.repeat(pan(1)[:1], T, axis=0))],
+    "/videos/b.mp4": [
+        ("soft-b", np.stack([cv2.GaussianBlur(f, (0, 0), 3.0) for f in pan(2)])),
+        ("pan-b", pan(3)),
+    ],
+    "/videos/c.mp4": [("copy-c", pan(0))],
+}
+
+
+def stream_batch() -> dict[str, np.ndarray]:
+    """What reaches the writer: scored, decided, deduplicated rows; kept ones 'encoded'."""
+    rows = [
+        {"clip_id": cid, "source": src, "status": None, "start_s": 0.0, "end_s": 1.0,
+         "src_status": "done", "src_num_clips": len(clips), "clip_bytes": encode_mp4(f, 8.0)}
+        for src, clips in CLIPS.items()
+        for cid, f in clips
+    ]  # fmt: skip
+    batch = Dedup(DedupConfig())(Decide()(Score()(rows_to_batch(rows))))
+    latents = np.empty(len(rows), dtype=object)
+    for i, status in enumerate(batch["status"]):
+        latents[i] = f"latents of {batch['clip_id'][i]}".encode() if status == "kept" else None
+    return {**{k: v for k, v in batch.items() if k != "clip_bytes"}, "latents": latents}
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, Any]:
+    batch = stream_batch()
+    return {"batch": batch}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, built: dict[str, Any]) -> str:
+    root = str(tmp_path / "corpus")
+    with CorpusWriter(root) as writer:
+        writer.add(built["batch"])
+    CorpusWriter(root).write_manifest({"config": to_dict(BuildConfig())})
+    return root
+
+
+@pytest.fixture
+def no_recompute(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every decoder, scorer and model loader raises (and records the attempt)."""
+    calls: list[str] = []
+
+    def forbid(name: str) -> Any:
+        def boom(*_: Any, **__: Any) -> Any:
+            calls.append(name)
+            raise AssertionError(f"refilter called {name}")
+
+        return boom
+
+    import av
+    import open_clip
+
+    for target in (
+        "pipeline.video.decode_mp4",
+        "pipeline.stages.score.decode_mp4",
+        "pipeline.stages.score.score_clip",
+        "pipeline.stages.score.flow_stats",
+        "pipeline.stages.score.text_mask",
+        "pipeline.stages.aesthetic.decode_mp4",
+        "pipeline.stages.aesthetic.ClipEmbedder.__init__",
+        "pipeline.stages.agreement.decode_mp4",
+    ):
+        monkeypatch.setattr(target, forbid(target))
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", forbid("open_clip"))
+    monkeypatch.setattr(open_clip, "create_model", forbid("open_clip"))
+    monkeypatch.setattr(av, "open", forbid("av.open"))
+    yield calls
+    assert calls == []
+
+
+def by_id(root: str) -> dict[str, dict[str, Any]]:
+    return {r["clip_id"]: r for r in read_index(root).to_pylist()}
+
+
+def files(root: str, sub: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(root, sub).glob("*"))}
+
+
+def write_config(path: Path, thresholds: Any, **extra: Any) -> str:
+    path.write_text(json.dumps({"decide": {"thresholds": thresholds}, **extra}))
+    return str(path)
+
+
+# --- the tests --------------------------------------------------------------------------------
+
+
+def test_built_corpus_is_what_the_tests_assume(corpus: str) -> None:
+    rows = by_id(corpus)
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "pan-a": "kept",
+        "still-a": "rejected",
+        "soft-b": "rejected",
+        "pan-b": "kept",
+        "copy-c": "rejected",
+    }
+    assert rows["copy-c"]["dup_of"] == "pan-a" and rows["copy-c"]["reasons"] == ["duplicate"]
+    assert rows["still-a"]["reasons"] == ["motion<0.002", "still_fraction>0.9"]
+    assert all(len(r["frame_hash"]) == 16 for r in rows.values())
+
+
+def test_refilter_changes_decisions_without_recomputing(
+    corpus: str, tmp_path: Path, no_recompute: list[str]
+) -> None:
+    shards_before = files(corpus, "shards")
+    index_parts_before = files(corpus, "index")
+    # drop the motion / still thresholds: the still clip becomes kept
+    loose = tuple((k, b) for k, b in DEFAULT_THRESHOLDS if k not in ("motion", "still_fraction"))
+    summary = refilter(corpus, DecideConfig(thresholds=loose), DedupConfig())
+    assert summary["before"]["by_status"] == {"kept": 2, "rejected": 3}
+    assert summary["after"]["by_status"] == {"kept": 3, "rejected": 2}
+    assert summary["after"]["rejected_by_reason"] == {"duplicate": 1, "sharpness<20": 1}
+    assert summary["sources_rewritten"] == 1 and summary["part"] is not None
+    rows = by_id(corpus)
+    assert rows["still-a"]["status"] == "kept" and rows["still-a"]["reasons"] == []
+    assert rows["still-a"]["shard"] is None  # never encoded: the next build does it
+    assert sources_needing_work(corpus) == {"/videos/a.mp4"}
+    assert rows["pan-a"]["shard"] and rows["pan-a"]["key"] == "pan-a"  # untouched
+    # stored scores are exactly what they were
+    assert rows["still-a"]["score_motion"] == 0.0
+    # only the index grew: shards identical, old parts identical, one new part
+    assert files(corpus, "shards") == shards_before
+    after = files(corpus, "index")
+    assert {k: after[k] for k in index_parts_before} == index_parts_before
+    assert len(after) == len(index_parts_before) + 1
+    manifest = json.loads(Path(corpus, "manifest.json").read_text())
+    assert manifest["counts"]["clips_kept"] == 3
+    assert manifest["config"]["decide"]["thresholds"] == [[k, list(b)] for k, b in loose]
+
+
+def test_reject_then_keep_again_restores_the_sample(corpus: str, no_recompute: list[str]) -> None:
+    strict = (*DEFAULT_THRESHOLDS[1:], ("sharpness", (1e9, None)))
+    refilter(corpus, DecideConfig(thresholds=strict), DedupConfig())
+    rows = by_id(corpus)
+    assert rows["pan-a"]["status"] == "rejected" and rows["pan-a"]["shard"] is None
+    assert "sharpness<1e+09" in rows["pan-a"]["reasons"]
+    # while pan-a is rejected, its copy is not a duplicate of anything kept
+    assert rows["copy-c"]["dup_of"] is None
+    refilter(corpus, DecideConfig(), DedupConfig())
+    rows = by_id(corpus)
+    assert rows["pan-a"]["status"] == "kept" and rows["pan-a"]["key"] == "pan-a"
+    assert rows["pan-a"]["shard"] == "shards/shard-000000.tar"
+    assert rows["copy-c"]["dup_of"] == "pan-a"  # the copy with a sample wins
+    assert sources_needing_work(corpus) == set()
+
+
+def test_dedup_retuned_and_dry_run(corpus: str, no_recompute: list[str]) -> None:
+    index_before = files(corpus, "index")
+    off = refilter(corpus, DecideConfig(), DedupConfig(enabled=False), dry_run=True)
+    assert off["after"]["by_status"] == {"kept": 3, "rejected": 2} and off["part"] is None
+    assert files(corpus, "index") == index_before  # a dry run writes nothing
+    same = refilter(corpus, DecideConfig(), DedupConfig())
+    assert same["decision_changes"] == 0 and same["part"] is None  # nothing to rewrite
+
+
+def test_redecide_keeps_errors_and_pending_agreement(corpus: str) -> None:
+    table = read_index(corpus)
+    cfg = DecideConfig(thresholds={"agreement": (0.25, None)})
+    out = redecide(table, cfg, None).to_pylist()
+    # nothing was captioned: agreement is pending, so nothing fails on it
+    assert {r["clip_id"]: r["reasons"] for r in out}["still-a"] == []
+    assert reason_counts(table) == {
+        "duplicate": 1,
+        "motion<0.002": 1,
+        "sharpness<20": 1,
+        "still_fraction>0.9": 1,
+    }
+
+
+def test_cli_refilter(
+    corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_recompute: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr("reelpack.commands.COMMANDS", ("refilter",))
+    cfg = write_config(tmp_path / "t.json", {"sharpness": [20, None]}, dedup={"enabled": False})
+    assert main(["refilter", corpus, "--config", cfg]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["after"]["by_status"] == {"kept": 4, "rejected": 1}
+    assert set(summary["sources_needing_work"]) == {"/videos/a.mp4", "/videos/c.mp4"}
+    bad = write_config(tmp_path / "bad.json", {"brightness": [0, 1]})
+    assert main(["refilter", corpus, "--config", bad]) == 2
+    assert "brightness" in capsys.readouterr().err
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"decide": {"treshold": {}}}))
+    assert main(["refilter", corpus, "--config", str(typo)]) == 2
+
+
+def test_load_config_reads_decide_and_dedup_from_a_build_config(tmp_path: Path) -> None:
+    path = tmp_path / "build.yaml"
+    path.write_text(
+        "preset: tiny\n"  # presets are not resolved: no model is built
+        "decide:\n  thresholds: {motion: [0.01, null]}\n  min_duration_s: 1.5\n"
+        "dedup:\n  threshold: 0.9\n"
+    )
+    decide, dedup = load_refilter_config(path)
+    assert decide.thresholds == (("motion", (0.01, None)),) and decide.min_duration_s == 1.5
+    assert dedup.threshold == 0.9
+
+
+def test_dedup_stage_seeded_from_the_corpus_on_resume(corpus: str, tmp_path: Path) -> None:
+    """A resumed build's Dedup actor knows the kept clips already committed."""
+    stage = Dedup(DedupConfig(), corpus_root=corpus)
+    assert len(stage.index) == 2  # pan-a, pan-b (kept, not duplicates)
+    rows = [
+        {"clip_id": cid, "source": "/videos/new.mp4", "status": "kept", "reasons": [],
+         "frame_hash": by_id(corpus)[orig]["frame_hash"]}
+        for cid, orig in (("new-copy", "pan-b"), ("pan-a", "pan-a"))
+    ]  # fmt: skip
+    out = stage(rows_to_batch(rows))
+    # a new copy of a committed clip is caught; the clip itself (rebuilt) is not
+    assert out["dup_of"].tolist() == ["pan-b", None]
+    assert len(Dedup(DedupConfig(), corpus_root=str(tmp_path / "empty")).index) == 0
