@@ -6,8 +6,11 @@ loaded through the same ``Captioner`` path as a real checkpoint.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +19,31 @@ import pytest
 
 from pipeline.stages.base import batch_to_rows, rows_to_batch
 from pipeline.stages.caption import (
+    CAPTION_FACETS,
+    DEFAULT_PROMPT,
+    RANDOM_WEIGHTS_PREFIX,
     CaptionConfig,
     Captioner,
+    ClipFacts,
+    PreparedClip,
+    RawCaption,
+    aspect_name,
+    cap_tokens,
     clean_caption,
+    clip_facts,
+    decode_sampled,
+    degenerate_reason,
+    describe_facts,
+    finish_caption,
+    first_sentence,
     fit_frames,
     prepare_clip,
     sample_frame_indices,
+    sample_frame_indices_fps,
+    trim_to_sentence,
 )
 from pipeline.tiny_vlm import MARKER_NAME, build_tiny_vlm, is_tiny_vlm
-from pipeline.video import encode_mp4
+from pipeline.video import decode_mp4, encode_mp4
 from schemas import STREAM_COLUMNS
 
 # --- pure helpers --------------------------------------------------------------------
@@ -75,6 +94,12 @@ def test_fit_frames_keeps_aspect_and_never_upscales() -> None:
         ("A bell\x07 rings\x00.", "A bell rings."),
         ("   \n\t ", ""),
         ("", ""),
+        ("Caption: A dog runs.", "A dog runs."),
+        ("**Description:** a dog runs.", "a dog runs."),
+        ('"A dog runs on grass."', "A dog runs on grass."),
+        ("<think>it is a dog</think> The video shows a dog.", "A dog."),
+        ("\u201cA quiet street.\u201d", "A quiet street."),
+        ('A sign reads "stop"', 'A sign reads "stop"'),  # not wrapping quotes
     ],
 )
 def test_clean_caption(raw: str, clean: str) -> None:
@@ -196,8 +221,13 @@ def test_caption_batch(captioner: Captioner, clip_batch: dict[str, np.ndarray]) 
         row = rows[clip_id]
         assert row["status"] == "kept", row["error"]
         assert isinstance(row["caption"], str) and row["caption"].strip()
-        assert row["caption"] == clean_caption(row["caption"])
+        # a random-weight model's caption says so
+        assert row["caption"].startswith(RANDOM_WEIGHTS_PREFIX)
+        body = row["caption"][len(RANDOM_WEIGHTS_PREFIX) :]
+        assert body.strip() and body == clean_caption(body)
+        assert degenerate_reason(body) is None
         assert row["error"] is None
+        assert row["caption_short"] is None  # short captions are off by default
     bad = rows["garbage"]
     assert bad["status"] == "error" and bad["caption"] is None
     assert "garbage" in bad["error"] and len(bad["error"]) > len(
@@ -262,24 +292,307 @@ def test_batch_failure_falls_back_to_single_clips(
     assert out["empty"]["status"] == "error" and "no clip_bytes" in out["empty"]["error"]
 
 
-def test_empty_output_becomes_error(
-    captioner: Captioner, clip_batch: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # a model that answers only whitespace
-    monkeypatch.setattr(
-        captioner, "_generate", lambda clips: [" \n "] + ["A scene."] * (len(clips) - 1)
-    )
-    out = captioner({k: v[:2] for k, v in clip_batch.items()})
-    assert out["status"].tolist() == ["error", "kept"]
-    assert "empty caption" in out["error"][0] and "landscape" in out["error"][0]
-    assert out["caption"].tolist() == [None, "A scene."]
-
-
 def test_captioner_rejects_bad_config(tiny_vlm_dir: str) -> None:
     with pytest.raises(ValueError):
         Captioner(CaptionConfig(model=tiny_vlm_dir, num_frames=0, device="cpu"))
     with pytest.raises(ValueError):
         Captioner(CaptionConfig(model=tiny_vlm_dir, dtype="float33", device="cpu"))
+
+
+# --- hygiene on crafted strings ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "empty caption"),
+        ("   ", "empty caption"),
+        ("1234 5678 90.12 %%%% ####", "non-language"),
+        ("\ufffd\ufffd\ufffd\ufffd ab", "non-language"),
+        ("A dog barks hahahahahahahahahahaha", "looping characters"),
+        ("Wow, a dog barks loudly at the cat!!!!!!!!!!!!!!!!", "looping characters"),
+        ("the dog runs the dog runs the dog runs the dog runs the dog runs", "repeated 3-grams"),
+        (
+            "A man walks along the beach at dawn. Then a man walks along the beach at dawn "
+            "while gulls circle, and again a man walks along the beach at dawn.",
+            "repeats 3 times",
+        ),
+    ],
+)
+def test_degenerate_outputs_are_detected(text: str, reason: str) -> None:
+    found = degenerate_reason(text)
+    assert found is not None and reason in found, found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A corgi runs along a wet sandy beach toward the camera.",
+        "Close-up, static camera: a hand pours tea. Steam rises; soft window light from the left.",
+        "Ein Hund läuft über eine Wiese.",  # not English, still language
+        "一只狗在草地上奔跑。",
+        # long and rich, with some natural repetition of short phrases
+        "A woman in a red coat walks down a street. The camera follows her. She stops at a "
+        "corner, looks left, then crosses. The camera pans right to follow her as she walks "
+        "past a bakery; the street is wet and reflects the warm light of the shop windows.",
+    ],
+)
+def test_real_captions_are_not_degenerate(text: str) -> None:
+    assert degenerate_reason(text) is None
+
+
+def _words(text: str) -> list[int]:
+    """A whitespace 'tokenizer': token i is the i-th word of ``_VOCAB``."""
+    return [_VOCAB.setdefault(w, len(_VOCAB)) for w in text.split()]
+
+
+_VOCAB: dict[str, int] = {}
+
+
+def _unwords(ids: Any) -> str:
+    inverse = {v: k for k, v in _VOCAB.items()}
+    return " ".join(inverse[i] for i in ids)
+
+
+def test_cap_tokens_and_sentence_trimming() -> None:
+    text = "A man walks. He sits on a bench. A dog"
+    assert cap_tokens(text, 100, _words, _unwords) == (text, False)
+    assert cap_tokens(text, 0, _words, _unwords) == (text, False)  # 0: no cap
+    assert cap_tokens(text, 5, _words, _unwords) == ("A man walks. He sits", True)
+    assert trim_to_sentence("A man walks. He sits") == "A man walks."
+    assert trim_to_sentence('He said "go." Then') == 'He said "go."'
+    assert trim_to_sentence("no sentence end here") == "no sentence end here"
+    assert first_sentence("A dog runs. It barks.") == "A dog runs."
+    assert first_sentence("A dog runs") == "A dog runs"
+    # cut by the cap or by max_new_tokens: end at the last full sentence
+    finish = finish_caption
+    assert finish(RawCaption(text, truncated=False), 6, _words, _unwords) == "A man walks."
+    assert finish(RawCaption(text, truncated=False), 8, _words, _unwords) == (
+        "A man walks. He sits on a bench."
+    )
+    assert finish(RawCaption(text, truncated=True), 100, _words, _unwords) == (
+        "A man walks. He sits on a bench."
+    )
+    assert finish(RawCaption(text, truncated=False), 100, _words, _unwords) == text
+    assert finish(RawCaption("The video shows a cat", True), 100, _words, _unwords) == "A cat"
+
+
+def test_aspect_and_facts() -> None:
+    assert aspect_name(1920, 1080) == "16:9 landscape"
+    assert aspect_name(1080, 1920) == "9:16 portrait"
+    assert aspect_name(640, 480) == "4:3 landscape"
+    assert aspect_name(500, 500) == "1:1 square"
+    assert aspect_name(2100, 1000) == "2.10:1 landscape"
+    text = describe_facts(ClipFacts(duration_s=4.25, width=1280, height=720, motion=0.002))
+    assert "4.2 seconds" in text and "1280x720" in text and "16:9 landscape" in text
+    assert "very little change" in text
+    assert "a lot of change" in describe_facts(ClipFacts(motion=0.2))
+    assert describe_facts(ClipFacts()) == ""
+    batch = rows_to_batch(
+        [
+            {"start_s": 1.0, "end_s": 3.5, "width": 640, "height": 360, "score_motion": 0.02},
+            {"start_s": None, "end_s": None, "width": None, "height": None, "score_motion": np.nan},
+        ]
+    )
+    assert clip_facts(batch, 0) == ClipFacts(2.5, 640, 360, 0.02)
+    assert clip_facts(batch, 1) == ClipFacts()
+    assert clip_facts({"clip_id": np.array(["x"], dtype=object)}, 0) == ClipFacts()
+
+
+def test_default_prompt_covers_the_facets() -> None:
+    assert CAPTION_FACETS in DEFAULT_PROMPT
+    for facet in ("subjects", "over time", "setting", "camera", "framing", "lighting", "style"):
+        assert facet in CAPTION_FACETS
+
+
+def test_sample_frames_by_rate(clip_batch: dict[str, np.ndarray]) -> None:
+    # 10 s at 30 fps, 1 frame/s -> 10 frames, but never more than the cap
+    assert len(sample_frame_indices_fps(300, 30.0, 1.0, 16)) == 10
+    assert len(sample_frame_indices_fps(300, 30.0, 4.0, 16)) == 16
+    assert sample_frame_indices_fps(300, 30.0, 1.0, 16)[[0, -1]].tolist() == [0, 299]
+    assert len(sample_frame_indices_fps(6, 24.0, 1.0, 8)) == 2  # one temporal patch minimum
+    with pytest.raises(ValueError):
+        sample_frame_indices_fps(10, 0.0, 1.0, 8)
+    # 9 frames at 24 fps = 0.375 s; at 8 frames/s that is 3 frames
+    clip = prepare_clip(clip_batch["clip_bytes"][0], 8, 32 * 32, sample_fps=8.0)
+    assert clip.indices == [0, 4, 8]
+
+
+def _mkv(frames: np.ndarray, fps: int) -> bytes:
+    """Matroska bytes: a container that stores no frame count."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="matroska") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def test_decode_sampled_matches_a_full_decode() -> None:
+    frames = _moving_square(13, 48, 64, 5)
+    for payload in (encode_mp4(frames, 24.0), _mkv(frames, 24)):
+        full, _ = decode_mp4(payload)
+        for num, rate in ((4, None), (8, None), (8, 24.0)):
+            got, indices, total, fps = decode_sampled(payload, num, rate)
+            assert total == 13 and fps == pytest.approx(24.0)
+            assert indices == prepare_clip(payload, num, 10**6, rate).indices
+            np.testing.assert_array_equal(got, full[indices])
+
+
+# --- retries, out-of-memory, degenerate output (model calls simulated) ---------------
+
+
+def _variant(captioner: Captioner, **changes: Any) -> Captioner:
+    """The session captioner (same loaded model) with other config values."""
+    cap = copy.copy(captioner)
+    cap.cfg = replace(captioner.cfg, **changes)
+    cap.batch_limit = cap.cfg.batch_size
+    return cap
+
+
+def _kept_rows(clip_batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    payload = clip_batch["clip_bytes"][0]
+    return rows_to_batch(
+        [
+            {"clip_id": f"c{k}", "status": "kept", "clip_bytes": payload, "error": None}
+            for k in range(n)
+        ]
+    )
+
+
+def test_cuda_oom_halves_the_batch_and_retries(
+    captioner: Captioner, clip_batch: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = pytest.importorskip("torch")
+    cap = _variant(captioner, batch_size=4)
+    sizes: list[int] = []
+
+    def generate(clips: list[PreparedClip], prompts: list[str], **kw: Any) -> list[RawCaption]:
+        sizes.append(len(clips))
+        if len(clips) > 1:  # only one clip fits in "GPU memory"
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [RawCaption(f"A scene number {len(sizes)}.")]
+
+    monkeypatch.setattr(cap, "_generate", generate)
+    out = cap(_kept_rows(clip_batch, 5))
+    # first chunk of 4: OOM at 4, OOM at 2, then 1 by 1; the second chunk starts at 1
+    assert sizes == [4, 2, 1, 1, 1, 1, 1]
+    assert cap.batch_limit == 1
+    assert out["status"].tolist() == ["kept"] * 5
+    assert len(set(out["caption"])) == 5  # every clip got its own answer, in order
+    assert out["caption"][0].endswith("number 3.")
+
+    # out of memory even for one clip: that clip fails alone, with the cause
+    def always_oom(clips: list[PreparedClip], prompts: list[str], **kw: Any) -> list[RawCaption]:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cap, "_generate", always_oom)
+    out = cap(_kept_rows(clip_batch, 2))
+    assert out["status"].tolist() == ["error", "error"]
+    assert "OutOfMemoryError" in out["error"][0] and "c0" in out["error"][0]
+
+
+def test_degenerate_output_is_retried_with_a_penalty(
+    captioner: Captioner, clip_batch: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    loop = "the dog runs " * 12
+
+    def generate(clips: list[PreparedClip], prompts: list[str], **kw: Any) -> list[RawCaption]:
+        calls.append(dict(kw, n=len(clips)))
+        if "repetition_penalty" in kw:  # the retry helps the second clip only
+            return [RawCaption(""), RawCaption("A dog runs across a lawn.")][: len(clips)]
+        return [RawCaption(" \n "), RawCaption(loop), RawCaption("A calm lake.")][: len(clips)]
+
+    cap = _variant(captioner, batch_size=3)
+    monkeypatch.setattr(cap, "_generate", generate)
+    out = cap(_kept_rows(clip_batch, 3))
+    assert calls[0]["n"] == 3 and "repetition_penalty" not in calls[0]
+    assert calls[1]["n"] == 2 and calls[1]["repetition_penalty"] == cap.cfg.retry_repetition_penalty
+    assert out["status"].tolist() == ["error", "kept", "kept"]
+    assert "empty caption" in out["error"][0] and "after a retry" in out["error"][0]
+    assert "degenerate" in out["error"][0] and "c0" in out["error"][0]
+    assert out["caption"].tolist() == [
+        None,
+        RANDOM_WEIGHTS_PREFIX + "A dog runs across a lawn.",
+        RANDOM_WEIGHTS_PREFIX + "A calm lake.",
+    ]
+    # a still-looping answer names the loop
+    monkeypatch.setattr(
+        cap, "_generate", lambda clips, prompts, **kw: [RawCaption(loop)] * len(clips)
+    )
+    out = cap(_kept_rows(clip_batch, 1))
+    assert out["status"][0] == "error" and "repeated 3-grams" in out["error"][0]
+
+
+def test_captions_are_capped_in_tokens(
+    captioner: Captioner, clip_batch: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long = (
+        "A red car drives down a winding road. Pine trees line both sides. Fog hangs over "
+        "the hills and the sky is pale grey. The camera tracks it from"
+    )
+    cap = _variant(captioner, max_caption_tokens=24)
+    monkeypatch.setattr(
+        cap, "_generate", lambda clips, prompts, **kw: [RawCaption(long)] * len(clips)
+    )
+    text = cap(_kept_rows(clip_batch, 1))["caption"][0][len(RANDOM_WEIGHTS_PREFIX) :]
+    assert len(cap._encode_text(text)) <= 24
+    assert text.startswith("A red car drives") and text.endswith("road.")
+    # cut by generation: the dangling sentence goes too
+    monkeypatch.setattr(
+        captioner, "_generate", lambda clips, prompts, **kw: [RawCaption(long, True)] * len(clips)
+    )
+    text = captioner(_kept_rows(clip_batch, 1))["caption"][0]
+    assert text.endswith("pale grey.") and "tracks" not in text
+
+
+def test_no_prefix_without_the_tiny_marker(tiny_vlm_dir: str, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_vlm_dir, plain, ignore=shutil.ignore_patterns(MARKER_NAME))
+    cap = Captioner(CaptionConfig(model=str(plain), max_new_tokens=4, device="cpu"))
+    assert cap.prefix == "" and not cap.random_weights
+    out = cap(_kept_rows_from(encode_mp4(_moving_square(9, 48, 64, 0), 24.0)))
+    assert out["status"][0] == "kept" and not out["caption"][0].startswith("[")
+
+
+def _kept_rows_from(payload: bytes) -> dict[str, np.ndarray]:
+    return rows_to_batch([{"clip_id": "x", "status": "kept", "clip_bytes": payload}])
+
+
+# --- the real tiny model with hints and short captions -------------------------------
+
+
+def test_hints_and_short_captions_with_the_tiny_model(
+    captioner: Captioner, clip_batch: dict[str, np.ndarray]
+) -> None:
+    cap = _variant(captioner, hints=True, short_caption=True, short_max_new_tokens=8)
+    batch = dict(clip_batch)
+    n = len(batch["clip_id"])
+    batch["start_s"] = np.array([0.0, 1.0, 0.0, 0.0, 2.0])
+    batch["end_s"] = np.array([0.375, 1.3, 1.0, 1.0, 2.04])
+    batch["width"] = np.array([640, 360, 10, 10, 400])
+    batch["height"] = np.array([480, 640, 10, 10, 400])
+    batch["score_motion"] = np.array([0.001, 0.05, np.nan, np.nan, np.nan])
+    prompt = cap.prompt_for(batch, 0)
+    assert prompt.startswith(cap.cfg.prompt) and "0.4 seconds" in prompt and "4:3" in prompt
+    assert "9:16 portrait" in cap.prompt_for(batch, 1)
+    assert cap.prompt_for(batch, 0) != cap.prompt_for(batch, 1)
+    out = cap(batch)
+    assert out["status"].tolist() == ["kept", "kept", "error", "rejected", "kept"]
+    for i in (0, 1, 4):
+        short = out["caption_short"][i]
+        assert short.startswith(RANDOM_WEIGHTS_PREFIX)
+        body = short[len(RANDOM_WEIGHTS_PREFIX) :]
+        assert body and first_sentence(body) == body
+    assert out["caption_short"][2] is None and out["caption_short"][3] is None
+    assert len(out["caption"]) == n
 
 
 @pytest.mark.gpu

@@ -1,29 +1,46 @@
 """Caption stage: a dense, literal description of every kept clip, by a video VLM.
 
-1:1, one clip row in, the same row out with ``caption`` set. Only rows with
-``status == "kept"`` are captioned; rejected and failed rows pass through
-untouched. The clip is read from ``clip_bytes`` (decode once: the source is never
-reopened), ``num_frames`` frames are sampled evenly over the whole clip and
+1:1, one clip row in, the same row out with ``caption`` (and optionally
+``caption_short``) set. Only rows with ``status == "kept"`` are captioned; rejected
+and failed rows pass through untouched. The clip is read from ``clip_bytes`` (decode
+once: the source is never reopened); frames are sampled evenly over the whole clip
+(``num_frames`` of them, or ``sample_fps`` per second up to ``num_frames``) and
 resized to at most ``max_pixels`` each, keeping the aspect ratio, and the model
 generates greedily, several clips per ``generate`` call.
 
 The model is any ``transformers`` image-text-to-text model that takes videos
 (``AutoProcessor`` + ``AutoModelForImageTextToText``), from a hub id or a local
-folder; the default is ``Qwen/Qwen3-VL-8B-Instruct``. Tests use a tiny
-random-weight Qwen3-VL from :mod:`pipeline.tiny_vlm`, loaded the same way.
+folder; the default is ``Qwen/Qwen3-VL-8B-Instruct``. It loads once per instance
+(one per Ray actor), in bfloat16 on a GPU. Tests use a tiny random-weight Qwen3-VL
+from :mod:`pipeline.tiny_vlm`, loaded the same way; captions from a model folder
+carrying the tiny marker start with :data:`RANDOM_WEIGHTS_PREFIX`.
 
-A clip that cannot be captioned (undecodable payload, a generation error, an
-empty answer) becomes ``status="error"`` with the clip id and the cause; the
-other clips of the batch are still captioned.
+Output hygiene (:func:`finish_caption`): drop control characters and reasoning
+blocks, collapse whitespace, strip boilerplate openings ("The video shows ..."), cap
+the length at ``max_caption_tokens`` and end a cut caption at its last full
+sentence. Degenerate output (empty, looping n-grams, non-language) is generated
+once more with a repetition penalty; if it is still degenerate the clip becomes
+``status="error"`` with the reason. Measured facts from earlier stages (duration,
+frame size and aspect, amount of motion) can be given to the model as hints.
+
+Robustness: one bad clip fails alone (an error row naming the clip and the cause);
+a CUDA out-of-memory halves the generate batch and retries, and the actor keeps the
+smaller batch from then on.
 """
 
 from __future__ import annotations
 
+import gc
+import io
+import logging
+import math
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 
@@ -31,26 +48,59 @@ from pipeline.stages.base import Batch, num_rows
 from pipeline.video import decode_mp4, even_size
 
 __all__ = [
+    "CAPTION_FACETS",
     "DEFAULT_PROMPT",
+    "DEFAULT_SHORT_PROMPT",
+    "RANDOM_WEIGHTS_PREFIX",
     "CaptionConfig",
     "Captioner",
+    "ClipFacts",
+    "DegenerateCaption",
     "PreparedClip",
+    "RawCaption",
+    "aspect_name",
+    "cap_tokens",
     "clean_caption",
+    "clip_facts",
+    "decode_sampled",
+    "degenerate_reason",
+    "describe_facts",
+    "finish_caption",
+    "first_sentence",
     "fit_frames",
     "prepare_clip",
+    "resolve_device_dtype",
     "sample_frame_indices",
+    "sample_frame_indices_fps",
+    "trim_to_sentence",
 ]
 
-DEFAULT_PROMPT = (
-    "Describe this video in dense, literal detail for a text-to-video training set. "
-    "Cover: the main subjects and their appearance (clothing, colors, materials); "
+log = logging.getLogger(__name__)
+
+# What a training caption covers, in order. Shared with the prompt upsampler
+# (``pipeline.upsample``), so that prompts at inference read like training captions.
+CAPTION_FACETS = (
+    "the main subjects and their appearance (clothing, colors, materials); "
     "what they do and how it changes over time, in order; the setting and background; "
     "the camera's motion (static, pan, tilt, zoom, dolly, handheld, tracking) and framing "
     "(close-up, medium, wide, angle); the lighting and time of day; the visual style "
-    "(live action, animation, film grain, color grade). "
+    "(live action, animation, film grain, color grade)"
+)
+
+DEFAULT_PROMPT = (
+    "Describe this video in dense, literal detail for a text-to-video training set. "
+    f"Cover: {CAPTION_FACETS}. "
     "State only what is visible. Do not guess names, intentions or sounds. "
     "Write one plain paragraph without lists, headings or an introduction."
 )
+
+DEFAULT_SHORT_PROMPT = (
+    "Describe this video in one short sentence: the main subject, what it does, and "
+    "the setting. State only what is visible."
+)
+
+# Captions of a random-weight test model say so, wherever they end up.
+RANDOM_WEIGHTS_PREFIX = "[random-weight tiny model] "
 
 # Openings that carry no content; Qwen-style models start most answers with one.
 _BOILERPLATE = re.compile(
@@ -59,28 +109,67 @@ _BOILERPLATE = re.compile(
     r"|in (?:the|this) (?:video|clip|footage|scene))[\s:,]+",
     re.IGNORECASE,
 )
+# A label some models put before the answer ("Caption: ...", "**Description:** ...").
+_LABEL = re.compile(r"^\**\s*(?:caption|description)\s*:\s*\**\s*", re.IGNORECASE)
+# Reasoning blocks of "thinking" model variants.
+_THINK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
 # C0/C1 control characters other than whitespace: never part of a caption.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _WHITESPACE = re.compile(r"\s+")
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
+# The end of a sentence: . ! ? (possibly inside a closing quote or bracket), then a
+# space or the end.
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]?(?=\s|$)")
+_WORD = re.compile(r"\w+")
+# A unit of up to 8 characters repeated 8+ times in a row ("hahaha...", "!!!!...").
+_CHAR_LOOP = re.compile(r"(.{1,8}?)\1{7,}", re.DOTALL)
+
+# Degenerate-output thresholds (see degenerate_reason).
+_MIN_LETTER_SHARE = 0.5  # letters among non-space characters
+_MAX_DUP_TRIGRAM_SHARE = 0.5  # repeated word 3-grams among all 3-grams
+_MAX_PHRASE_REPEATS = 2  # an identical 5-word phrase may occur this often
+
+# Words for the measured motion score (mean absolute frame difference in [0, 1]).
+_MOTION_WORDS = (
+    (0.01, "very little change between frames"),
+    (0.04, "moderate change between frames"),
+    (math.inf, "a lot of change between frames"),
+)
+# Common frame shapes, long side over short side.
+_ASPECTS = (
+    ("1:1", 1.0),
+    ("5:4", 1.25),
+    ("4:3", 4 / 3),
+    ("3:2", 1.5),
+    ("16:9", 16 / 9),
+    ("1.85:1", 1.85),
+    ("2:1", 2.0),
+    ("2.39:1", 2.39),
+)
 
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    """How clips are captioned. ``num_gpus``, ``concurrency`` and ``enabled`` are read
-    by ``pipeline.graph`` only."""
+    """How clips are captioned. ``enabled`` and the Ray resources
+    (``BuildConfig.ray.caption``) are read by ``pipeline.graph`` only."""
 
     model: str = "Qwen/Qwen3-VL-8B-Instruct"  # hub id or local folder
     prompt: str = DEFAULT_PROMPT
-    num_frames: int = 8  # sampled evenly over the clip
+    num_frames: int = 8  # sampled evenly over the clip; the cap when sample_fps is set
+    sample_fps: float | None = None  # frames per second of clip instead of a fixed count
     # per-frame pixel budget before the processor (which may shrink further to its own);
     # 256x384 = Qwen3-VL's default video budget spread over 8 frames
     max_pixels: int = 256 * 384
     max_new_tokens: int = 256
-    batch_size: int = 4  # clips per generate() call
+    max_caption_tokens: int = 256  # cap after hygiene, in the captioner's tokens
+    batch_size: int = 4  # clips per generate() call (halved on CUDA out-of-memory)
+    hints: bool = False  # give the model measured duration, frame size and motion
+    retry_repetition_penalty: float = 1.2  # for the one retry of a degenerate caption
+    short_caption: bool = False  # also write caption_short (one sentence)
+    short_prompt: str = DEFAULT_SHORT_PROMPT
+    short_max_new_tokens: int = 64
     device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda:1", ...
     dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU; or a torch dtype name
-    num_gpus: float = 0.0  # per captioning actor; read by the graph
-    concurrency: int = 1  # captioning actors; read by the graph
     enabled: bool = True  # False: the graph skips the stage (captions stay None)
 
 
@@ -94,6 +183,29 @@ class PreparedClip:
     fps: float
 
 
+@dataclass(frozen=True)
+class RawCaption:
+    """A decoded answer and whether generation stopped at ``max_new_tokens``."""
+
+    text: str
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class ClipFacts:
+    """Measured facts about a clip from earlier stages; None where unknown."""
+
+    duration_s: float | None = None
+    width: int | None = None
+    height: int | None = None
+    motion: float | None = None  # score_motion
+
+
+class DegenerateCaption(ValueError):
+    """The model's answer is not a usable caption (the message says why)."""
+
+
+# --- frames ----------------------------------------------------------------------------
 def sample_frame_indices(total: int, num: int, min_count: int = 2) -> np.ndarray:
     """``num`` frame indices spread evenly over ``[0, total)``, first and last included.
 
@@ -106,6 +218,17 @@ def sample_frame_indices(total: int, num: int, min_count: int = 2) -> np.ndarray
         raise ValueError(f"need to sample at least one frame, got {num}")
     count = max(min(num, total), min_count)
     return np.linspace(0, total - 1, count).round().astype(np.int64)
+
+
+def sample_frame_indices_fps(
+    total: int, fps: float, sample_fps: float, max_count: int, min_count: int = 2
+) -> np.ndarray:
+    """Indices at about ``sample_fps`` frames per second of clip, evenly spread, at most
+    ``max_count`` (long clips are covered sparser, never cut)."""
+    if fps <= 0 or sample_fps <= 0:
+        raise ValueError(f"need positive rates, got fps={fps}, sample_fps={sample_fps}")
+    wanted = max(1, round(total / fps * sample_fps))
+    return sample_frame_indices(total, min(wanted, max_count), min_count)
 
 
 def fit_frames(frames: np.ndarray, max_pixels: int) -> np.ndarray:
@@ -121,29 +244,208 @@ def fit_frames(frames: np.ndarray, max_pixels: int) -> np.ndarray:
     return np.stack([cv2.resize(f, (new_w, new_h), interpolation=cv2.INTER_AREA) for f in frames])
 
 
-def prepare_clip(clip_bytes: bytes, num_frames: int, max_pixels: int) -> PreparedClip:
-    """Decode mp4 bytes, sample ``num_frames`` evenly and fit them to ``max_pixels``."""
-    frames, fps = decode_mp4(clip_bytes)
-    indices = sample_frame_indices(len(frames), num_frames)
+def _sample_indices(
+    total: int, fps: float, num_frames: int, sample_fps: float | None
+) -> np.ndarray:
+    if sample_fps is None:
+        return sample_frame_indices(total, num_frames)
+    return sample_frame_indices_fps(total, fps, sample_fps, num_frames)
+
+
+def decode_sampled(
+    clip_bytes: bytes, num_frames: int, sample_fps: float | None = None
+) -> tuple[np.ndarray, list[int], int, float]:
+    """Decode only what the captioner needs: ``(frames (N, H, W, 3), indices, total, fps)``.
+
+    Every frame must be decoded (H.264 frames depend on each other), but only the
+    sampled ones are converted to RGB, the larger share of the cost. The sample is
+    planned from the container's frame count; when that count is missing or wrong,
+    the whole clip is decoded and sampled instead.
+    """
+    with av.open(io.BytesIO(clip_bytes), mode="r") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0) or 24.0
+        total = int(stream.frames or 0)
+        if total > 0:
+            indices = _sample_indices(total, fps, num_frames, sample_fps)
+            wanted = set(indices.tolist())
+            picked: dict[int, np.ndarray] = {}
+            count = 0
+            for frame in container.decode(stream):
+                if count in wanted:
+                    picked[count] = frame.to_ndarray(format="rgb24")
+                count += 1
+            if count == total:
+                frames = np.stack([picked[int(i)] for i in indices])
+                return frames, [int(i) for i in indices], total, fps
+    # no (or a wrong) frame count in the container: decode everything
+    all_frames, decoded_fps = decode_mp4(clip_bytes)
+    fps = decoded_fps if decoded_fps > 0 else 24.0
+    indices = _sample_indices(len(all_frames), fps, num_frames, sample_fps)
+    return all_frames[indices], [int(i) for i in indices], len(all_frames), fps
+
+
+def prepare_clip(
+    clip_bytes: bytes, num_frames: int, max_pixels: int, sample_fps: float | None = None
+) -> PreparedClip:
+    """Decode mp4 bytes, sample frames evenly (a count, or a rate capped at
+    ``num_frames``) and fit them to ``max_pixels``."""
+    frames, indices, total, fps = decode_sampled(clip_bytes, num_frames, sample_fps)
     return PreparedClip(
-        frames=fit_frames(frames[indices], max_pixels),
-        indices=[int(i) for i in indices],
-        total_frames=len(frames),
-        fps=fps if fps > 0 else 24.0,  # Qwen's own fallback when a rate is unknown
+        frames=fit_frames(frames, max_pixels), indices=indices, total_frames=total, fps=fps
     )
 
 
+# --- hints -----------------------------------------------------------------------------
+def aspect_name(width: int, height: int) -> str:
+    """ "16:9 landscape", "9:16 portrait", "1:1 square" or "2.10:1 landscape"."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"bad frame size {width}x{height}")
+    ratio = max(width, height) / min(width, height)
+    name, ref = min(_ASPECTS, key=lambda a: abs(a[1] - ratio))
+    if abs(ref - ratio) / ref > 0.03:
+        name = f"{ratio:.2f}:1"
+    if ratio < 1.03:
+        return "1:1 square"
+    if height > width:
+        name = ":".join(reversed(name.split(":")))
+        return f"{name} portrait"
+    return f"{name} landscape"
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def clip_facts(batch: Batch, i: int) -> ClipFacts:
+    """The measured facts of row ``i`` (columns absent or null give None)."""
+
+    def col(name: str) -> Any:
+        values = batch.get(name)
+        return None if values is None else values[i]
+
+    start, end = _finite(col("start_s")), _finite(col("end_s"))
+    width, height = _finite(col("width")), _finite(col("height"))
+    return ClipFacts(
+        duration_s=end - start if start is not None and end is not None and end > start else None,
+        width=int(width) if width and width > 0 else None,
+        height=int(height) if height and height > 0 else None,
+        motion=_finite(col("score_motion")),
+    )
+
+
+def describe_facts(facts: ClipFacts) -> str:
+    """A sentence of measured facts for the prompt ("" when nothing is known)."""
+    parts = []
+    if facts.duration_s is not None:
+        parts.append(f"it lasts {facts.duration_s:.1f} seconds")
+    if facts.width and facts.height:
+        parts.append(
+            f"its frame is {facts.width}x{facts.height} pixels "
+            f"({aspect_name(facts.width, facts.height)})"
+        )
+    if facts.motion is not None:
+        words = next(w for limit, w in _MOTION_WORDS if facts.motion < limit)
+        parts.append(f"it shows {words}")
+    if not parts:
+        return ""
+    return (
+        "Measured facts about this clip, to check your description against "
+        f"(do not quote them): {'; '.join(parts)}."
+    )
+
+
+# --- hygiene ---------------------------------------------------------------------------
 def clean_caption(text: str) -> str:
-    """Light hygiene: drop control characters, collapse whitespace, strip a
-    boilerplate opening ("The video shows ..."), capitalise. May return ""."""
-    text = _WHITESPACE.sub(" ", _CONTROL.sub("", text)).strip()
+    """Light hygiene: drop control characters and reasoning blocks, collapse whitespace,
+    strip a label ("Caption:"), wrapping quotes and a boilerplate opening ("The video
+    shows ..."), capitalise. May return ""."""
+    text = _WHITESPACE.sub(" ", _CONTROL.sub("", _THINK.sub(" ", text))).strip()
+    text = _LABEL.sub("", text, count=1).strip()
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
     stripped = _BOILERPLATE.sub("", text, count=1).strip()
     if stripped and stripped != text:
         text = stripped[0].upper() + stripped[1:]
     return text
 
 
-def _resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
+def trim_to_sentence(text: str) -> str:
+    """Cut ``text`` after its last complete sentence (unchanged when it has none)."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[: ends[-1].end()].strip() if ends else text
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text`` (all of it when it has no sentence end)."""
+    match = _SENTENCE_END.search(text)
+    return text[: match.end()].strip() if match else text.strip()
+
+
+def cap_tokens(
+    text: str,
+    max_tokens: int,
+    encode: Callable[[str], Sequence[int]],
+    decode: Callable[[Sequence[int]], str],
+) -> tuple[str, bool]:
+    """``text`` cut to ``max_tokens`` tokens, and whether it was cut."""
+    ids = list(encode(text))
+    if max_tokens < 1 or len(ids) <= max_tokens:
+        return text, False
+    # a byte-level cut may split a character: drop the replacement char it leaves
+    return decode(ids[:max_tokens]).rstrip("\ufffd").strip(), True
+
+
+def finish_caption(
+    raw: RawCaption,
+    max_tokens: int,
+    encode: Callable[[str], Sequence[int]],
+    decode: Callable[[Sequence[int]], str],
+) -> str:
+    """Clean, cap at ``max_tokens`` and, when cut (here or by ``max_new_tokens``), end at
+    the last complete sentence."""
+    text = clean_caption(raw.text)
+    text, cut = cap_tokens(text, max_tokens, encode, decode)
+    return trim_to_sentence(text) if cut or raw.truncated else text
+
+
+def degenerate_reason(text: str) -> str | None:
+    """Why ``text`` is not a usable caption, or None when it is.
+
+    Degenerate: empty; mostly non-letters (garbage bytes, symbols, numbers); a short
+    unit looping ("hahaha...", "!!!!!!!!"); more than half of the word 3-grams
+    repeated; or one 5-word phrase occurring 3+ times.
+    """
+    if not text.strip():
+        return "empty caption"
+    visible = [c for c in text if not c.isspace()]
+    letter_share = sum(c.isalpha() for c in visible) / len(visible)
+    if letter_share < _MIN_LETTER_SHARE:
+        return f"non-language output ({letter_share:.0%} letters)"
+    loop = _CHAR_LOOP.search(text)
+    if loop and len(loop.group(0)) >= 16:
+        return f"looping characters {loop.group(1)!r}"
+    words = _WORD.findall(text.lower())
+    if len(words) >= 8:
+        grams = [tuple(words[k : k + 3]) for k in range(len(words) - 2)]
+        dup = 1 - len(set(grams)) / len(grams)
+        if dup > _MAX_DUP_TRIGRAM_SHARE:
+            return f"repeated 3-grams ({dup:.0%} of the text)"
+    phrases = Counter(tuple(words[k : k + 5]) for k in range(len(words) - 4))
+    if phrases:
+        phrase, count = phrases.most_common(1)[0]
+        if count > _MAX_PHRASE_REPEATS:
+            return f"the phrase {' '.join(phrase)!r} repeats {count} times"
+    return None
+
+
+# --- the stage -------------------------------------------------------------------------
+def resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     """``("auto", "auto")`` -> cuda + bfloat16 when a GPU is there, else cpu + float32."""
     import torch
 
@@ -159,7 +461,9 @@ def _resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
 
 
 def _clip_error(clip_id: Any, cause: str | BaseException) -> str:
-    if isinstance(cause, BaseException):
+    if isinstance(cause, DegenerateCaption):
+        cause = f"degenerate output: {cause}"
+    elif isinstance(cause, BaseException):
         cause = f"{type(cause).__name__}: {cause}"
     return f"caption failed for clip {clip_id}: {cause}"
 
@@ -172,23 +476,43 @@ def _object_column(values: np.ndarray | None, n: int) -> np.ndarray:
     return out
 
 
+_GenResult = RawCaption | BaseException
+
+
 class Captioner:
     """``Captioner(cfg)(batch) -> batch``: captions the kept clips of a batch.
 
     Loads the processor and model once, in ``__init__`` (one per Ray actor).
     """
 
-    reads: tuple[str, ...] = ("clip_id", "status", "clip_bytes")
-    writes: tuple[str, ...] = ("caption", "status", "error")
+    reads: tuple[str, ...] = (
+        "clip_id",
+        "status",
+        "clip_bytes",
+        "start_s",
+        "end_s",
+        "width",
+        "height",
+        "score_motion",
+    )
+    writes: tuple[str, ...] = ("caption", "caption_short", "status", "error")
 
     def __init__(self, cfg: CaptionConfig = CaptionConfig()) -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if cfg.num_frames < 1 or cfg.max_pixels < 4 or cfg.batch_size < 1:
+        from model.tiny_text import is_tiny
+
+        if (
+            cfg.num_frames < 1
+            or cfg.max_pixels < 4
+            or cfg.batch_size < 1
+            or cfg.max_new_tokens < 1
+            or (cfg.sample_fps is not None and cfg.sample_fps <= 0)
+        ):
             raise ValueError(f"invalid caption config: {cfg}")
         self.cfg = cfg
-        self.device, self.dtype = _resolve_device_dtype(cfg.device, cfg.dtype)
+        self.device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
         self.processor = AutoProcessor.from_pretrained(cfg.model)
         # decoder-only batched generation: pad on the left so every prompt ends at the
         # position where generation starts
@@ -196,12 +520,14 @@ class Captioner:
         model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self._torch = torch
-        messages = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": cfg.prompt}]}
-        ]
-        self.prompt_text: str = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
+        self.random_weights = is_tiny(cfg.model)
+        self.prefix = RANDOM_WEIGHTS_PREFIX if self.random_weights else ""
+        # generate() calls may shrink below cfg.batch_size after a CUDA out-of-memory
+        self.batch_limit = cfg.batch_size
+        self._chat_cache: dict[str, str] = {}
+        self.prompt_text: str = self._chat(cfg.prompt)
+        eos = model.generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         # Qwen3-VL's processor warns unless told which per-frame pixel cap to use; we
         # size frames ourselves, so take the reference (qwen-vl-utils) behaviour.
         video_processor = getattr(self.processor, "video_processor", None)
@@ -209,9 +535,38 @@ class Captioner:
         if hasattr(type(video_processor), "cap_pixels_per_frame"):
             self._video_kwargs["cap_pixels_per_frame"] = True
 
+    # --- text helpers ---------------------------------------------------------------
+    def _chat(self, prompt: str) -> str:
+        """The chat-templated model input for one instruction (one video placeholder)."""
+        if prompt not in self._chat_cache:
+            messages = [
+                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}
+            ]
+            self._chat_cache[prompt] = self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        return self._chat_cache[prompt]
+
+    def _encode_text(self, text: str) -> list[int]:
+        return list(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _decode_text(self, ids: Sequence[int]) -> str:
+        return str(self.processor.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _finish(self, raw: RawCaption, max_tokens: int) -> str:
+        return finish_caption(raw, max_tokens, self._encode_text, self._decode_text)
+
+    def prompt_for(self, batch: Batch, i: int) -> str:
+        """The instruction for row ``i``: the configured prompt, plus measured facts when
+        ``hints`` is on."""
+        if not self.cfg.hints:
+            return self.cfg.prompt
+        facts = describe_facts(clip_facts(batch, i))
+        return f"{self.cfg.prompt}\n{facts}" if facts else self.cfg.prompt
+
     # --- model calls ------------------------------------------------------------------
-    def _generate(self, clips: Sequence[PreparedClip]) -> list[str]:
-        """Raw decoded answers for ``clips`` in one ``generate`` call."""
+    def model_inputs(self, clips: Sequence[PreparedClip], prompts: Sequence[str]) -> Any:
+        """The processor's batch for ``clips`` (tokens, patchified frames), on the device."""
         metadata = [
             {
                 "total_num_frames": c.total_frames,
@@ -224,7 +579,7 @@ class Captioner:
             for c in clips
         ]
         inputs = self.processor(
-            text=[self.prompt_text] * len(clips),
+            text=[self._chat(p) for p in prompts],
             videos=[c.frames for c in clips],
             # frames are already sampled: the processor must not sample again, and
             # needs their positions and the rate to write Qwen3-VL's timestamps
@@ -237,30 +592,133 @@ class Captioner:
         inputs = inputs.to(self.device)
         if "pixel_values_videos" in inputs:
             inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.dtype)
-        with self._torch.inference_mode():
-            out = self.model.generate(
-                **inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=False
-            )
-        new_tokens = out[:, inputs["input_ids"].shape[1] :]  # (B, new)
-        return list(self.processor.batch_decode(new_tokens, skip_special_tokens=True))
+        return inputs
 
-    def _caption_many(self, clips: Sequence[PreparedClip]) -> list[str | BaseException]:
-        """Batched generation; if the batch fails, retry each clip alone so one bad
-        clip only fails itself."""
-        try:
-            return list(self._generate(clips))
-        except Exception as batch_exc:  # one clip may have broken the whole call
-            if len(clips) == 1:
-                return [batch_exc]
-        results: list[str | BaseException] = []
-        for clip in clips:
+    def generate_from_inputs(self, inputs: Any, **gen_kwargs: Any) -> list[RawCaption]:
+        """Greedy answers for a processor batch, decoded."""
+        kwargs = {"max_new_tokens": self.cfg.max_new_tokens, "do_sample": False, **gen_kwargs}
+        with self._torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]  # (B, new)
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [
+            RawCaption(
+                text=str(text),
+                # no end token among the new ones: stopped by max_new_tokens
+                truncated=not self._eos_ids.intersection(row.tolist()),
+            )
+            for text, row in zip(texts, new_tokens, strict=True)
+        ]
+
+    def _generate(
+        self, clips: Sequence[PreparedClip], prompts: Sequence[str], **gen_kwargs: Any
+    ) -> list[RawCaption]:
+        """Raw decoded answers for ``clips`` in one ``generate`` call."""
+        return self.generate_from_inputs(self.model_inputs(clips, prompts), **gen_kwargs)
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self._torch.cuda.is_available():
+            self._torch.cuda.empty_cache()
+
+    def _each_alone(
+        self, clips: Sequence[PreparedClip], prompts: Sequence[str], **gen_kwargs: Any
+    ) -> list[_GenResult]:
+        results: list[_GenResult] = []
+        for clip, prompt in zip(clips, prompts, strict=True):
             try:
-                results.append(self._generate([clip])[0])
-            except Exception as exc:
+                results.append(self._generate([clip], [prompt], **gen_kwargs)[0])
+            except Exception as exc:  # this clip only
                 results.append(exc)
         return results
 
-    # --- the stage --------------------------------------------------------------------
+    def generate_adaptive(
+        self, clips: Sequence[PreparedClip], prompts: Sequence[str], **gen_kwargs: Any
+    ) -> list[_GenResult]:
+        """Answers for ``clips`` in ``generate`` calls of at most ``batch_limit`` clips.
+
+        A CUDA out-of-memory halves ``batch_limit`` (for the rest of this actor's life)
+        and retries the same clips; any other failure of a batched call retries each
+        clip alone, so that one bad clip only fails itself.
+        """
+        results: list[_GenResult] = []
+        start = 0
+        while start < len(clips):
+            size = min(self.batch_limit, len(clips) - start)
+            part_clips, part_prompts = clips[start : start + size], prompts[start : start + size]
+            oom: str | None = None
+            try:
+                part: list[_GenResult] = list(
+                    self._generate(part_clips, part_prompts, **gen_kwargs)
+                )
+            except self._torch.cuda.OutOfMemoryError as exc:
+                # keep only the message: the traceback's frames hold the failed call's tensors
+                oom = str(exc)
+                part = []
+            except Exception as exc:  # one clip may have broken the whole call
+                part = (
+                    self._each_alone(part_clips, part_prompts, **gen_kwargs) if size > 1 else [exc]
+                )
+            if oom is not None:
+                self._free_memory()
+                if size > 1:
+                    self.batch_limit = max(1, size // 2)
+                    log.warning(
+                        "caption: CUDA out of memory with %d clips per generate(); retrying with %d",
+                        size,
+                        self.batch_limit,
+                    )
+                    continue
+                part = [self._torch.cuda.OutOfMemoryError(f"even for one clip: {oom}")]
+            results.extend(part)
+            start += size
+        return results
+
+    def _caption_chunk(
+        self, clips: Sequence[PreparedClip], prompts: Sequence[str]
+    ) -> list[str | BaseException]:
+        """Final captions (or the reason there is none) for one chunk of clips."""
+        results: list[str | BaseException] = []
+        for raw in self.generate_adaptive(clips, prompts):
+            results.append(
+                raw
+                if isinstance(raw, BaseException)
+                else self._finish(raw, self.cfg.max_caption_tokens)
+            )
+        retry = [k for k, r in enumerate(results) if isinstance(r, str) and degenerate_reason(r)]
+        if retry:
+            again = self.generate_adaptive(
+                [clips[k] for k in retry],
+                [prompts[k] for k in retry],
+                repetition_penalty=self.cfg.retry_repetition_penalty,
+            )
+            for k, raw in zip(retry, again, strict=True):
+                results[k] = (
+                    raw
+                    if isinstance(raw, BaseException)
+                    else self._finish(raw, self.cfg.max_caption_tokens)
+                )
+        for k, r in enumerate(results):
+            reason = degenerate_reason(r) if isinstance(r, str) else None
+            if reason:
+                suffix = " after a retry" if k in retry else ""
+                results[k] = DegenerateCaption(f"{reason}{suffix}")
+        return results
+
+    def _short_captions(self, clips: Sequence[PreparedClip], captions: Sequence[str]) -> list[str]:
+        """One sentence per clip; the first sentence of its long caption when the model's
+        short answer fails or is degenerate."""
+        raws = self.generate_adaptive(
+            clips,
+            [self.cfg.short_prompt] * len(clips),
+            max_new_tokens=self.cfg.short_max_new_tokens,
+        )
+        out = []
+        for raw, long_caption in zip(raws, captions, strict=True):
+            text = "" if isinstance(raw, BaseException) else first_sentence(self._finish(raw, 0))
+            out.append(text if not degenerate_reason(text) else first_sentence(long_caption))
+        return out
+
     def _prepare(
         self, batch: Batch, status: np.ndarray, error: np.ndarray
     ) -> list[tuple[int, PreparedClip]]:
@@ -274,7 +732,9 @@ class Captioner:
                 status[i], error[i] = "error", _clip_error(clip_id, "no clip_bytes")
                 continue
             try:
-                clip = prepare_clip(bytes(payload), self.cfg.num_frames, self.cfg.max_pixels)
+                clip = prepare_clip(
+                    bytes(payload), self.cfg.num_frames, self.cfg.max_pixels, self.cfg.sample_fps
+                )
             except Exception as exc:  # undecodable payload: this clip only
                 status[i], error[i] = "error", _clip_error(clip_id, exc)
                 continue
@@ -287,19 +747,25 @@ class Captioner:
         status = _object_column(batch["status"], n)
         error = _object_column(batch.get("error"), n)
         caption = _object_column(batch.get("caption"), n)
+        caption_short = _object_column(batch.get("caption_short"), n)
 
         todo = self._prepare(batch, status, error)
         for start in range(0, len(todo), self.cfg.batch_size):
             chunk = todo[start : start + self.cfg.batch_size]
-            results = self._caption_many([clip for _, clip in chunk])
-            for (i, _), result in zip(chunk, results, strict=True):
-                text = clean_caption(result) if isinstance(result, str) else ""
-                if isinstance(result, BaseException) or not text:
-                    cause = result if isinstance(result, BaseException) else "empty caption"
-                    status[i], error[i] = "error", _clip_error(batch["clip_id"][i], cause)
+            clips = [clip for _, clip in chunk]
+            results = self._caption_chunk(clips, [self.prompt_for(batch, i) for i, _ in chunk])
+            done: list[tuple[int, PreparedClip, str]] = []
+            for (i, clip), result in zip(chunk, results, strict=True):
+                if isinstance(result, BaseException):
+                    status[i], error[i] = "error", _clip_error(batch["clip_id"][i], result)
                 else:
-                    caption[i] = text
+                    caption[i] = self.prefix + result
+                    done.append((i, clip, result))
+            if self.cfg.short_caption and done:
+                shorts = self._short_captions([c for _, c, _ in done], [t for _, _, t in done])
+                for (i, _, _), short in zip(done, shorts, strict=True):
+                    caption_short[i] = self.prefix + short
 
         out = dict(batch)
-        out.update(status=status, error=error, caption=caption)
+        out.update(status=status, error=error, caption=caption, caption_short=caption_short)
         return out

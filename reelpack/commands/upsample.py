@@ -1,0 +1,77 @@
+"""``reelpack upsample PROMPT...``: expand short prompts into training-style captions.
+
+    reelpack upsample "a corgi on a beach"
+    reelpack upsample --model Qwen/Qwen2.5-3B-Instruct --device cuda "a red kite" "rain"
+    reelpack upsample --preset tiny "a corgi on a beach"   # offline, random weights
+
+Prints one caption per prompt (``--json``: a JSON list of {prompt, caption}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run", "tiny_lm_dir"]
+
+
+def tiny_lm_dir() -> str:
+    """Where ``--preset tiny`` builds its random causal LM (the build's model cache)."""
+    root = os.environ.get("REELPACK_CACHE") or "~/.cache/reelpack"
+    return str(Path(root).expanduser() / "tiny" / "lm")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.upsample import UpsampleConfig, UpsampleError, Upsampler
+
+    model = args.model
+    if args.preset == "tiny" and model is None:
+        from model.tiny_text import build_tiny_causal_lm
+
+        model = build_tiny_causal_lm(tiny_lm_dir())
+    overrides: dict[str, Any] = {"device": args.device}
+    if model is not None:
+        overrides["model"] = model
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.temperature is not None:
+        overrides["temperature"] = args.temperature
+    try:
+        cfg = UpsampleConfig(**overrides)
+        captions = Upsampler(cfg)(args.prompts)
+    except UpsampleError as e:
+        print(f"reelpack upsample: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:  # bad config, model not found
+        print(f"reelpack upsample: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        rows = [{"prompt": p, "caption": c} for p, c in zip(args.prompts, captions, strict=True)]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for caption in captions:
+            print(caption)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "upsample", help="expand short prompts into detailed captions in the training style"
+    )
+    p.add_argument("prompts", nargs="+", help="short prompts, e.g. 'a corgi on a beach'")
+    p.add_argument("--model", help="instruct LLM: hub id or local folder (default: Qwen3-4B)")
+    p.add_argument(
+        "--preset",
+        choices=("default", "tiny"),
+        default="default",
+        help="tiny: a random-weight offline LLM (meaningless output, for trying the command)",
+    )
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1, ...")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, caption}")
+    p.set_defaults(func=run)
