@@ -13,18 +13,23 @@ The pipeline is a flat list of small iterator stages (webdataset style)::
   sequence up to a token budget (NaViT's "Patch n' Pack"), recording which sample
   each token belongs to so attention and the loss stay per sample.
 
-Only local corpus folders are listed today; `shard_urls` is where other storage
-(``s3://`` through a ``pipe:`` url) plugs in.
+`PackedLoader` (in `model.loader`, re-exported here) is what a trainer uses: it plans
+each epoch from the corpus index, shuffles deterministically, splits the work across
+ranks and DataLoader workers with equal step counts, packs with a best-fit packer,
+and resumes mid-epoch from a small ``state_dict``. Corpora on ``s3://`` are read with
+boto3 directly (``AWS_ENDPOINT_URL`` honoured); `iter_samples` reads local folders.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import webdataset as wds
@@ -35,6 +40,7 @@ import schemas
 __all__ = [
     "PackStats",
     "PackedBatch",
+    "PackedLoader",
     "Sample",
     "decode_sample",
     "iter_samples",
@@ -66,11 +72,86 @@ class Sample:
 
 
 # --- reading ---------------------------------------------------------------------------
-def read_manifest(root: str) -> dict[str, Any]:
-    """The corpus manifest (``<root>/manifest.json``) as a dict."""
-    path = Path(root) / schemas.MANIFEST_NAME
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri}: no bucket in s3 url")
+    return bucket, key
+
+
+_S3_CLIENTS: dict[int, Any] = {}
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for this process (standard credential chain, ``AWS_ENDPOINT_URL``).
+
+    One per process id: boto3 clients must not cross a fork into DataLoader workers.
+    """
+    pid = os.getpid()
+    if pid not in _S3_CLIENTS:
+        import boto3
+        from botocore.config import Config
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        config = Config(
+            retries={"max_attempts": 5, "mode": "standard"},
+            # S3-compatible stores behind a custom endpoint rarely have wildcard DNS.
+            s3={"addressing_style": "path" if endpoint else "auto"},
+        )
+        _S3_CLIENTS[pid] = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint or None, config=config
+        )
+    return _S3_CLIENTS[pid]
+
+
+def read_bytes(uri: str) -> bytes:
+    """A whole file from a local path or ``s3://``; FileNotFoundError when it is missing."""
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    bucket, key = split_s3(uri)
+    client = s3_client()
     try:
-        manifest: dict[str, Any] = json.loads(path.read_text())
+        body: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        raise FileNotFoundError(uri) from None
+    return body
+
+
+def list_files(prefix: str, suffix: str) -> list[str]:
+    """Files directly under folder `prefix` (local or ``s3://``) whose names end in `suffix`, sorted."""
+    if not is_s3(prefix):
+        return sorted(str(p) for p in Path(prefix).glob(f"*{suffix}"))
+    bucket, key = split_s3(prefix.rstrip("/") + "/")
+    out = []
+    for page in (
+        s3_client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket, Prefix=key, Delimiter="/")
+    ):
+        out += [
+            f"s3://{bucket}/{o['Key']}"
+            for o in page.get("Contents", [])
+            if o["Key"].endswith(suffix)
+        ]
+    return sorted(out)
+
+
+def join_uri(root: str, *parts: str) -> str:
+    if is_s3(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return str(Path(root, *parts))
+
+
+def read_manifest(root: str) -> dict[str, Any]:
+    """The corpus manifest (``<root>/manifest.json``, local or ``s3://``) as a dict."""
+    path = join_uri(root, schemas.MANIFEST_NAME)
+    try:
+        manifest: dict[str, Any] = json.loads(read_bytes(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no corpus manifest") from None
     for key in ("patch_size", "vae"):
@@ -80,10 +161,10 @@ def read_manifest(root: str) -> dict[str, Any]:
 
 
 def shard_urls(root: str) -> list[str]:
-    """Shard urls of a corpus in name order (deterministic epochs)."""
-    urls = sorted(str(p) for p in (Path(root) / schemas.SHARDS_DIR).glob("*.tar"))
+    """Shard urls of a corpus (local paths or ``s3://`` urls) in name order."""
+    urls = list_files(join_uri(root, schemas.SHARDS_DIR), ".tar")
     if not urls:
-        raise FileNotFoundError(f"{Path(root) / schemas.SHARDS_DIR}: no *.tar shards")
+        raise FileNotFoundError(f"{join_uri(root, schemas.SHARDS_DIR)}: no *.tar shards")
     return urls
 
 
@@ -183,16 +264,27 @@ class PackedBatch:
     """Several samples' tokens concatenated into one sequence.
 
     Sample ``i`` owns tokens ``cu_seqlens[i]:cu_seqlens[i+1]``; ``sample_ids`` says the
-    same per token (for gathers and the block-diagonal attention mask).
+    same per token (for gathers and the block-diagonal attention mask). Caption
+    embeddings, when the corpus stores them, are packed the same way: sample ``i``
+    owns ``text_embeds[text_cu_seqlens[i]:text_cu_seqlens[i+1]]``.
     """
 
     tokens: torch.Tensor  # (N, D) float32
     positions: torch.Tensor  # (N, 3) int64, (t, h, w) in patch units within the sample
     sample_ids: torch.Tensor  # (N,) int64 in [0, S)
     cu_seqlens: torch.Tensor  # (S + 1,) int32, cumulative token counts
-    grids: list[Grid]  # per sample (t, h, w) tokens
+    grids: list[Grid]  # per sample (t, h, w) tokens of the full (cropped/downscaled) latent
     captions: list[str]
     keys: list[str]
+    text_embeds: torch.Tensor | None = None  # (M, Dt) float32, or None without embeddings
+    text_cu_seqlens: torch.Tensor | None = None  # (S + 1,) int32, or None
+    # Token dropping (NaViT): each kept token's raster index in its sample's full grid;
+    # None when no token was dropped. Positions stay the true (t, h, w) either way.
+    keep_index: torch.Tensor | None = None  # (N,) int64
+    timesteps: torch.Tensor | None = None  # (S,) float32 placeholders (NaN): the trainer draws t
+    token_budget: int = 0  # the sequence length the batch was packed for (0: unknown)
+    batch_seed: int = 0  # deterministic per (seed, epoch, rank, step): seed per-step noise with it
+    policies: list[str] = field(default_factory=list)  # per sample: "", "crop" or "downscale"
 
     @property
     def num_samples(self) -> int:
@@ -202,32 +294,76 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
+    @property
+    def num_padding(self) -> int:
+        """Tokens a fixed-length step would pad: ``token_budget - num_tokens`` (0 if unknown)."""
+        return max(self.token_budget - self.num_tokens, 0)
+
     def to(self, device: str | torch.device) -> PackedBatch:
-        return PackedBatch(
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        return dataclasses.replace(
+            self,
             tokens=self.tokens.to(device),
             positions=self.positions.to(device),
             sample_ids=self.sample_ids.to(device),
             cu_seqlens=self.cu_seqlens.to(device),
-            grids=self.grids,
-            captions=self.captions,
-            keys=self.keys,
+            text_embeds=move(self.text_embeds),
+            text_cu_seqlens=move(self.text_cu_seqlens),
+            keep_index=move(self.keep_index),
+            timesteps=move(self.timesteps),
         )
 
 
 @dataclass
 class PackStats:
-    """Running counts of a `pack` call (pass one in to read them while it streams)."""
+    """Running counts of a `pack` call or a `PackedLoader` (read them while it streams).
+
+    A `PackedLoader` counts per rank: ``samples_packed``, ``batches``, ``tokens`` and
+    ``padding_tokens`` are what this rank yielded; the per-policy counts (skipped,
+    cropped, downscaled, dropped at the epoch end) are per epoch over the whole corpus,
+    the same on every rank, added when an epoch starts.
+    """
 
     samples_in: int = 0
     samples_packed: int = 0
-    samples_skipped: int = 0  # larger than the token budget on their own
+    samples_skipped: int = 0  # larger than the token budget on their own (after the policy)
     skipped_keys: list[str] = field(default_factory=list)
     batches: int = 0
     tokens: int = 0
+    samples_cropped: int = 0  # temporally cropped to fit the budget
+    samples_downscaled: int = 0  # read at a smaller stored resolution to fit the budget
+    samples_dropped: int = 0  # in the < world_size packed sequences left over at an epoch's end
+    padding_tokens: int = 0  # budget minus tokens, summed over batches
+    tokens_dropped: int = 0  # removed by NaViT token dropping
+    seconds: float = 0.0  # wall time spent producing batches (loader only)
+    _max_keys: int = 1000  # skipped_keys keeps at most this many examples
 
     def fill(self, token_budget: int) -> float:
         """Mean share of the budget used per batch."""
         return self.tokens / (self.batches * token_budget) if self.batches else math.nan
+
+    def padding_fraction(self) -> float:
+        """Share of the packed sequences' slots that are padding."""
+        total = self.tokens + self.padding_tokens
+        return self.padding_tokens / total if total else math.nan
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+    def skip(self, key: str) -> None:
+        self.samples_skipped += 1
+        if len(self.skipped_keys) < self._max_keys:
+            self.skipped_keys.append(key)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del out["_max_keys"]
+        out["skipped_keys"] = out["skipped_keys"][:20]
+        out["padding_fraction"] = self.padding_fraction()
+        out["tokens_per_s"] = self.tokens_per_s()
+        return out
 
 
 def _collate(parts: list[tuple[Sample, torch.Tensor, torch.Tensor, Grid]]) -> PackedBatch:
@@ -263,13 +399,13 @@ def pack(
         tokens, positions = patchify(sample.latents, patch)
         n = tokens.shape[0]
         if n > token_budget:
-            stats.samples_skipped += 1
-            stats.skipped_keys.append(sample.key)
+            stats.skip(sample.key)
             continue
         if used + n > token_budget:
             stats.batches += 1
             stats.tokens += used
-            yield _collate(parts)
+            stats.padding_tokens += token_budget - used
+            yield dataclasses.replace(_collate(parts), token_budget=token_budget)
             parts, used = [], 0
         _, t, h, w = sample.latents.shape
         parts.append((sample, tokens, positions, (t // patch[0], h // patch[1], w // patch[2])))
@@ -278,4 +414,19 @@ def pack(
     if parts:
         stats.batches += 1
         stats.tokens += used
-        yield _collate(parts)
+        stats.padding_tokens += token_budget - used
+        yield dataclasses.replace(_collate(parts), token_budget=token_budget)
+
+
+# The loader lives in its own module, which imports this one: re-export it lazily so
+# that importing either module first works.
+if TYPE_CHECKING:
+    from model.loader import PackedLoader
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PackedLoader":
+        from model.loader import PackedLoader
+
+        return PackedLoader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,146 @@
+"""Packer invariants as property tests: `best_fit_pack` on sizes, and whole loader epochs
+on generated corpora (no token lost or duplicated, budget respected, positions and
+``cu_seqlens`` consistent), plus the ``pack-stats`` command."""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_data_loader import MIX, check_batch, tokens_of, write_corpus
+
+from model.data import PackedLoader, PackStats, Sample, pack
+from model.loader import best_fit_pack
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    budget=st.integers(1, 64),
+    window=st.integers(1, 20),
+    max_open=st.integers(1, 8),
+)
+def test_best_fit_pack_places_every_item_once_within_budget(
+    data: st.DataObject, budget: int, window: int, max_open: int
+) -> None:
+    sizes = data.draw(st.lists(st.integers(1, budget), max_size=80))
+    bins = best_fit_pack(sizes, budget, window, max_open)
+    assert sorted(i for b in bins for i in b) == list(range(len(sizes)))
+    assert all(b and sum(sizes[i] for i in b) <= budget for b in bins)
+    assert bins == best_fit_pack(sizes, budget, window, max_open)  # deterministic
+
+
+def test_best_fit_pack_refuses_oversize_items() -> None:
+    with pytest.raises(ValueError, match="budget is 4"):
+        best_fit_pack([2, 5], 4)
+
+
+def _realistic_sizes(n: int, budget: int) -> list[int]:
+    """Token counts of a mix of aspects, pixel budgets and durations (VAE 8x4, patch 1x2x2)."""
+    rng = random.Random(0)
+    sizes = []
+    for _ in range(n):
+        aw, ah = rng.choice([(16, 9), (9, 16), (4, 3), (1, 1), (21, 9)])
+        area = rng.choice([256 * 256, 384 * 384, 512 * 512])
+        h, w = int((area * ah / aw) ** 0.5) // 16, int((area * aw / ah) ** 0.5) // 16
+        t = 1 if rng.random() < 0.2 else rng.choice([3, 5, 9, 13, 17, 21])
+        sizes.append(t * h * w)
+    return [s for s in sizes if s <= budget]
+
+
+def test_best_fit_beats_greedy_in_order_packing() -> None:
+    # the same items through the old greedy in-order packer and the best-fit packer
+    budget = 16384
+    sizes = _realistic_sizes(1500, budget)
+    bfd = best_fit_pack(sizes, budget, window=64)
+    greedy_bins, used = 0, budget
+    for s in sizes:
+        if used + s > budget:
+            greedy_bins, used = greedy_bins + 1, 0
+        used += s
+    pad_bfd = 1 - sum(sizes) / (len(bfd) * budget)
+    pad_greedy = 1 - sum(sizes) / (greedy_bins * budget)
+    assert pad_bfd < 0.02 and pad_greedy > 5 * pad_bfd, (pad_bfd, pad_greedy)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    shards=st.lists(st.lists(st.sampled_from(MIX), max_size=6), min_size=1, max_size=4).filter(
+        lambda s: any(s)
+    ),
+    budget=st.integers(8, 40),
+    world_size=st.integers(1, 3),
+    seed=st.integers(0, 3),
+)
+def test_loader_epoch_invariants(
+    shards: list[list[tuple[int, int, int]]], budget: int, world_size: int, seed: int
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        expected = write_corpus(Path(tmp) / "c", shards)
+        root = str(Path(tmp) / "c")
+        seen: Counter[str] = Counter()
+        steps = set()
+        for rank in range(world_size):
+            loader = PackedLoader(
+                root,
+                token_budget=budget,
+                rank=rank,
+                world_size=world_size,
+                seed=seed,
+                shuffle_buffer=3,
+                pack_buffer=4,
+            )
+            batches = list(loader)
+            steps.add(len(batches))
+            for b in batches:
+                check_batch(b, expected, budget)  # tokens, positions, cu_seqlens, budget
+                seen.update(b.keys)
+        plan = loader.plan(0)
+        assert len(steps) == 1
+        assert max(seen.values(), default=1) == 1
+        too_big = {
+            k for k, e in expected.items() if tokens_of(e["row"]["latent_shape"][1:]) > budget
+        }
+        assert set(plan.skipped) == too_big
+        assert set(seen) | set(plan.dropped) | too_big == set(expected)
+        assert len(plan.bins) - world_size * plan.per_rank < world_size
+
+
+def test_legacy_pack_reports_padding() -> None:
+    import torch
+
+    samples = [
+        Sample(key=f"s{i}", latents=torch.zeros(4, 1, 2, 2 * n), caption="", meta={})
+        for i, n in enumerate([3, 3, 2])
+    ]
+    stats = PackStats()
+    batches = list(pack(samples, 4, (1, 2, 2), stats))
+    assert [b.num_tokens for b in batches] == [3, 3, 2]
+    assert [b.num_padding for b in batches] == [1, 1, 2]
+    assert stats.padding_fraction() == pytest.approx(4 / 12)
+
+
+def test_pack_stats_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reelpack import cli
+
+    write_corpus(tmp_path / "c", [MIX, [*MIX[:3], (8, 8, 8)]])  # one sample of 128 tokens
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "pack_stats"))
+    code = cli.main(["pack-stats", str(tmp_path / "c"), "--budget", "32", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples_indexed"] == 12 and out["samples_skipped"] == 1
+    assert out["samples_packed"] + out["samples_dropped_at_epoch_end"] == 11
+    assert out["sequences"] == out["steps_per_epoch"] > 0
+    assert 0 <= out["padding_fraction"] < 1 and out["tokens_per_s"] > 0
+    code = cli.main(["pack-stats", str(tmp_path / "c"), "--budget", "32", "--oversize", "crop"])
+    text = capsys.readouterr().out
+    assert code == 0 and "samples_cropped" in text and "padding_fraction" in text
+    assert cli.main(["pack-stats", str(tmp_path / "nothing"), "--budget", "8"]) == 2
