@@ -1,8 +1,22 @@
-"""Ray job entry point: train a DiT on a corpus.
+"""Job entry point: train a DiT on a corpus (same flags as ``reelpack train``).
 
-    ray job submit --working-dir . -- python jobs/train.py s3://corpora/v1 --out /ckpt/run1 --steps 1000
+One process::
 
-Same flags as ``reelpack train``.
+    python jobs/train.py /data/corpus --out /ckpt/run1 --steps 1000
+
+Several GPUs with DDP (or FSDP for the large presets), one process per GPU::
+
+    torchrun --nproc_per_node 8 jobs/train.py /data/corpus --out /ckpt/run1 \\
+        --preset DiT-XL --fsdp true --token-budget 32768 --steps 100000
+
+On a Ray cluster (Ray Train ``TorchTrainer``, one worker per GPU)::
+
+    ray job submit --working-dir . -- python jobs/train.py s3://corpora/v1 \\
+        --out /shared/ckpt/run1 --ray-workers 8 --ray-gpu --steps 100000
+
+Tiny CPU check (2 processes, gloo)::
+
+    torchrun --nproc_per_node 2 jobs/train.py /tmp/demo/corpus --out /tmp/ddp --steps 4
 """
 
 from __future__ import annotations

@@ -7,4 +7,4 @@ explicitly (``from model.vae import VideoVAE``) so that loading the VAE wrapper 
 not pull in the trainer.
 """
 
-__all__ = ["data", "dit", "flow", "train", "vae"]
+__all__ = ["data", "dit", "ema", "flow", "loader", "sample", "text", "tiny_text", "train", "vae"]

@@ -3,69 +3,432 @@
 Tiny CPU run (seconds), on a corpus built with the tiny preset::
 
     python -m model.train --root /tmp/corpus --out /tmp/run --preset DiT-tiny --steps 50
+    reelpack train /tmp/corpus --out /tmp/run --steps 50 [--resume]
 
-The corpus is streamed shard by shard and cycled (epoch after epoch, same order);
-samples are packed greedily into sequences of at most ``token_budget`` tokens, one
-sequence per optimizer step. Writes ``<out>/config.json`` (resolved config) and
-``<out>/checkpoint.pt`` (model weights and config as plain tensors and dicts,
-loadable with ``torch.load(..., weights_only=True)``; see `load_checkpoint`).
+Several GPUs (DDP; FSDP with ``--fsdp`` for the large presets)::
+
+    torchrun --nproc_per_node 8 jobs/train.py /data/corpus --out /ckpt/run1 --preset DiT-XL --fsdp
+
+or Ray Train (`train_with_ray`, ``reelpack train ... --ray-workers 8``).
+
+One optimizer step = ``grad_accum`` packed sequences of at most ``token_budget``
+tokens per rank. AdamW, linear warmup then cosine decay, gradient clipping, bf16
+autocast on CUDA, EMA weights. Writes ``<out>/config.json`` (resolved config),
+``<out>/metrics.jsonl`` (one line per log step) and ``<out>/checkpoint.pt``: model,
+EMA, optimizer, scheduler, every rank's RNG and loader state, step and resolved
+config, all plain tensors and dicts (``torch.load(..., weights_only=True)``).
+
+Resuming (``resume=True``) restores all of it, so the next losses are exactly those
+the uninterrupted run would have produced (on the CPU; on GPUs up to kernel
+non-determinism). Only `RESUMABLE_CHANGES` may differ from the checkpoint's config.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
-from model.data import PackStats, Sample, iter_samples, pack, read_manifest
-from model.dit import DiT, DiTConfig, build_dit
-from model.flow import flow_loss
+from model.data import PackedLoader, read_manifest
+from model.dit import ATTN_BACKENDS, DiT, DiTConfig, build_dit
+from model.ema import EMA
+from model.flow import REDUCTIONS, caption_keep_mask, flow_loss, resolution_shift
 
-__all__ = ["TrainConfig", "cycle_samples", "load_checkpoint", "train"]
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "TrainConfig",
+    "load_checkpoint",
+    "load_train_config",
+    "make_loader",
+    "train",
+    "train_with_ray",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+# TrainConfig fields a resumed run may change without changing what it computes next
+# (`steps` extends or shortens the schedule, which does change the lr from then on).
+RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "device", "num_workers")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Everything a run depends on; saved resolved in ``config.json`` and the checkpoint."""
+
     preset: str = "DiT-tiny"
     steps: int = 100
     lr: float = 1e-4
-    token_budget: int = 4096  # tokens per packed sequence = per optimizer step
+    token_budget: int = 4096  # tokens per packed sequence, per rank and micro-step
     seed: int = 0
     log_every: int = 10
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda when available)
+    weight_decay: float = 0.0  # on matrices only, never on biases, norms or embeddings
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at `steps`
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    grad_accum: int = 1  # packed sequences per optimizer step
+    ema_decay: float = 0.999  # 0 = no EMA
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA), "bf16" or "fp32"
+    caption_dropout: float = 0.1  # share of samples trained with the null caption (CFG)
+    loss_reduction: str = "sample"  # "sample": per-sample mean first; "token": flat mean
+    timestep_mean: float = 0.0  # logit-normal timestep distribution
+    timestep_std: float = 1.0
+    shift_base_tokens: int = 256  # timestep shift sqrt(tokens / base); 0 = no shift
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end only
+    attn_backend: str = "auto"  # see model.dit.ATTN_BACKENDS
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2)
+    gradient_checkpointing: bool = False
+    num_workers: int = 0  # loader worker processes
+    shuffle_buffer: int = 256  # samples; used by the shuffling loader
+
+    def validate(self) -> None:
+        problems = []
+        if self.steps < 1 or self.grad_accum < 1 or self.token_budget < 1:
+            problems.append("steps, grad_accum and token_budget must be positive")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"precision {self.precision!r} is not auto, bf16 or fp32")
+        if self.loss_reduction not in REDUCTIONS:
+            problems.append(f"loss_reduction {self.loss_reduction!r} is not one of {REDUCTIONS}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            problems.append(f"attn_backend {self.attn_backend!r} is not one of {ATTN_BACKENDS}")
+        if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
+            problems.append("caption_dropout must be in [0, 1] and ema_decay in [0, 1)")
+        if problems:
+            raise ValueError("bad TrainConfig: " + "; ".join(problems))
 
 
-def cycle_samples(root: str, stats: PackStats | None = None) -> Iterator[Sample]:
-    """The corpus's samples, epoch after epoch, in stored order.
+def load_train_config(path: str | None = None, **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from a YAML/JSON file of its fields, then `overrides` (None = unset)."""
+    values: dict[str, Any] = {}
+    if path:
+        import yaml
 
-    Raises ValueError when an epoch holds no samples, or, given the `stats` of the
-    `pack` consuming this stream, when a whole epoch packed none (all over budget):
-    either would otherwise loop forever.
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+        values.update(loaded.get("train", loaded))  # a saved config.json has a "train" key
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path or 'overrides'}: unknown TrainConfig fields {unknown}")
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+# --- data ------------------------------------------------------------------------------
+class Loader(Protocol):
+    """What the trainer needs from a loader (`model.data.PackedLoader` has it)."""
+
+    stats: Any
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def make_loader(
+    root: str, cfg: TrainConfig, patch: tuple[int, int, int], rank: int, world_size: int
+) -> Loader:
+    """This rank's `model.data.PackedLoader` (planned from the index, shuffled, resumable)."""
+    return PackedLoader(
+        root,
+        token_budget=cfg.token_budget,
+        patch=patch,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.num_workers,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
+
+
+class _Stream:
+    """Batches from `loader`, epoch after epoch; remembers which epoch it is in."""
+
+    def __init__(self, loader: Loader, epoch: int, fresh: bool, where: str) -> None:
+        self.loader, self.epoch, self.where = loader, epoch, where
+        self._it = self._run(fresh)
+
+    def _run(self, fresh: bool) -> Iterator[Any]:
+        while True:
+            if fresh:
+                self.loader.set_epoch(self.epoch)
+            count = 0
+            for batch in self.loader:
+                count += 1
+                yield batch
+            if count == 0 and fresh:
+                raise ValueError(
+                    f"{self.where}: an epoch produced no packed batch: the corpus is empty or "
+                    f"no sample fits the token budget ({self.loader.stats})"
+                )
+            self.epoch, fresh = self.epoch + 1, True
+
+    def __next__(self) -> Any:
+        return next(self._it)
+
+
+def _to_device(batch: Any, device: torch.device) -> dict[str, Any]:
+    """The tensors the loss needs, from a `PackedBatch` (old or new), on `device`."""
+    out: dict[str, Any] = {}
+    for name in (
+        "tokens",
+        "positions",
+        "sample_ids",
+        "cu_seqlens",
+        "text_embeds",
+        "text_cu_seqlens",
+    ):
+        value = getattr(batch, name, None)
+        out[name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else None
+    out["num_samples"] = int(out["cu_seqlens"].numel() - 1)
+    padding = getattr(batch, "num_padding", None)
+    budget = getattr(batch, "token_budget", None)
+    out["num_slots"] = int(budget) if budget else int(out["tokens"].shape[0]) + int(padding or 0)
+    return out
+
+
+# --- distributed -----------------------------------------------------------------------
+@dataclass
+class _Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool
+
+    def all_mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def all_sum(self, value: float) -> float:
+        return self.all_mean(value) * self.world_size
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _setup_distributed(cfg: TrainConfig) -> _Dist:
+    """Join (or start, under torchrun) the process group; choose this rank's device."""
+    want_cuda = cfg.device.startswith("cuda") or (
+        cfg.device == "auto" and torch.cuda.is_available()
+    )
+    owns = False
+    if (
+        dist.is_available()
+        and not dist.is_initialized()
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+        owns = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if want_cuda:
+        if cfg.device.startswith("cuda:"):
+            device = torch.device(cfg.device)
+        else:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return _Dist(rank, world, device, owns)
+
+
+def _wrap(model: DiT, cfg: TrainConfig, d: _Dist) -> nn.Module:
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():
+            raise ValueError("fsdp=True needs a process group (torchrun or Ray Train)")
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay matrices only: biases, norm gains and the null caption stay unregularised.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2 and p.shape[0] > 1]
+    ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _lr_lambda(cfg: TrainConfig) -> Any:
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# --- checkpoints -----------------------------------------------------------------------
+def _model_and_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Full (gathered) state dicts; collective under FSDP, so every rank calls it."""
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (
+            get_model_state_dict(model, options=opts),
+            dict(get_optimizer_state_dict(model, optimizer, options=opts)),
+        )
+    inner = model.module if hasattr(model, "module") else model
+    assert isinstance(inner, nn.Module)
+    return inner.state_dict(), optimizer.state_dict()
+
+
+def _load_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], cfg: TrainConfig
+) -> None:
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any], device: torch.device) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a reader never sees a half-written checkpoint
+
+
+def _resolved_config(
+    cfg: TrainConfig,
+    model_cfg: DiTConfig,
+    root: str,
+    manifest: dict[str, Any],
+    patch: tuple[int, int, int],
+) -> dict[str, Any]:
+    resolved = {
+        "train": dataclasses.asdict(cfg),
+        "model": dataclasses.asdict(model_cfg),
+        "corpus": {
+            "root": root,
+            "vae": manifest["vae"],
+            "patch_size": list(patch),
+            "text_encoder": manifest.get("text_encoder"),
+        },
+    }
+    loaded: dict[str, Any] = json.loads(json.dumps(resolved))  # plain JSON types, as stored
+    return loaded
+
+
+def _check_resumable(saved: dict[str, Any], resolved: dict[str, Any], path: Path) -> None:
+    if saved["model"] != resolved["model"]:
+        raise ValueError(f"{path}: the checkpoint's model config differs from this run's")
+    changed = sorted(
+        k
+        for k, v in resolved["train"].items()
+        if saved["train"].get(k) != v and k not in RESUMABLE_CHANGES
+    )
+    if changed:
+        raise ValueError(
+            f"{path}: cannot resume with changed {changed} (only {list(RESUMABLE_CHANGES)} may change)"
+        )
+
+
+# --- the loop --------------------------------------------------------------------------
+def _loss(
+    model: nn.Module, b: dict[str, Any], cfg: TrainConfig, text: bool, generator: torch.Generator
+) -> torch.Tensor:
+    s = b["num_samples"]
+    cu = b["cu_seqlens"]
+    shift = (
+        resolution_shift((cu[1:] - cu[:-1]).float(), cfg.shift_base_tokens)
+        if cfg.shift_base_tokens
+        else None
+    )
+    kwargs: dict[str, Any] = {"cu_seqlens": cu}
+    if text:
+        kwargs["text_embeds"] = b["text_embeds"]
+        kwargs["text_cu_seqlens"] = b["text_cu_seqlens"]
+        kwargs["text_keep"] = caption_keep_mask(
+            s, cfg.caption_dropout, generator, b["tokens"].device
+        )
+    return flow_loss(
+        model,
+        b["tokens"],
+        b["positions"],
+        b["sample_ids"],
+        s,
+        generator,
+        shift=shift,
+        reduction=cfg.loss_reduction,
+        timestep_mean=cfg.timestep_mean,
+        timestep_std=cfg.timestep_std,
+        model_kwargs=kwargs,
+    )
+
+
+def train(  # noqa: C901
+    root: str, out: str, cfg: TrainConfig, *, resume: bool = False, until: int | None = None
+) -> list[float]:
+    """Train to step `cfg.steps` on the corpus at `root`; save to `out`; return this run's losses.
+
+    With `resume`, continue from ``<out>/checkpoint.pt`` (a missing one starts fresh).
+    `until` stops early at that step with a checkpoint (a time-sliced or preempted job):
+    the schedule is still the one of `cfg.steps`.
+    Under torchrun or Ray Train every rank calls this; losses are means over ranks.
     """
-    while True:
-        count = 0
-        packed_before = stats.samples_packed if stats is not None else 0
-        for sample in iter_samples(root):
-            count += 1
-            yield sample
-        if count == 0:
-            raise ValueError(f"{root}: the corpus shards hold no samples")
-        if stats is not None and stats.samples_packed == packed_before:
-            raise ValueError(
-                f"{root}: none of {count} samples fits the token budget "
-                f"(skipped: {stats.skipped_keys[:5]}...)"
-            )
-
-
-def train(root: str, out: str, cfg: TrainConfig) -> list[float]:
-    """Train `cfg.steps` steps on the corpus at `root`; save to `out`; return the losses."""
+    cfg.validate()
     manifest = read_manifest(root)
     if len(manifest["patch_size"]) != 3:
         raise ValueError(
@@ -73,63 +436,223 @@ def train(root: str, out: str, cfg: TrainConfig) -> list[float]:
         )
     pt, ph, pw = (int(p) for p in manifest["patch_size"])
     patch = (pt, ph, pw)
-    torch.manual_seed(cfg.seed)
-    model = build_dit(
+    text_entry = manifest.get("text_encoder") or {}
+    d = _setup_distributed(cfg)
+    out_dir = Path(out)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    state: dict[str, Any] | None = None
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    raw = build_dit(
         cfg.preset,
         in_channels=int(manifest["vae"]["latent_channels"]),
         patch_size=patch,
-    ).to(cfg.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+        text_dim=int(text_entry.get("dim") or 0),
+    )
+    raw.attn_backend = cfg.attn_backend
+    raw.gradient_checkpointing = cfg.gradient_checkpointing
+    resolved = _resolved_config(cfg, raw.config, root, manifest, patch)
+    if state is not None:
+        _check_resumable(state["config"], resolved, ckpt_path)
+        raw.load_state_dict(state["model"])
+    raw.to(d.device)
+    model = _wrap(raw, cfg, d)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1_000_003 * d.rank)
+    loader = make_loader(root, cfg, patch, d.rank, d.world_size)
+    start, epoch, fresh = 0, 0, True
+    if state is not None:
+        _load_optimizer(model, optimizer, state["optimizer"], cfg)
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if len(state["rng"]) != d.world_size:
+            raise ValueError(
+                f"{ckpt_path}: saved by {len(state['rng'])} ranks, resuming on {d.world_size}"
+            )
+        _set_rng_state(generator, state["rng"][d.rank], d.device)
+        loader.load_state_dict(state["loader"][d.rank])
+        start, epoch, fresh = int(state["step"]), int(state["epoch"][d.rank]), False
+    batches = _Stream(loader, epoch, fresh, root)
+    autocast_bf16 = (d.device.type == "cuda" and cfg.precision == "auto") or cfg.precision == "bf16"
+    text = raw.config.text_dim > 0
 
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {
-        "train": dataclasses.asdict(cfg),
-        "model": dataclasses.asdict(model.config),
-        "corpus": {"root": root, "vae": manifest["vae"], "patch_size": list(patch)},
-    }
-    resolved = json.loads(json.dumps(resolved))  # plain JSON types, as stored everywhere
-    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    if d.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+    metrics = out_dir / "metrics.jsonl"
 
-    stats = PackStats()
-    batches = pack(cycle_samples(root, stats), cfg.token_budget, patch, stats)
+    def save(step: int) -> None:
+        model_state, optim_state = _model_and_optimizer_state(model, optimizer, cfg)
+        ema_state = ema.state_dict() if ema is not None else None
+        rng = d.gather(_rng_state(generator, d.device))
+        loader_states = d.gather(loader.state_dict())
+        epochs = d.gather(batches.epoch)
+        if d.rank == 0:
+            _atomic_save(
+                {
+                    "model": model_state,
+                    "ema": ema_state,
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng,
+                    "loader": loader_states,
+                    "epoch": epochs,
+                    "step": step,
+                    "steps": step,
+                    "config": resolved,
+                },
+                ckpt_path,
+            )
+
     losses: list[float] = []
     model.train()
-    for step in range(1, cfg.steps + 1):
-        start = time.perf_counter()
-        batch = next(batches).to(cfg.device)
-        loss = flow_loss(
-            model, batch.tokens, batch.positions, batch.sample_ids, batch.num_samples, generator
-        )
+    last = cfg.steps if until is None else min(until, cfg.steps)
+    for step in range(start + 1, last + 1):
+        began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss, tokens, slots = 0.0, 0, 0
+        for micro in range(cfg.grad_accum):
+            b = _to_device(next(batches), d.device)
+            tokens, slots = tokens + b["tokens"].shape[0], slots + b["num_slots"]
+            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+            with (
+                contextlib.nullcontext() if sync else model.no_sync(),  # type: ignore[operator]
+                torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast_bf16),
+            ):
+                loss = _loss(model, b, cfg, text, generator)
+            (loss / cfg.grad_accum).backward()
+            step_loss += float(loss.detach()) / cfg.grad_accum
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if cfg.grad_clip > 0
+            else math.nan
+        )
         optimizer.step()
-        losses.append(loss.item())
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        losses.append(d.all_mean(step_loss))
         if step % cfg.log_every == 0 or step == cfg.steps:
-            tokens_per_s = batch.num_tokens / (time.perf_counter() - start)
-            print(f"step {step} loss {losses[-1]:.4f} tokens/s {tokens_per_s:.0f}", flush=True)
-
-    print(
-        f"packed {stats.samples_packed} samples in {stats.batches} sequences "
-        f"(fill {stats.fill(cfg.token_budget):.2f}), skipped {stats.samples_skipped} over budget",
-        flush=True,
-    )
-    torch.save(
-        {"model": model.state_dict(), "config": resolved, "steps": cfg.steps},
-        out_dir / "checkpoint.pt",
-    )
+            seconds = time.perf_counter() - began
+            all_tokens, all_slots = d.all_sum(tokens), d.all_sum(slots)
+            record = {
+                "step": step,
+                "loss": losses[-1],
+                "tokens_per_s": all_tokens / seconds,
+                "padding": 1.0 - all_tokens / max(all_slots, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+            }
+            if d.rank == 0:
+                print(
+                    f"step {step} loss {record['loss']:.4f} tokens/s {record['tokens_per_s']:.0f} "
+                    f"pad {record['padding']:.3f} lr {record['lr']:.2e} grad_norm {grad_norm:.3f}",
+                    flush=True,
+                )
+                with metrics.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != last:
+            save(step)
+    if start < last or state is None:
+        save(last)
+    if d.rank == 0:
+        print(f"loader: {loader.stats}", flush=True)
+    if d.owns_group:
+        dist.destroy_process_group()
     return losses
 
 
-def load_checkpoint(path: str, device: str = "cpu") -> tuple[DiT, dict[str, Any]]:
-    """A saved model and its resolved config (no pickled objects are loaded)."""
+def train_with_ray(
+    root: str,
+    out: str,
+    cfg: TrainConfig,
+    *,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    resume: bool = False,
+) -> list[float]:
+    """`train` on `num_workers` Ray Train workers (``TorchTrainer``; DDP or FSDP inside).
+
+    Connects to the running Ray (``ray.init()`` / ``RAY_ADDRESS``). `out` must be
+    storage every worker sees (a shared filesystem on a cluster).
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out_abs = str(Path(out).resolve())
+    losses_file = Path(out_abs) / "ray_losses.json"
+
+    def loop(config: dict[str, Any]) -> None:
+        import ray.train
+
+        losses = train(config["root"], config["out"], config["cfg"], resume=config["resume"])
+        if ray.train.get_context().get_world_rank() == 0:
+            # Ray Train 2 keeps reported metrics only with checkpoints: hand the curve over
+            # through the (shared) output folder instead.
+            Path(config["losses_file"]).write_text(json.dumps(losses))
+        ray.train.report({"loss": losses[-1] if losses else math.nan})
+
+    device = "cuda" if use_gpu else "cpu"
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={
+            "root": root,
+            "out": out_abs,
+            "cfg": dataclasses.replace(cfg, device=device),
+            "resume": resume,
+            "losses_file": str(losses_file),
+        },
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name="reelpack-train", storage_path=str(Path(out_abs) / "ray")),
+    )
+    trainer.fit()  # raises when a worker failed
+    losses: list[float] = json.loads(losses_file.read_text())
+    return losses
+
+
+def load_checkpoint(
+    path: str, device: str = "cpu", *, ema: bool = False
+) -> tuple[DiT, dict[str, Any]]:
+    """A saved model (its EMA weights with `ema`) and its resolved config; nothing is unpickled."""
     state = torch.load(path, map_location=device, weights_only=True)
     model_cfg = dict(state["config"]["model"])
     model_cfg["patch_size"] = tuple(model_cfg["patch_size"])
     model = DiT(DiTConfig(**model_cfg)).to(device)
     model.load_state_dict(state["model"])
+    if ema:
+        if state.get("ema") is None:
+            raise ValueError(f"{path}: the checkpoint holds no EMA weights (ema_decay was 0)")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(state["ema"][name])
     return model, state["config"]
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per `TrainConfig` field, default None (= the file's or the default)."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        kind = type(getattr(TrainConfig(), f.name))
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=_parse_bool if kind is bool else kind,
+            default=None,
+            help=f"(default {getattr(TrainConfig(), f.name)!r})",
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,13 +661,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--root", required=True, help="corpus root (local folder)")
     parser.add_argument("--out", required=True, help="output folder for config and checkpoint")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        default = getattr(defaults, f.name)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default)
+    parser.add_argument("--config", help="YAML/JSON file of TrainConfig fields")
+    parser.add_argument("--resume", action="store_true")
+    add_config_flags(parser)
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    train(args.root, args.out, cfg)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    train(args.root, args.out, load_train_config(args.config, **overrides), resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,232 @@
+"""Generate a video (or an image) of any size and duration from a trained DiT checkpoint.
+
+    reelpack sample /ckpt/run1/checkpoint.pt --prompt "a red kite over the sea" \\
+        --frames 33 --height 272 --width 480 --steps 30 --cfg 5 --out kite.mp4
+
+Gaussian noise is laid out as the latent token grid of the requested size (any aspect
+ratio, any valid frame count, one frame = an image), integrated from t = 1 to 0 with
+Euler steps on the training run's shifted schedule, with classifier-free guidance:
+the conditional and the null-caption copies of every sample are *packed into one
+sequence* and run in one forward pass. The latent is decoded with the corpus's VAE
+(from its manifest) and written as mp4 (H.264) or, for one frame, png. The prompt is
+encoded with the corpus's text encoder (manifest ``text_encoder``); a model trained
+without caption embeddings samples unconditionally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.dit import DiT, grid_positions
+from model.flow import euler_sample, resolution_shift
+
+__all__ = ["latent_grid", "sample_latents", "sample_to_file", "write_video"]
+
+Grid = tuple[int, int, int]
+
+
+def latent_grid(
+    vae: dict[str, Any], patch: Sequence[int], frames: int, height: int, width: int
+) -> tuple[tuple[int, int, int], Grid]:
+    """(T, H, W) latent size and (t, h, w) token grid of a clip; ValueError saying what fits.
+
+    `vae` is the manifest's ``vae`` object: H and W must be multiples of
+    spatial_factor x patch, and frames must follow the VAE's frame rule (e.g. 1 + 4k).
+    """
+    s, tf = int(vae["spatial_factor"]), int(vae["temporal_factor"])
+    rule = vae.get("frame_rule") or {"base": 1, "step": tf}
+    base, step = int(rule["base"]), int(rule["step"])
+    pt, ph, pw = (int(p) for p in patch)
+    problems = []
+    if frames < base or (frames - base) % step:
+        lower = base + max(frames - base, 0) // step * step
+        problems.append(
+            f"{frames} frames does not follow the VAE frame rule {base} + {step}k "
+            f"(e.g. {lower} or {lower + step})"
+        )
+    for name, size, p in (("height", height, ph), ("width", width, pw)):
+        multiple = s * p
+        if size < multiple or size % multiple:
+            lower = max(size // multiple, 1) * multiple
+            problems.append(
+                f"{name} {size} is not a positive multiple of {multiple} "
+                f"(VAE spatial factor {s} x patch {p}; e.g. {lower} or {lower + multiple})"
+            )
+    if problems:
+        raise ValueError("cannot sample that size: " + "; ".join(problems))
+    latent = (1 + (frames - base) // tf, height // s, width // s)
+    if latent[0] % pt:
+        raise ValueError(
+            f"{frames} frames give {latent[0]} latent frames, not a multiple of the "
+            f"temporal patch {pt}"
+        )
+    return latent, (latent[0] // pt, latent[1] // ph, latent[2] // pw)
+
+
+@torch.no_grad()
+def sample_latents(
+    model: DiT,
+    grids: Sequence[Grid],
+    *,
+    text_embeds: Sequence[torch.Tensor] | None = None,  # per sample (L, text_dim)
+    steps: int = 30,
+    cfg_scale: float = 1.0,
+    shift_base_tokens: int = 0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> list[torch.Tensor]:
+    """Packed generation of several samples at once -> their latents (C, T, H, W)."""
+    model.eval()
+    s = len(grids)
+    lengths = torch.tensor([g[0] * g[1] * g[2] for g in grids])
+    n = int(lengths.sum())
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    positions = torch.cat([grid_positions(g, device) for g in grids])  # (N, 3)
+    ids = torch.repeat_interleave(torch.arange(s), lengths).to(device)  # (N,)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn(n, model.config.token_dim, generator=generator, device=device)
+
+    te, tcu = None, None
+    if model.config.text_dim and text_embeds is not None:
+        if len(text_embeds) != s:
+            raise ValueError(f"{len(text_embeds)} caption embeddings for {s} samples")
+        te = torch.cat(list(text_embeds)).to(device=device, dtype=torch.float32)  # (M, Dt)
+        tlen = torch.tensor([e.shape[0] for e in text_embeds])
+        tcu = torch.nn.functional.pad(tlen.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    guided = te is not None and tcu is not None and cfg_scale != 1.0
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not guided:
+            return model(x, positions, ids, t, cu_seqlens=cu, text_embeds=te, text_cu_seqlens=tcu)
+        assert te is not None and tcu is not None
+        # conditional and null-caption copies in one packed sequence of 2S samples
+        keep = torch.cat([torch.ones(s, dtype=torch.bool), torch.zeros(s, dtype=torch.bool)])
+        out = model(
+            torch.cat([x, x]),
+            torch.cat([positions, positions]),
+            torch.cat([ids, ids + s]),
+            torch.cat([t, t]),
+            cu_seqlens=torch.cat([cu, cu[1:] + n]),
+            text_embeds=torch.cat([te, te]),
+            text_cu_seqlens=torch.cat([tcu, tcu[1:] + tcu[-1]]),
+            text_keep=keep.to(device),
+        )  # (2N, D)
+        cond, uncond = out[:n], out[n:]
+        return uncond + cfg_scale * (cond - uncond)
+
+    shift = resolution_shift(lengths.to(device), shift_base_tokens)  # (S,)
+    x0 = euler_sample(velocity, noise, ids, s, steps, shift)  # (N, token_dim)
+    return model.unpatchify(x0, cu, grids)
+
+
+def write_video(frames: np.ndarray, out: str, fps: float = 16.0) -> str:
+    """(T, H, W, 3) uint8 -> ``out``: png for one frame, else H.264 mp4 (PyAV)."""
+    import av
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if frames.shape[0] == 1:
+        from PIL import Image
+
+        Image.fromarray(frames[0]).save(path, format="PNG")
+        return str(path)
+    _, h, w, _ = frames.shape
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=round(fps))
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def _encode_prompt(
+    entry: dict[str, Any] | None, prompt: str, text_dim: int, device: str
+) -> torch.Tensor:
+    if entry is None:
+        raise ValueError(
+            f"the model takes {text_dim}-d caption embeddings but the corpus manifest "
+            "names no text_encoder to encode the prompt with"
+        )
+    from model.text import TextEncoder
+
+    encoder = TextEncoder.from_manifest(entry, device=device, dtype="float32")
+    embeds: torch.Tensor = encoder.encode([prompt])[0]
+    if embeds.shape[-1] != text_dim:
+        raise ValueError(
+            f"text encoder {entry['id']!r} gives {embeds.shape[-1]}-d embeddings, "
+            f"the model was trained on {text_dim}-d"
+        )
+    return embeds.float()
+
+
+def sample_to_file(
+    ckpt: str,
+    corpus_root: str | None,
+    prompt: str,
+    frames: int,
+    height: int,
+    width: int,
+    steps: int,
+    cfg_scale: float,
+    out: str,
+    *,
+    seed: int = 0,
+    fps: float = 16.0,
+    device: str = "cpu",
+    ema: bool = True,
+) -> str:
+    """Generate one clip of ``frames x height x width`` pixels and write it to `out`.
+
+    `corpus_root` gives the manifest (VAE, text encoder); None = the corpus the
+    checkpoint was trained on. Uses the EMA weights when the checkpoint has them.
+    Returns the written path (png for one frame, mp4 otherwise).
+    """
+    from model.data import read_manifest
+    from model.train import load_checkpoint
+    from model.vae import VideoVAE
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model, config = load_checkpoint(ckpt, device, ema=ema and state.get("ema") is not None)
+    del state
+    manifest = read_manifest(corpus_root or config["corpus"]["root"])
+    trained_vae = config["corpus"]["vae"]
+    if trained_vae.get("config_sha256") != manifest["vae"].get("config_sha256"):
+        raise ValueError(
+            f"{corpus_root}: the corpus VAE ({manifest['vae'].get('id')}) is not the one "
+            f"{ckpt} was trained on ({trained_vae.get('id')})"
+        )
+    _, grid = latent_grid(manifest["vae"], model.config.patch_size, frames, height, width)
+    embeds = None
+    if model.config.text_dim:
+        embeds = [
+            _encode_prompt(manifest.get("text_encoder"), prompt, model.config.text_dim, device)
+        ]
+    latent = sample_latents(
+        model,
+        [grid],
+        text_embeds=embeds,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        shift_base_tokens=int(config["train"].get("shift_base_tokens", 0)),
+        seed=seed,
+        device=device,
+    )[0]  # (C, T, H, W)
+    vae = VideoVAE.from_manifest(manifest["vae"], device=device)
+    video = vae.decode(latent[None])[0]  # (3, frames, height, width) in [-1, 1]
+    if tuple(video.shape[1:]) != (frames, height, width):
+        raise RuntimeError(
+            f"VAE decoded {tuple(video.shape)}, expected 3x{frames}x{height}x{width}"
+        )
+    pixels = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    suffix = ".png" if frames == 1 else ".mp4"
+    target = out if Path(out).suffix.lower() == suffix else str(Path(out).with_suffix(suffix))
+    return write_video(pixels.cpu().numpy(), target, fps)

@@ -1,0 +1,321 @@
+"""model.train: overfitting, learning a small corpus, exact resume, DDP/FSDP on gloo, the CLI.
+
+Corpora are written here as the writer lays them out: webdataset shards, a parquet
+index (schemas.CLIP_SCHEMA) with its sources/ commit marker, and manifest.json. No Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.multiprocessing as mp
+import webdataset as wds
+from safetensors.torch import save as save_safetensors
+
+import schemas
+from model.train import TrainConfig, load_checkpoint, load_train_config, train
+
+C = 4
+PATCH = (1, 2, 2)
+TEXT_DIM = 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine
+    # OpenMP spin-waiting makes them 10-100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_corpus(
+    root: Path,
+    latents: list[torch.Tensor],
+    *,
+    text_dim: int = 0,
+    per_shard: int = 4,
+    vae: dict[str, Any] | None = None,
+    seed: int = 0,
+    scenes: int = 0,
+    text_encoder: dict[str, Any] | None = None,
+) -> Path:
+    """A corpus of bf16 latents (+ caption embeddings when `text_dim`), with index and manifest.
+
+    With `scenes`, clip i shows scene i % scenes (see `smooth_latents`) and its caption
+    embeddings are that scene's vector plus noise, so captions carry information.
+    """
+    g = torch.Generator().manual_seed(seed)
+    scene_vectors = torch.randn(max(scenes, 1), text_dim or 1, generator=g) * 2
+    (root / schemas.SHARDS_DIR).mkdir(parents=True)
+    rows = []
+    for shard_start in range(0, len(latents), per_shard):
+        rel = f"{schemas.SHARDS_DIR}/shard-{shard_start // per_shard:06d}.tar"
+        with wds.TarWriter(str(root / rel)) as sink:
+            for i in range(shard_start, min(shard_start + per_shard, len(latents))):
+                key = f"clip{i:04d}"
+                tensors = {schemas.TENSOR_LATENTS: latents[i].to(torch.bfloat16).contiguous()}
+                if text_dim:
+                    length = 1 + i % 3
+                    embeds = torch.randn(length, text_dim, generator=g)
+                    if scenes:
+                        embeds = embeds * 0.1 + scene_vectors[i % scenes]
+                    tensors[schemas.TENSOR_TEXT_EMBEDS] = embeds.to(torch.bfloat16)
+                shape = list(latents[i].shape)
+                row = {
+                    "clip_id": key,
+                    "source": f"/videos/v{i}.mp4",
+                    "status": "kept",
+                    "reasons": [],
+                    "caption": f"caption {i}",
+                    "latent_shape": shape,
+                    "shard": rel,
+                    "key": key,
+                    "start_s": 0.0,
+                    "end_s": 1.0,
+                    "num_tokens": shape[1] * shape[2] // PATCH[1] * shape[3] // PATCH[2],
+                }
+                rows.append(row)
+                sink.write(
+                    {
+                        "__key__": key,
+                        schemas.SAMPLE_LATENTS: save_safetensors(tensors),
+                        schemas.SAMPLE_META: json.dumps(row).encode(),
+                        schemas.SAMPLE_CAPTION: row["caption"].encode(),
+                    }
+                )
+    for directory in (schemas.INDEX_DIR, schemas.SOURCES_DIR):
+        (root / directory).mkdir()
+    index = pa.Table.from_pylist(
+        [{n: r.get(n) for n in schemas.CLIP_SCHEMA.names} for r in rows], schema=schemas.CLIP_SCHEMA
+    )
+    pq.write_table(index, root / schemas.INDEX_DIR / "part-000000.parquet")
+    sources = pa.Table.from_pylist(
+        [{"source": r["source"], "status": "done", "num_clips": 1} for r in rows],
+        schema=schemas.SOURCE_SCHEMA,
+    )
+    pq.write_table(sources, root / schemas.SOURCES_DIR / "part-000000.parquet")
+    manifest = {
+        "schema_version": schemas.SCHEMA_VERSION,
+        "patch_size": list(PATCH),
+        "vae": vae or {"latent_channels": C, "config_sha256": "synthetic"},
+        "text_encoder": text_encoder
+        or ({"id": "synthetic", "dim": text_dim} if text_dim else None),
+    }
+    (root / schemas.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return root
+
+
+def smooth_latents(
+    shapes: list[tuple[int, int, int]], seed: int = 0, scenes: int = 0
+) -> list[torch.Tensor]:
+    """Learnable data: per-channel low-frequency waves with random phases, like real latents.
+
+    With `scenes`, clip i uses the phases of scene i % scenes (any size or duration).
+    """
+    g = torch.Generator().manual_seed(seed)
+    phases = [torch.rand(C, 3, generator=g) * 6.28 for _ in range(scenes)]
+    out = []
+    for i, (t, h, w) in enumerate(shapes):
+        tt, hh, ww = torch.meshgrid(
+            torch.arange(t).float(), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"
+        )
+        phase = phases[i % scenes] if scenes else torch.rand(C, 3, generator=g) * 6.28
+        x = torch.stack(
+            [
+                torch.sin(0.7 * hh + phase[c, 0]) * torch.cos(0.5 * ww + phase[c, 1])
+                + 0.3 * torch.sin(tt + phase[c, 2])
+                for c in range(C)
+            ]
+        )
+        out.append((x * 1.2).to(torch.bfloat16).float())
+    return out
+
+
+MIX = [(1, 4, 4), (2, 4, 6), (3, 6, 4), (1, 8, 4), (2, 2, 8), (3, 4, 4), (1, 6, 6), (2, 6, 2)]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# --- learning --------------------------------------------------------------------------
+def test_overfits_one_clip(tmp_path: Path) -> None:
+    root = make_corpus(tmp_path / "c", smooth_latents([(2, 4, 4)]) * 4)
+    cfg = TrainConfig(
+        steps=300,
+        lr=3e-3,
+        token_budget=32,
+        log_every=50,
+        ema_decay=0.0,
+        warmup_steps=5,
+        min_lr_ratio=0.0,
+        shift_base_tokens=0,
+    )
+    losses = train(str(root), str(tmp_path / "run"), cfg)
+    first, last = _mean(losses[:10]), _mean(losses[-10:])
+    print(f"overfit one clip: {first:.4f} -> {last:.4f} ({1 - last / first:.1%} lower)")
+    assert last <= 0.1 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_a_small_corpus(tmp_path: Path) -> None:
+    # 32 clips of 8 sizes and aspect ratios showing 4 scenes, captions that name the
+    # scene, 10% caption dropout
+    shapes = MIX * 4
+    root = make_corpus(
+        tmp_path / "c", smooth_latents(shapes, seed=1, scenes=4), text_dim=TEXT_DIM, scenes=4
+    )
+    cfg = TrainConfig(
+        steps=500,
+        lr=2e-3,
+        token_budget=96,
+        log_every=100,
+        warmup_steps=10,
+        min_lr_ratio=0.05,
+        shift_base_tokens=0,
+    )
+    losses = train(str(root), str(tmp_path / "run"), cfg)
+    first, last = _mean(losses[:20]), _mean(losses[-20:])
+    print(f"small corpus: {first:.4f} -> {last:.4f} ({1 - last / first:.1%} lower)")
+    assert last <= 0.5 * first, (first, last)
+
+
+# --- checkpoints and resume --------------------------------------------------------------
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:
+    root = make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM)
+    cfg = TrainConfig(
+        steps=6,
+        lr=1e-3,
+        token_budget=64,
+        log_every=1,
+        warmup_steps=2,
+        caption_dropout=0.5,
+        grad_accum=2,
+    )
+    full = train(str(root), str(tmp_path / "full"), cfg)
+    half = train(str(root), str(tmp_path / "split"), cfg, until=3)  # as if preempted
+    rest = train(str(root), str(tmp_path / "split"), cfg, resume=True)
+    assert len(full) == 6 and len(half) == 3 and len(rest) == 3
+    assert half + rest == full  # exact on the CPU
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        assert torch.equal(a["ema"][name], b["ema"][name]), name
+    # an already finished run has nothing left to do; a changed recipe is refused
+    assert train(str(root), str(tmp_path / "split"), cfg, resume=True) == []
+    with pytest.raises(ValueError, match=r"changed \['lr'\]"):
+        train(
+            str(root),
+            str(tmp_path / "split"),
+            TrainConfig(**{**cfg.__dict__, "lr": 1.0}),
+            resume=True,
+        )
+
+
+def test_checkpoint_contents_and_ema_loading(tmp_path: Path) -> None:
+    root = make_corpus(tmp_path / "c", smooth_latents(MIX[:4]))
+    out = tmp_path / "run"
+    train(str(root), str(out), TrainConfig(steps=3, lr=1e-2, token_budget=64, ema_decay=0.5))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # plain tensors and dicts only
+    assert {"model", "ema", "optimizer", "scheduler", "rng", "loader", "step", "config"} <= set(
+        state
+    )
+    assert state["config"] == json.loads((out / "config.json").read_text())
+    assert (
+        state["config"]["train"]["ema_decay"] == 0.5 and state["config"]["model"]["text_dim"] == 0
+    )
+    raw, _ = load_checkpoint(str(out / "checkpoint.pt"))
+    averaged, _ = load_checkpoint(str(out / "checkpoint.pt"), ema=True)
+    differs = [
+        not torch.equal(p, q) for p, q in zip(raw.parameters(), averaged.parameters(), strict=True)
+    ]
+    assert any(differs)
+    for name, p in averaged.named_parameters():
+        assert torch.equal(p, state["ema"][name])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 3 and 0.0 <= metrics[-1]["padding"] < 1.0
+    assert metrics[-1]["tokens_per_s"] > 0 and math.isfinite(metrics[-1]["loss"])
+
+
+def test_config_file_and_validation(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text("preset: DiT-tiny\nlr: 0.002\ngrad_accum: 2\n")
+    cfg = load_train_config(str(path), lr=None, steps=7)
+    assert (cfg.lr, cfg.grad_accum, cfg.steps) == (0.002, 2, 7)
+    path.write_text("learning_rate: 1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_train_config(str(path))
+    with pytest.raises(ValueError, match="precision"):
+        load_train_config(None, precision="fp8")
+
+
+def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from reelpack.cli import main
+
+    root = make_corpus(tmp_path / "c", smooth_latents(MIX[:4]))
+    out = tmp_path / "run"
+    args = ["train", str(root), "--out", str(out), "--steps", "2", "--token-budget", "64"]
+    assert main(args) == 0
+    assert main([*args[:4], "--steps", "3", "--token-budget", "64", "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "trained 2 steps" in text and "trained 1 steps" in text
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert main([*args, "--precision", "fp8"]) == 2
+
+
+# --- several processes ------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world: int, jobs: list[tuple[int, str, str, TrainConfig]]) -> None:
+    torch.set_num_threads(1)
+    for port, root, out, cfg in jobs:  # one process start (seconds here) for several runs
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE=str(world),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+        )
+        losses = train(root, out, cfg)  # joins, then leaves, the process group
+        torch.save({"losses": losses}, Path(out) / f"rank{rank}.pt")
+
+
+def test_ddp_and_fsdp_on_gloo_two_processes(tmp_path: Path) -> None:
+    root = make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM)
+    ddp = TrainConfig(steps=3, lr=1e-2, token_budget=48, log_every=1, grad_accum=2)
+    fsdp = TrainConfig(steps=2, lr=1e-2, token_budget=48, log_every=1, fsdp=True)
+    jobs = [
+        (_free_port(), str(root), str(tmp_path / name), cfg)
+        for name, cfg in (("ddp", ddp), ("fsdp", fsdp))
+    ]
+    mp.spawn(_worker, args=(2, jobs), nprocs=2, join=True)
+    for name, steps in (("ddp", 3), ("fsdp", 2)):
+        ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        # losses are averaged over ranks, so both report the same curve
+        assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == steps
+        state = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        assert len(state["rng"]) == 2 and len(state["loader"]) == 2
+        # each rank drew its own noise: the saved generator states differ
+        assert not torch.equal(state["rng"][0]["generator"], state["rng"][1]["generator"])
+        # the saved model and EMA are full (gathered), loadable without a process group
+        model, _ = load_checkpoint(str(tmp_path / name / "checkpoint.pt"), ema=True)
+        assert set(state["ema"]) == {n for n, _ in model.named_parameters()}
+        assert state["model"]["x_embedder.weight"].shape == model.x_embedder.weight.shape
