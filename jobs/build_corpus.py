@@ -4,8 +4,8 @@
         s3://raw-videos/ --out s3://corpora/v1 --preset default
 
 Inside a Ray job the driver joins the job's cluster (``RAY_ADDRESS`` is set by
-``ray job submit``); S3 settings in the driver's environment reach the workers
-through the runtime env. Same flags as ``reelpack build``.
+``ray job submit``); S3 settings in the job's runtime env reach the workers.
+Same flags as ``reelpack build``.
 """
 
 from __future__ import annotations

@@ -29,18 +29,23 @@ from typing import Any, TypeVar
 import yaml
 
 from pipeline.stages.aesthetic import AestheticConfig
+from pipeline.stages.agreement import AgreementConfig
 from pipeline.stages.caption import CaptionConfig
 from pipeline.stages.decide import DecideConfig
+from pipeline.stages.dedup import DedupConfig
 from pipeline.stages.encode import EncodeConfig
 from pipeline.stages.probe import ProbeConfig
 from pipeline.stages.score import ScoreConfig
 from pipeline.stages.split import SplitConfig
+from pipeline.stages.text_encode import TextEncodeConfig
 from pipeline.writer import WriteConfig
 
 __all__ = [
+    "ACTOR_STAGES",
     "PRESETS",
     "BuildConfig",
     "RayConfig",
+    "StageResources",
     "config_hash",
     "from_dict",
     "load_config",
@@ -52,16 +57,57 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class RayConfig:
-    """Where and how the build runs on Ray. Per-stage resources live in each stage's config."""
+class StageResources:
+    """How one stage runs on Ray. Read only by ``pipeline.graph``.
 
-    address: str | None = (
-        None  # None: start (or join) a local Ray; "auto" or ray://... for a cluster
-    )
+    CPU stages run as Ray tasks; model stages as actor pools that autoscale
+    between ``min_actors`` and ``max_actors``. ``num_gpus=None`` means: one GPU
+    per actor when the cluster has GPUs, none otherwise (fractions share a GPU).
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float | None = 0.0
+    batch_size: int = 4  # rows per call
+    min_actors: int = 1  # actor stages only
+    max_actors: int = 1
+
+
+# stages that run as long-lived actors (they hold a model or a global index)
+ACTOR_STAGES = ("aesthetic", "dedup", "agreement", "caption", "encode", "text_encode")
+
+
+def _cpu(batch_size: int) -> StageResources:
+    return StageResources(num_cpus=1.0, num_gpus=0.0, batch_size=batch_size)
+
+
+def _model(batch_size: int, num_gpus: float | None = None) -> StageResources:
+    return StageResources(num_cpus=1.0, num_gpus=num_gpus, batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where the build runs, and each stage's resources."""
+
+    address: str | None = None  # None: start a local Ray; "auto" or ray://host:10001 for a cluster
     num_cpus: int | None = None  # local Ray only; None = all cores
     object_store_memory: int | None = None  # local Ray only, bytes
-    cpu_stage_batch_size: int = 4  # clips per batch in the CPU (task) stages
-    actor_num_cpus: float = 1.0  # CPUs reserved by each model actor (caption, encode, aesthetic)
+    probe: StageResources = field(default_factory=lambda: _cpu(1))
+    split: StageResources = field(default_factory=lambda: _cpu(1))
+    score: StageResources = field(default_factory=lambda: _cpu(8))
+    aesthetic: StageResources = field(default_factory=lambda: _model(16, num_gpus=None))
+    decide: StageResources = field(default_factory=lambda: _cpu(64))
+    # one global near-duplicate index: a single actor holding only representatives
+    dedup: StageResources = field(
+        default_factory=lambda: StageResources(num_cpus=0.5, num_gpus=0.0, batch_size=64)
+    )
+    agreement: StageResources = field(default_factory=lambda: _model(16, num_gpus=None))
+    caption: StageResources = field(default_factory=lambda: _model(4))
+    encode: StageResources = field(default_factory=lambda: _model(1))
+    text_encode: StageResources = field(default_factory=lambda: _model(16))
+    # sources with more frames than this are split into ranges processed in parallel
+    # (stitched back exactly; see pipeline.stitching); 0 turns range splitting off
+    straggler_range_frames: int = 18_000
+    progress_interval_s: float = 5.0  # seconds between progress lines; 0 turns them off
 
 
 @dataclass(frozen=True)
@@ -73,8 +119,11 @@ class BuildConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
     decide: DecideConfig = field(default_factory=DecideConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    agreement: AgreementConfig = field(default_factory=AgreementConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    text_encode: TextEncodeConfig = field(default_factory=TextEncodeConfig)
     write: WriteConfig = field(default_factory=WriteConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -202,6 +251,7 @@ def _cache_dir(cfg: BuildConfig) -> Path:
 
 def _tiny(cfg: BuildConfig, user_keys: dict[str, Any]) -> BuildConfig:
     """Random-weight models built from small configs into the model cache; sizes for CPUs."""
+    from model.tiny_text import build_tiny_text_encoder
     from model.vae import build_tiny_vae
     from pipeline.tiny_clip import build_tiny_clip
     from pipeline.tiny_vlm import build_tiny_vlm
@@ -210,6 +260,7 @@ def _tiny(cfg: BuildConfig, user_keys: dict[str, Any]) -> BuildConfig:
     vae_dir = build_tiny_vae(str(cache / "vae"))
     vlm_dir = build_tiny_vlm(str(cache / "vlm"))
     clip = build_tiny_clip(str(cache / "clip"))
+    text_dir = build_tiny_text_encoder(str(cache / "text"))
 
     def keep_user(section: str, **values: Any) -> dict[str, Any]:
         given = user_keys.get(section, {}) or {}
@@ -220,6 +271,10 @@ def _tiny(cfg: BuildConfig, user_keys: dict[str, Any]) -> BuildConfig:
         aesthetic=replace(
             cfg.aesthetic, **keep_user("aesthetic", **clip, num_frames=2, device="cpu")
         ),
+        agreement=replace(cfg.agreement, **keep_user("agreement", enabled=True, device="cpu")),
+        # a random CLIP maps every clip to nearly the same embedding: only the frame
+        # hashes (exact copies) can find duplicates in the tiny preset
+        dedup=replace(cfg.dedup, **keep_user("dedup", threshold=1.0)),
         caption=replace(
             cfg.caption, **keep_user("caption", model=vlm_dir, max_new_tokens=24, num_frames=4)
         ),
@@ -234,10 +289,20 @@ def _tiny(cfg: BuildConfig, user_keys: dict[str, Any]) -> BuildConfig:
                 max_frames=17,
             ),
         ),
+        text_encode=replace(
+            cfg.text_encode, **keep_user("text_encode", model=text_dir, enabled=True, max_length=64)
+        ),
         split=replace(cfg.split, **keep_user("split", work_max_area=256 * 144)),
         write=replace(cfg.write, **keep_user("write", shard_max_bytes=4 << 20)),
-        # three small model actors must fit beside the CPU tasks on a 2-core machine
-        ray=replace(cfg.ray, **keep_user("ray", actor_num_cpus=0.25)),
+        # the tiny model actors must fit beside the CPU tasks on a 2-core machine
+        ray=replace(
+            cfg.ray,
+            **{
+                stage: replace(getattr(cfg.ray, stage), num_cpus=0.1, num_gpus=0.0)
+                for stage in ACTOR_STAGES
+                if stage not in (user_keys.get("ray", {}) or {})
+            },
+        ),
     )
 
 
@@ -251,4 +316,18 @@ def resolve_preset(cfg: BuildConfig, user_keys: dict[str, Any] | None = None) ->
     """Apply ``cfg.preset``; values the user set explicitly win over the preset's."""
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; known: {sorted(PRESETS)}")
-    return PRESETS[cfg.preset](cfg, user_keys or {})
+    user_keys = user_keys or {}
+    resolved = PRESETS[cfg.preset](cfg, user_keys)
+    # agreement reuses the aesthetic stage's CLIP embeddings: it must be the same CLIP
+    given = user_keys.get("agreement", {}) or {}
+    same_clip = {
+        k: getattr(resolved.aesthetic, k)
+        for k in ("clip_model", "clip_pretrained", "clip_config")
+        if k not in given
+    }
+    resolved = replace(resolved, agreement=replace(resolved.agreement, **same_clip))
+    if resolved.text_encode.enabled and not resolved.caption.enabled:
+        raise ValueError(
+            "config text_encode.enabled needs caption.enabled (it encodes the captions)"
+        )
+    return resolved

@@ -4,43 +4,58 @@ Streaming graph (cardinality per step)::
 
     sources                     one row per source URI not yet committed (resume)
       probe     task   1:1      container facts, limits; errors become values
+      ranges    task   1:N      long sources -> frame ranges (stragglers; stitched on the driver)
       split     task   1:N      decode once, detect shots, clip payloads
       score     task   1:1      cheap quality signals
-      aesthetic actors 1:1      CLIP + aesthetic head (only when a head is configured)
+      clip      actors 1:1      CLIP embeddings (+ aesthetic score when a head is configured)
       decide    task   1:1      thresholds -> kept / rejected + reasons
+      dedup     actor  1:1      near-duplicates across the whole build (one global index)
       caption   actors 1:1      VLM recaption of kept clips
+      agreement actors 1:1      CLIP similarity of clip and caption (optional)
+      decide    task   1:1      again, now with the caption-dependent signals
       encode    actors 1:1      VAE latents of kept clips
+      text      actors 1:1      caption embeddings added to the latents (optional)
+      stitch    driver N:1      ranges of one source merged back (exact)
       write     driver N:shards webdataset shards + parquet parts, exactly once
 
-Nothing is materialised whole: the driver pulls batches as they finish and the
-writer commits a shard only with the index rows of complete sources.
+Nothing is materialised whole: Ray Data streams blocks between operators with
+backpressure, the driver pulls finished batches, and the writer commits a shard
+only together with the index rows of complete sources. Resources per stage come
+from ``BuildConfig.ray`` (:class:`pipeline.config.StageResources`).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import time
-from collections import Counter
+import uuid
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import ray
 
-from pipeline.config import BuildConfig, config_hash, to_dict
+from pipeline.config import ACTOR_STAGES, BuildConfig, StageResources, config_hash, to_dict
+from pipeline.progress import BuildProgress
 from pipeline.sources import expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
+from pipeline.stages.agreement import Agreement
 from pipeline.stages.base import Batch
 from pipeline.stages.caption import Captioner
 from pipeline.stages.decide import Decide
+from pipeline.stages.dedup import Dedup
 from pipeline.stages.encode import Encode
 from pipeline.stages.probe import Probe
 from pipeline.stages.score import Score
 from pipeline.stages.split import Split
+from pipeline.stages.text_encode import TextEncode
+from pipeline.stitching import RangeStitcher, expand_ranges
+from pipeline.storage import join, storage_for
 from pipeline.writer import CorpusWriter
 
-__all__ = ["build", "build_dataset", "init_ray", "worker_env"]
+__all__ = ["build", "build_dataset", "init_ray", "stage_stats", "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +82,22 @@ def worker_env() -> dict[str, str]:
 
 def init_ray(cfg: BuildConfig) -> None:
     """Join the configured cluster, or start a local Ray, once per process."""
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {
-        "runtime_env": {"env_vars": worker_env()},
-        "log_to_driver": False,
-        "include_dashboard": False,
-    }
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
-    else:
-        ray.init(
-            num_cpus=cfg.ray.num_cpus,
-            object_store_memory=cfg.ray.object_store_memory,
-            **kwargs,
-        )
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+        # Inside `ray job submit` the job's own runtime env already reaches the workers,
+        # and Ray refuses to merge env vars it also sets; elsewhere forward ours.
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+            kwargs["runtime_env"] = {"env_vars": worker_env()}
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, **kwargs)
+        else:  # always a fresh local instance, never a cluster that happens to run here
+            ray.init(
+                address="local",
+                _node_ip_address="127.0.0.1",  # a local Ray listens on loopback only
+                num_cpus=cfg.ray.num_cpus,
+                object_store_memory=cfg.ray.object_store_memory,
+                **kwargs,
+            )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -99,50 +115,152 @@ def _task(
     return run
 
 
-def build_dataset(sources: list[str], cfg: BuildConfig) -> ray.data.Dataset:
-    """The lazy Ray Data graph from source URIs to encoded rows (clip payloads dropped)."""
+def _gpus(res: StageResources, cluster_gpus: float) -> float:
+    if res.num_gpus is None:
+        return 1.0 if cluster_gpus > 0 else 0.0
+    return res.num_gpus
+
+
+def _task_args(res: StageResources) -> dict[str, Any]:
+    return {"batch_size": res.batch_size, "num_cpus": res.num_cpus}
+
+
+def _actor_args(res: StageResources, cluster_gpus: float) -> dict[str, Any]:
+    return {
+        "batch_size": res.batch_size,
+        "num_cpus": res.num_cpus,
+        "num_gpus": _gpus(res, cluster_gpus),
+        "compute": ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+    }
+
+
+def check_resources(cfg: BuildConfig, cluster_cpus: float) -> None:
+    """Fail fast, naming the stages, when the actors of the enabled stages would leave no
+    CPU for the task stages: Ray would otherwise wait forever for resources."""
+    enabled = {
+        "aesthetic": bool(cfg.aesthetic.head or (cfg.dedup.enabled and cfg.aesthetic.embeddings)),
+        "dedup": cfg.dedup.enabled,
+        "caption": cfg.caption.enabled,
+        "agreement": cfg.caption.enabled and cfg.agreement.enabled,
+        "encode": True,
+        "text_encode": cfg.text_encode.enabled,
+    }
+    actors = {
+        stage: getattr(cfg.ray, stage).num_cpus * getattr(cfg.ray, stage).min_actors
+        for stage in ACTOR_STAGES
+        if enabled[stage]
+    }
+    task_cpus = max(getattr(cfg.ray, s).num_cpus for s in ("probe", "split", "score", "decide"))
+    if sum(actors.values()) + task_cpus > cluster_cpus + 1e-9:
+        raise ValueError(
+            f"the Ray cluster has {cluster_cpus:g} CPUs, but the model actors reserve "
+            f"{sum(actors.values()):g} ({', '.join(f'{k}={v:g}' for k, v in actors.items())}) and a "
+            f"CPU task needs {task_cpus:g}: lower ray.<stage>.num_cpus or use a larger cluster"
+        )
+
+
+def build_dataset(
+    sources: list[str], cfg: BuildConfig, cluster_gpus: float = 0.0, out: str | None = None
+) -> ray.data.Dataset:
+    """The lazy Ray Data graph from source URIs to encoded rows (clip payloads dropped).
+
+    ``out`` is the corpus root, which seeds the near-duplicate index on resume.
+    """
     r = cfg.ray
     ds: ray.data.Dataset = ray.data.from_items(
         [{"source": s} for s in sources], override_num_blocks=max(1, len(sources))
     )
-    # 1:1 probe, one source per task so a slow file never holds back others
-    ds = ds.map_batches(_task(Probe, cfg.probe), batch_size=1)
+    # 1:1 probe; one source per task so a slow file never holds back others
+    ds = ds.map_batches(_task(Probe, cfg.probe), **_task_args(r.probe))
+    # 1:N long sources become frame ranges processed in parallel (stitched on the driver)
+    if r.straggler_range_frames > 0:
+        ranges = functools.partial(
+            expand_ranges, split_cfg=cfg.split, range_frames=r.straggler_range_frames
+        )
+        ds = ds.map_batches(ranges, batch_size=1, num_cpus=r.probe.num_cpus)
     # 1:N split: one source in, its clips out (decode once)
-    ds = ds.map_batches(_task(Split, cfg.split), batch_size=1)
+    ds = ds.map_batches(_task(Split, cfg.split), **_task_args(r.split))
     # 1:1 cheap signals
-    ds = ds.map_batches(_task(Score, cfg.score), batch_size=r.cpu_stage_batch_size)
-    # 1:1 CLIP aesthetic, actor pool (only with a configured head: no head, no score)
-    if cfg.aesthetic.head:
+    ds = ds.map_batches(_task(Score, cfg.score), **_task_args(r.score))
+    # 1:1 CLIP embeddings (dedup) and aesthetic score (with a head), actor pool
+    if cfg.aesthetic.head or (cfg.dedup.enabled and cfg.aesthetic.embeddings):
         ds = ds.map_batches(
             AestheticScorer,
             fn_constructor_args=(cfg.aesthetic,),
-            batch_size=cfg.aesthetic.batch_size,
-            num_gpus=cfg.aesthetic.num_gpus,
-            num_cpus=r.actor_num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=cfg.aesthetic.concurrency),
+            **_actor_args(r.aesthetic, cluster_gpus),
         )
     # 1:1 thresholds -> status + reasons
-    ds = ds.map_batches(_task(Decide, cfg.decide), batch_size=r.cpu_stage_batch_size)
+    ds = ds.map_batches(_task(Decide, cfg.decide), **_task_args(r.decide))
+    # 1:1 near-duplicates: ONE actor holds the build's index (seeded from the corpus on resume)
+    if cfg.dedup.enabled:
+        ds = ds.map_batches(
+            Dedup,
+            fn_constructor_args=(cfg.dedup, out),
+            batch_size=r.dedup.batch_size,
+            num_cpus=r.dedup.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=1),
+        )
     # 1:1 recaption kept clips, actor pool
     if cfg.caption.enabled:
         ds = ds.map_batches(
-            Captioner,
-            fn_constructor_args=(cfg.caption,),
-            batch_size=cfg.caption.batch_size,
-            num_gpus=cfg.caption.num_gpus,
-            num_cpus=r.actor_num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=cfg.caption.concurrency),
+            Captioner, fn_constructor_args=(cfg.caption,), **_actor_args(r.caption, cluster_gpus)
         )
+        # 1:1 clip-caption agreement, then decide again with that signal, before encoding
+        if cfg.agreement.enabled:
+            ds = ds.map_batches(
+                Agreement,
+                fn_constructor_args=(cfg.agreement,),
+                **_actor_args(r.agreement, cluster_gpus),
+            )
+            ds = ds.map_batches(_task(Decide, cfg.decide), **_task_args(r.decide))
     # 1:1 latents of kept clips, actor pool
     ds = ds.map_batches(
-        Encode,
-        fn_constructor_args=(cfg.encode,),
-        batch_size=cfg.encode.batch_size,
-        num_gpus=cfg.encode.num_gpus,
-        num_cpus=r.actor_num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=cfg.encode.concurrency),
+        Encode, fn_constructor_args=(cfg.encode,), **_actor_args(r.encode, cluster_gpus)
     )
+    # 1:1 caption embeddings stored with the latents, actor pool (optional)
+    if cfg.text_encode.enabled:
+        ds = ds.map_batches(
+            TextEncode,
+            fn_constructor_args=(cfg.text_encode,),
+            **_actor_args(r.text_encode, cluster_gpus),
+        )
+    # the payloads stay on the workers; the driver receives index rows and latents
     return ds.drop_columns(["clip_bytes"])
+
+
+def stage_stats(
+    ds: ray.data.Dataset, cfg: BuildConfig, cluster_gpus: float
+) -> list[dict[str, Any]]:
+    """Per Ray Data operator (fused stages share one): wall, CPU and reserved GPU seconds."""
+    gpu_per_actor = {
+        "AestheticScorer": _gpus(cfg.ray.aesthetic, cluster_gpus),
+        "Agreement": _gpus(cfg.ray.agreement, cluster_gpus),
+        "Captioner": _gpus(cfg.ray.caption, cluster_gpus),
+        "Encode": _gpus(cfg.ray.encode, cluster_gpus),
+        "TextEncode": _gpus(cfg.ray.text_encode, cluster_gpus),
+    }
+    out: list[dict[str, Any]] = []
+    try:
+        summary = ds._get_stats_summary()
+    except Exception as e:  # stats are accounting, never a reason to fail a build
+        log.warning("no Ray Data stats: %s", e)
+        return out
+    for op in summary.operators_stats:
+        wall = float(op.wall_time.sum) if op.wall_time else 0.0
+        cpu = float(op.cpu_time.sum) if op.cpu_time else 0.0
+        gpus = next((g for name, g in gpu_per_actor.items() if name in op.operator_name), 0.0)
+        rows = int(op.output_num_rows.sum) if op.output_num_rows else 0
+        out.append(
+            {
+                "operator": op.operator_name,
+                "wall_s": round(wall, 3),
+                "cpu_s": round(cpu, 3),
+                "gpu_s": round(wall * gpus, 3),
+                "rows_out": rows,
+                "rows_per_s": round(rows / wall, 3) if wall > 0 else None,
+            }
+        )
+    return out
 
 
 def _manifest_extra(cfg: BuildConfig) -> dict[str, Any]:
@@ -151,16 +269,22 @@ def _manifest_extra(cfg: BuildConfig) -> dict[str, Any]:
     vae = describe_pretrained(
         cfg.encode.vae, vae_class=cfg.encode.vae_class, subfolder=cfg.encode.vae_subfolder
     )
-    random_weights = cfg.preset == "tiny"
     return {
         "vae": vae,
         "patch_size": list(cfg.encode.patch_size),
         "text_encoder": None,
         "captioner": {"id": cfg.caption.model} if cfg.caption.enabled else None,
-        "random_weights": random_weights,
+        "random_weights": cfg.preset == "tiny",
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
     }
+
+
+def _write_summary(out: str, summary: dict[str, Any]) -> None:
+    blob = json.dumps(summary, indent=2, sort_keys=True).encode()
+    st = storage_for(out)
+    st.write(join(out, "runs", f"{summary['run_id']}.json"), blob)
+    st.write(join(out, "summary.json"), blob)
 
 
 def build(
@@ -171,9 +295,12 @@ def build(
 ) -> dict[str, Any]:
     """Build (or resume) a corpus at ``out`` from files, folders or ``s3://`` prefixes.
 
-    Returns this run's summary: counts by status and reason, shards, tokens, time.
+    Returns this run's summary (also written to ``<out>/summary.json`` and
+    ``<out>/runs/<run_id>.json``): counts by status and reason, per-stage time,
+    throughput, config hash.
     """
     t0 = time.time()
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + "-" + uuid.uuid4().hex[:6]
     sources = expand_sources(source_args)
     writer = CorpusWriter(out, cfg.write)
     done = writer.done_sources()
@@ -181,35 +308,40 @@ def build(
     echo(
         f"sources: {len(sources)} found, {len(sources) - len(todo)} already done, {len(todo)} to build"
     )
-    by_status: Counter[str] = Counter()
-    by_reason: Counter[str] = Counter()
+    progress = BuildProgress(len(todo), interval_s=cfg.ray.progress_interval_s)
+    stages: list[dict[str, Any]] = []
     if todo:
         init_ray(cfg)
-        ds = build_dataset(todo, cfg)
+        resources = ray.cluster_resources()
+        cluster_gpus = float(resources.get("GPU", 0.0))
+        check_resources(cfg, float(resources.get("CPU", 0.0)))
+        ds = build_dataset(todo, cfg, cluster_gpus, out=out)
+        stitcher = RangeStitcher()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            writer.add(batch)
-            for cid, status, reasons in zip(
-                batch["clip_id"], batch["status"], batch["reasons"], strict=False
-            ):
-                if cid is None:
-                    continue
-                by_status[str(status)] += 1
-                for reason in reasons if reasons is not None else ():
-                    by_reason[str(reason)] += 1
+            for whole in stitcher(batch):
+                writer.add(whole)
+                progress.update(whole)
+        if stitcher.unfinished():
+            raise RuntimeError(f"ranges missing for sources: {stitcher.unfinished()}")
+        stages = stage_stats(ds, cfg, cluster_gpus)
     run_counts = writer.close()
     writer.write_manifest(_manifest_extra(cfg))
+    wall = time.time() - t0
+    counts = progress.counts()
     summary = {
+        "run_id": run_id,
         "sources_total": len(sources),
         "sources_built": len(todo),
-        "clips_by_status": dict(by_status),
-        "rejected_by_reason": dict(by_reason),
-        "run": run_counts,
-        "wall_s": round(time.time() - t0, 2),
+        **counts,
+        "committed": run_counts,
+        "stages": stages,
+        "wall_s": round(wall, 2),
+        "clips_per_s": round(sum(counts["clips_by_status"].values()) / wall, 3)
+        if wall > 0
+        else None,
         "config_hash": config_hash(cfg),
     }
+    if todo:
+        echo(progress.line())
+    _write_summary(out, summary)
     return summary
-
-
-def with_overrides(cfg: BuildConfig, **ray_overrides: Any) -> BuildConfig:
-    """``cfg`` with fields of its Ray section replaced (CLI flags)."""
-    return replace(cfg, ray=replace(cfg.ray, **ray_overrides))

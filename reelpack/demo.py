@@ -37,6 +37,7 @@ def summarize_corpus(root: str) -> dict[str, Any]:
 
 
 def run_demo(out: Path, steps: int = 30) -> dict[str, Any]:
+    from model.sample import sample_to_file
     from model.train import TrainConfig, train
     from pipeline.config import load_config
     from pipeline.graph import build
@@ -54,8 +55,22 @@ def run_demo(out: Path, steps: int = 30) -> dict[str, Any]:
     print(f"[demo]   clips: {summary['clips']}")
     print(f"[demo]   rejected by reason: {summary['rejected_by_reason']}")
     print(f"[demo]   shards: {summary['shards']}, latent tokens: {summary['latent_tokens']}")
-    losses = train(corpus, str(out / "train"), TrainConfig(preset="DiT-tiny", steps=steps))
+    losses = train(corpus, str(out / "train"), TrainConfig(preset="DiT-tiny", steps=steps, lr=2e-3))
     summary["loss_first"], summary["loss_last"] = losses[0], losses[-1]
     print(f"[demo] trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    # 9 frames (1 + 4k for the Wan VAE) at 32x48: sides are multiples of VAE factor x patch
+    sample = sample_to_file(
+        str(out / "train" / "checkpoint.pt"),
+        corpus,
+        "a demo clip",
+        frames=9,
+        height=32,
+        width=48,
+        steps=8,
+        cfg_scale=4.0,
+        out=str(out / "sample.mp4"),
+    )
+    summary["sample"] = sample
+    print(f"[demo] generated a sample: {sample}")
     print("[demo] models had random weights (tiny preset): captions and latents are test data")
     return summary

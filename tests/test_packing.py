@@ -132,7 +132,6 @@ def test_pack_stats_command(
     from reelpack import cli
 
     write_corpus(tmp_path / "c", [MIX, [*MIX[:3], (8, 8, 8)]])  # one sample of 128 tokens
-    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "pack_stats"))
     code = cli.main(["pack-stats", str(tmp_path / "c"), "--budget", "32", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)

@@ -207,7 +207,6 @@ def test_cli_refilter(
     corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_recompute: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr("reelpack.commands.COMMANDS", ("refilter",))
     cfg = write_config(tmp_path / "t.json", {"sharpness": [20, None]}, dedup={"enabled": False})
     assert main(["refilter", corpus, "--config", cfg]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -133,8 +133,6 @@ def test_sample_cli_and_size_errors(
     from reelpack.cli import main
 
     # until the lead registers `sample` (reelpack.cli imported the tuple by name)
-    monkeypatch.setattr("reelpack.commands.COMMANDS", ("train", "sample"))
-    monkeypatch.setattr("reelpack.cli.COMMANDS", ("train", "sample"))
     _, ckpt = trained  # the corpus comes from the checkpoint's config
     out = tmp_path / "clip.mp4"
     args = ["sample", str(ckpt), "--prompt", "x", "--height", "16", "--width", "16", "--steps", "1"]

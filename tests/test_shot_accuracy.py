@@ -316,8 +316,6 @@ def test_reelpack_shots_command(
 ) -> None:
     from reelpack import cli
 
-    monkeypatch.setattr("reelpack.commands.COMMANDS", ("build", "shots"))
-    monkeypatch.setattr(cli, "COMMANDS", ("build", "shots"))
     path = edits["192x108"]
     assert cli.main(["shots", path, "--json"]) == 0
     found = json.loads(capsys.readouterr().out)

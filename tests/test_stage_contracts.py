@@ -12,8 +12,9 @@ from pipeline.stages.encode import Encode
 from pipeline.stages.probe import Probe
 from pipeline.stages.score import Score
 from pipeline.stages.split import Split
+from pipeline.stages.text_encode import TextEncode
 
-STAGES = [Probe, Split, Score, AestheticScorer, Decide, Captioner, Encode]
+STAGES = [Probe, Split, Score, AestheticScorer, Decide, Captioner, Encode, TextEncode]
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.__name__)

@@ -135,9 +135,6 @@ def test_truncated_answers_end_at_a_sentence(
 def test_cli(
     lm_dir: str, cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # until the lead registers the command: cli.py holds its own reference to COMMANDS
-    monkeypatch.setattr("reelpack.commands.COMMANDS", ("build", "upsample"))
-    monkeypatch.setattr("reelpack.cli.COMMANDS", ("build", "upsample"))
     monkeypatch.setenv("REELPACK_CACHE", str(cache))
     assert tiny_lm_dir() == lm_dir  # --preset tiny reuses the cached build
     argv = ["upsample", "--preset", "tiny", "--device", "cpu", "--max-new-tokens", "24"]

@@ -5,4 +5,16 @@ Each module defines ``register(subparsers)``, which adds its parser and sets
 inside those functions, so ``reelpack --help`` stays fast.
 """
 
-COMMANDS = ("build", "train", "demo")
+COMMANDS = (
+    "build",
+    "refilter",
+    "inspect",
+    "plan",
+    "report",
+    "shots",
+    "train",
+    "sample",
+    "demo",
+    "pack_stats",
+    "upsample",
+)

@@ -1,0 +1,454 @@
+"""Estimate a build before running it: clips, latent tokens, storage and time per stage.
+
+``reelpack plan SOURCE...`` probes a sample of the sources with the build's own
+:class:`~pipeline.stages.probe.Probe` (container header + first frame, nothing else
+is decoded), then models every probed source with the build's own rules:
+
+- **clips**: the source is assumed cut into shots of ``mean_shot_s`` (a rate below;
+  real shot lengths are only known after detection), and each shot is cut into
+  clips by :func:`pipeline.stages.split.clip_spans`, the rule split applies;
+- **latent tokens**: each clip is resampled to ``encode.target_fps``, capped at
+  ``encode.max_frames`` and cut to the VAE's 1 + k*step frame rule; its working
+  resolution (``split.work_max_area``) is fitted to ``encode.pixel_budget`` with
+  :func:`model.vae.native_size`, as encode does; the latent grid follows from the
+  VAE's spatial / temporal factors and the DiT patch size;
+- **storage**: bf16 latents (2 bytes x channels per latent cell) of kept clips plus
+  a per-sample overhead in the shards, plus an index row per clip;
+- **time**: each stage's work (source frames x megapixels, clips, tokens...) times a
+  rate from :class:`PlanRates`. CPU stages share ``workers`` CPU slots; model stages
+  share ``gpus`` GPUs (or, with none, run on the CPUs ``cpu_per_gpu_s`` times slower).
+  Stages stream, so the build's wall time is estimated as the busiest resource pool:
+  ``max(cpu work / workers, gpu work / gpus, driver write time)``.
+
+The rates are rough defaults, documented beside each field; they are meant to be
+replaced by measured ones (``plan:`` section of the config file or ``--rate
+NAME=VALUE``). Sample estimates are scaled up to all sources.
+
+    python -m reelpack.cli plan ~/videos --preset default --workers 64 --gpus 8
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import BuildConfig, from_dict, load_config
+from pipeline.stages.probe import Probe
+from pipeline.stages.split import clip_spans
+from pipeline.video import even_size
+
+__all__ = [
+    "RATE_PRESETS",
+    "VAE_FACTORS",
+    "Plan",
+    "PlanRates",
+    "SourceEstimate",
+    "StageEstimate",
+    "VaeFactors",
+    "clip_latent_shape",
+    "estimate_source",
+    "format_plan",
+    "load_plan_config",
+    "make_plan",
+    "parse_rates",
+    "vae_factors",
+]
+
+
+@dataclass(frozen=True)
+class PlanRates:
+    """Assumptions and per-stage costs. Rough defaults for the ``default`` preset's
+    models on a current data-centre GPU and x86 cores; measure and override."""
+
+    mean_shot_s: float = 5.0  # average shot length in edited footage (split's input)
+    keep_fraction: float = 0.7  # share of clips that pass decide's thresholds
+    probe_cpu_s_per_source: float = 0.2  # open the container, decode one frame (S3: more)
+    # split: H.264 software decode + colour conversion + detection downscale per source
+    # megapixel-frame (~250 fps of 1080p per core), then resize + x264 "veryfast" of
+    # the working-resolution payload (~300 fps of 640x360 per core)
+    split_cpu_s_per_source_mpx_frame: float = 0.002
+    split_cpu_s_per_work_mpx_frame: float = 0.015
+    score_cpu_s_per_clip: float = 0.05  # decode a few payload frames + OpenCV reductions
+    decide_cpu_s_per_clip: float = 0.0001
+    aesthetic_gpu_s_per_clip: float = 0.02  # CLIP ViT-L/14 on a few frames, batched
+    caption_gpu_s_per_clip: float = 1.5  # ~8B VLM, ~100 new tokens, batched, bf16
+    # Wan 2.1 VAE: 81 frames of 480x832 (32 megapixel-frames) in ~2.5 s on an H100
+    encode_gpu_s_per_mpx_frame: float = 0.08
+    cpu_per_gpu_s: float = 100.0  # CPU-core seconds per GPU second when gpus == 0
+    write_bytes_per_s: float = 100e6  # driver -> storage (local disk or S3 multipart)
+    sample_overhead_bytes: int = 4096  # tar headers + JSON metadata + caption per sample
+    index_bytes_per_clip: int = 600  # compressed parquet row, all clips
+
+
+# The tiny preset's random-weight models are small enough that their "GPU" work runs
+# on a CPU at about the listed cost; measured on 2 cores (benchmarks/pipeline_bench.py).
+RATE_PRESETS: dict[str, PlanRates] = {
+    "default": PlanRates(),
+    "tiny": PlanRates(
+        aesthetic_gpu_s_per_clip=0.02,
+        caption_gpu_s_per_clip=0.15,
+        encode_gpu_s_per_mpx_frame=0.5,
+        cpu_per_gpu_s=1.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class VaeFactors:
+    spatial: int  # pixels per latent cell per side
+    temporal: int  # frames per latent frame after the first
+    channels: int
+
+
+# Published compression of each supported diffusers VAE class (the real checkpoints).
+VAE_FACTORS: dict[str, VaeFactors] = {
+    "AutoencoderKLWan": VaeFactors(8, 4, 16),  # Wan 2.1 (Wan 2.2's 48-ch VAE: see below)
+    "AutoencoderKLCogVideoX": VaeFactors(8, 4, 16),
+    "AutoencoderKLHunyuanVideo": VaeFactors(8, 4, 16),
+    "AutoencoderKLLTXVideo": VaeFactors(32, 8, 128),
+}
+
+
+def vae_factors(cfg: BuildConfig) -> VaeFactors:
+    """The encode VAE's factors without loading it: from its ``config.json`` when it is a
+    local Wan folder (tiny models, Wan 2.2), else the class's published factors."""
+    enc = cfg.encode
+    base = VAE_FACTORS.get(enc.vae_class)
+    if base is None:
+        raise ValueError(f"plan: unknown vae_class {enc.vae_class!r}; known {sorted(VAE_FACTORS)}")
+    folder = Path(enc.vae) / (enc.vae_subfolder or "")
+    config_file = folder / "config.json"
+    if enc.vae_class == "AutoencoderKLWan" and config_file.is_file():
+        c = json.loads(config_file.read_text())
+        # same derivation as model.vae for a loaded Wan VAE
+        patch = int(c.get("patch_size") or 1)
+        spatial = 2 ** (len(c.get("dim_mult", [1, 2, 4, 4])) - 1) * patch
+        temporal = 2 ** sum(bool(f) for f in c.get("temperal_downsample", [False, True, True]))
+        return VaeFactors(spatial, temporal, int(c.get("z_dim", base.channels)))
+    return base
+
+
+def clip_latent_shape(
+    num_frames: int, fps: float, work_size: tuple[int, int], cfg: BuildConfig, vae: VaeFactors
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
+    """Latent ``(C, T, H, W)`` and encoder input ``(frames, width, height)`` of a clip of
+    ``num_frames`` source frames at ``fps`` whose payload is ``work_size`` (W, H), by the
+    rules of :mod:`pipeline.stages.encode`."""
+    from model.vae import native_size
+    from pipeline.stages.encode import resample_indices
+
+    enc = cfg.encode
+    frames = min(len(resample_indices(num_frames, fps, enc.target_fps)), enc.max_frames)
+    frames = 1 + (frames - 1) // vae.temporal * vae.temporal
+    w, h = work_size
+    multiple = vae.spatial * max(enc.patch_size[1], enc.patch_size[2])
+    budget = min(enc.pixel_budget, max(w * h, multiple * multiple))
+    width, height = native_size(w, h, budget, multiple)
+    t = 1 + (frames - 1) // vae.temporal
+    return (vae.channels, t, height // vae.spatial, width // vae.spatial), (frames, width, height)
+
+
+@dataclass
+class SourceEstimate:
+    """What one probed source is expected to produce and cost."""
+
+    source: str
+    status: str  # "done" (probed fine) or "error"
+    error: str | None = None
+    duration_s: float = 0.0
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    clips: int = 0
+    clip_s: float = 0.0  # total clip seconds
+    tokens_per_clip: list[int] = field(default_factory=list)
+    latent_bytes_per_clip: list[int] = field(default_factory=list)
+    source_mpx_frames: float = 0.0  # decode work of split
+    work_mpx_frames: float = 0.0  # payload encode work of split
+    encode_mpx_frames: list[float] = field(default_factory=list)  # VAE work per clip
+
+
+def _shots(num_frames: int, fps: float, mean_shot_s: float) -> list[tuple[int, int]]:
+    """``num_frames`` cut into equal shots of about ``mean_shot_s`` (the last one longer)."""
+    shot = max(1, round(mean_shot_s * fps))
+    n = max(1, num_frames // shot)
+    bounds = [round(i * num_frames / n) for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def estimate_source(
+    facts: dict[str, Any], cfg: BuildConfig, rates: PlanRates, vae: VaeFactors
+) -> SourceEstimate:
+    """Expected clips, tokens and work of one source from its probe row (``Probe`` output)."""
+    est = SourceEstimate(source=str(facts["source"]), status=str(facts["src_status"]))
+    if facts["src_status"] != "done":
+        est.error = facts.get("src_error")
+        return est
+    fps, width, height = float(facts["fps"]), int(facts["width"]), int(facts["height"])
+    num_frames = int(facts["src_num_frames"])
+    est.duration_s, est.fps, est.width, est.height = (
+        float(facts["src_duration_s"]),
+        fps,
+        width,
+        height,
+    )
+    work = even_size(width, height, cfg.split.work_max_area)
+    est.source_mpx_frames = num_frames * width * height / 1e6
+    est.work_mpx_frames = num_frames * work[0] * work[1] / 1e6
+    pt, ph, pw = cfg.encode.patch_size
+    for a, b in _shots(num_frames, fps, rates.mean_shot_s):
+        for start, end in clip_spans(a, b, fps, cfg.split):
+            shape, (frames, w, h) = clip_latent_shape(end - start, fps, work, cfg, vae)
+            c, t, lh, lw = shape
+            est.clips += 1
+            est.clip_s += (end - start) / fps
+            est.tokens_per_clip.append((t // pt) * (lh // ph) * (lw // pw))
+            est.latent_bytes_per_clip.append(2 * c * t * lh * lw)  # bf16
+            est.encode_mpx_frames.append(frames * w * h / 1e6)
+    return est
+
+
+@dataclass
+class StageEstimate:
+    stage: str
+    resource: str  # "cpu", "gpu" or "driver"
+    work: float  # units of `unit`
+    unit: str
+    resource_s: float  # seconds of one CPU core / one GPU / the driver
+    wall_s: float  # if the stage had its whole resource pool to itself
+
+
+@dataclass
+class Plan:
+    """The estimate for all sources (sample figures scaled by sources / probed)."""
+
+    preset: str
+    sources: int
+    probed: int
+    probe_errors: int
+    scale: float  # sources / probed
+    duration_s: float
+    clips: float
+    clips_kept: float
+    latent_tokens: float
+    tokens_per_clip_mean: float
+    storage_bytes: float
+    workers: int
+    gpus: int
+    stages: list[StageEstimate]
+    wall_s: float  # streaming estimate: the busiest resource pool
+    bottleneck: str
+    rates: dict[str, float]
+    per_source: list[SourceEstimate] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _stage_work(
+    ests: list[SourceEstimate], cfg: BuildConfig, rates: PlanRates
+) -> list[tuple[str, str, float, str, float]]:
+    """``(stage, resource, work, unit, resource seconds)`` summed over sampled sources."""
+    ok = [e for e in ests if e.status == "done"]
+    clips = sum(e.clips for e in ok)
+    kept = clips * rates.keep_fraction
+    src_mpx = sum(e.source_mpx_frames for e in ok)
+    work_mpx = sum(e.work_mpx_frames for e in ok)
+    enc_mpx = sum(sum(e.encode_mpx_frames) for e in ok) * rates.keep_fraction
+    out: list[tuple[str, str, float, str, float]] = [
+        ("probe", "cpu", len(ests), "sources", len(ests) * rates.probe_cpu_s_per_source),
+        (
+            "split",
+            "cpu",
+            src_mpx,
+            "source Mpx-frames",
+            src_mpx * rates.split_cpu_s_per_source_mpx_frame
+            + work_mpx * rates.split_cpu_s_per_work_mpx_frame,
+        ),
+        ("score", "cpu", clips, "clips", clips * rates.score_cpu_s_per_clip),
+    ]
+    if cfg.aesthetic.head:
+        out.append(("aesthetic", "gpu", clips, "clips", clips * rates.aesthetic_gpu_s_per_clip))
+    out.append(("decide", "cpu", clips, "clips", clips * rates.decide_cpu_s_per_clip))
+    if cfg.caption.enabled:
+        out.append(("caption", "gpu", kept, "kept clips", kept * rates.caption_gpu_s_per_clip))
+    out.append(
+        ("encode", "gpu", enc_mpx, "VAE Mpx-frames", enc_mpx * rates.encode_gpu_s_per_mpx_frame)
+    )
+    return out
+
+
+def make_plan(
+    sources: list[str],
+    cfg: BuildConfig,
+    *,
+    sample: int = 32,
+    workers: int | None = None,
+    gpus: int = 0,
+    rates: PlanRates | None = None,
+    seed: int = 0,
+) -> Plan:
+    """Probe up to ``sample`` of ``sources`` (a seeded random choice) and estimate the
+    whole build on ``workers`` CPU slots and ``gpus`` GPUs."""
+    if not sources:
+        raise ValueError("plan: no sources")
+    if sample < 1:
+        raise ValueError(f"plan: sample must be >= 1, got {sample}")
+    rates = rates or RATE_PRESETS.get(cfg.preset, PlanRates())
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    chosen = sorted(random.Random(seed).sample(sources, min(sample, len(sources))))
+    probe = Probe(cfg.probe)
+    vae = vae_factors(cfg)
+    ests = [estimate_source({"source": s, **probe.probe_one(s)}, cfg, rates, vae) for s in chosen]
+    scale = len(sources) / len(chosen)
+
+    stages: list[StageEstimate] = []
+    pools = {"cpu": 0.0, "gpu": 0.0, "driver": 0.0}
+    for stage, resource, work, unit, res_s in _stage_work(ests, cfg, rates):
+        res_s *= scale
+        if resource == "gpu" and gpus == 0:  # model stages fall back to the CPUs
+            resource, res_s = "cpu", res_s * rates.cpu_per_gpu_s
+        size = workers if resource == "cpu" else gpus
+        pools[resource] += res_s
+        stages.append(StageEstimate(stage, resource, work * scale, unit, res_s, res_s / size))
+
+    ok = [e for e in ests if e.status == "done"]
+    clips = sum(e.clips for e in ok) * scale
+    kept = clips * rates.keep_fraction
+    tokens_all = [t for e in ok for t in e.tokens_per_clip]
+    tokens_mean = sum(tokens_all) / len(tokens_all) if tokens_all else 0.0
+    latent_bytes = sum(sum(e.latent_bytes_per_clip) for e in ok) * scale * rates.keep_fraction
+    storage = latent_bytes + kept * rates.sample_overhead_bytes + clips * rates.index_bytes_per_clip
+    write_s = storage / rates.write_bytes_per_s
+    pools["driver"] = write_s
+    stages.append(StageEstimate("write", "driver", storage / 1e6, "MB", write_s, write_s))
+
+    walls = {
+        "cpu": pools["cpu"] / workers,
+        "gpu": pools["gpu"] / gpus if gpus else 0.0,
+        "driver": pools["driver"],
+    }
+    bottleneck = max(walls, key=lambda k: walls[k])
+    return Plan(
+        preset=cfg.preset,
+        sources=len(sources),
+        probed=len(chosen),
+        probe_errors=sum(e.status != "done" for e in ests),
+        scale=scale,
+        duration_s=sum(e.duration_s for e in ok) * scale,
+        clips=clips,
+        clips_kept=kept,
+        latent_tokens=tokens_mean * kept,
+        tokens_per_clip_mean=tokens_mean,
+        storage_bytes=storage,
+        workers=workers,
+        gpus=gpus,
+        stages=stages,
+        wall_s=walls[bottleneck],
+        bottleneck=bottleneck,
+        rates=asdict(rates),
+        per_source=ests,
+    )
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def parse_rates(base: PlanRates, items: list[str] | dict[str, Any]) -> PlanRates:
+    """``base`` with fields replaced from ``NAME=VALUE`` strings or a mapping (the config
+    file's ``plan:`` section); unknown names are errors."""
+    pairs = dict(items) if isinstance(items, dict) else {}
+    if isinstance(items, list):
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"plan rate {item!r}: expected NAME=VALUE")
+            pairs[name.strip()] = value.strip()
+    known = {f.name: f for f in fields(PlanRates)}
+    unknown = sorted(set(pairs) - set(known))
+    if unknown:
+        raise ValueError(f"plan: unknown rate(s) {unknown}; known: {sorted(known)}")
+    values: dict[str, Any] = {}
+    for name, value in pairs.items():
+        kind = int if known[name].type in (int, "int") else float
+        try:
+            values[name] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"plan rate {name}: {value!r} is not a number") from None
+        if not values[name] >= 0:
+            raise ValueError(f"plan rate {name}: must be >= 0, got {value!r}")
+    return replace(base, **values)
+
+
+def load_plan_config(
+    path: str | None, preset: str | None, rate_items: list[str] | None = None
+) -> tuple[BuildConfig, PlanRates]:
+    """The build config and plan rates: the config file may carry a ``plan:`` section of
+    rates beside the build sections; ``--rate`` items override it."""
+    data: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config {path}: top level must be a mapping")
+        data = dict(loaded)
+    rate_section = data.pop("plan", None) or {}
+    if preset:
+        data["preset"] = preset
+    from_dict(BuildConfig, data)  # reject unknown keys before building tiny models
+    cfg = load_config(None, **data)
+    rates = parse_rates(RATE_PRESETS.get(cfg.preset, PlanRates()), rate_section)
+    return cfg, parse_rates(rates, rate_items or [])
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # unreachable: TB returns above
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a plain-text report with a per-stage table."""
+    gpu_text = f"{plan.gpus} GPUs" if plan.gpus else "no GPUs (model stages on CPUs)"
+    lines = [
+        f"plan ({plan.preset} preset): {plan.sources} sources, {plan.probed} probed"
+        f" ({plan.probe_errors} unreadable), {plan.workers} CPU workers, {gpu_text}",
+        f"  video      {_duration(plan.duration_s)}",
+        f"  clips      {plan.clips:,.0f} (kept ~{plan.clips_kept:,.0f})",
+        f"  tokens     {plan.latent_tokens:,.0f} (~{plan.tokens_per_clip_mean:,.0f} per clip)",
+        f"  storage    {_size(plan.storage_bytes)}",
+        "",
+        f"  {'stage':<10} {'on':<7} {'work':>14} {'unit':<18} {'resource time':>14} {'wall':>10}",
+    ]
+    for s in plan.stages:
+        lines.append(
+            f"  {s.stage:<10} {s.resource:<7} {s.work:>14,.1f} {s.unit:<18}"
+            f" {_duration(s.resource_s):>14} {_duration(s.wall_s):>10}"
+        )
+    lines += [
+        "",
+        f"  estimated wall time {_duration(plan.wall_s)} (stages stream; bound by {plan.bottleneck})",
+        "  rates are rough defaults: override with a `plan:` config section or --rate NAME=VALUE",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""``reelpack plan SOURCE...``: estimate clips, tokens, storage and time before a build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["register", "run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.plan import format_plan, load_plan_config, make_plan
+    from pipeline.sources import expand_sources
+
+    try:
+        cfg, rates = load_plan_config(args.config, args.preset, args.rate)
+    except (ValueError, OSError) as e:
+        print(f"reelpack plan: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        sources = expand_sources(args.sources)
+    except FileNotFoundError as e:
+        print(f"reelpack plan: {e}", file=sys.stderr)
+        return 2
+    if not sources:
+        print("reelpack plan: no video sources found", file=sys.stderr)
+        return 2
+    plan = make_plan(
+        sources, cfg, sample=args.sample, workers=args.workers, gpus=args.gpus, rates=rates
+    )
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan", help="estimate clips, latent tokens, storage and time of a build (probes only)"
+    )
+    p.add_argument("sources", nargs="+", help="files, folders (recursive) or s3:// prefixes")
+    p.add_argument("--config", help="build config YAML; may hold a `plan:` section of rates")
+    p.add_argument("--preset", help="model preset: default (real models) or tiny")
+    p.add_argument("--sample", type=int, default=32, help="sources to probe (default 32)")
+    p.add_argument(
+        "--workers", type=int, help="CPU slots for the task stages (default: this machine's cores)"
+    )
+    p.add_argument("--gpus", type=int, default=0, help="GPUs for the model stages (default 0)")
+    p.add_argument(
+        "--rate",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one rate of pipeline.plan.PlanRates (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)

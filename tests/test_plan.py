@@ -1,0 +1,187 @@
+"""``reelpack plan``: estimates from probes, checked against the real stages.
+
+The videos are generated with known shot lengths; with ``mean_shot_s`` set to that
+length the plan's clip count must equal what Split cuts, and its tokens per clip must
+equal what Encode (the tiny VAE, run in-process without Ray) produces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import BuildConfig, load_config
+from pipeline.plan import (
+    PlanRates,
+    format_plan,
+    load_plan_config,
+    make_plan,
+    parse_rates,
+    vae_factors,
+)
+from pipeline.stages.base import rows_to_batch
+from pipeline.stages.encode import Encode
+from pipeline.stages.probe import Probe
+from pipeline.stages.split import Split
+from pipeline.synth import synth_video
+from reelpack.cli import main
+
+SHOT = 30  # frames per generated shot
+FPS = 12.0
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("plan-videos")
+    synth_video(str(root / "wide.mp4"), width=192, height=108, fps=FPS, shots=[SHOT] * 3, seed=0)
+    synth_video(str(root / "tall.mp4"), width=90, height=160, fps=FPS, shots=[SHOT] * 2, seed=1)
+    (root / "broken.mp4").write_bytes(b"not a video at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory: pytest.TempPathFactory) -> BuildConfig:
+    return load_config(
+        preset="tiny",
+        model_cache=str(tmp_path_factory.mktemp("models")),
+        split={"min_clip_s": 1.0, "max_clip_s": 2.0},
+    )
+
+
+def _sources(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.iterdir())
+
+
+def _actual(sources: list[str], cfg: BuildConfig) -> dict[str, list[int]]:
+    """Tokens per clip of each source through the real Probe -> Split -> Encode."""
+    batch = rows_to_batch([{"source": s} for s in sources])
+    batch = Split(cfg.split)(Probe(cfg.probe)(batch))
+    batch["status"] = np.array(
+        [
+            "kept" if c is not None else s
+            for c, s in zip(batch["clip_id"], batch["src_status"], strict=True)
+        ],
+        dtype=object,
+    )
+    batch = Encode(cfg.encode)(batch)
+    out: dict[str, list[int]] = {s: [] for s in sources}
+    for cid, src, tokens in zip(
+        batch["clip_id"], batch["source"], batch["num_tokens"], strict=True
+    ):
+        if cid is not None:
+            out[str(src)].append(int(tokens))
+    return out
+
+
+def test_plan_matches_the_real_stages(videos: Path, tiny_cfg: BuildConfig) -> None:
+    sources = _sources(videos)
+    rates = replace_rates(tiny_cfg, mean_shot_s=SHOT / FPS)
+    plan = make_plan(sources, tiny_cfg, sample=10, workers=2, gpus=0, rates=rates)
+    assert (plan.sources, plan.probed, plan.probe_errors, plan.scale) == (3, 3, 1, 1.0)
+    actual = _actual([s for s in sources if not s.endswith("broken.mp4")], tiny_cfg)
+    by_source = {e.source: e for e in plan.per_source}
+    assert by_source[str(videos / "broken.mp4")].status == "error"
+    for source, tokens in actual.items():
+        est = by_source[source]
+        assert est.clips == len(tokens) > 0, source
+        assert sorted(est.tokens_per_clip) == sorted(tokens), source
+    assert plan.clips == sum(len(t) for t in actual.values())
+    assert plan.duration_s == pytest.approx(5 * SHOT / FPS, rel=0.05)
+    assert plan.latent_tokens == pytest.approx(
+        np.mean([t for ts in actual.values() for t in ts]) * plan.clips_kept
+    )
+    # bf16 latents: 2 bytes x channels per latent cell, plus shard and index overheads
+    vae = vae_factors(tiny_cfg)
+    est = by_source[str(videos / "wide.mp4")]
+    assert est.latent_bytes_per_clip[0] % (2 * vae.channels) == 0
+    assert (
+        plan.storage_bytes
+        > sum(sum(e.latent_bytes_per_clip) for e in plan.per_source) * rates.keep_fraction
+    )
+
+
+def replace_rates(cfg: BuildConfig, **values: float) -> PlanRates:
+    from pipeline.plan import RATE_PRESETS
+
+    return parse_rates(RATE_PRESETS[cfg.preset], {k: v for k, v in values.items()})
+
+
+def test_time_scales_with_cluster_size(videos: Path, tiny_cfg: BuildConfig) -> None:
+    sources = _sources(videos)
+    rates = PlanRates(cpu_per_gpu_s=50.0)
+    small = make_plan(sources, tiny_cfg, workers=2, gpus=0, rates=rates)
+    big = make_plan(sources, tiny_cfg, workers=4, gpus=0, rates=rates)
+    gpu = make_plan(sources, tiny_cfg, workers=4, gpus=2, rates=rates)
+    stages = {s.stage: s for s in small.stages}
+    assert {"probe", "split", "score", "decide", "caption", "encode", "write"} <= set(stages)
+    # without GPUs the model stages run on the CPUs, cpu_per_gpu_s times slower
+    assert stages["encode"].resource == "cpu"
+    assert big.wall_s == pytest.approx(small.wall_s / 2)
+    gstages = {s.stage: s for s in gpu.stages}
+    assert gstages["encode"].resource == "gpu"
+    assert gstages["encode"].resource_s == pytest.approx(stages["encode"].resource_s / 50.0)
+    assert gpu.wall_s < big.wall_s
+    cpu_work = sum(s.resource_s for s in gpu.stages if s.resource == "cpu")
+    gpu_work = sum(s.resource_s for s in gpu.stages if s.resource == "gpu")
+    assert gpu.wall_s == pytest.approx(max(cpu_work / 4, gpu_work / 2, gstages["write"].wall_s))
+
+
+def test_sample_is_scaled_to_all_sources(videos: Path, tiny_cfg: BuildConfig) -> None:
+    sources = [s for s in _sources(videos) if s.endswith("wide.mp4")] * 1
+    extra = [str(videos / "wide.mp4")] + [str(videos / f"copy{i}.mp4") for i in range(3)]
+    for path in extra[1:]:
+        Path(path).write_bytes((videos / "wide.mp4").read_bytes())
+    one = make_plan(sources, tiny_cfg, sample=1, workers=2)
+    four = make_plan(extra, tiny_cfg, sample=1, workers=2)
+    assert (four.probed, four.scale) == (1, 4.0)
+    assert four.clips == 4 * one.clips
+    assert four.storage_bytes == pytest.approx(4 * one.storage_bytes)
+    for path in extra[1:]:
+        Path(path).unlink()
+
+
+def test_rates_from_config_and_flags(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "plan.yaml"
+    cfg_file.write_text(
+        "preset: default\nsplit: {max_clip_s: 4.0}\nplan: {mean_shot_s: 3.0, keep_fraction: 0.5}\n"
+    )
+    cfg, rates = load_plan_config(str(cfg_file), None, ["keep_fraction=0.25"])
+    assert cfg.split.max_clip_s == 4.0 and cfg.preset == "default"
+    assert (rates.mean_shot_s, rates.keep_fraction) == (3.0, 0.25)
+    with pytest.raises(ValueError, match="unknown rate"):
+        parse_rates(PlanRates(), ["mean_shot=3"])
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_rates(PlanRates(), ["mean_shot_s"])
+    cfg_file.write_text("splitt: {}\n")
+    with pytest.raises(ValueError, match="splitt"):
+        load_plan_config(str(cfg_file), None)
+
+
+def test_cli(
+    videos: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("REELPACK_CACHE", str(tmp_path / "cache"))
+    argv = ["plan", str(videos), "--preset", "tiny", "--workers", "3", "--gpus", "1"]
+    assert main([*argv, "--rate", f"mean_shot_s={SHOT / FPS}"]) == 0
+    text = capsys.readouterr().out
+    for word in ("clips", "tokens", "storage", "split", "encode", "estimated wall time"):
+        assert word in text, text
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sources"] == 3 and data["workers"] == 3 and data["gpus"] == 1
+    assert {s["stage"] for s in data["stages"]} >= {"probe", "split", "encode", "write"}
+    assert main([*argv, "--rate", "nope=1"]) == 2
+    assert main(["plan", str(tmp_path / "missing")]) == 2
+
+
+def test_format_mentions_every_stage(videos: Path, tiny_cfg: BuildConfig) -> None:
+    plan = make_plan(_sources(videos), tiny_cfg, workers=2)
+    text = format_plan(plan)
+    for s in plan.stages:
+        assert f"  {s.stage} " in text
