@@ -1,11 +1,19 @@
-"""Decoding a source once: display-oriented RGB frames at a working size, exact frame numbers.
+"""Decoding a source once: display-oriented frames at a working size, exact frame numbers.
 
 The split stage reads every source through :func:`iter_source_frames`. Each
 :class:`DecodedFrame` carries its frame number in the *source's own numbering*
 (presentation order, 0-based, as PyAV/FFmpeg output it), its presentation time
 relative to the stream start (correct for variable frame rates and late starts),
-its duration, and the image turned display-side up (rotation applied, anamorphic
-pixels squared) at ``even_size(display, max_area)``.
+its duration, the image turned display-side up (rotation applied, anamorphic pixels
+squared) at ``even_size(display, max_area)``, and the small BGR frame shot detectors
+read.
+
+The image stays in the decoder's own 4:2:0 YUV, resized plane by plane, and carries
+the source's colour tags: clip payloads are encoded from it with no RGB round trip.
+The detection frame is built at its small size and converted by swscale exactly as
+PySceneDetect's loop (full-size BGR conversion, then a linear resize) would make it,
+so detectors see what the ``scenedetect`` CLI sees without a full-size conversion.
+:class:`Prefetcher` runs any of these iterators on a background thread.
 
 Backends: ``"pyav"`` (default; any storage, any container FFmpeg reads) and
 ``"decord"`` (local files only; sometimes faster on large H.264, but with known
@@ -22,20 +30,41 @@ their position in that table, so numbers equal those of a decode from the start.
 from __future__ import annotations
 
 import bisect
+import functools
+import queue
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import av
 import cv2
 import numpy as np
 
 from pipeline.stages.probe import display_size, open_source
 from pipeline.video import even_size
 
-__all__ = ["BACKENDS", "DecodedFrame", "frame_pts_table", "iter_pyav", "iter_source_frames"]
+__all__ = [
+    "BACKENDS",
+    "DecodedFrame",
+    "Prefetcher",
+    "frame_pts_table",
+    "i420_to_rgb",
+    "iter_pyav",
+    "iter_source_frames",
+    "rgb_to_i420",
+    "rotate_i420",
+]
 
 BACKENDS = ("pyav", "decord")
+
+# FFmpeg's AVColorSpace / AVColorRange values used here.
+COLORSPACE_UNSPECIFIED = 2
+RANGE_UNSPECIFIED, RANGE_MPEG, RANGE_JPEG = 0, 1, 2
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,11 +72,23 @@ class DecodedFrame:
     num: int  # source frame number: presentation order, 0-based
     time_s: float  # presentation time relative to the stream start
     duration_s: float  # until the next frame (the average frame duration if unknown)
-    image: np.ndarray  # (H, W, 3) uint8 RGB, display-oriented, working size
-    # (h, W, 3) uint8 BGR detection frame: the *coded* frame resized to ``detect_width``
-    # wide with bilinear interpolation, exactly as PySceneDetect's own loop prepares it
-    # (so detectors see what the ``scenedetect`` CLI sees); None when not asked for.
+    # (H * 3 / 2, W) uint8 I420 (planar Y, then U, then V; 4:2:0), display-oriented, at
+    # the working size: what clip payloads are encoded from, with no colour conversion.
+    yuv: np.ndarray
+    # (h, W, 3) uint8 BGR detection frame: the *coded* frame at ``detect_width`` wide
+    # (what PySceneDetect's detectors expect); None when not asked for.
     small: np.ndarray | None = None
+    colorspace: int = COLORSPACE_UNSPECIFIED  # FFmpeg AVColorSpace of ``yuv``
+    color_range: int = RANGE_UNSPECIFIED  # FFmpeg AVColorRange of ``yuv``
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the working image."""
+        return self.yuv.shape[1], self.yuv.shape[0] * 2 // 3
+
+    def rgb(self) -> np.ndarray:
+        """The working image as (H, W, 3) uint8 RGB (converted with its colour tags)."""
+        return i420_to_rgb(self.yuv, self.colorspace, self.color_range)
 
 
 def _rate(stream: Any) -> float:
@@ -92,25 +133,128 @@ def _frame_number(pts: int | None, pts_table: list[int] | None, previous: int) -
     return previous + 1
 
 
+def _planes(frame: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(Y, U, V, full_range) views of a 4:2:0 8-bit frame (converted first if it is not)."""
+    name = frame.format.name
+    if name not in ("yuv420p", "yuvj420p"):
+        # 10-bit, 4:2:2/4:4:4, RGB, palette, grey: one swscale pass to 8-bit 4:2:0.
+        frame = frame.reformat(format="yuv420p")
+        name = "yuv420p"
+    full = name == "yuvj420p" or frame.color_range == RANGE_JPEG
+    views = []
+    for plane in frame.planes[:3]:
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        views.append(rows[:, : plane.width])
+    return views[0], views[1], views[2], full
+
+
+@functools.lru_cache(maxsize=16)
+def _taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR source positions for resizing ``n_in`` to ``n_out`` samples,
+    mapped to 4:2:0 chroma samples: (first chroma index, second, weight of the second)."""
+    x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    x0 = np.floor(x).astype(np.intp)
+    x1 = np.minimum(x0 + 1, n_in - 1)
+    return x0 // 2, x1 // 2, (x - x0).astype(np.float32)
+
+
+def _chroma_at(
+    plane: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]
+) -> np.ndarray:
+    """A chroma plane sampled where the luma resize samples (nearest chroma per luma
+    pixel, as the unscaled YUV->RGB conversion pairs them, then linear)."""
+    (r0, r1, wr), (c0, c1, wc) = rows, cols
+    top = plane[np.ix_(r0, c0)]
+    if not wc.any() and not wr.any():
+        return top  # the resize samples single pixels: no interpolation
+    top = top * (1 - wc) + plane[np.ix_(r0, c1)] * wc
+    bottom = plane[np.ix_(r1, c0)] * (1 - wc) + plane[np.ix_(r1, c1)] * wc
+    mixed = top * (1 - wr[:, None]) + bottom * wr[:, None]
+    return np.rint(mixed).astype(np.uint8)
+
+
+def _detection_frame(
+    frame: Any, y: np.ndarray, u: np.ndarray, v: np.ndarray, full: bool, detect_width: int
+) -> np.ndarray:
+    """The BGR frame PySceneDetect's loop would make: the whole frame converted to BGR
+    by swscale, then ``cv2.resize(..., INTER_LINEAR)`` to ``detect_width`` wide.
+
+    Computed at the small size: luma resized as OpenCV would, each output pixel given
+    the chroma its source pixel has, then swscale converts a frame that holds every
+    small pixel as a 2x2 block (so it pairs each with exactly that chroma). Where the
+    resize samples single pixels (an integer scale with an odd factor, e.g. 1280 to
+    256), the result equals the full-size path bit for bit.
+    """
+    h, w = y.shape
+    if w <= detect_width:
+        dw, dh = w, h
+        ys = y
+    else:
+        dw, dh = detect_width, max(1, round(h * detect_width / w))
+        ys = cv2.resize(y, (dw, dh), interpolation=cv2.INTER_LINEAR)
+    rows, cols = _taps(dh, h), _taps(dw, w)
+    big = np.empty((dh * 3, dw * 2), np.uint8)  # I420 of a (2 dh, 2 dw) frame
+    big[: 2 * dh] = np.repeat(np.repeat(ys, 2, axis=0), 2, axis=1)
+    flat = big.reshape(-1)
+    n = 4 * dh * dw
+    flat[n : n + dh * dw] = _chroma_at(u, rows, cols).ravel()
+    flat[n + dh * dw :] = _chroma_at(v, rows, cols).ravel()
+    pairs = av.VideoFrame.from_ndarray(big, format="yuv420p")
+    pairs.colorspace = frame.colorspace
+    pairs.color_range = RANGE_JPEG if full else RANGE_MPEG
+    bgr = pairs.reformat(format="bgr24").to_ndarray()
+    return np.ascontiguousarray(bgr[::2, ::2])
+
+
 def _images(
     frame: Any, size: tuple[int, int], detect_width: int | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(working-size RGB image in coded orientation, detection BGR frame or None)."""
-    if detect_width is None:
-        image = frame.to_ndarray(
-            width=size[0], height=size[1], format="rgb24", interpolation="AREA"
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """(working-size I420 image in coded orientation, detection BGR frame or None,
+    full colour range), from the decoder's planes: the payload is never converted to
+    RGB and back, and the detection frame is converted at its small size."""
+    y, u, v, full = _planes(frame)
+    w, h = size
+    if w == 0:
+        yuv = np.empty(0, np.uint8)  # no working image asked for
+    elif (y.shape[1], y.shape[0]) == (w, h):
+        yuv = np.concatenate([y.ravel(), u.ravel(), v.ravel()])
+    else:
+        yuv = np.concatenate(
+            [
+                cv2.resize(y, (w, h), interpolation=cv2.INTER_AREA).ravel(),
+                cv2.resize(u, (w // 2, h // 2), interpolation=cv2.INTER_AREA).ravel(),
+                cv2.resize(v, (w // 2, h // 2), interpolation=cv2.INTER_AREA).ravel(),
+            ]
         )
-        return image, None
-    # One full-size conversion feeds both: the detector's frame the way scenedetect makes
-    # it (bilinear from the coded frame), the payload's with area averaging.
-    full = frame.to_ndarray(format="bgr24")
-    h, w = full.shape[:2]
-    small = full
-    if w > detect_width:
-        dsize = (detect_width, max(1, round(h * detect_width / w)))
-        small = cv2.resize(full, dsize, interpolation=cv2.INTER_LINEAR)
-    work = full if (w, h) == size else cv2.resize(full, size, interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(work, cv2.COLOR_BGR2RGB), small
+    small = None
+    if detect_width is not None:
+        small = _detection_frame(frame, y, u, v, full, detect_width)
+    return yuv.reshape(h * 3 // 2, w), small, full
+
+
+def rotate_i420(yuv: np.ndarray, degrees: int) -> np.ndarray:
+    """An I420 image turned ``degrees`` counter-clockwise (a multiple of 90)."""
+    h, w = yuv.shape[0] * 2 // 3, yuv.shape[1]
+    flat = yuv.reshape(-1)
+    y = flat[: w * h].reshape(h, w)
+    u = flat[w * h : w * h * 5 // 4].reshape(h // 2, w // 2)
+    v = flat[w * h * 5 // 4 :].reshape(h // 2, w // 2)
+    k = (degrees // 90) % 4
+    planes = [np.rot90(p, k=k) for p in (y, u, v)]
+    rh, rw = planes[0].shape
+    return np.concatenate([p.ravel() for p in planes]).reshape(rh * 3 // 2, rw)
+
+
+def i420_to_rgb(yuv: np.ndarray, colorspace: int, color_range: int) -> np.ndarray:
+    """(H * 3 / 2, W) I420 -> (H, W, 3) RGB, honouring the colour tags."""
+    frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+    frame.colorspace, frame.color_range = colorspace, color_range
+    return frame.to_ndarray(format="rgb24")
+
+
+def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB with even sides -> (H * 3 / 2, W) I420 (BT.601, limited range)."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
 
 
 def iter_pyav(
@@ -123,7 +267,8 @@ def iter_pyav(
 ) -> Iterator[DecodedFrame]:
     """Decode the first video stream of an open PyAV ``container`` from ``start_frame``.
 
-    ``display`` is the probed display size (None derives it from the stream). From
+    ``display`` is the probed display size (None derives it from the stream);
+    ``max_area <= 0`` skips the working image (``yuv`` is then empty). From
     ``start_frame > 0`` the container seeks; ``pts_table`` (from
     :func:`frame_pts_table`, computed when None) numbers the frames. ``detect_width``
     adds :attr:`DecodedFrame.small`.
@@ -151,7 +296,7 @@ def iter_pyav(
         num = _frame_number(frame.pts, pts_table, num)
         if num < start_frame:
             continue  # decoded from the keyframe before the seek point only to get here
-        if size == (0, 0):
+        if size == (0, 0) and max_area > 0:
             size, rotation = _working_size(frame, stream, display, max_area)
         if frame.pts is not None:
             if start_pts is None:
@@ -161,15 +306,21 @@ def iter_pyav(
             time_s = (last_time + frame_s) if last_time is not None else num * frame_s
         last_time = time_s
         duration = float(frame.duration * frame.time_base) if frame.duration else frame_s
-        image, small = _images(frame, size, detect_width)
-        if rotation:
+        yuv, small, full = _images(frame, size, detect_width)
+        if rotation and yuv.size:
             # frame.rotation is counter-clockwise degrees, and so is np.rot90.
-            image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
-        yield DecodedFrame(num, time_s, duration, image, small)
+            yuv = rotate_i420(yuv, rotation)
+        color_range = RANGE_JPEG if full else RANGE_MPEG
+        yield DecodedFrame(num, time_s, duration, yuv, small, frame.colorspace, color_range)
 
 
 def _iter_decord(
-    path: str, display: tuple[int, int], rotation: int, max_area: int, start_frame: int
+    path: str,
+    display: tuple[int, int],
+    rotation: int,
+    max_area: int,
+    start_frame: int,
+    detect_width: int | None,
 ) -> Iterator[DecodedFrame]:
     """Frames of a local file via decord (coded orientation, then rotated), in batches."""
     import decord
@@ -186,9 +337,16 @@ def _iter_decord(
         for i, image in enumerate(frames):
             num = lo + i
             t0, t1 = float(stamps[num, 0]), float(stamps[num, 1])
+            small = None
+            if detect_width is not None:
+                small = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+                if coded[0] > detect_width:
+                    dsize = (detect_width, max(1, round(coded[1] * detect_width / coded[0])))
+                    small = cv2.resize(small, dsize, interpolation=cv2.INTER_LINEAR)
             if rotation:
                 image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
-            yield DecodedFrame(num, t0 - first, max(0.0, t1 - t0), image)
+            # decord hands out RGB: back to I420 (BT.601, limited range) for the payload.
+            yield DecodedFrame(num, t0 - first, max(0.0, t1 - t0), rgb_to_i420(image), small)
 
 
 def iter_source_frames(
@@ -214,7 +372,8 @@ def iter_source_frames(
     if backend == "decord" and local and display is not None:
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         try:
-            for frame in _iter_decord(path, display, rotation, max_area, start_frame):
+            frames = _iter_decord(path, display, rotation, max_area, start_frame, detect_width)
+            for frame in frames:
                 yield frame
                 next_frame = frame.num + 1
             return
@@ -225,3 +384,91 @@ def iter_source_frames(
         if next_frame > 0:
             table = frame_pts_table(container)
         yield from iter_pyav(container, display, max_area, next_frame, table, detect_width)
+
+
+class Prefetcher(Iterator[T], Generic[T]):
+    """Iterates ``source`` on a background thread, up to ``depth`` items ahead.
+
+    Decoding and colour conversion run in FFmpeg/OpenCV code that releases the GIL, so
+    a consumer doing its own work per frame (shot detection, clip encoding) overlaps
+    with the decode instead of waiting for it. Items and the producer's exception (if
+    any) arrive in order; :meth:`close` (or garbage collection of an abandoned
+    iterator) stops the producer and closes ``source`` on the producer's thread.
+
+    With ``deadline`` (a ``time.monotonic()`` value), waiting past it for the next item
+    raises :class:`TimeoutError`, so a decode that hangs inside FFmpeg cannot hang
+    the consumer.
+    """
+
+    _ITEM, _END, _ERROR = 0, 1, 2
+    _POLL_S = 0.2
+
+    def __init__(self, source: Iterator[T], depth: int = 8, deadline: float | None = None) -> None:
+        self._queue: queue.Queue[tuple[int, Any]] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._deadline = deadline
+        self._finished = False
+        self._thread = threading.Thread(
+            target=self._produce, args=(source,), name="reelpack-decode", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, kind: int, value: Any) -> bool:
+        """Queue one message; False when the consumer stopped listening."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put((kind, value), timeout=self._POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, source: Iterator[T]) -> None:
+        try:
+            for item in source:
+                if not self._put(self._ITEM, item):
+                    return
+            self._put(self._END, None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(self._ERROR, exc)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        while True:
+            timeout = self._POLL_S
+            if self._deadline is not None:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self.close()
+                    raise TimeoutError("no frame decoded before the deadline")
+                timeout = min(timeout, left)
+            try:
+                kind, value = self._queue.get(timeout=timeout)
+                break
+            except queue.Empty:
+                continue
+        if kind == self._ITEM:
+            return value
+        self._finished = True
+        self._stop.set()
+        if kind == self._ERROR:
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the producer; returns without waiting for a decode call in progress."""
+        self._finished = True
+        self._stop.set()
+        while True:  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+
+    def __del__(self) -> None:
+        self._stop.set()

@@ -8,6 +8,7 @@ those bytes and never reopen the source.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from fractions import Fraction
 
 import av
@@ -30,17 +31,50 @@ def even_size(width: int, height: int, max_area: int) -> tuple[int, int]:
     return w, h
 
 
-def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18, preset: str = "veryfast") -> bytes:
-    """Encode ``frames`` (T, H, W, 3) uint8 RGB with even H, W to H.264 mp4 bytes.
+def _frame_size(frames: np.ndarray | Sequence[np.ndarray], pix_fmt: str) -> tuple[int, int]:
+    """(width, height) of ``frames`` to encode; raises on frames H.264 cannot take."""
+    if not len(frames):
+        raise ValueError("need >= 1 frame, got none")
+    first = frames[0]
+    shape = (len(frames), *first.shape)
+    if pix_fmt == "rgb24":
+        if first.ndim != 3 or first.shape[-1] != 3 or first.dtype != np.uint8:
+            raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {shape} {first.dtype}")
+        h, w = first.shape[:2]
+    elif pix_fmt == "yuv420p":
+        if first.ndim != 2 or first.shape[0] % 3 or first.dtype != np.uint8:
+            raise ValueError(f"expected (T, H*3/2, W) uint8 I420 frames, got {shape}")
+        h, w = first.shape[0] * 2 // 3, first.shape[1]
+    else:
+        raise ValueError(f"pix_fmt must be 'rgb24' or 'yuv420p', got {pix_fmt!r}")
+    if h % 2 or w % 2:
+        raise ValueError(f"need >= 1 frame and even sides, got {shape}")
+    if any(f.shape != first.shape for f in frames):
+        raise ValueError(f"frames differ in size: {first.shape} vs others")
+    return w, h
+
+
+def encode_mp4(
+    frames: np.ndarray | Sequence[np.ndarray],
+    fps: float,
+    crf: int = 18,
+    preset: str = "veryfast",
+    *,
+    pix_fmt: str = "rgb24",
+    colorspace: int | None = None,
+    color_range: int | None = None,
+) -> bytes:
+    """Encode frames of one size with even H, W to H.264 mp4 bytes.
+
+    ``pix_fmt="rgb24"``: (T, H, W, 3) uint8 RGB (an array, or a sequence of (H, W, 3)).
+    ``pix_fmt="yuv420p"``: a sequence of (H * 3 / 2, W) uint8 I420 frames, encoded with
+    no colour conversion; ``colorspace``/``color_range`` (FFmpeg AVColorSpace /
+    AVColorRange values) tag the stream so decoders convert them back right.
 
     The frame rate is stored as a rational approximation of ``fps`` so that
     fractional rates such as 29.97 round-trip.
     """
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
-    t, h, w, _ = frames.shape
-    if t == 0 or h % 2 or w % 2:
-        raise ValueError(f"need >= 1 frame and even sides, got {frames.shape}")
+    w, h = _frame_size(frames, pix_fmt)
     rate = Fraction(fps).limit_denominator(1001)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
@@ -48,8 +82,17 @@ def encode_mp4(frames: np.ndarray, fps: float, crf: int = 18, preset: str = "ver
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": preset}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
+        if color_range is not None:
+            stream.codec_context.color_range = color_range
+        for array in frames:
+            frame = av.VideoFrame.from_ndarray(array, format=pix_fmt)
+            if colorspace is not None:
+                frame.colorspace = colorspace
+            if color_range is not None:
+                frame.color_range = color_range
+            for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)

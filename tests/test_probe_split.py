@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodedFrame, iter_pyav
+from pipeline.decode import DecodedFrame, iter_pyav, rgb_to_i420
 from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows
 from pipeline.stages.probe import Probe, ProbeConfig, open_source, probe_video
@@ -74,7 +74,7 @@ def probe_batch(*sources: str) -> dict[str, np.ndarray]:
 
 def decoded(path: str, max_area: int = 160 * 90) -> list[np.ndarray]:
     with open_source(path) as container:
-        return [frame.image for frame, _ in _iter_frames(container, None, max_area)]
+        return [frame.rgb() for frame, _ in _iter_frames(container, None, max_area)]
 
 
 # --- synthetic videos and shot detection -------------------------------------------------
@@ -238,7 +238,8 @@ def test_long_shot_streams_in_bounded_memory(synth_dir: str) -> None:
     splitter = _SourceSplitter(cfg, 20.0)
     peak = 0
     for num, image in enumerate(frames):
-        splitter.push(_Frame(num, num / 20.0, image), 1 / 20.0)
+        small = splitter.tracker.small_bgr(image)
+        splitter.push(_Frame(num, num / 20.0, rgb_to_i420(image)), 1 / 20.0, small)
         peak = max(peak, len(splitter.buffer))
     spans = [(c.start_frame, c.end_frame) for c in splitter.finish()]
     # the streaming result equals the offline rule on the whole video ...
@@ -313,8 +314,9 @@ def test_split_frames_are_display_oriented() -> None:
     path = shared("issue-134-rotate.mp4")
     with open_source(path) as container:
         frame, _ = next(_iter_frames(container, (544, 1280), 128 * 300))
-    assert frame.image.shape[:2][::-1] == even_size(544, 1280, 128 * 300)
-    assert frame.image.shape[0] > frame.image.shape[1]
+    assert frame.size == even_size(544, 1280, 128 * 300)
+    image = frame.rgb()
+    assert image.shape[:2][::-1] == frame.size and image.shape[0] > image.shape[1]
 
 
 def test_probe_limits_and_errors_are_values(landscape: tuple[str, list[int]]) -> None:
@@ -393,7 +395,7 @@ def test_rotation_direction_matches_players(
     assert (facts["display_width"], facts["display_height"]) == (32, 64)
     with open_source(path) as container:
         frame, _ = next(_iter_frames(container, None, 64 * 32))
-    luma = frame.image.mean(axis=2)
+    luma = frame.rgb().mean(axis=2)
     quadrants = {
         "top_left": luma[:32, :16],
         "top_right": luma[:32, 16:],
@@ -401,3 +403,59 @@ def test_rotation_direction_matches_players(
         "bottom_right": luma[32:, 16:],
     }
     assert max(quadrants, key=lambda k: quadrants[k].mean()) == corner
+
+
+# --- payload colours ---------------------------------------------------------------------
+
+_PATCHES = [(235, 40, 40), (40, 200, 60), (50, 60, 230), (240, 230, 60), (128, 128, 128)]
+
+
+def _colour_video(path: str, pix_fmt: str, colorspace: int | None, color_range: int | None) -> None:
+    """2 s of five flat colour bars, encoded as ``pix_fmt`` with the given tags."""
+    image = np.zeros((96, 160, 3), np.uint8)
+    for i, colour in enumerate(_PATCHES):
+        image[:, i * 32 : (i + 1) * 32] = colour
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, pix_fmt
+        stream.options = {"crf": "10"}
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
+        if color_range is not None:
+            stream.codec_context.color_range = color_range
+        for _ in range(48):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+                format=pix_fmt, dst_colorspace=colorspace, dst_color_range=color_range
+            )
+            if colorspace is not None:
+                frame.colorspace = colorspace
+            if color_range is not None:
+                frame.color_range = color_range
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.mark.parametrize(
+    ("pix_fmt", "colorspace", "color_range"),
+    [("yuv420p", None, None), ("yuv420p", 1, 1), ("yuvj420p", None, 2), ("yuv444p", 1, 1)],
+    ids=["untagged", "bt709", "full-range", "yuv444-bt709"],
+)
+def test_payload_colours_match_the_source(
+    tmp_path: Any, pix_fmt: str, colorspace: int | None, color_range: int | None
+) -> None:
+    """Payloads are encoded from the decoder's own planes with the source's colour tags
+    carried over, so a payload decodes to the colours the source decodes to."""
+    path = str(tmp_path / f"{pix_fmt}-{colorspace}.mp4")
+    _colour_video(path, pix_fmt, colorspace, color_range)
+    (row,) = batch_to_rows(Split(SplitConfig(min_clip_s=0.5))(probe_batch(path)))
+    frames, _ = decode_mp4(row["clip_bytes"])
+    with av.open(path) as container:
+        source = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    for i, colour in enumerate(_PATCHES):
+        centre = (slice(40, 56), slice(i * 32 + 10, i * 32 + 22))
+        got = frames[0][centre].reshape(-1, 3).mean(axis=0)
+        want = source[centre].reshape(-1, 3).mean(axis=0)
+        assert np.abs(got - want).max() <= 3, (colour, got, want)
+        assert np.abs(got - np.array(colour)).max() <= 8, (colour, got)

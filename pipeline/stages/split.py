@@ -8,6 +8,9 @@ when installed), and the working-resolution frames of the *open* shot are buffer
 until the detector closes it (or it grows past ``max_clip_s``, when full chunks are
 flushed early), so memory is bounded by the clip length, not the video length. Each
 clip is stored as H.264 mp4 bytes (``clip_bytes``) so no later stage reads the source.
+Three threads share the work of a source: decoding (a :class:`~pipeline.decode.Prefetcher`),
+detection and shot bookkeeping (the caller's), and payload encoding (:class:`_PayloadEncoder`);
+FFmpeg, x264 and OpenCV release the GIL, so they overlap.
 
 Shot rules. Detectors report *raw* cuts (their own minimum scene length disabled);
 one greedy rule then enforces ``min_scene_s``: a raw cut counts when it lies at least
@@ -41,6 +44,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -57,7 +61,15 @@ from scenedetect import (
     ThresholdDetector,
 )
 
-from pipeline.decode import BACKENDS, DecodedFrame, iter_pyav, iter_source_frames
+from pipeline.decode import (
+    BACKENDS,
+    COLORSPACE_UNSPECIFIED,
+    RANGE_MPEG,
+    DecodedFrame,
+    Prefetcher,
+    iter_pyav,
+    iter_source_frames,
+)
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
 from pipeline.stages.probe import describe, open_source
 from pipeline.video import encode_mp4
@@ -443,8 +455,10 @@ def stitch(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]
 class _Frame:
     num: int  # source frame number
     time_s: float  # presentation time relative to the stream start
-    image: np.ndarray  # (H, W, 3) uint8 RGB, display-oriented
+    yuv: np.ndarray  # (H * 3 / 2, W) uint8 I420, display-oriented, working size
     luma: float = 128.0  # mean luma of the detection-size frame
+    colorspace: int = COLORSPACE_UNSPECIFIED  # FFmpeg colour tags of `yuv`
+    color_range: int = RANGE_MPEG
 
 
 @dataclass(frozen=True)
@@ -454,6 +468,51 @@ class _Clip:
     start_s: float
     end_s: float
     payload: bytes
+
+
+class _PayloadEncoder:
+    """Encodes clip payloads on one background thread while decoding goes on.
+
+    x264 and PyAV's codec calls release the GIL, so a clip's H.264 encode overlaps the
+    decode and detection of the frames after it. At most ``ahead`` clips wait for the
+    encoder; :meth:`submit` blocks beyond that, which bounds memory to the frames of
+    those clips.
+    """
+
+    def __init__(self, fps: float, crf: int, preset: str, ahead: int = 1) -> None:
+        self.fps, self.crf, self.preset, self.ahead = fps, crf, preset, ahead
+        self._pool: ThreadPoolExecutor | None = None
+        self._waiting: deque[Future[bytes]] = deque()
+
+    def submit(self, frames: list[_Frame]) -> Future[bytes]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="reelpack-encode")
+        while self._waiting and self._waiting[0].done():
+            self._waiting.popleft()
+        while len(self._waiting) > self.ahead:
+            self._waiting.popleft().exception()  # wait; errors surface in result()
+        future = self._pool.submit(self._encode, frames)
+        self._waiting.append(future)
+        return future
+
+    def _encode(self, frames: list[_Frame]) -> bytes:
+        return encode_mp4(
+            [f.yuv for f in frames],
+            self.fps,
+            self.crf,
+            self.preset,
+            pix_fmt="yuv420p",
+            colorspace=frames[0].colorspace,
+            color_range=frames[0].color_range,
+        )
+
+    def close(self) -> None:
+        """Drop clips not yet started and release the thread (an encode in progress ends
+        on its own)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self._waiting.clear()
 
 
 class _SourceSplitter:
@@ -482,6 +541,8 @@ class _SourceSplitter:
         self.pending = 0  # first frame of the open shot not yet emitted or dropped
         self.lead_open = False  # still trimming the open shot's leading edge
         self.clips: list[_Clip] = []
+        self.encoder = _PayloadEncoder(fps, cfg.work_crf, cfg.work_preset)
+        self._payloads: list[Future[bytes]] = []  # one per clip, in order
         self.count = 0
         self.end_s = 0.0
         self.done = False  # the range's last shot closed: stop decoding
@@ -493,13 +554,12 @@ class _SourceSplitter:
 
     # -- feeding ----------------------------------------------------------------------------
 
-    def push(self, frame: _Frame, duration_s: float, small_bgr: np.ndarray | None = None) -> None:
+    def push(self, frame: _Frame, duration_s: float, small_bgr: np.ndarray) -> None:
+        """Feed one frame with its detection-size BGR copy."""
         if self.done:
             return
         self.count = frame.num + 1
         self.end_s = frame.time_s + duration_s
-        if small_bgr is None:
-            small_bgr = self.tracker.small_bgr(frame.image)
         if self.own_from is not None:
             self.buffer.append(frame)
         raw = self.tracker.push_small(frame.num, small_bgr)
@@ -514,11 +574,23 @@ class _SourceSplitter:
             self._emit(self.pending, self.pending + self.max_frames)
 
     def finish(self) -> list[_Clip]:
-        if not self.done:
-            self._on_raw(self.tracker.finish_raw())
-            if self.own_from is not None and not self.done:
-                self._close_shot(self.count, is_cut=False)
+        """Close the last shot and wait for every payload; the clips, in order."""
+        try:
+            if not self.done:
+                self._on_raw(self.tracker.finish_raw())
+                if self.own_from is not None and not self.done:
+                    self._close_shot(self.count, is_cut=False)
+            self.clips = [
+                _Clip(c.start_frame, c.end_frame, c.start_s, c.end_s, future.result())
+                for c, future in zip(self.clips, self._payloads, strict=True)
+            ]
+        finally:
+            self.encoder.close()
         return self.clips
+
+    def close(self) -> None:
+        """Release the encoder thread (after :meth:`finish`, or on failure)."""
+        self.encoder.close()
 
     def _on_raw(self, raw: list[int]) -> None:
         """Handle newly reported raw cuts: start owning, close shots, stop owning."""
@@ -605,13 +677,8 @@ class _SourceSplitter:
         frames = [f for f in self.buffer if f.num < end]
         following = next((f for f in self.buffer if f.num >= end), None)
         end_s = following.time_s if following is not None else self.end_s
-        payload = encode_mp4(
-            np.stack([f.image for f in frames]),
-            self.fps,
-            crf=self.cfg.work_crf,
-            preset=self.cfg.work_preset,
-        )
-        self.clips.append(_Clip(start, end, frames[0].time_s, end_s, payload))
+        self._payloads.append(self.encoder.submit(frames))
+        self.clips.append(_Clip(start, end, frames[0].time_s, end_s, b""))
         self._drop_until(end)
         self.pending = end
 
@@ -643,6 +710,10 @@ def _split_range(
         complete = _drive(frames, splitter, deadline, timeout_s, recent, keep)
     except (SplitTimeout, MemoryError):
         raise
+    except TimeoutError as exc:  # the decode thread delivered nothing before the deadline
+        raise SplitTimeout(
+            f"timeout after {timeout_s:g} s (after frame {splitter.count - 1})"
+        ) from exc
     except Exception as exc:  # name where decoding broke: "corrupt data" alone says little
         raise ValueError(
             f"decoding failed after frame {splitter.count - 1} (corrupt or truncated data): "
@@ -667,8 +738,15 @@ def _drive(
             raise SplitTimeout(f"timeout after {timeout_s:g} s (at frame {decoded.num})")
         small = decoded.small
         if small is None:
-            small = splitter.tracker.small_bgr(decoded.image)
-        frame = _Frame(decoded.num, decoded.time_s, decoded.image, _luma(small))
+            small = splitter.tracker.small_bgr(decoded.rgb())
+        frame = _Frame(
+            decoded.num,
+            decoded.time_s,
+            decoded.yuv,
+            _luma(small),
+            decoded.colorspace,
+            decoded.color_range,
+        )
         owning = splitter.own_from is not None
         splitter.push(frame, decoded.duration_s, small)
         if not owning and splitter.own_from is not None:
@@ -700,28 +778,40 @@ def _split_source(
     empty stream or a timeout."""
     deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s > 0 else None
     splitter = _SourceSplitter(cfg, fps, range_start, range_end)
-    frames = iter_source_frames(
-        uri,
-        display,
-        cfg.work_max_area,
-        start_frame=splitter.first_frame,
-        backend=cfg.decoder,
-        rotation=rotation,
-        detect_width=cfg.detect_width,
+    # Three threads overlap: decoding + conversion (here), detection (the caller's
+    # thread), payload encoding (the splitter's encoder).
+    frames = Prefetcher(
+        iter_source_frames(
+            uri,
+            display,
+            cfg.work_max_area,
+            start_frame=splitter.first_frame,
+            backend=cfg.decoder,
+            rotation=rotation,
+            detect_width=cfg.detect_width,
+        ),
+        deadline=deadline,
     )
     try:
         return _split_range(frames, splitter, deadline, cfg.timeout_s)
     finally:
-        close = getattr(frames, "close", None)
-        if close is not None:
-            close()  # releases the container at once when a range stops early
+        frames.close()  # releases the container at once when a range stops early
+        splitter.close()
 
 
 def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfig) -> _Clip:
     """A still as one 1-frame clip."""
     with open_source(uri) as container:
         for decoded in iter_pyav(container, display, cfg.work_max_area):
-            payload = encode_mp4(decoded.image[None], fps, crf=cfg.work_crf, preset=cfg.work_preset)
+            payload = encode_mp4(
+                [decoded.yuv],
+                fps,
+                crf=cfg.work_crf,
+                preset=cfg.work_preset,
+                pix_fmt="yuv420p",
+                colorspace=decoded.colorspace,
+                color_range=decoded.color_range,
+            )
             return _Clip(0, 1, 0.0, 1.0 / fps, payload)
     raise ValueError("zero frames: the image does not decode")
 
@@ -744,9 +834,8 @@ def shots(
         times: list[float] = []
         cuts: list[int] = []
         end_s = 0.0
-        # The detection size doubles as the decode size: nothing else is kept.
-        area = cfg.detect_width * cfg.detect_width
-        for frame in iter_pyav(container, None, area, detect_width=cfg.detect_width):
+        # Only the detection frames: no working image.
+        for frame in iter_pyav(container, None, 0, detect_width=cfg.detect_width):
             assert frame.small is not None
             cuts += tracker.push_bgr(frame.num, frame.small)
             times.append(frame.time_s)
