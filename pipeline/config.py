@@ -108,6 +108,9 @@ class RayConfig:
     # (stitched back exactly; see pipeline.stitching); 0 turns range splitting off
     straggler_range_frames: int = 18_000
     progress_interval_s: float = 5.0  # seconds between progress lines; 0 turns them off
+    # fail fast when the minimum actor pools cannot be placed on the current nodes; turn
+    # off on clusters that add nodes on demand (an autoscaling KubeRay cluster)
+    check_resources: bool = True
 
 
 @dataclass(frozen=True)

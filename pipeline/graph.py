@@ -55,7 +55,15 @@ from pipeline.stitching import RangeStitcher, expand_ranges
 from pipeline.storage import join, storage_for
 from pipeline.writer import CorpusWriter
 
-__all__ = ["build", "build_dataset", "init_ray", "stage_stats", "worker_env"]
+__all__ = [
+    "build",
+    "build_dataset",
+    "check_resources",
+    "cluster_nodes",
+    "init_ray",
+    "stage_stats",
+    "worker_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +142,7 @@ def _actor_args(res: StageResources, cluster_gpus: float) -> dict[str, Any]:
     }
 
 
-def check_resources(cfg: BuildConfig, cluster_cpus: float) -> None:
-    """Fail fast, naming the stages, when the actors of the enabled stages would leave no
-    CPU for the task stages: Ray would otherwise wait forever for resources."""
+def _enabled_actor_stages(cfg: BuildConfig) -> list[str]:
     enabled = {
         "aesthetic": bool(cfg.aesthetic.head or (cfg.dedup.enabled and cfg.aesthetic.embeddings)),
         "dedup": cfg.dedup.enabled,
@@ -145,18 +151,64 @@ def check_resources(cfg: BuildConfig, cluster_cpus: float) -> None:
         "encode": True,
         "text_encode": cfg.text_encode.enabled,
     }
-    actors = {
-        stage: getattr(cfg.ray, stage).num_cpus * getattr(cfg.ray, stage).min_actors
-        for stage in ACTOR_STAGES
-        if enabled[stage]
-    }
+    return [stage for stage in ACTOR_STAGES if enabled[stage]]
+
+
+def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
+    """Fail fast, naming the stage, when the model actors' minimum pools plus one CPU
+    task cannot be placed on the cluster's nodes: Ray would otherwise wait forever.
+
+    ``nodes`` holds each alive node's resources (``{"CPU": 8, "GPU": 1, ...}``). An
+    actor needs its CPUs and GPUs on *one* node, so the check packs every actor of
+    every minimum pool (largest first, each onto the fullest node where it fits) and
+    then one task of the CPU stages, instead of comparing cluster totals: 4 actors of
+    1.5 CPUs do not fit on three 2-CPU nodes although 6 >= 6. Dedup's pool is one
+    actor. Skipped with ``ray.check_resources: false`` (clusters that add nodes on
+    demand).
+    """
+    if not cfg.ray.check_resources:
+        return
+    total_gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    demands: list[tuple[str, float, float]] = []
+    for stage in _enabled_actor_stages(cfg):
+        res: StageResources = getattr(cfg.ray, stage)
+        gpus = 0.0 if stage == "dedup" else _gpus(res, total_gpus)
+        count = 1 if stage == "dedup" else res.min_actors
+        demands += [(stage, res.num_cpus, gpus)] * count
+    demands.sort(key=lambda d: (d[2], d[1]), reverse=True)
     task_cpus = max(getattr(cfg.ray, s).num_cpus for s in ("probe", "split", "score", "decide"))
-    if sum(actors.values()) + task_cpus > cluster_cpus + 1e-9:
-        raise ValueError(
-            f"the Ray cluster has {cluster_cpus:g} CPUs, but the model actors reserve "
-            f"{sum(actors.values()):g} ({', '.join(f'{k}={v:g}' for k, v in actors.items())}) and a "
-            f"CPU task needs {task_cpus:g}: lower ray.<stage>.num_cpus or use a larger cluster"
-        )
+    demands.append(("a CPU task (probe/split/score/decide)", task_cpus, 0.0))
+    free = [[n.get("CPU", 0.0), n.get("GPU", 0.0)] for n in nodes]
+    eps = 1e-9
+    placed: dict[str, int] = {}
+    for stage, cpus, gpus in demands:
+        fits = [f for f in free if f[0] + eps >= cpus and f[1] + eps >= gpus]
+        if not fits:
+            shape = ", ".join(f"{c:g} CPU/{g:g} GPU" for c, g in free) or "none"
+            before = ", ".join(f"{k} x{v}" for k, v in placed.items()) or "nothing"
+            raise ValueError(
+                f"the Ray cluster cannot place {stage} ({cpus:g} CPU, {gpus:g} GPU on one "
+                f"node): after {before}, the nodes have {shape} free (nodes: "
+                f"{', '.join(_node_shape(n) for n in nodes) or 'none'}). Lower "
+                f"ray.<stage>.num_cpus / num_gpus / min_actors, or use larger nodes"
+            )
+        best = min(fits, key=lambda f: (f[1] - gpus, f[0] - cpus))  # the fullest that fits
+        best[0] -= cpus
+        best[1] -= gpus
+        placed[stage] = placed.get(stage, 0) + 1
+
+
+def _node_shape(node: dict[str, float]) -> str:
+    return f"{node.get('CPU', 0.0):g} CPU/{node.get('GPU', 0.0):g} GPU"
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Resources of each alive node of the connected Ray cluster."""
+    return [
+        {k: float(v) for k, v in n.get("Resources", {}).items()}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
 
 
 def build_dataset(
@@ -314,7 +366,7 @@ def build(
         init_ray(cfg)
         resources = ray.cluster_resources()
         cluster_gpus = float(resources.get("GPU", 0.0))
-        check_resources(cfg, float(resources.get("CPU", 0.0)))
+        check_resources(cfg, cluster_nodes())
         ds = build_dataset(todo, cfg, cluster_gpus, out=out)
         stitcher = RangeStitcher()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -1,0 +1,83 @@
+"""Fail-fast resource checks: actor pools must fit on the cluster's nodes one by one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.graph import build, check_resources, cluster_nodes
+
+
+def _cfg(**ray: object):
+    return load_config(preset="tiny", model_cache="/nonexistent-not-loaded", ray=ray)
+
+
+def test_tiny_preset_fits_a_two_cpu_machine() -> None:
+    check_resources(_cfg(), [{"CPU": 2.0}])
+
+
+def test_actors_that_fit_the_totals_but_no_node_are_refused() -> None:
+    # 4 encode actors of 2.5 CPUs + a 1-CPU task = 11 <= 12 CPUs in total, but a 4-CPU
+    # node holds one such actor: the fourth has nowhere to go.
+    cfg = _cfg(encode={"num_cpus": 2.5, "min_actors": 4, "max_actors": 4})
+    nodes = [{"CPU": 4.0}] * 3
+    with pytest.raises(ValueError, match=r"cannot place encode \(2.5 CPU") as err:
+        check_resources(cfg, nodes)
+    assert "encode x3" in str(err.value)  # what was placed before it
+    check_resources(cfg, [{"CPU": 4.0}] * 4)  # one more node: fits
+
+
+def test_fractional_gpus_are_packed_per_node() -> None:
+    # two 1-GPU nodes; captioners take 0.6 GPU each (one per node), leaving 0.4 + 0.4:
+    # a 0.5-GPU encoder does not fit although 2 >= 1.7 GPUs in total
+    gpu_node = {"CPU": 8.0, "GPU": 1.0}
+    cpu_only = {"num_gpus": 0.0, "min_actors": 1}
+
+    def cfg(caption_gpus: float):
+        return load_config(
+            preset="default",
+            caption={"enabled": True},
+            ray={
+                "aesthetic": cpu_only,
+                "agreement": cpu_only,
+                "text_encode": cpu_only,
+                "caption": {"num_gpus": caption_gpus, "min_actors": 2, "max_actors": 2},
+                "encode": {"num_gpus": 0.5, "min_actors": 1},
+            },
+        )
+
+    with pytest.raises(ValueError, match=r"cannot place encode \(\S+ CPU, 0.5 GPU"):
+        check_resources(cfg(0.6), [gpu_node, gpu_node])
+    check_resources(cfg(0.5), [gpu_node, gpu_node])  # 0.5 + 0.5 on one node
+    check_resources(cfg(0.6), [gpu_node, gpu_node, gpu_node])
+
+
+def test_no_cpu_left_for_tasks_is_refused() -> None:
+    cfg = _cfg(encode={"num_cpus": 1.5, "min_actors": 1})
+    with pytest.raises(ValueError, match=r"cannot place a CPU task \(probe/split/score/decide\)"):
+        check_resources(cfg, [{"CPU": 2.0}])
+    check_resources(cfg, [{"CPU": 2.0}, {"CPU": 1.0}])
+
+
+def test_the_check_can_be_turned_off_for_autoscaling_clusters() -> None:
+    cfg = _cfg(encode={"num_cpus": 64.0}, check_resources=False)
+    check_resources(cfg, [{"CPU": 2.0}])
+
+
+def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(tmp_path: Path) -> None:
+    from pipeline.synth import synth_video
+
+    video = tmp_path / "v.mp4"
+    synth_video(str(video), width=64, height=36, fps=12.0, shots=[24], seed=0)
+    cfg = load_config(
+        preset="tiny",
+        model_cache=str(tmp_path / "models"),
+        ray={"num_cpus": 2, "encode": {"num_cpus": 64.0}, "progress_interval_s": 0},
+    )
+    with pytest.raises(ValueError, match="cannot place encode"):
+        build([str(video)], str(tmp_path / "corpus"), cfg, echo=lambda s: None)
+    nodes = cluster_nodes()
+    assert nodes and all(n["CPU"] > 0 for n in nodes)
+    assert not (tmp_path / "corpus" / "index").exists()
