@@ -25,11 +25,10 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from pipeline.config import BuildConfig, load_config
 from pipeline.synth import synth_video
-from pipeline.writer import CorpusWriter, read_index
+from pipeline.writer import read_index
 
 CPUS = 2
 
@@ -46,31 +45,11 @@ def make_videos(root: Path, n: int, shots: int) -> list[str]:
 
 
 def run_sequential(sources: list[str], out: str, cfg: BuildConfig) -> int:
-    """All stages in this process; returns the number of clips written."""
-    from pipeline.stages.aesthetic import AestheticScorer
-    from pipeline.stages.base import rows_to_batch
-    from pipeline.stages.caption import Captioner
-    from pipeline.stages.decide import Decide
-    from pipeline.stages.encode import Encode
-    from pipeline.stages.probe import Probe
-    from pipeline.stages.score import Score
-    from pipeline.stages.split import Split
+    """The graph's steps (``pipeline.graph.build_steps``) in this process, source by
+    source; returns the number of clips written."""
+    from pipeline.graph import run_in_process
 
-    stages: list[Any] = [Probe(cfg.probe), Split(cfg.split), Score(cfg.score)]
-    if cfg.aesthetic.head:
-        stages.append(AestheticScorer(cfg.aesthetic))
-    stages.append(Decide(cfg.decide))
-    if cfg.caption.enabled:
-        stages.append(Captioner(cfg.caption))
-    stages.append(Encode(cfg.encode))
-    writer = CorpusWriter(out, cfg.write)
-    for source in sources:
-        batch = rows_to_batch([{"source": source}])
-        for stage in stages:
-            batch = stage(batch)
-        batch.pop("clip_bytes", None)
-        writer.add(batch)
-    writer.close()
+    run_in_process(sources, out, cfg)
     return read_index(out).num_rows
 
 

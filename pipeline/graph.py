@@ -33,8 +33,10 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import ray
 
 from pipeline.config import ACTOR_STAGES, BuildConfig, StageResources, config_hash, to_dict
@@ -42,7 +44,7 @@ from pipeline.progress import BuildProgress
 from pipeline.sources import expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
 from pipeline.stages.agreement import Agreement
-from pipeline.stages.base import Batch
+from pipeline.stages.base import Batch, StageTask
 from pipeline.stages.caption import Captioner
 from pipeline.stages.decide import Decide
 from pipeline.stages.dedup import Dedup
@@ -56,11 +58,14 @@ from pipeline.storage import join, storage_for
 from pipeline.writer import CorpusWriter
 
 __all__ = [
+    "Step",
     "build",
     "build_dataset",
+    "build_steps",
     "check_resources",
     "cluster_nodes",
     "init_ray",
+    "run_in_process",
     "stage_stats",
     "worker_env",
 ]
@@ -109,18 +114,6 @@ def init_ray(cfg: BuildConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-
-
-def _task(
-    stage_cls: Callable[[Any], Callable[[Batch], Batch]], stage_cfg: Any
-) -> Callable[[Batch], Batch]:
-    """A cheap stage as a plain function for Ray tasks (its constructor holds no model)."""
-
-    def run(batch: Batch) -> Batch:
-        return stage_cls(stage_cfg)(batch)
-
-    run.__name__ = getattr(stage_cls, "__name__", "stage")
-    return run
 
 
 def _gpus(res: StageResources, cluster_gpus: float) -> float:
@@ -211,6 +204,57 @@ def cluster_nodes() -> list[dict[str, float]]:
     ]
 
 
+@dataclass(frozen=True)
+class Step:
+    """One operator of the build graph, runnable on Ray or in this process.
+
+    ``kind``: ``"task"`` (a stateless stage: a fresh ``fn(*args)`` per batch, as Ray
+    tasks), ``"function"`` (``fn`` maps batches itself), ``"actors"`` (an autoscaling
+    pool of ``fn(*args)`` holding a model) or ``"single"`` (exactly one actor: state
+    shared by the whole build).
+    """
+
+    name: str
+    kind: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    res: StageResources
+
+
+def build_steps(cfg: BuildConfig, out: str | None = None) -> list[Step]:
+    """The graph's operators in order (see the module doc for their cardinality).
+
+    ``out`` is the corpus root, which seeds the near-duplicate index on resume.
+    """
+    r = cfg.ray
+    steps = [Step("probe", "task", Probe, (cfg.probe,), r.probe)]
+    if r.straggler_range_frames > 0:
+        ranges = functools.partial(
+            expand_ranges, split_cfg=cfg.split, range_frames=r.straggler_range_frames
+        )
+        steps.append(Step("ranges", "function", ranges, (), replace(r.probe, batch_size=1)))
+    steps += [
+        Step("split", "task", Split, (cfg.split,), r.split),
+        Step("score", "task", Score, (cfg.score,), r.score),
+    ]
+    if cfg.aesthetic.head or (cfg.dedup.enabled and cfg.aesthetic.embeddings):
+        steps.append(Step("aesthetic", "actors", AestheticScorer, (cfg.aesthetic,), r.aesthetic))
+    steps.append(Step("decide", "task", Decide, (cfg.decide,), r.decide))
+    if cfg.dedup.enabled:
+        steps.append(Step("dedup", "single", Dedup, (cfg.dedup, out), r.dedup))
+    if cfg.caption.enabled:
+        steps.append(Step("caption", "actors", Captioner, (cfg.caption,), r.caption))
+        if cfg.agreement.enabled:
+            steps += [
+                Step("agreement", "actors", Agreement, (cfg.agreement,), r.agreement),
+                Step("decide", "task", Decide, (cfg.decide,), r.decide),
+            ]
+    steps.append(Step("encode", "actors", Encode, (cfg.encode,), r.encode))
+    if cfg.text_encode.enabled:
+        steps.append(Step("text_encode", "actors", TextEncode, (cfg.text_encode,), r.text_encode))
+    return steps
+
+
 def build_dataset(
     sources: list[str], cfg: BuildConfig, cluster_gpus: float = 0.0, out: str | None = None
 ) -> ray.data.Dataset:
@@ -218,66 +262,52 @@ def build_dataset(
 
     ``out`` is the corpus root, which seeds the near-duplicate index on resume.
     """
-    r = cfg.ray
+    # one source per block, so a slow file never holds back others
     ds: ray.data.Dataset = ray.data.from_items(
         [{"source": s} for s in sources], override_num_blocks=max(1, len(sources))
     )
-    # 1:1 probe; one source per task so a slow file never holds back others
-    ds = ds.map_batches(_task(Probe, cfg.probe), **_task_args(r.probe))
-    # 1:N long sources become frame ranges processed in parallel (stitched on the driver)
-    if r.straggler_range_frames > 0:
-        ranges = functools.partial(
-            expand_ranges, split_cfg=cfg.split, range_frames=r.straggler_range_frames
-        )
-        ds = ds.map_batches(ranges, batch_size=1, num_cpus=r.probe.num_cpus)
-    # 1:N split: one source in, its clips out (decode once)
-    ds = ds.map_batches(_task(Split, cfg.split), **_task_args(r.split))
-    # 1:1 cheap signals
-    ds = ds.map_batches(_task(Score, cfg.score), **_task_args(r.score))
-    # 1:1 CLIP embeddings (dedup) and aesthetic score (with a head), actor pool
-    if cfg.aesthetic.head or (cfg.dedup.enabled and cfg.aesthetic.embeddings):
-        ds = ds.map_batches(
-            AestheticScorer,
-            fn_constructor_args=(cfg.aesthetic,),
-            **_actor_args(r.aesthetic, cluster_gpus),
-        )
-    # 1:1 thresholds -> status + reasons
-    ds = ds.map_batches(_task(Decide, cfg.decide), **_task_args(r.decide))
-    # 1:1 near-duplicates: ONE actor holds the build's index (seeded from the corpus on resume)
-    if cfg.dedup.enabled:
-        ds = ds.map_batches(
-            Dedup,
-            fn_constructor_args=(cfg.dedup, out),
-            batch_size=r.dedup.batch_size,
-            num_cpus=r.dedup.num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=1),
-        )
-    # 1:1 recaption kept clips, actor pool
-    if cfg.caption.enabled:
-        ds = ds.map_batches(
-            Captioner, fn_constructor_args=(cfg.caption,), **_actor_args(r.caption, cluster_gpus)
-        )
-        # 1:1 clip-caption agreement, then decide again with that signal, before encoding
-        if cfg.agreement.enabled:
+    for step in build_steps(cfg, out):
+        res = step.res
+        if step.kind == "task":
+            ds = ds.map_batches(StageTask(step.fn, *step.args), **_task_args(res))
+        elif step.kind == "function":
+            ds = ds.map_batches(step.fn, **_task_args(res))
+        elif step.kind == "single":  # no GPU: the index is plain Python
             ds = ds.map_batches(
-                Agreement,
-                fn_constructor_args=(cfg.agreement,),
-                **_actor_args(r.agreement, cluster_gpus),
+                step.fn,
+                fn_constructor_args=step.args,
+                batch_size=res.batch_size,
+                num_cpus=res.num_cpus,
+                compute=ray.data.ActorPoolStrategy(size=1),
             )
-            ds = ds.map_batches(_task(Decide, cfg.decide), **_task_args(r.decide))
-    # 1:1 latents of kept clips, actor pool
-    ds = ds.map_batches(
-        Encode, fn_constructor_args=(cfg.encode,), **_actor_args(r.encode, cluster_gpus)
-    )
-    # 1:1 caption embeddings stored with the latents, actor pool (optional)
-    if cfg.text_encode.enabled:
-        ds = ds.map_batches(
-            TextEncode,
-            fn_constructor_args=(cfg.text_encode,),
-            **_actor_args(r.text_encode, cluster_gpus),
-        )
+        else:
+            ds = ds.map_batches(
+                step.fn, fn_constructor_args=step.args, **_actor_args(res, cluster_gpus)
+            )
     # the payloads stay on the workers; the driver receives index rows and latents
     return ds.drop_columns(["clip_bytes"])
+
+
+def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, int]:
+    """The same steps without Ray: one process, one source at a time, each model loaded
+    once. A reference for the Ray graph (same clips, same rows) and for debugging a
+    stage; no resume, progress or summary. Returns the writer's commit counts."""
+    fns = [
+        s.fn(*s.args) if s.kind in ("task", "actors", "single") else s.fn
+        for s in build_steps(cfg, out)
+    ]
+    writer = CorpusWriter(out, cfg.write)
+    stitcher = RangeStitcher()
+    for source in expand_sources(sources):
+        batch: Batch = {"source": np.array([source], dtype=object)}
+        for fn in fns:
+            batch = fn(batch)
+        batch.pop("clip_bytes", None)
+        for whole in stitcher(batch):
+            writer.add(whole)
+    counts = writer.close()
+    writer.write_manifest(_manifest_extra(cfg))
+    return counts
 
 
 def stage_stats(

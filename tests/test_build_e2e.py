@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 
 import schemas
 from pipeline.config import BuildConfig, load_config
-from pipeline.graph import build
+from pipeline.graph import build, run_in_process
 from pipeline.synth import synth_video
 from pipeline.writer import read_index, read_sources
 
@@ -85,6 +85,20 @@ def _check_samples(samples: list[dict], rows: list[dict]) -> None:
         assert abs(row["encode_width"] / row["encode_height"] / aspect - 1) < 0.15
 
 
+def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    exact = ("source", "status", "reasons", "start_frame", "end_frame", "caption", "latent_shape")
+    by_id = {r["clip_id"]: r for r in want}
+    assert sorted(r["clip_id"] for r in got) == sorted(by_id)
+    for row in got:
+        other = by_id[row["clip_id"]]
+        assert {k: row[k] for k in exact} == {k: other[k] for k in exact}
+        for name in schemas.SCORE_NAMES:
+            a, b = row[schemas.score_column(name)], other[schemas.score_column(name)]
+            assert (a is None) == (b is None) and (
+                a is None or a == pytest.approx(b, rel=1e-4, abs=1e-6)
+            ), name
+
+
 def test_local_build_then_train(videos, tiny_cfg, tmp_path) -> None:
     root = str(tmp_path / "corpus")
     summary = build([str(p) for p in videos.values()], root, tiny_cfg)
@@ -107,6 +121,11 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path) -> None:
     again = build([str(p) for p in videos.values()], root, tiny_cfg)
     assert again["sources_built"] == 0
     assert read_index(root).num_rows == len(rows)
+
+    # the same steps without Ray give the same rows
+    alone = str(tmp_path / "in-process")
+    run_in_process([str(p) for p in videos.values()], alone, tiny_cfg)
+    _assert_same_rows(read_index(alone).to_pylist(), rows)
 
     from model.train import TrainConfig, train
 

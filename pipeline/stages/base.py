@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Batch", "batch_to_rows", "num_rows", "rows_to_batch", "with_columns"]
+__all__ = ["Batch", "StageTask", "batch_to_rows", "num_rows", "rows_to_batch", "with_columns"]
 
 Batch = dict[str, np.ndarray]
 
@@ -70,3 +70,19 @@ def with_columns(batch: Mapping[str, np.ndarray], **columns: Sequence[Any] | np.
             raise ValueError(f"column {name!r} has {len(values)} values for {n} rows")
         out[name] = values if isinstance(values, np.ndarray) else _to_array(list(values))
     return out
+
+
+class StageTask:
+    """A stateless stage as a batch function: a fresh ``stage_cls(*args)`` per call.
+
+    What Ray tasks run. It lives in this small module so that a worker unpickling it
+    imports only the stage's own module, not the graph and every model library.
+    """
+
+    def __init__(self, stage_cls: Any, *args: Any) -> None:
+        self.stage_cls, self.args = stage_cls, args
+        self.__name__ = getattr(stage_cls, "__name__", "stage")
+
+    def __call__(self, batch: Batch) -> Batch:
+        out: Batch = self.stage_cls(*self.args)(batch)
+        return out
