@@ -5,11 +5,13 @@ Tiny CPU run (seconds), on a corpus built with the tiny preset::
     python -m model.train --root /tmp/corpus --out /tmp/run --preset DiT-tiny --steps 50
     reelpack train /tmp/corpus --out /tmp/run --steps 50 [--resume]
 
-Several GPUs (DDP; FSDP with ``--fsdp`` for the large presets)::
+Several GPUs (DDP; FSDP with ``--fsdp true`` for the large presets)::
 
-    torchrun --nproc_per_node 8 jobs/train.py /data/corpus --out /ckpt/run1 --preset DiT-XL --fsdp
+    torchrun --nproc_per_node 8 jobs/train.py /data/corpus --out /ckpt/run1 \\
+        --device cuda --preset DiT-XL --fsdp true
 
-or Ray Train (`train_with_ray`, ``reelpack train ... --ray-workers 8``).
+or Ray Train (`train_with_ray`: ``reelpack train ... --ray-workers 8 --ray-gpu``).
+`evaluate` scores a model on fixed (x0, noise, t) triples, e.g. before and after training.
 
 One optimizer step = ``grad_accum`` packed sequences of at most ``token_budget``
 tokens per rank. AdamW, linear warmup then cosine decay, gradient clipping, bf16
@@ -49,6 +51,8 @@ from model.flow import REDUCTIONS, caption_keep_mask, flow_loss, resolution_shif
 __all__ = [
     "RESUMABLE_CHANGES",
     "TrainConfig",
+    "evaluate",
+    "init_model",
     "load_checkpoint",
     "load_train_config",
     "make_loader",
@@ -174,8 +178,10 @@ class _Stream:
                 yield batch
             if count == 0 and fresh:
                 raise ValueError(
-                    f"{self.where}: an epoch produced no packed batch: the corpus is empty or "
-                    f"no sample fits the token budget ({self.loader.stats})"
+                    f"{self.where}: an epoch produced no packed batch for this rank: the "
+                    "corpus is empty, no sample fits the token budget, or an epoch packs "
+                    "into fewer sequences than there are ranks (a smaller token_budget "
+                    f"makes more) ({self.loader.stats})"
                 )
             self.epoch, fresh = self.epoch + 1, True
 
@@ -386,6 +392,40 @@ def _check_resumable(saved: dict[str, Any], resolved: dict[str, Any], path: Path
 
 
 # --- the loop --------------------------------------------------------------------------
+def _corpus_facts(root: str) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """The corpus manifest and its (pt, ph, pw) patch size."""
+    manifest = read_manifest(root)
+    if len(manifest["patch_size"]) != 3:
+        raise ValueError(
+            f"{root}: manifest patch_size {manifest['patch_size']} is not [pt, ph, pw]"
+        )
+    pt, ph, pw = (int(p) for p in manifest["patch_size"])
+    return manifest, (pt, ph, pw)
+
+
+def _initial_model(manifest: dict[str, Any], patch: tuple[int, int, int], cfg: TrainConfig) -> DiT:
+    torch.manual_seed(cfg.seed)
+    text_entry = manifest.get("text_encoder") or {}
+    model = build_dit(
+        cfg.preset,
+        in_channels=int(manifest["vae"]["latent_channels"]),
+        patch_size=patch,
+        text_dim=int(text_entry.get("dim") or 0),
+    )
+    model.attn_backend = cfg.attn_backend
+    return model
+
+
+def init_model(root: str, cfg: TrainConfig) -> DiT:
+    """The DiT that `train` starts from on the corpus at `root` (same seed, same weights)."""
+    manifest, patch = _corpus_facts(root)
+    return _initial_model(manifest, patch, cfg)
+
+
+def _autocast_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return (device.type == "cuda" and cfg.precision == "auto") or cfg.precision == "bf16"
+
+
 def _loss(
     model: nn.Module, b: dict[str, Any], cfg: TrainConfig, text: bool, generator: torch.Generator
 ) -> torch.Tensor:
@@ -429,14 +469,7 @@ def train(  # noqa: C901
     Under torchrun or Ray Train every rank calls this; losses are means over ranks.
     """
     cfg.validate()
-    manifest = read_manifest(root)
-    if len(manifest["patch_size"]) != 3:
-        raise ValueError(
-            f"{root}: manifest patch_size {manifest['patch_size']} is not [pt, ph, pw]"
-        )
-    pt, ph, pw = (int(p) for p in manifest["patch_size"])
-    patch = (pt, ph, pw)
-    text_entry = manifest.get("text_encoder") or {}
+    manifest, patch = _corpus_facts(root)
     d = _setup_distributed(cfg)
     out_dir = Path(out)
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -444,14 +477,7 @@ def train(  # noqa: C901
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw = build_dit(
-        cfg.preset,
-        in_channels=int(manifest["vae"]["latent_channels"]),
-        patch_size=patch,
-        text_dim=int(text_entry.get("dim") or 0),
-    )
-    raw.attn_backend = cfg.attn_backend
+    raw = _initial_model(manifest, patch, cfg)  # identical initial weights on every rank
     raw.gradient_checkpointing = cfg.gradient_checkpointing
     resolved = _resolved_config(cfg, raw.config, root, manifest, patch)
     if state is not None:
@@ -478,7 +504,7 @@ def train(  # noqa: C901
         loader.load_state_dict(state["loader"][d.rank])
         start, epoch, fresh = int(state["step"]), int(state["epoch"][d.rank]), False
     batches = _Stream(loader, epoch, fresh, root)
-    autocast_bf16 = (d.device.type == "cuda" and cfg.precision == "auto") or cfg.precision == "bf16"
+    autocast_bf16 = _autocast_bf16(cfg, d.device)
     text = raw.config.text_dim > 0
 
     if d.rank == 0:
@@ -567,6 +593,89 @@ def train(  # noqa: C901
     return losses
 
 
+@torch.no_grad()
+def evaluate(model: DiT, root: str, cfg: TrainConfig, *, seed: int = 0, draws: int = 1) -> float:
+    """The flow-matching loss of `model` on fixed (x0, noise, t) triples of the corpus.
+
+    One pass over every sample at `root` (rank 0 of 1, epoch 0, packed as `cfg` packs
+    them), `draws` times each, with noise and timesteps from a generator seeded with
+    `seed`: models scored with the same `root`, `cfg`, `seed` and `draws` (e.g. before
+    and after training) see identical triples, so their difference is not sampling
+    noise. The timestep distribution, shift and reduction are `cfg`'s; captions are
+    always kept. Returns the mean over samples and draws (over tokens for
+    ``loss_reduction="token"``).
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be positive, got {draws}")
+    _, patch = _corpus_facts(root)
+    device = next(model.parameters()).device
+    fixed = dataclasses.replace(cfg, caption_dropout=0.0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    loader = make_loader(root, cfg, patch, 0, 1)
+    loader.set_epoch(0)
+    text = model.config.text_dim > 0
+    was_training = model.training
+    model.eval()
+    total, weight = 0.0, 0
+    try:
+        for batch in loader:
+            b = _to_device(batch, device)
+            count = b["num_samples"] if cfg.loss_reduction == "sample" else b["tokens"].shape[0]
+            for _ in range(draws):
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=_autocast_bf16(cfg, device)
+                ):
+                    loss = _loss(model, b, fixed, text, generator)
+                total += float(loss) * count
+                weight += count
+    finally:
+        model.train(was_training)
+    if weight == 0:
+        raise ValueError(f"{root}: no packed batch to evaluate on ({loader.stats})")
+    return total / weight
+
+
+def _init_ray(address: str | None) -> None:
+    """Join `address` or ``RAY_ADDRESS``, else start a fresh local Ray; nothing if joined."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        ray.init(address=address)
+    else:  # never a cluster that merely happens to run on this machine
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+
+
+def _ray_train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: `train`, then hand every rank's loss curve to the driver."""
+    import ray.train
+
+    losses = train(
+        config["root"],
+        config["out"],
+        config["cfg"],
+        resume=config["resume"],
+        until=config["until"],
+    )
+    curves: list[Any] = [losses]
+    if dist.is_initialized() and dist.get_world_size() > 1:  # Ray Train's process group
+        curves = [None] * dist.get_world_size()
+        dist.all_gather_object(curves, losses)
+    if ray.train.get_context().get_world_rank() == 0:
+        # Ray Train keeps reported metrics only with checkpoints: the curves go through
+        # the (shared) output folder instead.
+        _atomic_write_text(Path(config["losses_file"]), json.dumps(curves))
+    ray.train.report({"loss": losses[-1] if losses else math.nan})
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def train_with_ray(
     root: str,
     out: str,
@@ -575,44 +684,46 @@ def train_with_ray(
     num_workers: int = 2,
     use_gpu: bool = False,
     resume: bool = False,
+    until: int | None = None,
+    ray_address: str | None = None,
 ) -> list[float]:
     """`train` on `num_workers` Ray Train workers (``TorchTrainer``; DDP or FSDP inside).
 
-    Connects to the running Ray (``ray.init()`` / ``RAY_ADDRESS``). `out` must be
-    storage every worker sees (a shared filesystem on a cluster).
+    Uses the Ray this process already joined; otherwise joins `ray_address` (``auto``,
+    ``ray://head:10001``) or ``RAY_ADDRESS`` (set by ``ray job submit``), else starts a
+    fresh local Ray. `root` and `out` must be storage every worker sees (``s3://`` or a
+    shared filesystem on a cluster); local paths are made absolute. `resume` and
+    `until` are `train`'s. Returns the losses, as `train` does; RuntimeError if the
+    ranks' loss curves differ.
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if "://" not in root:
+        root = str(Path(root).resolve())
     out_abs = str(Path(out).resolve())
     losses_file = Path(out_abs) / "ray_losses.json"
-
-    def loop(config: dict[str, Any]) -> None:
-        import ray.train
-
-        losses = train(config["root"], config["out"], config["cfg"], resume=config["resume"])
-        if ray.train.get_context().get_world_rank() == 0:
-            # Ray Train 2 keeps reported metrics only with checkpoints: hand the curve over
-            # through the (shared) output folder instead.
-            Path(config["losses_file"]).write_text(json.dumps(losses))
-        ray.train.report({"loss": losses[-1] if losses else math.nan})
-
+    losses_file.unlink(missing_ok=True)
+    _init_ray(ray_address)
     device = "cuda" if use_gpu else "cpu"
     trainer = TorchTrainer(
-        loop,
+        _ray_train_loop,
         train_loop_config={
             "root": root,
             "out": out_abs,
             "cfg": dataclasses.replace(cfg, device=device),
             "resume": resume,
+            "until": until,
             "losses_file": str(losses_file),
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name="reelpack-train", storage_path=str(Path(out_abs) / "ray")),
     )
     trainer.fit()  # raises when a worker failed
-    losses: list[float] = json.loads(losses_file.read_text())
-    return losses
+    curves: list[list[float]] = json.loads(losses_file.read_text())
+    if any(curve != curves[0] for curve in curves):
+        raise RuntimeError(f"Ray Train ranks disagree on the losses: {curves}")
+    return curves[0]
 
 
 def load_checkpoint(

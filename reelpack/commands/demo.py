@@ -17,7 +17,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from reelpack.demo import DEMO_STEPS
+
     p = sub.add_parser("demo", help="offline demo: synthesize videos, build, train")
     p.add_argument("--out", required=True, help="folder for the videos, corpus and checkpoint")
-    p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
     p.set_defaults(func=run)

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.ray_workers,
             use_gpu=args.ray_gpu,
             resume=args.resume,
+            ray_address=args.ray_address,
         )
     else:
         losses = train(args.root, args.out, cfg, resume=args.resume)
@@ -51,5 +52,9 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--ray-workers", type=int, default=0, help="train on N Ray Train workers")
     p.add_argument("--ray-gpu", action="store_true", help="one GPU per Ray Train worker")
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster for --ray-workers (default: RAY_ADDRESS, else start a local Ray)",
+    )
     add_config_flags(p)
     p.set_defaults(func=run)
