@@ -459,3 +459,31 @@ def test_payload_colours_match_the_source(
         want = source[centre].reshape(-1, 3).mean(axis=0)
         assert np.abs(got - want).max() <= 3, (colour, got, want)
         assert np.abs(got - np.array(colour)).max() <= 8, (colour, got)
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_probe_tells_variable_from_constant_frame_rate(tmp_path: Any, ext: str) -> None:
+    """MP4 is judged from its index (no media bytes read), MKV by demuxing packets."""
+    image = np.zeros((32, 48, 3), np.uint8)
+
+    def write(path: str, steps_ms: list[int]) -> None:
+        with av.open(path, "w") as out:
+            stream = out.add_stream("libx264", rate=1000)
+            stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+            stream.time_base = Fraction(1, 1000)
+            stream.codec_context.time_base = Fraction(1, 1000)
+            pts = 0
+            for step in steps_ms:
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts, frame.time_base = pts, Fraction(1, 1000)
+                pts += step
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+
+    vfr, cfr = str(tmp_path / f"vfr.{ext}"), str(tmp_path / f"cfr.{ext}")
+    write(vfr, [50 if i % 3 else 150 for i in range(40)])
+    write(cfr, [40] * 40)
+    assert probe_video(vfr)["vfr"] is True
+    assert probe_video(cfr)["vfr"] is False

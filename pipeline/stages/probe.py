@@ -100,34 +100,51 @@ def display_size(width: int, height: int, sar: Fraction, rotation: int) -> tuple
     return int(w), int(h)
 
 
-def _first_frame_rotation(container: Any, stream: Any) -> int:
-    """Rotation in degrees counter-clockwise from the display matrix, read off the first
-    decoded frame (PyAV exposes the stream's matrix only there). Raises when no frame
-    decodes."""
-    for frame in container.decode(stream):
-        return round(frame.rotation or 0) % 360
-    raise ValueError("zero frames: no frame decodes")
+def _index_times(stream: Any) -> list[int] | None:
+    """The first frames' timestamps from the demuxer's index, when it lists every frame
+    (MP4/MOV): no media bytes need reading, which matters for sources on S3."""
+    entries = getattr(stream, "index_entries", None)
+    if entries is None or not stream.frames or len(entries) < stream.frames:
+        return None  # no index, or one of keyframes only (Matroska cues)
+    n = min(len(entries), _VFR_PACKETS)
+    return [int(entries[i].timestamp) for i in range(n) if not entries[i].is_discard]
 
 
-def _is_vfr(container: Any, stream: Any) -> bool:
-    """Whether the first packets of ``stream`` have unequal durations (demux only).
-
-    Presentation times are sorted first (B-frames reorder them); steps that differ by
-    more than a tenth of the median step mean a variable frame rate.
-    """
-    pts: list[int] = []
-    for packet in container.demux(stream):
-        if packet.pts is not None:
-            pts.append(int(packet.pts))
-        if len(pts) >= _VFR_PACKETS:
-            break
-    if len(pts) < 3:
+def _varies(times: list[int]) -> bool:
+    """Whether frame times have unequal steps: sorted first (B-frames reorder them),
+    steps differing by more than a tenth of the median step."""
+    if len(times) < 3:
         return False
-    steps = np.diff(np.unique(np.asarray(pts, dtype=np.int64)))
+    steps = np.diff(np.unique(np.asarray(times, dtype=np.int64)))
     if steps.size < 2:
         return False
     median = float(np.median(steps))
     return bool(median > 0 and float(steps.max() - steps.min()) > 0.1 * median)
+
+
+def _rotation_and_vfr(container: Any, stream: Any, video: bool) -> tuple[int, bool]:
+    """(rotation, variable frame rate) in one pass over the first packets.
+
+    Rotation is degrees counter-clockwise from the display matrix, read off the first
+    decoded frame (PyAV exposes the stream's matrix only there). The frame rate is
+    judged from the index (:func:`_index_times`) or the first ``_VFR_PACKETS`` packets'
+    times. Raises when no frame decodes.
+    """
+    times = _index_times(stream) if video else []
+    demuxed: list[int] = []
+    rotation: int | None = None
+    for packet in container.demux(stream):
+        if times is None and packet.pts is not None:
+            demuxed.append(int(packet.pts))
+        if rotation is None:
+            for frame in packet.decode():
+                rotation = round(frame.rotation or 0) % 360
+                break
+        if rotation is not None and (times is not None or len(demuxed) >= _VFR_PACKETS):
+            break
+    if rotation is None:
+        raise ValueError("zero frames: no frame decodes")
+    return rotation, _varies(demuxed if times is None else times)
 
 
 def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
@@ -201,8 +218,7 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
         problem = check_size(facts["width"], facts["height"], cfg)
         if problem:
             raise LimitError(problem, facts)
-    rotation = _first_frame_rotation(container, stream)
-    vfr = facts["media_kind"] == "video" and _is_vfr(container, stream)
+    rotation, vfr = _rotation_and_vfr(container, stream, facts["media_kind"] == "video")
     display_w, display_h = display_size(facts["width"], facts["height"], facts["sar"], rotation)
     return {
         **facts,
