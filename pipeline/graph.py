@@ -72,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Environment variables handed to every Ray worker (S3 settings, model cache).
+# Environment variables handed to every Ray worker (S3 settings and retries, model cache).
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
@@ -82,6 +82,9 @@ _FORWARDED_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
+    "REELPACK_S3_MAX_ATTEMPTS",
+    "REELPACK_S3_BACKOFF_BASE_S",
+    "REELPACK_S3_BACKOFF_MAX_S",
     "REELPACK_CACHE",
     "HF_HOME",
     "HF_HUB_OFFLINE",

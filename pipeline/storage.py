@@ -10,25 +10,42 @@ reader sees the old object, the complete new one, or nothing; never a prefix.
     with st.open("s3://bucket/videos/a.mp4") as f:  # ranged GETs, bounded memory
         f.seek(1024)
         head = f.read(4096)
+
+Transient S3 failures (5xx, throttling, request timeouts, dropped connections, a
+response body cut short) are retried with capped exponential backoff and jitter, each
+retry logged as one WARNING on this module's logger; see :class:`S3Storage`.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
+import hashlib
+import http.client
 import io
+import logging
 import os
+import random
+import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, BinaryIO, Protocol, TypeVar, cast
 
 __all__ = [
+    "DEFAULT_BACKOFF_BASE_S",
+    "DEFAULT_BACKOFF_MAX_S",
+    "DEFAULT_MAX_ATTEMPTS",
     "DEFAULT_MULTIPART_THRESHOLD",
     "DEFAULT_PART_SIZE",
     "DEFAULT_READ_AHEAD",
+    "ENV_BACKOFF_BASE_S",
+    "ENV_BACKOFF_MAX_S",
+    "ENV_MAX_ATTEMPTS",
     "LocalStorage",
     "S3RangeReader",
     "S3Storage",
@@ -46,7 +63,19 @@ MIN_PART_SIZE = 5 << 20  # S3's minimum for every part but the last
 DEFAULT_READ_AHEAD = 4 << 20
 _COPY_CHUNK = 1 << 20
 
+# Retries of transient S3 failures: attempts in all (first try included), and the
+# backoff before retry n (1-based), min(max, base * 2**(n-1)) scaled by a jitter in [0.5, 1].
+DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_BACKOFF_BASE_S = 0.2
+DEFAULT_BACKOFF_MAX_S = 20.0
+# Environment overrides, read when an S3Storage is created (forwarded to Ray workers).
+ENV_MAX_ATTEMPTS = "REELPACK_S3_MAX_ATTEMPTS"
+ENV_BACKOFF_BASE_S = "REELPACK_S3_BACKOFF_BASE_S"
+ENV_BACKOFF_MAX_S = "REELPACK_S3_BACKOFF_MAX_S"
+
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
@@ -196,8 +225,12 @@ class LocalStorage:
 # --- S3 -----------------------------------------------------------------------------------
 
 
-def _s3_client(max_attempts: int) -> tuple[Any, Any]:
-    """``(session, client)`` from the standard credential chain and environment."""
+def _s3_client() -> tuple[Any, Any]:
+    """``(session, client)`` from the standard credential chain and environment.
+
+    The client makes one attempt per call: :class:`S3Storage` owns the retries, so that
+    they also cover response bodies cut short, and each one is logged.
+    """
     import boto3
     from botocore.config import Config
 
@@ -205,7 +238,7 @@ def _s3_client(max_attempts: int) -> tuple[Any, Any]:
     session = boto3.session.Session()
     region = session.region_name or "us-east-1"
     config = Config(
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
         # S3-compatible stores behind a custom endpoint rarely have wildcard DNS.
@@ -230,13 +263,121 @@ def _is_missing(exc: BaseException) -> bool:
     return _error_code(exc) in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 
 
+# Answers worth another attempt: throttling, failures on the server's side, timeouts.
+# Every other answer (403, 404, 400, ...) fails at once.
+_TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "ProvisionedThroughputExceededException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+    }
+)
+
+
+@functools.cache
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Failures with no answer, or an answer (head or body) cut short: refused, reset or
+    closed connections, timeouts, a body shorter than its ``Content-Length``."""
+    from botocore import exceptions as bx
+    from urllib3 import exceptions as ux
+
+    return (
+        bx.ConnectionError,  # endpoint unreachable, connect timeout
+        bx.HTTPClientError,  # connection closed, read timeout, response stream broken
+        bx.IncompleteReadError,
+        ux.ProtocolError,
+        ux.TimeoutError,
+        http.client.IncompleteRead,
+    )
+
+
+def _transient_cause(exc: BaseException) -> str | None:
+    """Why ``exc`` deserves another attempt (``"503 SlowDown"``,
+    ``"ResponseStreamingError: ..."``), or None when it does not."""
+    from botocore.exceptions import ChecksumError, ClientError, FlexibleChecksumError
+
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code") or "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code not in _TRANSIENT_CODES and status not in _TRANSIENT_STATUSES:
+            return None
+        parts = [str(status)] if status else []
+        if code and code not in parts:
+            parts.append(code)
+        return " ".join(parts)
+    # A body whose checksum does not match was damaged on the way: fetch it again.
+    mismatch = isinstance(exc, FlexibleChecksumError) and "did not match" in str(exc)
+    if isinstance(exc, (*_network_errors(), ChecksumError)) or mismatch:
+        return _describe(exc)
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    """``"Type: message"``, without botocore's note on its own retries (it makes none)."""
+    return re.sub(r" \(reached max retries: \d+\)", "", f"{type(exc).__name__}: {exc}")
+
+
+def _multipart_etag(parts: builtins.list[dict[str, Any]]) -> str | None:
+    """The ETag S3 gives an object completed from ``parts``: the MD5 of the parts' binary
+    MD5s, ``-<number of parts>``; None when a part's ETag is not a plain MD5."""
+    try:
+        digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+    except ValueError:
+        return None
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
+def _setting(name: str, value: float | None, env: str, default: float, minimum: float) -> float:
+    """``value``, else ``$env``, else ``default``; at least ``minimum``."""
+    source = name
+    if value is None:
+        raw = os.environ.get(env, "").strip()
+        if not raw:
+            return default
+        source = f"${env}"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{source} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also rejects NaN
+        raise ValueError(f"{source} must be >= {minimum}, got {value}")
+    return value
+
+
 class S3Storage:
     """S3 through boto3 (standard credential chain, ``AWS_ENDPOINT_URL[_S3]``, region
-    ``us-east-1`` when unset, botocore "standard" retries with backoff).
+    ``us-east-1`` when unset).
 
     Files above ``multipart_threshold`` are uploaded in ``part_size`` parts,
     ``max_concurrency`` at a time; a failed multipart upload is aborted, so nothing
     partial is ever visible. ``open`` streams with ranged GETs and a ``read_ahead`` buffer.
+
+    Transient failures are retried: HTTP 500/502/503/504/429, throttling (``SlowDown``)
+    and timeout (``RequestTimeout``) codes, connections refused, reset or closed, and
+    response bodies cut short (a GET is repeated whole, body included). Every operation
+    gets up to ``max_attempts`` attempts in all (each multipart part and each page of a
+    listing its own); before retry ``n`` it sleeps ``min(backoff_max_s, backoff_base_s *
+    2**(n-1))`` times a random factor in [0.5, 1], and logs one WARNING on the
+    ``pipeline.storage`` logger naming the operation, URI, cause, attempt and delay. Other
+    errors (403, 404, 400, ...) fail at once. When attempts run out, the
+    :class:`StorageError` names the operation, URI, attempts and last cause. Settings left
+    None come from ``$REELPACK_S3_MAX_ATTEMPTS``, ``$REELPACK_S3_BACKOFF_BASE_S`` and
+    ``$REELPACK_S3_BACKOFF_MAX_S``, else the ``DEFAULT_*`` constants.
     """
 
     def __init__(
@@ -245,7 +386,9 @@ class S3Storage:
         part_size: int = DEFAULT_PART_SIZE,
         max_concurrency: int = 4,
         read_ahead: int = DEFAULT_READ_AHEAD,
-        max_attempts: int = 8,
+        max_attempts: int | None = None,
+        backoff_base_s: float | None = None,
+        backoff_max_s: float | None = None,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(
@@ -255,7 +398,18 @@ class S3Storage:
         self.part_size = part_size
         self.max_concurrency = max(1, max_concurrency)
         self.read_ahead = read_ahead
-        self.max_attempts = max_attempts
+        attempts = _setting(
+            "max_attempts", max_attempts, ENV_MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS, minimum=1
+        )
+        if attempts != int(attempts):
+            raise ValueError(f"max_attempts must be a whole number, got {attempts}")
+        self.max_attempts = int(attempts)
+        self.backoff_base_s = _setting(
+            "backoff_base_s", backoff_base_s, ENV_BACKOFF_BASE_S, DEFAULT_BACKOFF_BASE_S, 0.0
+        )
+        self.backoff_max_s = _setting(
+            "backoff_max_s", backoff_max_s, ENV_BACKOFF_MAX_S, DEFAULT_BACKOFF_MAX_S, 0.0
+        )
         self._client: Any = None
         self._session: Any = None
         self._lock = threading.Lock()
@@ -267,20 +421,35 @@ class S3Storage:
 
     @property
     def client(self) -> Any:
-        """The boto3 S3 client, created on first use (thread-safe)."""
+        """The boto3 S3 client, created on first use (thread-safe). It makes one attempt
+        per call: the retries are this class's methods'."""
         with self._lock:
             if self._client is None:
-                self._session, self._client = _s3_client(self.max_attempts)
+                self._session, self._client = _s3_client()
             return self._client
 
-    def _fail(self, op: str, uri: str, exc: BaseException) -> OSError:
-        """An exception naming the operation, URI and cause, with any credential scrubbed."""
-        msg = f"{op} {uri}: {type(exc).__name__}: {exc}"
-        for secret in self._secrets():
-            msg = msg.replace(secret, "***")
+    def _fail(
+        self, op: str, uri: str, exc: BaseException, attempts: int = 1, exhausted: bool = False
+    ) -> OSError:
+        """An exception naming the operation, URI and cause (and the attempts made, when
+        more than one), with any credential scrubbed."""
+        cause = _describe(exc)
+        if exhausted:
+            tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+            msg = f"{op} {uri}: gave up after {tries}; last error {cause}"
+        elif attempts > 1:
+            msg = f"{op} {uri}: {cause} (on attempt {attempts})"
+        else:
+            msg = f"{op} {uri}: {cause}"
+        msg = self._scrub(msg)
         if _is_missing(exc):
             return FileNotFoundError(msg)
         return StorageError(msg)
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets():
+            text = text.replace(secret, "***")
+        return text
 
     def _secrets(self) -> builtins.list[str]:
         try:
@@ -293,13 +462,43 @@ class S3Storage:
             return []
         return [s for s in (frozen.secret_key, frozen.access_key, frozen.token) if s]
 
+    def _delay(self, retry: int) -> float:
+        """Seconds to sleep before retry number ``retry`` (1-based): capped exponential
+        backoff, jittered so that many clients throttled together spread out."""
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2.0 ** min(retry - 1, 60))
+        return ceiling * random.uniform(0.5, 1.0)
+
     def _call(self, op: str, uri: str, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except (FileNotFoundError, StorageError):
-            raise
-        except Exception as exc:
-            raise self._fail(op, uri, exc) from None
+        """``fn()``, attempted up to ``max_attempts`` times while it fails transiently.
+
+        Any failure leaves as a :class:`StorageError` (``FileNotFoundError`` for a missing
+        object) naming ``op`` and ``uri``. ``fn`` must be safe to repeat: every S3 call
+        here is idempotent, and reads consume their whole body inside ``fn``.
+        """
+        attempt = 1
+        while True:
+            try:
+                return fn()
+            except (FileNotFoundError, StorageError):
+                raise  # already named: a nested call, which did its own retries
+            except Exception as exc:
+                cause = _transient_cause(exc)
+                if cause is None:
+                    raise self._fail(op, uri, exc, attempt) from None
+                if attempt >= self.max_attempts:
+                    raise self._fail(op, uri, exc, attempt, exhausted=True) from None
+                delay = self._delay(attempt)
+                log.warning(
+                    "S3 %s %s: attempt %d/%d failed (%s); retrying in %.2f s",
+                    op,
+                    uri,
+                    attempt,
+                    self.max_attempts,
+                    self._scrub(cause),
+                    delay,
+                )
+                time.sleep(delay)
+                attempt += 1
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -307,21 +506,27 @@ class S3Storage:
         bucket, key = split_s3(prefix)
         if key and not key.endswith("/"):
             key += "/"  # a folder, not every key that merely starts with the same letters
-
-        def go() -> builtins.list[str]:
-            out: builtins.list[str] = []
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    name = obj["Key"]
-                    if not name.endswith("/"):  # folder markers some stores list
-                        out.append(f"s3://{bucket}/{name}")
-            return sorted(out)
-
-        return self._call("list", prefix, go)
+        out: builtins.list[str] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+            if token:
+                kwargs["ContinuationToken"] = token
+            # Each page is its own retried call: a fault late in a long listing repeats one page.
+            page = self._call(
+                "list", prefix, functools.partial(self.client.list_objects_v2, **kwargs)
+            )
+            for obj in page.get("Contents", ()):
+                name = obj["Key"]
+                if not name.endswith("/"):  # folder markers some stores list
+                    out.append(f"s3://{bucket}/{name}")
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return sorted(out)
 
     def read(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
+        # The body is read inside the retried call, so a body cut short is fetched again.
         return self._call(
             "read", uri, lambda: self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         )
@@ -356,20 +561,29 @@ class S3Storage:
         bucket, key = split_s3(uri)
         if not key:
             return False
-        try:
-            self.client.head_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            if _is_missing(exc):
-                return False
-            raise self._fail("exists", uri, exc) from None
-        return True
+
+        def go() -> bool:
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                if _is_missing(exc):
+                    return False
+                raise
+            return True
+
+        return self._call("exists", uri, go)
 
     def download(self, uri: str, local_path: str) -> None:
         bucket, key = split_s3(uri)
 
         def fill(f: IO[bytes]) -> None:
-            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
-            shutil.copyfileobj(body, f, _COPY_CHUNK)
+            def go() -> None:
+                f.seek(0)  # a retry starts over: what an earlier attempt wrote may be damaged
+                f.truncate()
+                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+                shutil.copyfileobj(body, f, _COPY_CHUNK)
+
+            self._call("download", uri, go)
 
         self._call("download", uri, lambda: LocalStorage._atomic(local_path, fill))
 
@@ -380,11 +594,15 @@ class S3Storage:
 
     def delete(self, uri: str) -> None:
         bucket, key = split_s3(uri)
-        try:
-            self.client.delete_object(Bucket=bucket, Key=key)
-        except Exception as exc:
-            if not _is_missing(exc):
-                raise self._fail("delete", uri, exc) from None
+
+        def go() -> None:
+            try:
+                self.client.delete_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                if not _is_missing(exc):
+                    raise
+
+        self._call("delete", uri, go)
 
     def write(self, uri: str, data: bytes) -> None:
         bucket, key = split_s3(uri)
@@ -413,25 +631,95 @@ class S3Storage:
             with builtins.open(local_path, "rb") as f:
                 f.seek(offset)
                 body = f.read(self.part_size)
-            resp = self.client.upload_part(
-                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            resp = self._call(
+                f"upload part {number}",
+                uri,
+                lambda: self.client.upload_part(
+                    Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                ),
             )
             return {"PartNumber": number, "ETag": resp["ETag"]}
 
         try:
             with ThreadPoolExecutor(self.max_concurrency) as pool:
                 futures = [pool.submit(put_part, i + 1, off) for i, off in enumerate(offsets)]
-                parts = [fut.result() for fut in futures]
-            self.client.complete_multipart_upload(
-                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
+                try:
+                    parts = [fut.result() for fut in futures]
+                except BaseException:
+                    for fut in futures:  # parts not yet started would be wasted work
+                        fut.cancel()
+                    raise
+            self._complete(uri, upload_id, parts)
         except BaseException as exc:
             # The original failure is what matters; lifecycle rules reap an unaborted upload.
             with contextlib.suppress(Exception):
-                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+                if isinstance(exc, Exception):
+                    self.abort_upload(uri, upload_id)
+                else:  # interrupted: one attempt, no waiting
+                    self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            if isinstance(exc, (FileNotFoundError, StorageError)):
+                raise
             if isinstance(exc, Exception):
                 raise self._fail("upload", uri, exc) from None
             raise
+
+    def _complete(self, uri: str, upload_id: str, parts: builtins.list[dict[str, Any]]) -> None:
+        """Complete a multipart upload, retried. If an attempt completed it but its answer
+        was lost, the next one finds no such upload: success when the object there has the
+        ETag these parts give."""
+        bucket, key = split_s3(uri)
+        attempts = 0
+
+        def go() -> None:
+            nonlocal attempts
+            attempts += 1
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                )
+            except Exception as exc:
+                if attempts == 1 or _error_code(exc) != "NoSuchUpload":
+                    raise
+                expected = _multipart_etag(parts)
+                head = self.client.head_object(Bucket=bucket, Key=key)
+                if expected is None or str(head.get("ETag", "")).strip('"') != expected:
+                    raise
+
+        self._call("upload", uri, go)
+
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort every unfinished multipart upload below the folder ``prefix`` (what a
+        killed writer leaves); returns how many."""
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+        aborted = 0
+        while True:
+            page = self._call(
+                "list uploads",
+                prefix,
+                functools.partial(self.client.list_multipart_uploads, **kwargs),
+            )
+            for upload in page.get("Uploads", ()):
+                self.abort_upload(f"s3://{bucket}/{upload['Key']}", upload["UploadId"])
+                aborted += 1
+            if not page.get("IsTruncated") or not page.get("NextKeyMarker"):
+                return aborted
+            kwargs["KeyMarker"] = page["NextKeyMarker"]
+            kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
+
+    def abort_upload(self, uri: str, upload_id: str) -> None:
+        """Abort the multipart upload ``upload_id`` to ``uri``; one already gone is fine."""
+        bucket, key = split_s3(uri)
+
+        def go() -> None:
+            try:
+                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception as exc:
+                if _error_code(exc) != "NoSuchUpload":
+                    raise
+
+        self._call("upload abort", uri, go)
 
 
 class S3RangeReader(io.RawIOBase):
@@ -500,16 +788,23 @@ class S3RangeReader(io.RawIOBase):
         if n == 0:
             return b""
         offset = self._pos - self._buf_start
-        if offset >= 0 and offset + n <= len(self._buf):
-            out = self._buf[offset : offset + n]
-        elif n >= self.read_ahead:
+        head = b""
+        if 0 <= offset < len(self._buf):
+            # Serve what the buffer holds; only the rest is fetched (never bytes twice).
+            head = self._buf[offset : offset + n]
+            self._pos += len(head)
+            n -= len(head)
+            remaining -= len(head)
+            if n == 0:
+                return head
+        if n >= self.read_ahead:
             out = self._fetch(self._pos, n)  # a big read: fetch it exactly, don't buffer it
         else:
             self._buf_start = self._pos
             self._buf = self._fetch(self._pos, min(self.read_ahead, remaining))
             out = self._buf[:n]
         self._pos += len(out)
-        return out
+        return head + out if head else out
 
     def readall(self) -> bytes:
         return self.read(-1)

@@ -67,7 +67,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
-from pipeline.storage import LocalStorage, S3Storage, Storage, join, split_s3, storage_for
+from pipeline.storage import LocalStorage, S3Storage, Storage, join, storage_for
 
 __all__ = [
     "KILL_ENV",
@@ -418,18 +418,9 @@ class CorpusWriter:
         """S3: abort multipart uploads a killed run left unfinished below the root."""
         if not isinstance(self._st, S3Storage):
             return
-        bucket, prefix = split_s3(self.root)
-        prefix = prefix.rstrip("/") + "/" if prefix else ""
-        client = self._st.client
-        try:
-            resp = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
-        except Exception:  # a store without the listing call: nothing there is visible anyway
-            return
-        for upload in resp.get("Uploads", ()):
-            with contextlib.suppress(Exception):
-                client.abort_multipart_upload(
-                    Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
+        # A store without the listing call: nothing there is visible anyway.
+        with contextlib.suppress(OSError):
+            self._st.abort_uploads(self.root)
 
     def done_sources(self) -> set[str]:
         """Committed sources that are complete (earlier runs, and this one so far): skip

@@ -181,3 +181,16 @@ def _s3_shared_bucket(s3_server: S3Server) -> str:
 def s3_bucket(s3_server: S3Server, _s3_shared_bucket: str) -> str:
     """A fresh, empty ``s3://bucket/prefix`` for one test."""
     return f"{_s3_shared_bucket}/t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def fresh_ray() -> Iterator[None]:
+    """No Ray running when the test starts (a build then starts its own, whose workers
+    get the environment the test set up, e.g. the S3 endpoint) and none after it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()

@@ -212,3 +212,47 @@ def test_s3_sources_are_streamed_not_downloaded(
     # One decode pass reads the object about once, not a multiple of it.
     assert size <= split_reader.bytes_fetched <= 1.25 * size + (64 << 10)
     assert os.listdir(private_tmp) == []
+
+
+def test_a_large_s3_source_is_read_about_once(
+    s3_bucket: str, tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ~7 MB object with its index at the end: the probe reads the head and the tail,
+    not the whole object; the one decode pass reads it about once."""
+    import av
+
+    import pipeline.storage as storage
+
+    local = os.path.join(tmp_path, "large.mp4")
+    rng = np.random.default_rng(0)
+    with av.open(local, "w") as out:  # noise at CRF 0: large, fast to write
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
+        stream.options = {"crf": "0", "preset": "ultrafast"}
+        for _ in range(72):
+            image = rng.integers(0, 256, (180, 320, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    size = os.path.getsize(local)
+    uri = f"{s3_bucket}/videos/large.mp4"
+    storage.storage_for(uri).upload(local, uri)
+    readers: list[Any] = []
+
+    def open_with_read_ahead(self: Any, u: str) -> Any:
+        reader = storage.S3RangeReader(self, u, read_ahead=256 << 10)
+        readers.append(reader)
+        return reader
+
+    monkeypatch.setattr(storage.S3Storage, "open", open_with_read_ahead)
+    rows = run_stages([uri], SplitConfig(min_clip_s=0.5, max_clip_s=1.0))
+    assert size > 6 << 20
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 24), (24, 48), (48, 72)]
+    probe_reader, split_reader = readers
+    print(
+        f"\n{size / 2**20:.1f} MB object, bytes fetched / size: probe "
+        f"{probe_reader.bytes_fetched / size:.3f}, split {split_reader.bytes_fetched / size:.3f}"
+    )
+    assert probe_reader.bytes_fetched <= 0.15 * size
+    assert size <= split_reader.bytes_fetched <= 1.05 * size

@@ -135,7 +135,7 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path) -> None:
 
 
 def test_build_to_s3_reads_back_with_plain_webdataset(
-    videos, tiny_cfg, s3_bucket, tmp_path
+    videos, tiny_cfg, s3_bucket, fresh_ray, tmp_path
 ) -> None:
     root = f"{s3_bucket}/corpus"
     build([str(p) for p in videos.values()], root, tiny_cfg)
