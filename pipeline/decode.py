@@ -149,61 +149,108 @@ def _planes(frame: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
 
 
 @functools.lru_cache(maxsize=16)
-def _taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """OpenCV's INTER_LINEAR source positions for resizing ``n_in`` to ``n_out`` samples,
-    mapped to 4:2:0 chroma samples: (first chroma index, second, weight of the second)."""
-    x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    x0 = np.floor(x).astype(np.intp)
-    x1 = np.minimum(x0 + 1, n_in - 1)
-    return x0 // 2, x1 // 2, (x - x0).astype(np.float32)
+def _chroma_maps(h: int, w: int, dh: int, dw: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``cv2.remap`` maps that sample a 4:2:0 chroma plane where ``cv2.resize(luma, (dw,
+    dh), INTER_LINEAR)`` samples luma, each luma pixel paired with its nearest chroma
+    sample (as the unscaled YUV->RGB conversion pairs them); None when
+    ``cv2.resize(chroma, (dw, dh), INTER_NEAREST_EXACT)`` reads exactly those samples.
+
+    OpenCV's linear resize reads source position ``(i + 0.5) * n_in / n_out - 0.5``,
+    blending pixels ``floor`` and ``floor + 1``; their chroma samples are ``floor // 2``
+    and ``(floor + 1) // 2``, so the chroma position is ``floor // 2`` plus the weight
+    when the two differ. Integer positions (a resize that samples single pixels) read
+    chroma exactly.
+    """
+
+    def axis(n_out: int, n_in: int) -> tuple[np.ndarray, bool]:
+        x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        x0 = np.floor(x).astype(np.int64)
+        x1 = np.minimum(x0 + 1, n_in - 1)
+        pos = x0 // 2 + (x - x0) * (x1 // 2 - x0 // 2)
+        chroma = (n_in + 1) // 2
+        nearest = np.minimum(np.floor((np.arange(n_out) + 0.5) * (chroma / n_out)), chroma - 1)
+        return pos.astype(np.float32), bool(np.array_equal(pos, nearest))
+
+    (xs, x_exact), (ys, y_exact) = axis(dw, w), axis(dh, h)
+    if x_exact and y_exact:
+        return None
+    fixed, frac = cv2.convertMaps(
+        np.ascontiguousarray(np.broadcast_to(xs[None, :], (dh, dw))),
+        np.ascontiguousarray(np.broadcast_to(ys[:, None], (dh, dw))),
+        cv2.CV_16SC2,
+    )
+    return fixed, frac
 
 
-def _chroma_at(
-    plane: np.ndarray, rows: tuple[np.ndarray, ...], cols: tuple[np.ndarray, ...]
-) -> np.ndarray:
-    """A chroma plane sampled where the luma resize samples (nearest chroma per luma
-    pixel, as the unscaled YUV->RGB conversion pairs them, then linear)."""
-    (r0, r1, wr), (c0, c1, wc) = rows, cols
-    top = plane[np.ix_(r0, c0)]
-    if not wc.any() and not wr.any():
-        return top  # the resize samples single pixels: no interpolation
-    top = top * (1 - wc) + plane[np.ix_(r0, c1)] * wc
-    bottom = plane[np.ix_(r1, c0)] * (1 - wc) + plane[np.ix_(r1, c1)] * wc
-    mixed = top * (1 - wr[:, None]) + bottom * wr[:, None]
-    return np.rint(mixed).astype(np.uint8)
+@functools.lru_cache(maxsize=4)
+def _bgr_tables(colorspace: int, color_range: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """swscale's YUV->BGR conversion of 8-bit 4:2:0 video as lookup tables: blue indexed
+    by ``Y << 8 | U``, red by ``Y << 8 | V``, green by ``Y << 16 | U << 8 | V``.
+
+    Built once per colour tags by converting a frame that holds every (Y, U, V) triple
+    (each chroma pair shared by a 2x2 block of four luma values), so a lookup equals
+    the conversion PySceneDetect's loop gets from FFmpeg, bit for bit.
+    """
+    blocks = np.arange(1 << 22, dtype=np.uint32)  # 2048 x 2048 chroma samples
+    uv = blocks >> 6  # each (U, V) pair has 64 blocks of 4 luma values
+    u = (uv >> 8).astype(np.uint8).reshape(2048, 2048)
+    v = (uv & 255).astype(np.uint8).reshape(2048, 2048)
+    first = ((blocks & 63) << 2).reshape(2048, 2048)
+    y = np.empty((4096, 4096), np.uint8)
+    for dy in range(2):
+        for dx in range(2):
+            y[dy::2, dx::2] = first + 2 * dy + dx
+    frame = av.VideoFrame.from_ndarray(
+        np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(6144, 4096), format="yuv420p"
+    )
+    frame.colorspace, frame.color_range = colorspace, color_range
+    bgr = frame.reformat(format="bgr24").to_ndarray()
+    del frame
+    blue, red, green = (np.zeros(n, np.uint8) for n in (1 << 16, 1 << 16, 1 << 24))
+    for top in range(0, 4096, 256):  # in bands: the index arrays stay small
+        rows = slice(top, top + 256)
+        ys = y[rows].astype(np.uint32) << 8
+        us = np.repeat(np.repeat(u[top // 2 : top // 2 + 128], 2, axis=0), 2, axis=1)
+        vs = np.repeat(np.repeat(v[top // 2 : top // 2 + 128], 2, axis=0), 2, axis=1)
+        yu = ys | us
+        blue[yu] = bgr[rows, :, 0]
+        red[ys | vs] = bgr[rows, :, 2]
+        green[yu << 8 | vs] = bgr[rows, :, 1]
+    return blue, green, red
 
 
 def _detection_frame(
-    frame: Any, y: np.ndarray, u: np.ndarray, v: np.ndarray, full: bool, detect_width: int
+    y: np.ndarray, u: np.ndarray, v: np.ndarray, colorspace: int, color_range: int, width: int
 ) -> np.ndarray:
     """The BGR frame PySceneDetect's loop would make: the whole frame converted to BGR
-    by swscale, then ``cv2.resize(..., INTER_LINEAR)`` to ``detect_width`` wide.
+    by swscale, then ``cv2.resize(..., INTER_LINEAR)`` to ``width`` wide, computed at
+    the small size.
 
-    Computed at the small size: luma resized as OpenCV would, each output pixel given
-    the chroma its source pixel has, then swscale converts a frame that holds every
-    small pixel as a 2x2 block (so it pairs each with exactly that chroma). Where the
-    resize samples single pixels (an integer scale with an odd factor, e.g. 1280 to
-    256), the result equals the full-size path bit for bit.
+    Luma is resized as OpenCV would, each small pixel gets the chroma of the source
+    pixel it samples (:func:`_chroma_maps`), and swscale's own conversion is applied
+    through lookup tables (:func:`_bgr_tables`). Where the resize samples single pixels
+    (an odd integer scale, e.g. 1280 to 256) the result equals the full-size path bit
+    for bit; elsewhere it interpolates before converting instead of after, within a
+    few levels.
     """
     h, w = y.shape
-    if w <= detect_width:
+    if w <= width:
         dw, dh = w, h
-        ys = y
+        ys = np.ascontiguousarray(y)
     else:
-        dw, dh = detect_width, max(1, round(h * detect_width / w))
+        dw, dh = width, max(1, round(h * width / w))
         ys = cv2.resize(y, (dw, dh), interpolation=cv2.INTER_LINEAR)
-    rows, cols = _taps(dh, h), _taps(dw, w)
-    big = np.empty((dh * 3, dw * 2), np.uint8)  # I420 of a (2 dh, 2 dw) frame
-    big[: 2 * dh] = np.repeat(np.repeat(ys, 2, axis=0), 2, axis=1)
-    flat = big.reshape(-1)
-    n = 4 * dh * dw
-    flat[n : n + dh * dw] = _chroma_at(u, rows, cols).ravel()
-    flat[n + dh * dw :] = _chroma_at(v, rows, cols).ravel()
-    pairs = av.VideoFrame.from_ndarray(big, format="yuv420p")
-    pairs.colorspace = frame.colorspace
-    pairs.color_range = RANGE_JPEG if full else RANGE_MPEG
-    bgr = pairs.reformat(format="bgr24").to_ndarray()
-    return np.ascontiguousarray(bgr[::2, ::2])
+    maps = _chroma_maps(h, w, dh, dw)
+    if maps is None:  # single chroma samples, exactly where nearest-neighbour reads
+        us = cv2.resize(u, (dw, dh), interpolation=cv2.INTER_NEAREST_EXACT).astype(np.int32)
+        vs = cv2.resize(v, (dw, dh), interpolation=cv2.INTER_NEAREST_EXACT).astype(np.int32)
+    else:
+        us = cv2.remap(u, *maps, cv2.INTER_LINEAR).astype(np.int32)
+        vs = cv2.remap(v, *maps, cv2.INTER_LINEAR).astype(np.int32)
+    blue, green, red = _bgr_tables(colorspace, color_range)
+    yu = (ys.astype(np.int32) << 8) | us
+    yv = (ys.astype(np.int32) << 8) | vs
+    return cv2.merge([np.take(blue, yu), np.take(green, (yu << 8) | vs), np.take(red, yv)])
 
 
 def _images(
@@ -228,7 +275,8 @@ def _images(
         )
     small = None
     if detect_width is not None:
-        small = _detection_frame(frame, y, u, v, full, detect_width)
+        color_range = RANGE_JPEG if full else RANGE_MPEG
+        small = _detection_frame(y, u, v, frame.colorspace, color_range, detect_width)
     return yuv.reshape(h * 3 // 2, w), small, full
 
 

@@ -63,6 +63,7 @@ def encode_mp4(
     pix_fmt: str = "rgb24",
     colorspace: int | None = None,
     color_range: int | None = None,
+    threads: int = 0,
 ) -> bytes:
     """Encode frames of one size with even H, W to H.264 mp4 bytes.
 
@@ -70,6 +71,8 @@ def encode_mp4(
     ``pix_fmt="yuv420p"``: a sequence of (H * 3 / 2, W) uint8 I420 frames, encoded with
     no colour conversion; ``colorspace``/``color_range`` (FFmpeg AVColorSpace /
     AVColorRange values) tag the stream so decoders convert them back right.
+
+    ``threads``: x264 threads, 0 for its own choice (about 1.5 per core).
 
     The frame rate is stored as a rational approximation of ``fps`` so that
     fractional rates such as 29.97 round-trip.
@@ -82,6 +85,7 @@ def encode_mp4(
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": preset}
+        stream.codec_context.thread_count = threads
         if colorspace is not None:
             stream.codec_context.colorspace = colorspace
         if color_range is not None:

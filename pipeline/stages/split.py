@@ -123,7 +123,9 @@ class SplitConfig:
     drop_fades: bool = False  # drop near-black frames at shot edges (fades to/from black)
     fade_luma: float = 16.0  # mean luma (0-255) under which an edge frame is a fade frame
     detect_width: int = 256  # frames are downscaled to this width for detection
-    work_max_area: int = 640 * 360  # pixel budget of clip payloads (aspect kept, even sides)
+    # pixel budget of clip payloads (aspect kept, even sides); a build raises it to the
+    # largest encode.pixel_budget unless set explicitly (the VAE never upscales them)
+    work_max_area: int = 640 * 360
     work_crf: int = 18  # x264 CRF of clip payloads
     # x264 preset of clip payloads: transient bytes, so speed beats size (ultrafast encodes
     # ~3x faster than veryfast at the same CRF, for ~2x the bytes)
@@ -504,6 +506,7 @@ class _PayloadEncoder:
             pix_fmt="yuv420p",
             colorspace=frames[0].colorspace,
             color_range=frames[0].color_range,
+            threads=1,
         )
 
     def close(self) -> None:
@@ -816,13 +819,19 @@ def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfi
     raise ValueError("zero frames: the image does not decode")
 
 
+def _detection_frames(path: str, detect_width: int) -> Iterator[DecodedFrame]:
+    with open_source(path) as container:
+        yield from iter_pyav(container, None, 0, detect_width=detect_width)
+
+
 def shots(
     path: str, detector: str = "adaptive", cfg: SplitConfig | None = None
 ) -> list[dict[str, Any]]:
     """Shots of a video: ``start_frame``, ``end_frame`` (exclusive), ``start_s``, ``end_s``.
 
-    Decodes once at detection size; for ``reelpack shots``. Times are presentation
-    times relative to the stream start; frame numbers are the source's own.
+    Decodes once at detection size (on a second thread, while this one detects); for
+    ``reelpack shots``. Times are presentation times relative to the stream start;
+    frame numbers are the source's own.
     """
     cfg = cfg or SplitConfig(detector=detector)
     with open_source(path) as container:
@@ -830,17 +839,20 @@ def shots(
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        tracker = ShotTracker(cfg, float(rate or 0))
-        times: list[float] = []
-        cuts: list[int] = []
-        end_s = 0.0
-        # Only the detection frames: no working image.
-        for frame in iter_pyav(container, None, 0, detect_width=cfg.detect_width):
+    tracker = ShotTracker(cfg, float(rate or 0))
+    times: list[float] = []
+    cuts: list[int] = []
+    end_s = 0.0
+    frames = Prefetcher(_detection_frames(path, cfg.detect_width))
+    try:
+        for frame in frames:
             assert frame.small is not None
             cuts += tracker.push_bgr(frame.num, frame.small)
             times.append(frame.time_s)
             end_s = frame.time_s + frame.duration_s
-        cuts += tracker.finish()
+    finally:
+        frames.close()
+    cuts += tracker.finish()
     count = len(times)
     bounds = [0, *sorted({c for c in cuts if 0 < c < count}), count]
     return [
