@@ -329,6 +329,12 @@ def resolve_preset(cfg: BuildConfig, user_keys: dict[str, Any] | None = None) ->
         if k not in given
     }
     resolved = replace(resolved, agreement=replace(resolved.agreement, **same_clip))
+    # clip payloads are what the VAE encodes (never upscaled): by default they are at
+    # least as large as the largest latent resolution asked for
+    largest = max((resolved.encode.pixel_budget, *resolved.encode.extra_pixel_budgets))
+    user_split = user_keys.get("split", {}) or {}
+    if "work_max_area" not in user_split and resolved.split.work_max_area < largest:
+        resolved = replace(resolved, split=replace(resolved.split, work_max_area=largest))
     if resolved.text_encode.enabled and not resolved.caption.enabled:
         raise ValueError(
             "config text_encode.enabled needs caption.enabled (it encodes the captions)"

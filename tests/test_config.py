@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipeline.config import BuildConfig, config_hash, from_dict, load_config, to_dict
+from pipeline.stages.split import SplitConfig
 
 
 def test_defaults_name_real_models() -> None:
@@ -67,3 +68,15 @@ def test_tiny_preset_keeps_user_values(tmp_path, monkeypatch) -> None:
     assert cfg.encode.pixel_budget == 64 * 64  # the user's value wins over the preset's
     assert cfg.encode.vae.startswith(str(tmp_path / "cache"))
     assert cfg.caption.model.startswith(str(tmp_path / "cache"))
+
+
+def test_payloads_are_at_least_as_large_as_the_latents() -> None:
+    """The VAE never upscales a clip payload, so a build sizes payloads to the largest
+    latent resolution asked for, unless the user sets split.work_max_area."""
+    cfg = load_config()
+    assert cfg.split.work_max_area == cfg.encode.pixel_budget > SplitConfig().work_max_area
+    extra = load_config(encode={"extra_pixel_budgets": [1280 * 720]})
+    assert extra.split.work_max_area == 1280 * 720
+    small = load_config(encode={"pixel_budget": 64 * 64})
+    assert small.split.work_max_area == SplitConfig().work_max_area  # never below the default
+    assert load_config(split={"work_max_area": 1000}).split.work_max_area == 1000
