@@ -67,7 +67,9 @@ class StageResources:
 
     num_cpus: float = 1.0
     num_gpus: float | None = 0.0
-    batch_size: int = 4  # rows per call
+    # rows per call; None: one block per call (for the per-source CPU stages a block is
+    # one source's clips, so sources spread over tasks instead of queueing in one)
+    batch_size: int | None = 4
     min_actors: int = 1  # actor stages only
     max_actors: int = 1
 
@@ -76,7 +78,7 @@ class StageResources:
 ACTOR_STAGES = ("aesthetic", "dedup", "agreement", "caption", "encode", "text_encode")
 
 
-def _cpu(batch_size: int) -> StageResources:
+def _cpu(batch_size: int | None) -> StageResources:
     return StageResources(num_cpus=1.0, num_gpus=0.0, batch_size=batch_size)
 
 
@@ -93,9 +95,9 @@ class RayConfig:
     object_store_memory: int | None = None  # local Ray only, bytes
     probe: StageResources = field(default_factory=lambda: _cpu(1))
     split: StageResources = field(default_factory=lambda: _cpu(1))
-    score: StageResources = field(default_factory=lambda: _cpu(8))
+    score: StageResources = field(default_factory=lambda: _cpu(None))
     aesthetic: StageResources = field(default_factory=lambda: _model(16, num_gpus=None))
-    decide: StageResources = field(default_factory=lambda: _cpu(64))
+    decide: StageResources = field(default_factory=lambda: _cpu(None))
     # one global near-duplicate index: a single actor holding only representatives
     dedup: StageResources = field(
         default_factory=lambda: StageResources(num_cpus=0.5, num_gpus=0.0, batch_size=64)

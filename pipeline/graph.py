@@ -44,7 +44,7 @@ from pipeline.progress import BuildProgress
 from pipeline.sources import expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
 from pipeline.stages.agreement import Agreement
-from pipeline.stages.base import Batch, StageTask
+from pipeline.stages.base import Batch, stage_actor, stage_task
 from pipeline.stages.caption import Captioner
 from pipeline.stages.decide import Decide
 from pipeline.stages.dedup import Dedup
@@ -272,12 +272,12 @@ def build_dataset(
     for step in build_steps(cfg, out):
         res = step.res
         if step.kind == "task":
-            ds = ds.map_batches(StageTask(step.fn, *step.args), **_task_args(res))
+            ds = ds.map_batches(stage_task(step.fn, *step.args), **_task_args(res))
         elif step.kind == "function":
             ds = ds.map_batches(step.fn, **_task_args(res))
         elif step.kind == "single":  # no GPU: the index is plain Python
             ds = ds.map_batches(
-                step.fn,
+                stage_actor(step.fn),
                 fn_constructor_args=step.args,
                 batch_size=res.batch_size,
                 num_cpus=res.num_cpus,
@@ -285,7 +285,9 @@ def build_dataset(
             )
         else:
             ds = ds.map_batches(
-                step.fn, fn_constructor_args=step.args, **_actor_args(res, cluster_gpus)
+                stage_actor(step.fn),
+                fn_constructor_args=step.args,
+                **_actor_args(res, cluster_gpus),
             )
     # the payloads stay on the workers; the driver receives index rows and latents
     return ds.drop_columns(["clip_bytes"])
@@ -313,6 +315,15 @@ def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, 
     return counts
 
 
+def _operators_in_order(summary: Any) -> list[Any]:
+    """Every operator's stats, sources first: a summary holds the last operator(s) and
+    its inputs' summaries as ``parents``."""
+    ops: list[Any] = []
+    for parent in getattr(summary, "parents", None) or ():
+        ops += _operators_in_order(parent)
+    return ops + list(summary.operators_stats)
+
+
 def stage_stats(
     ds: ray.data.Dataset, cfg: BuildConfig, cluster_gpus: float
 ) -> list[dict[str, Any]]:
@@ -330,7 +341,7 @@ def stage_stats(
     except Exception as e:  # stats are accounting, never a reason to fail a build
         log.warning("no Ray Data stats: %s", e)
         return out
-    for op in summary.operators_stats:
+    for op in _operators_in_order(summary):
         wall = float(op.wall_time.sum) if op.wall_time else 0.0
         cpu = float(op.cpu_time.sum) if op.cpu_time else 0.0
         gpus = next((g for name, g in gpu_per_actor.items() if name in op.operator_name), 0.0)

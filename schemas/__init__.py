@@ -35,6 +35,7 @@ __all__ = [
     "SOURCE_STATUSES",
     "STREAM_COLUMNS",
     "STREAM_ONLY_COLUMNS",
+    "STREAM_TYPES",
     "TENSOR_LATENTS",
     "TENSOR_LATENTS_AT",
     "TENSOR_TEXT_EMBEDS",
@@ -214,6 +215,19 @@ STREAM_ONLY_COLUMNS = (
 )
 
 STREAM_COLUMNS = CLIP_COLUMNS + STREAM_ONLY_COLUMNS
+
+# The Arrow type of every stream column that has one in the tables (clip columns, and
+# source columns as ``src_<name>``). Between stages a frame library may hand a column
+# with missing values over as float NaN; :func:`pipeline.stages.base.clean_batch` uses
+# these types to turn them back into None, so blocks of different sources share one
+# type per column.
+STREAM_TYPES: dict[str, pa.DataType] = {
+    **{f"src_{f.name}": f.type for f in SOURCE_SCHEMA},
+    **{f.name: f.type for f in CLIP_SCHEMA},
+    **{name: pa.int64() for name in STREAM_ONLY_COLUMNS if name.startswith("range_")},
+    "clip_bytes": pa.binary(),
+    "latents": pa.binary(),
+}
 
 # --- manifest.json ---------------------------------------------------------------------
 # Top-level keys of ``<root>/manifest.json`` (a JSON object). Values:

@@ -103,6 +103,14 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path) -> None:
     root = str(tmp_path / "corpus")
     summary = build([str(p) for p in videos.values()], root, tiny_cfg)
     assert summary["sources_built"] == 4
+    # every operator of the graph is accounted for, in order, named after its stage
+    ops = [s["operator"] for s in summary["stages"]]
+    names = ["Probe", "Split", "Score", "AestheticScorer", "Decide", "Dedup", "Captioner"]
+    names += ["Agreement", "Encode", "TextEncode"]
+    at = [next(i for i, op in enumerate(ops) if name in op) for name in names]
+    assert at == sorted(at), ops
+    encode = next(s for s in summary["stages"] if "Encode" in s["operator"])
+    assert encode["cpu_s"] > 0 and encode["rows_out"] >= read_index(root).num_rows  # + placeholders
     rows = _check_corpus_tables(root, videos)
     for r in rows:
         for name in ("sharpness", "exposure", "motion"):

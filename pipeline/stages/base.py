@@ -9,12 +9,24 @@ silently: a failure becomes ``status="error"`` with a reason in ``error``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-__all__ = ["Batch", "StageTask", "batch_to_rows", "num_rows", "rows_to_batch", "with_columns"]
+from schemas import STREAM_TYPES
+
+__all__ = [
+    "Batch",
+    "batch_to_rows",
+    "clean_batch",
+    "num_rows",
+    "rows_to_batch",
+    "stage_actor",
+    "stage_task",
+    "with_columns",
+]
 
 Batch = dict[str, np.ndarray]
 
@@ -72,17 +84,50 @@ def with_columns(batch: Mapping[str, np.ndarray], **columns: Sequence[Any] | np.
     return out
 
 
-class StageTask:
-    """A stateless stage as a batch function: a fresh ``stage_cls(*args)`` per call.
+def clean_batch(batch: Batch) -> Batch:
+    """``batch`` with missing values that arrived as float NaN in a column that is not
+    a float column (text, flags, counts: a column with None in it that went through
+    Arrow or pandas) made None again, other values restored to their type. Otherwise a
+    block of one source (a flag all None) and one of another (flags set) cannot be
+    concatenated."""
+    for name, values in batch.items():
+        kind = STREAM_TYPES.get(name)
+        if kind is None or values.dtype.kind != "f" or values.ndim != 1:
+            continue  # (a 2-D float array is a column of vectors, e.g. embeddings)
+        if pa.types.is_floating(kind):
+            continue
+        cast: Callable[[Any], Any] | None = None
+        if pa.types.is_boolean(kind):
+            cast = bool
+        elif pa.types.is_integer(kind):
+            cast = int
+        out = np.empty(len(values), dtype=object)
+        for i, v in enumerate(values):
+            out[i] = None if (cast is None or v != v) else cast(v)
+        batch[name] = out
+    return batch
 
-    What Ray tasks run. It lives in this small module so that a worker unpickling it
-    imports only the stage's own module, not the graph and every model library.
+
+def stage_task(stage_cls: Any, *args: Any) -> Callable[[Batch], Batch]:
+    """A stateless stage as a batch function for Ray tasks: a fresh ``stage_cls(*args)``
+    per call, named after the stage (Ray Data names operators and stats by it).
+
+    Defined in this small module, and pickled by value with only the stage class (by
+    reference) and its arguments, so a worker imports just the stage's own module.
     """
 
-    def __init__(self, stage_cls: Any, *args: Any) -> None:
-        self.stage_cls, self.args = stage_cls, args
-        self.__name__ = getattr(stage_cls, "__name__", "stage")
+    def run(batch: Batch) -> Batch:
+        return clean_batch(stage_cls(*args)(batch))
 
-    def __call__(self, batch: Batch) -> Batch:
-        out: Batch = self.stage_cls(*self.args)(batch)
-        return out
+    run.__name__ = run.__qualname__ = getattr(stage_cls, "__name__", "stage")
+    return run
+
+
+def stage_actor(stage_cls: Any) -> type:
+    """``stage_cls`` for a Ray actor pool: the same class, its output batches passed
+    through :func:`clean_batch`; named after the stage."""
+
+    def call(self: Any, batch: Batch) -> Batch:
+        return clean_batch(stage_cls.__call__(self, batch))
+
+    return type(stage_cls.__name__, (stage_cls,), {"__call__": call})
