@@ -10,7 +10,7 @@ Throughput, on a generated 1280x720 video with hard cuts and on the real
 of ``--repeats`` runs:
 
 - ``split`` (our Split stage after Probe: one decode pass, AdaptiveDetector, clip
-  payloads encoded at 640x360) and ``shots`` (decode + detect only, the same work as
+  payloads encoded at the default build's working size, 480x832 pixels) and ``shots`` (decode + detect only, the same work as
   the CLI; what ``reelpack shots`` does) against ``scenedetect -i FILE
   detect-adaptive`` (the CLI, run as a subprocess; its cuts are read back from
   ``list-scenes`` and compared with ours);
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -138,12 +139,12 @@ def best_of(repeats: int, fn, *args):  # type: ignore[no-untyped-def]
     return best, out
 
 
-def throughput(path: str, repeats: int) -> dict:
+def throughput(path: str, repeats: int, cfg: SplitConfig) -> dict:
     """Timings and cuts of one file."""
     frames = plain_decode_yuv(path)
     t_cli, (_, cuts_cli) = best_of(repeats, cli_cuts, path)
     t_shots, found = best_of(repeats, shots, path)
-    t_split, rows = best_of(repeats, run_split, path, SplitConfig())
+    t_split, rows = best_of(repeats, run_split, path, cfg)
     t_decode, _ = best_of(repeats, plain_decode_yuv, path)
     t_rgb, _ = best_of(repeats, plain_decode, path)
     return {
@@ -167,7 +168,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=None, help="generated video length")
     ap.add_argument("--fps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3, help="timings are the best of these")
+    ap.add_argument(
+        "--work-area",
+        type=int,
+        default=None,
+        help="payload pixel budget (default: what a build with the default config uses)",
+    )
     args = ap.parse_args()
+    from pipeline.config import load_config
+
+    cfg = load_config().split
+    if args.work_area:
+        cfg = replace(cfg, work_max_area=args.work_area)
     w, h = args.width or 1280, args.height or 720
     seconds = args.seconds or (120.0 if args.full else 12.0)
     rss_short, rss_long = (120.0, 600.0) if args.full else (20.0, 100.0)
@@ -177,9 +189,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.mp4")
         truth = make_video(path, w, h, seconds, args.fps, seed=1)
-        runs = {f"generated {w}x{h} {seconds:g} s": throughput(path, args.repeats)}
+        runs = {f"generated {w}x{h} {seconds:g} s": throughput(path, args.repeats, cfg)}
         if os.path.exists(real):
-            runs["testvideo.mp4 (real)"] = throughput(real, args.repeats)
+            runs["testvideo.mp4 (real)"] = throughput(real, args.repeats, cfg)
         short = os.path.join(tmp, "short.mp4")
         long = os.path.join(tmp, "long.mp4")
         make_video(short, *rss_size, rss_short, args.fps, seed=2)
@@ -187,6 +199,7 @@ def main() -> None:
         clips_s, rss_s = peak_rss_mib(short)
         clips_l, rss_l = peak_rss_mib(long)
 
+    print(f"\nclip payloads: {cfg.work_max_area} pixels ({cfg.work_preset}, CRF {cfg.work_crf})")
     generated = next(iter(runs.values()))
     ours = generated["cuts_ours"]
     print(

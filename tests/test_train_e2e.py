@@ -1,9 +1,10 @@
 """Training end to end: on the corpus ``reelpack demo`` builds, and on Ray Train.
 
-- The demo corpus: `pipeline.synth.demo_videos` built with the ``tiny`` preset on a
-  local Ray (as `reelpack.demo.run_demo` does), then trained with the demo's recipe.
-  The flow loss on fixed (x0, noise, t) triples (`model.train.evaluate`) must fall by
-  at least half, and samples must carry the corpus's per-channel means.
+- ``reelpack demo``, run as a user runs it (the demo's videos built with the ``tiny``
+  preset on a local Ray, trained 100 steps, one sample written): the flow loss of the
+  model it trained, on fixed (x0, noise, t) triples (`model.train.evaluate`), must be
+  at most half the untrained model's, and samples must carry the corpus's channel
+  means.
 - `train_with_ray`: two Ray Train workers (gloo) on a fresh local Ray, stopped and
   resumed, must reproduce the losses of two plain DDP processes exactly.
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,6 @@ from model.train import (
     evaluate,
     init_model,
     load_checkpoint,
-    train,
     train_with_ray,
 )
 from reelpack.demo import demo_train_config
@@ -49,49 +50,58 @@ def _mean(values: list[float]) -> float:
 
 # --- the demo corpus -------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The corpus `reelpack demo` builds: its six videos, the ``tiny`` preset, local Ray."""
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``reelpack demo --out DIR``, as a user runs it: the demo's six videos built with
+    the ``tiny`` preset on a local Ray, 100 training steps, one sample."""
     import ray
 
-    from pipeline.config import load_config
-    from pipeline.graph import build
-    from pipeline.synth import demo_videos
+    from reelpack import cli
 
     root = tmp_path_factory.mktemp("demo")
-    demo_videos(str(root / "videos"))
-    cfg = load_config(preset="tiny", model_cache=str(root / "models"))
     started = not ray.is_initialized()
     with pytest.MonkeyPatch.context() as monkeypatch:
         # a fresh local Ray even if another cluster on this machine left its address file
         monkeypatch.setenv("RAY_ADDRESS", "local")
-        build([str(root / "videos")], str(root / "corpus"), cfg, echo=lambda _: None)
+        monkeypatch.setenv("REELPACK_CACHE", str(root / "models"))
+        assert cli.main(["demo", "--out", str(root)]) == 0
     if started:
         ray.shutdown()
-    yield str(root / "corpus")
+    yield root
 
 
-def test_tiny_model_learns_the_demo_corpus(demo_corpus: str, tmp_path: Path) -> None:
+def test_the_demo_builds_trains_and_samples(demo_run: Path) -> None:
+    import av
+
+    with av.open(str(demo_run / "sample.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    logged = [json.loads(line) for line in (demo_run / "train" / "metrics.jsonl").open()]
+    assert logged[-1]["step"] == demo_train_config().steps
+
+
+def test_tiny_model_learns_the_demo_corpus(demo_run: Path) -> None:
+    """The model ``reelpack demo`` trained, scored on fixed (x0, noise, t) triples."""
+    corpus = str(demo_run / "corpus")
     cfg = demo_train_config()  # exactly what `reelpack demo` trains
-    before = evaluate(init_model(demo_corpus, cfg), demo_corpus, cfg, draws=8)
-    losses = train(demo_corpus, str(tmp_path / "run"), cfg)
-    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    before = evaluate(init_model(corpus, cfg), corpus, cfg, draws=8)
+    ckpt = str(demo_run / "train" / "checkpoint.pt")
     trained, _ = load_checkpoint(ckpt)
     averaged, _ = load_checkpoint(ckpt, ema=True)  # what `reelpack sample` uses
-    after, after_ema = (evaluate(m, demo_corpus, cfg, draws=8) for m in (trained, averaged))
-    first, last = _mean(losses[:10]), _mean(losses[-10:])
+    after, after_ema = (evaluate(m, corpus, cfg, draws=8) for m in (trained, averaged))
+    logged = [json.loads(line)["loss"] for line in (demo_run / "train" / "metrics.jsonl").open()]
     print(
         f"demo corpus, {cfg.steps} steps: fixed-triple loss {before:.4f} -> {after:.4f} "
         f"({1 - after / before:.1%} lower; EMA {after_ema:.4f}), "
-        f"training loss first/last 10 steps {first:.4f} -> {last:.4f}"
+        f"logged training loss {logged[0]:.4f} -> {logged[-1]:.4f}"
     )
-    assert len(losses) == cfg.steps and all(math.isfinite(x) for x in losses)
+    assert all(math.isfinite(x) for x in logged)
     assert after <= 0.5 * before, (before, after)
     assert after_ema <= 0.5 * before, (before, after_ema)
-    assert last <= 0.5 * first, (first, last)
+    assert logged[-1] <= 0.5 * logged[0], logged
 
     # The demo latents (a random-weight VAE) are almost constant per channel: samples
     # of the trained model carry those channel means, pure noise does not.
-    target = torch.stack([s.latents.mean(dim=(1, 2, 3)) for s in iter_samples(demo_corpus)])
+    target = torch.stack([s.latents.mean(dim=(1, 2, 3)) for s in iter_samples(corpus)])
     target = target.mean(dim=0)  # (C,)
 
     def channel_error(model: torch.nn.Module) -> float:
@@ -100,7 +110,7 @@ def test_tiny_model_learns_the_demo_corpus(demo_corpus: str, tmp_path: Path) -> 
         means = torch.stack([x.mean(dim=(1, 2, 3)) for x in out]).mean(dim=0)
         return float((means - target).pow(2).mean().sqrt())
 
-    untrained, sampled = channel_error(init_model(demo_corpus, cfg)), channel_error(averaged)
+    untrained, sampled = channel_error(init_model(corpus, cfg)), channel_error(averaged)
     print(f"sample channel-mean RMS error: untrained {untrained:.4f}, trained {sampled:.4f}")
     assert sampled <= 0.2 * untrained, (untrained, sampled)
 
