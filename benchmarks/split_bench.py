@@ -98,21 +98,27 @@ def cli_cuts(path: str) -> tuple[float, list[int]]:
     return wall, [int(r[col]) - 1 for r in body][1:]
 
 
+# Peak RSS from VmHWM (getrusage's ru_maxrss survives exec: a child would report this
+# process's peak when that is higher than its own).
 _RSS = """
-import resource, sys, numpy as np
+import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import Split, SplitConfig
 b = Probe()({"source": np.array([sys.argv[1]], dtype=object)})
-out = Split(SplitConfig())(b)
-print(len(out["clip_id"]), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+out = Split(SplitConfig(work_max_area=int(sys.argv[3])))(b)
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+print(len(out["clip_id"]), hwm)
 """
 
 
-def peak_rss_mib(path: str) -> tuple[int, float]:
+def peak_rss_mib(path: str, cfg: SplitConfig) -> tuple[int, float]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        [sys.executable, "-c", _RSS, path, root], check=True, capture_output=True, text=True
+        [sys.executable, "-c", _RSS, path, root, str(cfg.work_max_area)],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     clips, kib = (int(x) for x in out.stdout.split()[-2:])
     return clips, kib / 1024
@@ -196,8 +202,8 @@ def main() -> None:
         long = os.path.join(tmp, "long.mp4")
         make_video(short, *rss_size, rss_short, args.fps, seed=2)
         make_video(long, *rss_size, rss_long, args.fps, seed=3)
-        clips_s, rss_s = peak_rss_mib(short)
-        clips_l, rss_l = peak_rss_mib(long)
+        clips_s, rss_s = peak_rss_mib(short, cfg)
+        clips_l, rss_l = peak_rss_mib(long, cfg)
 
     print(f"\nclip payloads: {cfg.work_max_area} pixels ({cfg.work_preset}, CRF {cfg.work_crf})")
     generated = next(iter(runs.values()))

@@ -253,6 +253,21 @@ def _detection_frame(
     return cv2.merge([np.take(blue, yu), np.take(green, (yu << 8) | vs), np.take(red, yv)])
 
 
+def _shrink(plane: np.ndarray, w: int, h: int) -> np.ndarray:
+    """``plane`` downscaled to ``w`` x ``h``, anti-aliased: area averaging when the scale
+    is a whole number (OpenCV's fast path), else halvings by ``pyrDown`` (Gaussian,
+    then every other pixel) while the scale is 2 or more and a linear resize for the
+    rest: about as sharp as area averaging at a quarter of its cost."""
+    ph, pw = plane.shape
+    if pw % w == 0 and ph % h == 0 and pw // w == ph // h:
+        return cv2.resize(plane, (w, h), interpolation=cv2.INTER_AREA)
+    while plane.shape[1] >= 2 * w and plane.shape[0] >= 2 * h:
+        plane = cv2.pyrDown(plane)
+    if plane.shape[:2] == (h, w):
+        return plane
+    return cv2.resize(plane, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 def _images(
     frame: Any, size: tuple[int, int], detect_width: int | None
 ) -> tuple[np.ndarray, np.ndarray | None, bool]:
@@ -268,9 +283,9 @@ def _images(
     else:
         yuv = np.concatenate(
             [
-                cv2.resize(y, (w, h), interpolation=cv2.INTER_AREA).ravel(),
-                cv2.resize(u, (w // 2, h // 2), interpolation=cv2.INTER_AREA).ravel(),
-                cv2.resize(v, (w // 2, h // 2), interpolation=cv2.INTER_AREA).ravel(),
+                _shrink(y, w, h).ravel(),
+                _shrink(u, w // 2, h // 2).ravel(),
+                _shrink(v, w // 2, h // 2).ravel(),
             ]
         )
     small = None

@@ -135,15 +135,23 @@ def test_per_source_timeout_ends_the_source_as_an_error(corpus: str) -> None:
     assert "timeout after 0.5 s" in row["src_error"] and path in row["src_error"]
 
 
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives exec, so a child would report
+# its parent's (pytest's) peak when that is higher than its own.
 _RSS_SCRIPT = """
-import resource, sys
+import sys
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import Split, SplitConfig
 import numpy as np
+
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 b = Probe()({"source": np.array([sys.argv[1]], dtype=object)})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 out = Split(SplitConfig(max_clip_s=10.0))(b)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kib()
 print(len(out["clip_id"]), before, after)
 """
 
