@@ -68,7 +68,8 @@ def run_split(path: str, cfg: SplitConfig) -> list[dict]:
     return batch_to_rows(Split(cfg)(batch))
 
 
-def plain_decode(path: str) -> int:
+def plain_decode(path: str, rgb: bool = True) -> int:
+    """One PyAV decode pass: frames as decoded, or each converted to RGB."""
     import av
 
     n = 0
@@ -76,7 +77,8 @@ def plain_decode(path: str) -> int:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
-            frame.to_ndarray(format="rgb24")
+            if rgb:
+                frame.to_ndarray(format="rgb24")
             n += 1
     return n
 
@@ -124,18 +126,6 @@ def peak_rss_mib(path: str, cfg: SplitConfig) -> tuple[int, float]:
     return clips, kib / 1024
 
 
-def plain_decode_yuv(path: str) -> int:
-    import av
-
-    n = 0
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for _ in container.decode(stream):
-            n += 1
-    return n
-
-
 def best_of(repeats: int, fn, *args):  # type: ignore[no-untyped-def]
     """(best wall seconds, result of the last run)."""
     best, out = float("inf"), None
@@ -147,11 +137,11 @@ def best_of(repeats: int, fn, *args):  # type: ignore[no-untyped-def]
 
 def throughput(path: str, repeats: int, cfg: SplitConfig) -> dict:
     """Timings and cuts of one file."""
-    frames = plain_decode_yuv(path)
+    frames = plain_decode(path, rgb=False)
     t_cli, (_, cuts_cli) = best_of(repeats, cli_cuts, path)
     t_shots, found = best_of(repeats, shots, path)
     t_split, rows = best_of(repeats, run_split, path, cfg)
-    t_decode, _ = best_of(repeats, plain_decode_yuv, path)
+    t_decode, _ = best_of(repeats, plain_decode, path, False)
     t_rgb, _ = best_of(repeats, plain_decode, path)
     return {
         "frames": frames,
