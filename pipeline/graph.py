@@ -40,11 +40,11 @@ import numpy as np
 import ray
 
 from pipeline.config import ACTOR_STAGES, BuildConfig, StageResources, config_hash, to_dict
-from pipeline.progress import BuildProgress
+from pipeline.progress import BuildProgress, RemoteMeter, StageMeter
 from pipeline.sources import expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
 from pipeline.stages.agreement import Agreement
-from pipeline.stages.base import Batch, stage_actor, stage_task
+from pipeline.stages.base import Batch, Meter, metered, stage_actor, stage_task
 from pipeline.stages.caption import Captioner
 from pipeline.stages.decide import Decide
 from pipeline.stages.dedup import Dedup
@@ -66,6 +66,7 @@ __all__ = [
     "cluster_nodes",
     "init_ray",
     "run_in_process",
+    "stage_labels",
     "stage_stats",
     "worker_env",
 ]
@@ -258,26 +259,43 @@ def build_steps(cfg: BuildConfig, out: str | None = None) -> list[Step]:
     return steps
 
 
+def stage_labels(steps: list[Step]) -> list[str]:
+    """Display names of the steps, unique (a second ``decide`` is ``decide#2``)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for step in steps:
+        seen[step.name] = seen.get(step.name, 0) + 1
+        labels.append(step.name if seen[step.name] == 1 else f"{step.name}#{seen[step.name]}")
+    return labels
+
+
 def build_dataset(
-    sources: list[str], cfg: BuildConfig, cluster_gpus: float = 0.0, out: str | None = None
+    sources: list[str],
+    cfg: BuildConfig,
+    cluster_gpus: float = 0.0,
+    out: str | None = None,
+    meter: Meter | None = None,
 ) -> ray.data.Dataset:
     """The lazy Ray Data graph from source URIs to encoded rows (clip payloads dropped).
 
-    ``out`` is the corpus root, which seeds the near-duplicate index on resume.
+    ``out`` is the corpus root, which seeds the near-duplicate index on resume. With
+    ``meter``, every stage reports each batch to it, named by :func:`stage_labels`.
     """
     # one source per block, so a slow file never holds back others
     ds: ray.data.Dataset = ray.data.from_items(
         [{"source": s} for s in sources], override_num_blocks=max(1, len(sources))
     )
-    for step in build_steps(cfg, out):
+    steps = build_steps(cfg, out)
+    for step, label in zip(steps, stage_labels(steps), strict=True):
         res = step.res
         if step.kind == "task":
-            ds = ds.map_batches(stage_task(step.fn, *step.args), **_task_args(res))
+            fn = stage_task(step.fn, *step.args, name=label, meter=meter)
+            ds = ds.map_batches(fn, **_task_args(res))
         elif step.kind == "function":
-            ds = ds.map_batches(step.fn, **_task_args(res))
+            ds = ds.map_batches(metered(step.fn, label, meter), **_task_args(res))
         elif step.kind == "single":  # no GPU: the index is plain Python
             ds = ds.map_batches(
-                stage_actor(step.fn),
+                stage_actor(step.fn, label, meter),
                 fn_constructor_args=step.args,
                 batch_size=res.batch_size,
                 num_cpus=res.num_cpus,
@@ -285,7 +303,7 @@ def build_dataset(
             )
         else:
             ds = ds.map_batches(
-                stage_actor(step.fn),
+                stage_actor(step.fn, label, meter),
                 fn_constructor_args=step.args,
                 **_actor_args(res, cluster_gpus),
             )
@@ -359,6 +377,39 @@ def stage_stats(
     return out
 
 
+def _start_meter() -> Any:
+    """The build's :class:`StageMeter` actor, on the driver's node (0 CPUs)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(StageMeter).options(num_cpus=0, scheduling_strategy=here).remote()
+
+
+def _meter_totals(meter: Any, order: list[str]) -> dict[str, Any]:
+    """Each stage's final rows in/out, batches and busy seconds (summed over workers;
+    exact per stage, where Ray Data's operator stats merge fused stages)."""
+    try:
+        counts = ray.get(meter.snapshot.remote(), timeout=30)
+    except Exception as e:  # accounting, never a reason to fail a build
+        log.warning("no per-stage counts: %s", e)
+        return {}
+    finally:
+        ray.kill(meter)
+    out = {}
+    for stage in order + sorted(set(counts) - set(order)):
+        if stage in counts:
+            c = counts[stage]
+            busy = float(c["busy_s"])
+            out[stage] = {
+                "rows_in": int(c["rows_in"]),
+                "rows_out": int(c["rows_out"]),
+                "batches": int(c["batches"]),
+                "busy_s": round(busy, 3),
+                "rows_per_busy_s": round(c["rows_out"] / busy, 3) if busy > 0 else None,
+            }
+    return out
+
+
 def _manifest_extra(cfg: BuildConfig) -> dict[str, Any]:
     from model.vae import describe_pretrained
 
@@ -406,20 +457,33 @@ def build(
     )
     progress = BuildProgress(len(todo), interval_s=cfg.ray.progress_interval_s)
     stages: list[dict[str, Any]] = []
+    per_stage: dict[str, Any] = {}
     if todo:
         init_ray(cfg)
         resources = ray.cluster_resources()
         cluster_gpus = float(resources.get("GPU", 0.0))
         check_resources(cfg, cluster_nodes())
-        ds = build_dataset(todo, cfg, cluster_gpus, out=out)
+        meter = _start_meter()
+        progress = BuildProgress(
+            len(todo),
+            interval_s=cfg.ray.progress_interval_s,
+            stages=stage_labels(build_steps(cfg, out)),
+            poll=lambda: ray.get(meter.snapshot.remote(), timeout=10),
+        )
+        ds = build_dataset(todo, cfg, cluster_gpus, out=out, meter=RemoteMeter(meter))
         stitcher = RangeStitcher()
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for whole in stitcher(batch):
-                writer.add(whole)
-                progress.update(whole)
+        progress.start()
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for whole in stitcher(batch):
+                    writer.add(whole)
+                    progress.update(whole)
+        finally:
+            progress.stop()
         if stitcher.unfinished():
             raise RuntimeError(f"ranges missing for sources: {stitcher.unfinished()}")
         stages = stage_stats(ds, cfg, cluster_gpus)
+        per_stage = _meter_totals(meter, progress.stages)
     run_counts = writer.close()
     writer.write_manifest(_manifest_extra(cfg))
     wall = time.time() - t0
@@ -431,6 +495,7 @@ def build(
         **counts,
         "committed": run_counts,
         "stages": stages,
+        "per_stage": per_stage,
         "wall_s": round(wall, 2),
         "clips_per_s": round(sum(counts["clips_by_status"].values()) / wall, 3)
         if wall > 0
@@ -439,5 +504,7 @@ def build(
     }
     if todo:
         echo(progress.line())
+        if per_stage:
+            echo(progress.stage_line())
     _write_summary(out, summary)
     return summary

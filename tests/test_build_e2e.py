@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -16,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 
 import schemas
 from pipeline.config import BuildConfig, load_config
-from pipeline.graph import build, run_in_process
+from pipeline.graph import build, build_steps, run_in_process, stage_labels
 from pipeline.synth import synth_video
 from pipeline.writer import read_index, read_sources
 
@@ -99,10 +100,26 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
             ), name
 
 
-def test_local_build_then_train(videos, tiny_cfg, tmp_path) -> None:
+def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     root = str(tmp_path / "corpus")
-    summary = build([str(p) for p in videos.values()], root, tiny_cfg)
+    live = replace(tiny_cfg, ray=replace(tiny_cfg.ray, progress_interval_s=0.5))
+    summary = build([str(p) for p in videos.values()], root, live)
     assert summary["sources_built"] == 4
+    # live progress on stderr: sources and clips, and every stage's rows and rate
+    err = capsys.readouterr().err
+    assert "[build] sources " in err
+    stage_lines = [line for line in err.splitlines() if line.startswith("[stages] probe ")]
+    assert stage_lines and "| encode " in stage_lines[-1], err[-2000:]
+    # exact rows in/out and busy time per stage, fused operators or not
+    per = summary["per_stage"]
+    assert list(per) == stage_labels(build_steps(live, root))
+    assert per["probe"]["rows_in"] == per["split"]["rows_in"] == 4
+    clips = per["split"]["rows_out"]
+    assert clips >= read_index(root).num_rows
+    for stage in list(per)[list(per).index("split") + 1 :]:  # 1:1 after split
+        assert per[stage]["rows_in"] == per[stage]["rows_out"] == clips, stage
+    assert all(s["batches"] >= 1 for s in per.values()), per
+    assert per["split"]["busy_s"] > 0 and per["encode"]["busy_s"] > 0, per
     # every operator of the graph is accounted for, in order, named after its stage
     ops = [s["operator"] for s in summary["stages"]]
     names = ["Probe", "Split", "Score", "AestheticScorer", "Decide", "Dedup", "Captioner"]

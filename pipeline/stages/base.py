@@ -9,6 +9,7 @@ silently: a failure becomes ``status="error"`` with a reason in ``error``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "Batch",
     "batch_to_rows",
     "clean_batch",
+    "metered",
     "num_rows",
     "rows_to_batch",
     "stage_actor",
@@ -29,6 +31,9 @@ __all__ = [
 ]
 
 Batch = dict[str, np.ndarray]
+
+# (stage, rows in, rows out, busy seconds) after each batch: see pipeline.progress.StageMeter
+Meter = Callable[[str, int, int, float], None]
 
 
 def num_rows(batch: Mapping[str, Any]) -> int:
@@ -108,26 +113,55 @@ def clean_batch(batch: Batch) -> Batch:
     return batch
 
 
-def stage_task(stage_cls: Any, *args: Any) -> Callable[[Batch], Batch]:
-    """A stateless stage as a batch function for Ray tasks: a fresh ``stage_cls(*args)``
-    per call, named after the stage (Ray Data names operators and stats by it).
+def _timed(fn: Callable[[Batch], Batch], batch: Batch, name: str, meter: Meter | None) -> Batch:
+    t0 = time.perf_counter()
+    out = fn(batch)
+    if meter is not None:
+        meter(name, num_rows(batch), num_rows(out), time.perf_counter() - t0)
+    return out
 
-    Defined in this small module, and pickled by value with only the stage class (by
-    reference) and its arguments, so a worker imports just the stage's own module.
-    """
+
+def metered(
+    fn: Callable[[Batch], Batch], name: str, meter: Meter | None
+) -> Callable[[Batch], Batch]:
+    """``fn`` reporting each batch's rows and busy time to ``meter`` as stage ``name``."""
+    if meter is None:
+        return fn
 
     def run(batch: Batch) -> Batch:
-        return clean_batch(stage_cls(*args)(batch))
+        return _timed(fn, batch, name, meter)
+
+    run.__name__ = run.__qualname__ = getattr(fn, "__name__", name)
+    return run
+
+
+def stage_task(
+    stage_cls: Any, *args: Any, name: str | None = None, meter: Meter | None = None
+) -> Callable[[Batch], Batch]:
+    """A stateless stage as a batch function for Ray tasks: a fresh ``stage_cls(*args)``
+    per call, named after the stage (Ray Data names operators and stats by it); with
+    ``meter``, each batch is reported as stage ``name``.
+
+    Defined in this small module, and pickled by value with only the stage class (by
+    reference), its arguments and the meter, so a worker imports just the stage's own
+    module.
+    """
+    label = name or str(getattr(stage_cls, "__name__", "stage"))
+
+    def run(batch: Batch) -> Batch:
+        return _timed(lambda b: clean_batch(stage_cls(*args)(b)), batch, label, meter)
 
     run.__name__ = run.__qualname__ = getattr(stage_cls, "__name__", "stage")
     return run
 
 
-def stage_actor(stage_cls: Any) -> type:
+def stage_actor(stage_cls: Any, name: str | None = None, meter: Meter | None = None) -> type:
     """``stage_cls`` for a Ray actor pool: the same class, its output batches passed
-    through :func:`clean_batch`; named after the stage."""
+    through :func:`clean_batch`, named after the stage; with ``meter``, each batch is
+    reported as stage ``name``."""
+    label = name or stage_cls.__name__
 
     def call(self: Any, batch: Batch) -> Batch:
-        return clean_batch(stage_cls.__call__(self, batch))
+        return _timed(lambda b: clean_batch(stage_cls.__call__(self, b)), batch, label, meter)
 
     return type(stage_cls.__name__, (stage_cls,), {"__call__": call})

@@ -1,0 +1,109 @@
+"""Build progress lines and per-stage accounting, without Ray."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline.progress import BuildProgress, StageMeter
+from pipeline.stages.base import metered, stage_actor, stage_task
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _rows(source: str, clips: int, status: str = "kept") -> dict[str, np.ndarray]:
+    obj = lambda values: np.array(values, dtype=object)  # noqa: E731
+    return {
+        "source": obj([source] * clips),
+        "src_num_clips": np.full(clips, clips, dtype=float),
+        "src_status": obj(["ok"] * clips),
+        "clip_id": obj([f"{source}-{i}" for i in range(clips)]),
+        "status": obj([status] * clips),
+        "reasons": obj([["motion_low"] if status == "rejected" else [] for _ in range(clips)]),
+    }
+
+
+def test_counts_sources_clips_and_reasons() -> None:
+    clock, lines = Clock(), []
+    p = BuildProgress(3, interval_s=5.0, echo=lines.append, clock=clock)
+    p.update(_rows("a", 2))
+    clock.t += 6.0
+    p.update(_rows("b", 1, "rejected"))
+    assert lines == [p.line()]
+    assert p.line().startswith("[build] sources 2/3 (67%) | clips kept 2 rejected 1 error 0")
+    assert p.counts()["rejected_by_reason"] == {"motion_low": 1}
+    assert p.line().endswith("ETA 3s")  # 2 sources in 6 s, 1 left
+
+
+def test_stage_line_shows_rows_and_rate_since_last_line() -> None:
+    clock, meter = Clock(), StageMeter()
+    p = BuildProgress(2, clock=clock, stages=["probe", "split", "encode"], poll=meter.snapshot)
+    meter.add("probe", 2, 2, 0.1)
+    meter.add("split", 1, 4, 2.0)
+    clock.t += 2.0
+    assert p.stage_line() == "[stages] probe 2 (1.0/s) | split 4 (2.0/s) | encode 0 (0.0/s)"
+    meter.add("split", 1, 6, 2.0)
+    meter.add("encode", 4, 4, 1.0)
+    clock.t += 4.0
+    assert p.stage_line() == "[stages] probe 2 (0.0/s) | split 10 (1.5/s) | encode 4 (1.0/s)"
+    assert meter.snapshot()["split"] == {"rows_in": 2, "rows_out": 10, "batches": 2, "busy_s": 4.0}
+
+
+def test_stage_line_survives_a_failing_poll() -> None:
+    def broken() -> dict:
+        raise TimeoutError("meter actor gone")
+
+    p = BuildProgress(1, stages=["split"], poll=broken)
+    assert p.stage_line() == "[stages] unavailable: TimeoutError: meter actor gone"
+
+
+def test_ticker_prints_while_no_batch_arrives() -> None:
+    lines: list[str] = []
+    meter = StageMeter()
+    meter.add("split", 1, 3, 0.5)
+    p = BuildProgress(4, interval_s=0.05, echo=lines.append, stages=["split"], poll=meter.snapshot)
+    p.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(lines) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        p.stop()
+    assert any(line.startswith("[build] sources 0/4") for line in lines)
+    assert any(line.startswith("[stages] split 3 (") for line in lines)
+    settled = len(lines)
+    time.sleep(0.15)
+    assert len(lines) == settled  # stopped
+
+
+class Double:
+    """A 1:N stage: every row twice."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __call__(self, batch: dict) -> dict:
+        return {k: np.repeat(v, 2) for k, v in batch.items()}
+
+
+def test_stage_wrappers_report_rows_and_busy_time() -> None:
+    meter = StageMeter()
+    batch = {"source": np.array(["a", "b", "c"], dtype=object)}
+    assert len(stage_task(Double, "x", name="split", meter=meter.add)(batch)["source"]) == 6
+    actor = stage_actor(Double, "caption", meter.add)("x")
+    assert len(actor(batch)["source"]) == 6
+    assert len(metered(Double("y"), "ranges", meter.add)(batch)["source"]) == 6
+    snap = meter.snapshot()
+    for stage in ("split", "caption", "ranges"):
+        assert snap[stage]["rows_in"] == 3 and snap[stage]["rows_out"] == 6
+        assert snap[stage]["batches"] == 1 and snap[stage]["busy_s"] >= 0
+    # without a meter nothing is wrapped
+    fn = Double("z")
+    assert metered(fn, "x", None) is fn
