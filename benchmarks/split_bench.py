@@ -10,8 +10,9 @@ Throughput, on a generated 1280x720 video with hard cuts and on the real
 of ``--repeats`` runs:
 
 - ``split`` (our Split stage after Probe: one decode pass, AdaptiveDetector, clip
-  payloads encoded at the default build's working size, 480x832 pixels) and ``shots`` (decode + detect only, the same work as
-  the CLI; what ``reelpack shots`` does) against ``scenedetect -i FILE
+  payloads encoded as a default build does: 480x832 pixels at the VAE's 16 fps) and
+  ``shots`` (decode + detect only, the same work as the CLI; what ``reelpack shots``
+  does) against ``scenedetect -i FILE
   detect-adaptive`` (the CLI, run as a subprocess; its cuts are read back from
   ``list-scenes`` and compared with ours);
 - ``split`` against one plain PyAV decode pass of the same file: frames as the
@@ -108,7 +109,8 @@ sys.path.insert(0, sys.argv[2])
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import Split, SplitConfig
 b = Probe()({"source": np.array([sys.argv[1]], dtype=object)})
-out = Split(SplitConfig(work_max_area=int(sys.argv[3])))(b)
+fps = float(sys.argv[4]) if sys.argv[4] != "None" else None
+out = Split(SplitConfig(work_max_area=int(sys.argv[3]), work_fps=fps))(b)
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
 print(len(out["clip_id"]), hwm)
 """
@@ -117,7 +119,7 @@ print(len(out["clip_id"]), hwm)
 def peak_rss_mib(path: str, cfg: SplitConfig) -> tuple[int, float]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
-        [sys.executable, "-c", _RSS, path, root, str(cfg.work_max_area)],
+        [sys.executable, "-c", _RSS, path, root, str(cfg.work_max_area), str(cfg.work_fps)],
         check=True,
         capture_output=True,
         text=True,
@@ -170,12 +172,20 @@ def main() -> None:
         default=None,
         help="payload pixel budget (default: what a build with the default config uses)",
     )
+    ap.add_argument(
+        "--work-fps",
+        type=float,
+        default=None,
+        help="payload frame rate, 0 for every source frame (default: as a build, the VAE's)",
+    )
     args = ap.parse_args()
     from pipeline.config import load_config
 
     cfg = load_config().split
     if args.work_area:
         cfg = replace(cfg, work_max_area=args.work_area)
+    if args.work_fps is not None:
+        cfg = replace(cfg, work_fps=args.work_fps or None)
     w, h = args.width or 1280, args.height or 720
     seconds = args.seconds or (120.0 if args.full else 12.0)
     rss_short, rss_long = (120.0, 600.0) if args.full else (20.0, 100.0)
@@ -195,7 +205,10 @@ def main() -> None:
         clips_s, rss_s = peak_rss_mib(short, cfg)
         clips_l, rss_l = peak_rss_mib(long, cfg)
 
-    print(f"\nclip payloads: {cfg.work_max_area} pixels ({cfg.work_preset}, CRF {cfg.work_crf})")
+    rate = f"{cfg.work_fps:g} fps" if cfg.work_fps else "every frame"
+    print(
+        f"\nclip payloads: {cfg.work_max_area} pixels, {rate} ({cfg.work_preset}, CRF {cfg.work_crf})"
+    )
     generated = next(iter(runs.values()))
     ours = generated["cuts_ours"]
     print(

@@ -337,6 +337,11 @@ def resolve_preset(cfg: BuildConfig, user_keys: dict[str, Any] | None = None) ->
     user_split = user_keys.get("split", {}) or {}
     if "work_max_area" not in user_split and resolved.split.work_max_area < largest:
         resolved = replace(resolved, split=replace(resolved.split, work_max_area=largest))
+    # ... and carry the frames the VAE will see: at its frame rate
+    if "work_fps" not in user_split:
+        resolved = replace(
+            resolved, split=replace(resolved.split, work_fps=resolved.encode.target_fps)
+        )
     if resolved.text_encode.enabled and not resolved.caption.enabled:
         raise ValueError(
             "config text_encode.enabled needs caption.enabled (it encodes the captions)"

@@ -42,7 +42,7 @@ import yaml
 from pipeline.config import BuildConfig, from_dict, load_config
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import clip_spans
-from pipeline.video import even_size
+from pipeline.video import even_size, resample_indices
 
 __all__ = [
     "RATE_PRESETS",
@@ -142,7 +142,6 @@ def clip_latent_shape(
     ``num_frames`` source frames at ``fps`` whose payload is ``work_size`` (W, H), by the
     rules of :mod:`pipeline.stages.encode`."""
     from model.vae import native_size
-    from pipeline.stages.encode import resample_indices
 
     enc = cfg.encode
     frames = min(len(resample_indices(num_frames, fps, enc.target_fps)), enc.max_frames)
@@ -201,7 +200,8 @@ def estimate_source(
     )
     work = even_size(width, height, cfg.split.work_max_area)
     est.source_mpx_frames = num_frames * width * height / 1e6
-    est.work_mpx_frames = num_frames * work[0] * work[1] / 1e6
+    payload_frames = len(resample_indices(num_frames, fps, cfg.split.work_fps))
+    est.work_mpx_frames = payload_frames * work[0] * work[1] / 1e6
     pt, ph, pw = cfg.encode.patch_size
     for a, b in _shots(num_frames, fps, rates.mean_shot_s):
         for start, end in clip_spans(a, b, fps, cfg.split):

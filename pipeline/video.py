@@ -14,7 +14,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-__all__ = ["decode_mp4", "encode_mp4", "even_size"]
+__all__ = ["decode_mp4", "encode_mp4", "even_size", "resample_indices"]
 
 
 def even_size(width: int, height: int, max_area: int) -> tuple[int, int]:
@@ -117,3 +117,14 @@ def decode_mp4(data: bytes, max_frames: int | None = None) -> tuple[np.ndarray, 
     if not frames:
         raise ValueError("clip payload holds no decodable frames")
     return np.stack(frames), fps
+
+
+def resample_indices(num_frames: int, fps: float, target_fps: float | None) -> np.ndarray:
+    """Indices of the frames nearest to (at or before) a ``target_fps`` grid starting at
+    frame 0 (never upsamples). Split keeps these frames of each clip as its payload and
+    encode those of the payload fed to the VAE; with equal rates the second is all."""
+    if target_fps is None or fps <= 0 or target_fps >= fps:
+        return np.arange(num_frames)
+    duration = num_frames / fps
+    times = np.arange(0.0, duration - 1e-9, 1.0 / target_fps)
+    return np.unique(np.minimum(np.floor(times * fps + 1e-6).astype(np.int64), num_frames - 1))

@@ -80,3 +80,13 @@ def test_payloads_are_at_least_as_large_as_the_latents() -> None:
     small = load_config(encode={"pixel_budget": 64 * 64})
     assert small.split.work_max_area == SplitConfig().work_max_area  # never below the default
     assert load_config(split={"work_max_area": 1000}).split.work_max_area == 1000
+
+
+def test_payloads_carry_the_frame_rate_the_vae_sees() -> None:
+    """Payloads keep the frames on encode's frame-rate grid unless split.work_fps is set."""
+    assert SplitConfig().work_fps is None  # the stage alone keeps every frame
+    assert load_config().split.work_fps == load_config().encode.target_fps == 16.0
+    assert load_config(encode={"target_fps": 24.0}).split.work_fps == 24.0
+    assert load_config(encode={"target_fps": None}).split.work_fps is None
+    assert load_config(split={"work_fps": None}).split.work_fps is None
+    assert load_config(split={"work_fps": 30.0}, encode={"target_fps": 8}).split.work_fps == 30.0

@@ -7,6 +7,7 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from pipeline.decode import DecodedFrame, iter_pyav, rgb_to_i420
 from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows
+from pipeline.stages.encode import EncodeConfig, plan_clip
 from pipeline.stages.probe import Probe, ProbeConfig, open_source, probe_video
 from pipeline.stages.split import (
     CLIP_NAMESPACE,
@@ -30,7 +32,7 @@ from pipeline.stages.split import (
     shots,
 )
 from pipeline.synth import demo_videos, synth_video
-from pipeline.video import decode_mp4, even_size
+from pipeline.video import decode_mp4, encode_mp4, even_size, resample_indices
 from schemas import STREAM_COLUMNS
 
 VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "videos")
@@ -216,6 +218,36 @@ def test_clip_bytes_decode_to_the_recorded_frames(landscape: tuple[str, list[int
         assert fps == pytest.approx(24.0)
         assert row["start_s"] == pytest.approx(row["start_frame"] / 24.0, abs=1e-3)
         assert row["end_s"] == pytest.approx(row["end_frame"] / 24.0, abs=1e-3)
+
+
+def test_payload_at_work_fps_holds_the_frames_the_vae_sees(tmp_path: Any) -> None:
+    """With ``work_fps`` a payload keeps only the frames on the encode stage's frame-rate
+    grid, and encode then picks the same source frames as from a full-rate payload."""
+    n, fps = 36, 24.0
+    frames = np.full((n, 48, 96, 3), 40, np.uint8)
+    for i in range(n):
+        frames[i, 16:32, 2 * i : 2 * i + 8] = 230  # a bar moving 2 px a frame
+    path = str(tmp_path / "bar.mp4")
+    with open(path, "wb") as f:
+        f.write(encode_mp4(frames, fps, crf=10))
+    cfg = SplitConfig(min_clip_s=0.5, max_clip_s=10.0, work_max_area=96 * 48)
+    (full,) = batch_to_rows(Split(cfg)(probe_batch(path)))
+    (low,) = batch_to_rows(Split(replace(cfg, work_fps=8.0))(probe_batch(path)))
+    assert (low["clip_id"], low["start_frame"], low["end_frame"]) == (full["clip_id"], 0, n)
+    assert low["end_s"] == pytest.approx(full["end_s"])
+    a, fps_a = decode_mp4(full["clip_bytes"])
+    b, fps_b = decode_mp4(low["clip_bytes"])
+    assert (len(a), fps_a, fps_b) == (n, pytest.approx(24.0), pytest.approx(8.0))
+    keep = resample_indices(n, fps, 8.0)
+    assert keep.tolist() == list(range(0, n, 3)) and len(b) == len(keep)
+    for j, i in enumerate(keep):  # each kept frame is that source frame
+        mad = np.abs(b[j].astype(np.int16) - a.astype(np.int16)).mean(axis=(1, 2, 3))
+        assert int(mad.argmin()) == i, (j, mad.round(1))
+    enc = EncodeConfig(target_fps=8.0, max_frames=64)
+    from_full = plan_clip(n, fps_a, 96, 48, enc, 8, 4).frame_indices
+    from_low = plan_clip(len(b), fps_b, 96, 48, enc, 8, 4).frame_indices
+    assert keep[from_low].tolist() == from_full.tolist()
+    assert len(from_low) > 1
 
 
 def test_clip_ids_are_deterministic(landscape: tuple[str, list[int]]) -> None:

@@ -37,7 +37,7 @@ from safetensors.torch import save as save_safetensors
 
 from model.vae import VideoVAE, native_size
 from pipeline.stages.base import Batch, num_rows, with_columns
-from pipeline.video import decode_mp4
+from pipeline.video import decode_mp4, resample_indices
 from schemas import TENSOR_LATENTS, latents_tensor_name
 
 __all__ = [
@@ -88,15 +88,6 @@ class EncodePlan:
     frame_indices: np.ndarray  # payload frames fed to the VAE, increasing
     fps: float  # their frame rate
     sizes: tuple[SizePlan, ...]  # primary first, then the distinct extra resolutions
-
-
-def resample_indices(num_frames: int, fps: float, target_fps: float | None) -> np.ndarray:
-    """Indices of the source frames nearest to a ``target_fps`` grid (never upsamples)."""
-    if target_fps is None or fps <= 0 or target_fps >= fps:
-        return np.arange(num_frames)
-    duration = num_frames / fps
-    times = np.arange(0.0, duration - 1e-9, 1.0 / target_fps)
-    return np.unique(np.minimum(np.floor(times * fps + 1e-6).astype(np.int64), num_frames - 1))
 
 
 def fit_frames(num_frames: int, max_frames: int, vae: VideoVAE) -> int:

@@ -72,7 +72,7 @@ from pipeline.decode import (
 )
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
 from pipeline.stages.probe import describe, open_source
-from pipeline.video import encode_mp4
+from pipeline.video import encode_mp4, resample_indices
 
 __all__ = [
     "CLIP_NAMESPACE",
@@ -126,6 +126,11 @@ class SplitConfig:
     # pixel budget of clip payloads (aspect kept, even sides); a build raises it to the
     # largest encode.pixel_budget unless set explicitly (the VAE never upscales them)
     work_max_area: int = 640 * 360
+    # frame rate of clip payloads: each clip keeps its frames nearest to this grid, as
+    # encode resamples (pipeline.video.resample_indices), never more than the source's;
+    # None keeps every frame. A build sets it to encode.target_fps unless set explicitly:
+    # later stages then decode, and split encodes, only the frames the VAE will see
+    work_fps: float | None = None
     work_crf: int = 18  # x264 CRF of clip payloads
     # x264 preset of clip payloads: transient bytes, so speed beats size (ultrafast encodes
     # ~3x faster than veryfast at the same CRF, for ~2x the bytes)
@@ -481,12 +486,19 @@ class _PayloadEncoder:
     those clips.
     """
 
-    def __init__(self, fps: float, crf: int, preset: str, ahead: int = 1) -> None:
-        self.fps, self.crf, self.preset, self.ahead = fps, crf, preset, ahead
+    def __init__(
+        self, fps: float, crf: int, preset: str, target_fps: float | None = None, ahead: int = 1
+    ) -> None:
+        self.crf, self.preset, self.ahead = crf, preset, ahead
+        self.source_fps, self.target_fps = fps, target_fps
+        self.fps = target_fps if target_fps is not None and 0 < target_fps < fps else fps
         self._pool: ThreadPoolExecutor | None = None
         self._waiting: deque[Future[bytes]] = deque()
 
     def submit(self, frames: list[_Frame]) -> Future[bytes]:
+        """Encode one clip's frames on the ``target_fps`` grid, at the payload rate."""
+        keep = resample_indices(len(frames), self.source_fps, self.target_fps)
+        frames = [frames[i] for i in keep]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="reelpack-encode")
         while self._waiting and self._waiting[0].done():
@@ -544,7 +556,7 @@ class _SourceSplitter:
         self.pending = 0  # first frame of the open shot not yet emitted or dropped
         self.lead_open = False  # still trimming the open shot's leading edge
         self.clips: list[_Clip] = []
-        self.encoder = _PayloadEncoder(fps, cfg.work_crf, cfg.work_preset)
+        self.encoder = _PayloadEncoder(fps, cfg.work_crf, cfg.work_preset, cfg.work_fps)
         self._payloads: list[Future[bytes]] = []  # one per clip, in order
         self.count = 0
         self.end_s = 0.0
