@@ -18,7 +18,9 @@ of ``--repeats`` runs:
 - ``split`` against one plain PyAV decode pass of the same file: frames as the
   decoder outputs them (``decode``), and also each converted to RGB (``decode+rgb``).
 
-Memory: peak RSS of a fresh process splitting a short and a long video of one size.
+Memory: peak RSS of a fresh process splitting a short and a long video of one size,
+through ``Split.stream`` with the environment Ray workers get
+(``pipeline.graph.WORKER_ENV_DEFAULTS``), as a build runs it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.graph import WORKER_ENV_DEFAULTS
 from pipeline.stages.base import batch_to_rows
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import Split, SplitConfig, shots
@@ -110,22 +113,28 @@ from pipeline.stages.probe import Probe
 from pipeline.stages.split import Split, SplitConfig
 b = Probe()({"source": np.array([sys.argv[1]], dtype=object)})
 fps = float(sys.argv[4]) if sys.argv[4] != "None" else None
-out = Split(SplitConfig(work_max_area=int(sys.argv[3]), work_fps=fps))(b)
+clips = payload = 0
+# as a build runs it: chunks are handed on (to Ray's object store) as payloads finish
+for chunk in Split(SplitConfig(work_max_area=int(sys.argv[3]), work_fps=fps)).stream(b):
+    clips += len(chunk["clip_id"])
+    payload += sum(len(x) for x in chunk["clip_bytes"] if x is not None)
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
-print(len(out["clip_id"]), hwm)
+print(clips, payload, hwm)
 """
 
 
-def peak_rss_mib(path: str, cfg: SplitConfig) -> tuple[int, float]:
+def peak_rss_mib(path: str, cfg: SplitConfig) -> tuple[int, float, float]:
+    """(clips, payload MiB streamed out, peak RSS MiB) of a fresh process splitting ``path``."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
         [sys.executable, "-c", _RSS, path, root, str(cfg.work_max_area), str(cfg.work_fps)],
+        env=dict(os.environ, **{k: os.environ.get(k, v) for k, v in WORKER_ENV_DEFAULTS.items()}),
         check=True,
         capture_output=True,
         text=True,
     )
-    clips, kib = (int(x) for x in out.stdout.split()[-2:])
-    return clips, kib / 1024
+    clips, payload, kib = (int(x) for x in out.stdout.split()[-3:])
+    return clips, payload / (1 << 20), kib / 1024
 
 
 def best_of(repeats: int, fn, *args):  # type: ignore[no-untyped-def]
@@ -202,8 +211,8 @@ def main() -> None:
         long = os.path.join(tmp, "long.mp4")
         make_video(short, *rss_size, rss_short, args.fps, seed=2)
         make_video(long, *rss_size, rss_long, args.fps, seed=3)
-        clips_s, rss_s = peak_rss_mib(short, cfg)
-        clips_l, rss_l = peak_rss_mib(long, cfg)
+        clips_s, out_s, rss_s = peak_rss_mib(short, cfg)
+        clips_l, out_l, rss_l = peak_rss_mib(long, cfg)
 
     rate = f"{cfg.work_fps:g} fps" if cfg.work_fps else "every frame"
     print(
@@ -253,6 +262,8 @@ def main() -> None:
         (f"peak RSS, split {rss_short:g} s {rss_size[0]}x{rss_size[1]}", rss_s),
         (f"peak RSS, split {rss_long:g} s {rss_size[0]}x{rss_size[1]}", rss_l),
         ("RSS growth long - short", rss_l - rss_s),
+        (f"payloads handed on, {rss_short:g} s", out_s),
+        (f"payloads handed on, {rss_long:g} s", out_l),
     ]:
         print(f"{name:46s} {value:22.0f}")
     print(f"(goal: < 1536 MiB, no growth; clips: short {clips_s}, long {clips_l})")

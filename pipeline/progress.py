@@ -103,6 +103,7 @@ class BuildProgress:
         self._last_print = self.started
         self._received: Counter[str] = Counter()
         self._expected: dict[str, int] = {}
+        self._final: dict[str, bool] = {}  # source failed, from its row with the count
         self.sources_done = 0
         self.sources_error = 0
         self.clips: Counter[str] = Counter()
@@ -125,12 +126,14 @@ class BuildProgress:
         n = len(batch.get("source", ()))
         for i in range(n):
             source = str(batch["source"][i])
-            expected = batch["src_num_clips"][i]
-            self._expected[source] = max(1, int(expected) if expected == expected else 0)
+            expected = batch["src_num_clips"][i]  # None / NaN on a streamed chunk's rows
+            if expected is not None and expected == expected and source not in self._expected:
+                self._expected[source] = max(1, int(expected))
+                self._final[source] = batch["src_status"][i] == "error"
             self._received[source] += 1
-            if self._received[source] == self._expected[source]:
+            if self._received[source] == self._expected.get(source):
                 self.sources_done += 1
-                self.sources_error += batch["src_status"][i] == "error"
+                self.sources_error += self._final[source]
             if batch["clip_id"][i] is None:
                 continue
             status = str(batch["status"][i])

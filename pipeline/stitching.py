@@ -84,8 +84,9 @@ class RangeStitcher:
             pending = self._pending.setdefault(source, _Pending(count))
             i = int(row["range_index"])
             pending.parts.setdefault(i, []).append(row)
-            clips = _int_or_none(row.get("src_num_clips")) or 0
-            pending.expected[i] = max(clips, 1)
+            clips = _int_or_none(row.get("src_num_clips"))  # None: not the range's last chunk
+            if clips is not None:
+                pending.expected[i] = max(clips, 1)
             if pending.complete():
                 del self._pending[source]
                 stitched = stitch([pending.parts[k] for k in range(count)])

@@ -3,7 +3,10 @@
 The stream reaching the writer has one row per clip (``clip_id`` set) plus one
 placeholder row (``clip_id`` None) per source without clips; every row carries its
 source's ``src_*`` facts. Rows of one source may arrive in any batches, interleaved
-with other sources. The writer buffers a source until it has all
+with other sources. A long source streamed by split in chunks has rows whose
+``src_num_clips`` is None until its last chunk, whose rows carry the count and the
+final facts (applied to all its rows; a source that failed after some clips were
+handed on is recorded as one error row). The writer buffers a source until it has all
 ``max(src_num_clips, 1)`` rows, then appends it to the current *part*:
 
     shards/shard-{n:06d}.tar       kept clips (only when the part has any)
@@ -352,10 +355,22 @@ def sources_needing_work(root: str) -> set[str]:
 
 @dataclass
 class _Pending:
-    """One source's rows, until all ``expected`` have arrived."""
+    """One source's rows, until all ``expected`` have arrived. A streaming split hands
+    a long source on in chunks whose rows lack the count; ``final`` is the first row
+    that has it (the last chunk's), which also holds the source's final facts."""
 
-    expected: int
+    expected: int | None = None
     rows: dict[str | None, dict[str, Any]] = field(default_factory=dict)
+    final: dict[str, Any] | None = None
+
+    def whole(self) -> list[dict[str, Any]]:
+        """The rows with the final ``src_*`` facts; one error row when the source failed
+        after some of its clips were handed on (as for any failed split)."""
+        assert self.final is not None
+        facts = {k: v for k, v in self.final.items() if k.startswith("src_")}
+        if facts.get("src_status") == "error":
+            return [dict(self.final, clip_id=None, status=None, src_num_clips=0, latents=None)]
+        return [dict(r, **facts) for r in self.rows.values()]
 
 
 class CorpusWriter:
@@ -453,22 +468,22 @@ class CorpusWriter:
         if source in self._done or source in self._in_part:
             self.duplicates_skipped += 1  # complete already: exactly once
             return
-        num_clips = _cast(row["src_num_clips"], pa.int64()) or 0
-        pending = self._pending.get(source)
-        if pending is None:
-            pending = self._pending[source] = _Pending(expected=max(num_clips, 1))
+        num_clips = _cast(row["src_num_clips"], pa.int64())  # None: not the last chunk
         if (clip_id is None) != (num_clips == 0):
             raise ValueError(
                 f"source {source!r}: row with clip_id={clip_id!r} but src_num_clips={num_clips}; "
                 "a placeholder row (clip_id None) belongs only to a source without clips"
             )
+        pending = self._pending.setdefault(source, _Pending())
+        if num_clips is not None and pending.final is None:
+            pending.expected, pending.final = max(num_clips, 1), row
         if clip_id in pending.rows:
             self.duplicates_skipped += 1
             return
         pending.rows[clip_id] = row
-        if len(pending.rows) >= pending.expected:
+        if pending.expected is not None and len(pending.rows) >= pending.expected:
             del self._pending[source]
-            self._complete(source, list(pending.rows.values()))
+            self._complete(source, pending.whole())
 
     def _complete(self, source: str, rows: list[dict[str, Any]]) -> None:
         """Put one complete source into the current part; commit the part when full."""
@@ -684,7 +699,8 @@ class CorpusWriter:
         self._drop_tmp()
         if self._pending:
             missing = {
-                s: f"{len(p.rows)}/{p.expected} rows" for s, p in sorted(self._pending.items())
+                s: f"{len(p.rows)}/{p.expected or '?'} rows"
+                for s, p in sorted(self._pending.items())
             }
             raise ValueError(f"incomplete sources at close (not committed): {missing}")
         return dict(self._run_counts)

@@ -160,7 +160,9 @@ CLIP_SCHEMA = pa.schema(
         pa.field("encode_resize_height", pa.int32()),
         pa.field("encode_crop_left", pa.int32()),
         pa.field("encode_crop_top", pa.int32()),
-        # payload frame numbers (0-based) fed to the VAE, after fps resampling + frame rule
+        # payload frame numbers (0-based) fed to the VAE, after fps resampling + frame rule;
+        # payload frame j is clip frame pipeline.video.resample_indices(end_frame -
+        # start_frame, fps, split.work_fps)[j] (split.work_fps: the manifest's config)
         pa.field("encode_frame_indices", pa.list_(pa.int32())),
         # Extra resolutions in the same safetensors blob (see TENSOR_LATENTS_AT): tensor
         # names, their [C, T, H, W] and tokens at the manifest's patch size, in the order
@@ -192,7 +194,7 @@ STREAM_ONLY_COLUMNS = (
     "src_status",  # source-level status / error / facts, folded into SOURCE_SCHEMA
     "src_error",
     "src_duration_s",
-    "src_num_clips",
+    "src_num_clips",  # None on rows of a streamed source's chunks but the last
     "src_num_frames",
     "src_codec",
     # probe facts, folded into the SOURCE_SCHEMA column of the same name without "src_"

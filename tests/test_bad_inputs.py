@@ -150,9 +150,11 @@ def peak_kib():
 
 b = Probe()({"source": np.array([sys.argv[1]], dtype=object)})
 before = peak_kib()
-out = Split(SplitConfig(max_clip_s=10.0))(b)
+clips = 0
+for chunk in Split(SplitConfig(max_clip_s=10.0)).stream(b):  # as a build runs it
+    clips += len(chunk["clip_id"])
 after = peak_kib()
-print(len(out["clip_id"]), before, after)
+print(clips, before, after)
 """
 
 

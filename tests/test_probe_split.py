@@ -250,6 +250,52 @@ def test_payload_at_work_fps_holds_the_frames_the_vae_sees(tmp_path: Any) -> Non
     assert len(from_low) > 1
 
 
+def test_stream_hands_clips_on_in_chunks(landscape: tuple[str, list[int]]) -> None:
+    """Split.stream (what a build runs) gives __call__'s rows in chunks as payloads
+    finish; only the last chunk carries the source's totals."""
+    path, _ = landscape
+    cfg = SplitConfig(work_max_area=96 * 54, flush_mib=1e-6)  # hand on every clip
+    whole = batch_to_rows(Split(cfg)(probe_batch(path)))
+    chunks = [batch_to_rows(c) for c in Split(cfg).stream(probe_batch(path))]
+    assert len(whole) == 4 and len(chunks) >= 2
+    streamed = [r for c in chunks for r in c]
+    keys = ("clip_id", "start_frame", "end_frame", "start_s", "end_s")
+    assert [[r[k] for k in keys] for r in streamed] == [[r[k] for k in keys] for r in whole]
+    for a, b in zip(streamed, whole, strict=True):
+        assert len(decode_mp4(a["clip_bytes"])[0]) == b["end_frame"] - b["start_frame"]
+    assert all(r["src_num_clips"] is None for c in chunks[:-1] for r in c)
+    assert chunks[-1] and all(r["src_num_clips"] == 4 for r in chunks[-1])
+    assert chunks[-1][0]["src_num_frames_exact"]
+    # without a flush size everything comes at the end, as one chunk
+    (one,) = list(Split(replace(cfg, flush_mib=0)).stream(probe_batch(path)))
+    assert list(one["src_num_clips"]) == [4] * 4
+
+
+def test_stream_failing_after_handing_clips_on_ends_with_an_error_row(
+    landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = landscape
+    real = split_mod.iter_source_frames
+
+    def breaks_at_frame_100(*args: Any, **kwargs: Any) -> Iterator[DecodedFrame]:
+        for frame in real(*args, **kwargs):
+            if frame.num == 100:
+                raise av.InvalidDataError(1094995529, "Invalid data found when processing input")
+            yield frame
+
+    monkeypatch.setattr(split_mod, "iter_source_frames", breaks_at_frame_100)
+    cfg = SplitConfig(work_max_area=96 * 54, flush_mib=1e-6)
+    chunks = [batch_to_rows(c) for c in Split(cfg).stream(probe_batch(path))]
+    *early, (last,) = chunks
+    handed_on = [r for c in early for r in c]
+    assert handed_on and all(r["src_num_clips"] is None for r in handed_on)
+    assert last["src_status"] == "error" and last["src_num_clips"] == len(handed_on) + 1
+    assert "decoding failed after frame 99" in last["src_error"] and path in last["src_error"]
+    # all at once, the same failure is a single error row
+    (row,) = batch_to_rows(Split(replace(cfg, flush_mib=0))(probe_batch(path)))
+    assert row["clip_id"] is None and row["src_status"] == "error"
+
+
 def test_clip_ids_are_deterministic(landscape: tuple[str, list[int]]) -> None:
     path, _ = landscape
     first = Split()(probe_batch(path))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.graph import build, check_resources, cluster_nodes
+from pipeline.graph import WORKER_ENV_DEFAULTS, build, check_resources, cluster_nodes, worker_env
 
 
 def _cfg(**ray: object):
@@ -81,3 +81,21 @@ def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(tmp_path: Path) -> N
     nodes = cluster_nodes()
     assert nodes and all(n["CPU"] > 0 for n in nodes)
     assert not (tmp_path / "corpus" / "index").exists()
+
+
+def test_worker_env_forwards_s3_settings_and_malloc_defaults(monkeypatch) -> None:
+    from pipeline.graph import _FORWARDED_ENV
+
+    for name in ("MALLOC_ARENA_MAX", *_FORWARDED_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    monkeypatch.setenv("REELPACK_S3_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("SOMETHING_ELSE", "not forwarded")
+    env = worker_env()
+    assert env == {
+        "MALLOC_ARENA_MAX": WORKER_ENV_DEFAULTS["MALLOC_ARENA_MAX"],
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:8333",
+        "REELPACK_S3_MAX_ATTEMPTS": "7",
+    }
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the user's setting wins
+    assert worker_env()["MALLOC_ARENA_MAX"] == "8"

@@ -498,3 +498,37 @@ def test_kill_hook_then_resume_equals_uninterrupted(
         assert list(z.shape) == by_key[s["__key__"]]["latent_shape"]
         assert z.flatten()[0].item() == int(s["__key__"][-1])  # the right sample's bytes
         assert s[schemas.SAMPLE_CAPTION].decode() == by_key[s["__key__"]]["caption"]
+
+
+def test_streamed_chunks_complete_on_the_row_with_the_count(tmp_path) -> None:
+    """A long source reaches the writer in chunks: rows without ``src_num_clips`` until
+    its last chunk, whose rows carry the count and the final source facts; in any order."""
+    rows = [clip("/v/long.mp4", i, 4) for i in range(4)]
+    for r in rows[:3]:
+        r["src_num_clips"] = None
+        r["src_num_frames"] = 80  # the probe's estimate, before decoding finished
+    rows[3]["src_num_frames"] = 96
+    w = CorpusWriter(str(tmp_path / "c"), WriteConfig(shard_max_samples=100))
+    w.add(batch([rows[3], rows[0]]))  # the last chunk may arrive first
+    w.add(batch([rows[1]]))
+    assert w._pending, "complete before every row arrived"
+    w.add(batch([rows[2], rows[1]]))  # a retried chunk's rows are skipped
+    assert not w._pending and w.duplicates_skipped == 1
+    w.close()
+    (src,) = read_sources(str(tmp_path / "c")).to_pylist()
+    assert (src["num_clips"], src["num_frames"], src["status"]) == (4, 96, "done")
+    assert read_index(str(tmp_path / "c")).num_rows == 4
+
+
+def test_source_failing_after_streamed_chunks_is_one_error_row(tmp_path) -> None:
+    rows = [clip("/v/bad.mp4", i, 3) for i in range(3)]
+    for r in rows[:2]:
+        r["src_num_clips"] = None
+    rows[2].update(src_status="error", src_error="/v/bad.mp4: split failed: corrupt data")
+    w = CorpusWriter(str(tmp_path / "c"), WriteConfig())
+    w.add(batch(rows))
+    w.close()
+    (src,) = read_sources(str(tmp_path / "c")).to_pylist()
+    assert src["status"] == "error" and "corrupt data" in src["error"]
+    assert read_index(str(tmp_path / "c")).num_rows == 0
+    assert not list((tmp_path / "c" / "shards").glob("*.tar"))

@@ -10,7 +10,7 @@ silently: a failure becomes ``status="error"`` with a reason in ``error``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -121,6 +121,19 @@ def _timed(fn: Callable[[Batch], Batch], batch: Batch, name: str, meter: Meter |
     return out
 
 
+def _streamed(
+    chunks: Iterator[Batch], rows_in: int, name: str, meter: Meter | None
+) -> Iterator[Batch]:
+    """The chunks of a streaming stage, cleaned, each reported to ``meter``."""
+    t0 = time.perf_counter()
+    for out in chunks:
+        if meter is not None:
+            meter(name, rows_in, num_rows(out), time.perf_counter() - t0)
+            rows_in = 0
+        yield clean_batch(out)
+        t0 = time.perf_counter()
+
+
 def metered(
     fn: Callable[[Batch], Batch], name: str, meter: Meter | None
 ) -> Callable[[Batch], Batch]:
@@ -137,10 +150,11 @@ def metered(
 
 def stage_task(
     stage_cls: Any, *args: Any, name: str | None = None, meter: Meter | None = None
-) -> Callable[[Batch], Batch]:
+) -> Callable[[Batch], Batch | Iterator[Batch]]:
     """A stateless stage as a batch function for Ray tasks: a fresh ``stage_cls(*args)``
     per call, named after the stage (Ray Data names operators and stats by it); with
-    ``meter``, each batch is reported as stage ``name``.
+    ``meter``, each batch is reported as stage ``name``. A stage with a ``stream(batch)``
+    method is run through it: Ray Data takes the generator's chunks as they come.
 
     Defined in this small module, and pickled by value with only the stage class (by
     reference), its arguments and the meter, so a worker imports just the stage's own
@@ -148,8 +162,11 @@ def stage_task(
     """
     label = name or str(getattr(stage_cls, "__name__", "stage"))
 
-    def run(batch: Batch) -> Batch:
-        return _timed(lambda b: clean_batch(stage_cls(*args)(b)), batch, label, meter)
+    def run(batch: Batch) -> Batch | Iterator[Batch]:
+        stage = stage_cls(*args)
+        if hasattr(stage, "stream"):  # a 1:N stage that hands rows on in chunks
+            return _streamed(stage.stream(batch), num_rows(batch), label, meter)
+        return _timed(lambda b: clean_batch(stage(b)), batch, label, meter)
 
     run.__name__ = run.__qualname__ = getattr(stage_cls, "__name__", "stage")
     return run

@@ -43,7 +43,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -135,6 +135,9 @@ class SplitConfig:
     # x264 preset of clip payloads: transient bytes, so speed beats size (ultrafast encodes
     # ~3x faster than veryfast at the same CRF, for ~2x the bytes)
     work_preset: str = "ultrafast"
+    # Split.stream hands a source's finished clips on once their payloads reach this many
+    # MiB, so memory stays flat however long the source (0: all clips at the end)
+    flush_mib: float = 64.0
     decoder: str = "pyav"  # one of pipeline.decode.BACKENDS ("decord" falls back to PyAV)
     timeout_s: float = 1800.0  # wall-clock limit per source (or range); 0 disables
     transnet_device: str = "cpu"  # torch device of the optional TransNetV2 detector
@@ -607,6 +610,25 @@ class _SourceSplitter:
         """Release the encoder thread (after :meth:`finish`, or on failure)."""
         self.encoder.close()
 
+    def take_ready(self, min_bytes: int) -> list[_Clip]:
+        """The leading clips whose payloads are encoded, with their payloads, once those
+        hold at least ``min_bytes``; they are then no longer part of :meth:`finish`."""
+        done = 0
+        size = 0
+        for future in self._payloads:
+            if not future.done() or future.exception() is not None:
+                break
+            size += len(future.result())
+            done += 1
+        if done == 0 or size < min_bytes:
+            return []
+        ready = [
+            _Clip(c.start_frame, c.end_frame, c.start_s, c.end_s, f.result())
+            for c, f in zip(self.clips[:done], self._payloads[:done], strict=True)
+        ]
+        del self.clips[:done], self._payloads[:done]
+        return ready
+
     def _on_raw(self, raw: list[int]) -> None:
         """Handle newly reported raw cuts: start owning, close shots, stop owning."""
         for cut in sorted(raw):
@@ -716,13 +738,19 @@ def _split_range(
     splitter: _SourceSplitter,
     deadline: float | None,
     timeout_s: float,
-) -> _RangeResult:
-    """Drive ``splitter`` with decoded frames until it is done or the stream ends."""
+    flush_bytes: int = 0,
+) -> Generator[list[_Clip], None, _RangeResult]:
+    """Drive ``splitter`` with decoded frames until it is done or the stream ends.
+
+    With ``flush_bytes > 0`` yields finished clips whenever their payloads reach that
+    size; returns the rest (and the frame count)."""
     recent: deque[tuple[_Frame, float, np.ndarray]] = deque()
     keep = splitter.tracker.delay + 2  # frames a late first cut may reach back to
     complete = True
     try:
-        complete = _drive(frames, splitter, deadline, timeout_s, recent, keep)
+        complete = yield from _drive(
+            frames, splitter, deadline, timeout_s, recent, keep, flush_bytes
+        )
     except (SplitTimeout, MemoryError):
         raise
     except TimeoutError as exc:  # the decode thread delivered nothing before the deadline
@@ -746,8 +774,10 @@ def _drive(
     timeout_s: float,
     recent: deque[tuple[_Frame, float, np.ndarray]],
     keep: int,
-) -> bool:
-    """Push frames until the splitter is done (False) or the stream ends (True)."""
+    flush_bytes: int = 0,
+) -> Generator[list[_Clip], None, bool]:
+    """Push frames until the splitter is done (False) or the stream ends (True),
+    yielding finished clips as :meth:`_SourceSplitter.take_ready` hands them out."""
     for decoded in frames:
         if deadline is not None and time.monotonic() > deadline:
             raise SplitTimeout(f"timeout after {timeout_s:g} s (at frame {decoded.num})")
@@ -774,6 +804,10 @@ def _drive(
             recent.append((frame, decoded.duration_s, small))
             while len(recent) > keep:
                 recent.popleft()
+        if flush_bytes > 0:
+            ready = splitter.take_ready(flush_bytes)
+            if ready:
+                yield ready
         if splitter.done:
             return False
     return True
@@ -788,9 +822,11 @@ def _split_source(
     range_start: int = 0,
     range_end: int = -1,
     rotation: int = 0,
-) -> _RangeResult:
-    """All clips of one source (or of the range it owns); raises on decode failure, an
-    empty stream or a timeout."""
+    flush_bytes: int = 0,
+) -> Generator[list[_Clip], None, _RangeResult]:
+    """The clips of one source (or of the range it owns): yielded in order as their
+    payloads reach ``flush_bytes`` (never with 0), the rest returned; raises on decode
+    failure, an empty stream or a timeout."""
     deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s > 0 else None
     splitter = _SourceSplitter(cfg, fps, range_start, range_end)
     # Three threads overlap: decoding + conversion (here), detection (the caller's
@@ -808,7 +844,7 @@ def _split_source(
         deadline=deadline,
     )
     try:
-        return _split_range(frames, splitter, deadline, cfg.timeout_s)
+        return (yield from _split_range(frames, splitter, deadline, cfg.timeout_s, flush_bytes))
     finally:
         frames.close()  # releases the container at once when a range stops early
         splitter.close()
@@ -953,7 +989,21 @@ class Split:
             make_detector(self.cfg, 30.0)  # fail at construction on bad detector settings
 
     def split_row(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Output rows of one source row; never raises."""
+        """Output rows of one source row, all at once; never raises."""
+        return [out for chunk in self.stream_row(row, flush_bytes=0) for out in chunk]
+
+    def stream_row(
+        self, row: Mapping[str, Any], flush_bytes: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Output rows of one source row in chunks, as clips finish; never raises.
+
+        With ``flush_bytes > 0`` a chunk is handed on whenever finished payloads reach
+        that size, so memory stays flat in the source's length. Only the last chunk knows
+        the source's totals: rows of earlier chunks have ``src_num_clips = None``, and
+        the last chunk (always at least one row) carries ``src_num_clips`` and the final
+        source facts (exact frame count; ``error`` when decoding failed after clips
+        were handed on: :class:`pipeline.writer.CorpusWriter` then records the source
+        as one error row, as it does for any failed split)."""
         base = dict(row)
         source = str(row["source"])
         # Ray turns missing strings into NaN between stages; keep them None.
@@ -961,59 +1011,95 @@ class Split:
         base["src_error"] = error if isinstance(error, str) else None
         if row.get("src_status") != "done":
             reason = base["src_error"] or f"{source}: probe failed (no reason recorded)"
-            return [self._placeholder(base, source, status="error", error=reason)]
+            yield [self._placeholder(base, source, status="error", error=reason)]
+            return
         range_start = _optional_int(row.get("range_start_frame")) or 0
         range_end = _optional_int(row.get("range_end_frame"))
+        held: dict[str, Any] | None = None  # the last row handed out goes with the totals
+        emitted = 0
+        clips: list[_Clip] = []
+        failure = None
         try:
-            fps = float(row["fps"])
-            display = (int(row["width"]), int(row["height"]))
-            if row.get("src_media_kind") == "image":
-                clips = [_split_image(source, display, fps, self.cfg)] if range_start == 0 else []
-            else:
-                if (range_start > 0 or range_end is not None) and not supports_ranges(self.cfg):
-                    raise ValueError(f"detector {self.cfg.detector!r} does not support ranges")
-                rotation = _optional_int(row.get("src_rotation_deg")) or 0
-                result = _split_source(
-                    source,
-                    display,
-                    fps,
-                    self.cfg,
-                    range_start=range_start,
-                    range_end=-1 if range_end is None else range_end,
-                    rotation=rotation,
-                )
-                clips = result.clips
-                if result.complete:
-                    # Decoding reached the end of the stream: the frame count is exact.
-                    base.update(src_num_frames=result.count, src_num_frames_exact=True)
+            chunks = self._clips(row, source, range_start, range_end, flush_bytes)
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration as stop:
+                    clips, facts = stop.value
+                    base.update(facts)
+                    break
+                rows = ([] if held is None else [held]) + [
+                    self._clip_row(base, source, c) for c in chunk
+                ]
+                held = rows.pop()
+                emitted += len(rows)
+                if rows:
+                    yield rows
         except SplitTimeout as exc:
-            return [self._placeholder(base, source, status="error", error=f"{source}: {exc}")]
+            failure = f"{source}: {exc}"
         except Exception as exc:  # one broken source is that row's error value
-            return [
-                self._placeholder(
-                    base, source, status="error", error=f"{source}: split failed: {describe(exc)}"
-                )
-            ]
-        if not clips:
+            failure = f"{source}: split failed: {describe(exc)}"
+        if failure is not None:
+            if held is None:
+                yield [self._placeholder(base, source, status="error", error=failure)]
+            else:  # clips were handed on already: the totals row says the source failed
+                yield [dict(held, src_num_clips=emitted + 1, src_status="error", src_error=failure)]
+            return
+        last = ([] if held is None else [held]) + [self._clip_row(base, source, c) for c in clips]
+        if not last:
             # Not an error, but say why nothing came out: the row is all a reader sees.
             note = f"{source}: no clips: no shot of at least min_clip_s={self.cfg.min_clip_s:g} s"
-            return [self._placeholder(base, source, status="done", error=note)]
-        return [
-            {
-                **base,
-                "clip_id": clip_id(source, clip.start_frame, clip.end_frame),
-                "source": source,
-                "status": "kept",
-                "reasons": [],
-                "start_frame": clip.start_frame,
-                "end_frame": clip.end_frame,
-                "start_s": clip.start_s,
-                "end_s": clip.end_s,
-                "clip_bytes": clip.payload,
-                "src_num_clips": len(clips),
-            }
-            for clip in clips
-        ]
+            yield [self._placeholder(base, source, status="done", error=note)]
+            return
+        total = emitted + len(last)
+        facts = {k: base[k] for k in ("src_num_frames", "src_num_frames_exact") if k in base}
+        yield [dict(r, src_num_clips=total, **facts) for r in last]
+
+    def _clips(
+        self,
+        row: Mapping[str, Any],
+        source: str,
+        range_start: int,
+        range_end: int | None,
+        flush_bytes: int,
+    ) -> Generator[list[_Clip], None, tuple[list[_Clip], dict[str, Any]]]:
+        """Clips of one probed source row, as :func:`_split_source` yields them; returns
+        the remaining clips and the source facts learnt by decoding."""
+        fps = float(row["fps"])
+        display = (int(row["width"]), int(row["height"]))
+        if row.get("src_media_kind") == "image":
+            return ([_split_image(source, display, fps, self.cfg)] if range_start == 0 else []), {}
+        if (range_start > 0 or range_end is not None) and not supports_ranges(self.cfg):
+            raise ValueError(f"detector {self.cfg.detector!r} does not support ranges")
+        result = yield from _split_source(
+            source,
+            display,
+            fps,
+            self.cfg,
+            range_start=range_start,
+            range_end=-1 if range_end is None else range_end,
+            rotation=_optional_int(row.get("src_rotation_deg")) or 0,
+            flush_bytes=flush_bytes,
+        )
+        # Decoding reached the end of the stream: the frame count is exact.
+        facts = {"src_num_frames": result.count, "src_num_frames_exact": True}
+        return result.clips, facts if result.complete else {}
+
+    @staticmethod
+    def _clip_row(base: dict[str, Any], source: str, clip: _Clip) -> dict[str, Any]:
+        return {
+            **base,
+            "clip_id": clip_id(source, clip.start_frame, clip.end_frame),
+            "source": source,
+            "status": "kept",
+            "reasons": [],
+            "start_frame": clip.start_frame,
+            "end_frame": clip.end_frame,
+            "start_s": clip.start_s,
+            "end_s": clip.end_s,
+            "clip_bytes": clip.payload,
+            "src_num_clips": None,
+        }
 
     @staticmethod
     def _placeholder(
@@ -1037,3 +1123,13 @@ class Split:
         if not num_rows(batch):
             return rows_to_batch([], columns)
         return rows_to_batch(rows, columns)
+
+    def stream(self, batch: Batch) -> Iterator[Batch]:
+        """:meth:`__call__` in chunks of about ``flush_mib`` of payloads (see
+        :meth:`stream_row`): what the build runs, so a long source never sits in memory
+        whole. The chunks' rows, concatenated, are ``__call__``'s."""
+        columns = [*batch.keys(), *(c for c in self.writes if c not in batch)]
+        flush = int(self.cfg.flush_mib * (1 << 20))
+        for row in batch_to_rows(batch):
+            for rows in self.stream_row(row, flush_bytes=flush):
+                yield rows_to_batch(rows, columns)
