@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import types
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,7 +18,7 @@ import pytest
 
 from pipeline.decode import DecodedFrame, iter_pyav, rgb_to_i420
 from pipeline.stages import split as split_mod
-from pipeline.stages.base import batch_to_rows
+from pipeline.stages.base import batch_to_rows, stage_task
 from pipeline.stages.encode import EncodeConfig, plan_clip
 from pipeline.stages.probe import Probe, ProbeConfig, open_source, probe_video
 from pipeline.stages.split import (
@@ -266,6 +267,10 @@ def test_stream_hands_clips_on_in_chunks(landscape: tuple[str, list[int]]) -> No
     assert all(r["src_num_clips"] is None for c in chunks[:-1] for r in c)
     assert chunks[-1] and all(r["src_num_clips"] == 4 for r in chunks[-1])
     assert chunks[-1][0]["src_num_frames_exact"]
+    # the build's task wrapper hands Ray Data the generator itself
+    run = stage_task(Split, cfg)(probe_batch(path))
+    assert isinstance(run, types.GeneratorType)
+    assert [r["clip_id"] for c in run for r in batch_to_rows(c)] == [r["clip_id"] for r in whole]
     # without a flush size everything comes at the end, as one chunk
     (one,) = list(Split(replace(cfg, flush_mib=0)).stream(probe_batch(path)))
     assert list(one["src_num_clips"]) == [4] * 4

@@ -62,13 +62,18 @@ def test_ranged_build_equals_single_range(tmp_path, tmp_path_factory) -> None:
     cfg = load_config(
         preset="tiny",
         model_cache=str(tmp_path_factory.mktemp("models")),
-        split={"min_clip_s": 0.5, "max_clip_s": 3.0},
+        # every clip handed on as its own chunk: Ray Data streams split's generator
+        split={"min_clip_s": 0.5, "max_clip_s": 3.0, "flush_mib": 1e-6},
         ray={"straggler_range_frames": 40, "progress_interval_s": 0},
     )
     root = str(tmp_path / "corpus")
-    build([str(path.parent)], root, cfg, echo=lambda s: None)
+    summary = build([str(path.parent)], root, cfg, echo=lambda s: None)
+    split = summary["per_stage"]["split"]
+    assert split["rows_in"] == summary["per_stage"]["ranges"]["rows_out"] > 1
+    assert split["batches"] >= split["rows_in"]
     index = read_index(root).to_pylist()
     expected = Split(cfg.split)(_probe(cfg, str(path.resolve())))
     assert sorted(r["clip_id"] for r in index) == sorted(expected["clip_id"])
     (source,) = read_sources(root).to_pylist()
     assert source["num_clips"] == len(index) and source["status"] == "done"
+    assert source["num_frames"] == 106  # the exact count, from the last range's last chunk
