@@ -49,7 +49,9 @@ def test_clean_batch_restores_missing_values_to_their_column_types() -> None:
         "src_vfr": np.array([1.0, nan]),  # flag
         "start_frame": np.array([3.0, nan]),  # count
         "score_motion": np.array([0.5, nan]),  # a float column keeps its NaN
-        "clip_embedding": np.ones((2, 4), np.float32),  # vectors stay as they are
+        "clip_embedding": np.ones((2, 4), np.float32),  # vectors become lists
+        "latent_shape": np.array([np.array([4, 2, 3, 5]), None], dtype=object),
+        "reasons": np.array([np.array(["too_dark"], dtype=object), nan], dtype=object),
         "unknown": np.array([nan, 1.0]),
     }
     out = clean_batch(dict(batch))
@@ -57,8 +59,50 @@ def test_clean_batch_restores_missing_values_to_their_column_types() -> None:
     assert list(out["src_vfr"]) == [True, None] and isinstance(out["src_vfr"][0], bool)
     assert list(out["start_frame"]) == [3, None] and isinstance(out["start_frame"][0], int)
     assert out["score_motion"] is batch["score_motion"]
-    assert out["clip_embedding"] is batch["clip_embedding"]
+    assert list(out["clip_embedding"]) == [[1.0] * 4] * 2
+    assert list(out["latent_shape"]) == [[4, 2, 3, 5], None]
+    assert list(out["reasons"]) == [["too_dark"], None]
     assert out["unknown"] is batch["unknown"]
     one = pa.table({"src_vfr": out["src_vfr"]})
     other = pa.table({"src_vfr": np.array([False, True])})
     assert pa.concat_tables([one, other]).column("src_vfr").type == pa.bool_()
+
+
+def test_blocks_with_list_cells_join_on_ray(fresh_ray) -> None:
+    """Equal-shape numpy cells in one block (a tensor column to Ray) and a None in
+    another (an object column) cannot be joined into one actor batch unless the stage
+    outputs pass through clean_batch: the failure a build once hit in text_encode."""
+    import ray
+
+    from pipeline.stages.base import clean_batch
+
+    def cells(values: list) -> np.ndarray:
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+    def make(batch: dict) -> dict:
+        i = int(batch["id"][0])
+        shape = [np.array([4, 2, 3, 5 + i])] if i != 1 else [None]
+        emb = [None] if i == 0 else [np.array([0.1, 0.2 * i], np.float32)]
+        return clean_batch(
+            {"id": batch["id"], "latent_shape": cells(shape), "clip_embedding": cells(emb)}
+        )
+
+    class PassOn:
+        def __call__(self, batch: dict) -> dict:
+            return clean_batch(dict(batch))
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.range(3, override_num_blocks=3).map_batches(make, batch_size=None)
+    ds = ds.map_batches(
+        PassOn, batch_size=3, num_cpus=0.1, compute=ray.data.ActorPoolStrategy(size=1)
+    )
+    rows = sorted(ds.take_all(), key=lambda r: r["id"])
+    assert [None if r["latent_shape"] is None else list(r["latent_shape"]) for r in rows] == [
+        [4, 2, 3, 5],
+        None,
+        [4, 2, 3, 7],
+    ]
+    assert rows[0]["clip_embedding"] is None and len(rows[2]["clip_embedding"]) == 2

@@ -89,17 +89,48 @@ def with_columns(batch: Mapping[str, np.ndarray], **columns: Sequence[Any] | np.
     return out
 
 
+def _is_list_type(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A list cell as a plain (nested) Python list; None for missing."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def clean_batch(batch: Batch) -> Batch:
-    """``batch`` with missing values that arrived as float NaN in a column that is not
-    a float column (text, flags, counts: a column with None in it that went through
-    Arrow or pandas) made None again, other values restored to their type. Otherwise a
-    block of one source (a flag all None) and one of another (flags set) cannot be
-    concatenated."""
+    """``batch`` with its columns in one form whatever the block, so that Ray can join
+    the blocks of different sources into one batch:
+
+    - missing values that arrived as float NaN in a column that is not a float column
+      (text, flags, counts: a column with None in it that went through Arrow or
+      pandas) are None again, other values restored to their type; otherwise a block
+      of one source (a flag all None) and one of another (flags set) cannot be
+      concatenated;
+    - list columns (``reasons``, ``latent_shape``, embeddings...) hold plain Python
+      lists or None: equal-shape numpy cells (or a 2-D array) would become a tensor
+      column in one block and an object column in another with a None, and Ray
+      refuses to concatenate those.
+    """
     for name, values in batch.items():
         kind = STREAM_TYPES.get(name)
-        if kind is None or values.dtype.kind != "f" or values.ndim != 1:
-            continue  # (a 2-D float array is a column of vectors, e.g. embeddings)
-        if pa.types.is_floating(kind):
+        if kind is None:
+            continue
+        if _is_list_type(kind):
+            out = np.empty(len(values), dtype=object)
+            for i, v in enumerate(values):
+                out[i] = _plain(v)
+            batch[name] = out
+            continue
+        if values.dtype.kind != "f" or values.ndim != 1 or pa.types.is_floating(kind):
             continue
         cast: Callable[[Any], Any] | None = None
         if pa.types.is_boolean(kind):
