@@ -57,12 +57,13 @@ def expand_ranges(batch: Mapping[str, Any], split_cfg: SplitConfig, range_frames
 @dataclass
 class _Pending:
     count: int
-    parts: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # per range, its rows by clip_id (a row seen twice, from a retried task, counts once)
+    parts: dict[int, dict[Any, dict[str, Any]]] = field(default_factory=dict)
     expected: dict[int, int] = field(default_factory=dict)
 
     def complete(self) -> bool:
         return len(self.expected) == self.count and all(
-            len(self.parts[i]) == n for i, n in self.expected.items()
+            len(self.parts.get(i, ())) == n for i, n in self.expected.items()
         )
 
 
@@ -83,13 +84,13 @@ class RangeStitcher:
             source = str(row["source"])
             pending = self._pending.setdefault(source, _Pending(count))
             i = int(row["range_index"])
-            pending.parts.setdefault(i, []).append(row)
+            pending.parts.setdefault(i, {})[row.get("clip_id")] = row
             clips = _int_or_none(row.get("src_num_clips"))  # None: not the range's last chunk
             if clips is not None:
                 pending.expected[i] = max(clips, 1)
             if pending.complete():
                 del self._pending[source]
-                stitched = stitch([pending.parts[k] for k in range(count)])
+                stitched = stitch([list(pending.parts[k].values()) for k in range(count)])
                 passthrough.extend(stitched)
         if passthrough:
             yield rows_to_batch(passthrough, columns=list(batch))

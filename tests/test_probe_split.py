@@ -259,6 +259,9 @@ def test_stream_hands_clips_on_in_chunks(landscape: tuple[str, list[int]]) -> No
     whole = batch_to_rows(Split(cfg)(probe_batch(path)))
     chunks = [batch_to_rows(c) for c in Split(cfg).stream(probe_batch(path))]
     assert len(whole) == 4 and len(chunks) >= 2
+    # the same chunks every time (a retried Ray task must cut the same ones)
+    again = [list(c["clip_id"]) for c in Split(cfg).stream(probe_batch(path))]
+    assert again == [[r["clip_id"] for r in c] for c in chunks]
     streamed = [r for c in chunks for r in c]
     keys = ("clip_id", "start_frame", "end_frame", "start_s", "end_s")
     assert [[r[k] for k in keys] for r in streamed] == [[r[k] for k in keys] for r in whole]
@@ -282,20 +285,20 @@ def test_stream_failing_after_handing_clips_on_ends_with_an_error_row(
     path, _ = landscape
     real = split_mod.iter_source_frames
 
-    def breaks_at_frame_100(*args: Any, **kwargs: Any) -> Iterator[DecodedFrame]:
+    def breaks_at_frame_125(*args: Any, **kwargs: Any) -> Iterator[DecodedFrame]:
         for frame in real(*args, **kwargs):
-            if frame.num == 100:
+            if frame.num == 125:
                 raise av.InvalidDataError(1094995529, "Invalid data found when processing input")
             yield frame
 
-    monkeypatch.setattr(split_mod, "iter_source_frames", breaks_at_frame_100)
+    monkeypatch.setattr(split_mod, "iter_source_frames", breaks_at_frame_125)
     cfg = SplitConfig(work_max_area=96 * 54, flush_mib=1e-6)
     chunks = [batch_to_rows(c) for c in Split(cfg).stream(probe_batch(path))]
     *early, (last,) = chunks
     handed_on = [r for c in early for r in c]
     assert handed_on and all(r["src_num_clips"] is None for r in handed_on)
     assert last["src_status"] == "error" and last["src_num_clips"] == len(handed_on) + 1
-    assert "decoding failed after frame 99" in last["src_error"] and path in last["src_error"]
+    assert "decoding failed after frame 124" in last["src_error"] and path in last["src_error"]
     # all at once, the same failure is a single error row
     (row,) = batch_to_rows(Split(replace(cfg, flush_mib=0))(probe_batch(path)))
     assert row["clip_id"] is None and row["src_status"] == "error"

@@ -4,6 +4,8 @@ source back before it is written."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pipeline.config import load_config
@@ -32,11 +34,15 @@ def test_expand_ranges_and_stitch_without_ray(tmp_path) -> None:
     assert list(ranged["range_count"]) == [3, 3, 3]
     stitcher = RangeStitcher()
     out = []
-    # feed the ranges' split rows in reverse order, one range per batch, as Ray may
+    # feed the ranges' split rows in reverse order, one range per batch, as Ray may;
+    # the middle range streamed clip by clip, and sent twice (a retried task)
+    streamed = replace(cfg.split, flush_mib=1e-6)
     for i in reversed(range(3)):
-        part = Split(cfg.split)({k: v[i : i + 1] for k, v in ranged.items()})
-        for batch in stitcher(part):
-            out.extend(batch_to_rows(batch))
+        one = {k: v[i : i + 1] for k, v in ranged.items()}
+        parts = list(Split(streamed).stream(one)) * 2 if i == 1 else [Split(cfg.split)(one)]
+        for part in parts:
+            for batch in stitcher(part):
+                out.extend(batch_to_rows(batch))
         if i:
             assert out == [], "a source must not be emitted before all its ranges arrived"
     assert stitcher.unfinished() == []

@@ -561,6 +561,7 @@ class _SourceSplitter:
         self.clips: list[_Clip] = []
         self.encoder = _PayloadEncoder(fps, cfg.work_crf, cfg.work_preset, cfg.work_fps)
         self._payloads: list[Future[bytes]] = []  # one per clip, in order
+        self._counted = self._counted_bytes = 0  # take_ready's running payload total
         self.count = 0
         self.end_s = 0.0
         self.done = False  # the range's last shot closed: stop decoding
@@ -611,22 +612,24 @@ class _SourceSplitter:
         self.encoder.close()
 
     def take_ready(self, min_bytes: int) -> list[_Clip]:
-        """The leading clips whose payloads are encoded, with their payloads, once those
-        hold at least ``min_bytes``; they are then no longer part of :meth:`finish`."""
-        done = 0
-        size = 0
-        for future in self._payloads:
-            if not future.done() or future.exception() is not None:
-                break
-            size += len(future.result())
-            done += 1
-        if done == 0 or size < min_bytes:
+        """All clips but the newest, with their payloads, once those payloads hold at
+        least ``min_bytes``; they are then no longer part of :meth:`finish`.
+
+        Deterministic (so a retried task cuts the same chunks): it depends only on the
+        clips emitted so far and their payload sizes, waiting for the payloads it counts
+        (all but the newest, whose encode may still run; they are normally done)."""
+        older = len(self.clips) - 1
+        while self._counted < older:  # sizes of the clips counted before are kept
+            self._counted_bytes += len(self._payloads[self._counted].result())
+            self._counted += 1
+        if older < 1 or self._counted_bytes < min_bytes:
             return []
+        self._counted = self._counted_bytes = 0
         ready = [
             _Clip(c.start_frame, c.end_frame, c.start_s, c.end_s, f.result())
-            for c, f in zip(self.clips[:done], self._payloads[:done], strict=True)
+            for c, f in zip(self.clips[:older], self._payloads[:older], strict=True)
         ]
-        del self.clips[:done], self._payloads[:done]
+        del self.clips[:older], self._payloads[:older]
         return ready
 
     def _on_raw(self, raw: list[int]) -> None:
