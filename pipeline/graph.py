@@ -32,7 +32,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -321,9 +321,10 @@ def build_dataset(
 
 
 def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, int]:
-    """The same steps without Ray: one process, one source at a time, each model loaded
-    once. A reference for the Ray graph (same clips, same rows) and for debugging a
-    stage; no resume, progress or summary. Returns the writer's commit counts."""
+    """The same steps without Ray: one process, one source at a time (split's chunks
+    one by one), each model loaded once. A reference for the Ray graph (same clips,
+    same rows) and for debugging a stage; no resume, progress or summary. Returns the
+    writer's commit counts."""
     fns = [
         s.fn(*s.args) if s.kind in ("task", "actors", "single") else s.fn
         for s in build_steps(cfg, out)
@@ -331,15 +332,24 @@ def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, 
     writer = CorpusWriter(out, cfg.write)
     stitcher = RangeStitcher()
     for source in expand_sources(sources):
-        batch: Batch = {"source": np.array([source], dtype=object)}
-        for fn in fns:
-            batch = fn(batch)
-        batch.pop("clip_bytes", None)
-        for whole in stitcher(batch):
-            writer.add(whole)
+        for batch in _through(fns, {"source": np.array([source], dtype=object)}):
+            batch.pop("clip_bytes", None)
+            for whole in stitcher(batch):
+                writer.add(whole)
     counts = writer.close()
     writer.write_manifest(_manifest_extra(cfg))
     return counts
+
+
+def _through(fns: list[Any], batch: Batch) -> Iterator[Batch]:
+    """``batch`` through the steps ``fns``; a streaming stage's chunks go on one by one,
+    so a long source is never held whole (as on Ray)."""
+    if not fns:
+        yield batch
+        return
+    outs = fns[0].stream(batch) if hasattr(fns[0], "stream") else [fns[0](batch)]
+    for out in outs:
+        yield from _through(fns[1:], out)
 
 
 def _operators_in_order(summary: Any) -> list[Any]:

@@ -72,7 +72,8 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class BuildProgress:
-    """Counts sources done and clips by status and reason for one build run.
+    """Counts sources done and clips by status and reason for one build run; clips are
+    counted once their source is complete, as the writer commits them.
 
     Without :meth:`start`, :meth:`update` prints a line at most every ``interval_s``
     seconds as batches arrive. :meth:`start` prints from a background thread instead,
@@ -104,6 +105,7 @@ class BuildProgress:
         self._received: Counter[str] = Counter()
         self._expected: dict[str, int] = {}
         self._final: dict[str, bool] = {}  # source failed, from its row with the count
+        self._clips_of: dict[str, list[tuple[str, list[str]]]] = {}  # until the source is done
         self.sources_done = 0
         self.sources_error = 0
         self.clips: Counter[str] = Counter()
@@ -131,16 +133,27 @@ class BuildProgress:
                 self._expected[source] = max(1, int(expected))
                 self._final[source] = batch["src_status"][i] == "error"
             self._received[source] += 1
+            if batch["clip_id"][i] is not None:
+                reasons = batch["reasons"][i] if batch["status"][i] == "rejected" else None
+                self._clips_of.setdefault(source, []).append(
+                    (
+                        str(batch["status"][i]),
+                        [str(r) for r in (reasons if reasons is not None else ())],
+                    )
+                )
             if self._received[source] == self._expected.get(source):
-                self.sources_done += 1
-                self.sources_error += self._final[source]
-            if batch["clip_id"][i] is None:
-                continue
-            status = str(batch["status"][i])
-            self.clips[status] += 1
-            if status == "rejected":
-                reasons = batch["reasons"][i]
-                self.reasons.update(str(r) for r in (reasons if reasons is not None else ()))
+                self._source_done(source)
+
+    def _source_done(self, source: str) -> None:
+        """Count a complete source and its clips: none when it failed (the writer then
+        records one error row, also for clips it had handed on before failing)."""
+        self.sources_done += 1
+        failed = self._final[source]
+        self.sources_error += failed
+        for status, reasons in self._clips_of.pop(source, []):
+            if not failed:
+                self.clips[status] += 1
+                self.reasons.update(reasons)
 
     def start(self) -> None:
         """Print every ``interval_s`` seconds from a daemon thread until :meth:`stop`."""

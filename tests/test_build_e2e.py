@@ -147,9 +147,10 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     assert again["sources_built"] == 0
     assert read_index(root).num_rows == len(rows)
 
-    # the same steps without Ray give the same rows
+    # the same steps without Ray give the same rows, split's chunks clip by clip or not
     alone = str(tmp_path / "in-process")
-    run_in_process([str(p) for p in videos.values()], alone, tiny_cfg)
+    chunked = replace(tiny_cfg, split=replace(tiny_cfg.split, flush_mib=1e-6))
+    run_in_process([str(p) for p in videos.values()], alone, chunked)
     _assert_same_rows(read_index(alone).to_pylist(), rows)
 
     from model.train import TrainConfig, train

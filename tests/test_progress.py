@@ -107,3 +107,26 @@ def test_stage_wrappers_report_rows_and_busy_time() -> None:
     # without a meter nothing is wrapped
     fn = Double("z")
     assert metered(fn, "x", None) is fn
+
+
+def test_clips_count_when_their_source_completes_and_not_when_it_failed() -> None:
+    p = BuildProgress(2, interval_s=0)
+    early = _rows("long", 2)
+    early["src_num_clips"] = np.array([None, None], dtype=object)  # a streamed chunk
+    p.update(early)
+    assert p.counts()["clips_by_status"] == {} and p.sources_done == 0
+    last = _rows("long", 1)
+    last["src_num_clips"] = np.array([3.0])
+    last["clip_id"] = np.array(["long-2"], dtype=object)
+    p.update(last)
+    assert p.counts()["clips_by_status"] == {"kept": 3} and p.sources_done == 1
+    # a source that failed after handing clips on: one error, its clips not counted
+    chunk = _rows("bad", 1, "rejected")
+    chunk["src_num_clips"] = np.array([None], dtype=object)
+    final = _rows("bad", 1)
+    final["clip_id"] = np.array(["bad-1"], dtype=object)
+    final["src_num_clips"], final["src_status"] = np.array([2.0]), np.array(["error"], dtype=object)
+    p.update(chunk)
+    p.update(final)
+    assert (p.sources_done, p.sources_error) == (2, 1)
+    assert p.counts()["clips_by_status"] == {"kept": 3} and p.counts()["rejected_by_reason"] == {}
