@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.graph import build
+from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows, rows_to_batch
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import Split
@@ -83,3 +84,39 @@ def test_ranged_build_equals_single_range(tmp_path, tmp_path_factory) -> None:
     (source,) = read_sources(root).to_pylist()
     assert source["num_clips"] == len(index) and source["status"] == "done"
     assert source["num_frames"] == 106  # the exact count, from the last range's last chunk
+
+
+def test_a_range_inside_one_long_shot_stops_at_its_end(tmp_path) -> None:
+    """A range no shot starts in stops decoding at its end instead of decoding on to
+    the next cut (the whole rest of a long single-shot video); results still stitch
+    to the single-range run."""
+    path = str(tmp_path / "one_shot.mp4")
+    synth_video(path, width=64, height=48, fps=12.0, shots=[20, 200, 20], seed=5)
+    cfg = load_config(split={"min_clip_s": 0.5, "max_clip_s": 3.0})
+    probed = _probe(cfg, path)
+    ranged = expand_ranges(probed, cfg.split, range_frames=48)
+    assert list(ranged["range_count"]) == [5] * 5
+    middle = {k: v[2:3] for k, v in ranged.items()}  # frames 96..144, inside the long shot
+    decoded: list[int] = []
+    real = split_mod.iter_source_frames
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for frame in real(*args, **kwargs):
+            decoded.append(frame.num)
+            yield frame
+
+    split_mod.iter_source_frames = counting
+    try:
+        (row,) = batch_to_rows(Split(cfg.split)(middle))
+    finally:
+        split_mod.iter_source_frames = real
+    assert row["clip_id"] is None and row["src_status"] == "done"
+    end = int(middle["range_end_frame"][0])
+    assert max(decoded) < end + 20, (end, max(decoded))  # not on to the cut at 220
+    stitcher = RangeStitcher()
+    out = []
+    for i in range(5):
+        for batch in stitcher(Split(cfg.split)({k: v[i : i + 1] for k, v in ranged.items()})):
+            out.extend(batch_to_rows(batch))
+    whole = Split(cfg.split)(probed)
+    assert [r["clip_id"] for r in out] == list(whole["clip_id"])

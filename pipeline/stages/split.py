@@ -584,6 +584,17 @@ class _SourceSplitter:
         raw = self.tracker.push_small(frame.num, small_bgr)
         self._on_raw(raw)
         self._advance_lead()
+        # No cut yet that starts a shot of this range, and every cut up to `count -
+        # delay` is reported by now: once that passes the end's sync point, any later
+        # cut belongs to the next range, so this range owns no shot (one long shot
+        # crosses it) and decoding on to the next cut would only say so later.
+        if (
+            self.own_from is None
+            and self.range_end >= 0
+            and not self.done
+            and self.count - self.tracker.delay - 2 > self._sync(self.range_end)
+        ):
+            self.done = True
         if self.own_from is None or self.done:
             return
         # Frames before `safe` cannot be reached by a late cut: when more than two
