@@ -40,7 +40,7 @@ import numpy as np
 import ray
 
 from pipeline.config import ACTOR_STAGES, BuildConfig, StageResources, config_hash, to_dict
-from pipeline.progress import BuildProgress, RemoteMeter, StageMeter
+from pipeline.progress import BuildProgress, RemoteMeter, StageMeter, stages_in_order
 from pipeline.sources import expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
 from pipeline.stages.agreement import Agreement
@@ -415,7 +415,7 @@ def _meter_totals(meter: Any, order: list[str]) -> dict[str, Any]:
     finally:
         ray.kill(meter)
     out = {}
-    for stage in order + sorted(set(counts) - set(order)):
+    for stage in stages_in_order(order, counts):
         if stage in counts:
             c = counts[stage]
             busy = float(c["busy_s"])
@@ -474,7 +474,11 @@ def build(
     echo(
         f"sources: {len(sources)} found, {len(sources) - len(todo)} already done, {len(todo)} to build"
     )
-    progress = BuildProgress(len(todo), interval_s=cfg.ray.progress_interval_s)
+    progress = BuildProgress(
+        len(todo),
+        interval_s=cfg.ray.progress_interval_s,
+        stages=stage_labels(build_steps(cfg, out)),
+    )
     stages: list[dict[str, Any]] = []
     per_stage: dict[str, Any] = {}
     if todo:
@@ -483,12 +487,7 @@ def build(
         cluster_gpus = float(resources.get("GPU", 0.0))
         check_resources(cfg, cluster_nodes())
         meter = _start_meter()
-        progress = BuildProgress(
-            len(todo),
-            interval_s=cfg.ray.progress_interval_s,
-            stages=stage_labels(build_steps(cfg, out)),
-            poll=lambda: ray.get(meter.snapshot.remote(), timeout=10),
-        )
+        progress.poll = lambda: ray.get(meter.snapshot.remote(), timeout=10)
         ds = build_dataset(todo, cfg, cluster_gpus, out=out, meter=RemoteMeter(meter))
         stitcher = RangeStitcher()
         progress.start()

@@ -23,9 +23,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["BuildProgress", "RemoteMeter", "StageMeter"]
+__all__ = ["BuildProgress", "RemoteMeter", "StageMeter", "stages_in_order"]
 
 StageCounts = Mapping[str, Mapping[str, float]]
+
+
+def stages_in_order(order: Sequence[str], counts: Mapping[str, Any]) -> list[str]:
+    """``order``, then any other stage in ``counts`` by name."""
+    return list(order) + sorted(set(counts) - set(order))
 
 
 class StageMeter:
@@ -184,7 +189,7 @@ class BuildProgress:
         self._prev_stages = (now, {k: float(v["rows_out"]) for k, v in counts.items()})
         dt = max(now - since, 1e-9)
         cells = []
-        for stage in self.stages + sorted(set(counts) - set(self.stages)):
+        for stage in stages_in_order(self.stages, counts):
             done = float(counts.get(stage, {}).get("rows_out", 0))
             rate = (done - before.get(stage, 0.0)) / dt
             cells.append(f"{stage} {done:.0f} ({rate:.1f}/s)")

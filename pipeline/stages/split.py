@@ -1131,9 +1131,12 @@ class Split:
             "src_num_clips": 0,
         }
 
+    def _columns(self, batch: Batch) -> list[str]:
+        return [*batch.keys(), *(c for c in self.writes if c not in batch)]
+
     def __call__(self, batch: Batch) -> Batch:
         rows = [out for row in batch_to_rows(batch) for out in self.split_row(row)]
-        columns = [*batch.keys(), *(c for c in self.writes if c not in batch)]
+        columns = self._columns(batch)
         if not num_rows(batch):
             return rows_to_batch([], columns)
         return rows_to_batch(rows, columns)
@@ -1142,7 +1145,7 @@ class Split:
         """:meth:`__call__` in chunks of about ``flush_mib`` of payloads (see
         :meth:`stream_row`): what the build runs, so a long source never sits in memory
         whole. The chunks' rows, concatenated, are ``__call__``'s."""
-        columns = [*batch.keys(), *(c for c in self.writes if c not in batch)]
+        columns = self._columns(batch)
         flush = int(self.cfg.flush_mib * (1 << 20))
         for row in batch_to_rows(batch):
             for rows in self.stream_row(row, flush_bytes=flush):
