@@ -157,6 +157,8 @@ def _cast(value: Any, typ: pa.DataType) -> Any:
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
     if pa.types.is_floating(typ):
         return float(value)  # NaN stays NaN: "not computed" is a score value
+    if pa.types.is_boolean(typ):
+        return bool(value)
     if pa.types.is_integer(typ):
         if isinstance(value, float) and math.isnan(value):
             return None
@@ -181,13 +183,12 @@ def _cast_row(
     return out
 
 
+# A sources-table column comes from the stream column of the same name with "src_"
+# in front; ``source`` and the probe's ``fps``/``width``/``height`` keep their names.
 _SOURCE_NAMES = {
-    "status": "src_status",
-    "error": "src_error",
-    "duration_s": "src_duration_s",
-    "num_clips": "src_num_clips",
-    "num_frames": "src_num_frames",
-    "codec": "src_codec",
+    f.name: f"src_{f.name}"
+    for f in schemas.SOURCE_SCHEMA
+    if f.name not in ("source", "fps", "width", "height")
 }
 
 

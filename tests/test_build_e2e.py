@@ -61,6 +61,14 @@ def _check_corpus_tables(root: str, videos: dict[str, Path]) -> list[dict]:
     assert broken["status"] == "error" and "broken.mp4" in broken["error"]
     portrait = sources[str(videos["portrait.mp4"].resolve())]
     assert (portrait["width"], portrait["height"]) == (90, 160)
+    # the probe's facts reach the sources table
+    assert (portrait["coded_width"], portrait["coded_height"], portrait["rotation_deg"]) == (
+        90,
+        160,
+        0,
+    )
+    assert portrait["media_kind"] == "video" and portrait["container"].startswith("mov")
+    assert portrait["start_s"] == 0.0 and portrait["has_audio"] is False
     rows = index.to_pylist()
     assert rows, "no clips in the index"
     assert len({r["clip_id"] for r in rows}) == len(rows)

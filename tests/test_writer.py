@@ -47,6 +47,17 @@ def src_facts(source: str, num_clips: int, status: str = "done", error: str | No
         "src_num_clips": num_clips,
         "src_num_frames": 96,
         "src_codec": "h264",
+        # probe facts; src_start_s differs from every clip's start_s on purpose
+        "src_container": "mov,mp4,m4a,3gp,3g2,mj2",
+        "src_media_kind": "video",
+        "src_coded_width": 180,
+        "src_coded_height": 320,
+        "src_sar": 1.0,
+        "src_rotation_deg": 90,
+        "src_vfr": False,
+        "src_start_s": 1.075,
+        "src_num_frames_exact": False,
+        "src_has_audio": True,
         "fps": 24.0,
         "width": 320,
         "height": 180,
@@ -150,6 +161,11 @@ def test_interleaved_stream_round_trip(root: str, tmp_path) -> None:
         sources["/v/b.mp4"]["status"] == "error" and sources["/v/b.mp4"]["error"] == "cannot open"
     )
     assert sources["/v/d.mp4"]["num_clips"] == 0 and sources["/v/a.mp4"]["num_clips"] == 3
+    # every probe fact lands in the sources column of the same name without "src_"
+    for name in schemas.SOURCE_SCHEMA.names:
+        if name not in ("source", "status", "error", "num_clips"):
+            want = src_facts("/v/a.mp4", 3).get(f"src_{name}", src_facts("/v/a.mp4", 3).get(name))
+            assert sources["/v/a.mp4"][name] == want, name
     assert writer.done_sources() == set(sources)
 
     local = local_copy(root, tmp_path)
