@@ -40,7 +40,13 @@ import numpy as np
 import ray
 
 from pipeline.config import ACTOR_STAGES, BuildConfig, StageResources, config_hash, to_dict
-from pipeline.progress import BuildProgress, RemoteMeter, StageMeter, stages_in_order
+from pipeline.progress import (
+    BuildProgress,
+    RemoteMeter,
+    StageCounts,
+    StageMeter,
+    stages_in_order,
+)
 from pipeline.sources import expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
 from pipeline.stages.agreement import Agreement
@@ -404,16 +410,20 @@ def _start_meter() -> Any:
     return ray.remote(StageMeter).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
-def _meter_totals(meter: Any, order: list[str]) -> dict[str, Any]:
-    """Each stage's final rows in/out, batches and busy seconds (summed over workers;
-    exact per stage, where Ray Data's operator stats merge fused stages)."""
+def _final_counts(meter: Any) -> StageCounts:
+    """The meter's last snapshot (empty if it cannot be read); the meter is gone after."""
     try:
-        counts = ray.get(meter.snapshot.remote(), timeout=30)
+        return ray.get(meter.snapshot.remote(), timeout=30)
     except Exception as e:  # accounting, never a reason to fail a build
         log.warning("no per-stage counts: %s", e)
         return {}
     finally:
         ray.kill(meter)
+
+
+def _per_stage(counts: StageCounts, order: list[str]) -> dict[str, Any]:
+    """Each stage's final rows in/out, batches and busy seconds (summed over workers;
+    exact per stage, where Ray Data's operator stats merge fused stages)."""
     out = {}
     for stage in stages_in_order(order, counts):
         if stage in counts:
@@ -501,7 +511,9 @@ def build(
         if stitcher.unfinished():
             raise RuntimeError(f"ranges missing for sources: {stitcher.unfinished()}")
         stages = stage_stats(ds, cfg, cluster_gpus)
-        per_stage = _meter_totals(meter, progress.stages)
+        final = _final_counts(meter)
+        progress.poll = lambda: final  # the closing line reads these, not the dead actor
+        per_stage = _per_stage(final, progress.stages)
     run_counts = writer.close()
     writer.write_manifest(_manifest_extra(cfg))
     wall = time.time() - t0

@@ -114,10 +114,14 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     summary = build([str(p) for p in videos.values()], root, live)
     assert summary["sources_built"] == 4
     # live progress on stderr: sources and clips, and every stage's rows and rate
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "[build] sources " in err
     stage_lines = [line for line in err.splitlines() if line.startswith("[stages] probe ")]
     assert stage_lines and "| encode " in stage_lines[-1], err[-2000:]
+    # the closing lines (stdout) show the final per-stage counts
+    (closing,) = [line for line in captured.out.splitlines() if line.startswith("[stages]")]
+    assert closing.startswith("[stages] probe 4 "), closing
     # exact rows in/out and busy time per stage, fused operators or not
     per = summary["per_stage"]
     assert list(per) == stage_labels(build_steps(live, root))
