@@ -17,6 +17,8 @@ is decoded), then models every probed source with the build's own rules:
 - **time**: each stage's work (source frames x megapixels, clips, tokens...) times a
   rate from :class:`PlanRates`. CPU stages share ``workers`` CPU slots; model stages
   share ``gpus`` GPUs (or, with none, run on the CPUs ``cpu_per_gpu_s`` times slower).
+  Every model actor first pays ``model_load_s`` to start (imports and weights), a
+  fixed cost that matters for small builds only.
   Stages stream, so the build's wall time is estimated as the busiest resource pool:
   ``max(cpu work / workers, gpu work / gpus, driver write time)``.
 
@@ -70,17 +72,23 @@ class PlanRates:
     mean_shot_s: float = 5.0  # average shot length in edited footage (split's input)
     keep_fraction: float = 0.7  # share of clips that pass decide's thresholds
     probe_cpu_s_per_source: float = 0.2  # open the container, decode one frame (S3: more)
-    # split: H.264 software decode + colour conversion + detection downscale per source
-    # megapixel-frame (~250 fps of 1080p per core), then resize + x264 "veryfast" of
-    # the working-resolution payload (~300 fps of 640x360 per core)
+    # split: H.264 software decode + detection downscale per source megapixel-frame
+    # (~250 fps of 1080p per core), then resize + x264 "ultrafast" of the payload at the
+    # working resolution and the VAE's frame rate
     split_cpu_s_per_source_mpx_frame: float = 0.002
     split_cpu_s_per_work_mpx_frame: float = 0.015
     score_cpu_s_per_clip: float = 0.05  # decode a few payload frames + OpenCV reductions
     decide_cpu_s_per_clip: float = 0.0001
+    dedup_cpu_s_per_clip: float = 0.001  # one index lookup and insert
     aesthetic_gpu_s_per_clip: float = 0.02  # CLIP ViT-L/14 on a few frames, batched
     caption_gpu_s_per_clip: float = 1.5  # ~8B VLM, ~100 new tokens, batched, bf16
+    agreement_gpu_s_per_clip: float = 0.01  # CLIP on the caption and a few frames
     # Wan 2.1 VAE: 81 frames of 480x832 (32 megapixel-frames) in ~2.5 s on an H100
     encode_gpu_s_per_mpx_frame: float = 0.08
+    text_encode_gpu_s_per_clip: float = 0.02  # umt5-xxl encoder on one caption, batched
+    # start one model actor: import torch and its library, load the weights onto the
+    # device; paid by every actor of a pool (its min_actors at the start), once per build
+    model_load_s: float = 30.0
     cpu_per_gpu_s: float = 100.0  # CPU-core seconds per GPU second when gpus == 0
     write_bytes_per_s: float = 100e6  # driver -> storage (local disk or S3 multipart)
     sample_overhead_bytes: int = 4096  # tar headers + JSON metadata + caption per sample
@@ -94,7 +102,10 @@ RATE_PRESETS: dict[str, PlanRates] = {
     "tiny": PlanRates(
         aesthetic_gpu_s_per_clip=0.02,
         caption_gpu_s_per_clip=0.15,
+        agreement_gpu_s_per_clip=0.002,
         encode_gpu_s_per_mpx_frame=0.5,
+        text_encode_gpu_s_per_clip=0.001,
+        model_load_s=6.0,  # mostly imports: torch, Ray Data, open_clip / diffusers / ...
         cpu_per_gpu_s=1.0,
     ),
 }
@@ -255,33 +266,47 @@ class Plan:
 def _stage_work(
     ests: list[SourceEstimate], cfg: BuildConfig, rates: PlanRates
 ) -> list[tuple[str, str, float, str, float]]:
-    """``(stage, resource, work, unit, resource seconds)`` summed over sampled sources."""
+    """``(stage, resource, work, unit, resource seconds)`` summed over sampled sources,
+    for the build's own stages (:func:`pipeline.graph.build_steps`, labelled as in its
+    progress lines), then the model actors' start-up. Model stages run on ``"gpu"``."""
+    from pipeline.graph import build_steps, stage_labels
+
     ok = [e for e in ests if e.status == "done"]
     clips = sum(e.clips for e in ok)
     kept = clips * rates.keep_fraction
     src_mpx = sum(e.source_mpx_frames for e in ok)
     work_mpx = sum(e.work_mpx_frames for e in ok)
     enc_mpx = sum(sum(e.encode_mpx_frames) for e in ok) * rates.keep_fraction
-    out: list[tuple[str, str, float, str, float]] = [
-        ("probe", "cpu", len(ests), "sources", len(ests) * rates.probe_cpu_s_per_source),
-        (
-            "split",
-            "cpu",
-            src_mpx,
-            "source Mpx-frames",
-            src_mpx * rates.split_cpu_s_per_source_mpx_frame
-            + work_mpx * rates.split_cpu_s_per_work_mpx_frame,
-        ),
-        ("score", "cpu", clips, "clips", clips * rates.score_cpu_s_per_clip),
-    ]
-    if cfg.aesthetic.head:
-        out.append(("aesthetic", "gpu", clips, "clips", clips * rates.aesthetic_gpu_s_per_clip))
-    out.append(("decide", "cpu", clips, "clips", clips * rates.decide_cpu_s_per_clip))
-    if cfg.caption.enabled:
-        out.append(("caption", "gpu", kept, "kept clips", kept * rates.caption_gpu_s_per_clip))
-    out.append(
-        ("encode", "gpu", enc_mpx, "VAE Mpx-frames", enc_mpx * rates.encode_gpu_s_per_mpx_frame)
+    split_s = (
+        src_mpx * rates.split_cpu_s_per_source_mpx_frame
+        + work_mpx * rates.split_cpu_s_per_work_mpx_frame
     )
+    # stage -> (work, unit, seconds per unit of work); a second decide sees kept clips
+    work: dict[str, tuple[float, str, float]] = {
+        "probe": (len(ests), "sources", rates.probe_cpu_s_per_source),
+        "split": (src_mpx, "source Mpx-frames", split_s / src_mpx if src_mpx else 0.0),
+        "score": (clips, "clips", rates.score_cpu_s_per_clip),
+        "aesthetic": (clips, "clips", rates.aesthetic_gpu_s_per_clip),
+        "decide": (clips, "clips", rates.decide_cpu_s_per_clip),
+        "dedup": (clips, "clips", rates.dedup_cpu_s_per_clip),
+        "caption": (kept, "kept clips", rates.caption_gpu_s_per_clip),
+        "agreement": (kept, "kept clips", rates.agreement_gpu_s_per_clip),
+        "decide#2": (kept, "kept clips", rates.decide_cpu_s_per_clip),
+        "encode": (enc_mpx, "VAE Mpx-frames", rates.encode_gpu_s_per_mpx_frame),
+        "text_encode": (kept, "kept clips", rates.text_encode_gpu_s_per_clip),
+    }
+    steps = build_steps(cfg)
+    out: list[tuple[str, str, float, str, float]] = []
+    actors = 0
+    for step, label in zip(steps, stage_labels(steps), strict=True):
+        if label not in work:  # "ranges": splitting a row into frame ranges costs nothing
+            continue
+        model = step.kind == "actors"
+        actors += step.res.min_actors if model else 0
+        amount, unit, rate = work[label]
+        out.append((label, "gpu" if model else "cpu", amount, unit, amount * rate))
+    if actors:
+        out.append(("start-up", "gpu", actors, "model actors", actors * rates.model_load_s))
     return out
 
 
@@ -312,12 +337,15 @@ def make_plan(
     stages: list[StageEstimate] = []
     pools = {"cpu": 0.0, "gpu": 0.0, "driver": 0.0}
     for stage, resource, work, unit, res_s in _stage_work(ests, cfg, rates):
-        res_s *= scale
+        if stage != "start-up":  # a fixed cost, whatever the number of sources
+            work, res_s = work * scale, res_s * scale
         if resource == "gpu" and gpus == 0:  # model stages fall back to the CPUs
-            resource, res_s = "cpu", res_s * rates.cpu_per_gpu_s
+            # (loading a model is host work: its time does not grow on a CPU)
+            slower = 1.0 if stage == "start-up" else rates.cpu_per_gpu_s
+            resource, res_s = "cpu", res_s * slower
         size = workers if resource == "cpu" else gpus
         pools[resource] += res_s
-        stages.append(StageEstimate(stage, resource, work * scale, unit, res_s, res_s / size))
+        stages.append(StageEstimate(stage, resource, work, unit, res_s, res_s / size))
 
     ok = [e for e in ests if e.status == "done"]
     clips = sum(e.clips for e in ok) * scale
@@ -439,11 +467,11 @@ def format_plan(plan: Plan) -> str:
         f"  tokens     {plan.latent_tokens:,.0f} (~{plan.tokens_per_clip_mean:,.0f} per clip)",
         f"  storage    {_size(plan.storage_bytes)}",
         "",
-        f"  {'stage':<10} {'on':<7} {'work':>14} {'unit':<18} {'resource time':>14} {'wall':>10}",
+        f"  {'stage':<12} {'on':<7} {'work':>14} {'unit':<18} {'resource time':>14} {'wall':>10}",
     ]
     for s in plan.stages:
         lines.append(
-            f"  {s.stage:<10} {s.resource:<7} {s.work:>14,.1f} {s.unit:<18}"
+            f"  {s.stage:<12} {s.resource:<7} {s.work:>14,.1f} {s.unit:<18}"
             f" {_duration(s.resource_s):>14} {_duration(s.wall_s):>10}"
         )
     lines += [

@@ -139,6 +139,12 @@ def test_sample_is_scaled_to_all_sources(videos: Path, tiny_cfg: BuildConfig) ->
     assert (four.probed, four.scale) == (1, 4.0)
     assert four.clips == 4 * one.clips
     assert four.storage_bytes == pytest.approx(4 * one.storage_bytes)
+    # starting the model actors is a fixed cost: it does not grow with the sources
+    start_one, start_four = (
+        next(s for s in p.stages if s.stage == "start-up") for p in (one, four)
+    )
+    assert start_one.resource_s == start_four.resource_s > 0
+    assert start_one.work == start_four.work
     for path in extra[1:]:
         Path(path).unlink()
 
@@ -185,3 +191,28 @@ def test_format_mentions_every_stage(videos: Path, tiny_cfg: BuildConfig) -> Non
     text = format_plan(plan)
     for s in plan.stages:
         assert f"  {s.stage} " in text
+
+
+def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> None:
+    """One row per stage the build runs (its progress labels), then start-up and write;
+    model stages on the GPUs, and each pool's min_actors paying ``model_load_s``."""
+    from dataclasses import replace
+
+    from pipeline.graph import build_steps, stage_labels
+
+    cfg = replace(
+        tiny_cfg, ray=replace(tiny_cfg.ray, caption=replace(tiny_cfg.ray.caption, min_actors=3))
+    )
+    steps = build_steps(cfg)
+    plan = make_plan(_sources(videos), cfg, workers=2, gpus=1, rates=PlanRates(model_load_s=10.0))
+    labels = [label for label in stage_labels(steps) if label != "ranges"]
+    assert [s.stage for s in plan.stages] == [*labels, "start-up", "write"]
+    on = {s.stage: s.resource for s in plan.stages}
+    assert {label for label, r in on.items() if r == "gpu"} == {
+        label
+        for step, label in zip(steps, stage_labels(steps), strict=True)
+        if step.kind == "actors"
+    } | {"start-up"}
+    actors = sum(s.res.min_actors for s in steps if s.kind == "actors")
+    start = next(s for s in plan.stages if s.stage == "start-up")
+    assert (start.work, start.resource_s) == (actors, actors * 10.0)
