@@ -1,7 +1,8 @@
 """Re-decide a built corpus from its stored scores: no decoding, no models.
 
 ``reelpack refilter ROOT --config FILE`` reads the index, applies the ``decide``
-(and ``dedup``) sections of FILE to the stored ``score_*``, ``frame_hash`` and
+(and ``dedup``) sections of FILE, laid over the config the corpus was built with
+(:func:`load_refilter_config`), to the stored ``score_*``, ``frame_hash`` and
 ``clip_embedding`` columns, and records the new decisions as one new index part
 (:func:`pipeline.writer.rewrite_sources_rows`: "latest part wins", no shard is
 touched). Then:
@@ -44,6 +45,7 @@ from pipeline.stages.dedup import DedupConfig, DedupIndex
 from pipeline.storage import join, storage_for
 
 __all__ = [
+    "built_config",
     "load_refilter_config",
     "reason_counts",
     "redecide",
@@ -54,8 +56,34 @@ __all__ = [
 _DECISION_COLUMNS = ("status", "reasons", "dup_of", "shard", "key")
 
 
-def load_refilter_config(path: str | Path) -> tuple[DecideConfig, DedupConfig]:
-    """The ``decide`` and ``dedup`` sections of a build config file (YAML or JSON).
+def built_config(root: str) -> dict[str, Any]:
+    """The resolved build config stored in the corpus's manifest (empty without one)."""
+    st = storage_for(root)
+    uri = join(root, schemas.MANIFEST_NAME)
+    if not st.exists(uri):
+        return {}
+    config = json.loads(st.read(uri)).get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def _section(cls: type[Any], name: str, built: dict[str, Any], given: Any) -> Any:
+    """Section ``name`` as the corpus was built (keys this version no longer knows
+    dropped), with the file's keys laid over it."""
+    from pipeline.config import from_dict
+
+    known = {f.name for f in fields(cls)}
+    base = {k: v for k, v in (built.get(name) or {}).items() if k in known}
+    return from_dict(cls, {**base, **(given or {})}, name)
+
+
+def load_refilter_config(
+    path: str | Path, built: dict[str, Any] | None = None
+) -> tuple[DecideConfig, DedupConfig]:
+    """The ``decide`` and ``dedup`` settings to refilter with: ``built`` (the config the
+    corpus was built with, :func:`built_config`; defaults where it is empty) with the
+    file's ``decide`` and ``dedup`` keys laid over it. A key the file leaves out keeps
+    its value from the build: a file that retunes thresholds does not also change,
+    say, the dedup threshold the build's preset chose.
 
     The whole file is validated like a build config (unknown keys are errors); model
     presets are *not* resolved: refiltering needs no model.
@@ -65,13 +93,12 @@ def load_refilter_config(path: str | Path) -> tuple[DecideConfig, DedupConfig]:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: top level must be a mapping")
-    known = {f.name for f in fields(BuildConfig)}
-    # until the build config has a dedup section, parse it here
-    build = from_dict(BuildConfig, {k: v for k, v in data.items() if k in known or k != "dedup"})
-    dedup = getattr(build, "dedup", None)
-    if not isinstance(dedup, DedupConfig):
-        dedup = from_dict(DedupConfig, data.get("dedup") or {}, "dedup")
-    return build.decide, dedup
+    from_dict(BuildConfig, data)  # validation only
+    built = built or {}
+    return (
+        _section(DecideConfig, "decide", built, data.get("decide")),
+        _section(DedupConfig, "dedup", built, data.get("dedup")),
+    )
 
 
 def status_counts(table: pa.Table) -> dict[str, int]:

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from pipeline.config import BuildConfig, to_dict
-from pipeline.refilter import load_refilter_config, reason_counts, redecide, refilter
+from pipeline.refilter import (
+    built_config,
+    load_refilter_config,
+    reason_counts,
+    redecide,
+    refilter,
+)
 from pipeline.stages.base import rows_to_batch
 from pipeline.stages.decide import DEFAULT_THRESHOLDS, Decide, DecideConfig
 from pipeline.stages.dedup import Dedup, DedupConfig
@@ -230,6 +236,28 @@ def test_load_config_reads_decide_and_dedup_from_a_build_config(tmp_path: Path) 
     decide, dedup = load_refilter_config(path)
     assert decide.thresholds == (("motion", (0.01, None)),) and decide.min_duration_s == 1.5
     assert dedup.threshold == 0.9
+
+
+def test_keys_the_file_leaves_out_keep_the_build_values(corpus: str, tmp_path: Path) -> None:
+    """A file that retunes thresholds keeps the rest of decide and all of dedup as the
+    corpus was built (e.g. the dedup threshold a preset chose), read from its manifest."""
+    built = to_dict(BuildConfig())
+    built["decide"]["min_duration_s"] = 2.5
+    built["dedup"].update(threshold=0.99, retired_key=1)  # a key this version dropped
+    CorpusWriter(corpus).write_manifest({"config": built})
+    path = write_config(tmp_path / "retune.json", {"motion": [0.01, None]})
+    assert built_config(corpus) == built
+    decide, dedup = load_refilter_config(path, built_config(corpus))
+    assert decide.thresholds == (("motion", (0.01, None)),)
+    assert decide.min_duration_s == 2.5 and dedup.threshold == 0.99
+    # without a corpus config: the defaults
+    decide, dedup = load_refilter_config(path)
+    assert decide.min_duration_s == DecideConfig().min_duration_s
+    assert dedup.threshold == DedupConfig().threshold
+    # through the CLI, the manifest keeps the build's dedup settings
+    assert main(["refilter", corpus, "--config", path]) == 0
+    assert built_config(corpus)["dedup"]["threshold"] == 0.99
+    assert built_config(corpus)["decide"]["min_duration_s"] == 2.5
 
 
 def test_dedup_stage_seeded_from_the_corpus_on_resume(corpus: str, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """``reelpack refilter ROOT --config FILE``: re-decide a corpus from its stored scores.
 
-Applies the ``decide`` and ``dedup`` sections of FILE (a build config) to the
-stored scores and embeddings, without decoding a frame or loading a model, and
+Applies the ``decide`` and ``dedup`` sections of FILE (a build config; keys it
+leaves out keep the values the corpus was built with) to the stored scores and
+embeddings, without decoding a frame or loading a model, and
 records the new decisions as a new index part (shards are never rewritten). Clips
 that become kept without latents are processed by the next ``reelpack build`` on
 the same output. Prints a JSON summary: counts by status and by reason, before
@@ -19,10 +20,15 @@ __all__ = ["register", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.refilter import load_refilter_config, refilter
+    from pipeline.refilter import built_config, load_refilter_config, refilter
 
     try:
-        decide, dedup = load_refilter_config(args.config)
+        built = built_config(args.root)
+    except (ValueError, OSError) as e:
+        print(f"reelpack refilter: {args.root}: {e}", file=sys.stderr)
+        return 1
+    try:
+        decide, dedup = load_refilter_config(args.config, built)
     except (ValueError, OSError) as e:
         print(f"reelpack refilter: config error: {e}", file=sys.stderr)
         return 2
@@ -38,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("refilter", help="re-decide a corpus from stored scores (index only)")
     p.add_argument("root", help="corpus root: a folder or s3://bucket/prefix")
-    p.add_argument("--config", required=True, help="config file with decide / dedup sections")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="config file with decide / dedup keys; keys it leaves out keep the values "
+        "the corpus was built with (its manifest)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the new counts, write nothing")
     p.set_defaults(func=run)
