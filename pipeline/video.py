@@ -1,20 +1,21 @@
 """Small PyAV helpers: clip payloads as H.264 mp4 bytes, and back to frames.
 
 The split stage decodes each source once and stores every clip as mp4 bytes at
-a working resolution (``clip_bytes``); later stages call :func:`decode_mp4` on
-those bytes and never reopen the source.
+a working resolution (``clip_bytes``); later stages call :func:`decode_mp4` (every
+frame) or :func:`decode_mp4_sampled` (the frames they read) on those bytes and never
+reopen the source.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import av
 import numpy as np
 
-__all__ = ["decode_mp4", "encode_mp4", "even_size", "resample_indices"]
+__all__ = ["decode_mp4", "decode_mp4_sampled", "encode_mp4", "even_size", "resample_indices"]
 
 
 def even_size(width: int, height: int, max_area: int) -> tuple[int, int]:
@@ -117,6 +118,43 @@ def decode_mp4(data: bytes, max_frames: int | None = None) -> tuple[np.ndarray, 
     if not frames:
         raise ValueError("clip payload holds no decodable frames")
     return np.stack(frames), fps
+
+
+def decode_mp4_sampled(
+    data: bytes, choose: Callable[[int, float], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """Decode mp4 bytes, converting to RGB only the frames a stage reads:
+    ``(frames (N, H, W, 3) uint8 RGB, indices (N,), total, fps)`` with ``indices =
+    choose(total, fps)`` (any order, repeats allowed) and ``frames[k]`` frame
+    ``indices[k]`` of the clip's ``total``; ``fps`` 0.0 when the stream has none.
+
+    Every frame is decoded (H.264 frames depend on each other), but conversion to
+    RGB, most of the cost at payload sizes, and the memory of the frames are paid
+    only for the chosen ones. The choice is planned from the container's frame
+    count; when that count is missing or wrong, the whole clip is decoded first.
+    """
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        total = int(stream.frames or 0)
+        if total > 0:
+            indices = np.asarray(choose(total, fps), dtype=np.int64)
+            wanted = set(indices.tolist())
+            picked: dict[int, np.ndarray] = {}
+            count = 0
+            for frame in container.decode(stream):
+                if count in wanted:
+                    picked[count] = frame.to_ndarray(format="rgb24")
+                count += 1
+            if count == total and picked and picked.keys() == wanted:
+                return np.stack([picked[int(i)] for i in indices]), indices, total, fps
+    # no (or a wrong) frame count in the container: decode everything
+    frames, fps = decode_mp4(data)
+    indices = np.asarray(choose(len(frames), fps), dtype=np.int64)
+    if not len(indices):
+        raise ValueError("no frame chosen from the clip payload")
+    return frames[indices], indices, len(frames), fps
 
 
 def resample_indices(num_frames: int, fps: float, target_fps: float | None) -> np.ndarray:

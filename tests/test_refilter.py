@@ -95,13 +95,15 @@ def no_recompute(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
     for target in (
         "pipeline.video.decode_mp4",
-        "pipeline.stages.score.decode_mp4",
+        "pipeline.video.decode_mp4_sampled",
+        "pipeline.stages.score.decode_mp4_sampled",
         "pipeline.stages.score.score_clip",
+        "pipeline.stages.score.score_payload",
         "pipeline.stages.score.flow_stats",
         "pipeline.stages.score.text_mask",
-        "pipeline.stages.aesthetic.decode_mp4",
+        "pipeline.stages.aesthetic.decode_mp4_sampled",
         "pipeline.stages.aesthetic.ClipEmbedder.__init__",
-        "pipeline.stages.agreement.decode_mp4",
+        "pipeline.stages.agreement.decode_mp4_sampled",
     ):
         monkeypatch.setattr(target, forbid(target))
     monkeypatch.setattr(open_clip, "create_model_and_transforms", forbid("open_clip"))

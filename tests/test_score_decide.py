@@ -40,12 +40,13 @@ from pipeline.stages.score import (
     sample_indices,
     score_clip,
     score_frames,
+    score_payload,
     sharpness,
     text_coverage,
     text_mask,
 )
 from pipeline.tiny_clip import TINY_CLIP_NAME, TinyClipPaths, build_tiny_clip
-from pipeline.video import decode_mp4, encode_mp4
+from pipeline.video import decode_mp4, decode_mp4_sampled, encode_mp4
 from schemas import CLIP_STATUSES, SCORE_NAMES, STREAM_COLUMNS, score_column
 
 T, H, W = 8, 64, 96
@@ -520,6 +521,59 @@ def test_frame_count_by_number_or_rate(
     assert frame_count(total, fps, num, per_s, cap) == expected
 
 
+def _mkv_payload(frames: np.ndarray, fps: int) -> bytes:
+    """H.264 in Matroska: a container that records no frame count."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="matroska") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv (no frame count)"])
+def test_sampled_decode_equals_indexing_a_full_decode(container: str) -> None:
+    frames = np.stack([np.roll(checkerboard_clip(4)[0], 2 * i, axis=1) for i in range(11)])
+    data = encode_mp4(frames, fps=8.0) if container == "mp4" else _mkv_payload(frames, 8)
+    full, fps = decode_mp4(data)
+    seen: list[tuple[int, float]] = []
+
+    def choose(total: int, rate: float) -> np.ndarray:
+        seen.append((total, rate))
+        return np.array([7, 0, 7, 10])  # any order, repeats allowed
+
+    got, indices, total, got_fps = decode_mp4_sampled(data, choose)
+    assert seen == [(11, fps)] and (total, got_fps) == (11, fps)
+    assert indices.tolist() == [7, 0, 7, 10]
+    np.testing.assert_array_equal(got, full[[7, 0, 7, 10]])
+    with pytest.raises(ValueError, match="no frame chosen"):
+        decode_mp4_sampled(data, lambda total, rate: np.zeros(0, dtype=np.int64))
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 40])
+def test_score_payload_equals_scoring_the_full_decode(length: int) -> None:
+    """Score reads only the frames its signals sample; the values are those of a full
+    decode, for every clip length (1 frame: no flow pair; 2: the pair is the clip)."""
+    rng = np.random.default_rng(length)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (H, W, 3), dtype=np.uint8), (0, 0), 2.0)
+    frames = np.stack([np.roll(base, 3 * i, axis=1) for i in range(length)])
+    data = encode_mp4(frames, fps=8.0)
+    for cfg in (ScoreConfig(), ScoreConfig(frames_per_second=2.0, flow_pairs=3, num_frames=3)):
+        full, fps = decode_mp4(data)
+        want, want_hash = score_clip(full, fps, cfg)
+        got, got_hash = score_payload(data, cfg)
+        assert got_hash == want_hash
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, nan_ok=True), name
+
+
 def test_flow_measures_motion_in_frame_diagonals_per_second() -> None:
     # 4 px per frame at 96x64 (no downscale below 128 px) and 8 fps
     expected = 4 / math.hypot(W, H) * 8.0
@@ -701,6 +755,6 @@ def test_agreement_reuses_stored_embeddings_and_skips_uncaptioned(
     def no_decode(*_: Any, **__: Any) -> Any:
         raise AssertionError("decoded although an embedding was stored")
 
-    monkeypatch.setattr("pipeline.stages.agreement.decode_mp4", no_decode)
+    monkeypatch.setattr("pipeline.stages.agreement.decode_mp4_sampled", no_decode)
     again = stage(rows_to_batch(rows[:1] + rows[2:4]))[score_column("agreement")]
     np.testing.assert_allclose(again[:2], score[[0, 2]], rtol=1e-5)

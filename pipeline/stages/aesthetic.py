@@ -49,7 +49,7 @@ from pipeline.stages.score import (
     require_columns,
     sample_indices,
 )
-from pipeline.video import decode_mp4
+from pipeline.video import decode_mp4_sampled
 from schemas import score_column
 
 __all__ = [
@@ -273,11 +273,12 @@ class AestheticScorer:
         return torch.cat(out).numpy() if out else np.zeros(0)
 
     def _sample(self, data: Any) -> np.ndarray:
-        clip, fps = decode_mp4(payload_bytes(data))
-        count = frame_count(
-            len(clip), fps, self.cfg.num_frames, self.cfg.frames_per_second, self.cfg.max_frames
-        )
-        return clip[sample_indices(len(clip), count)]
+        return decode_mp4_sampled(payload_bytes(data), self._choose)[0]
+
+    def _choose(self, total: int, fps: float) -> np.ndarray:
+        cfg = self.cfg
+        count = frame_count(total, fps, cfg.num_frames, cfg.frames_per_second, cfg.max_frames)
+        return sample_indices(total, count)
 
     def __call__(self, batch: Batch) -> Batch:
         require_columns(batch, "aesthetic", ("clip_id", "clip_bytes"))

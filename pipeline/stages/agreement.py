@@ -38,7 +38,7 @@ from pipeline.stages.score import (
     require_columns,
     sample_indices,
 )
-from pipeline.video import decode_mp4
+from pipeline.video import decode_mp4_sampled
 from schemas import score_column
 
 __all__ = ["Agreement", "AgreementConfig"]
@@ -93,11 +93,13 @@ class Agreement:
         return vec / norm if norm > 0 else None
 
     def _embed_payload(self, data: Any) -> np.ndarray:
-        frames, fps = decode_mp4(payload_bytes(data))
-        count = frame_count(
-            len(frames), fps, self.cfg.num_frames, self.cfg.frames_per_second, self.cfg.max_frames
-        )
-        return clip_embedding(self.clip.images(list(frames[sample_indices(len(frames), count)])))
+        frames = decode_mp4_sampled(payload_bytes(data), self._choose)[0]
+        return clip_embedding(self.clip.images(list(frames)))
+
+    def _choose(self, total: int, fps: float) -> np.ndarray:
+        cfg = self.cfg
+        count = frame_count(total, fps, cfg.num_frames, cfg.frames_per_second, cfg.max_frames)
+        return sample_indices(total, count)
 
     def __call__(self, batch: Batch) -> Batch:
         require_columns(batch, "agreement", ("clip_id", "caption"))

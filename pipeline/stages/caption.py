@@ -31,7 +31,6 @@ smaller batch from then on.
 from __future__ import annotations
 
 import gc
-import io
 import logging
 import math
 import re
@@ -40,12 +39,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import av
 import cv2
 import numpy as np
 
 from pipeline.stages.base import Batch, num_rows
-from pipeline.video import decode_mp4, even_size
+from pipeline.video import decode_mp4_sampled, even_size
 
 __all__ = [
     "CAPTION_FACETS",
@@ -255,35 +253,13 @@ def _sample_indices(
 def decode_sampled(
     clip_bytes: bytes, num_frames: int, sample_fps: float | None = None
 ) -> tuple[np.ndarray, list[int], int, float]:
-    """Decode only what the captioner needs: ``(frames (N, H, W, 3), indices, total, fps)``.
-
-    Every frame must be decoded (H.264 frames depend on each other), but only the
-    sampled ones are converted to RGB, the larger share of the cost. The sample is
-    planned from the container's frame count; when that count is missing or wrong,
-    the whole clip is decoded and sampled instead.
-    """
-    with av.open(io.BytesIO(clip_bytes), mode="r") as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        fps = float(stream.average_rate or stream.guessed_rate or 0.0) or 24.0
-        total = int(stream.frames or 0)
-        if total > 0:
-            indices = _sample_indices(total, fps, num_frames, sample_fps)
-            wanted = set(indices.tolist())
-            picked: dict[int, np.ndarray] = {}
-            count = 0
-            for frame in container.decode(stream):
-                if count in wanted:
-                    picked[count] = frame.to_ndarray(format="rgb24")
-                count += 1
-            if count == total:
-                frames = np.stack([picked[int(i)] for i in indices])
-                return frames, [int(i) for i in indices], total, fps
-    # no (or a wrong) frame count in the container: decode everything
-    all_frames, decoded_fps = decode_mp4(clip_bytes)
-    fps = decoded_fps if decoded_fps > 0 else 24.0
-    indices = _sample_indices(len(all_frames), fps, num_frames, sample_fps)
-    return all_frames[indices], [int(i) for i in indices], len(all_frames), fps
+    """Decode only what the captioner needs: ``(frames (N, H, W, 3), indices, total, fps)``
+    (:func:`pipeline.video.decode_mp4_sampled`; 24 fps when the payload has no rate)."""
+    frames, indices, total, fps = decode_mp4_sampled(
+        clip_bytes,
+        lambda total, fps: _sample_indices(total, fps or 24.0, num_frames, sample_fps),
+    )
+    return frames, [int(i) for i in indices], total, fps or 24.0
 
 
 def prepare_clip(

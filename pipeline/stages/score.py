@@ -52,7 +52,7 @@ import cv2
 import numpy as np
 
 from pipeline.stages.base import Batch, num_rows
-from pipeline.video import decode_mp4
+from pipeline.video import decode_mp4_sampled
 from schemas import SCORE_NAMES, score_column
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "dhash",
     "exposure",
     "float_column",
+    "flow_starts",
     "flow_stats",
     "frame_count",
     "frame_hash",
@@ -74,6 +75,7 @@ __all__ = [
     "luma_at_width",
     "motion",
     "object_column",
+    "pair_flow",
     "passes_through",
     "payload_bytes",
     "pixel_signals",
@@ -82,6 +84,7 @@ __all__ = [
     "sample_indices",
     "score_clip",
     "score_frames",
+    "score_payload",
     "sharpness",
     "text_coverage",
     "text_mask",
@@ -268,18 +271,31 @@ def flow_stats(
     _check_frames(frames)
     if len(frames) < 2:
         return 0.0, 1.0
-    starts = sample_indices(len(frames) - 1, pairs)
-    needed = np.unique(np.concatenate([starts, starts + 1]))  # decode-order frame numbers
-    y = luma_at_width(frames[needed], width)
-    position = {int(t): i for i, t in enumerate(needed)}
+    starts = flow_starts(len(frames), pairs)
+    return pair_flow(frames[starts], frames[starts + 1], fps, width, still_flow)
+
+
+def flow_starts(total: int, pairs: int) -> np.ndarray:
+    """First frames of the ``pairs`` consecutive-frame pairs :func:`flow_stats` measures
+    in a clip of ``total`` frames (none for a 1-frame clip)."""
+    return sample_indices(total - 1, pairs) if total >= 2 else np.zeros(0, dtype=np.int64)
+
+
+def pair_flow(
+    first: np.ndarray, second: np.ndarray, fps: float, width: int, still_flow: float
+) -> tuple[float, float]:
+    """:func:`flow_stats` of the frame pairs ``(first[k], second[k])`` (P, H, W, 3)."""
+    if not len(first):
+        return 0.0, 1.0
+    y = luma_at_width(np.concatenate([first, second]), width)
     h, w = y.shape[1:]
     per_second = fps if fps > 0 else 1.0
     # ULTRAFAST preset: multi-scale patch search, ~0.2 ms per 128 px pair; one object per
     # call keeps the function thread-safe
     dis = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
     values = []
-    for t in starts:
-        a, b = y[position[int(t)]], y[position[int(t) + 1]]
+    for k in range(len(first)):
+        a, b = y[k], y[len(first) + k]
         if np.array_equal(a, b):
             values.append(0.0)  # identical frames: no flow, and DIS need not run
             continue
@@ -420,10 +436,41 @@ def score_clip(
     frames (T, H, W, 3) uint8 RGB, all frames in order, at ``fps``."""
     cfg = cfg or ScoreConfig()
     _check_frames(frames)
-    count = frame_count(len(frames), fps, cfg.num_frames, cfg.frames_per_second, cfg.max_frames)
-    out, hashed = _sampled_signals(frames[sample_indices(len(frames), count)], cfg)
-    out["flow"], out["still_fraction"] = flow_stats(
-        frames, fps, cfg.flow_pairs, cfg.flow_width, cfg.still_flow
+    return _score(lambda at: frames[at], len(frames), fps, cfg)
+
+
+def score_payload(data: bytes, cfg: ScoreConfig | None = None) -> tuple[dict[str, float], str]:
+    """:func:`score_clip` of a clip payload (mp4 bytes), equal to scoring its full
+    decode, but with only the frames the signals read converted to RGB
+    (:func:`pipeline.video.decode_mp4_sampled`)."""
+    cfg = cfg or ScoreConfig()
+
+    def choose(total: int, fps: float) -> np.ndarray:
+        sampled, starts = _frames_read(total, fps, cfg)
+        return np.unique(np.concatenate([sampled, starts, starts + 1]))
+
+    frames, indices, total, fps = decode_mp4_sampled(data, choose)
+    _check_frames(frames)
+    row = {int(i): k for k, i in enumerate(indices)}
+    return _score(lambda at: frames[[row[int(i)] for i in at]], total, fps, cfg)
+
+
+def _frames_read(total: int, fps: float, cfg: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(frames sampled for the per-frame signals, first frames of the flow pairs)."""
+    count = frame_count(total, fps, cfg.num_frames, cfg.frames_per_second, cfg.max_frames)
+    return sample_indices(total, count), flow_starts(total, cfg.flow_pairs)
+
+
+def _score(
+    frames_at: Callable[[np.ndarray], np.ndarray], total: int, fps: float, cfg: ScoreConfig
+) -> tuple[dict[str, float], str]:
+    """Every cheap signal of a clip of ``total`` frames, reading frames by index."""
+    sampled, starts = _frames_read(total, fps, cfg)
+    out, hashed = _sampled_signals(frames_at(sampled), cfg)
+    out["flow"], out["still_fraction"] = (
+        pair_flow(frames_at(starts), frames_at(starts + 1), fps, cfg.flow_width, cfg.still_flow)
+        if len(starts)
+        else (0.0, 1.0)
     )
     return out, hashed
 
@@ -505,8 +552,7 @@ class Score:
             if passes_through(clip_id, status[i]):
                 continue
             try:
-                frames, fps = decode_mp4(payload_bytes(batch["clip_bytes"][i]))
-                values, hashes[i] = score_clip(frames, fps, self.cfg)
+                values, hashes[i] = score_payload(payload_bytes(batch["clip_bytes"][i]), self.cfg)
             except Exception as exc:  # any bad payload is this row's error, never the batch's
                 status[i] = "error"
                 error[i] = f"score: clip {clip_id}: {type(exc).__name__}: {exc}"
