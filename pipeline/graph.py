@@ -26,10 +26,13 @@ from ``BuildConfig.ray`` (:class:`pipeline.config.StageResources`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -112,6 +115,21 @@ def worker_env() -> dict[str, str]:
     return env | {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a local Ray starts: its processes inherit that, so Ctrl-C in
+    a terminal (sent to the whole process group) reaches only the driver, which then
+    stops the build cleanly (see :class:`_StopSignals`) instead of losing its cluster."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
 def init_ray(cfg: BuildConfig) -> None:
     """Join the configured cluster, or start a local Ray, once per process."""
     if not ray.is_initialized():
@@ -123,13 +141,14 @@ def init_ray(cfg: BuildConfig) -> None:
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, **kwargs)
         else:  # always a fresh local instance, never a cluster that happens to run here
-            ray.init(
-                address="local",
-                _node_ip_address="127.0.0.1",  # a local Ray listens on loopback only
-                num_cpus=cfg.ray.num_cpus,
-                object_store_memory=cfg.ray.object_store_memory,
-                **kwargs,
-            )
+            with _sigint_ignored():
+                ray.init(
+                    address="local",
+                    _node_ip_address="127.0.0.1",  # a local Ray listens on loopback only
+                    num_cpus=cfg.ray.num_cpus,
+                    object_store_memory=cfg.ray.object_store_memory,
+                    **kwargs,
+                )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -463,6 +482,46 @@ def _write_summary(out: str, summary: dict[str, Any]) -> None:
     st.write(join(out, "summary.json"), blob)
 
 
+class _Stop(BaseException):
+    """The build loop was asked to stop (SIGINT or SIGTERM); the signal's name. Like
+    KeyboardInterrupt, not an ``Exception``: no handler for errors (Ray Data's
+    included) mistakes it for one."""
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM (Ctrl-C, ``ray job stop``, a pod's termination) ask the build
+    to stop at the next safe point, never in the middle of a write: the build then
+    commits every complete source and returns. A second SIGINT stops at once
+    (KeyboardInterrupt; a resume cleans up). Installed only in the main thread, where
+    Python runs signal handlers."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.writing = False  # inside the writer: defer the stop to check()
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if not self.writing:
+            raise _Stop(self.requested)
+
+    def check(self) -> None:
+        if self.requested is not None:
+            raise _Stop(self.requested)
+
+
 def build(
     source_args: list[str],
     out: str,
@@ -473,7 +532,9 @@ def build(
 
     Returns this run's summary (also written to ``<out>/summary.json`` and
     ``<out>/runs/<run_id>.json``): counts by status and reason, per-stage time,
-    throughput, config hash.
+    throughput, config hash. SIGINT or SIGTERM stops the build early: every complete
+    source is committed, ``summary["interrupted"]`` names the signal, and running the
+    same build again resumes.
     """
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + "-" + uuid.uuid4().hex[:6]
@@ -491,6 +552,7 @@ def build(
     )
     stages: list[dict[str, Any]] = []
     per_stage: dict[str, Any] = {}
+    interrupted: str | None = None
     if todo:
         init_ray(cfg)
         resources = ray.cluster_resources()
@@ -501,20 +563,33 @@ def build(
         ds = build_dataset(todo, cfg, cluster_gpus, out=out, meter=RemoteMeter(meter))
         stitcher = RangeStitcher()
         progress.start()
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for whole in stitcher(batch):
-                    writer.add(whole)
-                    progress.update(whole)
+            with _StopSignals() as stop:
+                for batch in batches:
+                    stop.writing = True
+                    for whole in stitcher(batch):
+                        writer.add(whole)
+                        progress.update(whole)
+                    stop.writing = False
+                    stop.check()
+        except _Stop as e:
+            interrupted = str(e)
         finally:
             progress.stop()
-        if stitcher.unfinished():
-            raise RuntimeError(f"ranges missing for sources: {stitcher.unfinished()}")
-        stages = stage_stats(ds, cfg, cluster_gpus)
+            if interrupted is not None:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()  # stops Ray Data's executor
+        if interrupted is None:
+            if stitcher.unfinished():
+                raise RuntimeError(f"ranges missing for sources: {stitcher.unfinished()}")
+            stages = stage_stats(ds, cfg, cluster_gpus)
         final = _final_counts(meter)
         progress.poll = lambda: final  # the closing line reads these, not the dead actor
         per_stage = _per_stage(final, progress.stages)
-    run_counts = writer.close()
+    # interrupted: complete sources are committed, the others are built by the next run
+    run_counts = writer.close(drop_incomplete=interrupted is not None)
     writer.write_manifest(_manifest_extra(cfg))
     wall = time.time() - t0
     counts = progress.counts()
@@ -531,10 +606,16 @@ def build(
         if wall > 0
         else None,
         "config_hash": config_hash(cfg),
+        "interrupted": interrupted,
     }
     if todo:
         echo(progress.line())
         if per_stage:
             echo(progress.stage_line())
+    if interrupted is not None:
+        echo(
+            f"interrupted ({interrupted}): {run_counts['sources']} sources committed this run, "
+            f"{len(todo) - run_counts['sources']} not; run the same command again to resume"
+        )
     _write_summary(out, summary)
     return summary

@@ -30,8 +30,9 @@ rows of the highest-numbered committed part that holds it and ignore the rest:
 are never rewritten, so a superseded sample may stay in its old shard; only index
 rows say which samples are live.
 
-**Test hook.** ``REELPACK_TEST_KILL_AFTER=<event>[:<n>]`` makes the process SIGKILL
-itself right after the ``n``-th (default first) ``event`` of this process, one of
+**Test hook.** ``REELPACK_TEST_KILL_AFTER=<event>[:<n>[:<SIGNAL>]]`` makes the process
+send itself SIGKILL (or ``SIG<SIGNAL>``, e.g. ``INT``) right after the ``n``-th (default
+first) ``event`` of this process, one of
 ``sample`` (a sample went into the temporary tar), ``shard`` (a shard reached its
 final name), ``index`` (an index part was written), ``sources`` (a commit marker was
 written) and ``manifest``. Only the crash tests set it (tests/test_store_resume.py).
@@ -57,6 +58,7 @@ import shutil
 import signal
 import tarfile
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -99,18 +101,18 @@ _kill_seen: Counter[str] = Counter()
 
 
 def _kill_point(event: str) -> None:
-    """Test hook: SIGKILL this process after the n-th ``event`` (see the module docstring)."""
+    """Test hook: signal this process after the n-th ``event`` (see the module docstring)."""
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return
-    name, _, nth = spec.partition(":")
+    name, nth, sig = [*spec.split(":"), "", ""][:3]
     if name not in _KILL_EVENTS:
         raise ValueError(f"{KILL_ENV}={spec!r}: event must be one of {_KILL_EVENTS}")
     if name != event:
         return
     _kill_seen[event] += 1
     if _kill_seen[event] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.Signals[f"SIG{sig or 'KILL'}"])
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ class WriteConfig:
     shard_max_samples: int = 100_000
     # Bounds driver memory when most clips are rejected and shards fill slowly.
     part_max_rows: int = 1_000_000
+    # Commit at least this often (seconds since the part's first source; 0: only when
+    # full), so a crashed driver loses at most this much finished work.
+    commit_interval_s: float = 300.0
 
 
 def _part_name(n: int) -> str:
@@ -392,6 +397,7 @@ class CorpusWriter:
         self._tar: _TarStream | None = None
         self._tar_file: Any = None
         self._samples = 0
+        self._part_started = 0.0  # time.monotonic() when the part got its first source
         self._run_counts = dict.fromkeys(schemas.COUNT_KEYS, 0)
         self.duplicates_skipped = 0
         self._next = self._recover()
@@ -512,13 +518,17 @@ class CorpusWriter:
         for out, latents in samples:
             out["shard"], out["key"] = shard, out["clip_id"]
             self._write_sample(out, latents)
+        if not self._source_rows:
+            self._part_started = time.monotonic()
         self._index_rows.extend(index_rows)
         self._source_rows.append(source_row)
         self._in_part.add(source)
+        interval = self.cfg.commit_interval_s
         if (
             self._tar_bytes() >= self.cfg.shard_max_bytes
             or self._samples >= self.cfg.shard_max_samples
             or len(self._index_rows) >= self.cfg.part_max_rows
+            or (interval > 0 and time.monotonic() - self._part_started >= interval)
         ):
             self._commit()
 
@@ -689,15 +699,18 @@ class CorpusWriter:
         self._done = (self._done | set(rows_by_source)) - needing
         return n
 
-    def close(self) -> dict[str, int]:
+    def close(self, drop_incomplete: bool = False) -> dict[str, int]:
         """Commit everything complete; return this run's counts (``schemas.COUNT_KEYS``).
 
-        Raises ``ValueError`` naming the sources still missing rows: they were not
-        committed and will be rebuilt by the next run.
+        Sources still missing rows are not committed (the next run builds them): an
+        error naming them, or with ``drop_incomplete`` (the stream was stopped early)
+        dropped silently.
         """
         self._commit()
         self._close_tar()
         self._drop_tmp()
+        if drop_incomplete:
+            self._pending.clear()
         if self._pending:
             missing = {
                 s: f"{len(p.rows)}/{p.expected or '?'} rows"

@@ -369,6 +369,55 @@ def test_local_build_killed_twice_resumes_to_the_same_corpus(
 
 
 @pytest.mark.slow
+def test_interrupted_build_commits_what_is_complete_then_resumes(
+    build_inputs, reference, tmp_path
+) -> None:
+    """Ctrl-C (SIGINT, here sent while the writer is busy with the first sample) stops
+    the build at the next safe point: complete sources are committed although their
+    shard is far from full, nothing half-written is left, and a resume finishes the
+    same corpus."""
+    videos, config = build_inputs
+    big_shards = tmp_path / "build.yaml"
+    cfg = yaml.safe_load(Path(config).read_text())
+    cfg["write"] = {"shard_max_samples": 1000}  # without the stop, nothing would commit
+    big_shards.write_text(yaml.safe_dump(cfg))
+    root = str(tmp_path / "corpus")
+    log = tmp_path / "log"
+    assert _build(videos, root, str(big_shards), "sample:1:INT", log) == 130, log.read_text()[
+        -3000:
+    ]
+    assert "interrupted (SIGINT)" in log.read_text()
+    done = read_index(root).to_pylist()
+    assert done and len({r["source"] for r in done}) < len(videos)
+    report = inspect_corpus(root)
+    assert report.ok, report.problems  # a clean stop: no leftovers, manifest up to date
+    summary = json.loads(Path(root, "summary.json").read_text())
+    assert summary["interrupted"] == "SIGINT"
+    assert _build(videos, root, str(big_shards), None, log) == 0, log.read_text()[-3000:]
+    assert inspect_corpus(root).ok
+    _assert_same(_snapshot(root, tmp_path), reference)
+
+
+def test_stop_signals_wait_for_the_writer() -> None:
+    """The first SIGINT/SIGTERM stops the loop at once, or after the write in progress;
+    a second SIGINT is a KeyboardInterrupt."""
+    from pipeline.graph import _Stop, _StopSignals
+
+    with pytest.raises(_Stop, match="SIGTERM"), _StopSignals():
+        signal.raise_signal(signal.SIGTERM)
+    with _StopSignals() as stop:
+        stop.writing = True
+        signal.raise_signal(signal.SIGINT)  # deferred: the write goes on
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        stop.writing = False
+        with pytest.raises(_Stop):
+            stop.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.mark.slow
 def test_s3_build_killed_resumes_to_the_same_corpus_and_leaks_no_keys(
     build_inputs, reference, s3_server, s3_bucket, tmp_path
 ) -> None:

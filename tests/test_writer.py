@@ -548,3 +548,40 @@ def test_source_failing_after_streamed_chunks_is_one_error_row(tmp_path) -> None
     assert src["status"] == "error" and "corrupt data" in src["error"]
     assert read_index(str(tmp_path / "c")).num_rows == 0
     assert not list((tmp_path / "c" / "shards").glob("*.tar"))
+
+
+def test_part_committed_after_the_commit_interval(tmp_path, monkeypatch) -> None:
+    """Finished sources are committed at least every ``commit_interval_s``, full shard
+    or not, so a crashed driver loses little work."""
+    now = [1000.0]
+    monkeypatch.setattr("pipeline.writer.time.monotonic", lambda: now[0])
+    root = str(tmp_path / "c")
+    w = CorpusWriter(root, WriteConfig(commit_interval_s=60.0))
+    w.add(batch([clip("/v/a.mp4", 0, 1)]))
+    now[0] += 30.0
+    w.add(batch([clip("/v/b.mp4", 0, 1)]))
+    assert read_index(root).num_rows == 0  # 30 s after the part's first source: waits
+    now[0] += 31.0
+    w.add(batch([clip("/v/c.mp4", 0, 1)]))
+    assert {r["source"] for r in read_index(root).to_pylist()} == {
+        "/v/a.mp4",
+        "/v/b.mp4",
+        "/v/c.mp4",
+    }
+    w.add(batch([clip("/v/d.mp4", 0, 1)]))  # a new part: its own clock
+    now[0] += 59.0
+    w.add(batch([clip("/v/e.mp4", 0, 1)]))
+    assert read_index(root).num_rows == 3
+    w.close()
+    assert read_index(root).num_rows == 5
+
+
+def test_close_can_drop_incomplete_sources(tmp_path) -> None:
+    w = CorpusWriter(str(tmp_path / "c"))
+    w.add(batch([clip("/v/a.mp4", 0, 1), clip("/v/b.mp4", 0, 2)]))  # b: 1 of 2 rows
+    with pytest.raises(ValueError, match=r"incomplete sources .*/v/b\.mp4"):
+        w.close()
+    w = CorpusWriter(str(tmp_path / "e"))
+    w.add(batch([clip("/v/a.mp4", 0, 1), clip("/v/b.mp4", 0, 2)]))
+    assert w.close(drop_incomplete=True)["sources"] == 1
+    assert CorpusWriter(str(tmp_path / "e")).done_sources() == {"/v/a.mp4"}

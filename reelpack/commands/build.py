@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, sort_keys=True))
-    return 0
+    return 130 if summary.get("interrupted") else 0  # 130: stopped by a signal
 
 
 def register(sub: Any) -> None:
