@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_caption import _mkv
 
 from pipeline.stages.aesthetic import AestheticConfig, AestheticHead, AestheticScorer, load_head
 from pipeline.stages.agreement import Agreement, AgreementConfig
@@ -521,26 +522,10 @@ def test_frame_count_by_number_or_rate(
     assert frame_count(total, fps, num, per_s, cap) == expected
 
 
-def _mkv_payload(frames: np.ndarray, fps: int) -> bytes:
-    """H.264 in Matroska: a container that records no frame count."""
-    import io
-
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="matroska") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for f in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        out.mux(stream.encode())
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("container", ["mp4", "mkv (no frame count)"])
 def test_sampled_decode_equals_indexing_a_full_decode(container: str) -> None:
     frames = np.stack([np.roll(checkerboard_clip(4)[0], 2 * i, axis=1) for i in range(11)])
-    data = encode_mp4(frames, fps=8.0) if container == "mp4" else _mkv_payload(frames, 8)
+    data = encode_mp4(frames, fps=8.0) if container == "mp4" else _mkv(frames, 8)
     full, fps = decode_mp4(data)
     seen: list[tuple[int, float]] = []
 
