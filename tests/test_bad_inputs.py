@@ -109,6 +109,35 @@ def test_every_bad_input_ends_in_one_terminal_outcome(
     assert elapsed < 240, f"the corpus took {elapsed:.0f} s"
 
 
+@pytest.mark.slow
+def test_the_bad_corpus_builds_on_ray(
+    corpus: str, tmp_path: os.PathLike[str], fresh_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole corpus through a real build: on Ray, blocks of failed sources (text
+    columns all missing) and good ones meet in one actor batch, which must not fail."""
+    from pipeline.config import load_config
+    from pipeline.graph import build
+    from pipeline.writer import read_index, read_sources
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    cfg = load_config(preset="tiny", model_cache=os.path.join(tmp_path, "models"))
+    out = os.path.join(tmp_path, "corpus")
+    summary = build([corpus], out, cfg, echo=lambda _: None)
+    assert summary["sources_done"] == len(EXPECTED)  # every source reached an end
+    clips: dict[str, int] = {}
+    for row in read_index(out).to_pylist():
+        clips[os.path.basename(row["source"])] = clips.get(os.path.basename(row["source"]), 0) + 1
+    sources = {os.path.basename(r["source"]): r for r in read_sources(out).to_pylist()}
+    assert sorted(sources) == sorted(EXPECTED)
+    for name, (kind, words) in EXPECTED.items():
+        row = sources[name]
+        if kind == "clips":
+            assert row["status"] == "done" and row["num_clips"] == clips[name] >= 1, row
+        else:
+            assert row["status"] == kind and str(words) in row["error"], row
+            assert name not in clips
+
+
 def test_image_named_mp4_and_rotation_facts(corpus: str) -> None:
     probed = batch_to_rows(
         Probe()(

@@ -53,9 +53,12 @@ def test_clean_batch_restores_missing_values_to_their_column_types() -> None:
         "latent_shape": np.array([np.array([4, 2, 3, 5]), None], dtype=object),
         "reasons": np.array([np.array(["too_dark"], dtype=object), nan], dtype=object),
         "unknown": np.array([nan, 1.0]),
+        # a stage's cell-by-cell copy of a float column Ray made of missing text
+        "error": np.array([np.float32("nan"), "decode failed"], dtype=object),
     }
     out = clean_batch(dict(batch))
     assert list(out["src_error"]) == [None, None]
+    assert list(out["error"]) == [None, "decode failed"]
     assert list(out["src_vfr"]) == [True, None] and isinstance(out["src_vfr"][0], bool)
     assert list(out["start_frame"]) == [3, None] and isinstance(out["start_frame"][0], int)
     assert out["score_motion"] is batch["score_motion"]

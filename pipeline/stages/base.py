@@ -95,9 +95,14 @@ def _is_list_type(kind: pa.DataType) -> bool:
     )
 
 
+def _is_nan(value: Any) -> bool:
+    """Float NaN, numpy's included (``np.float32`` is no ``float``)."""
+    return isinstance(value, (float, np.floating)) and value != value
+
+
 def _plain(value: Any) -> Any:
     """A list cell as a plain (nested) Python list; None for missing."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or _is_nan(value):
         return None
     if isinstance(value, np.ndarray):
         return value.tolist()
@@ -112,9 +117,9 @@ def clean_batch(batch: Batch) -> Batch:
 
     - missing values that arrived as float NaN in a column that is not a float column
       (text, flags, counts: a column with None in it that went through Arrow or
-      pandas) are None again, other values restored to their type; otherwise a block
-      of one source (a flag all None) and one of another (flags set) cannot be
-      concatenated;
+      pandas; or such NaN copied cell by cell into an object column by a stage) are
+      None again, other values restored to their type; otherwise a block of one
+      source (a flag all None) and one of another (flags set) cannot be concatenated;
     - list columns (``reasons``, ``latent_shape``, embeddings...) hold plain Python
       lists or None: equal-shape numpy cells (or a 2-D array) would become a tensor
       column in one block and an object column in another with a None, and Ray
@@ -130,7 +135,13 @@ def clean_batch(batch: Batch) -> Batch:
                 out[i] = _plain(v)
             batch[name] = out
             continue
-        if values.dtype.kind != "f" or values.ndim != 1 or pa.types.is_floating(kind):
+        if values.ndim != 1 or pa.types.is_floating(kind):
+            continue
+        if values.dtype.kind == "O":
+            if any(_is_nan(v) for v in values):
+                batch[name] = _none_for_nan(values)
+            continue
+        if values.dtype.kind != "f":
             continue
         cast: Callable[[Any], Any] | None = None
         if pa.types.is_boolean(kind):
@@ -142,6 +153,13 @@ def clean_batch(batch: Batch) -> Batch:
             out[i] = None if (cast is None or v != v) else cast(v)
         batch[name] = out
     return batch
+
+
+def _none_for_nan(values: np.ndarray) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = None if _is_nan(v) else v
+    return out
 
 
 def _timed(fn: Callable[[Batch], Batch], batch: Batch, name: str, meter: Meter | None) -> Batch:
