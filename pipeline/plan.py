@@ -458,7 +458,10 @@ def _size(n: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan as a plain-text report with a per-stage table."""
-    gpu_text = f"{plan.gpus} GPUs" if plan.gpus else "no GPUs (model stages on CPUs)"
+    if plan.gpus:
+        gpu_text = f"{plan.gpus} GPU" + ("s" if plan.gpus != 1 else "")
+    else:
+        gpu_text = "no GPUs (model stages on CPUs)"
     lines = [
         f"plan ({plan.preset} preset): {plan.sources} sources, {plan.probed} probed"
         f" ({plan.probe_errors} unreadable), {plan.workers} CPU workers, {gpu_text}",
