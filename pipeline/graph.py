@@ -475,6 +475,15 @@ def _manifest_extra(cfg: BuildConfig) -> dict[str, Any]:
     }
 
 
+def _commit(
+    writer: CorpusWriter, cfg: BuildConfig, drop_incomplete: bool = False
+) -> dict[str, int]:
+    """Commit every complete source and write the manifest; this run's counts."""
+    counts = writer.close(drop_incomplete=drop_incomplete)
+    writer.write_manifest(_manifest_extra(cfg))
+    return counts
+
+
 def _write_summary(out: str, summary: dict[str, Any]) -> None:
     blob = json.dumps(summary, indent=2, sort_keys=True).encode()
     st = storage_for(out)
@@ -553,6 +562,7 @@ def build(
     stages: list[dict[str, Any]] = []
     per_stage: dict[str, Any] = {}
     interrupted: str | None = None
+    run_counts: dict[str, int] | None = None
     if todo:
         init_ray(cfg)
         resources = ray.cluster_resources()
@@ -575,22 +585,24 @@ def build(
                     stop.check()
         except _Stop as e:
             interrupted = str(e)
+            # Commit the complete sources first (the others are built by the next run):
+            # `ray job stop` sends SIGKILL a few seconds after SIGTERM.
+            run_counts = _commit(writer, cfg, drop_incomplete=True)
         finally:
             progress.stop()
-            if interrupted is not None:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()  # stops Ray Data's executor
         if interrupted is None:
             if stitcher.unfinished():
                 raise RuntimeError(f"ranges missing for sources: {stitcher.unfinished()}")
             stages = stage_stats(ds, cfg, cluster_gpus)
+        else:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stops Ray Data's executor
         final = _final_counts(meter)
         progress.poll = lambda: final  # the closing line reads these, not the dead actor
         per_stage = _per_stage(final, progress.stages)
-    # interrupted: complete sources are committed, the others are built by the next run
-    run_counts = writer.close(drop_incomplete=interrupted is not None)
-    writer.write_manifest(_manifest_extra(cfg))
+    if run_counts is None:
+        run_counts = _commit(writer, cfg)
     wall = time.time() - t0
     counts = progress.counts()
     summary = {
