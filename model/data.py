@@ -119,6 +119,8 @@ def read_bytes(uri: str) -> bytes:
         body: bytes = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except client.exceptions.NoSuchKey:
         raise FileNotFoundError(uri) from None
+    except Exception as exc:  # credentials, endpoint, permissions: name the object
+        raise OSError(f"{uri}: {type(exc).__name__}: {exc}") from exc
     return body
 
 
@@ -128,16 +130,20 @@ def list_files(prefix: str, suffix: str) -> list[str]:
         return sorted(str(p) for p in Path(prefix).glob(f"*{suffix}"))
     bucket, key = split_s3(prefix.rstrip("/") + "/")
     out = []
-    for page in (
+    pages = (
         s3_client()
         .get_paginator("list_objects_v2")
         .paginate(Bucket=bucket, Prefix=key, Delimiter="/")
-    ):
-        out += [
-            f"s3://{bucket}/{o['Key']}"
-            for o in page.get("Contents", [])
-            if o["Key"].endswith(suffix)
-        ]
+    )
+    try:
+        for page in pages:
+            out += [
+                f"s3://{bucket}/{o['Key']}"
+                for o in page.get("Contents", [])
+                if o["Key"].endswith(suffix)
+            ]
+    except Exception as exc:  # credentials, endpoint, permissions: name the prefix
+        raise OSError(f"listing {prefix}: {type(exc).__name__}: {exc}") from exc
     return sorted(out)
 
 

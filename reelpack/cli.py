@@ -3,7 +3,8 @@
 Subcommands live in ``reelpack.commands`` (one module each). Exit codes: 0 when
 the work reached its end (for ``build``: every source reached a terminal state;
 failed sources are rows in the corpus, not failures of the command); 2 for usage
-or config errors; 1 for storage or runtime failures.
+or config errors; 1 for storage or runtime failures, printed as one line naming the
+command and the cause (with ``-v`` also the traceback); 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from reelpack.commands import COMMANDS
@@ -37,6 +39,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # not foreseen by the command: one line; the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"reelpack {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

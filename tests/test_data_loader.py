@@ -373,6 +373,36 @@ def test_s3_reads_the_same_batches_as_local(tmp_path: Path, s3_server: Any, s3_b
     assert {k for b in down for k in b.keys} == set(expected) - set(down.plan(0).dropped)
 
 
+def test_s3_failures_name_the_object(
+    s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused S3 read or listing says which object or prefix, not just the cause."""
+    from model import data
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    monkeypatch.setattr(data, "_S3_CLIENTS", {})  # a client with the wrong secret
+    with pytest.raises(OSError, match=f"{s3_bucket}/manifest.json: ClientError"):
+        data.read_manifest(s3_bucket)
+    with pytest.raises(OSError, match=f"listing {s3_bucket}/shards: ClientError"):
+        data.list_files(f"{s3_bucket}/shards", ".tar")
+
+
+def test_cli_prints_an_unforeseen_failure_as_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reelpack.cli import main
+
+    def boom(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("the disk is on fire")
+
+    monkeypatch.setattr("model.loader.PackedLoader.__init__", boom)
+    assert main(["pack-stats", str(tmp_path), "--budget", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "reelpack pack-stats: RuntimeError: the disk is on fire"
+    assert main(["-v", "pack-stats", str(tmp_path), "--budget", "64"]) == 1
+    assert "Traceback" in capsys.readouterr().err  # -v adds the traceback
+
+
 def test_refuses_pickles_and_unindexed_corpora_still_work(tmp_path: Path) -> None:
     root = tmp_path / "c"
     write_corpus(root, [MIX[:2]])
