@@ -139,7 +139,7 @@ def test_sample_cli_and_size_errors(
     assert main([*args, "--frames", "5", "--out", str(out)]) == 0
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
     assert main([*args, "--frames", "6", "--out", str(out)]) == 2
-    assert "frame rule" in capsys.readouterr().out
+    assert "frame rule" in capsys.readouterr().err
 
 
 def test_sample_refuses_a_corpus_with_another_vae(

@@ -7,6 +7,7 @@ corpus manifest (``--corpus``, default: the corpus the checkpoint was trained on
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 __all__ = ["register"]
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             ema=not args.no_ema,
         )
     except ValueError as e:
-        print(f"reelpack sample: {e}")
+        print(f"reelpack sample: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

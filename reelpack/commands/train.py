@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any
 
 __all__ = ["register"]
@@ -21,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_train_config(args.config, **overrides)
     except (ValueError, OSError) as e:
-        print(f"reelpack train: {e}")
+        print(f"reelpack train: {e}", file=sys.stderr)
         return 2
     if args.ray_workers:
         losses = train_with_ray(
