@@ -130,3 +130,36 @@ def test_clips_count_when_their_source_completes_and_not_when_it_failed() -> Non
     p.update(final)
     assert (p.sources_done, p.sources_error) == (2, 1)
     assert p.counts()["clips_by_status"] == {"kept": 3} and p.counts()["rejected_by_reason"] == {}
+
+
+def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
+    """``reelpack build`` ends with a few lines; ``--json`` prints the whole summary."""
+    import json
+
+    from reelpack import cli
+
+    summary = {
+        "sources_total": 5,
+        "sources_built": 4,
+        "sources_done": 4,
+        "sources_error": 1,
+        "wall_s": 12.34,
+        "clips_by_status": {"kept": 6, "rejected": 3},
+        "rejected_by_reason": {"motion<0.002": 1, "still_fraction>0.9": 2},
+        "committed": {"sources": 4, "clips": 9, "shards": 2, "latent_tokens": 12345},
+        "interrupted": None,
+    }
+    monkeypatch.setattr("pipeline.graph.build", lambda *a, **k: summary)
+    monkeypatch.setattr("pipeline.config.load_config", lambda *a, **k: None)
+    assert cli.main(["build", "v.mp4", "--out", "/data/c"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "sources    4 done of 4 (1 failed; 1 already in the corpus) in 12.3 s",
+        "clips      kept 6, rejected 3, error 0",
+        "rejected   still_fraction>0.9 2, motion<0.002 1",
+        "committed  sources 4, clips 9, shards 2, latent tokens 12,345",
+        "summary    /data/c/summary.json (--json prints it)",
+    ]
+    assert cli.main(["build", "v.mp4", "--out", "/data/c", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary
+    summary["interrupted"] = "SIGINT"
+    assert cli.main(["build", "v.mp4", "--out", "/data/c"]) == 130

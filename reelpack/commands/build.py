@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["register"]
+__all__ = ["register", "summary_text"]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,8 +27,36 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(summary_text(summary, args.out))
     return 130 if summary.get("interrupted") else 0  # 130: stopped by a signal
+
+
+def summary_text(summary: dict[str, Any], out: str) -> str:
+    """The run's summary in a few lines; the whole of it is ``<out>/summary.json``."""
+    from pipeline.storage import join
+
+    clips = summary["clips_by_status"]
+    done = summary["committed"]
+    skipped = summary["sources_total"] - summary["sources_built"]
+    lines = [
+        f"sources    {summary['sources_done']} done of {summary['sources_built']} "
+        f"({summary['sources_error']} failed; {skipped} already in the corpus) "
+        f"in {summary['wall_s']:.1f} s",
+        f"clips      kept {clips.get('kept', 0)}, rejected {clips.get('rejected', 0)}, "
+        f"error {clips.get('error', 0)}",
+    ]
+    reasons = sorted(summary["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
+    if reasons:
+        lines.append("rejected   " + ", ".join(f"{r} {n}" for r, n in reasons))
+    lines += [
+        f"committed  sources {done['sources']}, clips {done['clips']}, shards {done['shards']}, "
+        f"latent tokens {done['latent_tokens']:,}",
+        f"summary    {join(out, 'summary.json')} (--json prints it)",
+    ]
+    return "\n".join(lines)
 
 
 def register(sub: Any) -> None:
@@ -38,4 +66,5 @@ def register(sub: Any) -> None:
     p.add_argument("--config", help="YAML config file (see pipeline/config.py)")
     p.add_argument("--preset", help="model preset: default (real models) or tiny (offline, random)")
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--json", action="store_true", help="print the whole run summary as JSON")
     p.set_defaults(func=run)
