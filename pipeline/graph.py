@@ -341,8 +341,18 @@ def build_dataset(
                 fn_constructor_args=step.args,
                 **_actor_args(res, cluster_gpus),
             )
+    if cfg.write.clip_files:  # the writer stores kept clips' payloads as files
+        return ds.map_batches(_kept_payloads_only, batch_size=None, num_cpus=0.1)
     # the payloads stay on the workers; the driver receives index rows and latents
     return ds.drop_columns(["clip_bytes"])
+
+
+def _kept_payloads_only(batch: Batch) -> Batch:
+    """The payloads of kept clips, None for the others: only those reach the driver."""
+    payloads = np.empty(len(batch["clip_bytes"]), dtype=object)
+    for i, (status, payload) in enumerate(zip(batch["status"], batch["clip_bytes"], strict=True)):
+        payloads[i] = payload if status == "kept" else None
+    return {**batch, "clip_bytes": payloads}
 
 
 def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, int]:
@@ -358,7 +368,10 @@ def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, 
     stitcher = RangeStitcher()
     for source in expand_sources(sources):
         for batch in _through(fns, {"source": np.array([source], dtype=object)}):
-            batch.pop("clip_bytes", None)
+            if cfg.write.clip_files:
+                batch = _kept_payloads_only(batch)
+            else:
+                batch.pop("clip_bytes", None)
             for whole in stitcher(batch):
                 writer.add(whole)
     counts = writer.close()

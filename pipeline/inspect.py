@@ -16,7 +16,10 @@ trainer would and lists every problem it finds:
   extra resolutions, whose JSON names the clip and whose caption matches; no member
   belongs to no committed row (orphan). Samples of superseded rows (a refilter) are
   counted as ``stale_samples``, not problems;
-- manifest: present, current schema version, counts equal to the index.
+- manifest: present, current schema version, counts equal to the index;
+- clip files, when the manifest's config wrote them (``write.clip_files``): every kept
+  row has its ``clips/<key>.mp4``. Files of clips no longer kept (a refilter) are
+  counted as ``stale_clip_files``, not problems.
 
 Only safetensors headers, JSON and text are parsed; nothing is unpickled and
 latent tensors are not loaded (the header gives dtype and shape).
@@ -287,10 +290,7 @@ def _check_shards(
     return stats
 
 
-def _check_manifest(
-    st: Storage, root: str, counts: dict[str, int], problems: list[str]
-) -> list[int] | None:
-    """Manifest checks; returns its patch size when it has a usable one."""
+def _read_manifest(st: Storage, root: str, problems: list[str]) -> dict[str, Any] | None:
     uri = join(root, schemas.MANIFEST_NAME)
     if not st.exists(uri):
         problems.append(f"{schemas.MANIFEST_NAME}: missing")
@@ -300,6 +300,13 @@ def _check_manifest(
     except ValueError as e:
         problems.append(f"{schemas.MANIFEST_NAME}: not JSON: {e}")
         return None
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _check_manifest(
+    manifest: dict[str, Any], counts: dict[str, int], problems: list[str]
+) -> list[int] | None:
+    """Manifest checks; returns its patch size when it has a usable one."""
     if manifest.get("schema_version") != schemas.SCHEMA_VERSION:
         problems.append(
             f"{schemas.MANIFEST_NAME}: schema_version {manifest.get('schema_version')!r}, "
@@ -320,6 +327,20 @@ def _check_manifest(
     return None
 
 
+def _check_clip_files(
+    st: Storage, root: str, live: dict[tuple[str, str], dict[str, Any]], problems: list[str]
+) -> dict[str, int]:
+    """Every kept row's ``clips/<key>.mp4`` exists; files of no kept row are stale."""
+    names = {uri.rsplit("/", 1)[-1] for uri in st.list(join(root, schemas.CLIPS_DIR))}
+    wanted = {
+        schemas.clip_file(key).rsplit("/", 1)[-1]: row["clip_id"] for (_, key), row in live.items()
+    }
+    for name, cid in sorted(wanted.items()):
+        if name not in names:
+            problems.append(f"clip {cid}: kept but {schemas.CLIPS_DIR}/{name} is missing")
+    return {"clip_files": len(names & set(wanted)), "stale_clip_files": len(names - set(wanted))}
+
+
 def inspect_corpus(root: str) -> InspectReport:
     """Check the corpus at ``root``; see the module docstring for what is checked."""
     st = storage_for(root)
@@ -335,9 +356,13 @@ def inspect_corpus(root: str) -> InspectReport:
         problems.append(f"index unreadable: {e}")
         return report
     counts = _counts(index, sources)
-    patch = _check_manifest(st, root, counts, problems)
+    manifest = _read_manifest(st, root, problems)
+    patch = None if manifest is None else _check_manifest(manifest, counts, problems)
     live = _check_rows(index, sources, patch, problems)
     stats = _check_shards(st, shards, committed, live, history, problems)
+    write_cfg = ((manifest or {}).get("config") or {}).get("write") or {}
+    if write_cfg.get("clip_files"):
+        stats.update(_check_clip_files(st, root, live, problems))
     report.stats = {
         **counts,
         **stats,

@@ -21,6 +21,10 @@ committed ``sources`` part. Opening a corpus deletes what a killed run left behi
 uploads) and continues the numbering, so resuming never shows a partial shard and
 never writes a clip twice. Only one writer may work on a corpus root at a time.
 
+With ``WriteConfig.clip_files``, each kept clip's payload is also written as
+``clips/<key>.mp4`` the moment its row arrives (so the writer holds no payloads); such
+a file may appear before its source commits, and a resume rewrites it alike.
+
 **Latest part wins.** A source may appear in several committed parts (a refilter
 records new decisions with :func:`rewrite_sources_rows`; a rebuild of a source that
 :func:`sources_needing_work` names writes it again). Readers take, per source, the
@@ -126,6 +130,8 @@ class WriteConfig:
     # Commit at least this often (seconds since the part's first source; 0: only when
     # full), so a crashed driver loses at most this much finished work.
     commit_interval_s: float = 300.0
+    # Also write each kept clip's payload as ``clips/<key>.mp4`` (schemas.clip_file).
+    clip_files: bool = False
 
 
 def _part_name(n: int) -> str:
@@ -398,6 +404,7 @@ class CorpusWriter:
         self._tar_file: Any = None
         self._samples = 0
         self._part_started = 0.0  # time.monotonic() when the part got its first source
+        self._clip_files: set[str] = set()  # clip files written for incomplete sources
         self._run_counts = dict.fromkeys(schemas.COUNT_KEYS, 0)
         self.duplicates_skipped = 0
         self._next = self._recover()
@@ -465,9 +472,23 @@ class CorpusWriter:
         missing = [c for c in _REQUIRED if c not in batch]
         if missing:
             raise ValueError(f"batch lacks required columns {missing}")
+        payloads = batch.get("clip_bytes") if self.cfg.clip_files else None
         for i in range(n):
             row = {k: v[i] for k, v in batch.items() if k != "clip_bytes"}
+            if payloads is not None:
+                self._write_clip_file(row, payloads[i])
             self._add_row(row)
+
+    def _write_clip_file(self, row: dict[str, Any], payload: Any) -> None:
+        """A kept clip's payload as its file, at once (the writer holds no payloads):
+        visible before its source commits, rewritten alike by a resume."""
+        cid = row["clip_id"]
+        if row.get("status") != "kept" or not _has_bytes(payload):
+            return
+        if not isinstance(cid, str) or not SAMPLE_KEY_RE.match(cid):
+            return  # refused with a reason when the source completes (_check_clip)
+        self._st.write(join(self.root, schemas.clip_file(cid)), bytes(payload))
+        self._clip_files.add(cid)
 
     def _add_row(self, row: dict[str, Any]) -> None:
         source = str(row["source"])
@@ -506,12 +527,12 @@ class CorpusWriter:
             latents = row.get("latents")
             if out["status"] == "kept":
                 if not latents:
-                    out["status"] = "error"
-                    out["error"] = (
-                        f"clip {out['clip_id']} of {source} was kept but reached the writer without latents"
-                    )
+                    _kept_without(out, source, "latents")
+                elif self.cfg.clip_files and out["clip_id"] not in self._clip_files:
+                    _kept_without(out, source, "its clip payload")
                 else:
                     samples.append((out, bytes(latents)))
+            self._clip_files.discard(out["clip_id"])
         if samples and self._samples and self._would_overflow(samples):
             self._commit()
         shard = _shard_rel(self._next)
@@ -772,6 +793,22 @@ class _TarStream:
         end += -end % tarfile.RECORDSIZE
         self._f.write(b"\0" * (end - self.offset))
         self.offset = end
+
+
+def _kept_without(out: dict[str, Any], source: str, what: str) -> None:
+    """A kept clip the writer cannot store: an error row saying what it lacked."""
+    out["status"] = "error"
+    out["error"] = (
+        f"clip {out['clip_id']} of {source} was kept but reached the writer without {what}"
+    )
+
+
+def _has_bytes(value: Any) -> bool:
+    return (
+        value is not None
+        and not (isinstance(value, float) and math.isnan(value))
+        and len(value) > 0
+    )
 
 
 def _check_clip(row: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 __all__ = [
+    "CLIPS_DIR",
     "CLIP_COLUMNS",
     "CLIP_SCHEMA",
     "CLIP_STATUSES",
@@ -39,6 +40,7 @@ __all__ = [
     "TENSOR_LATENTS",
     "TENSOR_LATENTS_AT",
     "TENSOR_TEXT_EMBEDS",
+    "clip_file",
     "latents_tensor_name",
     "score_column",
 ]
@@ -50,6 +52,15 @@ MANIFEST_NAME = "manifest.json"
 INDEX_DIR = "index"
 SOURCES_DIR = "sources"
 SHARDS_DIR = "shards"
+# optional (``write.clip_files``): each kept clip's payload, the H.264 mp4 at the working
+# resolution and the VAE's frame rate that the stages saw, as ``clips/<key>.mp4``
+CLIPS_DIR = "clips"
+
+
+def clip_file(key: str) -> str:
+    """Path of a kept clip's file under the corpus root."""
+    return f"{CLIPS_DIR}/{key}.mp4"
+
 
 # --- shard sample layout ---------------------------------------------------------------
 # A sample ``<key>`` in a shard tar consists of these members (webdataset convention:

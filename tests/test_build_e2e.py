@@ -18,7 +18,9 @@ from safetensors.torch import load as load_safetensors
 import schemas
 from pipeline.config import BuildConfig, load_config
 from pipeline.graph import build, build_steps, run_in_process, stage_labels
+from pipeline.inspect import inspect_corpus
 from pipeline.synth import synth_video
+from pipeline.video import decode_mp4
 from pipeline.writer import read_index, read_sources
 
 pytestmark = pytest.mark.slow
@@ -110,7 +112,11 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
 
 def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     root = str(tmp_path / "corpus")
-    live = replace(tiny_cfg, ray=replace(tiny_cfg.ray, progress_interval_s=0.5))
+    live = replace(
+        tiny_cfg,
+        ray=replace(tiny_cfg.ray, progress_interval_s=0.5),
+        write=replace(tiny_cfg.write, clip_files=True),
+    )
     summary = build([str(p) for p in videos.values()], root, live)
     assert summary["sources_built"] == 4
     # live progress on stderr: sources and clips, and every stage's rows and rate
@@ -153,6 +159,17 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     assert manifest["random_weights"] is True
     assert manifest["counts"]["clips_kept"] == len(samples)
     assert manifest["vae"]["class"] == "AutoencoderKLWan"
+    # the kept clips as files: what encode saw, at its size; nothing else
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert sorted(p.name for p in (Path(root) / schemas.CLIPS_DIR).iterdir()) == sorted(
+        f"{r['key']}.mp4" for r in kept
+    )
+    for r in kept:
+        frames, _ = decode_mp4((Path(root) / schemas.clip_file(r["key"])).read_bytes())
+        assert frames.shape[1:3] == (r["encode_src_height"], r["encode_src_width"])
+        assert len(frames) > max(r["encode_frame_indices"])
+    report = inspect_corpus(root)
+    assert report.ok and report.stats["clip_files"] == len(kept), report.problems
 
     # resume: nothing left to do, the corpus is unchanged
     again = build([str(p) for p in videos.values()], root, tiny_cfg)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import schemas
+from pipeline.inspect import inspect_corpus
 from pipeline.stages.base import rows_to_batch
 from pipeline.storage import is_s3, join, split_s3, storage_for
 from pipeline.writer import (
@@ -585,3 +587,29 @@ def test_close_can_drop_incomplete_sources(tmp_path) -> None:
     w.add(batch([clip("/v/a.mp4", 0, 1), clip("/v/b.mp4", 0, 2)]))
     assert w.close(drop_incomplete=True)["sources"] == 1
     assert CorpusWriter(str(tmp_path / "e")).done_sources() == {"/v/a.mp4"}
+
+
+def test_clip_files_of_kept_clips(root: str, tmp_path) -> None:
+    """With ``clip_files`` each kept clip's payload is also ``clips/<key>.mp4``; other
+    clips get none, and a kept clip without its payload becomes an error row."""
+    rows = [clip("/v/a.mp4", i, 3, s) for i, s in enumerate(["kept", "rejected", "kept"])]
+    for i, r in enumerate(rows):
+        r["clip_bytes"] = f"payload {i}".encode()
+    rows[2]["clip_bytes"] = None
+    w = CorpusWriter(root, WriteConfig(clip_files=True))
+    w.add(batch(rows))
+    w.close()
+    w.write_manifest({"config": {"write": {"clip_files": True}}})
+    by_id = {r["clip_id"]: r for r in read_index(root).to_pylist()}
+    assert by_id[rows[2]["clip_id"]]["status"] == "error"
+    assert "without its clip payload" in by_id[rows[2]["clip_id"]]["error"]
+    local = local_copy(root, tmp_path)
+    files = sorted(p.name for p in (Path(local) / schemas.CLIPS_DIR).iterdir())
+    kept = by_id[rows[0]["clip_id"]]
+    assert files == [f"{kept['key']}.mp4"]
+    assert (Path(local) / schemas.clip_file(kept["key"])).read_bytes() == b"payload 0"
+    report = inspect_corpus(root)  # (this manifest lacks a VAE: only clip checks matter)
+    assert report.stats["clip_files"] == 1 and not any("clips/" in p for p in report.problems)
+    if not is_s3(root):  # a lost clip file is a problem inspect names
+        os.remove(Path(root) / schemas.clip_file(kept["key"]))
+        assert any("is missing" in p for p in inspect_corpus(root).problems)
