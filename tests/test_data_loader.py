@@ -396,6 +396,8 @@ def test_cli_prints_an_unforeseen_failure_as_one_line(
         raise RuntimeError("the disk is on fire")
 
     monkeypatch.setattr("model.loader.PackedLoader.__init__", boom)
+    # -v would configure this test process's root logger for every later test
+    monkeypatch.setattr("logging.basicConfig", lambda **_: None)
     assert main(["pack-stats", str(tmp_path), "--budget", "64"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "reelpack pack-stats: RuntimeError: the disk is on fire"
