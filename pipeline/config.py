@@ -51,6 +51,7 @@ __all__ = [
     "load_config",
     "resolve_preset",
     "to_dict",
+    "validate",
 ]
 
 T = TypeVar("T")
@@ -221,6 +222,159 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# x264's presets, fastest first
+X264_PRESETS = (
+    "ultrafast", "superfast", "veryfast", "faster", "fast",
+    "medium", "slow", "slower", "veryslow", "placebo",
+)  # fmt: skip
+
+
+class _Checks:
+    """Collects what is wrong with a config, each problem named by its dotted path."""
+
+    def __init__(self, cfg: BuildConfig) -> None:
+        self.cfg = cfg
+        self.problems: list[str] = []
+
+    def value(self, path: str) -> Any:
+        node: Any = self.cfg
+        for name in path.split("."):
+            node = getattr(node, name)
+        return node
+
+    def need(self, ok: bool, path: str, rule: str) -> None:
+        if not ok:
+            self.problems.append(f"{path} must be {rule}, got {self.value(path)!r}")
+
+    def at_least(self, low: float, *paths: str, none_ok: bool = False) -> None:
+        for path in paths:
+            v = self.value(path)
+            rule = f">= {low:g}" + (" or null" if none_ok else "")
+            self.need(none_ok if v is None else v >= low, path, rule)
+
+    def above(self, low: float, *paths: str, none_ok: bool = False) -> None:
+        for path in paths:
+            v = self.value(path)
+            rule = f"> {low:g}" + (" or null" if none_ok else "")
+            self.need(none_ok if v is None else v > low, path, rule)
+
+    def one_of(self, path: str, options: tuple[str, ...]) -> None:
+        self.need(self.value(path) in options, path, f"one of {list(options)}")
+
+    def device(self, *paths: str) -> None:
+        import torch
+
+        for path in paths:
+            v = self.value(path)
+            try:
+                ok = v == "auto" or bool(torch.device(v))
+            except (RuntimeError, ValueError):
+                ok = False
+            self.need(ok, path, '"auto" or a torch device ("cpu", "cuda", "cuda:1")')
+
+    def dtype(self, *paths: str) -> None:
+        import torch
+
+        for path in paths:
+            v = self.value(path)
+            ok = v == "auto" or isinstance(getattr(torch, v, None), torch.dtype)
+            self.need(ok, path, '"auto" or a torch dtype ("bfloat16", "float32")')
+
+
+def _check_sources(c: _Checks) -> None:
+    cfg = c.cfg
+    c.above(0, "probe.max_pixels", "probe.max_duration_s")
+    c.at_least(1, "probe.min_side")
+    c.need(
+        cfg.probe.max_aspect == 0 or cfg.probe.max_aspect >= 1,
+        "probe.max_aspect",
+        ">= 1, or 0 (off)",
+    )
+    from pipeline.decode import BACKENDS
+    from pipeline.stages.split import DETECTORS
+
+    c.one_of("split.detector", DETECTORS)
+    c.above(0, "split.threshold", "split.work_fps", none_ok=True)
+    c.at_least(0, "split.min_scene_s", "split.min_clip_s", "split.trim_frames", "split.flush_mib")
+    c.at_least(0, "split.timeout_s")
+    c.above(0, "split.max_clip_s")
+    c.need(
+        cfg.split.max_clip_s >= cfg.split.min_clip_s,
+        "split.max_clip_s",
+        f">= split.min_clip_s ({cfg.split.min_clip_s:g})",
+    )
+    c.need(0 <= cfg.split.fade_luma <= 255, "split.fade_luma", "in [0, 255]")
+    c.at_least(16, "split.detect_width")
+    c.at_least(16 * 16, "split.work_max_area")
+    c.need(0 <= cfg.split.work_crf <= 51, "split.work_crf", "in [0, 51] (an x264 CRF)")
+    c.one_of("split.work_preset", X264_PRESETS)
+    c.one_of("split.decoder", BACKENDS)
+    c.device("split.transnet_device")
+
+
+def _check_stages(c: _Checks) -> None:
+    from model.vae import SUPPORTED_VAE_CLASSES
+
+    cfg = c.cfg
+    for section in ("score", "aesthetic", "agreement"):
+        c.at_least(1, f"{section}.num_frames", f"{section}.max_frames")
+        c.at_least(0, f"{section}.frames_per_second")
+    c.at_least(0, "score.analysis_width", "score.text_frames", "score.still_flow")
+    c.at_least(16, "score.flow_width", "score.text_width")
+    c.at_least(1, "score.flow_pairs", "aesthetic.batch_size", "agreement.batch_size")
+    c.device("aesthetic.device", "agreement.device")
+    c.at_least(0, "decide.min_duration_s")
+    c.at_least(1, "caption.num_frames", "caption.max_pixels", "caption.batch_size")
+    c.at_least(1, "caption.max_new_tokens", "caption.max_caption_tokens")
+    c.at_least(1, "caption.short_max_new_tokens")
+    c.above(0, "caption.sample_fps", none_ok=True)
+    c.above(0, "caption.retry_repetition_penalty")
+    c.at_least(16 * 16, "encode.pixel_budget")
+    budgets = cfg.encode.extra_pixel_budgets
+    c.need(all(b >= 256 for b in budgets), "encode.extra_pixel_budgets", "budgets >= 256")
+    c.need(min(cfg.encode.patch_size) >= 1, "encode.patch_size", "(t, h, w), each >= 1")
+    c.above(0, "encode.target_fps", none_ok=True)
+    c.at_least(1, "encode.max_frames")
+    c.one_of("encode.vae_class", SUPPORTED_VAE_CLASSES)
+    c.at_least(2, "text_encode.max_length")
+    c.at_least(1, "text_encode.batch_size")
+    c.device("caption.device", "encode.device", "text_encode.device")
+    c.dtype("caption.dtype", "encode.dtype", "text_encode.dtype")
+
+
+def _check_output(c: _Checks) -> None:
+    c.at_least(1, "write.shard_max_bytes", "write.shard_max_samples", "write.part_max_rows")
+    c.at_least(0, "write.commit_interval_s")
+    c.at_least(1, "ray.num_cpus", "ray.object_store_memory", none_ok=True)
+    c.at_least(0, "ray.straggler_range_frames", "ray.progress_interval_s")
+    for f in fields(RayConfig):
+        res = getattr(c.cfg.ray, f.name)
+        if not isinstance(res, StageResources):
+            continue
+        at = f"ray.{f.name}"
+        c.at_least(0, f"{at}.num_cpus")
+        c.at_least(0, f"{at}.num_gpus", none_ok=True)
+        c.at_least(1, f"{at}.batch_size", none_ok=True)
+        c.at_least(1, f"{at}.min_actors")
+        c.need(
+            res.max_actors >= res.min_actors,
+            f"{at}.max_actors",
+            f">= min_actors ({res.min_actors})",
+        )
+
+
+def validate(cfg: BuildConfig) -> None:
+    """Check every value a build reads, so a bad config fails before any work (and not
+    as an error row per clip, or a model actor dying mid-build). Raises one ValueError
+    naming every bad field by its dotted path."""
+    checks = _Checks(cfg)
+    _check_sources(checks)
+    _check_stages(checks)
+    _check_output(checks)
+    if checks.problems:
+        raise ValueError("config: " + "; ".join(checks.problems))
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -246,7 +400,10 @@ def load_config(
         data = _deep_merge(data, {"preset": preset})
     data = _deep_merge(data, overrides)
     cfg = from_dict(BuildConfig, data)
-    return resolve_preset(cfg, user_keys=data)
+    validate(cfg)  # before the preset builds any model
+    resolved = resolve_preset(cfg, user_keys=data)
+    validate(resolved)
+    return resolved
 
 
 def _cache_dir(cfg: BuildConfig) -> Path:

@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 import ray
 
-from pipeline.config import ACTOR_STAGES, BuildConfig, StageResources, config_hash, to_dict
+from pipeline.config import (
+    ACTOR_STAGES,
+    BuildConfig,
+    StageResources,
+    config_hash,
+    to_dict,
+    validate,
+)
 from pipeline.progress import (
     BuildProgress,
     RemoteMeter,
@@ -63,10 +70,11 @@ from pipeline.stages.score import Score
 from pipeline.stages.split import Split
 from pipeline.stages.text_encode import TextEncode
 from pipeline.stitching import RangeStitcher, expand_ranges
-from pipeline.storage import join, storage_for
+from pipeline.storage import is_s3, join, storage_for
 from pipeline.writer import CorpusWriter
 
 __all__ = [
+    "PlacementError",
     "Step",
     "build",
     "build_dataset",
@@ -185,6 +193,10 @@ def _enabled_actor_stages(cfg: BuildConfig) -> list[str]:
     return [stage for stage in ACTOR_STAGES if enabled[stage]]
 
 
+class PlacementError(ValueError):
+    """The cluster's nodes cannot hold a stage's minimum actor pool (or one CPU task)."""
+
+
 def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
     """Fail fast, naming the stage, when the model actors' minimum pools plus one CPU
     task cannot be placed on the cluster's nodes: Ray would otherwise wait forever.
@@ -217,7 +229,7 @@ def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
         if not fits:
             shape = ", ".join(f"{c:g} CPU/{g:g} GPU" for c, g in free) or "none"
             before = ", ".join(f"{k} x{v}" for k, v in placed.items()) or "nothing"
-            raise ValueError(
+            raise PlacementError(
                 f"the Ray cluster cannot place {stage} ({cpus:g} CPU, {gpus:g} GPU on one "
                 f"node): after {before}, the nodes have {shape} free (nodes: "
                 f"{', '.join(_node_shape(n) for n in nodes) or 'none'}). Lower "
@@ -544,6 +556,14 @@ class _StopSignals:
             raise _Stop(self.requested)
 
 
+def _check_root(out: str) -> None:
+    """Fail before any work when ``out`` cannot be a corpus root (not at the first commit)."""
+    if not is_s3(out) and os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(
+            f"--out {out}: a file; the corpus root is a folder or s3:// prefix"
+        )
+
+
 def build(
     source_args: list[str],
     out: str,
@@ -558,6 +578,8 @@ def build(
     source is committed, ``summary["interrupted"]`` names the signal, and running the
     same build again resumes.
     """
+    validate(cfg)
+    _check_root(out)
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + "-" + uuid.uuid4().hex[:6]
     sources = expand_sources(source_args)

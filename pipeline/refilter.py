@@ -57,11 +57,12 @@ _DECISION_COLUMNS = ("status", "reasons", "dup_of", "shard", "key")
 
 
 def built_config(root: str) -> dict[str, Any]:
-    """The resolved build config stored in the corpus's manifest (empty without one)."""
+    """The resolved build config stored in the corpus's manifest; FileNotFoundError when
+    ``root`` has no manifest (not a corpus, or one that never committed)."""
     st = storage_for(root)
     uri = join(root, schemas.MANIFEST_NAME)
     if not st.exists(uri):
-        return {}
+        raise FileNotFoundError(f"no {schemas.MANIFEST_NAME}; not a reelpack corpus")
     config = json.loads(st.read(uri)).get("config")
     return config if isinstance(config, dict) else {}
 
@@ -88,12 +89,12 @@ def load_refilter_config(
     The whole file is validated like a build config (unknown keys are errors); model
     presets are *not* resolved: refiltering needs no model.
     """
-    from pipeline.config import BuildConfig, from_dict
+    from pipeline.config import BuildConfig, from_dict, validate
 
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config {path}: top level must be a mapping")
-    from_dict(BuildConfig, data)  # validation only
+    validate(from_dict(BuildConfig, data))  # validation only
     built = built or {}
     return (
         _section(DecideConfig, "decide", built, data.get("decide")),

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from pipeline.config import BuildConfig, config_hash, from_dict, load_config, to_dict
+from pipeline.config import BuildConfig, config_hash, from_dict, load_config, to_dict, validate
 from pipeline.stages.split import SplitConfig
 
 
@@ -90,3 +91,81 @@ def test_payloads_carry_the_frame_rate_the_vae_sees() -> None:
     assert load_config(encode={"target_fps": None}).split.work_fps is None
     assert load_config(split={"work_fps": None}).split.work_fps is None
     assert load_config(split={"work_fps": 30.0}, encode={"target_fps": 8}).split.work_fps == 30.0
+
+
+@pytest.mark.parametrize(
+    "section, values, path",
+    [
+        ("probe", {"max_pixels": 0}, "probe.max_pixels"),
+        ("split", {"min_clip_s": -3}, "split.min_clip_s"),
+        ("split", {"min_clip_s": 4.0, "max_clip_s": 2.0}, "split.max_clip_s"),
+        ("split", {"detector": "contnet"}, "split.detector"),
+        ("split", {"work_preset": "turbo"}, "split.work_preset"),
+        ("split", {"work_crf": 60}, "split.work_crf"),
+        ("score", {"num_frames": 0}, "score.num_frames"),
+        ("caption", {"dtype": "float17"}, "caption.dtype"),
+        ("encode", {"device": "gpu"}, "encode.device"),
+        ("encode", {"target_fps": 0}, "encode.target_fps"),
+        ("encode", {"vae_class": "AutoencoderKL"}, "encode.vae_class"),
+        ("text_encode", {"batch_size": 0}, "text_encode.batch_size"),
+        ("write", {"shard_max_bytes": 0}, "write.shard_max_bytes"),
+        ("ray", {"encode": {"min_actors": 3, "max_actors": 1}}, "ray.encode.max_actors"),
+        ("ray", {"caption": {"num_gpus": -1}}, "ray.caption.num_gpus"),
+    ],
+)
+def test_values_out_of_range_fail_at_load_naming_the_field(
+    section: str, values: dict, path: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(path) + " must be"):
+        load_config(**{section: values})
+
+
+def test_every_bad_value_is_named_at_once() -> None:
+    with pytest.raises(ValueError) as e:
+        load_config(split={"min_clip_s": -1, "decoder": "ffmpeg"}, write={"part_max_rows": 0})
+    for path in ("split.min_clip_s", "split.decoder", "write.part_max_rows"):
+        assert path in str(e.value)
+
+
+def test_values_at_their_limits_and_off_switches_are_valid() -> None:
+    cfg = load_config(
+        split={"min_clip_s": 0, "max_clip_s": 0.5, "timeout_s": 0, "work_fps": None},
+        probe={"max_aspect": 0},
+        ray={"straggler_range_frames": 0, "progress_interval_s": 0, "caption": {"num_gpus": 0.25}},
+        caption={"device": "cuda:1", "dtype": "bfloat16"},
+        encode={"target_fps": None},
+    )
+    validate(cfg)
+    assert cfg.caption.device == "cuda:1" and cfg.split.max_clip_s == 0.5
+
+
+def test_build_refuses_a_bad_config_or_a_file_as_root_before_any_work(tmp_path) -> None:
+    from dataclasses import replace
+
+    from pipeline.graph import build
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    bad = replace(BuildConfig(), split=SplitConfig(min_clip_s=-1.0))
+    with pytest.raises(ValueError, match=r"split\.min_clip_s"):
+        build([str(video)], str(tmp_path / "c"), bad)
+    afile = tmp_path / "corpus"
+    afile.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="corpus"):
+        build([str(video)], str(afile), BuildConfig())
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_build_exits_2_naming_a_bad_value_or_root(tmp_path, capsys) -> None:
+    from reelpack.cli import main
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    config = tmp_path / "c.yaml"
+    config.write_text("split: {max_clip_s: -2}\n")
+    assert main(["build", str(video), "--out", str(tmp_path / "c"), "--config", str(config)]) == 2
+    assert "split.max_clip_s must be > 0" in capsys.readouterr().err
+    afile = tmp_path / "corpus.tar"
+    afile.write_text("")
+    assert main(["build", str(video), "--out", str(afile)]) == 2
+    assert f"--out {afile}: a file" in capsys.readouterr().err

@@ -226,6 +226,12 @@ def test_cli_refilter(
     typo = tmp_path / "typo.json"
     typo.write_text(json.dumps({"decide": {"treshold": {}}}))
     assert main(["refilter", corpus, "--config", str(typo)]) == 2
+    negative = tmp_path / "negative.json"
+    negative.write_text(json.dumps({"decide": {"min_duration_s": -1}}))
+    assert main(["refilter", corpus, "--config", str(negative)]) == 2
+    assert "decide.min_duration_s must be >= 0" in capsys.readouterr().err
+    assert main(["refilter", str(tmp_path), "--config", cfg]) == 2  # not a corpus
+    assert "no manifest.json; not a reelpack corpus" in capsys.readouterr().err
 
 
 def test_load_config_reads_decide_and_dedup_from_a_build_config(tmp_path: Path) -> None:

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.graph import WORKER_ENV_DEFAULTS, build, check_resources, cluster_nodes, worker_env
+from pipeline.graph import (
+    WORKER_ENV_DEFAULTS,
+    PlacementError,
+    check_resources,
+    cluster_nodes,
+    worker_env,
+)
+from reelpack.cli import main
 
 
 def _cfg(**ray: object):
@@ -23,7 +30,7 @@ def test_actors_that_fit_the_totals_but_no_node_are_refused() -> None:
     # node holds one such actor: the fourth has nowhere to go.
     cfg = _cfg(encode={"num_cpus": 2.5, "min_actors": 4, "max_actors": 4})
     nodes = [{"CPU": 4.0}] * 3
-    with pytest.raises(ValueError, match=r"cannot place encode \(2.5 CPU") as err:
+    with pytest.raises(PlacementError, match=r"cannot place encode \(2.5 CPU") as err:
         check_resources(cfg, nodes)
     assert "encode x3" in str(err.value)  # what was placed before it
     check_resources(cfg, [{"CPU": 4.0}] * 4)  # one more node: fits
@@ -66,21 +73,24 @@ def test_the_check_can_be_turned_off_for_autoscaling_clusters() -> None:
     check_resources(cfg, [{"CPU": 2.0}])
 
 
-def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(tmp_path: Path) -> None:
+def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from pipeline.synth import synth_video
 
     video = tmp_path / "v.mp4"
     synth_video(str(video), width=64, height=36, fps=12.0, shots=[24], seed=0)
-    cfg = load_config(
-        preset="tiny",
-        model_cache=str(tmp_path / "models"),
-        ray={"num_cpus": 2, "encode": {"num_cpus": 64.0}, "progress_interval_s": 0},
+    config = tmp_path / "big.yaml"
+    config.write_text(
+        f"preset: tiny\nmodel_cache: {tmp_path / 'models'}\n"
+        "ray: {num_cpus: 2, progress_interval_s: 0, encode: {num_cpus: 64.0}}\n"
     )
-    with pytest.raises(ValueError, match="cannot place encode"):
-        build([str(video)], str(tmp_path / "corpus"), cfg, echo=lambda s: None)
+    corpus = tmp_path / "corpus"
+    assert main(["build", str(video), "--out", str(corpus), "--config", str(config)]) == 2
+    assert "cannot place encode (64 CPU" in capsys.readouterr().err
     nodes = cluster_nodes()
     assert nodes and all(n["CPU"] > 0 for n in nodes)
-    assert not (tmp_path / "corpus" / "index").exists()
+    assert not (corpus / "index").exists()
 
 
 def test_worker_env_forwards_s3_settings_and_malloc_defaults(monkeypatch) -> None:

@@ -12,7 +12,7 @@ __all__ = ["register", "summary_text"]
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.graph import build
+    from pipeline.graph import PlacementError, build
 
     overrides: dict[str, Any] = {}
     if args.ray_address:
@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = build(args.sources, args.out, cfg)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError, PlacementError) as e:
+        # a missing source, --out a file, or stages configured larger than the cluster
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
     if args.json:

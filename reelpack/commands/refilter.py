@@ -24,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         built = built_config(args.root)
+    except FileNotFoundError as e:
+        print(f"reelpack refilter: {args.root}: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         print(f"reelpack refilter: {args.root}: {e}", file=sys.stderr)
         return 1
