@@ -447,8 +447,10 @@ class S3Storage:
         return StorageError(msg)
 
     def _scrub(self, text: str) -> str:
+        """``text`` with every credential that appears as a whole token masked; a short
+        test key such as ``x`` leaves the ``x`` in ``exist`` alone."""
         for secret in self._secrets():
-            text = text.replace(secret, "***")
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
         return text
 
     def _secrets(self) -> builtins.list[str]:

@@ -170,3 +170,12 @@ def test_errors_name_the_uri_and_never_the_credentials(
         assert secret not in repr(bad) and secret not in repr(good)
     with pytest.raises(FileNotFoundError, match="no-such-object"):
         good.read(join(s3_bucket, "no-such-object"))
+
+
+def test_credentials_are_masked_as_whole_tokens_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr/t+Key")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    st = S3Storage()
+    text = "The bucket does not exist; Credential=x/20261130, signed with s3cr/t+Key."
+    assert st._scrub(text) == "The bucket does not exist; Credential=***/20261130, signed with ***."
