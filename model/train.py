@@ -235,6 +235,26 @@ class _Dist:
         return out
 
 
+# The last collective of each process group this process left, kept until exit.
+_LAST_WORK: list[Any] = []
+
+
+def _leave_group() -> None:
+    """Leave the process group :func:`_setup_distributed` started.
+
+    A finished collective is freed by the c10d worker thread that ran it, and freeing
+    its Python tensors takes the GIL: when that happens during interpreter shutdown the
+    process aborts at exit ("terminate called without an active exception"). A barrier
+    holds every collective still in flight; keeping the barrier referenced until exit
+    means the worker thread never drops the last reference, so no tensor is freed there.
+    """
+    last = dist.barrier(async_op=True)
+    if last is not None:
+        last.wait()
+        _LAST_WORK.append(last)
+    dist.destroy_process_group()
+
+
 def _setup_distributed(cfg: TrainConfig) -> _Dist:
     """Join (or start, under torchrun) the process group; choose this rank's device."""
     want_cuda = cfg.device.startswith("cuda") or (
@@ -589,7 +609,7 @@ def train(  # noqa: C901
     if d.rank == 0:
         print(f"loader: {loader.stats}", flush=True)
     if d.owns_group:
-        dist.destroy_process_group()
+        _leave_group()
     return losses
 
 
