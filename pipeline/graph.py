@@ -378,7 +378,7 @@ def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, 
     ]
     writer = CorpusWriter(out, cfg.write)
     stitcher = RangeStitcher()
-    for source in expand_sources(sources):
+    for source in expand_sources(sources, exclude=out):
         for batch in _through(fns, {"source": np.array([source], dtype=object)}):
             if cfg.write.clip_files:
                 batch = _kept_payloads_only(batch)
@@ -582,7 +582,7 @@ def build(
     _check_root(out)
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + "-" + uuid.uuid4().hex[:6]
-    sources = expand_sources(source_args)
+    sources = expand_sources(source_args, exclude=out)
     writer = CorpusWriter(out, cfg.write)
     done = writer.done_sources()
     todo = [s for s in sources if s not in done]

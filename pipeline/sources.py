@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "expand_sources"]
@@ -36,12 +36,17 @@ def _is_media(name: str) -> bool:
     return not base.startswith(".") and os.path.splitext(base)[1].lower() in MEDIA_EXTENSIONS
 
 
-def expand_sources(args: Iterable[str]) -> list[str]:
+def expand_sources(args: Iterable[str], exclude: str | None = None) -> list[str]:
     """Each argument is a file (taken whatever its name), a folder (media files below it,
     recursively) or an ``s3://`` prefix (media objects under it). Returns sorted unique URIs:
-    absolute local paths or ``s3://bucket/key``. A missing path raises ``FileNotFoundError``."""
+    absolute local paths or ``s3://bucket/key``. A missing path raises ``FileNotFoundError``.
+
+    Folders and prefixes skip everything under ``exclude`` (the corpus root): a corpus
+    built inside its own source folder does not take its clip files for new sources.
+    """
     from pipeline.storage import is_s3, storage_for
 
+    skip = _under(exclude)
     out: set[str] = set()
     for arg in args:
         if is_s3(arg):
@@ -50,13 +55,28 @@ def expand_sources(args: Iterable[str]) -> list[str]:
                 out.add(arg)
                 continue
             prefix = arg if arg.endswith("/") else arg + "/"
-            out.update(uri for uri in st.list(prefix) if _is_media(uri))
+            out.update(uri for uri in st.list(prefix) if _is_media(uri) and not skip(uri))
             continue
         path = Path(arg).expanduser().resolve()
         if path.is_file():
             out.add(str(path))
         elif path.is_dir():
-            out.update(str(p) for p in path.rglob("*") if p.is_file() and _is_media(p.name))
+            out.update(
+                str(p)
+                for p in path.rglob("*")
+                if p.is_file() and _is_media(p.name) and not skip(str(p))
+            )
         else:
             raise FileNotFoundError(f"source {arg!r} does not exist")
     return sorted(out)
+
+
+def _under(root: str | None) -> Callable[[str], bool]:
+    """Whether a listed URI lies under ``root`` (never, without one)."""
+    from pipeline.storage import is_s3
+
+    if not root:
+        return lambda uri: False
+    base = root if is_s3(root) else str(Path(root).expanduser().resolve())
+    base = base.rstrip("/") + "/"
+    return lambda uri: uri.startswith(base)

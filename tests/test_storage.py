@@ -179,3 +179,22 @@ def test_credentials_are_masked_as_whole_tokens_only(monkeypatch: pytest.MonkeyP
     st = S3Storage()
     text = "The bucket does not exist; Credential=x/20261130, signed with s3cr/t+Key."
     assert st._scrub(text) == "The bucket does not exist; Credential=***/20261130, signed with ***."
+
+
+def test_source_folders_skip_the_corpus_built_inside_them(tmp_path, s3_bucket: str) -> None:
+    from pipeline.sources import expand_sources
+
+    videos = tmp_path / "videos"
+    (videos / "corpus" / "clips").mkdir(parents=True)
+    (videos / "a.mp4").write_bytes(b"a")
+    (videos / "corpus" / "clips" / "k.mp4").write_bytes(b"k")
+    (videos / "corpusx.mp4").write_bytes(b"x")  # a sibling that only shares the prefix
+    found = expand_sources([str(videos)], exclude=str(videos / "corpus"))
+    assert found == [str(videos / "a.mp4"), str(videos / "corpusx.mp4")]
+    assert len(expand_sources([str(videos)])) == 3
+    st = S3Storage()
+    for key in ("raw/a.mp4", "raw/out/clips/k.mp4"):
+        st.write(join(s3_bucket, key), b"v")
+    assert expand_sources([join(s3_bucket, "raw")], exclude=join(s3_bucket, "raw/out/")) == [
+        join(s3_bucket, "raw/a.mp4")
+    ]
