@@ -377,17 +377,20 @@ def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, 
         for s in build_steps(cfg, out)
     ]
     writer = CorpusWriter(out, cfg.write)
-    stitcher = RangeStitcher()
-    for source in expand_sources(sources, exclude=out):
-        for batch in _through(fns, {"source": np.array([source], dtype=object)}):
-            if cfg.write.clip_files:
-                batch = _kept_payloads_only(batch)
-            else:
-                batch.pop("clip_bytes", None)
-            for whole in stitcher(batch):
-                writer.add(whole)
-    counts = writer.close()
-    writer.write_manifest(_manifest_extra(cfg))
+    try:
+        stitcher = RangeStitcher()
+        for source in expand_sources(sources, exclude=out):
+            for batch in _through(fns, {"source": np.array([source], dtype=object)}):
+                if cfg.write.clip_files:
+                    batch = _kept_payloads_only(batch)
+                else:
+                    batch.pop("clip_bytes", None)
+                for whole in stitcher(batch):
+                    writer.add(whole)
+        counts = writer.close()
+        writer.write_manifest(_manifest_extra(cfg))
+    finally:
+        writer.unlock()
     return counts
 
 
@@ -581,9 +584,23 @@ def build(
     validate(cfg)
     _check_root(out)
     t0 = time.time()
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + "-" + uuid.uuid4().hex[:6]
     sources = expand_sources(source_args, exclude=out)
-    writer = CorpusWriter(out, cfg.write)
+    writer = CorpusWriter(out, cfg.write)  # takes the corpus lock: one writer per corpus
+    try:
+        return _build(sources, out, cfg, echo, writer, t0)
+    finally:
+        writer.unlock()
+
+
+def _build(
+    sources: list[str],
+    out: str,
+    cfg: BuildConfig,
+    echo: Callable[[str], None],
+    writer: CorpusWriter,
+    t0: float,
+) -> dict[str, Any]:
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + "-" + uuid.uuid4().hex[:6]
     done = writer.done_sources()
     todo = [s for s in sources if s not in done]
     echo(

@@ -32,7 +32,7 @@ import json
 from collections import Counter
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,9 @@ import schemas
 from pipeline.stages.decide import DUPLICATE_REASON, LATE_SIGNALS, Decide, DecideConfig
 from pipeline.stages.dedup import DedupConfig, DedupIndex
 from pipeline.storage import join, storage_for
+
+if TYPE_CHECKING:
+    from pipeline.writer import CorpusWriter
 
 __all__ = [
     "built_config",
@@ -217,12 +220,12 @@ def _changed_sources(before: pa.Table, after: pa.Table) -> list[str]:
 
 
 def _write_manifest(
-    root: str, decide: DecideConfig, dedup: DedupConfig | None
+    writer: CorpusWriter, decide: DecideConfig, dedup: DedupConfig | None
 ) -> dict[str, Any] | None:
     """Refresh counts and the decide / dedup config of ``manifest.json``, if there is one."""
     from pipeline.config import to_dict
-    from pipeline.writer import CorpusWriter
 
+    root = writer.root
     st = storage_for(root)
     uri = join(root, schemas.MANIFEST_NAME)
     if not st.exists(uri):
@@ -243,7 +246,7 @@ def _write_manifest(
             extra["config_hash"] = config_hash(from_dict(BuildConfig, config))
         except (TypeError, ValueError):
             extra.pop("config_hash")  # an older config layout: better none than a stale one
-    return CorpusWriter(root).write_manifest(extra)
+    return writer.write_manifest(extra)
 
 
 def _rows_by_source(table: pa.Table, sources: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -266,7 +269,7 @@ def refilter(
     how many clips changed; the sources rewritten; the part written (None on a dry
     run or when nothing changed); and the sources the next build must re-process.
     """
-    from pipeline.writer import read_index, rewrite_sources_rows, sources_needing_work
+    from pipeline.writer import CorpusWriter, read_index, sources_needing_work
 
     before = read_index(root)
     history = read_index(root, include_superseded=True)
@@ -281,8 +284,9 @@ def refilter(
     )
     part = None
     if sources and not dry_run:
-        part = rewrite_sources_rows(root, _rows_by_source(after, sources))
-        _write_manifest(root, decide, dedup)
+        with CorpusWriter(root) as writer:  # the corpus lock, for the part and the manifest
+            part = writer.rewrite(_rows_by_source(after, sources))
+            _write_manifest(writer, decide, dedup)
     late = [s for s in LATE_SIGNALS if s in dict(decide.thresholds)]
     return {
         "root": root,

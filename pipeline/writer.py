@@ -19,7 +19,8 @@ visible when its upload completes), so a source is done iff it appears in a
 committed ``sources`` part. Opening a corpus deletes what a killed run left behind
 (parts and shards without a ``sources`` part, temporary files, unfinished multipart
 uploads) and continues the numbering, so resuming never shows a partial shard and
-never writes a clip twice. Only one writer may work on a corpus root at a time.
+never writes a clip twice. One writer works on a corpus root at a time: the writer
+holds ``<root>/lock.json`` (``pipeline.lock``) from opening until :meth:`CorpusWriter.unlock`.
 
 With ``WriteConfig.clip_files``, each kept clip's payload is also written as
 ``clips/<key>.mp4`` the moment its row arrives (so the writer holds no payloads); such
@@ -76,6 +77,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
+from pipeline.lock import CorpusLock
 from pipeline.storage import LocalStorage, S3Storage, Storage, join, storage_for
 
 __all__ = [
@@ -407,7 +409,13 @@ class CorpusWriter:
         self._clip_files: set[str] = set()  # clip files written for incomplete sources
         self._run_counts = dict.fromkeys(schemas.COUNT_KEYS, 0)
         self.duplicates_skipped = 0
-        self._next = self._recover()
+        self._lock = CorpusLock(root, self._st)
+        self._lock.acquire()  # before deleting what a dead run left: no live run's files
+        try:
+            self._next = self._recover()
+        except BaseException:
+            self._lock.release()
+            raise
 
     def __repr__(self) -> str:
         return f"CorpusWriter({self.root!r}, next_part={self._next})"
@@ -416,10 +424,19 @@ class CorpusWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        try:
+            if exc_type is None:
+                self.close()
+            else:
+                self.abort()
+        finally:
+            self.unlock()
+
+    def unlock(self) -> None:
+        """Release the corpus lock (``pipeline.lock``): after the last commit and the
+        manifest. Without it, the next writer takes the lock over once this process
+        has exited (or its heartbeat is stale)."""
+        self._lock.release()
 
     # -- open / resume ---------------------------------------------------------------------
 
@@ -652,6 +669,7 @@ class CorpusWriter:
         """Shard, then index part, then sources part (the marker); each write atomic."""
         if not self._source_rows:
             return
+        self._lock.check()
         n = self._next
         self._close_tar(sync=self._local)
         if self._samples:
@@ -666,6 +684,7 @@ class CorpusWriter:
         self._index_rows, self._source_rows, self._samples = [], [], 0
 
     def _write_part(self, n: int, index: pa.Table, sources: pa.Table) -> None:
+        self._lock.check()
         self._st.write(join(self.root, schemas.INDEX_DIR, _part_name(n)), _parquet_bytes(index))
         _kill_point("index")
         self._st.write(join(self.root, schemas.SOURCES_DIR, _part_name(n)), _parquet_bytes(sources))
@@ -759,6 +778,7 @@ class CorpusWriter:
             "counts": corpus_counts(self.root),
         }
         data = json.dumps(manifest, indent=2, allow_nan=False).encode("utf-8")
+        self._lock.check()
         self._st.write(join(self.root, schemas.MANIFEST_NAME), data)
         _kill_point("manifest")
         return manifest
@@ -847,4 +867,5 @@ def rewrite_sources_rows(
     uncommitted source or a row that does not fit; nothing is written then. Like any
     writer, it must not run while a build writes to the same root.
     """
-    return CorpusWriter(root).rewrite(rows_by_source)
+    with CorpusWriter(root) as writer:
+        return writer.rewrite(rows_by_source)

@@ -24,6 +24,7 @@ __all__ = [
     "CLIP_SCHEMA",
     "CLIP_STATUSES",
     "INDEX_DIR",
+    "LOCK_NAME",
     "MANIFEST_NAME",
     "SAMPLE_CAPTION",
     "SAMPLE_LATENTS",
@@ -52,6 +53,8 @@ MANIFEST_NAME = "manifest.json"
 INDEX_DIR = "index"
 SOURCES_DIR = "sources"
 SHARDS_DIR = "shards"
+# present while a build or refilter writes (pipeline.lock): who, and its last heartbeat
+LOCK_NAME = "lock.json"
 # optional (``write.clip_files``): each kept clip's payload, the H.264 mp4 at the working
 # resolution and the VAE's frame rate that the stages saw, as ``clips/<key>.mp4``
 CLIPS_DIR = "clips"
