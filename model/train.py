@@ -47,6 +47,7 @@ from model.data import PackedLoader, read_manifest
 from model.dit import ATTN_BACKENDS, DiT, DiTConfig, build_dit
 from model.ema import EMA
 from model.flow import REDUCTIONS, caption_keep_mask, flow_loss, resolution_shift
+from model.loader import OVERSIZE_POLICIES
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -74,6 +75,9 @@ class TrainConfig:
     steps: int = 100
     lr: float = 1e-4
     token_budget: int = 4096  # tokens per packed sequence, per rank and micro-step
+    # a sample larger than token_budget: "skip" it, "crop" it to fewer frames, or
+    # "downscale" it to a smaller resolution the corpus stores (encode.extra_pixel_budgets)
+    oversize: str = "skip"
     seed: int = 0
     log_every: int = 10
     device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda when available)
@@ -104,6 +108,8 @@ class TrainConfig:
             problems.append(f"precision {self.precision!r} is not auto, bf16 or fp32")
         if self.loss_reduction not in REDUCTIONS:
             problems.append(f"loss_reduction {self.loss_reduction!r} is not one of {REDUCTIONS}")
+        if self.oversize not in OVERSIZE_POLICIES:
+            problems.append(f"oversize {self.oversize!r} is not one of {OVERSIZE_POLICIES}")
         if self.attn_backend not in ATTN_BACKENDS:
             problems.append(f"attn_backend {self.attn_backend!r} is not one of {ATTN_BACKENDS}")
         if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
@@ -158,6 +164,7 @@ def make_loader(
         world_size=world_size,
         num_workers=cfg.num_workers,
         shuffle_buffer=cfg.shuffle_buffer,
+        oversize=cfg.oversize,
     )
 
 
@@ -177,16 +184,28 @@ class _Stream:
                 count += 1
                 yield batch
             if count == 0 and fresh:
-                raise ValueError(
-                    f"{self.where}: an epoch produced no packed batch for this rank: the "
-                    "corpus is empty, no sample fits the token budget, or an epoch packs "
-                    "into fewer sequences than there are ranks (a smaller token_budget "
-                    f"makes more) ({self.loader.stats})"
-                )
+                raise ValueError(f"{self.where}: {_no_batch_reason(self.loader.stats)}")
             self.epoch, fresh = self.epoch + 1, True
 
     def __next__(self) -> Any:
         return next(self._it)
+
+
+def _no_batch_reason(stats: Any) -> str:
+    """Why an epoch gave this rank nothing to train on, from its loader's counts."""
+    packed, skipped = stats.samples_packed, stats.samples_skipped
+    if packed == 0 and skipped > 0:
+        return (
+            f"no batch: all {skipped} samples are larger than the token budget and were "
+            "skipped; raise --token-budget, or fit them with --oversize crop (fewer "
+            "frames) or --oversize downscale (a smaller stored resolution)"
+        )
+    if packed == 0:
+        return "no batch: the corpus has no kept samples"
+    return (
+        f"no batch for this rank: an epoch of {packed} samples packs into fewer sequences "
+        "than there are ranks; a smaller --token-budget makes more"
+    )
 
 
 def _to_device(batch: Any, device: torch.device) -> dict[str, Any]:
@@ -400,10 +419,12 @@ def _resolved_config(
 def _check_resumable(saved: dict[str, Any], resolved: dict[str, Any], path: Path) -> None:
     if saved["model"] != resolved["model"]:
         raise ValueError(f"{path}: the checkpoint's model config differs from this run's")
+    # a field the checkpoint predates ran with its default
+    defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
     changed = sorted(
         k
         for k, v in resolved["train"].items()
-        if saved["train"].get(k) != v and k not in RESUMABLE_CHANGES
+        if saved["train"].get(k, defaults[k]) != v and k not in RESUMABLE_CHANGES
     )
     if changed:
         raise ValueError(

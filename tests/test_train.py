@@ -6,6 +6,7 @@ index (schemas.CLIP_SCHEMA) with its sources/ commit marker, and manifest.json. 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -319,3 +320,34 @@ def test_ddp_and_fsdp_on_gloo_two_processes(tmp_path: Path) -> None:
         model, _ = load_checkpoint(str(tmp_path / name / "checkpoint.pt"), ema=True)
         assert set(state["ema"]) == {n for n, _ in model.named_parameters()}
         assert state["model"]["x_embedder.weight"].shape == model.x_embedder.weight.shape
+
+
+def test_samples_over_the_budget_are_cropped_or_named_in_the_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = str(make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM))
+    # three of MIX's latents take 12 or 18 tokens: more than a budget of 10
+    crop = TrainConfig(steps=2, lr=1e-2, token_budget=10, log_every=1, oversize="crop")
+    losses = train(root, str(tmp_path / "crop"), crop)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    out = capsys.readouterr().out
+    assert "samples_cropped=3" in out and "samples_skipped=0" in out
+    train(root, str(tmp_path / "skip"), dataclasses.replace(crop, oversize="skip"))
+    assert "samples_skipped=3" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="all 8 samples are larger than the token budget"):
+        train(root, str(tmp_path / "none"), TrainConfig(steps=1, token_budget=3))
+    with pytest.raises(ValueError, match="oversize 'shrink' is not one of"):
+        TrainConfig(oversize="shrink").validate()
+
+
+def test_a_checkpoint_from_before_a_new_field_resumes_with_its_default(tmp_path: Path) -> None:
+    root = str(make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM))
+    out = tmp_path / "run"
+    cfg = TrainConfig(steps=1, lr=1e-2, token_budget=48)
+    train(root, str(out), cfg)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["train"]["oversize"]  # as a checkpoint written before the field
+    torch.save(state, out / "checkpoint.pt")
+    assert len(train(root, str(out), dataclasses.replace(cfg, steps=2), resume=True)) == 1
+    with pytest.raises(ValueError, match=r"cannot resume with changed \['oversize'\]"):
+        train(root, str(out), dataclasses.replace(cfg, steps=3, oversize="crop"), resume=True)
