@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import ray
 
+import schemas
+from pipeline.compat import check_resume
 from pipeline.config import (
     ACTOR_STAGES,
     BuildConfig,
@@ -585,11 +587,30 @@ def build(
     _check_root(out)
     t0 = time.time()
     sources = expand_sources(source_args, exclude=out)
+    changed = _check_resume(out, cfg)
     writer = CorpusWriter(out, cfg.write)  # takes the corpus lock: one writer per corpus
     try:
+        if changed:
+            shown = ", ".join(changed[:6]) + (
+                f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            )
+            echo(
+                f"note: {out} was built with other settings for {shown}; committed sources "
+                "keep what their run made (reelpack refilter re-decides them)"
+            )
         return _build(sources, out, cfg, echo, writer, t0)
     finally:
         writer.unlock()
+
+
+def _check_resume(out: str, cfg: BuildConfig) -> list[str]:
+    """Raise CorpusMismatch when ``out`` holds another VAE's latents (pipeline.compat);
+    the config keys that differ from the ones it was built with."""
+    st = storage_for(out)
+    uri = join(out, schemas.MANIFEST_NAME)
+    if not st.exists(uri):
+        return []
+    return check_resume(out, json.loads(st.read(uri)), _manifest_extra(cfg))
 
 
 def _build(

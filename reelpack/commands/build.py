@@ -11,6 +11,7 @@ __all__ = ["register", "summary_text"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.compat import CorpusMismatch
     from pipeline.config import load_config
     from pipeline.graph import PlacementError, build
 
@@ -24,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = build(args.sources, args.out, cfg)
-    except (FileNotFoundError, NotADirectoryError, PlacementError) as e:
-        # a missing source, --out a file, or stages configured larger than the cluster
+    except (FileNotFoundError, NotADirectoryError, PlacementError, CorpusMismatch) as e:
+        # a missing source, --out a file or another VAE's corpus, stages the cluster
+        # cannot place
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
     if args.json:

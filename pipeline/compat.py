@@ -1,0 +1,89 @@
+"""Whether a build may add to an existing corpus, from the corpus's ``manifest.json``.
+
+A corpus holds the latents of one VAE at one patch size: the trainer normalises every
+sample with the manifest's single VAE description, so latents of another VAE (another
+class, architecture or normalisation) or patch size would train silently wrong.
+:func:`check_resume` refuses those. Other settings may change between runs (a resume
+with new thresholds, more actors, another device); the ones that change what is
+stored are listed, since committed sources keep what their run made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["CorpusMismatch", "check_resume", "config_changes"]
+
+# What makes two VAE descriptions (model.vae.VideoVAE.describe) encode alike.
+_VAE_IDENTITY = (
+    "class",
+    "config_sha256",
+    "latent_channels",
+    "spatial_factor",
+    "temporal_factor",
+    "frame_rule",
+    "normalization",
+)
+# Settings that change how a build runs, not what it stores.
+_RUNTIME = (
+    "ray",
+    "model_cache",
+    "split.decoder",
+    "split.flush_mib",
+    "split.timeout_s",
+    "split.transnet_device",
+    "write.commit_interval_s",
+    "write.part_max_rows",
+    "write.shard_max_bytes",
+    "write.shard_max_samples",
+)
+_RUNTIME_NAMES = ("device", "batch_size")
+
+
+class CorpusMismatch(ValueError):
+    """The corpus at ``--out`` holds latents this build's VAE or patch size cannot add to."""
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _runtime(path: str) -> bool:
+    return (
+        any(path == r or path.startswith(r + ".") for r in _RUNTIME)
+        or path.rsplit(".", 1)[-1] in _RUNTIME_NAMES
+    )
+
+
+def config_changes(built: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Dotted config keys whose value differs and that change what a build stores."""
+    old, new = _flat(built), _flat(now)
+    return sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not _runtime(k)
+    )
+
+
+def check_resume(root: str, manifest: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
+    """Raise :class:`CorpusMismatch` when ``run`` (this build's manifest fields: ``vae``,
+    ``patch_size``, ``config``) cannot add to the corpus ``manifest`` describes; else the
+    config keys that changed since it was built."""
+    old_vae, new_vae = manifest.get("vae") or {}, run.get("vae") or {}
+    differ = [k for k in _VAE_IDENTITY if old_vae.get(k) != new_vae.get(k)]
+    if list(manifest.get("patch_size") or []) != list(run.get("patch_size") or []):
+        differ.append("patch_size")
+    if differ:
+        raise CorpusMismatch(
+            f"{root} holds latents of another VAE or patch size ({', '.join(differ)} differ: "
+            f"the corpus has {old_vae.get('class')} {old_vae.get('id')!r}, patch "
+            f"{manifest.get('patch_size')}; this build has {new_vae.get('class')} "
+            f"{new_vae.get('id')!r}, patch {run.get('patch_size')}). Build into a new --out"
+        )
+    return config_changes(manifest.get("config") or {}, run.get("config") or {})
