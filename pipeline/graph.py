@@ -378,7 +378,7 @@ def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, 
         s.fn(*s.args) if s.kind in ("task", "actors", "single") else s.fn
         for s in build_steps(cfg, out)
     ]
-    writer = CorpusWriter(out, cfg.write)
+    writer = CorpusWriter(out, cfg.write, (config_hash(cfg), to_dict(cfg)))
     try:
         stitcher = RangeStitcher()
         for source in expand_sources(sources, exclude=out):
@@ -588,15 +588,21 @@ def build(
     t0 = time.time()
     sources = expand_sources(source_args, exclude=out)
     changed = _check_resume(out, cfg)
-    writer = CorpusWriter(out, cfg.write)  # takes the corpus lock: one writer per corpus
+    # takes the corpus lock: one writer per corpus
+    writer = CorpusWriter(out, cfg.write, (config_hash(cfg), to_dict(cfg)))
     try:
         if changed:
             shown = ", ".join(changed[:6]) + (
                 f" and {len(changed) - 6} more" if len(changed) > 6 else ""
             )
+            hint = (
+                "; `reelpack refilter` re-decides them with new thresholds"
+                if any(k.startswith(("decide.", "dedup.")) for k in changed)
+                else ""
+            )
             echo(
-                f"note: {out} was built with other settings for {shown}; committed sources "
-                "keep what their run made (reelpack refilter re-decides them)"
+                f"note: {out} was built with other settings for {shown}; they apply to the "
+                f"sources this run builds, committed sources keep what their run made{hint}"
             )
         return _build(sources, out, cfg, echo, writer, t0)
     finally:

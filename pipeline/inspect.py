@@ -19,7 +19,9 @@ trainer would and lists every problem it finds:
 - manifest: present, current schema version, counts equal to the index;
 - clip files, when the manifest's config wrote them (``write.clip_files``): every kept
   row has its ``clips/<key>.mp4``. Files of clips no longer kept (a refilter) are
-  counted as ``stale_clip_files``, not problems.
+  counted as ``stale_clip_files``, not problems;
+- build configs: the config each source names (``config_hash``) is stored as
+  ``configs/<hash>.json``.
 
 Only safetensors headers, JSON and text are parsed; nothing is unpickled and
 latent tensors are not loaded (the header gives dtype and shape).
@@ -341,6 +343,16 @@ def _check_clip_files(
     return {"clip_files": len(names & set(wanted)), "stale_clip_files": len(names - set(wanted))}
 
 
+def _check_configs(st: Storage, root: str, sources: pa.Table, problems: list[str]) -> int:
+    """Every source's ``config_hash`` names a stored config; the number of configs."""
+    names = {uri.rsplit("/", 1)[-1] for uri in st.list(join(root, schemas.CONFIGS_DIR))}
+    hashes = {h for h in sources.column("config_hash").to_pylist() if h is not None}
+    for h in sorted(hashes):
+        if schemas.config_file(h).rsplit("/", 1)[-1] not in names:
+            problems.append(f"sources built with config {h}: {schemas.config_file(h)} is missing")
+    return len(hashes)
+
+
 def inspect_corpus(root: str) -> InspectReport:
     """Check the corpus at ``root``; see the module docstring for what is checked."""
     st = storage_for(root)
@@ -363,6 +375,7 @@ def inspect_corpus(root: str) -> InspectReport:
     write_cfg = ((manifest or {}).get("config") or {}).get("write") or {}
     if write_cfg.get("clip_files"):
         stats.update(_check_clip_files(st, root, live, problems))
+    stats["build_configs"] = _check_configs(st, root, sources, problems)
     report.stats = {
         **counts,
         **stats,

@@ -201,7 +201,7 @@ def _cast_row(
 _SOURCE_NAMES = {
     f.name: f"src_{f.name}"
     for f in schemas.SOURCE_SCHEMA
-    if f.name not in ("source", "fps", "width", "height")
+    if f.name not in ("source", "fps", "width", "height", "config_hash")
 }
 
 
@@ -390,9 +390,17 @@ class _Pending:
 class CorpusWriter:
     """Writes a stream of clip rows into a corpus at ``root`` (local folder or ``s3://``)."""
 
-    def __init__(self, root: str, cfg: WriteConfig = WriteConfig()) -> None:
+    def __init__(
+        self,
+        root: str,
+        cfg: WriteConfig = WriteConfig(),
+        build_config: tuple[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """``build_config``: (hash, resolved config) of the build writing new sources,
+        stored as ``configs/<hash>.json`` and named by their ``config_hash``."""
         self.root = root
         self.cfg = cfg
+        self._config_hash = build_config[0] if build_config else None
         self._st = storage_for(root)
         self._local = isinstance(self._st, LocalStorage)
         self._tmp: str | None = None  # S3: local folder of the shard being written
@@ -413,6 +421,9 @@ class CorpusWriter:
         self._lock.acquire()  # before deleting what a dead run left: no live run's files
         try:
             self._next = self._recover()
+            if build_config is not None:  # before any source row names it
+                blob = json.dumps(build_config[1], indent=2, sort_keys=True).encode()
+                self._st.write(join(root, schemas.config_file(build_config[0])), blob)
         except BaseException:
             self._lock.release()
             raise
@@ -535,6 +546,7 @@ class CorpusWriter:
         clips = [r for r in rows if r["clip_id"] is not None]
         index_rows = [_cast_row(r, schemas.CLIP_SCHEMA, {}) for r in clips]
         source_row = _cast_row(rows[0], schemas.SOURCE_SCHEMA, _SOURCE_NAMES)
+        source_row["config_hash"] = self._config_hash
         if source_row["status"] not in schemas.SOURCE_STATUSES:
             raise ValueError(f"source {source!r}: unknown src_status {source_row['status']!r}")
         samples: list[tuple[dict[str, Any], bytes]] = []

@@ -23,6 +23,7 @@ __all__ = [
     "CLIP_COLUMNS",
     "CLIP_SCHEMA",
     "CLIP_STATUSES",
+    "CONFIGS_DIR",
     "INDEX_DIR",
     "LOCK_NAME",
     "MANIFEST_NAME",
@@ -42,6 +43,7 @@ __all__ = [
     "TENSOR_LATENTS_AT",
     "TENSOR_TEXT_EMBEDS",
     "clip_file",
+    "config_file",
     "latents_tensor_name",
     "score_column",
 ]
@@ -63,6 +65,15 @@ CLIPS_DIR = "clips"
 def clip_file(key: str) -> str:
     """Path of a kept clip's file under the corpus root."""
     return f"{CLIPS_DIR}/{key}.mp4"
+
+
+# each build run's resolved config, named by its hash (sources.config_hash)
+CONFIGS_DIR = "configs"
+
+
+def config_file(config_hash: str) -> str:
+    """Path of a build config under the corpus root."""
+    return f"{CONFIGS_DIR}/{config_hash}.json"
 
 
 # --- shard sample layout ---------------------------------------------------------------
@@ -137,6 +148,8 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("start_s", pa.float64()),  # stream start time in the container
         pa.field("num_frames_exact", pa.bool_()),  # num_frames from the container, not estimated
         pa.field("has_audio", pa.bool_()),
+        # the resolved build config the source was built with: config_file(config_hash)
+        pa.field("config_hash", pa.string()),
     ]
 )
 

@@ -16,7 +16,7 @@ import webdataset as wds
 from safetensors.torch import load as load_safetensors
 
 import schemas
-from pipeline.config import BuildConfig, load_config
+from pipeline.config import BuildConfig, config_hash, load_config, to_dict
 from pipeline.graph import build, build_steps, run_in_process, stage_labels
 from pipeline.inspect import inspect_corpus
 from pipeline.synth import synth_video
@@ -157,6 +157,10 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     manifest = json.loads((Path(root) / schemas.MANIFEST_NAME).read_text())
     assert manifest["schema_version"] == schemas.SCHEMA_VERSION
     assert manifest["random_weights"] is True
+    # each source names the config that built it, stored beside the corpus
+    assert {r["config_hash"] for r in read_sources(root).to_pylist()} == {config_hash(live)}
+    stored = Path(root) / schemas.config_file(config_hash(live))
+    assert json.loads(stored.read_text()) == to_dict(live) == manifest["config"]
     assert manifest["counts"]["clips_kept"] == len(samples)
     assert manifest["vae"]["class"] == "AutoencoderKLWan"
     # the kept clips as files: what encode saw, at its size; nothing else

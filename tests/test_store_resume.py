@@ -31,15 +31,23 @@ import schemas
 from pipeline.inspect import inspect_corpus
 from pipeline.stages.base import rows_to_batch
 from pipeline.storage import is_s3, split_s3
-from pipeline.writer import KILL_ENV, CorpusWriter, WriteConfig, read_index, rewrite_sources_rows
+from pipeline.writer import (
+    KILL_ENV,
+    CorpusWriter,
+    WriteConfig,
+    read_index,
+    read_sources,
+    rewrite_sources_rows,
+)
 
 
 # --- inspect ---------------------------------------------------------------------------------
 def _make(root: str) -> str:
-    writer = CorpusWriter(root, WriteConfig(shard_max_samples=2))
+    writer = CorpusWriter(root, WriteConfig(shard_max_samples=2), ("c0ffee", {"preset": "tiny"}))
     writer.add(rows_to_batch(_rows(), columns=schemas.STREAM_COLUMNS))
     writer.close()
     writer.write_manifest({"vae": {"id": "tiny", "latent_channels": 4}, "patch_size": [1, 2, 2]})
+    writer.unlock()
     return root
 
 
@@ -72,6 +80,7 @@ def test_inspect_passes_on_a_good_corpus(good: str) -> None:
     assert report.ok, report.problems
     assert report.stats["clips_kept"] == 4 and report.stats["samples"] == 4
     assert report.stats["shards_read"] == report.stats["shards"] == 2
+    assert report.stats["build_configs"] == 1
 
 
 def test_inspect_passes_on_s3(s3_bucket: str) -> None:
@@ -83,6 +92,8 @@ def test_inspect_passes_on_s3(s3_bucket: str) -> None:
 def test_inspect_after_refilter_counts_stale_samples(good: str) -> None:
     rows = {r["clip_id"]: r for r in read_index(good).to_pylist()}
     rewrite_sources_rows(good, {"/videos/v0.mp4": [dict(rows["clip00"], status="rejected")]})
+    # new decisions, same lineage: the source still names the config that built it
+    assert {r["config_hash"] for r in read_sources(good).to_pylist()} == {"c0ffee"}
     with open(os.path.join(good, schemas.MANIFEST_NAME)) as f:
         manifest = json.load(f)
     CorpusWriter(good).write_manifest({k: manifest[k] for k in ("vae", "patch_size")})
@@ -127,6 +138,10 @@ _DAMAGE = {
     "manifest counts": (
         lambda c: _edit_manifest(c, lambda m: m["counts"].update(clips_kept=99)),
         ["counts.clips_kept is 99, the index gives 4"],
+    ),
+    "missing build config": (
+        lambda c: (c / "configs" / "c0ffee.json").unlink(),
+        ["sources built with config c0ffee: configs/c0ffee.json is missing"],
     ),
     "uncommitted leftover": (
         lambda c: (c / "index" / "part-000009.parquet").write_bytes(
