@@ -149,10 +149,16 @@ def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
         "committed": {"sources": 4, "clips": 9, "shards": 2, "latent_tokens": 12345},
         "interrupted": None,
     }
-    monkeypatch.setattr("pipeline.graph.build", lambda *a, **k: summary)
+
+    def build(*args: object, echo=print, **kwargs: object) -> dict:
+        echo("sources: 5 found, 1 already done, 4 to build")  # what build() says on the way
+        return summary
+
+    monkeypatch.setattr("pipeline.graph.build", build)
     monkeypatch.setattr("pipeline.config.load_config", lambda *a, **k: None)
     assert cli.main(["build", "v.mp4", "--out", "/data/c"]) == 0
     assert capsys.readouterr().out.splitlines() == [
+        "sources: 5 found, 1 already done, 4 to build",
         "sources    4 done of 4 (1 failed; 1 already in the corpus) in 12.3 s",
         "clips      kept 6, rejected 3, error 0",
         "rejected   still_fraction>0.9 2, motion<0.002 1",
@@ -160,6 +166,8 @@ def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
         "summary    /data/c/summary.json (--json prints it)",
     ]
     assert cli.main(["build", "v.mp4", "--out", "/data/c", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == summary
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == summary  # stdout is the JSON alone
+    assert printed.err == "sources: 5 found, 1 already done, 4 to build\n"
     summary["interrupted"] = "SIGINT"
     assert cli.main(["build", "v.mp4", "--out", "/data/c"]) == 130

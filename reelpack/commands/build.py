@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"reelpack build: config error: {e}", file=sys.stderr)
         return 2
     try:
-        summary = build(args.sources, args.out, cfg)
+        # with --json, stdout carries the summary alone; the running lines go to stderr
+        echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
+        summary = build(args.sources, args.out, cfg, echo=echo)
     except (FileNotFoundError, NotADirectoryError, PlacementError, CorpusMismatch) as e:
         # a missing source, --out a file or another VAE's corpus, stages the cluster
         # cannot place
