@@ -120,9 +120,11 @@ class CorpusLock:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
-        held = self._read()
-        if held is not None and held.get("run") == self.run:
-            with contextlib.suppress(OSError):
+        # Release runs in `finally` blocks: storage trouble here must not hide the error
+        # being raised; a lock left behind is taken over later.
+        with contextlib.suppress(OSError):
+            held = self._read()
+            if held is not None and held.get("run") == self.run:
                 self._st.delete(self.uri)
 
     def _takeover_reason(self, held: dict[str, Any]) -> str | None:

@@ -154,3 +154,27 @@ def test_the_lock_on_s3(s3_bucket: str, live_pid: int) -> None:
         assert _lock(root)["run"] == writer._lock.run
     assert not S3Storage().exists(join(root, schemas.LOCK_NAME))
     assert read_index(root).num_rows == 0
+
+
+def test_release_never_hides_the_error_being_raised(tmp_path: Path) -> None:
+    class Broken:  # storage that has started failing
+        def __init__(self) -> None:
+            self.inner, self.down = storage_for(str(tmp_path)), False
+
+        def read(self, uri: str) -> bytes:
+            if self.down:
+                raise OSError("storage down")
+            return self.inner.read(uri)
+
+        def write(self, uri: str, data: bytes) -> None:
+            self.inner.write(uri, data)
+
+        def delete(self, uri: str) -> None:
+            self.inner.delete(uri)
+
+    st = Broken()
+    lock = CorpusLock(str(tmp_path / "corpus"), st, stale_s=30.0)  # type: ignore[arg-type]
+    lock.acquire()
+    st.down = True
+    lock.release()  # no OSError: the lock stays for the next run to take over
+    assert _lock(str(tmp_path / "corpus")) is not None
