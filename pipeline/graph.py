@@ -488,12 +488,17 @@ def _per_stage(counts: StageCounts, order: list[str]) -> dict[str, Any]:
     return out
 
 
-def _manifest_extra(cfg: BuildConfig) -> dict[str, Any]:
+@functools.lru_cache(maxsize=4)
+def _describe_vae(vae: str, vae_class: str, subfolder: str | None) -> str:
+    """The manifest's ``vae`` object as JSON; loading a VAE takes seconds, and a resumed
+    build needs it twice (the compatibility check, the manifest)."""
     from model.vae import describe_pretrained
 
-    vae = describe_pretrained(
-        cfg.encode.vae, vae_class=cfg.encode.vae_class, subfolder=cfg.encode.vae_subfolder
-    )
+    return json.dumps(describe_pretrained(vae, vae_class=vae_class, subfolder=subfolder))
+
+
+def _manifest_extra(cfg: BuildConfig) -> dict[str, Any]:
+    vae = json.loads(_describe_vae(cfg.encode.vae, cfg.encode.vae_class, cfg.encode.vae_subfolder))
     return {
         "vae": vae,
         "patch_size": list(cfg.encode.patch_size),
