@@ -64,7 +64,7 @@ def encode_mp4(
     pix_fmt: str = "rgb24",
     colorspace: int | None = None,
     color_range: int | None = None,
-    threads: int = 0,
+    threads: int = 1,
 ) -> bytes:
     """Encode frames of one size with even H, W to H.264 mp4 bytes.
 
@@ -73,7 +73,9 @@ def encode_mp4(
     no colour conversion; ``colorspace``/``color_range`` (FFmpeg AVColorSpace /
     AVColorRange values) tag the stream so decoders convert them back right.
 
-    ``threads``: x264 threads, 0 for its own choice (about 1.5 per core).
+    ``threads``: x264 threads. With 1 (the default) the bytes depend on the frames alone;
+    0 lets x264 choose (about 1.5 per core), faster for long clips, but then the same
+    frames now and then encode to different bytes (and slightly different pixels).
 
     The frame rate is stored as a rational approximation of ``fps`` so that
     fractional rates such as 29.97 round-trip.
