@@ -6,7 +6,9 @@ rejected with their dotted path, so a typo never passes silently::
     encode:
       pixel_budget: 409920
     decide:
-      thresholds: {motion: [0.002, null]}
+      thresholds: {motion: [0.01, null]}   # edits the defaults: the others stay
+
+``--set KEY=VALUE`` items (:func:`parse_overrides`) lay single values over the file.
 
 Presets fill in model locations: ``default`` names the real models a user with a
 GPU runs (hub ids); ``tiny`` builds random-weight models from small configs into
@@ -31,7 +33,7 @@ import yaml
 from pipeline.stages.aesthetic import AestheticConfig
 from pipeline.stages.agreement import AgreementConfig
 from pipeline.stages.caption import CaptionConfig
-from pipeline.stages.decide import DecideConfig
+from pipeline.stages.decide import DEFAULT_THRESHOLDS, DecideConfig, edit_thresholds
 from pipeline.stages.dedup import DedupConfig
 from pipeline.stages.encode import EncodeConfig
 from pipeline.stages.probe import ProbeConfig
@@ -49,6 +51,8 @@ __all__ = [
     "config_hash",
     "from_dict",
     "load_config",
+    "merge_layers",
+    "parse_overrides",
     "resolve_preset",
     "to_dict",
     "validate",
@@ -384,21 +388,74 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(
-    path: str | None = None, preset: str | None = None, **overrides: Any
-) -> BuildConfig:
-    """Load a config: defaults <- YAML/JSON file <- preset name <- overrides, then the preset
-    resolves model locations (building tiny models if needed)."""
+def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
+    """Command-line ``KEY=VALUE`` items as a nested mapping to lay over a config:
+    ``["split.detector=content", "decide.thresholds.motion=[0.01, null]"]`` gives
+    ``{"split": {"detector": "content"}, "decide": {"thresholds": {"motion": [0.01,
+    None]}}}``. Keys are dotted paths into :class:`BuildConfig`; values are read as
+    YAML (``0.5``, ``true``, ``null``, ``[1, 2]``; anything else is a string). Later
+    items win. Unknown keys and bad values are caught when the config is built."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. split.detector=content")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        node = out
+        for i, name in enumerate(path[:-1]):
+            child = node.setdefault(name, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {item!r}: {'.'.join(path[: i + 1])} is already a value")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def merge_layers(thresholds: Any, layers: typing.Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Config mappings merged in order, later keys winning (nested sections merge key by
+    key). ``decide.thresholds`` edits ``thresholds`` layer by layer
+    (:func:`~pipeline.stages.decide.edit_thresholds`): a mapping changes only the
+    signals it names, so a file that adds an aesthetic threshold keeps the defaults."""
     data: dict[str, Any] = {}
+    edited = False
+    for layer in layers:
+        decide = layer.get("decide")
+        if isinstance(decide, dict) and "thresholds" in decide:
+            try:
+                thresholds = edit_thresholds(thresholds, decide["thresholds"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"config decide.thresholds: {e}") from None
+            edited = True
+        data = _deep_merge(data, layer)
+    if edited:
+        data["decide"]["thresholds"] = [[name, list(bounds)] for name, bounds in thresholds]
+    return data
+
+
+def load_config(
+    path: str | None = None,
+    preset: str | None = None,
+    sets: typing.Iterable[str] = (),
+    **overrides: Any,
+) -> BuildConfig:
+    """Load a config: defaults <- YAML/JSON file <- preset name <- ``sets`` (``KEY=VALUE``
+    items, :func:`parse_overrides`) <- overrides, then the preset resolves model
+    locations (building tiny models if needed)."""
+    layers: list[dict[str, Any]] = []
     if path:
         text = Path(path).read_text()
         loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config {path}: top level must be a mapping")
-        data = loaded
+        layers.append(loaded)
     if preset:
-        data = _deep_merge(data, {"preset": preset})
-    data = _deep_merge(data, overrides)
+        layers.append({"preset": preset})
+    layers += [parse_overrides(sets), overrides]
+    data = merge_layers(DEFAULT_THRESHOLDS, layers)
     cfg = from_dict(BuildConfig, data)
     validate(cfg)  # before the preset builds any model
     resolved = resolve_preset(cfg, user_keys=data)

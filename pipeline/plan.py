@@ -35,13 +35,15 @@ import itertools
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.config import BuildConfig, from_dict, load_config
+from pipeline.config import BuildConfig, from_dict, load_config, merge_layers, parse_overrides
+from pipeline.stages.decide import DEFAULT_THRESHOLDS
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import clip_spans
 from pipeline.video import even_size, resample_indices
@@ -416,10 +418,14 @@ def parse_rates(base: PlanRates, items: list[str] | dict[str, Any]) -> PlanRates
 
 
 def load_plan_config(
-    path: str | None, preset: str | None, rate_items: list[str] | None = None
+    path: str | None,
+    preset: str | None,
+    rate_items: list[str] | None = None,
+    sets: Sequence[str] = (),
 ) -> tuple[BuildConfig, PlanRates]:
     """The build config and plan rates: the config file may carry a ``plan:`` section of
-    rates beside the build sections; ``--rate`` items override it."""
+    rates beside the build sections; ``--rate`` items override it, as ``sets``
+    (``--set KEY=VALUE``) items override its build sections."""
     data: dict[str, Any] = {}
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
@@ -427,8 +433,8 @@ def load_plan_config(
             raise ValueError(f"config {path}: top level must be a mapping")
         data = dict(loaded)
     rate_section = data.pop("plan", None) or {}
-    if preset:
-        data["preset"] = preset
+    layers = [data, {"preset": preset} if preset else {}, parse_overrides(sets)]
+    data = merge_layers(DEFAULT_THRESHOLDS, layers)
     from_dict(BuildConfig, data)  # reject unknown keys before building tiny models
     cfg = load_config(None, **data)
     rates = parse_rates(RATE_PRESETS.get(cfg.preset, PlanRates()), rate_section)

@@ -1,8 +1,8 @@
 """Re-decide a built corpus from its stored scores: no decoding, no models.
 
-``reelpack refilter ROOT --config FILE`` reads the index, applies the ``decide``
-(and ``dedup``) sections of FILE, laid over the config the corpus was built with
-(:func:`load_refilter_config`), to the stored ``score_*``, ``frame_hash`` and
+``reelpack refilter ROOT --config FILE [--set KEY=VALUE]`` reads the index, applies the
+``decide`` (and ``dedup``) sections of FILE and the ``--set`` items, laid over the
+config the corpus was built with (:func:`load_refilter_config`), to the stored ``score_*``, ``frame_hash`` and
 ``clip_embedding`` columns, and records the new decisions as one new index part
 (:func:`pipeline.writer.rewrite_sources_rows`: "latest part wins", no shard is
 touched). Then:
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,27 +82,43 @@ def _section(cls: type[Any], name: str, built: dict[str, Any], given: Any) -> An
 
 
 def load_refilter_config(
-    path: str | Path, built: dict[str, Any] | None = None
+    path: str | Path | None,
+    built: dict[str, Any] | None = None,
+    sets: Sequence[str] = (),
 ) -> tuple[DecideConfig, DedupConfig]:
     """The ``decide`` and ``dedup`` settings to refilter with: ``built`` (the config the
     corpus was built with, :func:`built_config`; defaults where it is empty) with the
-    file's ``decide`` and ``dedup`` keys laid over it. A key the file leaves out keeps
-    its value from the build: a file that retunes thresholds does not also change,
-    say, the dedup threshold the build's preset chose.
+    file's ``decide`` and ``dedup`` keys, then the ``sets`` items (``KEY=VALUE``, as
+    ``--set`` gives them), laid over it. A key they leave out keeps its value from the
+    build: a file that retunes thresholds does not also change, say, the dedup
+    threshold the build's preset chose, and a ``thresholds`` mapping changes only the
+    signals it names (:func:`pipeline.stages.decide.edit_thresholds`).
 
     The whole file is validated like a build config (unknown keys are errors); model
-    presets are *not* resolved: refiltering needs no model.
+    presets are *not* resolved: refiltering needs no model. ``sets`` may only name
+    ``decide`` and ``dedup`` keys.
     """
-    from pipeline.config import BuildConfig, from_dict, validate
+    from pipeline.config import BuildConfig, from_dict, merge_layers, parse_overrides, validate
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path}: top level must be a mapping")
-    validate(from_dict(BuildConfig, data))  # validation only
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config {path}: top level must be a mapping")
+    over = parse_overrides(sets)
+    outside = sorted(set(over) - {"decide", "dedup"})
+    if outside:
+        raise ValueError(f"--set {', '.join(outside)}: refilter changes only decide and dedup")
     built = built or {}
+    built_decide = built.get("decide")
+    base = DecideConfig().thresholds
+    if isinstance(built_decide, dict) and "thresholds" in built_decide:
+        base = built_decide["thresholds"]
+    merged = merge_layers(base, [data, over])
+    validate(from_dict(BuildConfig, merged))  # validation only
     return (
-        _section(DecideConfig, "decide", built, data.get("decide")),
-        _section(DedupConfig, "dedup", built, data.get("dedup")),
+        _section(DecideConfig, "decide", built, merged.get("decide")),
+        _section(DedupConfig, "dedup", built, merged.get("dedup")),
     )
 
 

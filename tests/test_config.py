@@ -7,7 +7,16 @@ import re
 
 import pytest
 
-from pipeline.config import BuildConfig, config_hash, from_dict, load_config, to_dict, validate
+from pipeline.config import (
+    BuildConfig,
+    config_hash,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+    validate,
+)
+from pipeline.stages.decide import DEFAULT_THRESHOLDS
 from pipeline.stages.split import SplitConfig
 
 
@@ -169,3 +178,72 @@ def test_cli_build_exits_2_naming_a_bad_value_or_root(tmp_path, capsys) -> None:
     afile.write_text("")
     assert main(["build", str(video), "--out", str(afile)]) == 2
     assert f"--out {afile}: a file" in capsys.readouterr().err
+
+
+def test_set_items_lay_dotted_values_over_the_file(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("split: {detector: histogram, min_clip_s: 0.5}\n")
+    cfg = load_config(
+        str(path),
+        sets=[
+            "split.detector=content",  # over the file
+            "split.threshold=31.5",
+            "encode.patch_size=[1, 2, 2]",  # YAML values
+            "text_encode.enabled=true",
+            "ray.encode.max_actors=3",  # nested sections
+        ],
+    )
+    assert cfg.split.detector == "content" and cfg.split.threshold == 31.5
+    assert cfg.split.min_clip_s == 0.5  # the file's other keys stay
+    assert cfg.encode.patch_size == (1, 2, 2) and cfg.text_encode.enabled is True
+    assert cfg.ray.encode.max_actors == 3
+    assert parse_overrides(["a.b=1", "a.b=2", "a.c=x y"]) == {"a": {"b": 2, "c": "x y"}}
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("split.detector", "expected KEY=VALUE"),
+        ("split..detector=x", "expected KEY=VALUE"),
+        ("split.detectr=content", r"config split: unknown key\(s\) \['detectr'\]"),
+        ("split.min_clip_s=-1", "split.min_clip_s must be >= 0"),
+        ("split.min_clip_s=[1", "not valid YAML"),
+    ],
+)
+def test_bad_set_items_name_the_item_or_key(item: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(sets=[item])
+
+
+def test_a_thresholds_mapping_edits_the_defaults(tmp_path) -> None:
+    """A config that names some thresholds changes those and keeps every other default;
+    null removes one; a list of pairs (a stored config's form) is the whole set."""
+    path = tmp_path / "c.yaml"
+    path.write_text("decide:\n  thresholds: {aesthetic: [4.5, null], motion: [0.01, null]}\n")
+    got = load_config(str(path), sets=["decide.thresholds.text_coverage=null"])
+    expected = dict(DEFAULT_THRESHOLDS)
+    expected.update(aesthetic=(4.5, None), motion=(0.01, None))
+    del expected["text_coverage"]
+    assert got.decide.threshold_map() == expected
+    # the stored form round-trips as the whole set
+    again = load_config(None, decide={"thresholds": to_dict(got)["decide"]["thresholds"]})
+    assert again.decide.threshold_map() == expected
+    whole = load_config(sets=["decide.thresholds=[[motion, [0.01, null]]]"])
+    assert whole.decide.threshold_map() == {"motion": (0.01, None)}
+    with pytest.raises(
+        ValueError, match=r"decide\.thresholds: threshold on unknown signal 'moton'"
+    ):
+        load_config(sets=["decide.thresholds.moton=null"])
+
+
+def test_cli_build_and_plan_take_set_items(tmp_path, capsys) -> None:
+    from reelpack.cli import main
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    out = str(tmp_path / "c")
+    assert main(["build", str(video), "--out", out, "--set", "encode.target_fps=0"]) == 2
+    assert "encode.target_fps must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main(["plan", str(video), "--set", "split.detector=nope"]) == 2
+    assert "split.detector" in capsys.readouterr().err

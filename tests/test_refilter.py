@@ -74,7 +74,7 @@ def corpus(tmp_path: Path, built: dict[str, Any]) -> str:
     root = str(tmp_path / "corpus")
     with CorpusWriter(root) as writer:
         writer.add(built["batch"])
-    CorpusWriter(root).write_manifest({"config": to_dict(BuildConfig())})
+        writer.write_manifest({"config": to_dict(BuildConfig())})
     return root
 
 
@@ -215,7 +215,8 @@ def test_cli_refilter(
     corpus: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_recompute: list[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    cfg = write_config(tmp_path / "t.json", {"sharpness": [20, None]}, dedup={"enabled": False})
+    # a list of pairs is the whole set of thresholds: sharpness alone
+    cfg = write_config(tmp_path / "t.json", [["sharpness", [20, None]]], dedup={"enabled": False})
     assert main(["refilter", corpus, "--config", cfg]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["after"]["by_status"] == {"kept": 4, "rejected": 1}
@@ -242,8 +243,8 @@ def test_load_config_reads_decide_and_dedup_from_a_build_config(tmp_path: Path) 
         "dedup:\n  threshold: 0.9\n"
     )
     decide, dedup = load_refilter_config(path)
-    assert decide.thresholds == (("motion", (0.01, None)),) and decide.min_duration_s == 1.5
-    assert dedup.threshold == 0.9
+    assert decide.threshold_map() == {**dict(DEFAULT_THRESHOLDS), "motion": (0.01, None)}
+    assert decide.min_duration_s == 1.5 and dedup.threshold == 0.9
 
 
 def test_keys_the_file_leaves_out_keep_the_build_values(corpus: str, tmp_path: Path) -> None:
@@ -251,12 +252,19 @@ def test_keys_the_file_leaves_out_keep_the_build_values(corpus: str, tmp_path: P
     corpus was built (e.g. the dedup threshold a preset chose), read from its manifest."""
     built = to_dict(BuildConfig())
     built["decide"]["min_duration_s"] = 2.5
+    built["decide"]["thresholds"] = [["sharpness", [30.0, None]], ["exposure", [0.1, 0.9]]]
     built["dedup"].update(threshold=0.99, retired_key=1)  # a key this version dropped
-    CorpusWriter(corpus).write_manifest({"config": built})
+    with CorpusWriter(corpus) as writer:
+        writer.write_manifest({"config": built})
     path = write_config(tmp_path / "retune.json", {"motion": [0.01, None]})
     assert built_config(corpus) == built
     decide, dedup = load_refilter_config(path, built_config(corpus))
-    assert decide.thresholds == (("motion", (0.01, None)),)
+    # the build's thresholds, with the file's one added
+    assert decide.threshold_map() == {
+        "sharpness": (30.0, None),
+        "exposure": (0.1, 0.9),
+        "motion": (0.01, None),
+    }
     assert decide.min_duration_s == 2.5 and dedup.threshold == 0.99
     # without a corpus config: the defaults
     decide, dedup = load_refilter_config(path)
@@ -266,6 +274,28 @@ def test_keys_the_file_leaves_out_keep_the_build_values(corpus: str, tmp_path: P
     assert main(["refilter", corpus, "--config", path]) == 0
     assert built_config(corpus)["dedup"]["threshold"] == 0.99
     assert built_config(corpus)["decide"]["min_duration_s"] == 2.5
+
+
+def test_cli_set_items_edit_the_built_thresholds(
+    corpus: str, capsys: pytest.CaptureFixture[str], no_recompute: list[str]
+) -> None:
+    """``--set`` changes single thresholds and keeps the others: dropping motion and
+    still_fraction keeps the still clip, while sharpness still rejects the soft one."""
+    sets = [
+        "--set",
+        "decide.thresholds.motion=null",
+        "--set",
+        "decide.thresholds.still_fraction=null",
+    ]
+    assert main(["refilter", corpus, *sets, "--dry-run"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["after"]["by_status"] == {"kept": 3, "rejected": 2}
+    assert summary["after"]["rejected_by_reason"] == {"duplicate": 1, "sharpness<20": 1}
+    assert by_id(corpus)["still-a"]["status"] == "rejected"  # a dry run writes nothing
+    assert main(["refilter", corpus, "--set", "split.detector=content"]) == 2
+    assert "refilter changes only decide and dedup" in capsys.readouterr().err
+    assert main(["refilter", corpus]) == 2
+    assert "give --config FILE and/or --set KEY=VALUE" in capsys.readouterr().err
 
 
 def test_dedup_stage_seeded_from_the_corpus_on_resume(corpus: str, tmp_path: Path) -> None:

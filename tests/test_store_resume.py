@@ -96,7 +96,8 @@ def test_inspect_after_refilter_counts_stale_samples(good: str) -> None:
     assert {r["config_hash"] for r in read_sources(good).to_pylist()} == {"c0ffee"}
     with open(os.path.join(good, schemas.MANIFEST_NAME)) as f:
         manifest = json.load(f)
-    CorpusWriter(good).write_manifest({k: manifest[k] for k in ("vae", "patch_size")})
+    with CorpusWriter(good) as writer:
+        writer.write_manifest({k: manifest[k] for k in ("vae", "patch_size")})
     report = inspect_corpus(good)
     assert report.ok, report.problems
     assert report.stats["stale_samples"] == 1 and report.stats["superseded_rows"] == 1

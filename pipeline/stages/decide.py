@@ -49,6 +49,7 @@ __all__ = [
     "DecideConfig",
     "decide",
     "duration_reasons",
+    "edit_thresholds",
     "list_cells",
 ]
 
@@ -147,6 +148,24 @@ def _normalise(thresholds: Iterable[Any] | Mapping[str, Any]) -> tuple[tuple[str
     return tuple(out)
 
 
+def edit_thresholds(base: Any, edits: Any) -> tuple[tuple[str, Bounds], ...]:
+    """``edits`` applied to the thresholds ``base``, as config files and ``--set`` give
+    them: a mapping edits signal by signal (``{aesthetic: [4.5, null]}`` adds or
+    changes one threshold, ``{motion: null}`` removes one) and leaves the others as
+    they are; a sequence of pairs (the form a stored config holds) is the whole set."""
+    if not isinstance(edits, Mapping):
+        return _normalise(edits)
+    out = dict(_normalise(base))
+    for name, bounds in edits.items():
+        if name not in SCORE_NAMES:
+            raise ValueError(f"threshold on unknown signal {name!r}; known: {SCORE_NAMES}")
+        if bounds is None:
+            out.pop(name, None)
+        else:
+            out[name] = bounds
+    return _normalise(out)
+
+
 @dataclass(frozen=True)
 class DecideConfig:
     """Thresholds as ``((signal, (min or None, max or None)), ...)``; ``threshold_map()``
@@ -154,7 +173,8 @@ class DecideConfig:
     an aesthetic head is configured, e.g. ``("aesthetic", (4.5, None))``."""
 
     # a mapping (as YAML writes it: ``{motion: [0.002, null]}``) is accepted too and
-    # stored as the tuple form, so a config stays hashable and JSON round-trips
+    # stored as the tuple form, so a config stays hashable and JSON round-trips. Here
+    # either form is the whole set; config files edit the defaults (edit_thresholds)
     thresholds: tuple[tuple[str, Bounds], ...] | Mapping[str, Bounds] = DEFAULT_THRESHOLDS
     min_duration_s: float = 0.0  # split already enforces its minimum; raise to retune
     reject_duplicates: bool = True  # a row with dup_of set is rejected ("duplicate")

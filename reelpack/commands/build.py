@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from reelpack.commands import add_set_argument
+
 __all__ = ["register", "summary_text"]
 
 
@@ -19,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ray_address:
         overrides["ray"] = {"address": args.ray_address}
     try:
-        cfg = load_config(args.config, preset=args.preset, **overrides)
+        cfg = load_config(args.config, preset=args.preset, sets=args.set, **overrides)
     except (ValueError, OSError) as e:
         print(f"reelpack build: config error: {e}", file=sys.stderr)
         return 2
@@ -70,6 +72,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="corpus root: a folder or s3://bucket/prefix")
     p.add_argument("--config", help="YAML config file (see pipeline/config.py)")
     p.add_argument("--preset", help="model preset: default (real models) or tiny (offline, random)")
+    add_set_argument(p)
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--json", action="store_true", help="print the whole run summary as JSON")
     p.set_defaults(func=run)

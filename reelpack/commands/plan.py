@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from reelpack.commands import add_set_argument
+
 __all__ = ["register", "run"]
 
 
@@ -15,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.sources import expand_sources
 
     try:
-        cfg, rates = load_plan_config(args.config, args.preset, args.rate)
+        cfg, rates = load_plan_config(args.config, args.preset, args.rate, args.set)
     except (ValueError, OSError) as e:
         print(f"reelpack plan: config error: {e}", file=sys.stderr)
         return 2
@@ -44,6 +46,7 @@ def register(sub: Any) -> None:
     p.add_argument("sources", nargs="+", help="files, folders (recursive) or s3:// prefixes")
     p.add_argument("--config", help="build config YAML; may hold a `plan:` section of rates")
     p.add_argument("--preset", help="model preset: default (real models) or tiny")
+    add_set_argument(p)
     p.add_argument("--sample", type=int, default=32, help="sources to probe (default 32)")
     p.add_argument(
         "--workers", type=int, help="CPU slots for the task stages (default: this machine's cores)"

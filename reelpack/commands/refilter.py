@@ -1,8 +1,9 @@
-"""``reelpack refilter ROOT --config FILE``: re-decide a corpus from its stored scores.
+"""``reelpack refilter ROOT [--config FILE] [--set KEY=VALUE]``: re-decide a corpus from
+its stored scores.
 
-Applies the ``decide`` and ``dedup`` sections of FILE (a build config; keys it
-leaves out keep the values the corpus was built with) to the stored scores and
-embeddings, without decoding a frame or loading a model, and
+Applies the ``decide`` and ``dedup`` sections of FILE (a build config) and the
+``--set`` items (keys they leave out keep the values the corpus was built with) to
+the stored scores and embeddings, without decoding a frame or loading a model, and
 records the new decisions as a new index part (shards are never rewritten). Clips
 that become kept without latents are processed by the next ``reelpack build`` on
 the same output. Prints a JSON summary: counts by status and by reason, before
@@ -16,12 +17,20 @@ import json
 import sys
 from typing import Any
 
+from reelpack.commands import add_set_argument
+
 __all__ = ["register", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.refilter import built_config, load_refilter_config, refilter
 
+    if args.config is None and not args.set:
+        print(
+            "reelpack refilter: nothing to change: give --config FILE and/or --set KEY=VALUE",
+            file=sys.stderr,
+        )
+        return 2
     try:
         built = built_config(args.root)
     except FileNotFoundError as e:
@@ -31,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reelpack refilter: {args.root}: {e}", file=sys.stderr)
         return 1
     try:
-        decide, dedup = load_refilter_config(args.config, built)
+        decide, dedup = load_refilter_config(args.config, built, args.set)
     except (ValueError, OSError) as e:
         print(f"reelpack refilter: config error: {e}", file=sys.stderr)
         return 2
@@ -49,9 +58,9 @@ def register(sub: Any) -> None:
     p.add_argument("root", help="corpus root: a folder or s3://bucket/prefix")
     p.add_argument(
         "--config",
-        required=True,
         help="config file with decide / dedup keys; keys it leaves out keep the values "
         "the corpus was built with (its manifest)",
     )
+    add_set_argument(p, "decide or dedup")
     p.add_argument("--dry-run", action="store_true", help="print the new counts, write nothing")
     p.set_defaults(func=run)
