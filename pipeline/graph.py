@@ -162,6 +162,12 @@ def init_ray(cfg: BuildConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # the build's own progress lines stand in for Ray Data's bars: not a warning
+    logging.getLogger("ray.data._internal.progress").addFilter(_not_bars_disabled)
+
+
+def _not_bars_disabled(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
 
 
 def _gpus(res: StageResources, cluster_gpus: float) -> float:
