@@ -279,7 +279,9 @@ def test_incomplete_source_at_close_is_not_committed(tmp_path) -> None:
     writer.add(batch([clip("/v/a.mp4", 0, 1), clip("/v/big.mp4", 0, 3)]))
     with pytest.raises(ValueError, match=r"/v/big.mp4.*1/3"):
         writer.close()
-    assert CorpusWriter(root).done_sources() == {"/v/a.mp4"}
+    writer.unlock()
+    with CorpusWriter(root) as again:
+        assert again.done_sources() == {"/v/a.mp4"}
     assert read_index(root).column("source").to_pylist() == ["/v/a.mp4"]
 
 
@@ -415,7 +417,7 @@ def test_recover_removes_temp_files_and_unfinished_uploads(root: str) -> None:
         leftover = join(root, "shards", ".shard-000002.tar.tmp-0123abcd")
         with open(leftover, "wb") as f:
             f.write(b"half a tar")
-    CorpusWriter(root)
+    CorpusWriter(root).unlock()  # opening cleans up
     if is_s3(root):
         assert uploads() == []
     else:
@@ -586,7 +588,8 @@ def test_close_can_drop_incomplete_sources(tmp_path) -> None:
     w = CorpusWriter(str(tmp_path / "e"))
     w.add(batch([clip("/v/a.mp4", 0, 1), clip("/v/b.mp4", 0, 2)]))
     assert w.close(drop_incomplete=True)["sources"] == 1
-    assert CorpusWriter(str(tmp_path / "e")).done_sources() == {"/v/a.mp4"}
+    with CorpusWriter(str(tmp_path / "e")) as again:
+        assert again.done_sources() == {"/v/a.mp4"}
 
 
 def test_clip_files_of_kept_clips(root: str, tmp_path) -> None:
