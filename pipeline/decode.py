@@ -6,7 +6,7 @@ The split stage reads every source through :func:`iter_source_frames`. Each
 relative to the stream start (correct for variable frame rates and late starts),
 its duration, the image turned display-side up (rotation applied, anamorphic pixels
 squared) at ``even_size(display, max_area)``, and the small BGR frame shot detectors
-read.
+read. Frames the decoder flags interlaced are deinterlaced first (:func:`deinterlaced`).
 
 The image stays in the decoder's own 4:2:0 YUV, resized plane by plane, and carries
 the source's colour tags: clip payloads are encoded from it with no RGB round trip.
@@ -24,17 +24,20 @@ the next frame number, so a backend failure never loses or duplicates a frame.
 Starting at ``start_frame > 0`` seeks: the video packets are demuxed (not decoded)
 once to list their presentation times (:func:`frame_pts_table`), the container
 seeks to the keyframe before the wanted frame, and decoded frames are numbered by
-their position in that table, so numbers equal those of a decode from the start.
+their position in that table, so numbers equal those of a decode from the start
+(times as :func:`rising_pts` corrects them, for streams whose labels are shuffled).
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
@@ -50,11 +53,13 @@ __all__ = [
     "BACKENDS",
     "DecodedFrame",
     "Prefetcher",
+    "deinterlaced",
     "frame_pts_table",
     "i420_to_rgb",
     "iter_pyav",
     "iter_source_frames",
     "rgb_to_i420",
+    "rising_pts",
     "rotate_i420",
 ]
 
@@ -320,6 +325,136 @@ def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
 
 
+# FFmpeg's bwdif, one frame out per frame in, only on frames flagged interlaced
+_DEINTERLACE = "mode=send_frame:parity=auto:deint=interlaced"
+
+
+def _bwdif(frame: Any) -> Any:
+    graph = av.filter.Graph()
+    source = graph.add_buffer(
+        width=frame.width, height=frame.height, format=frame.format.name, time_base=frame.time_base
+    )
+    bwdif = graph.add("bwdif", _DEINTERLACE)
+    sink = graph.add("buffersink")
+    source.link_to(bwdif)
+    bwdif.link_to(sink)
+    graph.configure()
+    return graph
+
+
+def _pull(graph: Any, time_base: Fraction) -> Iterator[Any]:
+    """Frames the filter graph has ready, their times back in the input's time base."""
+    while True:
+        try:
+            frame = graph.pull()
+        except (av.BlockingIOError, av.EOFError):
+            return
+        if frame.pts is not None and frame.time_base is not None:
+            frame.pts = round(frame.pts * frame.time_base / time_base)
+        yield frame
+
+
+def deinterlaced(frames: Iterable[Any]) -> Iterator[Any]:
+    """Decoded frames with the ones the decoder flags interlaced deinterlaced by FFmpeg's
+    bwdif (motion-adaptive, both fields, one frame per frame: frame count and times
+    stay). Progressive frames pass untouched; the filter starts at the first interlaced
+    frame, so a progressive stream costs nothing. It holds one frame back (it looks a
+    frame ahead) and is rebuilt when the frame size or format changes."""
+    graph: Any = None
+    shape: tuple[int, int, str] | None = None
+    time_base = Fraction(1, 1)
+    for frame in frames:
+        if graph is None and not frame.interlaced_frame:
+            yield frame
+            continue
+        here = (frame.width, frame.height, frame.format.name)
+        if graph is None or here != shape:
+            if graph is not None:
+                graph.push(None)
+                yield from _pull(graph, time_base)
+            graph, shape = _bwdif(frame), here
+            time_base = frame.time_base or Fraction(1, 1)
+        graph.push(frame)
+        yield from _pull(graph, time_base)
+    if graph is not None:
+        graph.push(None)
+        yield from _pull(graph, time_base)
+
+
+def rising_pts(frames: Iterable[Any], window: int = 2) -> Iterator[tuple[Any, int | None]]:
+    """Decoded frames (output order) with presentation times that rise.
+
+    Decoders emit frames in display order, but some streams label them with the
+    presentation times of their neighbours: MPEG-4 Part 2 with packed B-frames in AVI
+    (DivX/Xvid, as in UCF101 and HMDB51) labels frames 1, 2, 4, 3, 5, 7, 6, ... So each
+    frame gets the smallest time among itself and the next ``window`` frames not yet
+    given theirs. Rising times pass through unchanged, and so does a jump back that
+    reordering cannot explain (a timestamp reset): that frame keeps its own time.
+    Frames without a time get None.
+    """
+    pending: deque[Any] = deque()
+    heap: list[int] = []
+    last: int | None = None
+
+    def assign(frame: Any) -> int | None:
+        nonlocal last
+        if frame.pts is None:
+            return None
+        own = int(frame.pts)
+        if last is not None and heap[0] <= last:  # a reset, not a local reorder
+            heap.remove(own)
+            heapq.heapify(heap)
+            last = own
+        else:
+            last = heapq.heappop(heap)
+        return last
+
+    for frame in frames:
+        pending.append(frame)
+        if frame.pts is not None:
+            heapq.heappush(heap, int(frame.pts))
+        if len(pending) > window:
+            first = pending.popleft()
+            yield first, assign(first)
+    while pending:
+        first = pending.popleft()
+        yield first, assign(first)
+
+
+def _decode_from(container: Any, stream: Any, wanted_pts: int) -> Iterator[Any]:
+    """Decoded frames from a keyframe at or before ``wanted_pts``. Containers without an
+    index (MPEG-TS, elementary streams) can land past the wanted time, so a seek that
+    does is retried 1, 2, 4, ... seconds earlier, and from the start at last."""
+    tb = stream.time_base or Fraction(1, 1)
+    back_s = 0.0
+    while True:
+        target = wanted_pts - int(back_s / tb)
+        if stream.start_time is not None and target < stream.start_time:
+            container.seek(0)
+            yield from container.decode(stream)
+            return
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        frames = container.decode(stream)
+        first = next(frames, None)
+        if first is not None and (first.pts is None or first.pts <= wanted_pts):
+            yield first
+            yield from frames
+            return
+        back_s = max(1.0, 2 * back_s)
+
+
+def _timed_frames(
+    container: Any, stream: Any, wanted_pts: int | None, deinterlace: bool
+) -> Iterator[tuple[Any, int | None]]:
+    """The stream's decoded frames, from a seek to ``wanted_pts`` (None: from where the
+    container is), deinterlaced when asked, with rising times."""
+    if wanted_pts is None:
+        decoded: Iterable[Any] = container.decode(stream)
+    else:
+        decoded = _decode_from(container, stream, wanted_pts)
+    return rising_pts(deinterlaced(decoded) if deinterlace else decoded)
+
+
 def iter_pyav(
     container: Any,
     display: tuple[int, int] | None,
@@ -327,6 +462,7 @@ def iter_pyav(
     start_frame: int = 0,
     pts_table: list[int] | None = None,
     detect_width: int | None = None,
+    deinterlace: bool = True,
 ) -> Iterator[DecodedFrame]:
     """Decode the first video stream of an open PyAV ``container`` from ``start_frame``.
 
@@ -334,7 +470,8 @@ def iter_pyav(
     ``max_area <= 0`` skips the working image (``yuv`` is then empty). From
     ``start_frame > 0`` the container seeks; ``pts_table`` (from
     :func:`frame_pts_table`, computed when None) numbers the frames. ``detect_width``
-    adds :attr:`DecodedFrame.small`.
+    adds :attr:`DecodedFrame.small`. ``deinterlace`` runs frames flagged interlaced
+    through :func:`deinterlaced`.
     """
     if not container.streams.video:
         raise ValueError("no video stream")
@@ -343,6 +480,7 @@ def iter_pyav(
     frame_s = 1.0 / _rate(stream) if _rate(stream) else 0.0
     tb = stream.time_base or Fraction(1, 1)
     start_pts: int | None = stream.start_time
+    wanted_pts = None
     if start_frame > 0:
         if pts_table is None:
             pts_table = frame_pts_table(container)
@@ -350,21 +488,21 @@ def iter_pyav(
             return
         if start_pts is None:
             start_pts = pts_table[0]
-        container.seek(pts_table[start_frame], stream=stream, backward=True, any_frame=False)
+        wanted_pts = pts_table[start_frame]
     size: tuple[int, int] = (0, 0)
     rotation = 0
     num = start_frame - 1
     last_time = None
-    for frame in container.decode(stream):
-        num = _frame_number(frame.pts, pts_table, num)
+    for frame, pts in _timed_frames(container, stream, wanted_pts, deinterlace):
+        num = _frame_number(pts, pts_table, num)
         if num < start_frame:
             continue  # decoded from the keyframe before the seek point only to get here
         if size == (0, 0) and max_area > 0:
             size, rotation = _working_size(frame, stream, display, max_area)
-        if frame.pts is not None:
+        if pts is not None:
             if start_pts is None:
-                start_pts = int(frame.pts)
-            time_s = float((int(frame.pts) - start_pts) * tb)
+                start_pts = pts
+            time_s = float((pts - start_pts) * tb)
         else:
             time_s = (last_time + frame_s) if last_time is not None else num * frame_s
         last_time = time_s
@@ -421,18 +559,22 @@ def iter_source_frames(
     backend: str = "pyav",
     rotation: int = 0,
     detect_width: int | None = None,
+    deinterlace: bool = True,
+    interlaced: bool = False,
 ) -> Iterator[DecodedFrame]:
     """Every frame of ``uri`` from ``start_frame`` on, decoded once (see the module doc).
 
     ``rotation`` (the probed display rotation) is needed by decord only; PyAV reads it
     off the frames. With ``backend="decord"``, a decord failure (at open or mid-file)
-    falls back to PyAV at the first frame decord did not deliver.
+    falls back to PyAV at the first frame decord did not deliver. ``deinterlace``
+    deinterlaces frames flagged interlaced; decord cannot, so a source probed
+    ``interlaced`` is then decoded by PyAV.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}, expected one of {BACKENDS}")
     next_frame = start_frame
     local = not uri.startswith("s3://")
-    if backend == "decord" and local and display is not None:
+    if backend == "decord" and local and display is not None and not (deinterlace and interlaced):
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         try:
             frames = _iter_decord(path, display, rotation, max_area, start_frame, detect_width)
@@ -446,7 +588,9 @@ def iter_source_frames(
         table = None
         if next_frame > 0:
             table = frame_pts_table(container)
-        yield from iter_pyav(container, display, max_area, next_frame, table, detect_width)
+        yield from iter_pyav(
+            container, display, max_area, next_frame, table, detect_width, deinterlace
+        )
 
 
 class Prefetcher(Iterator[T], Generic[T]):

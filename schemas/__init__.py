@@ -148,6 +148,8 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("start_s", pa.float64()),  # stream start time in the container
         pa.field("num_frames_exact", pa.bool_()),  # num_frames from the container, not estimated
         pa.field("has_audio", pa.bool_()),
+        # the decoder flags the first frame interlaced: split deinterlaces (bwdif)
+        pa.field("interlaced", pa.bool_()),
         # the resolved build config the source was built with: config_file(config_hash)
         pa.field("config_hash", pa.string()),
     ]
@@ -235,6 +237,7 @@ STREAM_ONLY_COLUMNS = (
     "src_start_s",
     "src_num_frames_exact",
     "src_has_audio",
+    "src_interlaced",
     # straggler ranges: one long source split into frame ranges processed in parallel,
     # stitched back on the driver (see pipeline.stitching)
     "range_start_frame",

@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodedFrame, iter_pyav, rgb_to_i420
+from pipeline.decode import DecodedFrame, iter_pyav, iter_source_frames, rgb_to_i420, rising_pts
 from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows, stage_task
 from pipeline.stages.encode import EncodeConfig, plan_clip
@@ -573,3 +573,90 @@ def test_probe_tells_variable_from_constant_frame_rate(tmp_path: Any, ext: str) 
     write(cfr, [40] * 40)
     assert probe_video(vfr)["vfr"] is True
     assert probe_video(cfr)["vfr"] is False
+
+
+def test_rising_pts_undoes_neighbour_swaps_but_not_resets() -> None:
+    def times(labels: list[int | None]) -> list[int | None]:
+        return [pts for _, pts in rising_pts([types.SimpleNamespace(pts=x) for x in labels])]
+
+    # packed B-frames: display order, neighbours' labels
+    assert times([1, 2, 4, 3, 5, 7, 6, 8]) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert times([0, 3, 1, 2, 6, 4, 5]) == [0, 1, 2, 3, 4, 5, 6]
+    assert times([0, 1, 2, 3]) == [0, 1, 2, 3]  # rising: unchanged
+    assert times([998, 999, 1000, 1001, 0, 1, 2]) == [998, 999, 1000, 1001, 0, 1, 2]  # a reset
+    assert times([0, None, 2, 1, 3]) == [0, None, 1, 2, 3]
+
+
+def test_avi_with_packed_b_frames_gets_rising_times_and_exact_seek_numbers() -> None:
+    """mmaction2_test.avi (Xvid-style MPEG-4 Part 2 in AVI) labels its decoded frames with
+    pts 1, 2, 4, 3, ...: times must still rise one frame at a time, and a decode that
+    seeks (a straggler range) must number its frames as a decode from the start does."""
+    path = shared("mmaction2_test.avi")
+    with av.open(path) as c:
+        labels = [f.pts for f in c.decode(video=0)]
+    assert any(b < a for a, b in itertools.pairwise(labels))  # the file is as described
+    full = list(iter_source_frames(path, None, 320 * 240))
+    assert [f.num for f in full] == list(range(164))
+    first = full[0].time_s
+    assert [round(f.time_s - first, 6) for f in full] == [round(i / 25, 6) for i in range(164)]
+    part = list(iter_source_frames(path, None, 320 * 240, start_frame=61))
+    assert [f.num for f in part] == list(range(61, 164))
+    assert [f.time_s for f in part] == [f.time_s for f in full[61:]]
+    assert all(np.array_equal(a.yuv, b.yuv) for a, b in zip(part, full[61:], strict=True))
+
+
+def _interlaced_video(path: str, codec: str, frames: int = 20) -> None:
+    """A bar moving right, captured interlaced: even lines at time t, odd lines half a
+    frame later (so a frame shown as is combs), encoded as interlaced video."""
+    options = {"flags": "+ildct+ilme"}
+    if codec == "libx264":
+        options.update({"x264-params": "tff=1", "preset": "ultrafast"})
+    with av.open(path, "w") as out:
+        stream = out.add_stream(codec, rate=25, options=options)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for t in range(frames):
+            image = np.full((240, 320, 3), 40, np.uint8)
+            for field in (0, 1):
+                x = int(10 + 8 * (t + 0.5 * field))
+                image[field::2, x : x + 40] = 220
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _combing(yuv: np.ndarray, height: int) -> float:
+    """Mean distance of each luma line from the average of its neighbours: high when
+    the two fields of a frame show different moments."""
+    luma = yuv[:height].astype(np.float32)
+    return float(np.abs(luma[1:-1] - 0.5 * (luma[:-2] + luma[2:])).mean())
+
+
+@pytest.mark.parametrize("name, codec", [("i.mp4", "libx264"), ("i.ts", "mpeg2video")])
+def test_interlaced_sources_are_probed_and_deinterlaced(
+    tmp_path: Any, name: str, codec: str
+) -> None:
+    path = str(tmp_path / name)
+    _interlaced_video(path, codec)
+    assert probe_video(path)["interlaced"] is True
+    assert probe_video(shared("testvideo.mp4"))["interlaced"] is False
+    shown = list(iter_source_frames(path, None, 320 * 240, deinterlace=False))
+    clean = list(iter_source_frames(path, None, 320 * 240))
+    # one frame out per frame in, same numbers and times
+    assert [(f.num, f.time_s) for f in clean] == [(f.num, f.time_s) for f in shown]
+    assert [f.num for f in clean] == list(range(20))
+    assert min(_combing(f.yuv, 240) for f in shown[1:]) > 2.0
+    assert max(_combing(f.yuv, 240) for f in clean[1:]) < 0.1
+    # a seek (a straggler range) gives the same frames; MPEG-TS has no index, so its
+    # seek lands past the wanted frame and must back off
+    part = list(iter_source_frames(path, None, 320 * 240, start_frame=7))
+    assert [f.num for f in part] == list(range(7, 20))
+    assert all(np.array_equal(a.yuv, b.yuv) for a, b in zip(part, clean[7:], strict=True))
+    # the Split stage's payloads are progressive
+    probed = Probe(ProbeConfig())({"source": np.array([path], dtype=object)})
+    assert probed["src_interlaced"][0]
+    cfg = SplitConfig(min_clip_s=0.2, work_max_area=320 * 240)
+    (row,) = batch_to_rows(Split(cfg)(probed))
+    frames, _ = decode_mp4(row["clip_bytes"])
+    assert len(frames) == 20
+    assert max(_combing(rgb_to_i420(f), 240) for f in frames[1:]) < 0.5

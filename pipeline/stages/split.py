@@ -139,6 +139,8 @@ class SplitConfig:
     # MiB, so memory stays flat however long the source (0: all clips at the end)
     flush_mib: float = 64.0
     decoder: str = "pyav"  # one of pipeline.decode.BACKENDS ("decord" falls back to PyAV)
+    # deinterlace frames the decoder flags interlaced (FFmpeg bwdif, one frame per frame)
+    deinterlace: bool = True
     timeout_s: float = 1800.0  # wall-clock limit per source (or range); 0 disables
     transnet_device: str = "cpu"  # torch device of the optional TransNetV2 detector
 
@@ -836,6 +838,7 @@ def _split_source(
     range_start: int = 0,
     range_end: int = -1,
     rotation: int = 0,
+    interlaced: bool = False,
     flush_bytes: int = 0,
 ) -> Generator[list[_Clip], None, _RangeResult]:
     """The clips of one source (or of the range it owns): yielded in order as their
@@ -854,6 +857,8 @@ def _split_source(
             backend=cfg.decoder,
             rotation=rotation,
             detect_width=cfg.detect_width,
+            deinterlace=cfg.deinterlace,
+            interlaced=interlaced,
         ),
         deadline=deadline,
     )
@@ -867,7 +872,9 @@ def _split_source(
 def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfig) -> _Clip:
     """A still as one 1-frame clip."""
     with open_source(uri) as container:
-        for decoded in iter_pyav(container, display, cfg.work_max_area):
+        for decoded in iter_pyav(
+            container, display, cfg.work_max_area, deinterlace=cfg.deinterlace
+        ):
             payload = encode_mp4(
                 [decoded.yuv],
                 fps,
@@ -881,9 +888,11 @@ def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfi
     raise ValueError("zero frames: the image does not decode")
 
 
-def _detection_frames(path: str, detect_width: int) -> Iterator[DecodedFrame]:
+def _detection_frames(path: str, cfg: SplitConfig) -> Iterator[DecodedFrame]:
     with open_source(path) as container:
-        yield from iter_pyav(container, None, 0, detect_width=detect_width)
+        yield from iter_pyav(
+            container, None, 0, detect_width=cfg.detect_width, deinterlace=cfg.deinterlace
+        )
 
 
 def shots(
@@ -905,7 +914,7 @@ def shots(
     times: list[float] = []
     cuts: list[int] = []
     end_s = 0.0
-    frames = Prefetcher(_detection_frames(path, cfg.detect_width))
+    frames = Prefetcher(_detection_frames(path, cfg))
     try:
         for frame in frames:
             assert frame.small is not None
@@ -965,6 +974,7 @@ class Split:
         *_SRC_COLUMNS,
         "src_media_kind",
         "src_rotation_deg",
+        "src_interlaced",
         "fps",
         "width",
         "height",
@@ -1093,6 +1103,7 @@ class Split:
             range_start=range_start,
             range_end=-1 if range_end is None else range_end,
             rotation=_optional_int(row.get("src_rotation_deg")) or 0,
+            interlaced=row.get("src_interlaced") is True,
             flush_bytes=flush_bytes,
         )
         # Decoding reached the end of the stream: the frame count is exact.
