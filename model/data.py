@@ -363,6 +363,30 @@ class PackStats:
         if len(self.skipped_keys) < self._max_keys:
             self.skipped_keys.append(key)
 
+    def summary(self) -> str:
+        """The counts in one line for a person, e.g. after a training run."""
+        line = (
+            f"{self.samples_packed} samples in {self.batches} packed sequences "
+            f"({self.tokens:,} tokens, {self.padding_fraction():.1%} padding)"
+        )
+        fitted = [
+            f"{n} {what}"
+            for n, what in (
+                (self.samples_skipped, "skipped as over the token budget"),
+                (self.samples_cropped, "cropped to fit"),
+                (self.samples_downscaled, "downscaled to fit"),
+                (self.samples_dropped, "left over at epoch ends"),
+                (self.tokens_dropped, "tokens dropped"),
+            )
+            if n
+        ]
+        if fitted:
+            line += "; " + ", ".join(fitted)
+        if self.skipped_keys:
+            more = "" if self.samples_skipped <= 3 else ", ..."
+            line += f" (skipped: {', '.join(self.skipped_keys[:3])}{more})"
+        return line
+
     def as_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         del out["_max_keys"]

@@ -628,7 +628,7 @@ def train(  # noqa: C901
     if start < last or state is None:
         save(last)
     if d.rank == 0:
-        print(f"loader: {loader.stats}", flush=True)
+        print(f"loader: {loader.stats.summary()}", flush=True)
     if d.owns_group:
         _leave_group()
     return losses

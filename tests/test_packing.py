@@ -124,6 +124,12 @@ def test_legacy_pack_reports_padding() -> None:
     assert [b.num_tokens for b in batches] == [3, 3, 2]
     assert [b.num_padding for b in batches] == [1, 1, 2]
     assert stats.padding_fraction() == pytest.approx(4 / 12)
+    assert stats.summary() == "3 samples in 3 packed sequences (8 tokens, 33.3% padding)"
+    stats.skip("big-1")
+    stats.samples_cropped = 2
+    assert stats.summary().endswith(
+        "; 1 skipped as over the token budget, 2 cropped to fit (skipped: big-1)"
+    )
 
 
 def test_pack_stats_command(
