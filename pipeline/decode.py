@@ -46,6 +46,7 @@ import av
 import cv2
 import numpy as np
 
+from pipeline.hdr import is_hdr, tone_map_i420
 from pipeline.stages.probe import display_size, open_source
 from pipeline.video import even_size
 
@@ -273,12 +274,43 @@ def _shrink(plane: np.ndarray, w: int, h: int) -> np.ndarray:
     return cv2.resize(plane, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _images(
+def _hdr_images(
     frame: Any, size: tuple[int, int], detect_width: int | None
-) -> tuple[np.ndarray, np.ndarray | None, bool]:
-    """(working-size I420 image in coded orientation, detection BGR frame or None,
-    full colour range), from the decoder's planes: the payload is never converted to
-    RGB and back, and the detection frame is converted at its small size."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_images` of a PQ or HLG frame: tone-mapped to SDR (:mod:`pipeline.hdr`) at
+    the working size, or at the detection size when no working image is asked for."""
+    if frame.format.name != "yuv420p10le":
+        frame = frame.reformat(format="yuv420p10le")
+    y, u, v = (
+        np.frombuffer(p, np.uint16).reshape(p.height, p.line_size // 2)[:, : p.width]
+        for p in frame.planes[:3]
+    )
+    w = size[0]
+    if w == 0:
+        tw = min(detect_width or frame.width, frame.width)
+        target = (max(2, tw - tw % 2), max(2, round(frame.height * tw / frame.width) // 2 * 2))
+    else:
+        target = size
+    sdr = tone_map_i420(y, u, v, frame.color_trc, target)
+    small = None
+    if detect_width is not None:
+        tw, th = target
+        ys, us, vs = sdr[:th], sdr[th : th * 5 // 4], sdr[th * 5 // 4 :]
+        planes = (ys, us.reshape(th // 2, tw // 2), vs.reshape(th // 2, tw // 2))
+        small = _detection_frame(*planes, COLORSPACE_UNSPECIFIED, RANGE_MPEG, detect_width)
+    return (sdr if w else np.empty((0, 0), np.uint8)), small
+
+
+def _images(
+    frame: Any, size: tuple[int, int], detect_width: int | None, tone_map: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, int, int]:
+    """(working-size I420 image in coded orientation, detection BGR frame or None, and
+    the image's FFmpeg colorspace and range), from the decoder's planes: the payload is
+    never converted to RGB and back, and the detection frame is converted at its small
+    size. With ``tone_map``, HDR frames become SDR (:func:`_hdr_images`)."""
+    if tone_map and is_hdr(frame.color_trc):
+        yuv, small = _hdr_images(frame, size, detect_width)
+        return yuv, small, COLORSPACE_UNSPECIFIED, RANGE_MPEG
     y, u, v, full = _planes(frame)
     w, h = size
     if w == 0:
@@ -294,10 +326,10 @@ def _images(
             ]
         )
     small = None
+    color_range = RANGE_JPEG if full else RANGE_MPEG
     if detect_width is not None:
-        color_range = RANGE_JPEG if full else RANGE_MPEG
         small = _detection_frame(y, u, v, frame.colorspace, color_range, detect_width)
-    return yuv.reshape(h * 3 // 2, w), small, full
+    return yuv.reshape(h * 3 // 2, w), small, frame.colorspace, color_range
 
 
 def rotate_i420(yuv: np.ndarray, degrees: int) -> np.ndarray:
@@ -463,6 +495,7 @@ def iter_pyav(
     pts_table: list[int] | None = None,
     detect_width: int | None = None,
     deinterlace: bool = True,
+    tone_map: bool = True,
 ) -> Iterator[DecodedFrame]:
     """Decode the first video stream of an open PyAV ``container`` from ``start_frame``.
 
@@ -471,7 +504,7 @@ def iter_pyav(
     ``start_frame > 0`` the container seeks; ``pts_table`` (from
     :func:`frame_pts_table`, computed when None) numbers the frames. ``detect_width``
     adds :attr:`DecodedFrame.small`. ``deinterlace`` runs frames flagged interlaced
-    through :func:`deinterlaced`.
+    through :func:`deinterlaced`; ``tone_map`` turns HDR (PQ, HLG) frames into SDR.
     """
     if not container.streams.video:
         raise ValueError("no video stream")
@@ -507,12 +540,11 @@ def iter_pyav(
             time_s = (last_time + frame_s) if last_time is not None else num * frame_s
         last_time = time_s
         duration = float(frame.duration * frame.time_base) if frame.duration else frame_s
-        yuv, small, full = _images(frame, size, detect_width)
+        yuv, small, colorspace, color_range = _images(frame, size, detect_width, tone_map)
         if rotation and yuv.size:
             # frame.rotation is counter-clockwise degrees, and so is np.rot90.
             yuv = rotate_i420(yuv, rotation)
-        color_range = RANGE_JPEG if full else RANGE_MPEG
-        yield DecodedFrame(num, time_s, duration, yuv, small, frame.colorspace, color_range)
+        yield DecodedFrame(num, time_s, duration, yuv, small, colorspace, color_range)
 
 
 def _iter_decord(
@@ -560,21 +592,22 @@ def iter_source_frames(
     rotation: int = 0,
     detect_width: int | None = None,
     deinterlace: bool = True,
-    interlaced: bool = False,
+    tone_map: bool = True,
+    pyav_only: bool = False,
 ) -> Iterator[DecodedFrame]:
     """Every frame of ``uri`` from ``start_frame`` on, decoded once (see the module doc).
 
     ``rotation`` (the probed display rotation) is needed by decord only; PyAV reads it
     off the frames. With ``backend="decord"``, a decord failure (at open or mid-file)
-    falls back to PyAV at the first frame decord did not deliver. ``deinterlace``
-    deinterlaces frames flagged interlaced; decord cannot, so a source probed
-    ``interlaced`` is then decoded by PyAV.
+    falls back to PyAV at the first frame decord did not deliver. ``deinterlace`` and
+    ``tone_map`` are as in :func:`iter_pyav`; decord does neither, so a source that
+    needs them (``pyav_only``: probed interlaced or HDR) is decoded by PyAV.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}, expected one of {BACKENDS}")
     next_frame = start_frame
     local = not uri.startswith("s3://")
-    if backend == "decord" and local and display is not None and not (deinterlace and interlaced):
+    if backend == "decord" and local and display is not None and not pyav_only:
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         try:
             frames = _iter_decord(path, display, rotation, max_area, start_frame, detect_width)
@@ -589,7 +622,7 @@ def iter_source_frames(
         if next_frame > 0:
             table = frame_pts_table(container)
         yield from iter_pyav(
-            container, display, max_area, next_frame, table, detect_width, deinterlace
+            container, display, max_area, next_frame, table, detect_width, deinterlace, tone_map
         )
 
 

@@ -150,6 +150,9 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("has_audio", pa.bool_()),
         # the decoder flags the first frame interlaced: split deinterlaces (bwdif)
         pa.field("interlaced", pa.bool_()),
+        # FFmpeg's name of the first frame's transfer: "smpte2084" (PQ) and
+        # "arib-std-b67" (HLG) are HDR, tone-mapped to SDR by split
+        pa.field("color_transfer", pa.string()),
         # the resolved build config the source was built with: config_file(config_hash)
         pa.field("config_hash", pa.string()),
     ]
@@ -238,6 +241,7 @@ STREAM_ONLY_COLUMNS = (
     "src_num_frames_exact",
     "src_has_audio",
     "src_interlaced",
+    "src_color_transfer",
     # straggler ranges: one long source split into frame ranges processed in parallel,
     # stitched back on the driver (see pipeline.stitching)
     "range_start_frame",

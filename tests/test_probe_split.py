@@ -660,3 +660,72 @@ def test_interlaced_sources_are_probed_and_deinterlaced(
     frames, _ = decode_mp4(row["clip_bytes"])
     assert len(frames) == 20
     assert max(_combing(rgb_to_i420(f), 240) for f in frames[1:]) < 0.5
+
+
+def _pq_code(nits: float) -> float:
+    """SMPTE ST 2084 (PQ) code value 0..1 of a display light in nits."""
+    m1, m2 = 2610 / 16384, 2523 / 4096 * 128
+    c1, c2, c3 = 3424 / 4096, 2413 / 4096 * 32, 2392 / 4096 * 32
+    y = (nits / 10000) ** m1
+    return float(((c1 + c2 * y) / (1 + c3 * y)) ** m2)
+
+
+def _hdr_video(path: str, transfer: str, codes: list[float]) -> None:
+    """Four neutral grey bands at the given non-linear code values (0..1), as 10-bit
+    limited-range BT.2020 HEVC tagged with ``transfer``, losslessly coded."""
+    params = f"colorprim=bt2020:transfer={transfer}:colormatrix=bt2020nc:lossless=1:log-level=error"
+    with av.open(path, "w") as out:
+        stream = out.add_stream(
+            "libx265", rate=25, options={"x265-params": params, "preset": "ultrafast"}
+        )
+        stream.width, stream.height, stream.pix_fmt = 128, 64, "yuv420p10le"
+        image = np.full((96, 128), 512, np.uint16)  # neutral chroma
+        for i, code in enumerate(codes):
+            image[:64, 32 * i : 32 * (i + 1)] = round(64 + 876 * code)
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="yuv420p10le")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _band_means(yuv: np.ndarray) -> tuple[list[float], list[float]]:
+    """Mean luma and mean |chroma - 128| of the four bands of a 128x64 I420 image."""
+    luma, u, v = yuv[:64], yuv[64:80].reshape(32, 64), yuv[80:96].reshape(32, 64)
+    bands = [float(luma[8:56, 32 * i + 4 : 32 * i + 28].mean()) for i in range(4)]
+    tint = max(float(np.abs(c.astype(int) - 128).mean()) for c in (u, v))
+    return bands, [tint]
+
+
+def test_hdr_sources_are_tone_mapped_to_sdr(tmp_path: Any) -> None:
+    """PQ greys of 0.1, 20, 203 (HDR reference white) and 1000 nits come out as SDR greys
+    (BT.601 limited-range luma): black stays near black, reference white lands where
+    an SDR white would sit below its peak, 1000 nits at SDR peak, no tint. An HLG grey at
+    75 % (its reference white) lands near the PQ one. Shown untouched, the PQ white is
+    a dull grey."""
+    pq = str(tmp_path / "pq.mp4")
+    _hdr_video(pq, "smpte2084", [_pq_code(n) for n in (0.1, 20, 203, 1000)])
+    assert probe_video(pq)["color_transfer"] == "smpte2084"
+    assert probe_video(shared("testvideo.mp4"))["color_transfer"] in ("bt709", "unknown", None)
+    (frame, *_) = list(iter_source_frames(pq, None, 128 * 64))
+    bands, tint = _band_means(frame.yuv)
+    assert bands == pytest.approx([25, 96, 183, 235], abs=6)
+    assert tint[0] < 2
+    (raw, *_) = list(iter_source_frames(pq, None, 128 * 64, tone_map=False))
+    assert _band_means(raw.yuv)[0][2] == pytest.approx(143, abs=6)  # PQ code 0.58 as SDR
+
+    hlg = str(tmp_path / "hlg.mp4")
+    _hdr_video(hlg, "arib-std-b67", [0.0, 0.25, 0.75, 1.0])
+    assert probe_video(hlg)["color_transfer"] == "arib-std-b67"
+    (frame, *_) = list(iter_source_frames(hlg, None, 128 * 64))
+    hlg_bands, _ = _band_means(frame.yuv)
+    assert hlg_bands[2] == pytest.approx(bands[2], abs=12)
+    assert hlg_bands == sorted(hlg_bands) and hlg_bands[0] < 20
+
+    # through the Split stage: the payload holds the SDR picture
+    probed = Probe(ProbeConfig(min_side=16))({"source": np.array([pq], dtype=object)})
+    assert probed["src_color_transfer"][0] == "smpte2084"
+    (row,) = batch_to_rows(Split(SplitConfig(min_clip_s=0.0, work_max_area=128 * 64))(probed))
+    frames, _ = decode_mp4(row["clip_bytes"])
+    white = frames[0][8:56, 68:92].mean()  # RGB of the 203-nit band
+    assert white == pytest.approx(194, abs=8)

@@ -29,6 +29,7 @@ from typing import IO, Any
 import av
 import numpy as np
 
+from pipeline.hdr import transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
 
 __all__ = [
@@ -122,32 +123,31 @@ def _varies(times: list[int]) -> bool:
     return bool(median > 0 and float(steps.max() - steps.min()) > 0.1 * median)
 
 
-def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, bool, bool]:
-    """(rotation, interlaced, variable frame rate) in one pass over the first packets.
+def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, Any, bool]:
+    """(rotation, first decoded frame, variable frame rate) in one pass over the first
+    packets.
 
     Rotation is degrees counter-clockwise from the display matrix, read off the first
-    decoded frame (PyAV exposes the stream's matrix only there), as is whether the
-    decoder flags that frame interlaced. The frame rate is judged from the index
+    decoded frame (PyAV exposes the stream's matrix only there). The frame rate is judged from the index
     (:func:`_index_times`) or the first ``_VFR_PACKETS`` packets' times. Raises when no
     frame decodes.
     """
     times = _index_times(stream) if video else []
     demuxed: list[int] = []
     rotation: int | None = None
-    interlaced = False
+    first = None
     for packet in container.demux(stream):
         if times is None and packet.pts is not None:
             demuxed.append(int(packet.pts))
         if rotation is None:
-            for frame in packet.decode():
-                rotation = round(frame.rotation or 0) % 360
-                interlaced = bool(frame.interlaced_frame)
+            for first in packet.decode():
+                rotation = round(first.rotation or 0) % 360
                 break
         if rotation is not None and (times is not None or len(demuxed) >= _VFR_PACKETS):
             break
     if rotation is None:
         raise ValueError("zero frames: no frame decodes")
-    return rotation, interlaced, _varies(demuxed if times is None else times)
+    return rotation, first, _varies(demuxed if times is None else times)
 
 
 def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
@@ -158,8 +158,9 @@ def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
     0/90/180/270), ``display_width``/``display_height``, ``fps`` (average), ``vfr``,
     ``duration_s``, ``num_frames`` (exact when the container records it, else estimated
     from duration and fps), ``num_frames_exact``, ``start_s`` (stream start time),
-    ``has_audio``, ``num_video_streams`` and ``interlaced`` (the decoder flags the
-    first frame interlaced). Raises on anything that is not a decodable
+    ``has_audio``, ``num_video_streams``, ``interlaced`` (the decoder flags the first
+    frame interlaced) and ``color_transfer`` (its transfer characteristic, FFmpeg's
+    name: "smpte2084" is PQ, "arib-std-b67" HLG). Raises on anything that is not a decodable
     video or image.
     """
     with av.open(source, mode="r") as container:
@@ -223,7 +224,7 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
         if problem:
             raise LimitError(problem, facts)
     video = facts["media_kind"] == "video"
-    rotation, interlaced, vfr = _first_frame_facts(container, stream, video)
+    rotation, first, vfr = _first_frame_facts(container, stream, video)
     display_w, display_h = display_size(facts["width"], facts["height"], facts["sar"], rotation)
     return {
         **facts,
@@ -231,7 +232,8 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
         "display_width": display_w,
         "display_height": display_h,
         "vfr": vfr,
-        "interlaced": interlaced,
+        "interlaced": bool(first.interlaced_frame),
+        "color_transfer": transfer_name(first.color_trc),
     }
 
 
@@ -297,6 +299,7 @@ class Probe:
         "src_rotation_deg",
         "src_vfr",
         "src_interlaced",
+        "src_color_transfer",
         "src_start_s",
         "src_num_frames_exact",
         "src_has_audio",
@@ -315,7 +318,8 @@ class Probe:
             with open_source(source) as container:
                 facts = container_facts(container, self.cfg)
         except LimitError as exc:  # keep the header facts: they say why
-            self._fill(out, {**exc.facts, "rotation": None, "vfr": None, "interlaced": None})
+            unknown = dict.fromkeys(("rotation", "vfr", "interlaced", "color_transfer"))
+            self._fill(out, {**exc.facts, **unknown})
             out.update(src_status="error", src_error=f"{source}: {exc}")
             return out
         except Exception as exc:  # any failure of one file is that row's error value
@@ -350,6 +354,7 @@ class Probe:
             src_rotation_deg=rotation,
             src_vfr=facts["vfr"],
             src_interlaced=facts["interlaced"],
+            src_color_transfer=facts["color_transfer"],
             src_start_s=facts["start_s"],
             src_num_frames_exact=facts["num_frames_exact"],
             src_has_audio=facts["has_audio"],

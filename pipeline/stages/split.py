@@ -70,6 +70,7 @@ from pipeline.decode import (
     iter_pyav,
     iter_source_frames,
 )
+from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
 from pipeline.stages.probe import describe, open_source
 from pipeline.video import encode_mp4, resample_indices
@@ -141,6 +142,9 @@ class SplitConfig:
     decoder: str = "pyav"  # one of pipeline.decode.BACKENDS ("decord" falls back to PyAV)
     # deinterlace frames the decoder flags interlaced (FFmpeg bwdif, one frame per frame)
     deinterlace: bool = True
+    # tone-map HDR frames (PQ, HLG) to SDR BT.709 (pipeline.hdr); off: their code values
+    # are used as if they were SDR
+    tone_map: bool = True
     timeout_s: float = 1800.0  # wall-clock limit per source (or range); 0 disables
     transnet_device: str = "cpu"  # torch device of the optional TransNetV2 detector
 
@@ -838,7 +842,7 @@ def _split_source(
     range_start: int = 0,
     range_end: int = -1,
     rotation: int = 0,
-    interlaced: bool = False,
+    pyav_only: bool = False,
     flush_bytes: int = 0,
 ) -> Generator[list[_Clip], None, _RangeResult]:
     """The clips of one source (or of the range it owns): yielded in order as their
@@ -858,7 +862,8 @@ def _split_source(
             rotation=rotation,
             detect_width=cfg.detect_width,
             deinterlace=cfg.deinterlace,
-            interlaced=interlaced,
+            tone_map=cfg.tone_map,
+            pyav_only=pyav_only,
         ),
         deadline=deadline,
     )
@@ -872,9 +877,14 @@ def _split_source(
 def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfig) -> _Clip:
     """A still as one 1-frame clip."""
     with open_source(uri) as container:
-        for decoded in iter_pyav(
-            container, display, cfg.work_max_area, deinterlace=cfg.deinterlace
-        ):
+        frames = iter_pyav(
+            container,
+            display,
+            cfg.work_max_area,
+            deinterlace=cfg.deinterlace,
+            tone_map=cfg.tone_map,
+        )
+        for decoded in frames:
             payload = encode_mp4(
                 [decoded.yuv],
                 fps,
@@ -891,7 +901,12 @@ def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfi
 def _detection_frames(path: str, cfg: SplitConfig) -> Iterator[DecodedFrame]:
     with open_source(path) as container:
         yield from iter_pyav(
-            container, None, 0, detect_width=cfg.detect_width, deinterlace=cfg.deinterlace
+            container,
+            None,
+            0,
+            detect_width=cfg.detect_width,
+            deinterlace=cfg.deinterlace,
+            tone_map=cfg.tone_map,
         )
 
 
@@ -975,6 +990,7 @@ class Split:
         "src_media_kind",
         "src_rotation_deg",
         "src_interlaced",
+        "src_color_transfer",
         "fps",
         "width",
         "height",
@@ -1103,12 +1119,19 @@ class Split:
             range_start=range_start,
             range_end=-1 if range_end is None else range_end,
             rotation=_optional_int(row.get("src_rotation_deg")) or 0,
-            interlaced=row.get("src_interlaced") is True,
+            pyav_only=self._needs_pyav(row),
             flush_bytes=flush_bytes,
         )
         # Decoding reached the end of the stream: the frame count is exact.
         facts = {"src_num_frames": result.count, "src_num_frames_exact": True}
         return result.clips, facts if result.complete else {}
+
+    def _needs_pyav(self, row: Mapping[str, Any]) -> bool:
+        """Whether the source needs what only the PyAV backend does: deinterlacing, or
+        tone mapping (see :func:`pipeline.decode.iter_source_frames`)."""
+        interlaced = self.cfg.deinterlace and row.get("src_interlaced") is True
+        hdr = self.cfg.tone_map and row.get("src_color_transfer") in HDR_TRANSFER_NAMES
+        return bool(interlaced or hdr)
 
     @staticmethod
     def _clip_row(base: dict[str, Any], source: str, clip: _Clip) -> dict[str, Any]:
