@@ -46,7 +46,7 @@ import av
 import cv2
 import numpy as np
 
-from pipeline.hdr import is_hdr, tone_map_i420
+from pipeline.hdr import DEFAULT_PEAK_NITS, TRC_PQ, content_peak_nits, is_hdr, tone_map_i420
 from pipeline.stages.probe import display_size, open_source
 from pipeline.video import even_size
 
@@ -275,7 +275,7 @@ def _shrink(plane: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def _hdr_images(
-    frame: Any, size: tuple[int, int], detect_width: int | None
+    frame: Any, size: tuple[int, int], detect_width: int | None, peak_nits: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`_images` of a PQ or HLG frame: tone-mapped to SDR (:mod:`pipeline.hdr`) at
     the working size, or at the detection size when no working image is asked for."""
@@ -291,7 +291,7 @@ def _hdr_images(
         target = (max(2, tw - tw % 2), max(2, round(frame.height * tw / frame.width) // 2 * 2))
     else:
         target = size
-    sdr = tone_map_i420(y, u, v, frame.color_trc, target)
+    sdr = tone_map_i420(y, u, v, frame.color_trc, target, peak_nits=peak_nits)
     small = None
     if detect_width is not None:
         tw, th = target
@@ -302,14 +302,19 @@ def _hdr_images(
 
 
 def _images(
-    frame: Any, size: tuple[int, int], detect_width: int | None, tone_map: bool = True
+    frame: Any,
+    size: tuple[int, int],
+    detect_width: int | None,
+    tone_map: bool = True,
+    peak_nits: float = DEFAULT_PEAK_NITS,
 ) -> tuple[np.ndarray, np.ndarray | None, int, int]:
     """(working-size I420 image in coded orientation, detection BGR frame or None, and
     the image's FFmpeg colorspace and range), from the decoder's planes: the payload is
     never converted to RGB and back, and the detection frame is converted at its small
-    size. With ``tone_map``, HDR frames become SDR (:func:`_hdr_images`)."""
+    size. With ``tone_map``, HDR frames become SDR (:func:`_hdr_images`), their
+    highlights rolled off from ``peak_nits``."""
     if tone_map and is_hdr(frame.color_trc):
-        yuv, small = _hdr_images(frame, size, detect_width)
+        yuv, small = _hdr_images(frame, size, detect_width, peak_nits)
         return yuv, small, COLORSPACE_UNSPECIFIED, RANGE_MPEG
     y, u, v, full = _planes(frame)
     w, h = size
@@ -487,6 +492,24 @@ def _timed_frames(
     return rising_pts(deinterlaced(decoded) if deinterlace else decoded)
 
 
+class _Clock:
+    """Presentation times relative to the stream start: from a frame's pts, else one
+    average frame after the previous frame's time."""
+
+    def __init__(self, start_pts: int | None, time_base: Fraction, frame_s: float) -> None:
+        self.start_pts, self.time_base, self.frame_s = start_pts, time_base, frame_s
+        self.last: float | None = None
+
+    def time_of(self, pts: int | None, num: int) -> float:
+        if pts is not None:
+            if self.start_pts is None:
+                self.start_pts = pts
+            self.last = float((pts - self.start_pts) * self.time_base)
+        else:
+            self.last = self.last + self.frame_s if self.last is not None else num * self.frame_s
+        return self.last
+
+
 def iter_pyav(
     container: Any,
     display: tuple[int, int] | None,
@@ -525,22 +548,21 @@ def iter_pyav(
     size: tuple[int, int] = (0, 0)
     rotation = 0
     num = start_frame - 1
-    last_time = None
+    clock = _Clock(start_pts, tb, frame_s)
+    peak_nits = DEFAULT_PEAK_NITS
     for frame, pts in _timed_frames(container, stream, wanted_pts, deinterlace):
         num = _frame_number(pts, pts_table, num)
         if num < start_frame:
             continue  # decoded from the keyframe before the seek point only to get here
         if size == (0, 0) and max_area > 0:
             size, rotation = _working_size(frame, stream, display, max_area)
-        if pts is not None:
-            if start_pts is None:
-                start_pts = pts
-            time_s = float((pts - start_pts) * tb)
-        else:
-            time_s = (last_time + frame_s) if last_time is not None else num * frame_s
-        last_time = time_s
+        time_s = clock.time_of(pts, num)
         duration = float(frame.duration * frame.time_base) if frame.duration else frame_s
-        yuv, small, colorspace, color_range = _images(frame, size, detect_width, tone_map)
+        if tone_map and frame.color_trc == TRC_PQ:
+            peak_nits = content_peak_nits(frame) or peak_nits
+        yuv, small, colorspace, color_range = _images(
+            frame, size, detect_width, tone_map, peak_nits
+        )
         if rotation and yuv.size:
             # frame.rotation is counter-clockwise degrees, and so is np.rot90.
             yuv = rotate_i420(yuv, rotation)

@@ -10,7 +10,8 @@ shows, at the working size (cheaper than at the coded size):
    (ARIB STD-B67) through its inverse OETF and the BT.2100 OOTF for a 1000-nit display;
 3. luminance tone curve, hue kept (every channel scaled alike): HDR reference white
    (203 nits, BT.2408) is 1.0 and an extended Reinhard curve rolls highlights off so
-   that ``peak_nits`` reaches SDR white;
+   that ``peak_nits`` reaches SDR white (for PQ the stream's MaxCLL when it has one,
+   :func:`content_peak_nits`; else 1000 nits, HLG's nominal peak);
 4. BT.2020 to BT.709 primaries (linear, out-of-gamut colours clipped);
 5. BT.1886 encoding (gamma 2.4) to 8-bit R'G'B', then 8-bit I420 as
    :func:`pipeline.decode.rgb_to_i420` makes it (BT.601, limited range, the colour
@@ -20,15 +21,19 @@ shows, at the working size (cheaper than at the coded size):
 from __future__ import annotations
 
 import functools
+import struct
+from typing import Any
 
 import cv2
 import numpy as np
 
 __all__ = [
+    "DEFAULT_PEAK_NITS",
     "HDR_TRANSFERS",
     "HDR_TRANSFER_NAMES",
     "TRC_HLG",
     "TRC_PQ",
+    "content_peak_nits",
     "is_hdr",
     "tone_map_i420",
     "transfer_name",
@@ -56,6 +61,7 @@ _TRC_NAMES = {
 HDR_TRANSFER_NAMES = frozenset(_TRC_NAMES[t] for t in HDR_TRANSFERS)
 
 REFERENCE_WHITE_NITS = 203.0  # BT.2408 HDR reference white: SDR's diffuse white
+DEFAULT_PEAK_NITS = 1000.0  # HLG's nominal display peak; PQ's when the stream has no MaxCLL
 _EOTF_STEPS = 4096  # non-linear code values sampled by the EOTF table
 _OETF_STEPS = 65536  # linear values sampled by the BT.1886 table (fine in the shadows)
 
@@ -69,6 +75,16 @@ _GAMUT_2020_TO_709 = np.array(
     [[1.6605, -0.5876, -0.0728], [-0.1246, 1.1329, -0.0083], [-0.0182, -0.1006, 1.1187]],
     np.float32,
 )
+
+
+def content_peak_nits(frame: Any) -> float | None:
+    """MaxCLL (the brightest pixel of the content, in nits) from a decoded frame's
+    content-light-level side data (HDR10 streams carry it on keyframes); None if absent."""
+    for data in frame.side_data:
+        if getattr(data.type, "name", "") == "CONTENT_LIGHT_LEVEL":
+            max_cll = struct.unpack("=II", bytes(data)[:8])[0]
+            return float(max_cll) if max_cll > 0 else None
+    return None
 
 
 def is_hdr(color_trc: int | None) -> bool:
@@ -126,7 +142,7 @@ def tone_map_i420(
     trc: int,
     size: tuple[int, int],
     bits: int = 10,
-    peak_nits: float = 1000.0,
+    peak_nits: float = DEFAULT_PEAK_NITS,
 ) -> np.ndarray:
     """SDR 8-bit I420 ``(h * 3 / 2, w)`` at ``size = (w, h)`` (even sides) from HDR 4:2:0
     planes of ``bits``-bit limited-range BT.2020 Y'CbCr (uint16 arrays)."""

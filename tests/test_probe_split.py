@@ -670,10 +670,11 @@ def _pq_code(nits: float) -> float:
     return float(((c1 + c2 * y) / (1 + c3 * y)) ** m2)
 
 
-def _hdr_video(path: str, transfer: str, codes: list[float]) -> None:
+def _hdr_video(path: str, transfer: str, codes: list[float], extra: str = "") -> None:
     """Four neutral grey bands at the given non-linear code values (0..1), as 10-bit
     limited-range BT.2020 HEVC tagged with ``transfer``, losslessly coded."""
     params = f"colorprim=bt2020:transfer={transfer}:colormatrix=bt2020nc:lossless=1:log-level=error"
+    params += extra
     with av.open(path, "w") as out:
         stream = out.add_stream(
             "libx265", rate=25, options={"x265-params": params, "preset": "ultrafast"}
@@ -713,6 +714,14 @@ def test_hdr_sources_are_tone_mapped_to_sdr(tmp_path: Any) -> None:
     assert tint[0] < 2
     (raw, *_) = list(iter_source_frames(pq, None, 128 * 64, tone_map=False))
     assert _band_means(raw.yuv)[0][2] == pytest.approx(143, abs=6)  # PQ code 0.58 as SDR
+    # a master that peaks at 4000 nits (its MaxCLL): 1000 nits is no longer SDR white
+    bright = str(tmp_path / "pq4000.mp4")
+    _hdr_video(
+        bright, "smpte2084", [_pq_code(n) for n in (0.1, 20, 203, 1000)], ":max-cll=4000,400"
+    )
+    (frame, *_) = list(iter_source_frames(bright, None, 128 * 64))
+    brighter, _ = _band_means(frame.yuv)
+    assert brighter[3] < 225 and brighter[2] > bands[2] - 6
 
     hlg = str(tmp_path / "hlg.mp4")
     _hdr_video(hlg, "arib-std-b67", [0.0, 0.25, 0.75, 1.0])
