@@ -331,9 +331,9 @@ def test_samples_over_the_budget_are_cropped_or_named_in_the_error(
     losses = train(root, str(tmp_path / "crop"), crop)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     out = capsys.readouterr().out
-    assert "samples_cropped=3" in out and "samples_skipped=0" in out
+    assert "3 cropped to fit" in out and "skipped" not in out
     train(root, str(tmp_path / "skip"), dataclasses.replace(crop, oversize="skip"))
-    assert "samples_skipped=3" in capsys.readouterr().out
+    assert "3 skipped as over the token budget" in capsys.readouterr().out
     with pytest.raises(ValueError, match="all 8 samples are larger than the token budget"):
         train(root, str(tmp_path / "none"), TrainConfig(steps=1, token_budget=3))
     with pytest.raises(ValueError, match="oversize 'shrink' is not one of"):
