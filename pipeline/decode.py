@@ -616,6 +616,7 @@ def iter_source_frames(
     deinterlace: bool = True,
     tone_map: bool = True,
     pyav_only: bool = False,
+    pts_table: list[int] | None = None,
 ) -> Iterator[DecodedFrame]:
     """Every frame of ``uri`` from ``start_frame`` on, decoded once (see the module doc).
 
@@ -624,6 +625,7 @@ def iter_source_frames(
     falls back to PyAV at the first frame decord did not deliver. ``deinterlace`` and
     ``tone_map`` are as in :func:`iter_pyav`; decord does neither, so a source that
     needs them (``pyav_only``: probed interlaced or HDR) is decoded by PyAV.
+    ``pts_table`` (:func:`frame_pts_table`) saves demuxing the file to start mid-stream.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}, expected one of {BACKENDS}")
@@ -640,9 +642,9 @@ def iter_source_frames(
         except Exception:  # decord's failure modes are many; PyAV takes over below
             pass
     with open_source(uri) as container:
-        table = None
+        table = None  # from the start, frames are numbered as they come
         if next_frame > 0:
-            table = frame_pts_table(container)
+            table = pts_table if pts_table is not None else frame_pts_table(container)
         yield from iter_pyav(
             container, display, max_area, next_frame, table, detect_width, deinterlace, tone_map
         )

@@ -15,7 +15,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from pipeline.decode import frame_pts_table
 from pipeline.stages.base import Batch, batch_to_rows, rows_to_batch
+from pipeline.stages.probe import open_source
 from pipeline.stages.split import SplitConfig, frame_ranges, stitch, supports_ranges
 
 __all__ = ["RangeStitcher", "expand_ranges"]
@@ -27,28 +31,48 @@ def _int_or_none(value: Any) -> int | None:
     return int(value)
 
 
+def _frame_table(source: str) -> list[int] | None:
+    """Every frame's presentation time (:func:`pipeline.decode.frame_pts_table`), or None
+    when the source cannot be demuxed (its ranges then fail, and say why, in split)."""
+    try:
+        with open_source(source) as container:
+            return frame_pts_table(container) or None
+    except Exception:
+        return None
+
+
 def expand_ranges(batch: Mapping[str, Any], split_cfg: SplitConfig, range_frames: int) -> Batch:
     """1:N. Probe rows of long sources become one row per frame range; other rows pass
-    through with ``range_count = 1``."""
+    through with ``range_count = 1``.
+
+    A long source is demuxed once here for its frame table: the ranges are cut from its
+    exact frame count, and every range row carries the table (``range_frame_pts``), so
+    a range seeks and numbers its frames without reading the whole file itself."""
     out: list[dict[str, Any]] = []
     for row in batch_to_rows(batch):
         frames = _int_or_none(row.get("src_num_frames"))
         ranges = [(0, -1)]
+        table = None
         if (
             range_frames > 0
             and row.get("src_status") == "done"
             and frames is not None
+            and frames > range_frames
             and supports_ranges(split_cfg)
         ):
-            ranges = frame_ranges(frames, range_frames)
+            table = _frame_table(str(row["source"]))
+            ranges = frame_ranges(len(table) if table else frames, range_frames)
+        ranged = len(ranges) > 1
+        packed = np.asarray(table, "<i8").tobytes() if ranged and table else None
         for i, (start, end) in enumerate(ranges):
             out.append(
                 dict(
                     row,
-                    range_start_frame=start if len(ranges) > 1 else None,
-                    range_end_frame=(None if end < 0 else end) if len(ranges) > 1 else None,
+                    range_start_frame=start if ranged else None,
+                    range_end_frame=(None if end < 0 else end) if ranged else None,
                     range_index=i,
                     range_count=len(ranges),
+                    range_frame_pts=packed,
                 )
             )
     return rows_to_batch(out, columns=list(batch))

@@ -248,6 +248,9 @@ STREAM_ONLY_COLUMNS = (
     "range_end_frame",  # exclusive; None = to the end of the stream
     "range_index",
     "range_count",
+    # every frame's pts of a ranged source as little-endian int64 bytes, demuxed once for
+    # all its ranges (None on other rows)
+    "range_frame_pts",
 )
 
 STREAM_COLUMNS = CLIP_COLUMNS + STREAM_ONLY_COLUMNS
@@ -261,6 +264,7 @@ STREAM_TYPES: dict[str, pa.DataType] = {
     **{f"src_{f.name}": f.type for f in SOURCE_SCHEMA},
     **{f.name: f.type for f in CLIP_SCHEMA},
     **{name: pa.int64() for name in STREAM_ONLY_COLUMNS if name.startswith("range_")},
+    "range_frame_pts": pa.binary(),
     "clip_bytes": pa.binary(),
     "latents": pa.binary(),
 }

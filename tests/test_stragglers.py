@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from pipeline import decode as decode_mod
 from pipeline.config import load_config
 from pipeline.graph import build
 from pipeline.stages import split as split_mod
@@ -23,7 +24,7 @@ def _probe(cfg, path: str):
     return Probe(cfg.probe)(rows_to_batch([{"source": path}]))
 
 
-def test_expand_ranges_and_stitch_without_ray(tmp_path) -> None:
+def test_expand_ranges_and_stitch_without_ray(tmp_path, monkeypatch) -> None:
     path = str(tmp_path / "long.mp4")
     # cuts at 30, 59 and 61 frames: one right at a range boundary, one just after it
     synth_video(path, width=96, height=64, fps=12.0, shots=[30, 29, 2, 45], seed=3)
@@ -33,6 +34,15 @@ def test_expand_ranges_and_stitch_without_ray(tmp_path) -> None:
 
     ranged = expand_ranges(probed, cfg.split, range_frames=40)
     assert list(ranged["range_count"]) == [3, 3, 3]
+    # the source was demuxed once, here: its ranges carry the frame table and never
+    # demux the whole file themselves
+    tables = {bytes(t) for t in ranged["range_frame_pts"]}
+    assert len(tables) == 1 and len(tables.pop()) == 8 * 106
+    demuxed: list[str] = []
+    real_table = decode_mod.frame_pts_table
+    monkeypatch.setattr(
+        decode_mod, "frame_pts_table", lambda c: demuxed.append("x") or real_table(c)
+    )
     stitcher = RangeStitcher()
     out = []
     # feed the ranges' split rows in reverse order, one range per batch, as Ray may;
@@ -47,6 +57,8 @@ def test_expand_ranges_and_stitch_without_ray(tmp_path) -> None:
         if i:
             assert out == [], "a source must not be emitted before all its ranges arrived"
     assert stitcher.unfinished() == []
+    assert demuxed == []
+    assert all(r["range_frame_pts"] is None for r in out)  # not copied to every clip
     spans = [(r["start_frame"], r["end_frame"]) for r in out]
     assert spans == [(r["start_frame"], r["end_frame"]) for r in batch_to_rows(whole)]
     assert [r["clip_id"] for r in out] == list(whole["clip_id"])

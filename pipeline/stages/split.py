@@ -843,6 +843,7 @@ def _split_source(
     range_end: int = -1,
     rotation: int = 0,
     pyav_only: bool = False,
+    pts_table: list[int] | None = None,
     flush_bytes: int = 0,
 ) -> Generator[list[_Clip], None, _RangeResult]:
     """The clips of one source (or of the range it owns): yielded in order as their
@@ -864,6 +865,7 @@ def _split_source(
             deinterlace=cfg.deinterlace,
             tone_map=cfg.tone_map,
             pyav_only=pyav_only,
+            pts_table=pts_table,
         ),
         deadline=deadline,
     )
@@ -964,6 +966,13 @@ _SRC_COLUMNS = (
 )
 
 
+def _frame_table(packed: Any) -> list[int] | None:
+    """A range row's frame table (``range_frame_pts``: little-endian int64 bytes)."""
+    if not isinstance(packed, bytes | bytearray | memoryview) or not len(packed):
+        return None
+    return np.frombuffer(packed, "<i8").tolist()
+
+
 def _optional_int(value: Any) -> int | None:
     """A frame number from a stream cell; None, NaN and negatives mean "not set"."""
     if value is None:
@@ -1045,6 +1054,8 @@ class Split:
         were handed on: :class:`pipeline.writer.CorpusWriter` then records the source
         as one error row, as it does for any failed split)."""
         base = dict(row)
+        if "range_frame_pts" in base:
+            base["range_frame_pts"] = None  # the range's business: not copied to every clip
         source = str(row["source"])
         # Ray turns missing strings into NaN between stages; keep them None.
         error = row.get("src_error")
@@ -1120,6 +1131,7 @@ class Split:
             range_end=-1 if range_end is None else range_end,
             rotation=_optional_int(row.get("src_rotation_deg")) or 0,
             pyav_only=self._needs_pyav(row),
+            pts_table=_frame_table(row.get("range_frame_pts")),
             flush_bytes=flush_bytes,
         )
         # Decoding reached the end of the stream: the frame count is exact.
