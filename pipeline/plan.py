@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import BuildConfig, from_dict, load_config, merge_layers, parse_overrides
+from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.decide import DEFAULT_THRESHOLDS
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import clip_spans
@@ -185,6 +186,28 @@ class SourceEstimate:
     source_mpx_frames: float = 0.0  # decode work of split
     work_mpx_frames: float = 0.0  # payload encode work of split
     encode_mpx_frames: list[float] = field(default_factory=list)  # VAE work per clip
+    traits: list[str] = field(default_factory=list)  # TRAITS the source has
+
+
+# source facts that change how split handles a source, as the plan names them
+TRAITS = {
+    "interlaced": "interlaced (deinterlaced)",
+    "hdr": "HDR (tone-mapped to SDR)",
+    "vfr": "variable frame rate",
+    "rotated": "rotated",
+    "image": "still images",
+}
+
+
+def _traits(facts: dict[str, Any]) -> list[str]:
+    found = {
+        "interlaced": facts.get("src_interlaced") is True,
+        "hdr": facts.get("src_color_transfer") in HDR_TRANSFER_NAMES,
+        "vfr": facts.get("src_vfr") is True,
+        "rotated": bool((facts.get("src_rotation_deg") or 0) % 360),
+        "image": facts.get("src_media_kind") == "image",
+    }
+    return [name for name in TRAITS if found[name]]
 
 
 def _shots(num_frames: int, fps: float, mean_shot_s: float) -> list[tuple[int, int]]:
@@ -205,6 +228,7 @@ def estimate_source(
         return est
     fps, width, height = float(facts["fps"]), int(facts["width"]), int(facts["height"])
     num_frames = int(facts["src_num_frames"])
+    est.traits = _traits(facts)
     est.duration_s, est.fps, est.width, est.height = (
         float(facts["src_duration_s"]),
         fps,
@@ -260,6 +284,7 @@ class Plan:
     bottleneck: str
     rates: dict[str, float]
     per_source: list[SourceEstimate] = field(default_factory=list)
+    traits: dict[str, int] = field(default_factory=dict)  # probed sources per trait
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -385,6 +410,7 @@ def make_plan(
         bottleneck=bottleneck,
         rates=asdict(rates),
         per_source=ests,
+        traits={t: n for t in TRAITS if (n := sum(t in e.traits for e in ests))},
     )
 
 
@@ -475,6 +501,11 @@ def format_plan(plan: Plan) -> str:
         f"  clips      {plan.clips:,.0f} (kept ~{plan.clips_kept:,.0f})",
         f"  tokens     {plan.latent_tokens:,.0f} (~{plan.tokens_per_clip_mean:,.0f} per clip)",
         f"  storage    {_size(plan.storage_bytes)}",
+    ]
+    if plan.traits:
+        found = ", ".join(f"{n} {TRAITS[t]}" for t, n in plan.traits.items())
+        lines.append(f"  probed     {found}")
+    lines += [
         "",
         f"  {'stage':<12} {'on':<7} {'work':>14} {'unit':<18} {'resource time':>14} {'wall':>10}",
     ]

@@ -193,6 +193,30 @@ def test_format_mentions_every_stage(videos: Path, tiny_cfg: BuildConfig) -> Non
         assert f"  {s.stage} " in text
 
 
+def test_plan_names_sources_that_split_treats_specially(
+    videos: Path, tiny_cfg: BuildConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interlaced, HDR, VFR, rotated and still sources in the sample are counted and
+    named; a plain sample adds no line."""
+    assert "  probed  " not in format_plan(make_plan(_sources(videos), tiny_cfg, workers=2))
+    real = Probe.probe_one
+    odd = {
+        "wide.mp4": {"src_interlaced": True, "src_color_transfer": "arib-std-b67"},
+        "tall.mp4": {"src_interlaced": True, "src_vfr": True, "src_rotation_deg": 90},
+    }
+
+    def probe_one(self: Probe, source: str) -> dict:
+        return {**real(self, source), **odd.get(Path(source).name, {})}
+
+    monkeypatch.setattr(Probe, "probe_one", probe_one)
+    plan = make_plan(_sources(videos), tiny_cfg, workers=2)
+    assert plan.traits == {"interlaced": 2, "hdr": 1, "vfr": 1, "rotated": 1}
+    assert (
+        "  probed     2 interlaced (deinterlaced), 1 HDR (tone-mapped to SDR), "
+        "1 variable frame rate, 1 rotated" in format_plan(plan)
+    )
+
+
 def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> None:
     """One row per stage the build runs (its progress labels), then start-up and write;
     model stages on the GPUs, and each pool's min_actors paying ``model_load_s``."""
