@@ -172,6 +172,9 @@ CLIP_SCHEMA = pa.schema(
         pa.field("fps", pa.float64()),
         pa.field("width", pa.int32()),  # display size of the source
         pa.field("height", pa.int32()),
+        # (x, y, w, h) of the source's display frame kept after cropping black bars off
+        # the clip (split.crop_borders); null: the whole frame
+        pa.field("crop", pa.list_(pa.int32())),
         pa.field("caption", pa.string()),
         pa.field("latent_shape", pa.list_(pa.int32())),  # C, T, H, W
         pa.field("shard", pa.string()),  # shard path relative to the corpus root

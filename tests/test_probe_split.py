@@ -13,6 +13,7 @@ from fractions import Fraction
 from typing import Any
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -27,7 +28,9 @@ from pipeline.stages.split import (
     SplitConfig,
     _Frame,
     _SourceSplitter,
+    border_crop,
     clip_spans,
+    crop_i420,
     cut_clips,
     detect_shots,
     shots,
@@ -734,7 +737,65 @@ def test_hdr_sources_are_tone_mapped_to_sdr(tmp_path: Any) -> None:
     # through the Split stage: the payload holds the SDR picture
     probed = Probe(ProbeConfig(min_side=16))({"source": np.array([pq], dtype=object)})
     assert probed["src_color_transfer"][0] == "smpte2084"
-    (row,) = batch_to_rows(Split(SplitConfig(min_clip_s=0.0, work_max_area=128 * 64))(probed))
+    # (no border crop: the 0.1-nit band at the left edge is as dark as a pillarbox bar)
+    cfg = SplitConfig(min_clip_s=0.0, work_max_area=128 * 64, crop_borders=False)
+    (row,) = batch_to_rows(Split(cfg)(probed))
     frames, _ = decode_mp4(row["clip_bytes"])
     white = frames[0][8:56, 68:92].mean()  # RGB of the 203-nit band
     assert white == pytest.approx(194, abs=8)
+
+
+def _boxed_video(path: str, box: tuple[int, int, int, int], frames: int = 30) -> None:
+    """A 192x108 video whose moving texture fills only ``box`` (x, y, w, h); black
+    (RGB 0) elsewhere, as a letterboxed or pillarboxed transfer is."""
+    rng = np.random.default_rng(7)
+    texture = cv2.GaussianBlur(rng.integers(30, 230, (108, 420, 3), dtype=np.uint8), (5, 5), 0)
+    x, y, w, h = box
+    video = np.zeros((frames, 108, 192, 3), np.uint8)
+    for t in range(frames):
+        video[t, y : y + h, x : x + w] = texture[y : y + h, 4 * t + x : 4 * t + x + w]
+    with open(path, "wb") as f:
+        f.write(encode_mp4(video, 12.0, crf=18))
+
+
+def test_border_crop_finds_bars_and_leaves_dark_pictures_alone() -> None:
+    luma = np.full((100, 160), 16, np.uint8)
+    luma[12:88, 20:140] = 120  # picture
+    luma[11, 20:140] = 22  # ringing next to the picture: still bar-dark
+    assert border_crop([luma], 16, 10) == (20, 12, 120, 76)
+    luma[13, :] = 16  # a black line inside the picture does not count
+    assert border_crop([luma, luma], 16, 10) == (20, 12, 120, 76)
+    moving = luma.copy()
+    moving[5, 70] = 200  # one frame shows something up there: not a bar from that row
+    assert border_crop([luma, moving], 16, 10) == (20, 6, 120, 82)
+    assert border_crop([np.full((100, 160), 120, np.uint8)], 16, 10) is None  # no bars
+    dark = np.full((100, 160), 18, np.uint8)
+    dark[45:55, 70:90] = 90  # mostly black: a fade, not a letterbox
+    assert border_crop([dark], 16, 10) is None
+    yuv = rgb_to_i420(np.zeros((100, 160, 3), np.uint8))
+    assert crop_i420(yuv, (20, 12, 120, 76)).shape == (114, 120)
+
+
+@pytest.mark.parametrize(
+    "box",
+    [(0, 14, 192, 80), (32, 0, 128, 108), (0, 0, 192, 108)],
+    ids=["letterbox", "pillarbox", "full"],
+)
+def test_split_crops_black_bars_off_clip_payloads(
+    tmp_path: Any, box: tuple[int, int, int, int]
+) -> None:
+    path = str(tmp_path / "boxed.mp4")
+    _boxed_video(path, box)
+    probed = Probe(ProbeConfig())({"source": np.array([path], dtype=object)})
+    cfg = SplitConfig(min_clip_s=0.5, work_max_area=192 * 108)
+    (row,) = batch_to_rows(Split(cfg)(probed))
+    frames, _ = decode_mp4(row["clip_bytes"])
+    if box == (0, 0, 192, 108):
+        assert row["crop"] is None and frames.shape[1:3] == (108, 192)
+        return
+    assert row["crop"] == list(box)
+    assert frames.shape[1:3] == (box[3], box[2])
+    assert frames[:, :2].mean() > 40 and frames[:, -2:].mean() > 40  # no bar left
+    assert frames[:, :, :2].mean() > 40 and frames[:, :, -2:].mean() > 40
+    (whole,) = batch_to_rows(Split(replace(cfg, crop_borders=False))(probed))
+    assert whole["crop"] is None and decode_mp4(whole["clip_bytes"])[0].shape[1:3] == (108, 192)

@@ -21,7 +21,9 @@ long source can be split into frame ranges processed independently
 (:func:`stitch`) to exactly the single-range result. Clip rules: shots shorter than
 ``min_clip_s`` are dropped, longer than ``max_clip_s`` cut into chunks of similar
 length, optionally ``trim_frames`` dropped on each side of a cut and near-black
-fade frames at shot edges dropped (``drop_fades``).
+fade frames at shot edges dropped (``drop_fades``). Black bars at the frame's edges
+(letterbox, pillarbox) are cropped off each clip's payload (:func:`border_crop`), so
+its aspect ratio is the picture's; the clip's ``crop`` column records what was kept.
 
 Ranges. Range ``[rs, re)`` *owns* the shots that start at or after the first
 *synchronised* cut at or after ``rs`` (a counted cut whose status does not depend on
@@ -45,7 +47,7 @@ import uuid
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -64,6 +66,7 @@ from scenedetect import (
 from pipeline.decode import (
     BACKENDS,
     COLORSPACE_UNSPECIFIED,
+    RANGE_JPEG,
     RANGE_MPEG,
     DecodedFrame,
     Prefetcher,
@@ -83,9 +86,11 @@ __all__ = [
     "Split",
     "SplitConfig",
     "SplitTimeout",
+    "border_crop",
     "clip_id",
     "clip_spans",
     "count_cuts",
+    "crop_i420",
     "cut_clips",
     "detect_shots",
     "frame_ranges",
@@ -145,6 +150,11 @@ class SplitConfig:
     # tone-map HDR frames (PQ, HLG) to SDR BT.709 (pipeline.hdr); off: their code values
     # are used as if they were SDR
     tone_map: bool = True
+    # crop black bars (letterbox, pillarbox) off each clip's payload: rows and columns at
+    # the frame's edges that stay within border_luma levels of black in every sampled
+    # frame of the clip (border_crop); the clip's `crop` column says what was kept
+    crop_borders: bool = True
+    border_luma: float = 10.0
     timeout_s: float = 1800.0  # wall-clock limit per source (or range); 0 disables
     transnet_device: str = "cpu"  # torch device of the optional TransNetV2 detector
 
@@ -484,6 +494,47 @@ class _Clip:
     start_s: float
     end_s: float
     payload: bytes
+    crop: tuple[int, int, int, int] | None = None  # (x, y, w, h) kept, display pixels
+
+
+_CROP_SAMPLES = 12  # frames of a clip that border_crop looks at
+
+
+def border_crop(
+    lumas: Sequence[np.ndarray], black: float, tolerance: float, min_keep: float = 0.5
+) -> tuple[int, int, int, int] | None:
+    """``(x, y, w, h)`` (even) of the picture inside black bars: the rows and columns at
+    the edges of the luma planes that stay within ``tolerance`` of ``black`` in every
+    plane. None without bars, or when they would leave less than ``min_keep`` of a side
+    (a dark or fading clip, not a letterbox)."""
+    dark = np.stack(lumas) <= black + tolerance
+    rows, cols = np.asarray(dark.all(axis=(0, 2))), np.asarray(dark.all(axis=(0, 1)))
+
+    def edges(line: np.ndarray) -> tuple[int, int]:
+        lead = int(np.argmin(line)) if not line.all() else line.size
+        trail = int(np.argmin(line[::-1])) if not line.all() else line.size
+        return lead + lead % 2, trail + trail % 2  # inward to even: I420 needs even sides
+
+    (top, bottom), (left, right) = edges(rows), edges(cols)
+    h, w = rows.size, cols.size
+    keep_h, keep_w = h - top - bottom, w - left - right
+    if top + bottom + left + right == 0 or keep_h < min_keep * h or keep_w < min_keep * w:
+        return None
+    return left, top, keep_w, keep_h
+
+
+def crop_i420(yuv: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The ``(x, y, w, h)`` part (even numbers) of an I420 image."""
+    x, y, w, h = rect
+    height, width = yuv.shape[0] * 2 // 3, yuv.shape[1]
+    flat = yuv.reshape(-1)
+    luma = flat[: width * height].reshape(height, width)
+    u = flat[width * height : width * height * 5 // 4].reshape(height // 2, width // 2)
+    v = flat[width * height * 5 // 4 :].reshape(height // 2, width // 2)
+    parts = [luma[y : y + h, x : x + w]] + [
+        c[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2] for c in (u, v)
+    ]
+    return np.concatenate([part.ravel() for part in parts]).reshape(h * 3 // 2, w)
 
 
 class _PayloadEncoder:
@@ -504,10 +555,15 @@ class _PayloadEncoder:
         self._pool: ThreadPoolExecutor | None = None
         self._waiting: deque[Future[bytes]] = deque()
 
-    def submit(self, frames: list[_Frame]) -> Future[bytes]:
-        """Encode one clip's frames on the ``target_fps`` grid, at the payload rate."""
+    def submit(
+        self, frames: list[_Frame], crop: tuple[int, int, int, int] | None = None
+    ) -> Future[bytes]:
+        """Encode one clip's frames on the ``target_fps`` grid, at the payload rate, cut
+        to ``crop`` (working-size pixels)."""
         keep = resample_indices(len(frames), self.source_fps, self.target_fps)
         frames = [frames[i] for i in keep]
+        if crop is not None:
+            frames = [replace(f, yuv=crop_i420(f.yuv, crop)) for f in frames]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="reelpack-encode")
         while self._waiting and self._waiting[0].done():
@@ -549,9 +605,14 @@ class _SourceSplitter:
     """
 
     def __init__(
-        self, cfg: SplitConfig, fps: float, range_start: int = 0, range_end: int = -1
+        self,
+        cfg: SplitConfig,
+        fps: float,
+        range_start: int = 0,
+        range_end: int = -1,
+        display: tuple[int, int] | None = None,
     ) -> None:
-        self.cfg, self.fps = cfg, fps
+        self.cfg, self.fps, self.display = cfg, fps, display
         self.tracker = ShotTracker(cfg, fps, first_frame=range_start)
         self.min_frames, self.max_frames = _frame_limits(fps, cfg)
         self.min_scene = self.tracker.min_scene
@@ -617,7 +678,7 @@ class _SourceSplitter:
                 if self.own_from is not None and not self.done:
                     self._close_shot(self.count, is_cut=False)
             self.clips = [
-                _Clip(c.start_frame, c.end_frame, c.start_s, c.end_s, future.result())
+                replace(c, payload=future.result())
                 for c, future in zip(self.clips, self._payloads, strict=True)
             ]
         finally:
@@ -643,7 +704,7 @@ class _SourceSplitter:
             return []
         self._counted = self._counted_bytes = 0
         ready = [
-            _Clip(c.start_frame, c.end_frame, c.start_s, c.end_s, f.result())
+            replace(c, payload=f.result())
             for c, f in zip(self.clips[:older], self._payloads[:older], strict=True)
         ]
         del self.clips[:older], self._payloads[:older]
@@ -725,6 +786,27 @@ class _SourceSplitter:
         self.lead_open = True
         self._advance_lead()
 
+    def _border_crop(self, frames: list[_Frame]) -> tuple[int, int, int, int] | None:
+        """The clip's picture inside black bars, in working-size pixels (None: no bars)."""
+        if not self.cfg.crop_borders or not frames or not frames[0].yuv.size:
+            return None
+        height = frames[0].yuv.shape[0] * 2 // 3
+        step = max(1, len(frames) // _CROP_SAMPLES)
+        lumas = [f.yuv[:height] for f in frames[::step][:_CROP_SAMPLES]]
+        black = 0.0 if frames[0].color_range == RANGE_JPEG else 16.0
+        return border_crop(lumas, black, self.cfg.border_luma)
+
+    def _shown(
+        self, crop: tuple[int, int, int, int] | None, frames: list[_Frame]
+    ) -> tuple[int, int, int, int] | None:
+        """A working-size crop in the source's display pixels."""
+        if crop is None or self.display is None:
+            return crop
+        height, width = frames[0].yuv.shape[0] * 2 // 3, frames[0].yuv.shape[1]
+        sx, sy = self.display[0] / width, self.display[1] / height
+        x, y, w, h = crop
+        return round(x * sx), round(y * sy), round(w * sx), round(h * sy)
+
     def _drop_until(self, frame_num: int) -> None:
         while self.buffer and self.buffer[0].num < frame_num:
             self.buffer.popleft()
@@ -734,8 +816,11 @@ class _SourceSplitter:
         frames = [f for f in self.buffer if f.num < end]
         following = next((f for f in self.buffer if f.num >= end), None)
         end_s = following.time_s if following is not None else self.end_s
-        self._payloads.append(self.encoder.submit(frames))
-        self.clips.append(_Clip(start, end, frames[0].time_s, end_s, b""))
+        crop = self._border_crop(frames)
+        self._payloads.append(self.encoder.submit(frames, crop))
+        self.clips.append(
+            _Clip(start, end, frames[0].time_s, end_s, b"", self._shown(crop, frames))
+        )
         self._drop_until(end)
         self.pending = end
 
@@ -850,7 +935,7 @@ def _split_source(
     payloads reach ``flush_bytes`` (never with 0), the rest returned; raises on decode
     failure, an empty stream or a timeout."""
     deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s > 0 else None
-    splitter = _SourceSplitter(cfg, fps, range_start, range_end)
+    splitter = _SourceSplitter(cfg, fps, range_start, range_end, display)
     # Three threads overlap: decoding + conversion (here), detection (the caller's
     # thread), payload encoding (the splitter's encoder).
     frames = Prefetcher(
@@ -1017,6 +1102,7 @@ class Split:
         "width",
         "height",
         "clip_bytes",
+        "crop",
         *_SRC_COLUMNS,
         "src_num_frames_exact",
         "src_num_clips",
@@ -1158,6 +1244,7 @@ class Split:
             "start_s": clip.start_s,
             "end_s": clip.end_s,
             "clip_bytes": clip.payload,
+            "crop": None if clip.crop is None else list(clip.crop),
             "src_num_clips": None,
         }
 
