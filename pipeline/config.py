@@ -308,6 +308,7 @@ def _check_sources(c: _Checks) -> None:
         f">= split.min_clip_s ({cfg.split.min_clip_s:g})",
     )
     c.need(0 <= cfg.split.fade_luma <= 255, "split.fade_luma", "in [0, 255]")
+    c.need(0 <= cfg.split.border_luma <= 255, "split.border_luma", "in [0, 255]")
     c.at_least(16, "split.detect_width")
     c.at_least(16 * 16, "split.work_max_area")
     c.need(0 <= cfg.split.work_crf <= 51, "split.work_crf", "in [0, 51] (an x264 CRF)")

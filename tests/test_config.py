@@ -111,6 +111,7 @@ def test_payloads_carry_the_frame_rate_the_vae_sees() -> None:
         ("split", {"detector": "contnet"}, "split.detector"),
         ("split", {"work_preset": "turbo"}, "split.work_preset"),
         ("split", {"work_crf": 60}, "split.work_crf"),
+        ("split", {"border_luma": -1}, "split.border_luma"),
         ("score", {"num_frames": 0}, "score.num_frames"),
         ("caption", {"dtype": "float17"}, "caption.dtype"),
         ("encode", {"device": "gpu"}, "encode.device"),
