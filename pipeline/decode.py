@@ -366,10 +366,10 @@ def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
 _DEINTERLACE = "mode=send_frame:parity=auto:deint=interlaced"
 
 
-def _bwdif(frame: Any) -> Any:
+def _bwdif(frame: Any, time_base: Fraction) -> Any:
     graph = av.filter.Graph()
     source = graph.add_buffer(
-        width=frame.width, height=frame.height, format=frame.format.name, time_base=frame.time_base
+        width=frame.width, height=frame.height, format=frame.format.name, time_base=time_base
     )
     bwdif = graph.add("bwdif", _DEINTERLACE)
     sink = graph.add("buffersink")
@@ -399,7 +399,7 @@ def deinterlaced(frames: Iterable[Any]) -> Iterator[Any]:
     frame ahead) and is rebuilt when the frame size or format changes."""
     graph: Any = None
     shape: tuple[int, int, str] | None = None
-    time_base = Fraction(1, 1)
+    time_base = Fraction(1, 90000)
     for frame in frames:
         if graph is None and not frame.interlaced_frame:
             yield frame
@@ -409,8 +409,8 @@ def deinterlaced(frames: Iterable[Any]) -> Iterator[Any]:
             if graph is not None:
                 graph.push(None)
                 yield from _pull(graph, time_base)
-            graph, shape = _bwdif(frame), here
-            time_base = frame.time_base or Fraction(1, 1)
+            time_base = frame.time_base or Fraction(1, 90000)
+            graph, shape = _bwdif(frame, time_base), here
         graph.push(frame)
         yield from _pull(graph, time_base)
     if graph is not None:
@@ -439,8 +439,11 @@ def rising_pts(frames: Iterable[Any], window: int = 2) -> Iterator[tuple[Any, in
             return None
         own = int(frame.pts)
         if last is not None and heap[0] <= last:  # a reset, not a local reorder
-            heap.remove(own)
-            heapq.heapify(heap)
+            if own in heap:
+                heap.remove(own)
+                heapq.heapify(heap)
+            else:  # an earlier frame took it: drop another, one time per frame
+                heapq.heappop(heap)
             last = own
         else:
             last = heapq.heappop(heap)
@@ -458,6 +461,9 @@ def rising_pts(frames: Iterable[Any], window: int = 2) -> Iterator[tuple[Any, in
         yield first, assign(first)
 
 
+_MAX_BACK_OFF_S = 86400.0  # a seek that still lands late: decode from the start
+
+
 def _decode_from(container: Any, stream: Any, wanted_pts: int) -> Iterator[Any]:
     """Decoded frames from a keyframe at or before ``wanted_pts``. Containers without an
     index (MPEG-TS, elementary streams) can land past the wanted time, so a seek that
@@ -466,7 +472,8 @@ def _decode_from(container: Any, stream: Any, wanted_pts: int) -> Iterator[Any]:
     back_s = 0.0
     while True:
         target = wanted_pts - int(back_s / tb)
-        if stream.start_time is not None and target < stream.start_time:
+        before_start = stream.start_time is not None and target < stream.start_time
+        if before_start or back_s > _MAX_BACK_OFF_S:
             container.seek(0)
             yield from container.decode(stream)
             return

@@ -588,6 +588,7 @@ def test_rising_pts_undoes_neighbour_swaps_but_not_resets() -> None:
     assert times([0, 1, 2, 3]) == [0, 1, 2, 3]  # rising: unchanged
     assert times([998, 999, 1000, 1001, 0, 1, 2]) == [998, 999, 1000, 1001, 0, 1, 2]  # a reset
     assert times([0, None, 2, 1, 3]) == [0, None, 1, 2, 3]
+    assert times([4, 2, 3, 1, 5]) == [2, 2, 3, 4, 5]  # garbage in: one time per frame, no crash
 
 
 def test_avi_with_packed_b_frames_gets_rising_times_and_exact_seek_numbers() -> None:
