@@ -102,19 +102,22 @@ def _rate(stream: Any) -> float:
     return float(rate) if rate else 0.0
 
 
-def frame_pts_table(container: Any) -> list[int]:
+def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     """Sorted presentation times (in the stream's time base) of every video frame of the
     first video stream, from demuxing alone; position ``k`` holds frame ``k``'s pts.
 
     Packets FFmpeg marks to discard (edit lists) and packets without a pts are left out.
-    Leaves the container at its end: seek before decoding.
+    Leaves the container at its end: seek before decoding. With ``timeout_s > 0``,
+    raises TimeoutError once demuxing has taken that long.
     """
     stream = container.streams.video[0]
-    pts = [
-        int(p.pts)
-        for p in container.demux(stream)
-        if p.pts is not None and p.size and not p.is_discard
-    ]
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    pts = []
+    for i, p in enumerate(container.demux(stream)):
+        if p.pts is not None and p.size and not p.is_discard:
+            pts.append(int(p.pts))
+        if deadline is not None and i % 256 == 0 and time.monotonic() > deadline:
+            raise TimeoutError(f"demuxing the frame table took over {timeout_s:g} s")
     return sorted(set(pts))
 
 

@@ -31,12 +31,13 @@ def _int_or_none(value: Any) -> int | None:
     return int(value)
 
 
-def _frame_table(source: str) -> list[int] | None:
+def _frame_table(source: str, timeout_s: float) -> list[int] | None:
     """Every frame's presentation time (:func:`pipeline.decode.frame_pts_table`), or None
-    when the source cannot be demuxed (its ranges then fail, and say why, in split)."""
+    when the source cannot be demuxed within ``timeout_s`` (its ranges then demux on
+    their own, under split's per-source time limit, and fail there with a reason)."""
     try:
         with open_source(source) as container:
-            return frame_pts_table(container) or None
+            return frame_pts_table(container, timeout_s) or None
     except Exception:
         return None
 
@@ -60,7 +61,7 @@ def expand_ranges(batch: Mapping[str, Any], split_cfg: SplitConfig, range_frames
             and frames > range_frames
             and supports_ranges(split_cfg)
         ):
-            table = _frame_table(str(row["source"]))
+            table = _frame_table(str(row["source"]), split_cfg.timeout_s)
             ranges = frame_ranges(len(table) if table else frames, range_frames)
         ranged = len(ranges) > 1
         packed = np.asarray(table, "<i8").tobytes() if ranged and table else None
