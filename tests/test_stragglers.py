@@ -13,7 +13,7 @@ from pipeline.config import load_config
 from pipeline.graph import build
 from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows, rows_to_batch
-from pipeline.stages.probe import Probe
+from pipeline.stages.probe import Probe, open_source
 from pipeline.stages.split import Split
 from pipeline.stitching import RangeStitcher, expand_ranges
 from pipeline.synth import synth_video
@@ -132,3 +132,14 @@ def test_a_range_inside_one_long_shot_stops_at_its_end(tmp_path) -> None:
             out.extend(batch_to_rows(batch))
     whole = Split(cfg.split)(probed)
     assert [r["clip_id"] for r in out] == list(whole["clip_id"])
+
+
+def test_a_slow_frame_table_leaves_the_ranges_to_demux_on_their_own(tmp_path) -> None:
+    path = str(tmp_path / "long.mp4")
+    synth_video(path, width=96, height=64, fps=12.0, shots=[30, 29, 2, 45], seed=3)
+    with open_source(path) as container, pytest.raises(TimeoutError, match="frame table"):
+        decode_mod.frame_pts_table(container, timeout_s=1e-9)
+    cfg = load_config(split={"min_clip_s": 0.5, "max_clip_s": 3.0, "timeout_s": 1e-9})
+    ranged = expand_ranges(_probe(cfg, path), cfg.split, range_frames=40)
+    assert list(ranged["range_count"]) == [3, 3, 3]  # from the probed frame count
+    assert all(t is None for t in ranged["range_frame_pts"])
