@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
+from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.storage import join, storage_for
 from pipeline.writer import read_index, read_sources
 
@@ -334,6 +335,26 @@ def _thresholds(manifest: Mapping[str, Any]) -> dict[str, tuple[float | None, fl
     return {str(name): (bounds[0], bounds[1]) for name, bounds in pairs}
 
 
+def _source_kinds(sources: pa.Table, index: pa.Table) -> str:
+    """Sources and clips that split treated specially (columns a corpus may predate)."""
+
+    def count(table: pa.Table, name: str, test: Any) -> int:
+        if name not in table.column_names:
+            return 0
+        return sum(1 for v in table.column(name).to_pylist() if v is not None and test(v))
+
+    found = [
+        (count(sources, "interlaced", bool), "interlaced sources (deinterlaced)"),
+        (
+            count(sources, "color_transfer", HDR_TRANSFER_NAMES.__contains__),
+            "HDR sources (tone-mapped)",
+        ),
+        (count(sources, "vfr", bool), "variable frame rate sources"),
+        (count(index, "crop", bool), "clips cropped (black bars)"),
+    ]
+    return ", ".join(f"{n} {what}" for n, what in found if n) or "none special"
+
+
 def _summary(manifest: Mapping[str, Any], index: pa.Table, sources: pa.Table) -> str:
     counts = dict(manifest.get("counts") or {})
     status = Counter(index.column("status").to_pylist())
@@ -344,6 +365,7 @@ def _summary(manifest: Mapping[str, Any], index: pa.Table, sources: pa.Table) ->
         ("kept / rejected / error", f"{status['kept']} / {status['rejected']} / {status['error']}"),
         ("shards", str(counts.get("shards", "?"))),
         ("latent tokens", f"{counts.get('latent_tokens', 0):,}"),
+        ("source kinds", _source_kinds(sources, index)),
         (
             "VAE",
             f"{(manifest.get('vae') or {}).get('class', '?')} {(manifest.get('vae') or {}).get('id', '')}",
@@ -378,7 +400,13 @@ def _distributions(index: pa.Table, sources: pa.Table) -> dict[str, str]:
     clip_s = [b - a for a, b in zip(starts, ends, strict=True) if a is not None and b is not None]
     src_s = [d for d in sources.column("duration_s").to_pylist() if d is not None]
     widths, heights = _column(index, "width"), _column(index, "height")
-    aspects = [w / h for w, h in zip(widths, heights, strict=True) if w and h]
+    crops = _column(index, "crop") if "crop" in index.column_names else [None] * index.num_rows
+    # a clip's picture: the source's display frame, or what cropping its bars kept
+    aspects = [
+        (c[2] / c[3]) if c else (w / h)
+        for w, h, c in zip(widths, heights, crops, strict=True)
+        if (c and c[3]) or (w and h)
+    ]
     res = Counter(f"{w}x{h}" for w, h in zip(widths, heights, strict=True) if w and h)
     enc = Counter(
         f"{w}x{h}"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import schemas
@@ -259,3 +260,24 @@ def test_renders_in_headless_chromium(corpus: str, tmp_path: Path) -> None:
     assert img is not None and img.shape[:2] == (2400, 1200)
     assert img.std() > 10  # text, bars and thumbnails, not a blank page
     assert "ERROR:CONSOLE" not in res.stderr and "Uncaught" not in res.stderr
+
+
+def test_summary_names_the_sources_split_treated_specially() -> None:
+    from pipeline.report import _source_kinds
+
+    sources = pa.table(
+        {
+            "interlaced": [True, False, None],
+            "color_transfer": ["arib-std-b67", "bt709", None],
+            "vfr": [False, False, True],
+        }
+    )
+    index = pa.table({"crop": pa.array([[0, 14, 192, 80], None], pa.list_(pa.int32()))})
+    assert _source_kinds(sources, index) == (
+        "1 interlaced sources (deinterlaced), 1 HDR sources (tone-mapped), "
+        "1 variable frame rate sources, 1 clips cropped (black bars)"
+    )
+    # a corpus written before these columns existed
+    assert (
+        _source_kinds(pa.table({"source": ["a"]}), pa.table({"clip_id": ["c"]})) == "none special"
+    )
