@@ -15,7 +15,14 @@ from fractions import Fraction
 import av
 import numpy as np
 
-__all__ = ["decode_mp4", "decode_mp4_sampled", "encode_mp4", "even_size", "resample_indices"]
+__all__ = [
+    "border_crop",
+    "decode_mp4",
+    "decode_mp4_sampled",
+    "encode_mp4",
+    "even_size",
+    "resample_indices",
+]
 
 
 def even_size(width: int, height: int, max_area: int) -> tuple[int, int]:
@@ -30,6 +37,29 @@ def even_size(width: int, height: int, max_area: int) -> tuple[int, int]:
         else:
             h -= 2
     return w, h
+
+
+def border_crop(
+    lumas: Sequence[np.ndarray], black: float, tolerance: float, min_keep: float = 0.5
+) -> tuple[int, int, int, int] | None:
+    """``(x, y, w, h)`` (even) of the picture inside black bars: the rows and columns at
+    the edges of the luma planes that stay within ``tolerance`` of ``black`` in every
+    plane. None without bars, or when they would leave less than ``min_keep`` of a side
+    (a dark or fading clip, not a letterbox)."""
+    dark = np.stack(lumas) <= black + tolerance
+    rows, cols = np.asarray(dark.all(axis=(0, 2))), np.asarray(dark.all(axis=(0, 1)))
+
+    def edges(line: np.ndarray) -> tuple[int, int]:
+        lead = int(np.argmin(line)) if not line.all() else line.size
+        trail = int(np.argmin(line[::-1])) if not line.all() else line.size
+        return lead + lead % 2, trail + trail % 2  # inward to even: I420 needs even sides
+
+    (top, bottom), (left, right) = edges(rows), edges(cols)
+    h, w = rows.size, cols.size
+    keep_h, keep_w = h - top - bottom, w - left - right
+    if top + bottom + left + right == 0 or keep_h < min_keep * h or keep_w < min_keep * w:
+        return None
+    return left, top, keep_w, keep_h
 
 
 def _frame_size(frames: np.ndarray | Sequence[np.ndarray], pix_fmt: str) -> tuple[int, int]:

@@ -153,6 +153,9 @@ SOURCE_SCHEMA = pa.schema(
         # FFmpeg's name of the first frame's transfer: "smpte2084" (PQ) and
         # "arib-std-b67" (HLG) are HDR, tone-mapped to SDR by split
         pa.field("color_transfer", pa.string()),
+        # share of the frame's area inside black bars, from frames probe samples (1.0:
+        # none seen); split enlarges its working images by it
+        pa.field("picture_fraction", pa.float64()),
         # the resolved build config the source was built with: config_file(config_hash)
         pa.field("config_hash", pa.string()),
     ]
@@ -245,6 +248,7 @@ STREAM_ONLY_COLUMNS = (
     "src_has_audio",
     "src_interlaced",
     "src_color_transfer",
+    "src_picture_fraction",
     # straggler ranges: one long source split into frame ranges processed in parallel,
     # stitched back on the driver (see pipeline.stitching)
     "range_start_frame",

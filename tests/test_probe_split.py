@@ -800,3 +800,11 @@ def test_split_crops_black_bars_off_clip_payloads(
     assert frames[:, :, :2].mean() > 40 and frames[:, :, -2:].mean() > 40
     (whole,) = batch_to_rows(Split(replace(cfg, crop_borders=False))(probed))
     assert whole["crop"] is None and decode_mp4(whole["clip_bytes"])[0].shape[1:3] == (108, 192)
+    # probe saw the bars, so split decodes larger: the cropped picture fills the budget
+    assert probed["src_picture_fraction"][0] == pytest.approx(box[2] * box[3] / (192 * 108))
+    budget = 96 * 54
+    (small,) = batch_to_rows(Split(replace(cfg, work_max_area=budget))(probed))
+    h, w = decode_mp4(small["clip_bytes"])[0].shape[1:3]
+    assert 0.9 * budget <= w * h <= budget * 1.02
+    assert w / h == pytest.approx(box[2] / box[3], rel=0.06)
+    assert small["crop"] == pytest.approx(list(box), abs=3)

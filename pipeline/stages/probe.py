@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.hdr import transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
+from pipeline.video import border_crop
 
 __all__ = [
     "IMAGE_CODECS",
@@ -159,8 +160,9 @@ def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
     ``duration_s``, ``num_frames`` (exact when the container records it, else estimated
     from duration and fps), ``num_frames_exact``, ``start_s`` (stream start time),
     ``has_audio``, ``num_video_streams``, ``interlaced`` (the decoder flags the first
-    frame interlaced) and ``color_transfer`` (its transfer characteristic, FFmpeg's
-    name: "smpte2084" is PQ, "arib-std-b67" HLG). Raises on anything that is not a decodable
+    frame interlaced), ``color_transfer`` (its transfer characteristic, FFmpeg's
+    name: "smpte2084" is PQ, "arib-std-b67" HLG) and ``picture_fraction`` (the share of
+    the frame inside black bars, :func:`_picture_fraction`). Raises on anything that is not a decodable
     video or image.
     """
     with av.open(source, mode="r") as container:
@@ -208,6 +210,34 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
     }
 
 
+_BAR_SAMPLES = (0.25, 0.5, 0.75)  # where in a video probe looks for black bars
+_BAR_LUMA = 12.0  # full-range luma levels above black that still count as a bar
+
+
+def _picture_fraction(container: Any, stream: Any, duration_s: float) -> float | None:
+    """Share of the frame's area inside the black bars (letterbox, pillarbox) common to
+    frames decoded a quarter, half and three quarters of the way in; 1.0 without bars,
+    None when those frames cannot be read. A hint: split sizes its working images by it
+    so that a clip cropped of its bars still fills the pixel budget."""
+    tb = stream.time_base or Fraction(1, 1)
+    start = stream.start_time or 0
+    lumas = []
+    try:
+        for at in _BAR_SAMPLES:
+            target = start + int(at * duration_s / tb)
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+            frame = next(container.decode(stream), None)
+            if frame is None:
+                return None
+            lumas.append(frame.to_ndarray(format="gray"))
+    except (av.FFmpegError, OSError, ValueError):  # only a hint: no seek, no hint
+        return None
+    if any(luma.shape != lumas[0].shape for luma in lumas):
+        return None
+    rect = border_crop(lumas, 0.0, _BAR_LUMA)
+    return 1.0 if rect is None else rect[2] * rect[3] / lumas[0].size
+
+
 def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str, Any]:
     """:func:`probe_video` on an open PyAV input container.
 
@@ -234,6 +264,11 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
         "vfr": vfr,
         "interlaced": bool(first.interlaced_frame),
         "color_transfer": transfer_name(first.color_trc),
+        "picture_fraction": (
+            _picture_fraction(container, stream, facts["duration_s"])
+            if video and facts["duration_s"] > 0
+            else 1.0
+        ),
     }
 
 
@@ -300,6 +335,7 @@ class Probe:
         "src_vfr",
         "src_interlaced",
         "src_color_transfer",
+        "src_picture_fraction",
         "src_start_s",
         "src_num_frames_exact",
         "src_has_audio",
@@ -318,7 +354,9 @@ class Probe:
             with open_source(source) as container:
                 facts = container_facts(container, self.cfg)
         except LimitError as exc:  # keep the header facts: they say why
-            unknown = dict.fromkeys(("rotation", "vfr", "interlaced", "color_transfer"))
+            unknown = dict.fromkeys(
+                ("rotation", "vfr", "interlaced", "color_transfer", "picture_fraction")
+            )
             self._fill(out, {**exc.facts, **unknown})
             out.update(src_status="error", src_error=f"{source}: {exc}")
             return out
@@ -355,6 +393,7 @@ class Probe:
             src_vfr=facts["vfr"],
             src_interlaced=facts["interlaced"],
             src_color_transfer=facts["color_transfer"],
+            src_picture_fraction=facts["picture_fraction"],
             src_start_s=facts["start_s"],
             src_num_frames_exact=facts["num_frames_exact"],
             src_has_audio=facts["has_audio"],

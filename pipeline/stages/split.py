@@ -76,7 +76,7 @@ from pipeline.decode import (
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
 from pipeline.stages.probe import describe, open_source
-from pipeline.video import encode_mp4, resample_indices
+from pipeline.video import border_crop, encode_mp4, resample_indices
 
 __all__ = [
     "CLIP_NAMESPACE",
@@ -500,29 +500,6 @@ class _Clip:
 _CROP_SAMPLES = 12  # frames of a clip that border_crop looks at
 
 
-def border_crop(
-    lumas: Sequence[np.ndarray], black: float, tolerance: float, min_keep: float = 0.5
-) -> tuple[int, int, int, int] | None:
-    """``(x, y, w, h)`` (even) of the picture inside black bars: the rows and columns at
-    the edges of the luma planes that stay within ``tolerance`` of ``black`` in every
-    plane. None without bars, or when they would leave less than ``min_keep`` of a side
-    (a dark or fading clip, not a letterbox)."""
-    dark = np.stack(lumas) <= black + tolerance
-    rows, cols = np.asarray(dark.all(axis=(0, 2))), np.asarray(dark.all(axis=(0, 1)))
-
-    def edges(line: np.ndarray) -> tuple[int, int]:
-        lead = int(np.argmin(line)) if not line.all() else line.size
-        trail = int(np.argmin(line[::-1])) if not line.all() else line.size
-        return lead + lead % 2, trail + trail % 2  # inward to even: I420 needs even sides
-
-    (top, bottom), (left, right) = edges(rows), edges(cols)
-    h, w = rows.size, cols.size
-    keep_h, keep_w = h - top - bottom, w - left - right
-    if top + bottom + left + right == 0 or keep_h < min_keep * h or keep_w < min_keep * w:
-        return None
-    return left, top, keep_w, keep_h
-
-
 def crop_i420(yuv: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
     """The ``(x, y, w, h)`` part (even numbers) of an I420 image."""
     x, y, w, h = rect
@@ -929,6 +906,7 @@ def _split_source(
     rotation: int = 0,
     pyav_only: bool = False,
     pts_table: list[int] | None = None,
+    work_area: int | None = None,
     flush_bytes: int = 0,
 ) -> Generator[list[_Clip], None, _RangeResult]:
     """The clips of one source (or of the range it owns): yielded in order as their
@@ -942,7 +920,7 @@ def _split_source(
         iter_source_frames(
             uri,
             display,
-            cfg.work_max_area,
+            work_area or cfg.work_max_area,
             start_frame=splitter.first_frame,
             backend=cfg.decoder,
             rotation=rotation,
@@ -1085,6 +1063,7 @@ class Split:
         "src_rotation_deg",
         "src_interlaced",
         "src_color_transfer",
+        "src_picture_fraction",
         "fps",
         "width",
         "height",
@@ -1218,11 +1197,22 @@ class Split:
             rotation=_optional_int(row.get("src_rotation_deg")) or 0,
             pyav_only=self._needs_pyav(row),
             pts_table=_frame_table(row.get("range_frame_pts")),
+            work_area=self._work_area(row),
             flush_bytes=flush_bytes,
         )
         # Decoding reached the end of the stream: the frame count is exact.
         facts = {"src_num_frames": result.count, "src_num_frames_exact": True}
         return result.clips, facts if result.complete else {}
+
+    def _work_area(self, row: Mapping[str, Any]) -> int:
+        """The working images' pixel area: ``work_max_area``, enlarged for a source whose
+        frames probe found inside black bars (``src_picture_fraction``, at most 2x), so
+        that its clips, cropped of their bars, still fill it."""
+        fraction = row.get("src_picture_fraction")
+        area = self.cfg.work_max_area
+        if not self.cfg.crop_borders or not isinstance(fraction, float) or fraction != fraction:
+            return area
+        return round(area / min(1.0, max(0.5, fraction)))
 
     def _needs_pyav(self, row: Mapping[str, Any]) -> bool:
         """Whether the source needs what only the PyAV backend does: deinterlacing, or
