@@ -2,10 +2,10 @@
 
 ``reelpack refilter ROOT --config FILE [--set KEY=VALUE]`` reads the index, applies the
 ``decide`` (and ``dedup``) sections of FILE and the ``--set`` items, laid over the
-config the corpus was built with (:func:`load_refilter_config`), to the stored ``score_*``, ``frame_hash`` and
-``clip_embedding`` columns, and records the new decisions as one new index part
-(:func:`pipeline.writer.rewrite_sources_rows`: "latest part wins", no shard is
-touched). Then:
+config the corpus was built with (:func:`load_refilter_config`), to the stored
+``score_*``, ``frame_hash`` and ``clip_embedding`` columns, and records the new
+decisions as one new index part (:func:`pipeline.writer.rewrite_sources_rows`: "latest
+part wins", no shard is touched). Then:
 
 - a clip that becomes rejected loses its sample pointer in the index (its sample
   stays in its shard, unreferenced);

@@ -129,9 +129,9 @@ def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, A
     packets.
 
     Rotation is degrees counter-clockwise from the display matrix, read off the first
-    decoded frame (PyAV exposes the stream's matrix only there). The frame rate is judged from the index
-    (:func:`_index_times`) or the first ``_VFR_PACKETS`` packets' times. Raises when no
-    frame decodes.
+    decoded frame (PyAV exposes the stream's matrix only there). The frame rate is
+    judged from the index (:func:`_index_times`) or the first ``_VFR_PACKETS`` packets'
+    times. Raises when no frame decodes.
     """
     times = _index_times(stream) if video else []
     demuxed: list[int] = []
@@ -162,8 +162,8 @@ def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
     ``has_audio``, ``num_video_streams``, ``interlaced`` (the decoder flags the first
     frame interlaced), ``color_transfer`` (its transfer characteristic, FFmpeg's
     name: "smpte2084" is PQ, "arib-std-b67" HLG) and ``picture_fraction`` (the share of
-    the frame inside black bars, :func:`_picture_fraction`). Raises on anything that is not a decodable
-    video or image.
+    the frame inside black bars, :func:`_picture_fraction`). Raises on anything that is
+    not a decodable video or image.
     """
     with av.open(source, mode="r") as container:
         return container_facts(container)
