@@ -808,3 +808,23 @@ def test_split_crops_black_bars_off_clip_payloads(
     assert 0.9 * budget <= w * h <= budget * 1.02
     assert w / h == pytest.approx(box[2] / box[3], rel=0.06)
     assert small["crop"] == pytest.approx(list(box), abs=3)
+
+
+def test_probe_reads_no_more_frames_when_the_first_shows_no_bars() -> None:
+    from pipeline.stages.probe import _picture_fraction
+
+    class NoSeeking:
+        def seek(self, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError("probe sought frames for bars the first frame rules out")
+
+    lit = np.full((64, 96, 3), 120, np.uint8)
+    first = av.VideoFrame.from_ndarray(lit, format="rgb24")
+    assert _picture_fraction(NoSeeking(), None, 10.0, first) == 1.0
+    lit[:8] = 0  # a bar at the top: probe must look further
+    with pytest.raises(AssertionError, match="sought"):
+        _picture_fraction(
+            NoSeeking(),
+            types.SimpleNamespace(time_base=None, start_time=0),
+            10.0,
+            av.VideoFrame.from_ndarray(lit, format="rgb24"),
+        )

@@ -214,11 +214,16 @@ _BAR_SAMPLES = (0.25, 0.5, 0.75)  # where in a video probe looks for black bars
 _BAR_LUMA = 12.0  # full-range luma levels above black that still count as a bar
 
 
-def _picture_fraction(container: Any, stream: Any, duration_s: float) -> float | None:
+def _picture_fraction(container: Any, stream: Any, duration_s: float, first: Any) -> float | None:
     """Share of the frame's area inside the black bars (letterbox, pillarbox) common to
     frames decoded a quarter, half and three quarters of the way in; 1.0 without bars,
     None when those frames cannot be read. A hint: split sizes its working images by it
-    so that a clip cropped of its bars still fills the pixel budget."""
+    so that a clip cropped of its bars still fills the pixel budget. When the ``first``
+    decoded frame has picture on all four edges there are no bars common to the whole
+    video, and nothing more is read."""
+    luma = first.to_ndarray(format="gray")
+    if all((edge > _BAR_LUMA).any() for edge in (luma[0], luma[-1], luma[:, 0], luma[:, -1])):
+        return 1.0
     tb = stream.time_base or Fraction(1, 1)
     start = stream.start_time or 0
     lumas = []
@@ -265,7 +270,7 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
         "interlaced": bool(first.interlaced_frame),
         "color_transfer": transfer_name(first.color_trc),
         "picture_fraction": (
-            _picture_fraction(container, stream, facts["duration_s"])
+            _picture_fraction(container, stream, facts["duration_s"], first)
             if video and facts["duration_s"] > 0
             else 1.0
         ),
