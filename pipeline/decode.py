@@ -56,9 +56,11 @@ __all__ = [
     "Prefetcher",
     "deinterlaced",
     "frame_pts_table",
+    "i420_planes",
     "i420_to_rgb",
     "iter_pyav",
     "iter_source_frames",
+    "join_i420",
     "rgb_to_i420",
     "rising_pts",
     "rotate_i420",
@@ -297,10 +299,9 @@ def _hdr_images(
     sdr = tone_map_i420(y, u, v, frame.color_trc, target, peak_nits=peak_nits)
     small = None
     if detect_width is not None:
-        tw, th = target
-        ys, us, vs = sdr[:th], sdr[th : th * 5 // 4], sdr[th * 5 // 4 :]
-        planes = (ys, us.reshape(th // 2, tw // 2), vs.reshape(th // 2, tw // 2))
-        small = _detection_frame(*planes, COLORSPACE_UNSPECIFIED, RANGE_MPEG, detect_width)
+        small = _detection_frame(
+            *i420_planes(sdr), COLORSPACE_UNSPECIFIED, RANGE_MPEG, detect_width
+        )
     return (sdr if w else np.empty((0, 0), np.uint8)), small
 
 
@@ -340,17 +341,25 @@ def _images(
     return yuv.reshape(h * 3 // 2, w), small, frame.colorspace, color_range
 
 
-def rotate_i420(yuv: np.ndarray, degrees: int) -> np.ndarray:
-    """An I420 image turned ``degrees`` counter-clockwise (a multiple of 90)."""
+def i420_planes(yuv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Y, U, V) views of an ``(H * 3 / 2, W)`` I420 image (chroma ``(H / 2, W / 2)``)."""
     h, w = yuv.shape[0] * 2 // 3, yuv.shape[1]
     flat = yuv.reshape(-1)
-    y = flat[: w * h].reshape(h, w)
     u = flat[w * h : w * h * 5 // 4].reshape(h // 2, w // 2)
-    v = flat[w * h * 5 // 4 :].reshape(h // 2, w // 2)
+    return flat[: w * h].reshape(h, w), u, flat[w * h * 5 // 4 :].reshape(h // 2, w // 2)
+
+
+def join_i420(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Planes back into one ``(H * 3 / 2, W)`` I420 image."""
+    h, w = y.shape
+    return np.concatenate([p.ravel() for p in (y, u, v)]).reshape(h * 3 // 2, w)
+
+
+def rotate_i420(yuv: np.ndarray, degrees: int) -> np.ndarray:
+    """An I420 image turned ``degrees`` counter-clockwise (a multiple of 90)."""
     k = (degrees // 90) % 4
-    planes = [np.rot90(p, k=k) for p in (y, u, v)]
-    rh, rw = planes[0].shape
-    return np.concatenate([p.ravel() for p in planes]).reshape(rh * 3 // 2, rw)
+    y, u, v = (np.rot90(p, k=k) for p in i420_planes(yuv))
+    return join_i420(y, u, v)
 
 
 def i420_to_rgb(yuv: np.ndarray, colorspace: int, color_range: int) -> np.ndarray:

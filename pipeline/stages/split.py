@@ -70,8 +70,10 @@ from pipeline.decode import (
     RANGE_MPEG,
     DecodedFrame,
     Prefetcher,
+    i420_planes,
     iter_pyav,
     iter_source_frames,
+    join_i420,
 )
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
@@ -503,15 +505,9 @@ _CROP_SAMPLES = 12  # frames of a clip that border_crop looks at
 def crop_i420(yuv: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
     """The ``(x, y, w, h)`` part (even numbers) of an I420 image."""
     x, y, w, h = rect
-    height, width = yuv.shape[0] * 2 // 3, yuv.shape[1]
-    flat = yuv.reshape(-1)
-    luma = flat[: width * height].reshape(height, width)
-    u = flat[width * height : width * height * 5 // 4].reshape(height // 2, width // 2)
-    v = flat[width * height * 5 // 4 :].reshape(height // 2, width // 2)
-    parts = [luma[y : y + h, x : x + w]] + [
-        c[y // 2 : (y + h) // 2, x // 2 : (x + w) // 2] for c in (u, v)
-    ]
-    return np.concatenate([part.ravel() for part in parts]).reshape(h * 3 // 2, w)
+    luma, u, v = i420_planes(yuv)
+    chroma = (slice(y // 2, (y + h) // 2), slice(x // 2, (x + w) // 2))
+    return join_i420(luma[y : y + h, x : x + w], u[chroma], v[chroma])
 
 
 class _PayloadEncoder:
