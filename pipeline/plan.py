@@ -192,6 +192,7 @@ class SourceEstimate:
 # source facts that change how split handles a source, as the plan names them
 TRAITS = {
     "interlaced": "interlaced (deinterlaced)",
+    "pulldown": "film in interlaced video (fields matched)",
     "hdr": "HDR (tone-mapped to SDR)",
     "vfr": "variable frame rate",
     "rotated": "rotated",
@@ -202,6 +203,7 @@ TRAITS = {
 def _traits(facts: dict[str, Any]) -> list[str]:
     found = {
         "interlaced": facts.get("src_interlaced") is True,
+        "pulldown": facts.get("src_pulldown") is True,
         "hdr": facts.get("src_color_transfer") in HDR_TRANSFER_NAMES,
         "vfr": facts.get("src_vfr") is True,
         "rotated": bool((facts.get("src_rotation_deg") or 0) % 360),

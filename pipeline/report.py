@@ -345,6 +345,7 @@ def _source_kinds(sources: pa.Table, index: pa.Table) -> str:
 
     found = [
         (count(sources, "interlaced", bool), "interlaced sources (deinterlaced)"),
+        (count(sources, "pulldown", bool), "of them film (fields matched)"),
         (
             count(sources, "color_transfer", HDR_TRANSFER_NAMES.__contains__),
             "HDR sources (tone-mapped)",

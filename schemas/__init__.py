@@ -150,6 +150,9 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("has_audio", pa.bool_()),
         # the decoder flags the first frame interlaced: split deinterlaces (bwdif)
         pa.field("interlaced", pa.bool_()),
+        # interlaced video carrying progressive pictures (3:2 telecine, 2:2 pulldown,
+        # PsF): split puts each picture's fields back together (fieldmatch) first
+        pa.field("pulldown", pa.bool_()),
         # FFmpeg's name of the first frame's transfer: "smpte2084" (PQ) and
         # "arib-std-b67" (HLG) are HDR, tone-mapped to SDR by split
         pa.field("color_transfer", pa.string()),
@@ -247,6 +250,7 @@ STREAM_ONLY_COLUMNS = (
     "src_num_frames_exact",
     "src_has_audio",
     "src_interlaced",
+    "src_pulldown",
     "src_color_transfer",
     "src_picture_fraction",
     # straggler ranges: one long source split into frame ranges processed in parallel,

@@ -202,7 +202,12 @@ def test_plan_names_sources_that_split_treats_specially(
     real = Probe.probe_one
     odd = {
         "wide.mp4": {"src_interlaced": True, "src_color_transfer": "arib-std-b67"},
-        "tall.mp4": {"src_interlaced": True, "src_vfr": True, "src_rotation_deg": 90},
+        "tall.mp4": {
+            "src_interlaced": True,
+            "src_pulldown": True,
+            "src_vfr": True,
+            "src_rotation_deg": 90,
+        },
     }
 
     def probe_one(self: Probe, source: str) -> dict:
@@ -210,10 +215,11 @@ def test_plan_names_sources_that_split_treats_specially(
 
     monkeypatch.setattr(Probe, "probe_one", probe_one)
     plan = make_plan(_sources(videos), tiny_cfg, workers=2)
-    assert plan.traits == {"interlaced": 2, "hdr": 1, "vfr": 1, "rotated": 1}
+    assert plan.traits == {"interlaced": 2, "pulldown": 1, "hdr": 1, "vfr": 1, "rotated": 1}
     assert (
-        "  probed     2 interlaced (deinterlaced), 1 HDR (tone-mapped to SDR), "
-        "1 variable frame rate, 1 rotated" in format_plan(plan)
+        "  probed     2 interlaced (deinterlaced), 1 film in interlaced video (fields "
+        "matched), 1 HDR (tone-mapped to SDR), 1 variable frame rate, 1 rotated"
+        in format_plan(plan)
     )
 
 

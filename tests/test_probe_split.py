@@ -3,6 +3,8 @@ bad files as error rows. Run: ``python -m pytest tests/test_probe_split.py -q``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import os
 import types
@@ -656,14 +658,110 @@ def test_interlaced_sources_are_probed_and_deinterlaced(
     part = list(iter_source_frames(path, None, 320 * 240, start_frame=7))
     assert [f.num for f in part] == list(range(7, 20))
     assert all(np.array_equal(a.yuv, b.yuv) for a, b in zip(part, clean[7:], strict=True))
-    # the Split stage's payloads are progressive
+    # the Split stage's payloads are progressive, whichever decoder is configured
+    # (decord cannot deinterlace: the probed fact sends the source to PyAV)
     probed = Probe(ProbeConfig())({"source": np.array([path], dtype=object)})
     assert probed["src_interlaced"][0]
-    cfg = SplitConfig(min_clip_s=0.2, work_max_area=320 * 240)
-    (row,) = batch_to_rows(Split(cfg)(probed))
-    frames, _ = decode_mp4(row["clip_bytes"])
-    assert len(frames) == 20
-    assert max(_combing(rgb_to_i420(f), 240) for f in frames[1:]) < 0.5
+    for decoder in ("pyav", "decord"):
+        cfg = SplitConfig(min_clip_s=0.2, work_max_area=320 * 240, decoder=decoder)
+        (row,) = batch_to_rows(Split(cfg)(probed))
+        frames, _ = decode_mp4(row["clip_bytes"])
+        assert len(frames) == 20
+        assert max(_combing(rgb_to_i420(f), 240) for f in frames[1:]) < 0.5
+    assert probe_video(path)["pulldown"] is False  # live interlaced: bwdif alone
+
+
+def _film(frames: int) -> np.ndarray:
+    """(frames, 240, 320) luma of film: a fine texture panning 5 px a frame, detail a
+    deinterlacer working from one field would blur."""
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(
+        rng.integers(30, 220, (240, 320 + 5 * frames)).astype(np.float32), (0, 0), 1.0
+    )
+    return np.stack([texture[:, 5 * i : 5 * i + 320] for i in range(frames)]).astype(np.uint8)
+
+
+def _i420(luma: np.ndarray) -> av.VideoFrame:
+    return av.VideoFrame.from_ndarray(
+        np.concatenate([luma, np.full((120, 320), 128, np.uint8)]), format="yuv420p"
+    )
+
+
+def _pulldown_video(path: str, film: np.ndarray, pattern: str) -> None:
+    """``film`` (24 fps) in interlaced MPEG-2: telecined 3:2 to 29.97 fps by FFmpeg's
+    telecine (``pattern="3:2"``: two of every five frames mix two film frames' fields),
+    or sent 2:2 at 25 fps (each frame's two fields from one film frame)."""
+    pictures: list[av.VideoFrame] = [_i420(f) for f in film]
+    rate = Fraction(25)
+    if pattern == "3:2":
+        graph = av.filter.Graph()
+        src = graph.add("buffer", "video_size=320x240:pix_fmt=yuv420p:time_base=1/24:frame_rate=24")
+        telecine, sink = (
+            graph.add("telecine", "first_field=top:pattern=23"),
+            graph.add("buffersink"),
+        )
+        src.link_to(telecine)
+        telecine.link_to(sink)
+        graph.configure()
+        telecined = []
+        for i, picture in enumerate([*pictures, None]):
+            if picture is not None:
+                picture.pts, picture.time_base = i, Fraction(1, 24)
+            graph.push(picture)
+            with contextlib.suppress(av.BlockingIOError, av.EOFError):
+                while True:
+                    telecined.append(graph.pull())  # field order flags set: top first
+        pictures, rate = telecined, Fraction(30000, 1001)
+    with av.open(path, "w") as out:
+        stream = out.add_stream("mpeg2video", rate=rate, options={"flags": "+ildct+ilme"})
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.codec_context.qmin, stream.codec_context.qmax = 1, 2  # near lossless
+        for i, picture in enumerate(pictures):
+            picture.pts = i
+            for packet in stream.encode(picture):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _film_psnr(luma: np.ndarray, film: np.ndarray) -> float:
+    """PSNR (dB) of a frame's luma against the film frame nearest to it."""
+    mse = ((film.astype(np.float32) - luma.astype(np.float32)) ** 2).reshape(len(film), -1)
+    return float(10 * np.log10(255**2 / mse.mean(axis=1).min()))
+
+
+@pytest.mark.parametrize("pattern, frames", [("3:2", 60), ("2:2", 48)])
+def test_film_in_interlaced_video_gets_its_pictures_back(
+    tmp_path: Any, pattern: str, frames: int
+) -> None:
+    """Film telecined 3:2 (DVD, US broadcast) or sent 2:2 (PAL broadcast, PsF) is coded
+    interlaced, but its pictures are progressive. bwdif alone treats every frame as two
+    moments and blurs them; probe finds the pulldown and field matching restores every
+    film frame, with frame numbers and times unchanged."""
+    film = _film(48)
+    path = str(tmp_path / f"film{pattern.replace(':', '')}.ts")
+    _pulldown_video(path, film, pattern)
+    facts = probe_video(path)
+    assert facts["interlaced"] is True and facts["pulldown"] is True
+    bwdif = list(iter_source_frames(path, None, 320 * 240))
+    matched = list(iter_source_frames(path, None, 320 * 240, field_match=True))
+    assert [(f.num, f.time_s) for f in matched] == [(f.num, f.time_s) for f in bwdif]
+    assert len(matched) == frames
+    assert min(_film_psnr(f.yuv[:240], film) for f in matched) > 40.0
+    assert min(_film_psnr(f.yuv[:240], film) for f in bwdif) < 38.0
+
+    # the Split stage field-matches by the probed fact, and only with field_match on
+    probed = Probe(ProbeConfig())({"source": np.array([path], dtype=object)})
+    assert probed["src_pulldown"][0]
+    quality = {}
+    for on in (True, False):
+        cfg = SplitConfig(min_clip_s=0.2, work_max_area=320 * 240, work_crf=4, field_match=on)
+        (row,) = batch_to_rows(Split(cfg)(probed))
+        with av.open(io.BytesIO(row["clip_bytes"])) as payload:
+            lumas = [f.to_ndarray(format="yuv420p")[:240] for f in payload.decode(video=0)]
+        assert len(lumas) == frames
+        quality[on] = min(_film_psnr(luma, film) for luma in lumas)
+    assert quality[True] > 40.0 > quality[False]
 
 
 def _pq_code(nits: float) -> float:

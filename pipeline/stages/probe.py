@@ -19,6 +19,7 @@ streamed with ranged GETs, never copied to local disk) plugs in at one place.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,7 +161,8 @@ def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
     ``duration_s``, ``num_frames`` (exact when the container records it, else estimated
     from duration and fps), ``num_frames_exact``, ``start_s`` (stream start time),
     ``has_audio``, ``num_video_streams``, ``interlaced`` (the decoder flags the first
-    frame interlaced), ``color_transfer`` (its transfer characteristic, FFmpeg's
+    frame interlaced), ``pulldown`` (interlaced video carrying progressive pictures,
+    :func:`_pulldown`), ``color_transfer`` (its transfer characteristic, FFmpeg's
     name: "smpte2084" is PQ, "arib-std-b67" HLG) and ``picture_fraction`` (the share of
     the frame inside black bars, :func:`_picture_fraction`). Raises on anything that is
     not a decodable video or image.
@@ -243,6 +245,72 @@ def _picture_fraction(container: Any, stream: Any, duration_s: float, first: Any
     return 1.0 if rect is None else rect[2] * rect[3] / lumas[0].size
 
 
+_PULLDOWN_SAMPLES = (0.25, 0.6)  # where in an interlaced video probe looks for pulldown
+_PULLDOWN_FRAMES = 40  # consecutive frames judged at each place
+_PULLDOWN_SHARE = 0.2  # share of them that must show a progressive picture
+
+
+def _pulldown(container: Any, stream: Any, duration_s: float) -> bool:
+    """Whether interlaced-coded video carries progressive pictures: film telecined 3:2
+    (two of every five frames repeat a field) or sent 2:2 / PsF (both fields of a frame
+    show the same moment). FFmpeg's idet judges ``_PULLDOWN_FRAMES`` frames at each of
+    ``_PULLDOWN_SAMPLES``; at least ``_PULLDOWN_SHARE`` of them showing a repeated field
+    or a progressive picture is a yes. Live interlaced video, each field its own moment,
+    shows neither. A static picture looks progressive too, so a wrong yes is possible;
+    it costs only time (field matching leaves what it cannot match to bwdif). A seek or
+    decode that fails is a no."""
+    tb = stream.time_base or Fraction(1, 1)
+    start = stream.start_time or 0
+    try:
+        for at in _PULLDOWN_SAMPLES:
+            container.seek(start + int(at * duration_s / tb), stream=stream, backward=True)
+            frames = itertools.islice(container.decode(stream), _PULLDOWN_FRAMES)
+            judged = [_film_like(meta) for meta in _idet(frames)]
+            if judged and sum(judged) >= _PULLDOWN_SHARE * len(judged):
+                return True
+    except (av.FFmpegError, OSError, ValueError):
+        return False
+    return False
+
+
+def _film_like(meta: dict[str, str]) -> bool:
+    """idet's verdict on one frame: a repeated field, or a progressive picture."""
+    return meta.get("lavfi.idet.repeated.current_frame") in ("top", "bottom") or (
+        meta.get("lavfi.idet.single.current_frame") == "progressive"
+    )
+
+
+def _idet(frames: Iterator[Any]) -> Iterator[dict[str, str]]:
+    """FFmpeg idet's metadata for each of ``frames`` (one size and format)."""
+    graph: Any = None
+    for frame in frames:
+        if graph is None:
+            graph = av.filter.Graph()
+            source = graph.add_buffer(
+                width=frame.width,
+                height=frame.height,
+                format=frame.format.name,
+                time_base=frame.time_base or Fraction(1, 90000),
+            )
+            idet, sink = graph.add("idet"), graph.add("buffersink")
+            source.link_to(idet)
+            idet.link_to(sink)
+            graph.configure()
+        graph.push(frame)
+        yield from _pulled_metadata(graph)
+    if graph is not None:
+        graph.push(None)
+        yield from _pulled_metadata(graph)
+
+
+def _pulled_metadata(graph: Any) -> Iterator[dict[str, str]]:
+    while True:
+        try:
+            yield dict(graph.pull().metadata)
+        except (av.BlockingIOError, av.EOFError):
+            return
+
+
 def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str, Any]:
     """:func:`probe_video` on an open PyAV input container.
 
@@ -261,19 +329,21 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
     video = facts["media_kind"] == "video"
     rotation, first, vfr = _first_frame_facts(container, stream, video)
     display_w, display_h = display_size(facts["width"], facts["height"], facts["sar"], rotation)
+    interlaced = bool(first.interlaced_frame)
     return {
         **facts,
         "rotation": rotation,
         "display_width": display_w,
         "display_height": display_h,
         "vfr": vfr,
-        "interlaced": bool(first.interlaced_frame),
+        "interlaced": interlaced,
         "color_transfer": transfer_name(first.color_trc),
         "picture_fraction": (
             _picture_fraction(container, stream, facts["duration_s"], first)
             if video and facts["duration_s"] > 0
             else 1.0
         ),
+        "pulldown": interlaced and video and _pulldown(container, stream, facts["duration_s"]),
     }
 
 
@@ -339,6 +409,7 @@ class Probe:
         "src_rotation_deg",
         "src_vfr",
         "src_interlaced",
+        "src_pulldown",
         "src_color_transfer",
         "src_picture_fraction",
         "src_start_s",
@@ -360,7 +431,7 @@ class Probe:
                 facts = container_facts(container, self.cfg)
         except LimitError as exc:  # keep the header facts: they say why
             unknown = dict.fromkeys(
-                ("rotation", "vfr", "interlaced", "color_transfer", "picture_fraction")
+                ("rotation", "vfr", "interlaced", "pulldown", "color_transfer", "picture_fraction")
             )
             self._fill(out, {**exc.facts, **unknown})
             out.update(src_status="error", src_error=f"{source}: {exc}")
@@ -397,6 +468,7 @@ class Probe:
             src_rotation_deg=rotation,
             src_vfr=facts["vfr"],
             src_interlaced=facts["interlaced"],
+            src_pulldown=facts["pulldown"],
             src_color_transfer=facts["color_transfer"],
             src_picture_fraction=facts["picture_fraction"],
             src_start_s=facts["start_s"],

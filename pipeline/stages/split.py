@@ -77,7 +77,7 @@ from pipeline.decode import (
 )
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
-from pipeline.stages.probe import describe, open_source
+from pipeline.stages.probe import container_facts, describe, open_source
 from pipeline.video import border_crop, encode_mp4, resample_indices
 
 __all__ = [
@@ -149,6 +149,10 @@ class SplitConfig:
     decoder: str = "pyav"  # one of pipeline.decode.BACKENDS ("decord" falls back to PyAV)
     # deinterlace frames the decoder flags interlaced (FFmpeg bwdif, one frame per frame)
     deinterlace: bool = True
+    # on sources probe found to carry progressive pictures in interlaced video (film
+    # telecined 3:2 or sent 2:2 / PsF: src_pulldown), put each picture's fields back
+    # together (FFmpeg fieldmatch) before deinterlacing, keeping its full detail
+    field_match: bool = True
     # tone-map HDR frames (PQ, HLG) to SDR BT.709 (pipeline.hdr); off: their code values
     # are used as if they were SDR
     tone_map: bool = True
@@ -471,7 +475,7 @@ def stitch(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]
     if not clips:
         return [dict(rows[0], src_num_clips=0)]
     # The range that decoded to the end of the stream counted the frames exactly.
-    exact = [r for r in rows if r.get("src_num_frames_exact") is True]
+    exact = [r for r in rows if _flag(r.get("src_num_frames_exact"))]
     facts = {"src_num_frames": exact[-1]["src_num_frames"]} if exact else {}
     return [dict(r, src_num_clips=len(clips), **facts) for r in clips]
 
@@ -901,6 +905,7 @@ def _split_source(
     range_end: int = -1,
     rotation: int = 0,
     pyav_only: bool = False,
+    field_match: bool = False,
     pts_table: list[int] | None = None,
     work_area: int | None = None,
     flush_bytes: int = 0,
@@ -923,6 +928,7 @@ def _split_source(
             detect_width=cfg.detect_width,
             deinterlace=cfg.deinterlace,
             tone_map=cfg.tone_map,
+            field_match=field_match,
             pyav_only=pyav_only,
             pts_table=pts_table,
         ),
@@ -959,7 +965,7 @@ def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfi
     raise ValueError("zero frames: the image does not decode")
 
 
-def _detection_frames(path: str, cfg: SplitConfig) -> Iterator[DecodedFrame]:
+def _detection_frames(path: str, cfg: SplitConfig, field_match: bool) -> Iterator[DecodedFrame]:
     with open_source(path) as container:
         yield from iter_pyav(
             container,
@@ -968,6 +974,7 @@ def _detection_frames(path: str, cfg: SplitConfig) -> Iterator[DecodedFrame]:
             detect_width=cfg.detect_width,
             deinterlace=cfg.deinterlace,
             tone_map=cfg.tone_map,
+            field_match=cfg.field_match and field_match,
         )
 
 
@@ -982,15 +989,15 @@ def shots(
     """
     cfg = cfg or SplitConfig(detector=detector)
     with open_source(path) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    tracker = ShotTracker(cfg, float(rate or 0))
+        try:
+            facts = container_facts(container)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+    tracker = ShotTracker(cfg, facts["fps"])
     times: list[float] = []
     cuts: list[int] = []
     end_s = 0.0
-    frames = Prefetcher(_detection_frames(path, cfg))
+    frames = Prefetcher(_detection_frames(path, cfg, field_match=facts["pulldown"]))
     try:
         for frame in frames:
             assert frame.small is not None
@@ -1032,6 +1039,12 @@ def _frame_table(packed: Any) -> list[int] | None:
     return np.frombuffer(packed, "<i8").tolist()
 
 
+def _flag(value: Any) -> bool:
+    """A boolean stream cell: true only for a true bool, NumPy's included (a column read
+    into a NumPy batch holds ``np.bool_``, which ``is True`` misses); None is not set."""
+    return isinstance(value, (bool, np.bool_)) and bool(value)
+
+
 def _optional_int(value: Any) -> int | None:
     """A frame number from a stream cell; None, NaN and negatives mean "not set"."""
     if value is None:
@@ -1058,6 +1071,7 @@ class Split:
         "src_media_kind",
         "src_rotation_deg",
         "src_interlaced",
+        "src_pulldown",
         "src_color_transfer",
         "src_picture_fraction",
         "fps",
@@ -1192,6 +1206,7 @@ class Split:
             range_end=-1 if range_end is None else range_end,
             rotation=_optional_int(row.get("src_rotation_deg")) or 0,
             pyav_only=self._needs_pyav(row),
+            field_match=self.cfg.field_match and _flag(row.get("src_pulldown")),
             pts_table=_frame_table(row.get("range_frame_pts")),
             work_area=self._work_area(row),
             flush_bytes=flush_bytes,
@@ -1213,7 +1228,7 @@ class Split:
     def _needs_pyav(self, row: Mapping[str, Any]) -> bool:
         """Whether the source needs what only the PyAV backend does: deinterlacing, or
         tone mapping (see :func:`pipeline.decode.iter_source_frames`)."""
-        interlaced = self.cfg.deinterlace and row.get("src_interlaced") is True
+        interlaced = self.cfg.deinterlace and _flag(row.get("src_interlaced"))
         hdr = self.cfg.tone_map and row.get("src_color_transfer") in HDR_TRANSFER_NAMES
         return bool(interlaced or hdr)
 
