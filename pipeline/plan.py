@@ -80,6 +80,11 @@ class PlanRates:
     # working resolution and the VAE's frame rate
     split_cpu_s_per_source_mpx_frame: float = 0.002
     split_cpu_s_per_work_mpx_frame: float = 0.015
+    # on top, per source megapixel-frame of interlaced video: bwdif, and FFmpeg's
+    # fieldmatch before it on film in interlaced video (one core: ~2 and ~15 ms more
+    # per 1920x1080 frame)
+    deinterlace_cpu_s_per_mpx_frame: float = 0.001
+    field_match_cpu_s_per_mpx_frame: float = 0.007
     score_cpu_s_per_clip: float = 0.05  # decode a few payload frames + OpenCV reductions
     decide_cpu_s_per_clip: float = 0.0001
     dedup_cpu_s_per_clip: float = 0.001  # one index lookup and insert
@@ -185,6 +190,7 @@ class SourceEstimate:
     latent_bytes_per_clip: list[int] = field(default_factory=list)
     source_mpx_frames: float = 0.0  # decode work of split
     work_mpx_frames: float = 0.0  # payload encode work of split
+    deinterlace_cpu_s: float = 0.0  # split's deinterlacing (bwdif, field matching)
     encode_mpx_frames: list[float] = field(default_factory=list)  # VAE work per clip
     traits: list[str] = field(default_factory=list)  # TRAITS the source has
 
@@ -241,6 +247,11 @@ def estimate_source(
     est.source_mpx_frames = num_frames * width * height / 1e6
     payload_frames = len(resample_indices(num_frames, fps, cfg.split.work_fps))
     est.work_mpx_frames = payload_frames * work[0] * work[1] / 1e6
+    if cfg.split.deinterlace and "interlaced" in est.traits:
+        rate = rates.deinterlace_cpu_s_per_mpx_frame
+        if cfg.split.field_match and "pulldown" in est.traits:
+            rate += rates.field_match_cpu_s_per_mpx_frame
+        est.deinterlace_cpu_s = est.source_mpx_frames * rate
     pt, ph, pw = cfg.encode.patch_size
     for a, b in _shots(num_frames, fps, rates.mean_shot_s):
         for start, end in clip_spans(a, b, fps, cfg.split):
@@ -309,6 +320,7 @@ def _stage_work(
     split_s = (
         src_mpx * rates.split_cpu_s_per_source_mpx_frame
         + work_mpx * rates.split_cpu_s_per_work_mpx_frame
+        + sum(e.deinterlace_cpu_s for e in ok)
     )
     # stage -> (work, unit, seconds per unit of work); a second decide sees kept clips
     work: dict[str, tuple[float, str, float]] = {

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.config import BuildConfig, load_config
 from pipeline.plan import (
+    Plan,
     PlanRates,
     format_plan,
     load_plan_config,
@@ -197,8 +198,10 @@ def test_plan_names_sources_that_split_treats_specially(
     videos: Path, tiny_cfg: BuildConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Interlaced, HDR, VFR, rotated and still sources in the sample are counted and
-    named; a plain sample adds no line."""
-    assert "  probed  " not in format_plan(make_plan(_sources(videos), tiny_cfg, workers=2))
+    named; a plain sample adds no line. Deinterlacing adds to split's time, field
+    matching film in interlaced video more."""
+    plain = make_plan(_sources(videos), tiny_cfg, workers=2)
+    assert "  probed  " not in format_plan(plain)
     real = Probe.probe_one
     odd = {
         "wide.mp4": {"src_interlaced": True, "src_color_transfer": "arib-std-b67"},
@@ -221,6 +224,16 @@ def test_plan_names_sources_that_split_treats_specially(
         "matched), 1 HDR (tone-mapped to SDR), 1 variable frame rate, 1 rotated"
         in format_plan(plan)
     )
+    rates = PlanRates()
+    wide_mpx, tall_mpx = 3 * SHOT * 192 * 108 / 1e6, 2 * SHOT * 90 * 160 / 1e6
+    extra = wide_mpx * rates.deinterlace_cpu_s_per_mpx_frame + tall_mpx * (
+        rates.deinterlace_cpu_s_per_mpx_frame + rates.field_match_cpu_s_per_mpx_frame
+    )
+
+    def split_s(p: Plan) -> float:
+        return next(s.resource_s for s in p.stages if s.stage == "split")
+
+    assert split_s(plan) - split_s(plain) == pytest.approx(extra)
 
 
 def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> None:
