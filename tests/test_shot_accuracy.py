@@ -327,6 +327,38 @@ def test_transnetv2_finds_hard_cuts(tmp_path: os.PathLike[str]) -> None:
     ), found
 
 
+def mixed_frames(shots_: list[int], transitions: dict[int, tuple[str, int]]) -> set[int]:
+    """Frames that blend two shots or fade (pipeline.synth's transitions)."""
+    starts = np.cumsum(shots_)[:-1].tolist()
+    out: set[int] = set()
+    for k, (kind, n) in transitions.items():
+        cut = starts[k - 1]
+        lo = cut - n // 2 if kind == "dissolve" else cut - n
+        hi = lo + n if kind == "dissolve" else cut + n - 1
+        out |= set(range(lo, hi))
+    return out
+
+
+@NO_TRANSNET
+def test_transnetv2_drops_dissolve_and_fade_frames(edits: dict[str, str]) -> None:
+    """With ``drop_fades``, the frames TransNetV2 marks as a gradual transition leave
+    the clips' edges: a clip keeps at most one blended frame (without, whole dissolves
+    sit inside clips); the shots themselves stay."""
+    probed = Probe()({"source": np.array([edits["192x108"]], dtype=object)})
+    mixed = mixed_frames(SHOTS, TRANSITIONS)
+    for drop in (False, True):
+        cfg = SplitConfig(detector="transnetv2", drop_fades=drop, min_clip_s=0.5)
+        spans = [(r["start_frame"], r["end_frame"]) for r in batch_to_rows(Split(cfg)(probed))]
+        assert len(spans) == len(SHOTS)
+        blended = [len(mixed & set(range(a, b))) for a, b in spans]
+        if drop:
+            assert max(blended) <= 1, spans
+            kept = sum(b - a for a, b in spans)
+            assert kept >= sum(SHOTS) - len(mixed) - 3 * len(SHOTS), spans
+        else:
+            assert max(blended) >= 5, spans
+
+
 def test_reelpack_shots_command(
     edits: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

