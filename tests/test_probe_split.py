@@ -23,7 +23,7 @@ from pipeline.decode import DecodedFrame, iter_pyav, iter_source_frames, rgb_to_
 from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows, stage_task
 from pipeline.stages.encode import EncodeConfig, plan_clip
-from pipeline.stages.probe import Probe, ProbeConfig, open_source, probe_video
+from pipeline.stages.probe import Probe, ProbeConfig, has_pulldown, open_source, probe_video
 from pipeline.stages.split import (
     CLIP_NAMESPACE,
     Split,
@@ -669,6 +669,8 @@ def test_interlaced_sources_are_probed_and_deinterlaced(
         assert len(frames) == 20
         assert max(_combing(rgb_to_i420(f), 240) for f in frames[1:]) < 0.5
     assert probe_video(path)["pulldown"] is False  # live interlaced: bwdif alone
+    with open_source(path) as container:
+        assert not has_pulldown(container)
 
 
 def _film(frames: int) -> np.ndarray:
@@ -743,6 +745,8 @@ def test_film_in_interlaced_video_gets_its_pictures_back(
     _pulldown_video(path, film, pattern)
     facts = probe_video(path)
     assert facts["interlaced"] is True and facts["pulldown"] is True
+    with open_source(path) as container:  # what `reelpack shots` asks
+        assert has_pulldown(container)
     bwdif = list(iter_source_frames(path, None, 320 * 240))
     matched = list(iter_source_frames(path, None, 320 * 240, field_match=True))
     assert [(f.num, f.time_s) for f in matched] == [(f.num, f.time_s) for f in bwdif]

@@ -273,6 +273,20 @@ def _pulldown(container: Any, stream: Any, duration_s: float) -> bool:
     return False
 
 
+def has_pulldown(container: Any) -> bool:
+    """Probe's ``pulldown`` of an open container alone, for a caller that needs no other
+    fact: the first decoded frame is flagged interlaced and :func:`_pulldown` finds
+    film. One frame decoded for progressive video; a decode error is a no."""
+    stream = container.streams.video[0]
+    try:
+        first = next(container.decode(stream), None)
+    except (av.FFmpegError, OSError, ValueError):
+        return False
+    if first is None or not first.interlaced_frame:
+        return False
+    return _pulldown(container, stream, _header_facts(container, stream)["duration_s"])
+
+
 def _film_like(meta: dict[str, str]) -> bool:
     """idet's verdict on one frame: a repeated field, or a progressive picture."""
     return meta.get("lavfi.idet.repeated.current_frame") in ("top", "bottom") or (

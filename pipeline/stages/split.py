@@ -78,7 +78,7 @@ from pipeline.decode import (
 )
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
-from pipeline.stages.probe import container_facts, describe, open_source
+from pipeline.stages.probe import describe, has_pulldown, open_source
 from pipeline.video import border_crop, encode_mp4, resample_indices
 
 __all__ = [
@@ -1015,7 +1015,7 @@ def _detection_frames(path: str, cfg: SplitConfig, field_match: bool) -> Iterato
             detect_width=cfg.detect_width,
             deinterlace=cfg.deinterlace,
             tone_map=cfg.tone_map,
-            field_match=cfg.field_match and field_match,
+            field_match=field_match,
         )
 
 
@@ -1030,15 +1030,16 @@ def shots(
     """
     cfg = cfg or SplitConfig(detector=detector)
     with open_source(path) as container:
-        try:
-            facts = container_facts(container)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-    tracker = ShotTracker(cfg, facts["fps"])
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        field_match = cfg.deinterlace and cfg.field_match and has_pulldown(container)
+    tracker = ShotTracker(cfg, float(rate or 0))
     times: list[float] = []
     cuts: list[int] = []
     end_s = 0.0
-    frames = Prefetcher(_detection_frames(path, cfg, field_match=facts["pulldown"]))
+    frames = Prefetcher(_detection_frames(path, cfg, field_match))
     try:
         for frame in frames:
             assert frame.small is not None
