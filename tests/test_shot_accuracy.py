@@ -19,7 +19,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.stages.base import batch_to_rows
+from pipeline.stages.base import batch_to_rows, rows_to_batch
 from pipeline.stages.probe import Probe, probe_video
 from pipeline.stages.split import (
     Split,
@@ -239,17 +239,24 @@ def test_ranges_stitch_to_the_single_run(
     )
     single = Split(cfg).split_row(row)
     assert len(single) > 10
-    ranges = frame_ranges(int(row["src_num_frames"]), range_frames)
+    frames = int(row["src_num_frames"])
+    ranges = frame_ranges(frames, range_frames)
     assert len(ranges) >= 3
+    # as for a source whose frame count probe could only estimate (MPEG-TS): the range
+    # that decodes to the end counts the frames exactly, and the stitched rows say so
+    estimated = {**row, "src_num_frames": frames + 7, "src_num_frames_exact": False}
     parts = [
         Split(cfg).split_row(
-            {**row, "range_start_frame": a, "range_end_frame": None if b < 0 else b}
+            {**estimated, "range_start_frame": a, "range_end_frame": None if b < 0 else b}
         )
         for a, b in ranges
     ]
     stitched = stitch(parts)
     assert _key(stitched) == _key(single)
     assert [r["src_num_clips"] for r in stitched] == [len(single)] * len(single)
+    # the same through a NumPy batch, as the driver gets the rows from Ray (np.bool_)
+    for rows in (stitched, stitch([batch_to_rows(rows_to_batch(part)) for part in parts])):
+        assert {(r["src_num_frames"], r["src_num_frames_exact"]) for r in rows} == {(frames, True)}
     for got, want in zip(stitched, single, strict=True):
         a, b = decode_mp4(got["clip_bytes"])[0], decode_mp4(want["clip_bytes"])[0]
         assert a.shape == b.shape

@@ -509,7 +509,11 @@ def stitch(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]
         return [dict(rows[0], src_num_clips=0)]
     # The range that decoded to the end of the stream counted the frames exactly.
     exact = [r for r in rows if _flag(r.get("src_num_frames_exact"))]
-    facts = {"src_num_frames": exact[-1]["src_num_frames"]} if exact else {}
+    facts = (
+        {"src_num_frames": exact[-1]["src_num_frames"], "src_num_frames_exact": True}
+        if exact
+        else {}
+    )
     return [dict(r, src_num_clips=len(clips), **facts) for r in clips]
 
 
