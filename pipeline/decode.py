@@ -48,7 +48,7 @@ import numpy as np
 
 from pipeline.hdr import DEFAULT_PEAK_NITS, TRC_PQ, content_peak_nits, is_hdr, tone_map_i420
 from pipeline.stages.probe import display_size, open_source
-from pipeline.video import even_size
+from pipeline.video import even_size, video_stream
 
 __all__ = [
     "BACKENDS",
@@ -106,13 +106,13 @@ def _rate(stream: Any) -> float:
 
 def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     """Sorted presentation times (in the stream's time base) of every video frame of the
-    first video stream, from demuxing alone; position ``k`` holds frame ``k``'s pts.
+    source's video stream (:func:`pipeline.video.video_stream`), from demuxing alone; position ``k`` holds frame ``k``'s pts.
 
     Packets FFmpeg marks to discard (edit lists) and packets without a pts are left out.
     Leaves the container at its end: seek before decoding. With ``timeout_s > 0``,
     raises TimeoutError once demuxing has taken that long.
     """
-    stream = container.streams.video[0]
+    stream = video_stream(container)
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     pts = []
     for i, p in enumerate(container.demux(stream)):
@@ -564,9 +564,7 @@ def iter_pyav(
     through :func:`deinterlaced` (field-matched first with ``field_match``); ``tone_map``
     turns HDR (PQ, HLG) frames into SDR.
     """
-    if not container.streams.video:
-        raise ValueError("no video stream")
-    stream = container.streams.video[0]
+    stream = video_stream(container)
     stream.thread_type = "AUTO"
     frame_s = 1.0 / _rate(stream) if _rate(stream) else 0.0
     tb = stream.time_base or Fraction(1, 1)

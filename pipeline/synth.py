@@ -266,6 +266,30 @@ def _shots_frames(width: int, height: int, shots: list[int], seed: int) -> list[
     return list(iter_synth_frames(width, height, shots, seed))
 
 
+def _audio(path: str, cover: np.ndarray | None = None) -> None:
+    """One second of a tone as AAC in MP4, with ``cover`` (RGB) as its cover art: an
+    attached picture, which FFmpeg lists as a video stream."""
+    with av.open(path, "w") as out:
+        astream = out.add_stream("aac", rate=16000, layout="mono")
+        if cover is not None:
+            art = out.add_stream("mjpeg", rate=1)
+            art.width, art.height, art.pix_fmt = cover.shape[1], cover.shape[0], "yuvj420p"
+            art.disposition = av.stream.Disposition.attached_pic
+            picture = av.VideoFrame.from_ndarray(cover, format="rgb24").reformat(format="yuvj420p")
+            for packet in [*art.encode(picture), *art.encode()]:
+                out.mux(packet)
+        samples = (np.sin(np.arange(16000) / 10.0) * 0.3).astype(np.float32)[None]
+        for start in range(0, 16000, 1024):
+            frame = av.AudioFrame.from_ndarray(
+                samples[:, start : start + 1024], format="fltp", layout="mono"
+            )
+            frame.sample_rate = 16000
+            for packet in astream.encode(frame):
+                out.mux(packet)
+        for packet in astream.encode():
+            out.mux(packet)
+
+
 def bad_input_corpus(out_dir: str, long_minutes: float = 15.0) -> dict[str, str]:
     """Write the bad / unusual input corpus of the ingest tests into ``out_dir``.
 
@@ -311,19 +335,10 @@ def bad_input_corpus(out_dir: str, long_minutes: float = 15.0) -> dict[str, str]
         f.write(bytes(corrupt))
     note("corrupt_mid.mp4", "bytes corrupted mid-stream")
 
-    with av.open(p("audio_only.mp4"), "w") as out:
-        astream = out.add_stream("aac", rate=16000, layout="mono")
-        samples = (np.sin(np.arange(16000) / 10.0) * 0.3).astype(np.float32)[None]
-        for start in range(0, 16000, 1024):
-            frame = av.AudioFrame.from_ndarray(
-                samples[:, start : start + 1024], format="fltp", layout="mono"
-            )
-            frame.sample_rate = 16000
-            for packet in astream.encode(frame):
-                out.mux(packet)
-        for packet in astream.encode():
-            out.mux(packet)
+    _audio(p("audio_only.mp4"))
     note("audio_only.mp4", "audio only")
+    _audio(p("audio_cover_art.mp4"), cover=good[0])
+    note("audio_cover_art.mp4", "audio with cover art (an attached picture, not a video)")
     _encode_frames(p("image_named.mp4"), good[:1], codec="png", pix_fmt="rgb24", fmt="image2pipe")
     note("image_named.mp4", "a PNG image named .mp4")
     _encode_frames(p("one_frame.mp4"), good[:1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -22,7 +23,22 @@ __all__ = [
     "encode_mp4",
     "even_size",
     "resample_indices",
+    "video_stream",
 ]
+
+
+def video_stream(container: Any) -> Any:
+    """The source's video: the container's first video stream that is not cover art (an
+    attached picture, as audio files and some downloads carry). Raises ``ValueError``
+    naming the streams there are when there is none."""
+    pictures = av.stream.Disposition.attached_pic
+    for stream in container.streams.video:
+        if not stream.disposition & pictures:
+            return stream
+    kinds = sorted(
+        "cover art" if s.type == "video" else str(s.type) for s in container.streams
+    ) or ["none"]
+    raise ValueError(f"no video stream (streams: {', '.join(dict.fromkeys(kinds))})")
 
 
 def even_size(width: int, height: int, max_area: int) -> tuple[int, int]:

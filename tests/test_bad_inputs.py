@@ -39,6 +39,7 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "truncated_mdat.mp4": ("error", "not a readable video"),
     "corrupt_mid.mp4": ("error", "corrupt or truncated data"),
     "audio_only.mp4": ("error", "no video stream (streams: audio)"),
+    "audio_cover_art.mp4": ("error", "no video stream (streams: audio, cover art)"),
     "image_named.mp4": ("clips", None),  # a PNG whatever its name: a 1-frame clip
     "one_frame.mp4": ("done", "no clips"),
     "tiny_2x2.mp4": ("error", "has a side under 16 px"),

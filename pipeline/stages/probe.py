@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.hdr import transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
-from pipeline.video import border_crop
+from pipeline.video import border_crop, video_stream
 
 __all__ = [
     "IMAGE_CODECS",
@@ -208,7 +208,9 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
         "num_frames_exact": exact,
         "start_s": start_s,
         "has_audio": bool(container.streams.audio),
-        "num_video_streams": len(container.streams.video),
+        "num_video_streams": sum(
+            not s.disposition & av.stream.Disposition.attached_pic for s in container.streams.video
+        ),
     }
 
 
@@ -277,7 +279,7 @@ def has_pulldown(container: Any) -> bool:
     """Probe's ``pulldown`` of an open container alone, for a caller that needs no other
     fact: the first decoded frame is flagged interlaced and :func:`_pulldown` finds
     film. One frame decoded for progressive video; a decode error is a no."""
-    stream = container.streams.video[0]
+    stream = video_stream(container)
     try:
         first = next(container.decode(stream), None)
     except (av.FFmpegError, OSError, ValueError):
@@ -331,10 +333,7 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
     With ``cfg``, the coded frame size is checked against its limits before the first
     frame is decoded; a breach raises ``ValueError`` naming the limit.
     """
-    if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["none"]
-        raise ValueError(f"no video stream (streams: {', '.join(kinds)})")
-    stream = container.streams.video[0]
+    stream = video_stream(container)
     facts = _header_facts(container, stream)
     if cfg is not None:
         problem = check_size(facts["width"], facts["height"], cfg)

@@ -79,7 +79,7 @@ from pipeline.decode import (
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
 from pipeline.stages.probe import describe, has_pulldown, open_source
-from pipeline.video import border_crop, encode_mp4, resample_indices
+from pipeline.video import border_crop, encode_mp4, resample_indices, video_stream
 
 __all__ = [
     "CLIP_NAMESPACE",
@@ -1034,9 +1034,10 @@ def shots(
     """
     cfg = cfg or SplitConfig(detector=detector)
     with open_source(path) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
+        try:
+            stream = video_stream(container)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         field_match = cfg.deinterlace and cfg.field_match and has_pulldown(container)
     tracker = ShotTracker(cfg, float(rate or 0))
