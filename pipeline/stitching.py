@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.decode import frame_pts_table
-from pipeline.stages.base import Batch, batch_to_rows, rows_to_batch
+from pipeline.stages.base import Batch, batch_to_rows, clean_batch, rows_to_batch
 from pipeline.stages.probe import open_source
 from pipeline.stages.split import SplitConfig, frame_ranges, stitch, supports_ranges
 
@@ -99,9 +99,13 @@ class RangeStitcher:
         self._pending: dict[str, _Pending] = {}
 
     def __call__(self, batch: Mapping[str, Any]) -> Iterator[Batch]:
-        """Rows of unranged sources right away; a ranged source once it is whole."""
+        """Rows of unranged sources right away; a ranged source once it is whole.
+
+        ``batch`` is as Ray hands it to the driver: a column with no value in it (the
+        clip ids of a batch of placeholder rows) arrives as NaN, and is None again here.
+        """
         passthrough: list[dict[str, Any]] = []
-        for row in batch_to_rows(batch):
+        for row in batch_to_rows(clean_batch(dict(batch))):
             count = _int_or_none(row.get("range_count")) or 1
             if count <= 1:
                 passthrough.append(row)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from pipeline import decode as decode_mod
@@ -63,6 +64,26 @@ def test_expand_ranges_and_stitch_without_ray(tmp_path, monkeypatch) -> None:
     assert spans == [(r["start_frame"], r["end_frame"]) for r in batch_to_rows(whole)]
     assert [r["clip_id"] for r in out] == list(whole["clip_id"])
     assert {r["src_num_clips"] for r in out} == {len(out)}
+
+
+def test_stitcher_takes_batches_as_ray_hands_them_over() -> None:
+    """Ranges that found no clip arrive as placeholder rows; in a batch of only those,
+    Ray turns the empty clip_id and frame columns into NaN. They stitch to the one
+    placeholder row of the source, not to clips with NaN frames."""
+    nan = np.full(2, np.nan, dtype=np.float32)
+    batch = {
+        "source": np.array(["s.mp4", "s.mp4"], dtype=object),
+        "clip_id": nan.copy(),
+        "start_frame": nan.copy(),
+        "end_frame": nan.copy(),
+        "src_status": np.array(["done", "done"], dtype=object),
+        "src_num_clips": np.zeros(2, dtype=np.int64),
+        "range_index": np.arange(2),
+        "range_count": np.full(2, 2),
+    }
+    (out,) = list(RangeStitcher()(batch))
+    (row,) = batch_to_rows(out)
+    assert row["clip_id"] is None and row["src_num_clips"] == 0 and row["src_status"] == "done"
 
 
 def test_short_sources_are_not_ranged(tmp_path) -> None:
