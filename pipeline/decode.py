@@ -105,22 +105,33 @@ def _rate(stream: Any) -> float:
 
 
 def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
-    """Sorted presentation times (in the stream's time base) of every video frame of the
-    source's video stream (:func:`pipeline.video.video_stream`), from demuxing alone; position ``k`` holds frame ``k``'s pts.
+    """Sorted presentation times (in the stream's time base) of every frame the source's
+    video stream (:func:`pipeline.video.video_stream`) decodes to, from demuxing alone;
+    position ``k`` holds frame ``k``'s pts.
 
-    Packets FFmpeg marks to discard (edit lists) and packets without a pts are left out.
-    Leaves the container at its end: seek before decoding. With ``timeout_s > 0``,
-    raises TimeoutError once demuxing has taken that long.
+    Packets FFmpeg marks to discard (edit lists) and packets without a pts are left out,
+    and so are those a decoder cannot show: before the first keyframe (a recording that
+    starts mid-GOP, as broadcast captures do) and, after it, pictures shown before it
+    (they lean on the missing GOP). So frame ``k`` is the ``k``-th frame a decode from
+    the start delivers, as unranged decoding numbers them. Leaves the container at its
+    end: seek before decoding. With ``timeout_s > 0``, raises TimeoutError once
+    demuxing has taken that long.
     """
     stream = video_stream(container)
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
-    pts = []
+    pts: list[int] = []
+    lead: list[int] = []  # packets before the first keyframe
+    key_pts: int | None = None
     for i, p in enumerate(container.demux(stream)):
         if p.pts is not None and p.size and not p.is_discard:
-            pts.append(int(p.pts))
+            if key_pts is None and p.is_keyframe:
+                key_pts = int(p.pts)
+            (lead if key_pts is None else pts).append(int(p.pts))
         if deadline is not None and i % 256 == 0 and time.monotonic() > deadline:
             raise TimeoutError(f"demuxing the frame table took over {timeout_s:g} s")
-    return sorted(set(pts))
+    if key_pts is None:  # no packet flagged a keyframe: take every one
+        return sorted(set(lead))
+    return sorted({t for t in pts if t >= key_pts})
 
 
 def _working_size(

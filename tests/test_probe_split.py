@@ -19,7 +19,14 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodedFrame, iter_pyav, iter_source_frames, rgb_to_i420, rising_pts
+from pipeline.decode import (
+    DecodedFrame,
+    frame_pts_table,
+    iter_pyav,
+    iter_source_frames,
+    rgb_to_i420,
+    rising_pts,
+)
 from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows, stage_task
 from pipeline.stages.encode import EncodeConfig, plan_clip
@@ -35,7 +42,9 @@ from pipeline.stages.split import (
     crop_i420,
     cut_clips,
     detect_shots,
+    frame_ranges,
     shots,
+    stitch,
 )
 from pipeline.synth import demo_videos, synth_video
 from pipeline.video import decode_mp4, encode_mp4, even_size, resample_indices
@@ -609,6 +618,39 @@ def test_avi_with_packed_b_frames_gets_rising_times_and_exact_seek_numbers() -> 
     assert [f.num for f in part] == list(range(61, 164))
     assert [f.time_s for f in part] == [f.time_s for f in full[61:]]
     assert all(np.array_equal(a.yuv, b.yuv) for a, b in zip(part, full[61:], strict=True))
+
+
+def test_a_recording_that_starts_mid_gop_numbers_frames_alike_in_ranges(tmp_path: Any) -> None:
+    """An MPEG-TS capture cut mid-GOP starts with packets no decoder can show. Frames are
+    numbered as a decode from the start delivers them, and the frame table that ranges
+    seek by numbers them the same way: a seek lands on the same frame, and a ranged
+    split gives the unranged clips (before, ranges numbered from the first packet and
+    their clips shifted by the undecodable lead)."""
+    whole = str(tmp_path / "whole.ts")
+    synth_video(whole, width=160, height=96, fps=25, shots=[60, 60, 60, 60], seed=4)
+    data = (tmp_path / "whole.ts").read_bytes()
+    path = str(tmp_path / "mid_gop.ts")
+    (tmp_path / "mid_gop.ts").write_bytes(data[len(data) // 3 // 188 * 188 :])  # at a TS packet
+    with av.open(path) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+    assert not packets[0].is_keyframe  # the file is as described
+    full = list(iter_source_frames(path, None, 160 * 96))
+    with open_source(path) as container:
+        assert len(frame_pts_table(container)) == len(full) < len(packets)
+    part = list(iter_source_frames(path, None, 160 * 96, start_frame=60))
+    assert (part[0].num, part[0].time_s) == (60, full[60].time_s)
+    assert np.array_equal(part[0].yuv, full[60].yuv)
+    (row,) = batch_to_rows(Probe()({"source": np.array([path], dtype=object)}))
+    cfg = SplitConfig(min_clip_s=0.5)
+    single = [(r["start_frame"], r["end_frame"]) for r in Split(cfg).split_row(row)]
+    assert len(single) >= 2
+    parts = [
+        Split(cfg).split_row(
+            {**row, "range_start_frame": a, "range_end_frame": None if b < 0 else b}
+        )
+        for a, b in frame_ranges(len(full), 50)
+    ]
+    assert [(r["start_frame"], r["end_frame"]) for r in stitch(parts)] == single
 
 
 def _interlaced_video(path: str, codec: str, frames: int = 20) -> None:
