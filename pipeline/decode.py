@@ -123,10 +123,11 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     lead: list[int] = []  # packets before the first keyframe
     key_pts: int | None = None
     for i, p in enumerate(container.demux(stream)):
-        if p.pts is not None and p.size and not p.is_discard:
-            if key_pts is None and p.is_keyframe:
+        if p.pts is not None and p.size:
+            if key_pts is None and p.is_keyframe:  # a discarded one still decodes
                 key_pts = int(p.pts)
-            (lead if key_pts is None else pts).append(int(p.pts))
+            if not p.is_discard:
+                (lead if key_pts is None else pts).append(int(p.pts))
         if deadline is not None and i % 256 == 0 and time.monotonic() > deadline:
             raise TimeoutError(f"demuxing the frame table took over {timeout_s:g} s")
     if key_pts is None:  # no packet flagged a keyframe: take every one
