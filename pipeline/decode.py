@@ -54,6 +54,7 @@ __all__ = [
     "BACKENDS",
     "DecodedFrame",
     "Prefetcher",
+    "TimestampJump",
     "deinterlaced",
     "frame_pts_table",
     "i420_planes",
@@ -104,6 +105,16 @@ def _rate(stream: Any) -> float:
     return float(rate) if rate else 0.0
 
 
+class TimestampJump(ValueError):
+    """A stream whose presentation times jump back (or repeat): concatenated recordings,
+    an encoder restart, a 33-bit MPEG-TS wrap. Its frames cannot be found by time, so it
+    is decoded from the start, never seeked into."""
+
+
+# a drop in pts beyond this (seconds) is a jump, not B-frame reordering
+_REORDER_S = 2.0
+
+
 def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     """Sorted presentation times (in the stream's time base) of every frame the source's
     video stream (:func:`pipeline.video.video_stream`) decodes to, from demuxing alone;
@@ -115,24 +126,35 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     (they lean on the missing GOP). So frame ``k`` is the ``k``-th frame a decode from
     the start delivers, as unranged decoding numbers them. Leaves the container at its
     end: seek before decoding. With ``timeout_s > 0``, raises TimeoutError once
-    demuxing has taken that long.
+    demuxing has taken that long; raises :class:`TimestampJump` when times jump back
+    or repeat.
     """
     stream = video_stream(container)
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    reorder = int(_REORDER_S / (stream.time_base or Fraction(1, 90000)))
     pts: list[int] = []
     lead: list[int] = []  # packets before the first keyframe
     key_pts: int | None = None
+    top: int | None = None
     for i, p in enumerate(container.demux(stream)):
         if p.pts is not None and p.size:
+            t = int(p.pts)
+            if top is not None and t < top - reorder:
+                raise TimestampJump(
+                    f"presentation times jump back at packet {i} ({t} after {top}, "
+                    f"time base {stream.time_base})"
+                )
+            top = t if top is None else max(top, t)
             if key_pts is None and p.is_keyframe:  # a discarded one still decodes
-                key_pts = int(p.pts)
+                key_pts = t
             if not p.is_discard:
-                (lead if key_pts is None else pts).append(int(p.pts))
+                (lead if key_pts is None else pts).append(t)
         if deadline is not None and i % 256 == 0 and time.monotonic() > deadline:
             raise TimeoutError(f"demuxing the frame table took over {timeout_s:g} s")
-    if key_pts is None:  # no packet flagged a keyframe: take every one
-        return sorted(set(lead))
-    return sorted({t for t in pts if t >= key_pts})
+    shown = lead if key_pts is None else [t for t in pts if t >= key_pts]
+    if len(set(shown)) < len(shown):
+        raise TimestampJump(f"{len(shown) - len(set(shown))} frames repeat a presentation time")
+    return sorted(shown)
 
 
 def _working_size(

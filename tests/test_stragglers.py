@@ -66,6 +66,33 @@ def test_expand_ranges_and_stitch_without_ray(tmp_path, monkeypatch) -> None:
     assert {r["src_num_clips"] for r in out} == {len(out)}
 
 
+def test_a_source_whose_times_jump_back_stays_one_range(tmp_path) -> None:
+    """Two recordings joined byte for byte (``cat a.ts b.ts``): the second one's times
+    start again at zero, so a seek by time would land in the first one and the frame
+    table would count each time once (half the frames). Such a source is not ranged,
+    and its single decode keeps every clip of both halves."""
+    parts = []
+    for seed in (5, 6):
+        part = tmp_path / f"part{seed}.ts"
+        synth_video(str(part), width=96, height=64, fps=12.0, shots=[30, 30], seed=seed)
+        parts.append(part.read_bytes())
+    path = tmp_path / "joined.ts"
+    path.write_bytes(b"".join(parts))
+    with open_source(str(path)) as container, pytest.raises(decode_mod.TimestampJump):
+        decode_mod.frame_pts_table(container)
+    cfg = load_config(split={"min_clip_s": 0.5, "max_clip_s": 3.0})
+    probed = _probe(cfg, str(path))
+    ranged = expand_ranges(probed, cfg.split, range_frames=20)
+    assert list(ranged["range_count"]) == [1] and ranged["range_start_frame"][0] is None
+    rows = batch_to_rows(Split(cfg.split)(ranged))
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [
+        (0, 30),
+        (30, 60),
+        (60, 90),
+        (90, 120),
+    ]
+
+
 def test_stitcher_takes_batches_as_ray_hands_them_over() -> None:
     """Ranges that found no clip arrive as placeholder rows; in a batch of only those,
     Ray turns the empty clip_id and frame columns into NaN. They stitch to the one
