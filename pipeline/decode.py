@@ -561,20 +561,27 @@ def _timed_frames(
 
 class _Clock:
     """Presentation times relative to the stream start: from a frame's pts, else one
-    average frame after the previous frame's time."""
+    average frame after the previous frame's time. Where times jump back (a reset that
+    :func:`rising_pts` lets through: joined recordings), the clock goes on one frame
+    after the previous time, so times keep rising through the whole source."""
 
     def __init__(self, start_pts: int | None, time_base: Fraction, frame_s: float) -> None:
         self.start_pts, self.time_base, self.frame_s = start_pts, time_base, frame_s
         self.last: float | None = None
+        self.shift = 0.0  # added to times after a jump back
 
     def time_of(self, pts: int | None, num: int) -> float:
-        if pts is not None:
-            if self.start_pts is None:
-                self.start_pts = pts
-            self.last = float((pts - self.start_pts) * self.time_base)
-        else:
+        if pts is None:
             self.last = self.last + self.frame_s if self.last is not None else num * self.frame_s
-        return self.last
+            return self.last
+        if self.start_pts is None:
+            self.start_pts = pts
+        t = float((pts - self.start_pts) * self.time_base) + self.shift
+        if self.last is not None and t < self.last:
+            self.shift += self.last + self.frame_s - t
+            t = self.last + self.frame_s
+        self.last = t
+        return t
 
 
 def iter_pyav(

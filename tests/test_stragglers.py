@@ -91,6 +91,8 @@ def test_a_source_whose_times_jump_back_stays_one_range(tmp_path) -> None:
         (60, 90),
         (90, 120),
     ]
+    # times go on rising through the join: 12 fps, frame 60 at 5 s
+    assert [round(r["start_s"], 3) for r in rows] == [0.0, 2.5, 5.0, 7.5]
 
 
 def test_stitcher_takes_batches_as_ray_hands_them_over() -> None:
