@@ -349,6 +349,39 @@ def test_long_shot_streams_in_bounded_memory(synth_dir: str) -> None:
     assert peak <= 2 * 30 + splitter.tracker.delay + 1 < 230
 
 
+class _LateMarks:
+    """A detector like TransNetV2 at a video's end: it reports a cut at frame 20 (at
+    frame 22) but judges frames 20-24 part of a transition only once the stream ends."""
+
+    event_buffer_length = 4
+
+    def __init__(self) -> None:
+        self.ended = False
+
+    def process_frame(self, timecode: Any, _: np.ndarray) -> list[Any]:
+        return [timecode - 2] if timecode.frame_num == 22 else []
+
+    def post_process(self, _: Any) -> list[Any]:
+        self.ended = True
+        return []
+
+    def in_transition(self, num: int) -> bool | None:
+        return 20 <= num < 25 if self.ended else None
+
+
+def test_the_last_shot_waits_for_transition_marks_that_come_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(split_mod, "make_detector", lambda cfg, fps: _LateMarks())
+    cfg = SplitConfig(min_clip_s=0.5, max_clip_s=10.0, drop_fades=True)
+    splitter = _SourceSplitter(cfg, 20.0)
+    gray = np.full((24, 32), 128, np.uint8)
+    for num in range(60):
+        splitter.push(_Frame(num, num / 20.0, gray), 1 / 20.0, np.zeros((9, 16, 3), np.uint8))
+    spans = [(c.start_frame, c.end_frame) for c in splitter.finish()]
+    assert spans == [(0, 20), (25, 60)]
+
+
 def test_mid_decode_failure_becomes_one_error_row(
     landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -689,6 +689,7 @@ class _SourceSplitter:
         try:
             if not self.done:
                 self._on_raw(self.tracker.finish_raw())
+                self._advance_lead()  # the detector has judged every frame now
                 if self.own_from is not None and not self.done:
                     self._close_shot(self.count, is_cut=False)
             self.clips = [
