@@ -48,7 +48,7 @@ import numpy as np
 
 from pipeline.hdr import DEFAULT_PEAK_NITS, TRC_PQ, content_peak_nits, is_hdr, tone_map_i420
 from pipeline.stages.probe import display_size, open_source
-from pipeline.video import even_size, video_stream
+from pipeline.video import even_size, filter_graph, pulled, video_stream
 
 __all__ = [
     "BACKENDS",
@@ -418,26 +418,13 @@ _FIELD_MATCH = "order=auto"
 
 def _deinterlacer(frame: Any, time_base: Fraction, field_match: bool) -> Any:
     """A configured filter graph: [fieldmatch ->] bwdif, for frames like ``frame``."""
-    graph = av.filter.Graph()
-    last = graph.add_buffer(
-        width=frame.width, height=frame.height, format=frame.format.name, time_base=time_base
-    )
     chain = [("fieldmatch", _FIELD_MATCH)] if field_match else []
-    for name, args in [*chain, ("bwdif", _DEINTERLACE), ("buffersink", "")]:
-        node = graph.add(name, args)
-        last.link_to(node)
-        last = node
-    graph.configure()
-    return graph
+    return filter_graph(frame, time_base, [*chain, ("bwdif", _DEINTERLACE)])
 
 
 def _pull(graph: Any, time_base: Fraction) -> Iterator[Any]:
     """Frames the filter graph has ready, their times back in the input's time base."""
-    while True:
-        try:
-            frame = graph.pull()
-        except (av.BlockingIOError, av.EOFError):
-            return
+    for frame in pulled(graph):
         if frame.pts is not None and frame.time_base is not None:
             frame.pts = round(frame.pts * frame.time_base / time_base)
         yield frame

@@ -9,7 +9,7 @@ reopen the source.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -22,23 +22,55 @@ __all__ = [
     "decode_mp4_sampled",
     "encode_mp4",
     "even_size",
+    "filter_graph",
+    "is_cover_art",
+    "pulled",
     "resample_indices",
     "video_stream",
 ]
+
+
+def is_cover_art(stream: Any) -> bool:
+    """Whether a video stream is an attached picture (cover art), not a video."""
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
 def video_stream(container: Any) -> Any:
     """The source's video: the container's first video stream that is not cover art (an
     attached picture, as audio files and some downloads carry). Raises ``ValueError``
     naming the streams there are when there is none."""
-    pictures = av.stream.Disposition.attached_pic
     for stream in container.streams.video:
-        if not stream.disposition & pictures:
+        if not is_cover_art(stream):
             return stream
     kinds = sorted(
         "cover art" if s.type == "video" else str(s.type) for s in container.streams
     ) or ["none"]
     raise ValueError(f"no video stream (streams: {', '.join(dict.fromkeys(kinds))})")
+
+
+def filter_graph(frame: Any, time_base: Fraction, filters: Sequence[tuple[str, str]]) -> Any:
+    """A configured FFmpeg filter graph: a buffer for frames like ``frame``, then
+    ``filters`` (name, arguments) in a chain, then a sink. Push frames (None at the
+    end) and take the results with :func:`pulled`."""
+    graph = av.filter.Graph()
+    last = graph.add_buffer(
+        width=frame.width, height=frame.height, format=frame.format.name, time_base=time_base
+    )
+    for name, args in [*filters, ("buffersink", "")]:
+        node = graph.add(name, args)
+        last.link_to(node)
+        last = node
+    graph.configure()
+    return graph
+
+
+def pulled(graph: Any) -> Iterator[Any]:
+    """The frames a filter graph has ready."""
+    while True:
+        try:
+            yield graph.pull()
+        except (av.BlockingIOError, av.EOFError):
+            return
 
 
 def even_size(width: int, height: int, max_area: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.hdr import transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
-from pipeline.video import border_crop, video_stream
+from pipeline.video import border_crop, filter_graph, is_cover_art, pulled, video_stream
 
 __all__ = [
     "IMAGE_CODECS",
@@ -208,9 +208,7 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
         "num_frames_exact": exact,
         "start_s": start_s,
         "has_audio": bool(container.streams.audio),
-        "num_video_streams": sum(
-            not s.disposition & av.stream.Disposition.attached_pic for s in container.streams.video
-        ),
+        "num_video_streams": sum(not is_cover_art(s) for s in container.streams.video),
     }
 
 
@@ -301,30 +299,12 @@ def _idet(frames: Iterator[Any]) -> Iterator[dict[str, str]]:
     graph: Any = None
     for frame in frames:
         if graph is None:
-            graph = av.filter.Graph()
-            source = graph.add_buffer(
-                width=frame.width,
-                height=frame.height,
-                format=frame.format.name,
-                time_base=frame.time_base or Fraction(1, 90000),
-            )
-            idet, sink = graph.add("idet"), graph.add("buffersink")
-            source.link_to(idet)
-            idet.link_to(sink)
-            graph.configure()
+            graph = filter_graph(frame, frame.time_base or Fraction(1, 90000), [("idet", "")])
         graph.push(frame)
-        yield from _pulled_metadata(graph)
+        yield from (dict(out.metadata) for out in pulled(graph))
     if graph is not None:
         graph.push(None)
-        yield from _pulled_metadata(graph)
-
-
-def _pulled_metadata(graph: Any) -> Iterator[dict[str, str]]:
-    while True:
-        try:
-            yield dict(graph.pull().metadata)
-        except (av.BlockingIOError, av.EOFError):
-            return
+        yield from (dict(out.metadata) for out in pulled(graph))
 
 
 def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str, Any]:
