@@ -668,6 +668,7 @@ def _build(
             with _StopSignals() as stop:
                 for batch in batches:
                     stop.writing = True
+                    progress.observe(batch)
                     for whole in stitcher(batch):
                         writer.add(whole)
                         progress.update(whole)

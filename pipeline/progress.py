@@ -10,7 +10,10 @@ seconds the progress prints::
     [stages] probe 14 (2.0/s) | split 90 (12.1/s) | score 90 (12.0/s) | ... | encode 60 (8.2/s)
 
 A stage's figures are the rows it has put out so far and its rate since the
-previous line, so the stage whose rate lags is the bottleneck.
+previous line, so the stage whose rate lags is the bottleneck. The percentage and ETA
+credit sources still in flight with the share of their duration that finished clips
+already cover, so a build of a few long videos has an ETA long before the first one
+is done.
 """
 
 from __future__ import annotations
@@ -76,6 +79,11 @@ def _fmt_eta(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _number(value: Any) -> float:
+    """A cell as a float; NaN for None."""
+    return float("nan") if value is None else float(value)
+
+
 class BuildProgress:
     """Counts sources done and clips by status and reason for one build run; clips are
     counted once their source is complete, as the writer commits them.
@@ -111,6 +119,9 @@ class BuildProgress:
         self._expected: dict[str, int] = {}
         self._final: dict[str, bool] = {}  # source failed, from its row with the count
         self._clips_of: dict[str, list[tuple[str, list[str]]]] = {}  # until the source is done
+        # seconds of clips seen and the duration of each source not yet done (:meth:`observe`)
+        self._covered: dict[str, float] = {}
+        self._length: dict[str, float] = {}
         self.sources_done = 0
         self.sources_error = 0
         self.clips: Counter[str] = Counter()
@@ -128,6 +139,31 @@ class BuildProgress:
         ):
             self._last_print = now
             self.echo(self.line())
+
+    def observe(self, batch: Mapping[str, Any]) -> None:
+        """Credit unfinished sources with the seconds of the clips in one batch as it
+        reaches the driver (before ranges of a long source are stitched back)."""
+        with self._lock:
+            starts, ends = batch.get("start_s"), batch.get("end_s")
+            lengths = batch.get("src_duration_s")
+            if starts is None or ends is None or lengths is None:
+                return
+            for i, source in enumerate(batch["source"]):
+                span, length = _number(ends[i]) - _number(starts[i]), _number(lengths[i])
+                if batch["clip_id"][i] is None or not span > 0 or not length > 0:
+                    continue  # no clip, an image, or a row without times
+                key = str(source)
+                self._covered[key] = self._covered.get(key, 0.0) + span
+                self._length[key] = length
+
+    def fraction_done(self) -> float:
+        """Sources done, plus the covered share of each source still in flight."""
+        with self._lock:
+            return self._fraction_done()
+
+    def _fraction_done(self) -> float:
+        partial = sum(min(self._covered[s] / n, 1.0) for s, n in self._length.items())
+        return self.sources_done + partial
 
     def _count(self, batch: Mapping[str, Any]) -> None:
         n = len(batch.get("source", ()))
@@ -153,6 +189,8 @@ class BuildProgress:
         """Count a complete source and its clips: none when it failed (the writer then
         records one error row, also for clips it had handed on before failing)."""
         self.sources_done += 1
+        self._covered.pop(source, None)
+        self._length.pop(source, None)
         failed = self._final[source]
         self.sources_error += failed
         for status, reasons in self._clips_of.pop(source, []):
@@ -205,9 +243,9 @@ class BuildProgress:
     def _line(self) -> str:
         elapsed = max(self.elapsed(), 1e-9)
         rate = self.sources_done / elapsed
-        left = self.total_sources - self.sources_done
-        eta = left / rate if rate > 0 else float("inf")
-        pct = 100.0 * self.sources_done / max(self.total_sources, 1)
+        done = self._fraction_done()
+        eta = elapsed * (self.total_sources - done) / done if done > 0 else float("inf")
+        pct = 100.0 * done / max(self.total_sources, 1)
         return (
             f"[build] sources {self.sources_done}/{self.total_sources} ({pct:.0f}%)"
             f" | clips kept {self.clips['kept']} rejected {self.clips['rejected']}"

@@ -42,6 +42,43 @@ def test_counts_sources_clips_and_reasons() -> None:
     assert p.line().endswith("ETA 3s")  # 2 sources in 6 s, 1 left
 
 
+def _timed(source: str, spans: list[tuple[float, float]], duration: float) -> dict:
+    """Rows of one streamed chunk of ``source``: clips at ``spans`` (seconds)."""
+    rows = _rows(source, len(spans))
+    rows["src_num_clips"] = np.array([None] * len(spans), dtype=object)
+    rows["start_s"] = np.array([a for a, _ in spans])
+    rows["end_s"] = np.array([b for _, b in spans])
+    rows["src_duration_s"] = np.full(len(spans), duration)
+    return rows
+
+
+def test_eta_credits_a_long_source_with_the_seconds_its_clips_cover() -> None:
+    clock, lines = Clock(), []
+    p = BuildProgress(2, interval_s=0, echo=lines.append, clock=clock)
+    assert p.line().endswith("ETA ?")
+    clock.t += 10.0
+    chunk = _timed("movie", [(0.0, 20.0), (21.0, 41.0)], duration=400.0)
+    p.observe(chunk)  # 40 of 400 s: 0.1 of 2 sources in 10 s
+    p.update(chunk)
+    assert p.fraction_done() == 0.1
+    assert p.line().startswith("[build] sources 0/2 (5%)")
+    assert p.line().endswith("ETA 3m10s")  # 1.9 sources left at 0.01 sources/s
+    # rows without a clip, and images (no duration), add nothing
+    empty = _timed("movie", [(0.0, 0.0)], duration=400.0)
+    empty["clip_id"] = np.array([None], dtype=object)
+    p.observe(empty)
+    p.observe(_timed("photo", [(0.0, 0.0)], duration=0.0))
+    p.observe({"source": np.array(["x"], dtype=object)})  # no times at all
+    assert p.fraction_done() == 0.1
+    # the covered share never passes the whole source; once done it counts as one
+    p.observe(_timed("movie", [(41.0, 600.0)], duration=400.0))
+    assert p.fraction_done() == 1.0
+    last = _timed("movie", [(41.0, 60.0)], duration=400.0)
+    last["src_num_clips"] = np.array([3.0])
+    p.update(last)
+    assert p.sources_done == 1 and p.fraction_done() == 1.0
+
+
 def test_stage_line_shows_rows_and_rate_since_last_line() -> None:
     clock, meter = Clock(), StageMeter()
     p = BuildProgress(2, clock=clock, stages=["probe", "split", "encode"], poll=meter.snapshot)
