@@ -66,8 +66,11 @@ class StageResources:
     """How one stage runs on Ray. Read only by ``pipeline.graph``.
 
     CPU stages run as Ray tasks; model stages as actor pools that autoscale
-    between ``min_actors`` and ``max_actors``. ``num_gpus=None`` means: one GPU
-    per actor when the cluster has GPUs, none otherwise (fractions share a GPU).
+    between ``min_actors`` and ``max_actors``. ``num_gpus=None`` ("auto"): one GPU
+    per actor when the cluster has enough for every auto stage's minimum pool, else
+    an equal fraction so that they share the GPUs (three stages on one GPU: a third
+    each; :func:`pipeline.graph.gpu_shares`), none on a cluster without GPUs. Set
+    fractions yourself to share a GPU in other proportions.
     """
 
     num_cpus: float = 1.0

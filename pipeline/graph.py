@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -83,6 +84,7 @@ __all__ = [
     "build_steps",
     "check_resources",
     "cluster_nodes",
+    "gpu_shares",
     "init_ray",
     "run_in_process",
     "stage_labels",
@@ -170,21 +172,41 @@ def _not_bars_disabled(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
-def _gpus(res: StageResources, cluster_gpus: float) -> float:
-    if res.num_gpus is None:
-        return 1.0 if cluster_gpus > 0 else 0.0
-    return res.num_gpus
+def gpu_shares(cfg: BuildConfig, cluster_gpus: float) -> dict[str, float]:
+    """GPUs per actor of each enabled actor stage (dedup: none).
+
+    A stage's ``num_gpus`` is used as given; ``None`` ("auto") means: none on a cluster
+    without GPUs; one GPU per actor when the GPUs that stages with an explicit
+    ``num_gpus`` leave over hold every auto stage's minimum pool; otherwise the same
+    fraction ``1/n`` for all of them, so that ``n`` actors share each GPU (aesthetic,
+    caption and encode on one GPU: a third each). The GPUs are those of the cluster
+    when the build starts: on a cluster that adds GPU nodes on demand, set
+    ``num_gpus`` explicitly.
+    """
+    stages = [s for s in _enabled_actor_stages(cfg) if s != "dedup"]
+    res = {s: getattr(cfg.ray, s) for s in stages}
+    auto = [s for s in stages if res[s].num_gpus is None]
+    claimed = sum(r.num_gpus * r.min_actors for r in res.values() if r.num_gpus is not None)
+    free = cluster_gpus - claimed
+    actors = sum(res[s].min_actors for s in auto)
+    share = 1.0  # also when explicit stages claim every GPU: check_resources names them
+    if cluster_gpus <= 0:
+        share = 0.0
+    elif 0 < free < actors:
+        share = math.floor(10_000 / math.ceil(actors / free)) / 10_000  # Ray's granularity
+    shares = {s: share if r.num_gpus is None else r.num_gpus for s, r in res.items()}
+    return shares | {"dedup": 0.0} if cfg.dedup.enabled else shares
 
 
 def _task_args(res: StageResources) -> dict[str, Any]:
     return {"batch_size": res.batch_size, "num_cpus": res.num_cpus}
 
 
-def _actor_args(res: StageResources, cluster_gpus: float) -> dict[str, Any]:
+def _actor_args(res: StageResources, gpus: float) -> dict[str, Any]:
     return {
         "batch_size": res.batch_size,
         "num_cpus": res.num_cpus,
-        "num_gpus": _gpus(res, cluster_gpus),
+        "num_gpus": gpus,
         "compute": ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
     }
 
@@ -219,11 +241,10 @@ def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
     """
     if not cfg.ray.check_resources:
         return
-    total_gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    shares = gpu_shares(cfg, sum(n.get("GPU", 0.0) for n in nodes))
     demands: list[tuple[str, float, float]] = []
-    for stage in _enabled_actor_stages(cfg):
+    for stage, gpus in shares.items():
         res: StageResources = getattr(cfg.ray, stage)
-        gpus = 0.0 if stage == "dedup" else _gpus(res, total_gpus)
         count = 1 if stage == "dedup" else res.min_actors
         demands += [(stage, res.num_cpus, gpus)] * count
     demands.sort(key=lambda d: (d[2], d[1]), reverse=True)
@@ -340,6 +361,7 @@ def build_dataset(
         [{"source": s} for s in sources], override_num_blocks=max(1, len(sources))
     )
     steps = build_steps(cfg, out)
+    shares = gpu_shares(cfg, cluster_gpus)
     for step, label in zip(steps, stage_labels(steps), strict=True):
         res = step.res
         if step.kind == "task":
@@ -359,7 +381,7 @@ def build_dataset(
             ds = ds.map_batches(
                 stage_actor(step.fn, label, meter),
                 fn_constructor_args=step.args,
-                **_actor_args(res, cluster_gpus),
+                **_actor_args(res, shares[step.name]),
             )
     if cfg.write.clip_files:  # the writer stores kept clips' payloads as files
         return ds.map_batches(_kept_payloads_only, batch_size=None, num_cpus=0.1)
@@ -426,13 +448,15 @@ def stage_stats(
     ds: ray.data.Dataset, cfg: BuildConfig, cluster_gpus: float
 ) -> list[dict[str, Any]]:
     """Per Ray Data operator (fused stages share one): wall, CPU and reserved GPU seconds."""
-    gpu_per_actor = {
-        "AestheticScorer": _gpus(cfg.ray.aesthetic, cluster_gpus),
-        "Agreement": _gpus(cfg.ray.agreement, cluster_gpus),
-        "Captioner": _gpus(cfg.ray.caption, cluster_gpus),
-        "Encode": _gpus(cfg.ray.encode, cluster_gpus),
-        "TextEncode": _gpus(cfg.ray.text_encode, cluster_gpus),
+    shares = gpu_shares(cfg, cluster_gpus)
+    classes = {
+        "AestheticScorer": "aesthetic",
+        "Agreement": "agreement",
+        "Captioner": "caption",
+        "Encode": "encode",
+        "TextEncode": "text_encode",
     }
+    gpu_per_actor = {name: shares.get(stage, 0.0) for name, stage in classes.items()}
     out: list[dict[str, Any]] = []
     try:
         summary = ds._get_stats_summary()

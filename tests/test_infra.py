@@ -231,6 +231,26 @@ def test_entrypoint_flags_parse() -> None:
         assert args.out and args.sources
 
 
+def test_the_default_build_fits_each_cluster_as_it_starts() -> None:
+    """Before autoscaling adds a node, the build's resource check (pipeline.graph) must
+    place every model stage of the RayJob's config on the groups' starting replicas."""
+    from pipeline.config import load_config
+    from pipeline.graph import check_resources
+
+    for where, spec in _cluster_specs():
+        head_cpus = spec["headGroupSpec"]["rayStartParams"].get("num-cpus", "0")
+        nodes = [{"CPU": _quantity(head_cpus)}]
+        for g in spec["workerGroupSpecs"]:
+            limits = _containers(g)[0]["resources"]["limits"]
+            node = {
+                "CPU": _quantity(limits["cpu"]),
+                "GPU": _quantity(limits.get("nvidia.com/gpu", 0)),
+            }
+            nodes += [node] * g["replicas"]
+        assert any(n.get("GPU", 0) > 0 for n in nodes), where
+        check_resources(load_config(preset="default"), nodes)
+
+
 # --- one Ray version everywhere ---------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from pipeline.graph import (
     PlacementError,
     check_resources,
     cluster_nodes,
+    gpu_shares,
     worker_env,
 )
 from reelpack.cli import main
@@ -59,6 +60,33 @@ def test_fractional_gpus_are_packed_per_node() -> None:
         check_resources(cfg(0.6), [gpu_node, gpu_node])
     check_resources(cfg(0.5), [gpu_node, gpu_node])  # 0.5 + 0.5 on one node
     check_resources(cfg(0.6), [gpu_node, gpu_node, gpu_node])
+
+
+def test_auto_gpus_share_the_gpus_the_cluster_has() -> None:
+    """``num_gpus: null``: a GPU per actor when there are enough, else equal fractions,
+    so the default preset runs on a one-GPU machine instead of failing to place."""
+    cfg = load_config(preset="default")
+    model_stages = {"aesthetic", "caption", "encode"}  # the default preset's
+    one_gpu = [{"CPU": 16.0, "GPU": 1.0}]
+    shares = gpu_shares(cfg, 1.0)
+    assert shares == {s: 0.3333 for s in model_stages} | {"dedup": 0.0}
+    check_resources(cfg, one_gpu)
+    assert set(gpu_shares(cfg, 2.0).values()) == {0.5, 0.0}
+    check_resources(cfg, [{"CPU": 8.0, "GPU": 1.0}] * 2)  # two on one node, one on the other
+    assert gpu_shares(cfg, 8.0) == {s: 1.0 for s in model_stages} | {"dedup": 0.0}
+    assert set(gpu_shares(cfg, 0.0).values()) == {0.0}  # no GPU: the models run on CPUs
+    # explicit GPUs are taken first; the auto stages share what is left
+    pinned = load_config(preset="default", ray={"caption": {"num_gpus": 1.0}})
+    assert gpu_shares(pinned, 2.0) == {
+        "aesthetic": 0.5,
+        "caption": 1.0,
+        "encode": 0.5,
+        "dedup": 0.0,
+    }
+    check_resources(pinned, [{"CPU": 8.0, "GPU": 1.0}] * 2)
+    # with every GPU claimed, the auto stages ask for a whole one each: nothing fits
+    with pytest.raises(PlacementError, match=r"cannot place \w+ \(1 CPU, 1 GPU"):
+        check_resources(pinned, [{"CPU": 8.0, "GPU": 1.0}])
 
 
 def test_no_cpu_left_for_tasks_is_refused() -> None:
