@@ -48,7 +48,7 @@ import numpy as np
 
 from pipeline.hdr import DEFAULT_PEAK_NITS, TRC_PQ, content_peak_nits, is_hdr, tone_map_i420
 from pipeline.stages.probe import display_size, open_source
-from pipeline.video import even_size, filter_graph, pulled, video_stream
+from pipeline.video import FIELD_MATCH, even_size, filter_graph, pulled, video_stream
 
 __all__ = [
     "BACKENDS",
@@ -410,15 +410,11 @@ def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
 
 # FFmpeg's bwdif, one frame out per frame in, only on frames flagged interlaced
 _DEINTERLACE = "mode=send_frame:parity=auto:deint=interlaced"
-# FFmpeg's fieldmatch, one frame out per frame in: each frame rebuilt from the fields that
-# belong together (its own, or one of a neighbour's); frames it cannot match stay flagged
-# interlaced (bwdif then deinterlaces them), matched ones come out progressive
-_FIELD_MATCH = "order=auto"
 
 
 def _deinterlacer(frame: Any, time_base: Fraction, field_match: bool) -> Any:
     """A configured filter graph: [fieldmatch ->] bwdif, for frames like ``frame``."""
-    chain = [("fieldmatch", _FIELD_MATCH)] if field_match else []
+    chain = [("fieldmatch", FIELD_MATCH)] if field_match else []
     return filter_graph(frame, time_base, [*chain, ("bwdif", _DEINTERLACE)])
 
 

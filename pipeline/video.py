@@ -17,6 +17,8 @@ import av
 import numpy as np
 
 __all__ = [
+    "FIELD_MATCH",
+    "TELECINE_CYCLE",
     "border_crop",
     "decode_mp4",
     "decode_mp4_sampled",
@@ -24,8 +26,10 @@ __all__ = [
     "even_size",
     "filter_graph",
     "is_cover_art",
+    "is_telecine_rate",
     "pulled",
     "resample_indices",
+    "telecine_repeats",
     "video_stream",
 ]
 
@@ -246,3 +250,44 @@ def resample_indices(num_frames: int, fps: float, target_fps: float | None) -> n
     duration = num_frames / fps
     times = np.arange(0.0, duration - 1e-9, 1.0 / target_fps)
     return np.unique(np.minimum(np.floor(times * fps + 1e-6).astype(np.int64), num_frames - 1))
+
+
+# FFmpeg's fieldmatch, one frame out per frame in: each frame rebuilt from the fields that
+# belong together (its own, or one of a neighbour's); frames it cannot match stay flagged
+# interlaced (bwdif then deinterlaces them), matched ones come out progressive
+FIELD_MATCH = "order=auto"
+
+# 3:2 telecine: four film frames in five interlaced frames; after field matching, one
+# frame in every five repeats the picture before it
+TELECINE_CYCLE = 5
+_REPEAT_SHARE = 0.4  # a repeat differs from its predecessor by at most this share of a new picture
+_MIN_MOTION = 0.2  # mean luma levels between new pictures below which the cadence cannot show
+
+
+def is_telecine_rate(fps: float) -> bool:
+    """Whether ``fps`` is what 3:2 telecine makes of film: 30000/1001 (or 30) frames/s."""
+    return abs(fps - 30000 / 1001) < 0.05 or abs(fps - 30.0) < 0.05
+
+
+def telecine_repeats(lumas: Sequence[np.ndarray]) -> list[int]:
+    """Indices of the frames that 3:2 telecine repeats in a field-matched clip: at one
+    place in every cycle of five, a frame nearly equals the one before it.
+
+    Judged on the whole clip (the median difference at each place of the cycle against
+    the others), so noise and single still moments do not count. Empty when the clip
+    does not show that cadence: film sent 2:2 or PsF, live video, or too little motion
+    to tell (a clip of still pictures loses nothing by keeping them all).
+    """
+    n = len(lumas)
+    if n <= 2 * TELECINE_CYCLE:
+        return []
+    index = np.arange(1, n)
+    # mean absolute difference of frame i from frame i - 1
+    diffs = np.array([np.abs(lumas[i] - lumas[i - 1].astype(np.int16)).mean() for i in range(1, n)])
+    phase = index % TELECINE_CYCLE
+    medians = [float(np.median(diffs[phase == p])) for p in range(TELECINE_CYCLE)]
+    repeat = int(np.argmin(medians))
+    others = float(np.median(diffs[phase != repeat]))
+    if others < _MIN_MOTION or medians[repeat] > _REPEAT_SHARE * others:
+        return []
+    return [int(i) for i in index[phase == repeat]]

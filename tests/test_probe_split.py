@@ -30,7 +30,15 @@ from pipeline.decode import (
 from pipeline.stages import split as split_mod
 from pipeline.stages.base import batch_to_rows, stage_task
 from pipeline.stages.encode import EncodeConfig, plan_clip
-from pipeline.stages.probe import Probe, ProbeConfig, has_pulldown, open_source, probe_video
+from pipeline.stages.probe import (
+    Probe,
+    ProbeConfig,
+    _film_like,
+    _idet,
+    has_pulldown,
+    open_source,
+    probe_video,
+)
 from pipeline.stages.split import (
     CLIP_NAMESPACE,
     Split,
@@ -47,7 +55,7 @@ from pipeline.stages.split import (
     stitch,
 )
 from pipeline.synth import demo_videos, synth_video
-from pipeline.video import decode_mp4, encode_mp4, even_size, resample_indices
+from pipeline.video import decode_mp4, encode_mp4, even_size, resample_indices, telecine_repeats
 from schemas import STREAM_COLUMNS
 
 VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "videos")
@@ -764,10 +772,11 @@ def _i420(luma: np.ndarray) -> av.VideoFrame:
     )
 
 
-def _pulldown_video(path: str, film: np.ndarray, pattern: str) -> None:
+def _pulldown_video(path: str, film: np.ndarray, pattern: str, bit_rate: int | None = None) -> None:
     """``film`` (24 fps) in interlaced MPEG-2: telecined 3:2 to 29.97 fps by FFmpeg's
     telecine (``pattern="3:2"``: two of every five frames mix two film frames' fields),
-    or sent 2:2 at 25 fps (each frame's two fields from one film frame)."""
+    or sent 2:2 at 25 fps (each frame's two fields from one film frame). Near lossless,
+    or at ``bit_rate`` (bits/s) as a DVD or broadcast codes it."""
     pictures: list[av.VideoFrame] = [_i420(f) for f in film]
     rate = Fraction(25)
     if pattern == "3:2":
@@ -792,7 +801,10 @@ def _pulldown_video(path: str, film: np.ndarray, pattern: str) -> None:
     with av.open(path, "w") as out:
         stream = out.add_stream("mpeg2video", rate=rate, options={"flags": "+ildct+ilme"})
         stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
-        stream.codec_context.qmin, stream.codec_context.qmax = 1, 2  # near lossless
+        if bit_rate is None:
+            stream.codec_context.qmin, stream.codec_context.qmax = 1, 2  # near lossless
+        else:
+            stream.bit_rate = bit_rate
         for i, picture in enumerate(pictures):
             picture.pts = i
             for packet in stream.encode(picture):
@@ -829,18 +841,82 @@ def test_film_in_interlaced_video_gets_its_pictures_back(
     assert min(_film_psnr(f.yuv[:240], film) for f in matched) > 40.0
     assert min(_film_psnr(f.yuv[:240], film) for f in bwdif) < 38.0
 
-    # the Split stage field-matches by the probed fact, and only with field_match on
+    # The Split stage field-matches by the probed fact, and only with field_match on. Its
+    # payload of 3:2 film then holds each film frame once, at the film's rate; the clip
+    # keeps the source's frame numbers and times.
     probed = Probe(ProbeConfig())({"source": np.array([path], dtype=object)})
     assert probed["src_pulldown"][0]
     quality = {}
-    for on in (True, False):
-        cfg = SplitConfig(min_clip_s=0.2, work_max_area=320 * 240, work_crf=4, field_match=on)
+    for on, decimate in ((True, True), (True, False), (False, True)):
+        cfg = SplitConfig(
+            min_clip_s=0.2, work_max_area=320 * 240, work_crf=4, field_match=on, decimate=decimate
+        )
         (row,) = batch_to_rows(Split(cfg)(probed))
+        assert (row["start_frame"], row["end_frame"]) == (0, frames)
         with av.open(io.BytesIO(row["clip_bytes"])) as payload:
+            rate = payload.streams.video[0].average_rate
             lumas = [f.to_ndarray(format="yuv420p")[:240] for f in payload.decode(video=0)]
-        assert len(lumas) == frames
-        quality[on] = min(_film_psnr(luma, film) for luma in lumas)
-    assert quality[True] > 40.0 > quality[False]
+        nearest = [_nearest_film_frame(luma, film) for luma in lumas]
+        if on and decimate:
+            assert nearest == list(range(len(film)))  # every film frame, once, in order
+            assert rate == (Fraction(24000, 1001) if pattern == "3:2" else 25)
+        else:
+            assert len(lumas) == frames
+        quality[on, decimate] = min(_film_psnr(luma, film) for luma in lumas)
+    assert quality[True, True] > 40.0 and quality[True, False] > 40.0 > quality[False, True]
+
+
+def test_lossy_telecined_film_is_found_by_its_cadence(tmp_path: Any) -> None:
+    """Real footage telecined 3:2 and coded lossy at DVD rates: idet tells few fields
+    apart, but the field-matched frames repeat one picture in five, so probe finds the
+    film and the payload holds each film frame once at 23.976 fps."""
+    with av.open(shared("mmaction2_demo_skeleton.mp4")) as source:
+        film = np.stack(
+            [
+                cv2.resize(f.to_ndarray(format="gray"), (320, 240), interpolation=cv2.INTER_AREA)
+                for f in itertools.islice(source.decode(video=0), 60)
+            ]
+        )
+    path = str(tmp_path / "dvd.ts")
+    _pulldown_video(path, film, "3:2", bit_rate=1_500_000)
+    with av.open(path) as container:  # idet alone: too few film-like frames to say yes
+        judged = [_film_like(m) for m in _idet(container.decode(video=0))]
+    assert sum(judged) < 0.2 * len(judged)
+    probed = Probe(ProbeConfig())({"source": np.array([path], dtype=object)})
+    assert probed["src_pulldown"][0]
+    cfg = SplitConfig(min_clip_s=0.2, max_clip_s=30.0, work_max_area=320 * 240)
+    (row,) = batch_to_rows(Split(cfg)(probed))
+    assert (row["start_frame"], row["end_frame"]) == (0, 75)
+    with av.open(io.BytesIO(row["clip_bytes"])) as payload:
+        assert payload.streams.video[0].average_rate == Fraction(24000, 1001)
+        nearest = [
+            _nearest_film_frame(f.to_ndarray(format="yuv420p")[:240], film)
+            for f in payload.decode(video=0)
+        ]
+    assert len(nearest) == 60
+    assert len(set(nearest)) >= 58  # the stream's first cycle may be matched otherwise
+
+
+def _nearest_film_frame(luma: np.ndarray, film: np.ndarray) -> int:
+    mse = ((film.astype(np.float32) - luma.astype(np.float32)) ** 2).reshape(len(film), -1)
+    return int(mse.mean(axis=1).argmin())
+
+
+def test_telecine_repeats_are_found_only_in_the_3_2_cadence() -> None:
+    """After field matching, 3:2 film repeats one picture in every five; 2:2 film, live
+    video and still pictures show no such cadence and lose nothing."""
+    rng = np.random.default_rng(3)
+    texture = rng.integers(0, 256, (60, 400), dtype=np.uint8)
+    film = [texture[:, 4 * i : 4 * i + 80] for i in range(60)]  # 24 fps, panning
+    noise = lambda f: cv2.add(f, rng.integers(0, 2, f.shape, dtype=np.uint8))  # noqa: E731
+    # cycles of five frames from film frames 0, 1, 2, 2, 3: the repeat is the 4th (k % 5 == 3)
+    telecined = [noise(film[k // 5 * 4 + (0, 1, 2, 2, 3)[k % 5]]) for k in range(40)]
+    assert telecine_repeats(telecined) == [3, 8, 13, 18, 23, 28, 33, 38]
+    assert telecine_repeats(telecined[2:]) == [1, 6, 11, 16, 21, 26, 31, 36]  # any phase
+    assert telecine_repeats([noise(f) for f in film[:40]]) == []  # 2:2: every frame new
+    still = [noise(film[0]) for _ in range(40)]
+    assert telecine_repeats(still) == []  # nothing moves: the cadence cannot show
+    assert telecine_repeats(telecined[:10]) == []  # under two cycles: not judged
 
 
 def _pq_code(nits: float) -> float:

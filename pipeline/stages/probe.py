@@ -32,7 +32,16 @@ import numpy as np
 
 from pipeline.hdr import transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
-from pipeline.video import border_crop, filter_graph, is_cover_art, pulled, video_stream
+from pipeline.video import (
+    FIELD_MATCH,
+    border_crop,
+    filter_graph,
+    is_cover_art,
+    is_telecine_rate,
+    pulled,
+    telecine_repeats,
+    video_stream,
+)
 
 __all__ = [
     "IMAGE_CODECS",
@@ -253,24 +262,44 @@ _PULLDOWN_SHARE = 0.2  # share of them that must show a progressive picture
 def _pulldown(container: Any, stream: Any, duration_s: float) -> bool:
     """Whether interlaced-coded video carries progressive pictures: film telecined 3:2
     (two of every five frames repeat a field) or sent 2:2 / PsF (both fields of a frame
-    show the same moment). FFmpeg's idet judges ``_PULLDOWN_FRAMES`` frames at each of
-    ``_PULLDOWN_SAMPLES``; at least ``_PULLDOWN_SHARE`` of them showing a repeated field
-    or a progressive picture is a yes. Live interlaced video, each field its own moment,
-    shows neither. A static picture looks progressive too, so a wrong yes is possible;
-    it costs only time (field matching leaves what it cannot match to bwdif). A seek or
-    decode that fails is a no."""
+    show the same moment). ``_PULLDOWN_FRAMES`` frames are judged at each of
+    ``_PULLDOWN_SAMPLES``: a yes when FFmpeg's idet finds a repeated field or a
+    progressive picture in at least ``_PULLDOWN_SHARE`` of them, or, at 3:2 telecine's
+    rate, when the frames field-matched show its cadence (one picture in five repeated:
+    :func:`pipeline.video.telecine_repeats`; soft or lossy film where idet cannot tell
+    fields apart). Live interlaced video, each field its own moment, shows neither. A
+    static picture looks progressive too, so a wrong yes is possible; it costs only time
+    (field matching leaves what it cannot match to bwdif). A seek or decode that fails
+    is a no."""
     tb = stream.time_base or Fraction(1, 1)
     start = stream.start_time or 0
+    telecine = is_telecine_rate(float(stream.average_rate or stream.guessed_rate or 0))
     try:
         for at in _PULLDOWN_SAMPLES:
             container.seek(start + int(at * duration_s / tb), stream=stream, backward=True)
-            frames = itertools.islice(container.decode(stream), _PULLDOWN_FRAMES)
-            judged = [_film_like(meta) for meta in _idet(frames)]
+            frames = list(itertools.islice(container.decode(stream), _PULLDOWN_FRAMES))
+            judged = [_film_like(meta) for meta in _idet(iter(frames))]
             if judged and sum(judged) >= _PULLDOWN_SHARE * len(judged):
+                return True
+            if telecine and frames and telecine_repeats(_field_matched_lumas(frames)):
                 return True
     except (av.FFmpegError, OSError, ValueError):
         return False
     return False
+
+
+def _field_matched_lumas(frames: list[Any]) -> list[np.ndarray]:
+    """Luma of ``frames`` (one size and format) after FFmpeg's fieldmatch, at half size
+    (averaged, which also halves coding noise)."""
+    graph = filter_graph(
+        frames[0], frames[0].time_base or Fraction(1, 90000), [("fieldmatch", FIELD_MATCH)]
+    )
+    out: list[Any] = []
+    for frame in [*frames, None]:
+        graph.push(frame)
+        out += pulled(graph)
+    half = {"width": max(1, frames[0].width // 2), "height": max(1, frames[0].height // 2)}
+    return [f.reformat(**half, format="gray", interpolation="AREA").to_ndarray() for f in out]
 
 
 def has_pulldown(container: Any) -> bool:

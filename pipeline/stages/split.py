@@ -79,7 +79,15 @@ from pipeline.decode import (
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
 from pipeline.stages.probe import describe, has_pulldown, open_source
-from pipeline.video import border_crop, encode_mp4, resample_indices, video_stream
+from pipeline.video import (
+    TELECINE_CYCLE,
+    border_crop,
+    encode_mp4,
+    is_telecine_rate,
+    resample_indices,
+    telecine_repeats,
+    video_stream,
+)
 
 __all__ = [
     "CLIP_NAMESPACE",
@@ -157,6 +165,10 @@ class SplitConfig:
     # telecined 3:2 or sent 2:2 / PsF: src_pulldown), put each picture's fields back
     # together (FFmpeg fieldmatch) before deinterlacing, keeping its full detail
     field_match: bool = True
+    # after field matching, drop the picture 3:2 telecine repeats in every five frames
+    # from clip payloads (the clip's frame numbers and times stay the source's), so the
+    # payload holds each film frame once, at the film's rate (telecine_repeats)
+    decimate: bool = True
     # tone-map HDR frames (PQ, HLG) to SDR BT.709 (pipeline.hdr); off: their code values
     # are used as if they were SDR
     tone_map: bool = True
@@ -551,6 +563,13 @@ def crop_i420(yuv: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
     return join_i420(luma[y : y + h, x : x + w], u[chroma], v[chroma])
 
 
+def _half_luma(yuv: np.ndarray) -> np.ndarray:
+    """An I420 image's luma at half size, averaged (which also halves coding noise)."""
+    luma = i420_planes(yuv)[0]
+    size = (max(1, luma.shape[1] // 2), max(1, luma.shape[0] // 2))
+    return cv2.resize(luma, size, interpolation=cv2.INTER_AREA)
+
+
 class _PayloadEncoder:
     """Encodes clip payloads on one background thread while decoding goes on.
 
@@ -561,11 +580,17 @@ class _PayloadEncoder:
     """
 
     def __init__(
-        self, fps: float, crf: int, preset: str, target_fps: float | None = None, ahead: int = 1
+        self,
+        fps: float,
+        crf: int,
+        preset: str,
+        target_fps: float | None = None,
+        ahead: int = 1,
+        decimate: bool = False,
     ) -> None:
         self.crf, self.preset, self.ahead = crf, preset, ahead
         self.source_fps, self.target_fps = fps, target_fps
-        self.fps = target_fps if target_fps is not None and 0 < target_fps < fps else fps
+        self.decimate = decimate
         self._pool: ThreadPoolExecutor | None = None
         self._waiting: deque[Future[bytes]] = deque()
 
@@ -573,9 +598,17 @@ class _PayloadEncoder:
         self, frames: list[_Frame], crop: tuple[int, int, int, int] | None = None
     ) -> Future[bytes]:
         """Encode one clip's frames on the ``target_fps`` grid, at the payload rate, cut
-        to ``crop`` (working-size pixels)."""
-        keep = resample_indices(len(frames), self.source_fps, self.target_fps)
-        frames = [frames[i] for i in keep]
+        to ``crop`` (working-size pixels). With ``decimate``, 3:2 telecine's repeated
+        pictures are dropped first and the rest taken at the film's rate."""
+        rate = self.source_fps
+        if self.decimate and is_telecine_rate(rate):
+            repeats = set(telecine_repeats([_half_luma(f.yuv) for f in frames]))
+            if repeats:
+                frames = [f for i, f in enumerate(frames) if i not in repeats]
+                rate *= (TELECINE_CYCLE - 1) / TELECINE_CYCLE
+        target = self.target_fps
+        fps = target if target is not None and 0 < target < rate else rate
+        frames = [frames[i] for i in resample_indices(len(frames), rate, target)]
         if crop is not None:
             frames = [replace(f, yuv=crop_i420(f.yuv, crop)) for f in frames]
         if self._pool is None:
@@ -584,14 +617,14 @@ class _PayloadEncoder:
             self._waiting.popleft()
         while len(self._waiting) > self.ahead:
             self._waiting.popleft().exception()  # wait; errors surface in result()
-        future = self._pool.submit(self._encode, frames)
+        future = self._pool.submit(self._encode, frames, fps)
         self._waiting.append(future)
         return future
 
-    def _encode(self, frames: list[_Frame]) -> bytes:
+    def _encode(self, frames: list[_Frame], fps: float) -> bytes:
         return encode_mp4(
             [f.yuv for f in frames],
-            self.fps,
+            fps,
             self.crf,
             self.preset,
             pix_fmt="yuv420p",
@@ -625,6 +658,7 @@ class _SourceSplitter:
         range_start: int = 0,
         range_end: int = -1,
         display: tuple[int, int] | None = None,
+        decimate: bool = False,
     ) -> None:
         self.cfg, self.fps, self.display = cfg, fps, display
         self.tracker = ShotTracker(cfg, fps, first_frame=range_start)
@@ -640,7 +674,9 @@ class _SourceSplitter:
         self.pending = 0  # first frame of the open shot not yet emitted or dropped
         self.lead_open = False  # still trimming the open shot's leading edge
         self.clips: list[_Clip] = []
-        self.encoder = _PayloadEncoder(fps, cfg.work_crf, cfg.work_preset, cfg.work_fps)
+        self.encoder = _PayloadEncoder(
+            fps, cfg.work_crf, cfg.work_preset, cfg.work_fps, decimate=decimate
+        )
         self._payloads: list[Future[bytes]] = []  # one per clip, in order
         self._counted = self._counted_bytes = 0  # take_ready's running payload total
         self.count = 0
@@ -960,7 +996,9 @@ def _split_source(
     payloads reach ``flush_bytes`` (never with 0), the rest returned; raises on decode
     failure, an empty stream or a timeout."""
     deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s > 0 else None
-    splitter = _SourceSplitter(cfg, fps, range_start, range_end, display)
+    # field-matched film: payloads without 3:2 telecine's repeated pictures
+    decimate = field_match and cfg.decimate
+    splitter = _SourceSplitter(cfg, fps, range_start, range_end, display, decimate)
     # Three threads overlap: decoding + conversion (here), detection (the caller's
     # thread), payload encoding (the splitter's encoder).
     frames = Prefetcher(
