@@ -276,11 +276,12 @@ def telecine_repeats(lumas: Sequence[np.ndarray]) -> list[int]:
     Judged on the whole clip (the median difference at each place of the cycle against
     the others), so noise and single still moments do not count. Empty when the clip
     does not show that cadence: film sent 2:2 or PsF, live video, or too little motion
-    to tell (a clip of still pictures loses nothing by keeping them all).
+    to tell (a clip of still pictures loses nothing by keeping them all), or frames
+    of different sizes.
     """
     n = len(lumas)
-    if n <= 2 * TELECINE_CYCLE:
-        return []
+    if n <= 2 * TELECINE_CYCLE or any(luma.shape != lumas[0].shape for luma in lumas):
+        return []  # too short to judge, or the frame size changes (not one cadence)
     index = np.arange(1, n)
     # mean absolute difference of frame i from frame i - 1
     diffs = np.array([np.abs(lumas[i] - lumas[i - 1].astype(np.int16)).mean() for i in range(1, n)])

@@ -917,6 +917,8 @@ def test_telecine_repeats_are_found_only_in_the_3_2_cadence() -> None:
     still = [noise(film[0]) for _ in range(40)]
     assert telecine_repeats(still) == []  # nothing moves: the cadence cannot show
     assert telecine_repeats(telecined[:10]) == []  # under two cycles: not judged
+    resized = telecined[:20] + [cv2.resize(f, (40, 30)) for f in telecined[20:]]
+    assert telecine_repeats(resized) == []  # the size changes mid-clip: not judged
 
 
 def _pq_code(nits: float) -> float:
