@@ -23,8 +23,18 @@ VIDEO_EXTENSIONS = frozenset(
         ".wmv",
         ".flv",
         ".3gp",
+        ".3g2",
         ".ogv",
         ".gif",
+        ".vob",  # DVD
+        ".m2ts",  # Blu-ray, AVCHD
+        ".m2v",
+        ".mxf",  # broadcast and cinema cameras
+        ".dv",
+        ".f4v",
+        ".asf",
+        ".divx",
+        ".y4m",
     }
 )
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -61,14 +71,28 @@ def expand_sources(args: Iterable[str], exclude: str | None = None) -> list[str]
         if path.is_file():
             out.add(str(path))
         elif path.is_dir():
-            out.update(
-                str(p)
-                for p in path.rglob("*")
-                if p.is_file() and _is_media(p.name) and not skip(str(p))
-            )
+            out.update(p for p in _walk(path) if _is_media(p) and not skip(p))
         else:
             raise FileNotFoundError(f"source {arg!r} does not exist")
     return sorted(out)
+
+
+def _walk(root: Path) -> Iterable[str]:
+    """Paths of the files below ``root``, following links to folders (a pile of videos
+    is often linked together from several disks), each real folder once, so a link
+    back up the tree does not loop."""
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):  # not a broken link
+                yield path
 
 
 def _under(root: str | None) -> Callable[[str], bool]:

@@ -181,6 +181,26 @@ def test_credentials_are_masked_as_whole_tokens_only(monkeypatch: pytest.MonkeyP
     assert st._scrub(text) == "The bucket does not exist; Credential=***/20261130, signed with ***."
 
 
+def test_source_folders_follow_links_to_folders_once(tmp_path) -> None:
+    from pipeline.sources import expand_sources
+
+    disk = tmp_path / "disk2"
+    (disk / "dvd").mkdir(parents=True)
+    (disk / "dvd" / "VTS_01_1.VOB").write_bytes(b"b")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(b"a")
+    (videos / "notes.txt").write_bytes(b"n")
+    (videos / ".a.mp4.part.mp4").write_bytes(b"h")  # hidden
+    (videos / "more").symlink_to(disk)  # a folder linked in from another disk
+    (videos / "loop").symlink_to(videos)  # a link back up the tree
+    (videos / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")  # a broken link
+    assert expand_sources([str(videos)]) == [
+        str(videos / "a.mp4"),
+        str(videos / "more" / "dvd" / "VTS_01_1.VOB"),
+    ]
+
+
 def test_source_folders_skip_the_corpus_built_inside_them(tmp_path, s3_bucket: str) -> None:
     from pipeline.sources import expand_sources
 
