@@ -278,27 +278,41 @@ def _pulldown(container: Any, stream: Any, duration_s: float) -> bool:
         for at in _PULLDOWN_SAMPLES:
             container.seek(start + int(at * duration_s / tb), stream=stream, backward=True)
             frames = list(itertools.islice(container.decode(stream), _PULLDOWN_FRAMES))
-            judged = [_film_like(meta) for meta in _idet(iter(frames))]
-            if judged and sum(judged) >= _PULLDOWN_SHARE * len(judged):
+            metas = list(_idet(iter(frames)))
+            if metas and sum(map(_film_like, metas)) >= _PULLDOWN_SHARE * len(metas):
                 return True
-            if telecine and frames and telecine_repeats(_field_matched_lumas(frames)):
+            # idet saw a repeated field: look for the cadence (live video shows none)
+            repeated = any(map(_repeated_field, metas))
+            if telecine and repeated and telecine_repeats(_field_matched_lumas(frames)):
                 return True
     except (av.FFmpegError, OSError, ValueError):
         return False
     return False
 
 
+_CADENCE_AREA = (640, 360)  # the middle of the frame field-matched to find 3:2 cadence
+
+
 def _field_matched_lumas(frames: list[Any]) -> list[np.ndarray]:
-    """Luma of ``frames`` (one size and format) after FFmpeg's fieldmatch, at half size
-    (averaged, which also halves coding noise)."""
+    """Luma of the middle of ``frames`` (one size and format; at most
+    ``_CADENCE_AREA``, cut on even rows so the fields stay whole) after FFmpeg's
+    fieldmatch, at half size (averaged, which also halves coding noise)."""
+    first = frames[0]
+    w, h = (
+        min(side, limit) // 2 * 2
+        for side, limit in zip((first.width, first.height), _CADENCE_AREA, strict=True)
+    )
+    x, y = (first.width - w) // 4 * 2, (first.height - h) // 4 * 2
     graph = filter_graph(
-        frames[0], frames[0].time_base or Fraction(1, 90000), [("fieldmatch", FIELD_MATCH)]
+        first,
+        first.time_base or Fraction(1, 90000),
+        [("crop", f"{w}:{h}:{x}:{y}"), ("fieldmatch", FIELD_MATCH)],
     )
     out: list[Any] = []
     for frame in [*frames, None]:
         graph.push(frame)
         out += pulled(graph)
-    half = {"width": max(1, frames[0].width // 2), "height": max(1, frames[0].height // 2)}
+    half = {"width": max(1, w // 2), "height": max(1, h // 2)}
     return [f.reformat(**half, format="gray", interpolation="AREA").to_ndarray() for f in out]
 
 
@@ -318,9 +332,11 @@ def has_pulldown(container: Any) -> bool:
 
 def _film_like(meta: dict[str, str]) -> bool:
     """idet's verdict on one frame: a repeated field, or a progressive picture."""
-    return meta.get("lavfi.idet.repeated.current_frame") in ("top", "bottom") or (
-        meta.get("lavfi.idet.single.current_frame") == "progressive"
-    )
+    return _repeated_field(meta) or meta.get("lavfi.idet.single.current_frame") == "progressive"
+
+
+def _repeated_field(meta: dict[str, str]) -> bool:
+    return meta.get("lavfi.idet.repeated.current_frame") in ("top", "bottom")
 
 
 def _idet(frames: Iterator[Any]) -> Iterator[dict[str, str]]:
