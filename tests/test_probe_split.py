@@ -35,6 +35,7 @@ from pipeline.stages.probe import (
     ProbeConfig,
     _film_like,
     _idet,
+    container_facts,
     has_pulldown,
     open_source,
     probe_video,
@@ -895,6 +896,43 @@ def test_lossy_telecined_film_is_found_by_its_cadence(tmp_path: Any) -> None:
         ]
     assert len(nearest) == 60
     assert len(set(nearest)) >= 58  # the stream's first cycle may be matched otherwise
+
+
+class _CountingFile(io.FileIO):
+    """A file that counts the bytes read from it."""
+
+    read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_probe_samples_do_not_decode_the_rest_of_a_stream_without_keyframes(
+    tmp_path: Any,
+) -> None:
+    """After a seek, a stream whose next keyframe never comes (one keyframe, intra
+    refresh) shows no frame: probe's samples (black bars, pulldown) read a bounded
+    number of packets, not the rest of the file from each place."""
+    path = str(tmp_path / "one_keyframe.ts")
+    with av.open(path, "w") as out:
+        opts = {"x264-params": "tff=1:keyint=infinite:scenecut=0", "preset": "ultrafast"}
+        stream = out.add_stream("libx264", rate=30, options=opts)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        rng = np.random.default_rng(0)
+        for _ in range(3600):  # 2 minutes of noise: every packet large
+            image = rng.integers(0, 256, (180, 160), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="yuv420p")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    counting = _CountingFile(path, "rb")
+    with counting, av.open(counting) as container:
+        facts = container_facts(container)
+    assert facts["interlaced"] is True and facts["num_frames"] >= 3500
+    # two samples of at most _SEEK_PACKETS packets, not twice the rest of the file
+    assert 0 < counting.read_bytes < 0.5 * os.path.getsize(path), counting.read_bytes
 
 
 def _nearest_film_frame(luma: np.ndarray, film: np.ndarray) -> int:

@@ -242,16 +242,33 @@ def _picture_fraction(container: Any, stream: Any, duration_s: float, first: Any
         for at in _BAR_SAMPLES:
             target = start + int(at * duration_s / tb)
             container.seek(target, stream=stream, backward=True, any_frame=False)
-            frame = next(container.decode(stream), None)
-            if frame is None:
+            frames = _decoded_after_seek(container, stream, 1)
+            if not frames:
                 return None
-            lumas.append(frame.to_ndarray(format="gray"))
+            lumas.append(frames[0].to_ndarray(format="gray"))
     except (av.FFmpegError, OSError, ValueError):  # only a hint: no seek, no hint
         return None
     if any(luma.shape != lumas[0].shape for luma in lumas):
         return None
     rect = border_crop(lumas, 0.0, _BAR_LUMA)
     return 1.0 if rect is None else rect[2] * rect[3] / lumas[0].size
+
+
+# packets probe reads after a seek for the frames it samples: a stream whose next
+# keyframe is far away (or never comes: intra refresh) shows no frame for that long
+_SEEK_PACKETS = 300
+
+
+def _decoded_after_seek(container: Any, stream: Any, count: int) -> list[Any]:
+    """Up to ``count`` frames decoded from where a seek left ``container``, reading at
+    most ``_SEEK_PACKETS`` packets, so a sample never turns into decoding the rest of
+    the file."""
+    frames: list[Any] = []
+    for packet in itertools.islice(container.demux(stream), _SEEK_PACKETS):
+        frames += packet.decode()
+        if len(frames) >= count:
+            break
+    return frames[:count]
 
 
 _PULLDOWN_SAMPLES = (0.25, 0.6)  # where in an interlaced video probe looks for pulldown
@@ -277,7 +294,7 @@ def _pulldown(container: Any, stream: Any, duration_s: float) -> bool:
     try:
         for at in _PULLDOWN_SAMPLES:
             container.seek(start + int(at * duration_s / tb), stream=stream, backward=True)
-            frames = list(itertools.islice(container.decode(stream), _PULLDOWN_FRAMES))
+            frames = _decoded_after_seek(container, stream, _PULLDOWN_FRAMES)
             metas = list(_idet(iter(frames)))
             if metas and sum(map(_film_like, metas)) >= _PULLDOWN_SHARE * len(metas):
                 return True
