@@ -283,7 +283,7 @@ def _pulldown(container: Any, stream: Any, duration_s: float) -> bool:
     ``_PULLDOWN_SAMPLES``: a yes when FFmpeg's idet finds a repeated field or a
     progressive picture in at least ``_PULLDOWN_SHARE`` of them, or, at 3:2 telecine's
     rate, when the frames field-matched show its cadence (one picture in five repeated:
-    :func:`pipeline.video.telecine_repeats`; soft or lossy film where idet cannot tell
+    :func:`pipeline.video.telecine_repeats`; for lossy film, where idet tells few
     fields apart). Live interlaced video, each field its own moment, shows neither. A
     static picture looks progressive too, so a wrong yes is possible; it costs only time
     (field matching leaves what it cannot match to bwdif). A seek or decode that fails
