@@ -8,7 +8,9 @@ ratio, any valid frame count, one frame = an image), integrated from t = 1 to 0 
 Euler steps on the training run's shifted schedule, with classifier-free guidance:
 the conditional and the null-caption copies of every sample are *packed into one
 sequence* and run in one forward pass. The latent is decoded with the corpus's VAE
-(from its manifest) and written as mp4 (H.264) or, for one frame, png. The prompt is
+(from its manifest) and written to the file named, in the format its suffix names:
+.mp4/.m4v/.mov/.mkv (H.264), .webm (VP9), .gif, or for one frame also .png/.jpg/.webp;
+at the corpus's frame rate (its encode ``target_fps``) unless one is given. The prompt is
 encoded with the corpus's text encoder (manifest ``text_encoder``); a model trained
 without caption embeddings samples unconditionally.
 """
@@ -16,6 +18,7 @@ without caption embeddings samples unconditionally.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 from model.dit import DiT, grid_positions
 from model.flow import euler_sample, resolution_shift
 
-__all__ = ["latent_grid", "sample_latents", "sample_to_file", "write_video"]
+__all__ = ["check_output", "latent_grid", "sample_latents", "sample_to_file", "write_video"]
 
 Grid = tuple[int, int, int]
 
@@ -124,20 +127,61 @@ def sample_latents(
     return model.unpatchify(x0, cu, grids)
 
 
-def write_video(frames: np.ndarray, out: str, fps: float = 16.0) -> str:
-    """(T, H, W, 3) uint8 -> ``out``: png for one frame, else H.264 mp4 (PyAV)."""
-    import av
+# suffix -> (PyAV container format, codec); every one takes any frame count
+VIDEO_FORMATS = {
+    ".mp4": ("mp4", "libx264"),
+    ".m4v": ("mp4", "libx264"),
+    ".mov": ("mov", "libx264"),
+    ".mkv": ("matroska", "libx264"),
+    ".webm": ("webm", "libvpx-vp9"),
+}
+# suffix -> PIL format; one frame only
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+DEFAULT_FPS = 16.0  # when neither the caller nor the corpus names a rate
 
+
+def check_output(out: str, frames: int) -> None:
+    """Raise ValueError unless ``out``'s suffix names a format that holds ``frames``."""
+    suffix = Path(out).suffix.lower()
+    if suffix in VIDEO_FORMATS or suffix == ".gif":
+        return
+    videos = ", ".join([*VIDEO_FORMATS, ".gif"])
+    if suffix in IMAGE_FORMATS:
+        if frames == 1:
+            return
+        raise ValueError(f"{out}: {suffix} holds one frame, not {frames}; use {videos}")
+    raise ValueError(
+        f"{out}: unknown output type {suffix or '(no suffix)'!r}; use {videos}, "
+        f"or {', '.join(IMAGE_FORMATS)} for one frame"
+    )
+
+
+def write_video(frames: np.ndarray, out: str, fps: float = DEFAULT_FPS) -> str:
+    """(T, H, W, 3) uint8 -> the file ``out``, in the format its suffix names (see
+    :func:`check_output`): H.264 or VP9 video with PyAV, GIF or a still image with PIL.
+    Returns ``out``."""
+    import av
+    from PIL import Image
+
+    check_output(out, frames.shape[0])
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if frames.shape[0] == 1:
-        from PIL import Image
-
-        Image.fromarray(frames[0]).save(path, format="PNG")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_FORMATS:
+        Image.fromarray(frames[0]).save(path, format=IMAGE_FORMATS[suffix])
         return str(path)
+    if suffix == ".gif":
+        images = [Image.fromarray(f) for f in frames]
+        ms = 10 * max(1, round(100 / fps))  # GIF delays are whole centiseconds
+        images[0].save(
+            path, format="GIF", save_all=True, append_images=images[1:], duration=ms, loop=0
+        )
+        return str(path)
+    container_format, codec = VIDEO_FORMATS[suffix]
     _, h, w, _ = frames.shape
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         for frame in frames:
@@ -180,16 +224,19 @@ def sample_to_file(
     out: str,
     *,
     seed: int = 0,
-    fps: float = 16.0,
+    fps: float | None = None,
     device: str = "cpu",
     ema: bool = True,
 ) -> str:
-    """Generate one clip of ``frames x height x width`` pixels and write it to `out`.
+    """Generate one clip of ``frames x height x width`` pixels and write it to `out`
+    (its suffix names the format: :func:`check_output`).
 
     `corpus_root` gives the manifest (VAE, text encoder); None = the corpus the
-    checkpoint was trained on. Uses the EMA weights when the checkpoint has them.
-    Returns the written path (png for one frame, mp4 otherwise).
+    checkpoint was trained on. ``fps`` None plays the clip at the rate the corpus's
+    latents were made at (its encode ``target_fps``; 16 if it kept each clip's own).
+    Uses the EMA weights when the checkpoint has them. Returns the written path.
     """
+    check_output(out, frames)
     from model.data import read_manifest
     from model.train import load_checkpoint
     from model.vae import VideoVAE
@@ -227,6 +274,6 @@ def sample_to_file(
             f"VAE decoded {tuple(video.shape)}, expected 3x{frames}x{height}x{width}"
         )
     pixels = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    suffix = ".png" if frames == 1 else ".mp4"
-    target = out if Path(out).suffix.lower() == suffix else str(Path(out).with_suffix(suffix))
-    return write_video(pixels.cpu().numpy(), target, fps)
+    if fps is None:
+        fps = (manifest.get("config") or {}).get("encode", {}).get("target_fps") or DEFAULT_FPS
+    return write_video(pixels.cpu().numpy(), out, fps)

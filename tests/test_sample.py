@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -13,7 +14,7 @@ from PIL import Image
 from test_train import TEXT_DIM, make_corpus, smooth_latents
 
 from model.dit import build_dit
-from model.sample import latent_grid, sample_latents, sample_to_file
+from model.sample import check_output, latent_grid, sample_latents, sample_to_file, write_video
 from model.train import TrainConfig, train
 from model.vae import build_tiny_vae, describe_pretrained
 
@@ -104,24 +105,50 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize(
-    ("frames", "height", "width"),
-    [(5, 48, 16), (9, 16, 32), (1, 32, 48)],  # portrait video, landscape video, one image
+    ("frames", "height", "width", "name"),
+    [
+        (5, 48, 16, "out.mp4"),  # portrait video
+        (9, 16, 32, "out.webm"),  # landscape video, VP9
+        (5, 16, 16, "out.mkv"),
+        (1, 32, 48, "out.png"),  # one image
+        (1, 16, 32, "one.mp4"),  # one frame, as the video file asked for
+    ],
 )
 def test_sample_to_file_writes_decoded_video(
-    trained: tuple[Path, Path], tmp_path: Path, frames: int, height: int, width: int
+    trained: tuple[Path, Path], tmp_path: Path, frames: int, height: int, width: int, name: str
 ) -> None:
     root, ckpt = trained
-    path = sample_to_file(
-        str(ckpt), str(root), "a test", frames, height, width, 2, 3.0, str(tmp_path / "out.mp4")
-    )
-    if frames == 1:
-        assert path.endswith(".png")
+    out = str(tmp_path / name)
+    path = sample_to_file(str(ckpt), str(root), "a test", frames, height, width, 2, 3.0, out)
+    assert path == out  # the file asked for, never another name
+    if name.endswith(".png"):
         assert np.asarray(Image.open(path)).shape == (height, width, 3)
         return
-    assert path.endswith(".mp4")
     with av.open(path) as container:
-        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        stream = container.streams.video[0]
+        assert stream.average_rate == 16  # the corpus names no encode rate: the default
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     assert len(decoded) == frames and decoded[0].shape == (height, width, 3)
+
+
+def test_write_video_formats_rates_and_refusals(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (3, 16, 32, 3), dtype=np.uint8)
+    gif = write_video(frames, str(tmp_path / "a.gif"), fps=10)
+    with Image.open(gif) as image:
+        assert image.n_frames == 3 and image.info["duration"] == 100
+    mp4 = write_video(frames, str(tmp_path / "a.mp4"), fps=24000 / 1001)
+    with av.open(mp4) as container:
+        assert container.streams.video[0].average_rate == Fraction(24000, 1001)
+    jpg = write_video(frames[:1], str(tmp_path / "a.jpg"))
+    assert Image.open(jpg).size == (32, 16)
+    with pytest.raises(ValueError, match=r"a\.png: \.png holds one frame, not 3; use \.mp4"):
+        write_video(frames, str(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match=r"unknown output type '\.avi'"):
+        check_output(str(tmp_path / "a.avi"), 3)
+    with pytest.raises(ValueError, match=r"unknown output type '\(no suffix\)'"):
+        check_output(str(tmp_path / "a"), 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.jpg", "a.mp4"]
 
 
 def test_sample_cli_and_size_errors(
@@ -132,7 +159,6 @@ def test_sample_cli_and_size_errors(
 ) -> None:
     from reelpack.cli import main
 
-    # until the lead registers `sample` (reelpack.cli imported the tuple by name)
     _, ckpt = trained  # the corpus comes from the checkpoint's config
     out = tmp_path / "clip.mp4"
     args = ["sample", str(ckpt), "--prompt", "x", "--height", "16", "--width", "16", "--steps", "1"]
@@ -140,6 +166,10 @@ def test_sample_cli_and_size_errors(
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
     assert main([*args, "--frames", "6", "--out", str(out)]) == 2
     assert "frame rule" in capsys.readouterr().err
+    # a format that cannot hold the clip fails before any model is loaded
+    assert main([*args, "--frames", "5", "--out", str(tmp_path / "clip.png")]) == 2
+    assert "holds one frame, not 5" in capsys.readouterr().err
+    assert not (tmp_path / "clip.png").exists()
 
 
 def test_sample_refuses_a_corpus_with_another_vae(

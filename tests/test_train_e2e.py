@@ -73,8 +73,10 @@ def test_the_demo_builds_trains_and_samples(demo_run: Path) -> None:
     import av
 
     with av.open(str(demo_run / "sample.mp4")) as container:
+        rate = container.streams.video[0].average_rate
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    assert rate == 8  # the rate the tiny preset's latents were made at
     logged = [json.loads(line) for line in (demo_run / "train" / "metrics.jsonl").open()]
     assert logged[-1]["step"] == demo_train_config().steps
     # the demo's token budget packs its small corpus into nearly full sequences

@@ -1,6 +1,7 @@
 """``reelpack sample CKPT --prompt TEXT --frames N --height H --width W --steps S --cfg G --out FILE``.
 
-Writes an mp4 (a png for ``--frames 1``). The VAE and text encoder come from the
+Writes the file ``--out`` names, in the format of its suffix (.mp4, .mkv, .mov, .webm,
+.gif; .png, .jpg or .webp for ``--frames 1``). The VAE and text encoder come from the
 corpus manifest (``--corpus``, default: the corpus the checkpoint was trained on).
 """
 
@@ -48,10 +49,16 @@ def register(sub: Any) -> None:
     p.add_argument("--width", type=int, required=True, help="pixels")
     p.add_argument("--steps", type=int, default=30, help="Euler steps")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
-    p.add_argument("--out", required=True, help="output file (.mp4, or .png for one frame)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output file: .mp4 .m4v .mov .mkv .webm .gif, or .png .jpg .webp for one frame",
+    )
     p.add_argument("--corpus", default=None, help="corpus root whose manifest names the VAE")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument(
+        "--fps", type=float, default=None, help="frame rate (default: the corpus's encode rate)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.set_defaults(func=run)
