@@ -225,7 +225,7 @@ def sample_to_file(
     *,
     seed: int = 0,
     fps: float | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     ema: bool = True,
 ) -> str:
     """Generate one clip of ``frames x height x width`` pixels and write it to `out`
@@ -234,9 +234,12 @@ def sample_to_file(
     `corpus_root` gives the manifest (VAE, text encoder); None = the corpus the
     checkpoint was trained on. ``fps`` None plays the clip at the rate the corpus's
     latents were made at (its encode ``target_fps``; 16 if it kept each clip's own).
-    Uses the EMA weights when the checkpoint has them. Returns the written path.
+    Uses the EMA weights when the checkpoint has them. ``device`` "auto": CUDA when
+    available. Returns the written path.
     """
     check_output(out, frames)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     from model.data import read_manifest
     from model.train import load_checkpoint
     from model.vae import VideoVAE

@@ -80,7 +80,7 @@ class TrainConfig:
     oversize: str = "skip"
     seed: int = 0
     log_every: int = 10
-    device: str = "cpu"  # "cpu", "cuda" or "auto" (cuda when available)
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
     weight_decay: float = 0.0  # on matrices only, never on biases, norms or embeddings
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at `steps`

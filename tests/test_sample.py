@@ -197,3 +197,27 @@ def test_sample_with_the_corpus_text_encoder(tmp_path: Path) -> None:
     path = sample_to_file(ckpt, None, "a kite", 5, 32, 16, 2, 4.0, str(tmp_path / "k.mp4"))
     with av.open(path) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
+
+
+def test_sample_runs_on_the_gpu_when_there_is_one(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import model.train
+
+    devices: list[str] = []
+
+    def load(ckpt: str, device: str, ema: bool) -> None:
+        devices.append(device)
+        raise RuntimeError("stop after choosing the device")
+
+    monkeypatch.setattr(model.train, "load_checkpoint", load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _, ckpt = trained
+    for device in ("auto", "cpu"):
+        with pytest.raises(RuntimeError, match="stop after"):
+            sample_to_file(
+                str(ckpt), None, "", 1, 16, 16, 1, 1.0, str(tmp_path / "x.png"), device=device
+            )
+    with pytest.raises(RuntimeError, match="stop after"):
+        sample_to_file(str(ckpt), None, "", 1, 16, 16, 1, 1.0, str(tmp_path / "x.png"))
+    assert devices == ["cuda", "cpu", "cuda"]

@@ -204,6 +204,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:
         warmup_steps=2,
         caption_dropout=0.5,
         grad_accum=2,
+        device="cpu",  # exact equality holds on the CPU
     )
     full = train(str(root), str(tmp_path / "full"), cfg)
     half = train(str(root), str(tmp_path / "split"), cfg, until=3)  # as if preempted
@@ -351,3 +352,18 @@ def test_a_checkpoint_from_before_a_new_field_resumes_with_its_default(tmp_path:
     assert len(train(root, str(out), dataclasses.replace(cfg, steps=2), resume=True)) == 1
     with pytest.raises(ValueError, match=r"cannot resume with changed \['oversize'\]"):
         train(root, str(out), dataclasses.replace(cfg, steps=3, oversize="crop"), resume=True)
+
+
+def test_the_default_device_is_the_gpu_when_there_is_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from model.train import _setup_distributed
+
+    assert _setup_distributed(TrainConfig()).device == torch.device("cpu")
+    chosen: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert _setup_distributed(TrainConfig()).device == torch.device("cuda", 0)
+    assert _setup_distributed(TrainConfig(device="cpu")).device == torch.device("cpu")
+    assert chosen == [torch.device("cuda", 0)]

@@ -59,6 +59,6 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--fps", type=float, default=None, help="frame rate (default: the corpus's encode rate)"
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.set_defaults(func=run)
