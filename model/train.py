@@ -499,17 +499,27 @@ def _loss(
     )
 
 
+def _check_out(out: str, resume: bool) -> None:
+    """A fresh run never overwrites another run's checkpoint (or appends to its metrics)."""
+    ckpt_path = Path(out) / CHECKPOINT_NAME
+    if not resume and ckpt_path.is_file():
+        raise FileExistsError(
+            f"{ckpt_path} exists: pass --resume to continue that run, or train into another --out"
+        )
+
+
 def train(  # noqa: C901
     root: str, out: str, cfg: TrainConfig, *, resume: bool = False, until: int | None = None
 ) -> list[float]:
     """Train to step `cfg.steps` on the corpus at `root`; save to `out`; return this run's losses.
 
-    With `resume`, continue from ``<out>/checkpoint.pt`` (a missing one starts fresh).
-    `until` stops early at that step with a checkpoint (a time-sliced or preempted job):
+    With `resume`, continue from ``<out>/checkpoint.pt`` (a missing one starts fresh);
+    without it, an existing checkpoint there is an error, never overwritten. `until` stops early at that step with a checkpoint (a time-sliced or preempted job):
     the schedule is still the one of `cfg.steps`.
     Under torchrun or Ray Train every rank calls this; losses are means over ranks.
     """
     cfg.validate()
+    _check_out(out, resume)
     manifest, patch = _corpus_facts(root)
     d = _setup_distributed(cfg)
     out_dir = Path(out)
@@ -517,6 +527,8 @@ def train(  # noqa: C901
     state: dict[str, Any] | None = None
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    elif resume and d.rank == 0:
+        print(f"no checkpoint at {ckpt_path}: starting at step 0", flush=True)
 
     raw = _initial_model(manifest, patch, cfg)  # identical initial weights on every rank
     raw.gradient_checkpointing = cfg.gradient_checkpointing
@@ -743,6 +755,7 @@ def train_with_ray(
     if "://" not in root:
         root = str(Path(root).resolve())
     out_abs = str(Path(out).resolve())
+    _check_out(out_abs, resume)
     losses_file = Path(out_abs) / "ray_losses.json"
     losses_file.unlink(missing_ok=True)
     _init_ray(ray_address)

@@ -9,6 +9,7 @@ weights: the demo shows the machinery, not model quality.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +72,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS) -> dict[str, Any]:
     print(f"[demo]   clips: {summary['clips']}")
     print(f"[demo]   rejected by reason: {summary['rejected_by_reason']}")
     print(f"[demo]   shards: {summary['shards']}, latent tokens: {summary['latent_tokens']}")
+    shutil.rmtree(out / "train", ignore_errors=True)  # a demo run again trains afresh
     losses = train(corpus, str(out / "train"), demo_train_config(steps))
     summary["loss_first"], summary["loss_last"] = losses[0], losses[-1]
     print(f"[demo] trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")

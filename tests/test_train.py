@@ -277,6 +277,16 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "trained 2 steps" in text and "trained 1 steps" in text
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
     assert main([*args, "--precision", "fp8"]) == 2
+    # a fresh run never overwrites another's checkpoint or appends to its metrics
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main(args) == 2
+    assert "checkpoint.pt exists: pass --resume" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert (out / "metrics.jsonl").read_text() == metrics
+    # --resume where there is no checkpoint yet starts the run, and says so
+    other = str(tmp_path / "other")
+    assert main([*args[:3], other, *args[4:], "--resume"]) == 0
+    assert "no checkpoint at" in capsys.readouterr().out
 
 
 # --- several processes ------------------------------------------------------------------

@@ -24,18 +24,22 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"reelpack train: {e}", file=sys.stderr)
         return 2
-    if args.ray_workers:
-        losses = train_with_ray(
-            args.root,
-            args.out,
-            cfg,
-            num_workers=args.ray_workers,
-            use_gpu=args.ray_gpu,
-            resume=args.resume,
-            ray_address=args.ray_address,
-        )
-    else:
-        losses = train(args.root, args.out, cfg, resume=args.resume)
+    try:
+        if args.ray_workers:
+            losses = train_with_ray(
+                args.root,
+                args.out,
+                cfg,
+                num_workers=args.ray_workers,
+                use_gpu=args.ray_gpu,
+                resume=args.resume,
+                ray_address=args.ray_address,
+            )
+        else:
+            losses = train(args.root, args.out, cfg, resume=args.resume)
+    except FileExistsError as e:  # another run's checkpoint in --out
+        print(f"reelpack train: {e}", file=sys.stderr)
+        return 2
     if losses:
         print(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     else:
