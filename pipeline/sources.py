@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "expand_sources"]
+__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "expand_sources", "read_source_list"]
 
 VIDEO_EXTENSIONS = frozenset(
     {
@@ -46,10 +46,30 @@ def _is_media(name: str) -> bool:
     return not base.startswith(".") and os.path.splitext(base)[1].lower() in MEDIA_EXTENSIONS
 
 
+def read_source_list(uri: str) -> list[str]:
+    """The entries of a source list: a text file (local or ``s3://``) of one file, folder
+    or ``s3://`` URI per line; blank lines and lines starting with ``#`` are skipped."""
+    from pipeline.storage import storage_for
+
+    try:
+        text = storage_for(uri).read(uri).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"source list {uri}: not UTF-8 text ({e.reason})") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def expand_sources(args: Iterable[str], exclude: str | None = None) -> list[str]:
     """Each argument is a file (taken whatever its name), a folder (media files below it,
-    recursively) or an ``s3://`` prefix (media objects under it). Returns sorted unique URIs:
-    absolute local paths or ``s3://bucket/key``. A missing path raises ``FileNotFoundError``.
+    recursively), an ``s3://`` prefix (media objects under it) or ``@LIST``: the entries
+    of the source list ``LIST`` (:func:`read_source_list`). Returns sorted unique URIs:
+    absolute local paths or ``s3://bucket/key``. A missing path given as an argument
+    raises ``FileNotFoundError``.
+
+    A list's entries are taken as they are, with no request per entry: a folder, or an
+    ``s3://`` URI ending in ``/``, is expanded; any other entry is one source, and one
+    that does not exist ends as that source's error row, so a list of a million objects
+    costs no million requests before the build and one missing object stops nothing.
 
     Folders and prefixes skip everything under ``exclude`` (the corpus root): a corpus
     built inside its own source folder does not take its clip files for new sources.
@@ -59,6 +79,22 @@ def expand_sources(args: Iterable[str], exclude: str | None = None) -> list[str]
     skip = _under(exclude)
     out: set[str] = set()
     for arg in args:
+        if arg.startswith("@"):
+            # relative paths in a local list are relative to the list's folder
+            base = Path.cwd() if is_s3(arg[1:]) else Path(arg[1:]).expanduser().parent
+            for entry in read_source_list(arg[1:]):
+                if is_s3(entry):
+                    if entry.endswith("/"):
+                        out.update(expand_sources([entry], exclude))
+                    else:
+                        out.add(entry)
+                    continue
+                path = (base / Path(entry).expanduser()).resolve()
+                if path.is_dir():
+                    out.update(expand_sources([str(path)], exclude))
+                else:
+                    out.add(str(path))
+            continue
         if is_s3(arg):
             st = storage_for(arg)
             if st.exists(arg) and not arg.endswith("/"):

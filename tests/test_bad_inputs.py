@@ -115,7 +115,8 @@ def test_the_bad_corpus_builds_on_ray(
     corpus: str, tmp_path: os.PathLike[str], fresh_ray: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The whole corpus through a real build: on Ray, blocks of failed sources (text
-    columns all missing) and good ones meet in one actor batch, which must not fail."""
+    columns all missing) and good ones meet in one actor batch, which must not fail.
+    The build reads its sources from a list, which also names a file that is gone."""
     from pipeline.config import load_config
     from pipeline.graph import build
     from pipeline.writer import read_index, read_sources
@@ -123,14 +124,18 @@ def test_the_bad_corpus_builds_on_ray(
     monkeypatch.setenv("RAY_ADDRESS", "local")
     cfg = load_config(preset="tiny", model_cache=os.path.join(tmp_path, "models"))
     out = os.path.join(tmp_path, "corpus")
-    summary = build([corpus], out, cfg, echo=lambda _: None)
-    assert summary["sources_done"] == len(EXPECTED)  # every source reached an end
+    listed = os.path.join(tmp_path, "sources.txt")
+    with open(listed, "w") as f:
+        f.write(f"# the bad corpus\n{corpus}\n{os.path.join(tmp_path, 'deleted.mp4')}\n")
+    summary = build([f"@{listed}"], out, cfg, echo=lambda _: None)
+    expected = {**EXPECTED, "deleted.mp4": ("error", "not found")}
+    assert summary["sources_done"] == len(expected)  # every source reached an end
     clips: dict[str, int] = {}
     for row in read_index(out).to_pylist():
         clips[os.path.basename(row["source"])] = clips.get(os.path.basename(row["source"]), 0) + 1
     sources = {os.path.basename(r["source"]): r for r in read_sources(out).to_pylist()}
-    assert sorted(sources) == sorted(EXPECTED)
-    for name, (kind, words) in EXPECTED.items():
+    assert sorted(sources) == sorted(expected)
+    for name, (kind, words) in expected.items():
         row = sources[name]
         if kind == "clips":
             assert row["status"] == "done" and row["num_clips"] == clips[name] >= 1, row

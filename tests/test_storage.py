@@ -218,3 +218,50 @@ def test_source_folders_skip_the_corpus_built_inside_them(tmp_path, s3_bucket: s
     assert expand_sources([join(s3_bucket, "raw")], exclude=join(s3_bucket, "raw/out/")) == [
         join(s3_bucket, "raw/a.mp4")
     ]
+
+
+def test_source_lists_name_files_folders_and_objects(tmp_path, s3_bucket: str) -> None:
+    from pipeline.sources import expand_sources
+
+    videos = tmp_path / "videos"
+    (videos / "more").mkdir(parents=True)
+    (videos / "a.mp4").write_bytes(b"a")
+    (videos / "more" / "b.mov").write_bytes(b"b")
+    (videos / "more" / "notes.txt").write_bytes(b"n")
+    st = S3Storage()
+    for key in ("raw/c.mp4", "raw/sub/d.mkv", "raw/sub/readme.md"):
+        st.write(join(s3_bucket, key), b"v")
+    listed = tmp_path / "lists" / "sources.txt"
+    listed.parent.mkdir()
+    listed.write_text(
+        "\ufeff# sources of batch 1\n"
+        f"{videos / 'a.mp4'}\n"
+        "\n"
+        "  ../videos/more  \n"  # a folder, relative to the list's own folder
+        f"{join(s3_bucket, 'raw/c.mp4')}\n"
+        f"{join(s3_bucket, 'raw/sub')}/\n"  # a prefix
+        f"{join(s3_bucket, 'raw/missing.mp4')}\n"  # taken as it is: probe reports it
+        "gone/e.mp4\n"
+    )
+    expected = sorted(
+        [
+            str(videos / "a.mp4"),
+            str(videos / "more" / "b.mov"),
+            join(s3_bucket, "raw/c.mp4"),
+            join(s3_bucket, "raw/sub/d.mkv"),
+            join(s3_bucket, "raw/missing.mp4"),
+            str(tmp_path / "lists" / "gone" / "e.mp4"),
+        ]
+    )
+    assert expand_sources([f"@{listed}"]) == expected
+    # a list on S3 too; with a plain argument beside it
+    st.write(join(s3_bucket, "lists/all.txt"), f"{join(s3_bucket, 'raw/c.mp4')}\n".encode())
+    assert expand_sources([f"@{join(s3_bucket, 'lists/all.txt')}", str(videos / "a.mp4")]) == [
+        str(videos / "a.mp4"),
+        join(s3_bucket, "raw/c.mp4"),
+    ]
+    with pytest.raises(FileNotFoundError, match=r"nolist\.txt"):
+        expand_sources([f"@{tmp_path / 'nolist.txt'}"])
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match=r"source list .*bin\.txt: not UTF-8"):
+        expand_sources([f"@{tmp_path / 'bin.txt'}"])

@@ -68,7 +68,12 @@ def summary_text(summary: dict[str, Any], out: str) -> str:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("build", help="build or resume a corpus from videos")
-    p.add_argument("sources", nargs="+", help="files, folders (recursive) or s3:// prefixes")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        help="files, folders (recursive), s3:// prefixes, or @LIST: a text file (local or "
+        "s3://) of them, one per line",
+    )
     p.add_argument("--out", required=True, help="corpus root: a folder or s3://bucket/prefix")
     p.add_argument("--config", help="YAML config file (see pipeline/config.py)")
     p.add_argument("--preset", help="model preset: default (real models) or tiny (offline, random)")

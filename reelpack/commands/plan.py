@@ -43,7 +43,12 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "plan", help="estimate clips, latent tokens, storage and time of a build (probes only)"
     )
-    p.add_argument("sources", nargs="+", help="files, folders (recursive) or s3:// prefixes")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        help="files, folders (recursive), s3:// prefixes, or @LIST: a text file (local or "
+        "s3://) of them, one per line",
+    )
     p.add_argument("--config", help="build config YAML; may hold a `plan:` section of rates")
     p.add_argument("--preset", help="model preset: default (real models) or tiny")
     add_set_argument(p)
