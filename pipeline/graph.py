@@ -419,6 +419,9 @@ def run_in_process(sources: list[str], out: str, cfg: BuildConfig) -> dict[str, 
                     writer.add(whole)
         counts = writer.close()
         writer.write_manifest(_manifest_extra(cfg))
+    except BaseException:
+        writer.abort()  # no partial shard left behind; committed sources stay
+        raise
     finally:
         writer.unlock()
     return counts
@@ -640,6 +643,9 @@ def build(
                 f"sources this run builds, committed sources keep what their run made{hint}"
             )
         return _build(sources, out, cfg, echo, writer, t0)
+    except BaseException:
+        writer.abort()  # e.g. no space left: no partial shard left behind
+        raise
     finally:
         writer.unlock()
 

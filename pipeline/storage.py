@@ -149,6 +149,14 @@ class Storage(Protocol):
         ...
 
 
+def naming(error: OSError, path: str) -> OSError:
+    """``error`` with ``path`` as its file name: a failed write (no space left, a file
+    size limit, an I/O error) says which file. Unchanged when it names one already."""
+    if error.filename is not None:
+        return error
+    return OSError(error.errno, error.strerror or str(error), path)  # same subclass by errno
+
+
 # --- local --------------------------------------------------------------------------------
 
 
@@ -210,9 +218,11 @@ class LocalStorage:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
+            if isinstance(e, OSError):
+                raise naming(e, path) from e
             raise
         # Make the rename itself durable.
         fd = os.open(folder, os.O_RDONLY)

@@ -78,7 +78,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline.lock import CorpusLock
-from pipeline.storage import LocalStorage, S3Storage, Storage, join, storage_for
+from pipeline.storage import LocalStorage, S3Storage, Storage, join, naming, storage_for
 
 __all__ = [
     "KILL_ENV",
@@ -631,12 +631,15 @@ class CorpusWriter:
             {k: _json_safe(v) for k, v in row.items() if k not in _META_EXCLUDED},
             allow_nan=False,
         )
-        for suffix, data in (
-            (schemas.SAMPLE_LATENTS, latents),
-            (schemas.SAMPLE_META, meta.encode("utf-8")),
-            (schemas.SAMPLE_CAPTION, (row["caption"] or "").encode("utf-8")),
-        ):
-            self._tar.add(f"{row['key']}.{suffix}", data)
+        try:
+            for suffix, data in (
+                (schemas.SAMPLE_LATENTS, latents),
+                (schemas.SAMPLE_META, meta.encode("utf-8")),
+                (schemas.SAMPLE_CAPTION, (row["caption"] or "").encode("utf-8")),
+            ):
+                self._tar.add(f"{row['key']}.{suffix}", data)
+        except OSError as e:  # e.g. no space left: name the shard being written
+            raise naming(e, self._tar_tmp_path or "") from e
         self._samples += 1
         _kill_point("sample")
 
@@ -650,13 +653,20 @@ class CorpusWriter:
             self._tmp = None
 
     def _close_tar(self, sync: bool = False) -> None:
-        if self._tar is not None:
-            self._tar.close()  # ends the tar stream, not the file under it
-            if sync:
-                self._tar_file.flush()
-                os.fsync(self._tar_file.fileno())
-            self._tar_file.close()
-            self._tar = self._tar_file = None
+        if self._tar is None:
+            return
+        tar, f = self._tar, self._tar_file
+        self._tar = self._tar_file = None  # closed even when ending it fails (no space left)
+        try:
+            try:
+                tar.close()  # ends the tar stream, not the file under it
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                f.close()
+        except OSError as e:
+            raise naming(e, self._tar_tmp_path or "") from e
 
     def _publish_shard(self, n: int) -> None:
         """Move the finished temporary shard to its final name (the shard's commit)."""
@@ -773,7 +783,8 @@ class CorpusWriter:
 
     def abort(self) -> None:
         """Drop everything uncommitted (the stream failed); committed parts stay."""
-        self._close_tar()
+        with contextlib.suppress(OSError):  # e.g. the disk is full: the file goes anyway
+            self._close_tar()
         self._drop_tmp()
         self._pending.clear()
         self._in_part = set()

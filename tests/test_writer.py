@@ -616,3 +616,75 @@ def test_clip_files_of_kept_clips(root: str, tmp_path) -> None:
     if not is_s3(root):  # a lost clip file is a problem inspect names
         os.remove(Path(root) / schemas.clip_file(kept["key"]))
         assert any("is missing" in p for p in inspect_corpus(root).problems)
+
+
+_FULL_DISK_SCRIPT = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from test_writer import batch, clip
+from pipeline.writer import CorpusWriter
+
+writer = CorpusWriter(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+try:
+    writer.add(batch([clip("/v/a.mp4", 0, 1)]))
+    writer.close()
+except OSError as e:
+    writer.abort()
+    print("failed:", e)
+finally:
+    writer.unlock()
+from pipeline.storage import LocalStorage
+try:
+    LocalStorage().write(sys.argv[1] + "/big.bin", bytes(4096))
+except OSError as e:
+    print("write failed:", e)
+"""
+
+
+def test_a_failed_shard_write_names_the_shard_and_leaves_no_partial_file(tmp_path) -> None:
+    """A write that the file system refuses (here a file size limit, as a full disk
+    refuses one) names the shard, and aborting removes its partial file."""
+    root = tmp_path / "corpus"
+    out = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(root), os.path.dirname(__file__)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "failed: [Errno 27] File too large" in out.stdout, out.stdout
+    assert str(root / "shards" / ".shard-000000.tar.tmp-") in out.stdout
+    assert os.listdir(root / "shards") == []
+    assert read_sources(str(root)).num_rows == 0  # nothing committed, nothing half-written
+    # any atomic write names the file it was writing, and leaves no temporary one
+    assert f"write failed: [Errno 27] File too large: '{root / 'big.bin'}'" in out.stdout
+    assert not [n for n in os.listdir(root) if "big.bin" in n]
+
+
+def test_a_build_that_fails_leaves_no_partial_shard(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`build` aborts its writer on any failure (here one after a sample was written),
+    then releases the corpus lock."""
+    import errno
+
+    from pipeline import graph
+    from pipeline.config import load_config
+
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"not read")
+
+    def fail(sources, out, cfg, echo, writer, t0):  # type: ignore[no-untyped-def]
+        writer.add(batch([clip("/v/a.mp4", i, 2) for i in range(2)]))  # written, not committed
+        assert any(".tmp-" in n for n in os.listdir(os.path.join(out, "shards")))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(graph, "_build", fail)
+    root = tmp_path / "corpus"
+    with pytest.raises(OSError, match="No space left"):
+        graph.build([str(video)], str(root), load_config(preset="tiny"), echo=lambda _: None)
+    assert os.listdir(root / "shards") == []
+    with CorpusWriter(str(root)) as writer:  # the lock is free
+        assert writer.done_sources() == set()

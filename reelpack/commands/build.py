@@ -34,6 +34,13 @@ def run(args: argparse.Namespace) -> int:
         # cannot place
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # no space left, a storage failure after its retries
+        print(
+            f"reelpack build: {e}\nsources committed before it stay in the corpus; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 1
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
