@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +41,25 @@ def videos(tmp_path_factory) -> dict[str, Path]:
         out[name] = root / name
     (root / "broken.mp4").write_bytes(b"this is not a video")
     out["broken.mp4"] = root / "broken.mp4"
+    out["photo.jpg"] = root / "photo.jpg"  # a still: a 1-frame clip, kept like any clip
+    _photo(out["photo.jpg"])
     return out
+
+
+def _photo(path: Path) -> None:
+    """A 160x120 picture: a sky gradient, a sun and a few buildings, a little noise."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y = np.linspace(0, 1, 120)[:, None, None]
+    sky = (np.array([70, 120, 200]) * (1 - y) + np.array([200, 210, 230]) * y).repeat(160, 1)
+    image = Image.fromarray(sky.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((110, 12, 140, 42), fill=(250, 220, 120))
+    for i, (x, h) in enumerate([(10, 50), (40, 80), (75, 60), (120, 70)]):
+        draw.rectangle((x, 120 - h, x + 28, 119), fill=(60 + 30 * i, 50 + 20 * i, 70))
+    noise = np.random.default_rng(0).normal(0, 4, (120, 160, 3))
+    Image.fromarray((np.asarray(image) + noise).clip(0, 255).astype(np.uint8)).save(path)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +125,7 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
         for name in schemas.SCORE_NAMES:
             a, b = row[schemas.score_column(name)], other[schemas.score_column(name)]
             assert (a is None) == (b is None) and (
-                a is None or a == pytest.approx(b, rel=1e-4, abs=1e-6)
+                a is None or a == pytest.approx(b, rel=1e-4, abs=1e-6, nan_ok=True)
             ), name
 
 
@@ -118,7 +137,7 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
         write=replace(tiny_cfg.write, clip_files=True),
     )
     summary = build([str(p) for p in videos.values()], root, live)
-    assert summary["sources_built"] == 4
+    assert summary["sources_built"] == 5
     # live progress on stderr: sources and clips, and every stage's rows and rate
     captured = capsys.readouterr()
     err = captured.err
@@ -127,11 +146,11 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     assert stage_lines and "| encode " in stage_lines[-1], err[-2000:]
     # the closing lines (stdout) show the final per-stage counts
     (closing,) = [line for line in captured.out.splitlines() if line.startswith("[stages]")]
-    assert closing.startswith("[stages] probe 4 "), closing
+    assert closing.startswith("[stages] probe 5 "), closing
     # exact rows in/out and busy time per stage, fused operators or not
     per = summary["per_stage"]
     assert list(per) == stage_labels(build_steps(live, root))
-    assert per["probe"]["rows_in"] == per["split"]["rows_in"] == 4
+    assert per["probe"]["rows_in"] == per["split"]["rows_in"] == 5
     clips = per["split"]["rows_out"]
     assert clips >= read_index(root).num_rows
     for stage in list(per)[list(per).index("split") + 1 :]:  # 1:1 after split
@@ -148,8 +167,15 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     assert encode["cpu_s"] > 0 and encode["rows_out"] >= read_index(root).num_rows  # + placeholders
     rows = _check_corpus_tables(root, videos)
     for r in rows:
-        for name in ("sharpness", "exposure", "motion"):
-            assert r[schemas.score_column(name)] is not None
+        assert r[schemas.score_column("sharpness")] is not None
+        # motion is measured between frames: not for the photo's one
+        assert math.isnan(r[schemas.score_column("motion")]) == r["source"].endswith(".jpg")
+    # the photo: kept, whatever the motion thresholds (nothing moves in one frame), and
+    # stored as a one-frame latent
+    (photo,) = [r for r in rows if r["source"].endswith("photo.jpg")]
+    assert photo["status"] == "kept" and photo["reasons"] == [], photo["reasons"]
+    assert (photo["start_frame"], photo["end_frame"]) == (0, 1)
+    assert photo["latent_shape"][1] == 1 and photo[schemas.score_column("sharpness")] > 20
     urls = sorted(str(p) for p in (Path(root) / "shards").glob("*.tar"))
     assert len(urls) >= 2  # shard_max_samples=2 forces a rollover
     samples = list(wds.WebDataset(urls, shardshuffle=False))

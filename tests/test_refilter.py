@@ -294,8 +294,10 @@ def test_cli_set_items_edit_the_built_thresholds(
     assert by_id(corpus)["still-a"]["status"] == "rejected"  # a dry run writes nothing
     assert main(["refilter", corpus, "--set", "split.detector=content"]) == 2
     assert "refilter changes only decide and dedup" in capsys.readouterr().err
-    assert main(["refilter", corpus]) == 2
-    assert "give --config FILE and/or --set KEY=VALUE" in capsys.readouterr().err
+    # with no change given, the corpus's own settings apply again: nothing changes here
+    assert main(["refilter", corpus, "--dry-run"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["decision_changes"] == 0 and summary["after"] == summary["before"]
 
 
 def test_dedup_stage_seeded_from_the_corpus_on_resume(corpus: str, tmp_path: Path) -> None:

@@ -587,6 +587,36 @@ def test_slideshow_is_caught_by_still_fraction_not_by_motion() -> None:
     assert out["reasons"][0] == ["still_fraction>0.6"]
 
 
+def test_a_one_frame_clip_has_no_motion_signals_and_is_not_judged_on_them() -> None:
+    """An image source: motion, flow and still fraction are not measurable (NaN), and
+    decide does not apply their thresholds to it, whatever is stored (corpora scored
+    before this rule hold 0 motion and a still fraction of 1 for images)."""
+    image, _ = score_payload(encode_mp4(moving_clip()[:1], fps=8.0))
+    assert all(math.isnan(image[k]) for k in ("motion", "flow", "still_fraction"))
+    assert image["sharpness"] > 20 and not math.isnan(image["exposure"])
+    still, _ = score_clip(roundtrip(static_clip()), 8.0)  # a video of a still picture
+    assert still["motion"] == 0.0 and still["still_fraction"] == 1.0
+
+    def row(cid: str, frames: int, values: dict[str, float]) -> dict[str, Any]:
+        scores = {score_column(k): v for k, v in values.items()}
+        return {"clip_id": cid, "start_frame": 10, "end_frame": 10 + frames, **scores}
+
+    old_image = {**image, "motion": 0.0, "flow": 0.0, "still_fraction": 1.0}
+    black_image = {**image, "black_frame_fraction": 1.0}
+    rows = [
+        row("image", 1, image),
+        row("old_image", 1, old_image),
+        row("black_image", 1, black_image),
+        row("still_video", 16, still),
+        row("video_without_motion_scores", 16, image),
+    ]
+    out = Decide()(rows_to_batch(rows))
+    assert list(out["status"]) == ["kept", "kept", "rejected", "rejected", "rejected"]
+    assert out["reasons"][2] == ["black_frame_fraction>0.5"]
+    assert out["reasons"][3] == ["motion<0.002", "still_fraction>0.9"]
+    assert out["reasons"][4] == ["motion:missing", "still_fraction:missing"]
+
+
 def test_black_and_blank_frames() -> None:
     clip = np.concatenate([flat_clip(5)[:4], moving_clip()[:4]])  # half near-black
     assert black_frame_fraction(clip) == 0.5 and blank_frame_fraction(clip) == 0.5

@@ -13,6 +13,11 @@ absent score for a thresholded signal gives ``"<name>:missing"``: a clip is neve
 kept on a signal nobody measured. Reasons come in threshold order, then duration,
 then ``"duplicate"`` (the row has ``dup_of`` set, see ``pipeline.stages.dedup``).
 
+Motion signals (``TEMPORAL_SIGNALS``: motion, flow, still_fraction) are measured
+between frames: their thresholds do not apply to a one-frame clip (an image source,
+``end_frame - start_frame == 1``), whose scores for them are NaN (or, in corpora scored
+before that rule, 0 motion and a still fraction of 1).
+
 Late signals (``LATE_SIGNALS``) need something that only exists after the decision:
 ``agreement`` needs the caption, and only kept clips are captioned. Their thresholds
 apply only to rows that have that input; without it the signal is *pending*, not
@@ -37,7 +42,13 @@ from typing import Any, cast
 import numpy as np
 
 from pipeline.stages.base import Batch, num_rows
-from pipeline.stages.score import float_column, object_column, passes_through, require_columns
+from pipeline.stages.score import (
+    TEMPORAL_SIGNALS,
+    float_column,
+    object_column,
+    passes_through,
+    require_columns,
+)
 from schemas import SCORE_NAMES, score_column
 
 __all__ = [
@@ -89,7 +100,8 @@ def decide(
     """Every threshold ``scores`` fails, as readable stable strings (empty: keep).
 
     A signal absent from ``scores`` or NaN fails with ``"<name>:missing"``, unless it
-    is in ``pending`` (not measurable yet): then its threshold is skipped.
+    is in ``pending`` (not measurable yet, or not for this clip): then its threshold is
+    skipped.
     """
     reasons: list[str] = []
     skip = set(pending)
@@ -200,6 +212,8 @@ class Decide:
         "reasons",
         "start_s",
         "end_s",
+        "start_frame",
+        "end_frame",
         "dup_of",
         *LATE_SIGNALS.values(),
         *(score_column(n) for n in SCORE_NAMES),
@@ -215,6 +229,7 @@ class Decide:
         n = num_rows(batch)
         scores = {name: float_column(batch, score_column(name)) for name in self._thresholds}
         duration = float_column(batch, "end_s") - float_column(batch, "start_s")
+        frames = float_column(batch, "end_frame") - float_column(batch, "start_frame")
         status = object_column(batch, "status")
         reasons = object_column(batch, "reasons")
         dup_of = object_column(batch, "dup_of")
@@ -223,6 +238,8 @@ class Decide:
             if passes_through(batch["clip_id"][i], status[i]):
                 continue
             pending = [name for name, col in late_inputs.items() if not col[i]]
+            if frames[i] == 1:  # an image: nothing to measure between frames
+                pending += TEMPORAL_SIGNALS
             row_reasons = decide(
                 {k: float(v[i]) for k, v in scores.items()}, self._thresholds, pending
             )

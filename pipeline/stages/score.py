@@ -15,14 +15,17 @@ All signals are computed on BT.601 luma (``cv2.COLOR_RGB2GRAY``) in 0..255:
 - ``dark_fraction`` / ``bright_fraction``: share of pixels with luma < 16 / > 239
 - ``motion``: mean absolute luma difference between consecutive *sampled* frames, in
   [0, 1]; samples are spread over the whole clip, so this measures change across
-  the clip rather than per frame; 0 for a one-frame clip.
+  the clip rather than per frame.
 - ``flow``: dense optical flow (OpenCV DIS, ultrafast preset) between *consecutive*
   frames at a few positions of the clip, at ``flow_width``: mean flow magnitude in
   frame diagonals per second (resolution- and frame-rate-free; a slow pan ~0.05,
   walking ~0.3). DIS over Farneback: ~8x cheaper here at the same accuracy on pans.
 - ``still_fraction``: share of those frame pairs whose flow is below ``still_flow``:
-  1.0 for a still image, high with a few jumps for a slideshow. This is the
-  static/slideshow flag, kept as a number so its cut-off stays retunable.
+  1.0 for a video of a still picture, high with a few jumps for a slideshow. This is
+  the static/slideshow flag, kept as a number so its cut-off stays retunable.
+
+The three motion signals (``TEMPORAL_SIGNALS``) need two frames: a one-frame clip (an
+image source) gets NaN for them, and ``decide`` does not apply their thresholds to it.
 - ``black_frame_fraction``: share of sampled frames that are black, by FFmpeg
   ``blackdetect``'s defaults: >= 98% of pixels at luma <= 10% of full scale.
 - ``blank_frame_fraction``: share of sampled frames whose luma standard deviation is
@@ -57,6 +60,7 @@ from schemas import SCORE_NAMES, score_column
 
 __all__ = [
     "CHEAP_SIGNALS",
+    "TEMPORAL_SIGNALS",
     "Score",
     "ScoreConfig",
     "black_frame_fraction",
@@ -399,6 +403,8 @@ _LUMA_SIGNALS: dict[str, Callable[[np.ndarray], float]] = {
     "blank_frame_fraction": _blank_frame_fraction,
 }
 CHEAP_SIGNALS: tuple[str, ...] = (*_LUMA_SIGNALS, "flow", "still_fraction", "text_coverage")
+# measured between frames: NaN (not measurable) for a one-frame clip
+TEMPORAL_SIGNALS: tuple[str, ...] = ("motion", "flow", "still_fraction")
 assert set(CHEAP_SIGNALS) <= set(SCORE_NAMES), "every signal needs a column in schemas"
 
 
@@ -472,6 +478,8 @@ def _score(
         if len(starts)
         else (0.0, 1.0)
     )
+    if total < 2:  # an image: nothing moves or stands still
+        out.update(dict.fromkeys(TEMPORAL_SIGNALS, float("nan")))
     return out, hashed
 
 

@@ -6,8 +6,10 @@ Applies the ``decide`` and ``dedup`` sections of FILE (a build config) and the
 the stored scores and embeddings, without decoding a frame or loading a model, and
 records the new decisions as a new index part (shards are never rewritten). Clips
 that become kept without latents are processed by the next ``reelpack build`` on
-the same output. Prints a JSON summary: counts by status and by reason, before
-and after. ``--dry-run`` only prints it.
+the same output. With neither FILE nor ``--set``, the corpus's own settings are
+applied again, with this version's decision rules (e.g. after an upgrade). Prints a
+JSON summary: counts by status and by reason, before and after. ``--dry-run`` only
+prints it.
 """
 
 from __future__ import annotations
@@ -25,12 +27,6 @@ __all__ = ["register", "run"]
 def run(args: argparse.Namespace) -> int:
     from pipeline.refilter import built_config, load_refilter_config, refilter
 
-    if args.config is None and not args.set:
-        print(
-            "reelpack refilter: nothing to change: give --config FILE and/or --set KEY=VALUE",
-            file=sys.stderr,
-        )
-        return 2
     try:
         built = built_config(args.root)
     except FileNotFoundError as e:
