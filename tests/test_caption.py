@@ -605,3 +605,36 @@ def test_caption_on_cuda_bf16(tiny_vlm_dir: str, clip_batch: dict[str, np.ndarra
     out = cap(clip_batch)
     assert out["status"].tolist() == ["kept", "kept", "error", "rejected", "kept"]
     assert all(isinstance(c, str) and c for c in out["caption"][[0, 1, 4]])
+
+
+def test_a_one_frame_clip_is_captioned_as_an_image(
+    captioner: Captioner, clip_batch: dict[str, np.ndarray]
+) -> None:
+    """An image source (a one-frame clip) goes to the model as an image, with the image
+    prompt and no duration or motion facts; videos in the same batch stay videos."""
+    image = prepare_clip(clip_batch["clip_bytes"][4], 8, 256 * 384)
+    video = prepare_clip(clip_batch["clip_bytes"][0], 8, 256 * 384)
+    assert image.is_image and image.frames.shape[0] == 1 and image.indices == [0]
+    assert not video.is_image
+    inputs = captioner.model_inputs([video, image], ["a", "b"])
+    assert "pixel_values" in inputs and "pixel_values_videos" in inputs
+    text = captioner.processor.batch_decode(inputs["input_ids"])
+    assert "<|video_pad|>" in text[0] and "<|image_pad|>" not in text[0]
+    assert "<|image_pad|>" in text[1] and "<|video_pad|>" not in text[1]
+    alone = captioner.model_inputs([image], ["b"])
+    assert "pixel_values" in alone and "pixel_values_videos" not in alone
+
+    cap = _variant(captioner, hints=True)
+    batch = {
+        **clip_batch,
+        "start_s": np.array([0.0, 0.0, 0.0, 0.0, 0.0]),
+        "end_s": np.array([0.375, 0.3, 1.0, 1.0, 0.04]),
+        "width": np.array([64, 36, 10, 10, 40]),
+        "height": np.array([48, 64, 10, 10, 40]),
+        "score_motion": np.array([0.05, 0.05, np.nan, np.nan, 0.0]),
+    }
+    prompt = cap.prompt_for(batch, 4, image=True)
+    assert prompt.startswith(cap.cfg.image_prompt) and "Describe this image" in prompt
+    assert "1:1 square" in prompt and "seconds" not in prompt and "change" not in prompt
+    out = cap(batch)
+    assert out["status"][4] == "kept" and out["caption"][4].startswith(RANDOM_WEIGHTS_PREFIX)

@@ -36,7 +36,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -47,6 +47,8 @@ from pipeline.video import decode_mp4_sampled, even_size
 
 __all__ = [
     "CAPTION_FACETS",
+    "DEFAULT_IMAGE_PROMPT",
+    "DEFAULT_IMAGE_SHORT_PROMPT",
     "DEFAULT_PROMPT",
     "DEFAULT_SHORT_PROMPT",
     "RANDOM_WEIGHTS_PREFIX",
@@ -94,6 +96,27 @@ DEFAULT_PROMPT = (
 
 DEFAULT_SHORT_PROMPT = (
     "Describe this video in one short sentence: the main subject, what it does, and "
+    "the setting. State only what is visible."
+)
+
+# The same for a still image (a one-frame clip): nothing moves, so no motion over time
+# and no camera motion to describe.
+IMAGE_FACETS = (
+    "the main subjects and their appearance (clothing, colors, materials); what they are "
+    "doing; the setting and background; the framing (close-up, medium, wide, angle); the "
+    "lighting and time of day; the visual style (photograph, illustration, animation, "
+    "film grain, color grade)"
+)
+
+DEFAULT_IMAGE_PROMPT = (
+    "Describe this image in dense, literal detail for a text-to-video training set. "
+    f"Cover: {IMAGE_FACETS}. "
+    "State only what is visible. Do not guess names, intentions or sounds. "
+    "Write one plain paragraph without lists, headings or an introduction."
+)
+
+DEFAULT_IMAGE_SHORT_PROMPT = (
+    "Describe this image in one short sentence: the main subject, what it does, and "
     "the setting. State only what is visible."
 )
 
@@ -166,6 +189,9 @@ class CaptionConfig:
     short_caption: bool = False  # also write caption_short (one sentence)
     short_prompt: str = DEFAULT_SHORT_PROMPT
     short_max_new_tokens: int = 64
+    # for one-frame clips (image sources), given to the model as an image
+    image_prompt: str = DEFAULT_IMAGE_PROMPT
+    image_short_prompt: str = DEFAULT_IMAGE_SHORT_PROMPT
     device: str = "auto"  # "auto" = cuda if available, else cpu; or "cpu", "cuda:1", ...
     dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU; or a torch dtype name
     enabled: bool = True  # False: the graph skips the stage (captions stay None)
@@ -179,6 +205,11 @@ class PreparedClip:
     indices: list[int]  # positions of the frames in the decoded clip
     total_frames: int
     fps: float
+
+    @property
+    def is_image(self) -> bool:
+        """A one-frame clip (an image source): captioned as an image."""
+        return self.total_frames == 1
 
 
 @dataclass(frozen=True)
@@ -266,8 +297,11 @@ def prepare_clip(
     clip_bytes: bytes, num_frames: int, max_pixels: int, sample_fps: float | None = None
 ) -> PreparedClip:
     """Decode mp4 bytes, sample frames evenly (a count, or a rate capped at
-    ``num_frames``) and fit them to ``max_pixels``."""
+    ``num_frames``) and fit them to ``max_pixels``. A one-frame clip keeps its one frame
+    (an image, not a video of it repeated)."""
     frames, indices, total, fps = decode_sampled(clip_bytes, num_frames, sample_fps)
+    if total == 1:
+        frames, indices = frames[:1], indices[:1]
     return PreparedClip(
         frames=fit_frames(frames, max_pixels), indices=indices, total_frames=total, fps=fps
     )
@@ -500,7 +534,7 @@ class Captioner:
         self.prefix = RANDOM_WEIGHTS_PREFIX if self.random_weights else ""
         # generate() calls may shrink below cfg.batch_size after a CUDA out-of-memory
         self.batch_limit = cfg.batch_size
-        self._chat_cache: dict[str, str] = {}
+        self._chat_cache: dict[tuple[str, bool], str] = {}
         self.prompt_text: str = self._chat(cfg.prompt)
         eos = model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -512,16 +546,17 @@ class Captioner:
             self._video_kwargs["cap_pixels_per_frame"] = True
 
     # --- text helpers ---------------------------------------------------------------
-    def _chat(self, prompt: str) -> str:
-        """The chat-templated model input for one instruction (one video placeholder)."""
-        if prompt not in self._chat_cache:
-            messages = [
-                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}
-            ]
-            self._chat_cache[prompt] = self.processor.apply_chat_template(
+    def _chat(self, prompt: str, image: bool = False) -> str:
+        """The chat-templated model input for one instruction about one video (or, with
+        ``image``, one image)."""
+        key = (prompt, image)
+        if key not in self._chat_cache:
+            media = {"type": "image" if image else "video"}
+            messages = [{"role": "user", "content": [media, {"type": "text", "text": prompt}]}]
+            self._chat_cache[key] = self.processor.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False
             )
-        return self._chat_cache[prompt]
+        return self._chat_cache[key]
 
     def _encode_text(self, text: str) -> list[int]:
         return list(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -532,42 +567,54 @@ class Captioner:
     def _finish(self, raw: RawCaption, max_tokens: int) -> str:
         return finish_caption(raw, max_tokens, self._encode_text, self._decode_text)
 
-    def prompt_for(self, batch: Batch, i: int) -> str:
-        """The instruction for row ``i``: the configured prompt, plus measured facts when
-        ``hints`` is on."""
+    def prompt_for(self, batch: Batch, i: int, image: bool = False) -> str:
+        """The instruction for row ``i``: the configured prompt (``image_prompt`` for an
+        image), plus measured facts when ``hints`` is on."""
+        prompt = self.cfg.image_prompt if image else self.cfg.prompt
         if not self.cfg.hints:
-            return self.cfg.prompt
-        facts = describe_facts(clip_facts(batch, i))
-        return f"{self.cfg.prompt}\n{facts}" if facts else self.cfg.prompt
+            return prompt
+        facts = clip_facts(batch, i)
+        if image:  # it lasts no time and nothing moves
+            facts = replace(facts, duration_s=None, motion=None)
+        described = describe_facts(facts)
+        return f"{prompt}\n{described}" if described else prompt
 
     # --- model calls ------------------------------------------------------------------
     def model_inputs(self, clips: Sequence[PreparedClip], prompts: Sequence[str]) -> Any:
-        """The processor's batch for ``clips`` (tokens, patchified frames), on the device."""
-        metadata = [
-            {
-                "total_num_frames": c.total_frames,
-                "fps": c.fps,
-                "frames_indices": c.indices,
-                "width": int(c.frames.shape[2]),
-                "height": int(c.frames.shape[1]),
-                "duration": c.total_frames / c.fps,
-            }
-            for c in clips
-        ]
-        inputs = self.processor(
-            text=[self._chat(p) for p in prompts],
-            videos=[c.frames for c in clips],
+        """The processor's batch for ``clips`` (tokens, patchified frames), on the device:
+        videos as videos, one-frame clips as images."""
+        media: dict[str, Any] = {}
+        videos = [c for c in clips if not c.is_image]
+        if videos:
+            media["videos"] = [c.frames for c in videos]
             # frames are already sampled: the processor must not sample again, and
             # needs their positions and the rate to write Qwen3-VL's timestamps
-            video_metadata=metadata,
-            do_sample_frames=False,
+            media["video_metadata"] = [
+                {
+                    "total_num_frames": c.total_frames,
+                    "fps": c.fps,
+                    "frames_indices": c.indices,
+                    "width": int(c.frames.shape[2]),
+                    "height": int(c.frames.shape[1]),
+                    "duration": c.total_frames / c.fps,
+                }
+                for c in videos
+            ]
+            media["do_sample_frames"] = False
+            media.update(self._video_kwargs)
+        images = [c.frames[0] for c in clips if c.is_image]
+        if images:
+            media["images"] = images
+        inputs = self.processor(
+            text=[self._chat(p, c.is_image) for c, p in zip(clips, prompts, strict=True)],
             padding=True,
             return_tensors="pt",
-            **self._video_kwargs,
+            **media,
         )
         inputs = inputs.to(self.device)
-        if "pixel_values_videos" in inputs:
-            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.dtype)
+        for name in ("pixel_values", "pixel_values_videos"):
+            if name in inputs:
+                inputs[name] = inputs[name].to(self.dtype)
         return inputs
 
     def generate_from_inputs(self, inputs: Any, **gen_kwargs: Any) -> list[RawCaption]:
@@ -686,7 +733,7 @@ class Captioner:
         short answer fails or is degenerate."""
         raws = self.generate_adaptive(
             clips,
-            [self.cfg.short_prompt] * len(clips),
+            [self.cfg.image_short_prompt if c.is_image else self.cfg.short_prompt for c in clips],
             max_new_tokens=self.cfg.short_max_new_tokens,
         )
         out = []
@@ -729,7 +776,8 @@ class Captioner:
         for start in range(0, len(todo), self.cfg.batch_size):
             chunk = todo[start : start + self.cfg.batch_size]
             clips = [clip for _, clip in chunk]
-            results = self._caption_chunk(clips, [self.prompt_for(batch, i) for i, _ in chunk])
+            prompts = [self.prompt_for(batch, i, clip.is_image) for i, clip in chunk]
+            results = self._caption_chunk(clips, prompts)
             done: list[tuple[int, PreparedClip, str]] = []
             for (i, clip), result in zip(chunk, results, strict=True):
                 if isinstance(result, BaseException):
