@@ -48,7 +48,7 @@ import numpy as np
 
 from pipeline.hdr import DEFAULT_PEAK_NITS, TRC_PQ, content_peak_nits, is_hdr, tone_map_i420
 from pipeline.stages.probe import display_size, open_source
-from pipeline.video import FIELD_MATCH, even_size, filter_graph, pulled, video_stream
+from pipeline.video import FIELD_MATCH, even_size, filter_graph, opaque, pulled, video_stream
 
 __all__ = [
     "BACKENDS",
@@ -179,7 +179,9 @@ def _frame_number(pts: int | None, pts_table: list[int] | None, previous: int) -
 
 
 def _planes(frame: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(Y, U, V, full_range) views of a 4:2:0 8-bit frame (converted first if it is not)."""
+    """(Y, U, V, full_range) views of a 4:2:0 8-bit frame (converted first if it is not;
+    a transparent one composited over white first, :func:`opaque`)."""
+    frame = opaque(frame)
     name = frame.format.name
     if name not in ("yuv420p", "yuvj420p"):
         # 10-bit, 4:2:2/4:4:4, RGB, palette, grey: one swscale pass to 8-bit 4:2:0.

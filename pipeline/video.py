@@ -27,6 +27,7 @@ __all__ = [
     "filter_graph",
     "is_cover_art",
     "is_telecine_rate",
+    "opaque",
     "pulled",
     "resample_indices",
     "telecine_repeats",
@@ -292,3 +293,23 @@ def telecine_repeats(lumas: Sequence[np.ndarray]) -> list[int]:
     if others < _MIN_MOTION or medians[repeat] > _REPEAT_SHARE * others:
         return []
     return [int(i) for i in index[phase == repeat]]
+
+
+def opaque(frame: Any) -> Any:
+    """``frame`` without transparency: a frame with an alpha channel (PNG, WebP, GIF,
+    ProRes 4444, VP9 with alpha) composited over white, as a viewer shows it. The
+    colour under a transparent pixel is arbitrary (often black or a matte colour) and
+    must not reach detection, scores or the corpus. Other frames are returned as they
+    are."""
+    fmt = frame.format
+    if not fmt.has_palette and not any(c.is_alpha for c in fmt.components):
+        return frame
+    rgba = frame.to_ndarray(format="rgba")
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:  # a palette without transparent entries, or all opaque
+        return frame
+    weight = alpha.astype(np.float32) / 255.0
+    rgb = rgba[..., :3] * weight + 255.0 * (1.0 - weight)
+    out = av.VideoFrame.from_ndarray(np.round(rgb).astype(np.uint8), format="rgb24")
+    out.pts, out.time_base = frame.pts, frame.time_base
+    return out

@@ -1121,3 +1121,36 @@ def test_probe_reads_no_more_frames_when_the_first_shows_no_bars() -> None:
             10.0,
             av.VideoFrame.from_ndarray(lit, format="rgb24"),
         )
+
+
+def test_transparent_pixels_are_white_not_the_colour_they_hide(tmp_path: Any) -> None:
+    """A transparent PNG (hiding black margins, which would also read as black bars)
+    and a video with alpha (PNG in MOV, hiding magenta) reach the payload composited
+    over white, as a viewer shows them."""
+    from PIL import Image
+
+    rgba = np.zeros((96, 128, 4), np.uint8)  # transparent black all round
+    rgba[16:80, 24:104] = (0, 160, 0, 255)  # an opaque green box
+    rgba[16:80, 24:40, 3] = 128  # its left strip half transparent
+    png = os.path.join(tmp_path, "logo.png")
+    Image.fromarray(rgba, "RGBA").save(png)
+    mov = os.path.join(tmp_path, "alpha.mov")
+    with av.open(mov, "w") as container:
+        stream = container.add_stream("png", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "rgba"
+        for i in range(24):
+            frame = np.zeros((96, 128, 4), np.uint8)
+            frame[..., :3] = (255, 0, 255)  # magenta under full transparency
+            frame[40:56, 4 * i : 4 * i + 16] = (0, 0, 200, 255)  # a moving blue square
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgba")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    out = Split(SplitConfig(min_clip_s=0.5))(probe_batch(png, mov))
+    image, video = (decode_mp4(payload)[0] for payload in out["clip_bytes"])
+    assert image.shape == (1, 96, 128, 3) and out["crop"][0] is None  # no bars cut off
+    assert (image[0, :8] >= 250).all() and (image[0, :, -8:] >= 250).all()  # white margins
+    assert np.abs(image[0, 48, 80].astype(int) - (0, 160, 0)).max() <= 6
+    assert np.abs(image[0, 48, 30].astype(int) - (128, 207, 128)).max() <= 8  # half over white
+    assert len(video) > 1
+    assert (video[:, :20] >= 245).all(), video[:, :20].min(axis=(0, 1, 2))  # not magenta

@@ -38,6 +38,7 @@ from pipeline.video import (
     filter_graph,
     is_cover_art,
     is_telecine_rate,
+    opaque,
     pulled,
     telecine_repeats,
     video_stream,
@@ -232,7 +233,7 @@ def _picture_fraction(container: Any, stream: Any, duration_s: float, first: Any
     so that a clip cropped of its bars still fills the pixel budget. When the ``first``
     decoded frame has picture on all four edges there are no bars common to the whole
     video, and nothing more is read."""
-    luma = first.to_ndarray(format="gray")
+    luma = opaque(first).to_ndarray(format="gray")
     if all((edge > _BAR_LUMA).any() for edge in (luma[0], luma[-1], luma[:, 0], luma[:, -1])):
         return 1.0
     tb = stream.time_base or Fraction(1, 1)
@@ -245,7 +246,7 @@ def _picture_fraction(container: Any, stream: Any, duration_s: float, first: Any
             frames = _decoded_after_seek(container, stream, 1)
             if not frames:
                 return None
-            lumas.append(frames[0].to_ndarray(format="gray"))
+            lumas.append(opaque(frames[0]).to_ndarray(format="gray"))
     except (av.FFmpegError, OSError, ValueError):  # only a hint: no seek, no hint
         return None
     if any(luma.shape != lumas[0].shape for luma in lumas):
