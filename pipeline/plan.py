@@ -238,7 +238,7 @@ def estimate_source(
     num_frames = int(facts["src_num_frames"])
     est.traits = _traits(facts)
     est.duration_s, est.fps, est.width, est.height = (
-        float(facts["src_duration_s"]),
+        0.0 if "image" in est.traits else float(facts["src_duration_s"]),  # a still lasts none
         fps,
         width,
         height,
@@ -511,7 +511,12 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"plan ({plan.preset} preset): {plan.sources} sources, {plan.probed} probed"
         f" ({plan.probe_errors} unreadable), {plan.workers} CPU workers, {gpu_text}",
-        f"  video      {_duration(plan.duration_s)}",
+        f"  video      {_duration(plan.duration_s)}"
+        + (
+            f" (and ~{plan.traits['image'] * plan.scale:,.0f} images)"
+            if "image" in plan.traits
+            else ""
+        ),
         f"  clips      {plan.clips:,.0f} (kept ~{plan.clips_kept:,.0f})",
         f"  tokens     {plan.latent_tokens:,.0f} (~{plan.tokens_per_clip_mean:,.0f} per clip)",
         f"  storage    {_size(plan.storage_bytes)}",

@@ -259,3 +259,19 @@ def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> No
     actors = sum(s.res.min_actors for s in steps if s.kind == "actors")
     start = next(s for s in plan.stages if s.stage == "start-up")
     assert (start.work, start.resource_s) == (actors, actors * 10.0)
+
+
+def test_images_count_as_images_not_as_seconds_of_video(
+    videos: Path, tiny_cfg: BuildConfig, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(np.full((96, 128, 3), 60 * i, np.uint8)).save(tmp_path / f"p{i}.png")
+    images = sorted(str(p) for p in tmp_path.glob("*.png"))
+    plain = make_plan(_sources(videos), tiny_cfg, workers=2)
+    both = make_plan(_sources(videos) + images, tiny_cfg, workers=2)
+    assert both.duration_s == pytest.approx(plain.duration_s)  # a still lasts no time
+    assert both.clips == plain.clips + 3 and both.traits == {"image": 3}
+    text = format_plan(both).splitlines()[1]
+    assert text.endswith("(and ~3 images)"), text
