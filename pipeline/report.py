@@ -396,10 +396,30 @@ def _column(index: pa.Table, name: str) -> list[Any]:
     return index.column(name).to_pylist()
 
 
+def _stills_note(count: int, what: str) -> str:
+    return f" ({count} {what}{'s' if count != 1 else ''} not shown)" if count else ""
+
+
 def _distributions(index: pa.Table, sources: pa.Table) -> dict[str, str]:
+    # stills (one-frame clips, image sources) last no time: counted, not plotted
     starts, ends = _column(index, "start_s"), _column(index, "end_s")
-    clip_s = [b - a for a, b in zip(starts, ends, strict=True) if a is not None and b is not None]
-    src_s = [d for d in sources.column("duration_s").to_pylist() if d is not None]
+    frames = [
+        None if a is None or b is None else b - a
+        for a, b in zip(_column(index, "start_frame"), _column(index, "end_frame"), strict=True)
+    ]
+    clip_s = [
+        b - a
+        for a, b, n in zip(starts, ends, frames, strict=True)
+        if a is not None and b is not None and n != 1
+    ]
+    still_clips = frames.count(1)
+    kinds = sources.column("media_kind").to_pylist()
+    src_s = [
+        d
+        for d, kind in zip(sources.column("duration_s").to_pylist(), kinds, strict=True)
+        if d is not None and kind != "image"
+    ]
+    images = kinds.count("image")
     widths, heights = _column(index, "width"), _column(index, "height")
     crops = _column(index, "crop") if "crop" in index.column_names else [None] * index.num_rows
     # a clip's picture: the source's display frame, or what cropping its bars kept
@@ -424,8 +444,10 @@ def _distributions(index: pa.Table, sources: pa.Table) -> dict[str, str]:
     return {
         "durations": _plots(
             [
-                histogram_svg(clip_s, "clip duration", "seconds"),
-                histogram_svg(src_s, "source duration", "seconds"),
+                histogram_svg(
+                    clip_s, "clip duration" + _stills_note(still_clips, "still clip"), "seconds"
+                ),
+                histogram_svg(src_s, "source duration" + _stills_note(images, "image"), "seconds"),
             ]
         ),
         "aspect": _plots(

@@ -283,3 +283,25 @@ def test_summary_names_the_sources_split_treated_specially() -> None:
     assert (
         _source_kinds(pa.table({"source": ["a"]}), pa.table({"clip_id": ["c"]})) == "none special"
     )
+
+
+def test_stills_are_counted_not_plotted_as_one_second_clips() -> None:
+    from pipeline.report import _distributions
+
+    clips = [
+        {"start_s": 0.0, "end_s": 2.0, "start_frame": 0, "end_frame": 48, "status": "kept"},
+        {"start_s": 2.0, "end_s": 5.0, "start_frame": 48, "end_frame": 120, "status": "kept"},
+        {"start_s": 0.0, "end_s": 1.0, "start_frame": 0, "end_frame": 1, "status": "kept"},
+    ]
+    index = pa.Table.from_pylist(clips, schema=schemas.CLIP_SCHEMA)
+    sources = pa.Table.from_pylist(
+        [{"duration_s": 5.0, "media_kind": "video"}, {"duration_s": 1.0, "media_kind": "image"}],
+        schema=schemas.SOURCE_SCHEMA,
+    )
+    durations = _distributions(index, sources)["durations"]
+    assert "clip duration (1 still clip not shown)" in durations
+    assert "source duration (1 image not shown)" in durations
+    # the clip axis runs from the shortest video clip to the longest: 2 to 3 s
+    clip_plot = durations.split("source duration")[0]
+    assert 'text-anchor="start" class="l">2</text>' in clip_plot
+    assert 'text-anchor="end" class="l">3</text>' in clip_plot
