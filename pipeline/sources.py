@@ -35,6 +35,10 @@ VIDEO_EXTENSIONS = frozenset(
         ".asf",
         ".divx",
         ".y4m",
+        ".h264",  # raw elementary streams (cameras, recorders)
+        ".264",
+        ".h265",
+        ".hevc",
     }
 )
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})

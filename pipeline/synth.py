@@ -14,9 +14,11 @@ unambiguous. :func:`demo_videos` writes a small, varied set for
 from __future__ import annotations
 
 import colorsys
+import io
 import os
 from collections.abc import Iterator
 from fractions import Fraction
+from typing import Any
 
 import av
 import numpy as np
@@ -227,7 +229,7 @@ def demo_videos(out_dir: str) -> list[str]:
 
 
 def _encode_frames(
-    path: str,
+    path: str | io.RawIOBase,
     frames: list[np.ndarray] | Iterator[np.ndarray],
     *,
     fps: float = 10.0,
@@ -237,8 +239,27 @@ def _encode_frames(
     fmt: str | None = None,
     rotation: int = 0,
     pts_s: list[float] | None = None,
+    pipe: bool = False,
 ) -> None:
-    """Encode RGB frames; ``pts_s`` gives each frame's own time (variable frame rate)."""
+    """Encode RGB frames; ``pts_s`` gives each frame's own time (variable frame rate).
+    With ``pipe``, the muxer writes to a stream it cannot seek back in, as a recorder
+    writing to a pipe does: headers that need the end (Matroska's duration) stay empty."""
+    if pipe:
+        sink = _Pipe()
+        _encode_frames(
+            sink,
+            frames,
+            fps=fps,
+            codec=codec,
+            pix_fmt=pix_fmt,
+            options=options,
+            fmt=fmt,
+            rotation=rotation,
+            pts_s=pts_s,
+        )
+        with open(str(path), "wb") as f:
+            f.write(sink.data)
+        return
     frames = iter(frames)
     first = next(frames)
     height, width = first.shape[:2]
@@ -260,6 +281,23 @@ def _encode_frames(
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+class _Pipe(io.RawIOBase):
+    """A write-only byte sink that cannot seek, like a pipe."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def write(self, b: Any) -> int:
+        self.data += bytes(b)
+        return len(b)
 
 
 def _shots_frames(width: int, height: int, shots: list[int], seed: int) -> list[np.ndarray]:
@@ -394,6 +432,17 @@ def bad_input_corpus(out_dir: str, long_minutes: float = 15.0) -> dict[str, str]
             for packet in s.encode():
                 out.mux(packet)
     note("two_video_streams.mkv", "two video streams")
+    _encode_frames(
+        p("recorded.webm"),
+        _shots_frames(64, 48, [12, 12], 11),
+        codec="libvpx-vp9",
+        options={"deadline": "realtime", "cpu-used": "8"},
+        fmt="webm",
+        pipe=True,
+    )
+    note("recorded.webm", "WebM without a duration (written to a pipe, as recorders do)")
+    _encode_frames(p("raw.h264"), _shots_frames(64, 48, [30, 30], 12), fmt="h264")
+    note("raw.h264", "a raw H.264 elementary stream (no container, no timestamps)")
     still = np.full((16, 16, 3), 120, np.uint8)
     n = round(long_minutes * 60 * 10)
     _encode_frames(

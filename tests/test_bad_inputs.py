@@ -53,6 +53,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "rotated_90.mp4": ("clips", None),
     "vidéo 東京 clip.mp4": ("clips", None),
     "two_video_streams.mkv": ("clips", None),
+    "recorded.webm": ("clips", None),  # no duration in its header: found from the packets
+    "raw.h264": ("clips", None),
     "static_long.mp4": ("clips", None),
 }
 

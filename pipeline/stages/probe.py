@@ -178,7 +178,39 @@ def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
     not a decodable video or image.
     """
     with av.open(source, mode="r") as container:
-        return container_facts(container)
+        facts = container_facts(container)
+    if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
+        if not isinstance(source, str):
+            source.seek(0)
+        with av.open(source, mode="r") as container:
+            facts.update(packet_timing(container, facts["fps"]))
+    return facts
+
+
+def packet_timing(container: Any, fps: float) -> dict[str, Any]:
+    """``duration_s`` and ``num_frames`` (estimated) from one pass over the packets,
+    nothing decoded: for a video whose header records neither, as Matroska and WebM
+    written to a pipe or by a recorder (OBS, a browser's MediaRecorder) and raw
+    elementary streams (.h264, .hevc) are. The duration spans the packets' timestamps
+    (plus one frame); without timestamps it is the packet count at ``fps``."""
+    stream = video_stream(container)
+    frame_s = 1.0 / fps if fps > 0 else 0.0
+    tb = stream.time_base or Fraction(1, 1)
+    one_frame = round(frame_s / tb)  # a packet without a duration shows for one frame
+    count, first, end = 0, None, None
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's final flush packet
+            continue
+        count += 1
+        if packet.pts is not None:
+            first = packet.pts if first is None else min(first, packet.pts)
+            shown = packet.pts + (packet.duration or one_frame)
+            end = shown if end is None else max(end, shown)
+    if first is not None and end is not None and end > first:
+        duration_s = float((end - first) * tb)
+    else:
+        duration_s = count * frame_s
+    return {"duration_s": duration_s, "num_frames": count, "num_frames_exact": False}
 
 
 def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
@@ -485,6 +517,9 @@ class Probe:
         try:
             with open_source(source) as container:
                 facts = container_facts(container, self.cfg)
+            if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
+                with open_source(source) as container:  # a header without a duration
+                    facts.update(packet_timing(container, facts["fps"]))
         except LimitError as exc:  # keep the header facts: they say why
             unknown = dict.fromkeys(
                 ("rotation", "vfr", "interlaced", "pulldown", "color_transfer", "picture_fraction")
