@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,13 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     missing = [s for s in _ALLOWED if s not in members]
     if missing:
         raise ValueError(f"{url}: sample {key!r} lacks {missing}")
+    meta = json.loads(members[_META].decode("utf-8"))
+    crc = meta.get("latents_crc32") if isinstance(meta, dict) else None
+    if crc is not None and zlib.crc32(members[_LATENTS]) != crc:
+        raise ValueError(
+            f"{url}: sample {key!r}: its latents fail their CRC-32 check: the shard is corrupt "
+            "(`reelpack inspect ROOT --verify` lists every such sample)"
+        )
     tensors = load_safetensors(members[_LATENTS])
     if schemas.TENSOR_LATENTS not in tensors:
         raise ValueError(f"{url}: sample {key!r} has no tensor {schemas.TENSOR_LATENTS!r}")
@@ -200,7 +208,7 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
         key=key,
         latents=latents.float(),
         caption=members[_CAPTION].decode("utf-8"),
-        meta=json.loads(members[_META].decode("utf-8")),
+        meta=meta,
         text_embeds=None if embeds is None else embeds.float(),
     )
 

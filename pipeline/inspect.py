@@ -24,7 +24,10 @@ trainer would and lists every problem it finds:
   ``configs/<hash>.json``.
 
 Only safetensors headers, JSON and text are parsed; nothing is unpickled and
-latent tensors are not loaded (the header gives dtype and shape).
+latent tensors are not loaded (the header gives dtype and shape). With ``verify``,
+every kept sample's latents are read whole and checked against the CRC-32 its index
+row records (``latents_crc32``): a corrupt shard (a bad disk, a copy cut short) is
+found, at the cost of reading every shard once.
 
     report = inspect_corpus("s3://bucket/corpus")
     if not report.ok:
@@ -36,6 +39,7 @@ from __future__ import annotations
 import json
 import struct
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,9 +214,18 @@ def _check_sample(
     member: _Member,
     row: dict[str, Any],
     problems: list[str],
+    verify: bool = False,
 ) -> None:
     cid = row["clip_id"]
     off, size = member.suffixes[schemas.SAMPLE_LATENTS]
+    crc = row.get("latents_crc32")
+    if verify and crc is not None:
+        read = zlib.crc32(_read_at(st, uri, off, size))
+        if read != crc:
+            problems.append(
+                f"{shard}:{key}: latents fail their CRC-32 (index {crc:08x}, read {read:08x}): "
+                f"the shard is corrupt (clip {cid})"
+            )
     head = _read_at(st, uri, off, min(size, 8))
     try:
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
@@ -254,6 +267,7 @@ def _check_shards(
     live: dict[tuple[str, str], dict[str, Any]],
     history: pa.Table,
     problems: list[str],
+    verify: bool = False,
 ) -> dict[str, int]:
     ever = set(
         zip(history.column("shard").to_pylist(), history.column("key").to_pylist(), strict=True)
@@ -279,7 +293,7 @@ def _check_shards(
             row = live.get((shard, key))
             if row is not None:
                 found.add((shard, key))
-                _check_sample(st, uri, shard, key, member, row, problems)
+                _check_sample(st, uri, shard, key, member, row, problems, verify)
             elif (shard, key) in ever:
                 stats["stale_samples"] += 1  # superseded by a later part: not live, not lost
             else:
@@ -353,8 +367,9 @@ def _check_configs(st: Storage, root: str, sources: pa.Table, problems: list[str
     return len(hashes)
 
 
-def inspect_corpus(root: str) -> InspectReport:
-    """Check the corpus at ``root``; see the module docstring for what is checked."""
+def inspect_corpus(root: str, verify: bool = False) -> InspectReport:
+    """Check the corpus at ``root``; see the module docstring for what is checked
+    (``verify``: also every sample's latents against their checksum)."""
     st = storage_for(root)
     report = InspectReport(root)
     problems = report.problems
@@ -371,7 +386,7 @@ def inspect_corpus(root: str) -> InspectReport:
     manifest = _read_manifest(st, root, problems)
     patch = None if manifest is None else _check_manifest(manifest, counts, problems)
     live = _check_rows(index, sources, patch, problems)
-    stats = _check_shards(st, shards, committed, live, history, problems)
+    stats = _check_shards(st, shards, committed, live, history, problems, verify)
     write_cfg = ((manifest or {}).get("config") or {}).get("write") or {}
     if write_cfg.get("clip_files"):
         stats.update(_check_clip_files(st, root, live, problems))

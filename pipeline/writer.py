@@ -65,6 +65,7 @@ import tarfile
 import tempfile
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -567,6 +568,7 @@ class CorpusWriter:
         shard = _shard_rel(self._next)
         for out, latents in samples:
             out["shard"], out["key"] = shard, out["clip_id"]
+            out["latents_crc32"] = zlib.crc32(latents)
             self._write_sample(out, latents)
         if not self._source_rows:
             self._part_started = time.monotonic()

@@ -223,6 +223,10 @@ CLIP_SCHEMA = pa.schema(
         pa.field("caption_short", pa.string()),  # optional one-sentence caption (null: off)
         # rows L of the sample's text_embeds tensor (unpadded; null: no text encoder ran)
         pa.field("text_tokens", pa.int32()),
+        # --- integrity ---
+        # CRC-32 (zlib.crc32) of the sample's SAMPLE_LATENTS member bytes, also in its
+        # SAMPLE_META JSON: readers check it (null: a sample written before the column)
+        pa.field("latents_crc32", pa.int64()),
     ]
 )
 

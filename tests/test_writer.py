@@ -688,3 +688,42 @@ def test_a_build_that_fails_leaves_no_partial_shard(
     assert os.listdir(root / "shards") == []
     with CorpusWriter(str(root)) as writer:  # the lock is free
         assert writer.done_sources() == set()
+
+
+def test_a_corrupt_sample_is_found_by_its_checksum(tmp_path) -> None:
+    """Each sample's latents carry a CRC-32 (index row and sample JSON). Bytes changed
+    in a shard after the build pass its tar and safetensors structure, but `inspect
+    --verify` and the trainer's reader name the sample."""
+    import zlib
+
+    from model.data import iter_samples
+
+    root = str(tmp_path / "corpus")
+    writer = CorpusWriter(root)
+    writer.add(batch([clip("/v/a.mp4", i, 2, num_tokens=30) for i in range(2)]))
+    writer.close()
+    writer.write_manifest({"vae": {"id": "tiny", "latent_channels": 4}, "patch_size": [1, 1, 1]})
+    rows = {r["key"]: r for r in read_index(root).to_pylist()}
+    shard = os.path.join(root, "shards", "shard-000000.tar")
+    with tarfile.open(shard) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for key, row in rows.items():
+            data = tar.extractfile(members[f"{key}.{schemas.SAMPLE_LATENTS}"]).read()
+            meta = json.loads(tar.extractfile(members[f"{key}.{schemas.SAMPLE_META}"]).read())
+            assert row["latents_crc32"] == meta["latents_crc32"] == zlib.crc32(data)
+    assert len(list(iter_samples(root))) == 2 and inspect_corpus(root, verify=True).ok
+
+    key = sorted(rows)[1]
+    latents = members[f"{key}.{schemas.SAMPLE_LATENTS}"]
+    with open(shard, "r+b") as f:  # zero the last bytes of its tensor data
+        f.seek(latents.offset_data + latents.size - 16)
+        f.write(bytes(16))
+    assert inspect_corpus(root).ok  # the structure is intact
+    report = inspect_corpus(root, verify=True)
+    assert report.problems == [
+        f"shards/shard-000000.tar:{key}: latents fail their CRC-32 (index "
+        f"{rows[key]['latents_crc32']:08x}, read {report.problems[0].split('read ')[1][:8]}): "
+        f"the shard is corrupt (clip {rows[key]['clip_id']})"
+    ]
+    with pytest.raises(ValueError, match=rf"shard-000000.tar: sample '{key}': .*CRC-32"):
+        list(iter_samples(root))

@@ -1,4 +1,6 @@
-"""``reelpack inspect ROOT [--json]``: validate a corpus; exit 1 with the problems if any."""
+"""``reelpack inspect ROOT [--verify] [--json]``: validate a corpus; exit 1 with the
+problems if any. ``--verify`` also reads every sample's latents and checks them against
+their CRC-32 (one full read of the shards)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.inspect import inspect_corpus
 
     try:
-        report = inspect_corpus(args.root)
+        report = inspect_corpus(args.root, verify=args.verify)
     except OSError as e:  # storage unreachable, root unreadable
         print(f"reelpack inspect: {e}", file=sys.stderr)
         return 2
@@ -38,5 +40,10 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("inspect", help="validate a corpus: index, shards and manifest agree")
     p.add_argument("root", help="corpus root: a folder or s3://bucket/prefix")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every sample's latents and check their CRC-32 (reads all shards)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
