@@ -65,6 +65,7 @@ import tarfile
 import tempfile
 import time
 import uuid
+import weakref
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -420,6 +421,10 @@ class CorpusWriter:
         self.duplicates_skipped = 0
         self._lock = CorpusLock(root, self._st)
         self._lock.acquire()  # before deleting what a dead run left: no live run's files
+        # A writer dropped without unlock() can write no more: its lock goes with it
+        # (not at interpreter exit, when storage may be gone; a dead run's lock is
+        # taken over anyway).
+        weakref.finalize(self, self._lock.release).atexit = False
         try:
             self._next = self._recover()
             if build_config is not None:  # before any source row names it

@@ -178,3 +178,16 @@ def test_release_never_hides_the_error_being_raised(tmp_path: Path) -> None:
     st.down = True
     lock.release()  # no OSError: the lock stays for the next run to take over
     assert _lock(str(tmp_path / "corpus")) is not None
+
+
+def test_a_writer_dropped_without_unlock_releases_its_lock(tmp_path: Path) -> None:
+    import gc
+
+    root = str(tmp_path / "c")
+    writer = CorpusWriter(root)
+    lock = Path(root) / schemas.LOCK_NAME
+    beat = writer._lock._thread
+    assert lock.exists() and beat is not None and beat.is_alive()
+    del writer
+    gc.collect()
+    assert not lock.exists() and not beat.is_alive()  # no heartbeat left running
