@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,12 +44,14 @@ __all__ = [
     "PackedBatch",
     "PackedLoader",
     "Sample",
+    "check_latents",
     "decode_sample",
     "iter_samples",
     "pack",
     "patchify",
     "read_manifest",
     "shard_urls",
+    "stored_crc",
     "unpatchify",
 ]
 
@@ -175,6 +178,25 @@ def shard_urls(root: str) -> list[str]:
     return urls
 
 
+def check_latents(blob: bytes, crc: int | None, url: str, key: str) -> None:
+    """Raise ValueError naming the sample when ``blob`` (its latents member) does not
+    match the CRC-32 recorded with it (``latents_crc32``; None: none recorded)."""
+    if crc is not None and zlib.crc32(blob) != crc:
+        raise ValueError(
+            f"{url}: sample {key!r}: its latents fail their CRC-32 check: the shard is corrupt "
+            "(`reelpack inspect ROOT --verify` lists every such sample)"
+        )
+
+
+_CRC_FIELD = re.compile(rb'"latents_crc32":\s*(\d+)')
+
+
+def stored_crc(meta: bytes) -> int | None:
+    """The ``latents_crc32`` of a sample's JSON member, found without parsing it all."""
+    match = _CRC_FIELD.search(meta)
+    return int(match.group(1)) if match else None
+
+
 def decode_sample(raw: dict[str, Any]) -> Sample:
     """A raw webdataset sample (suffix -> bytes) to a `Sample`; ValueError if unexpected.
 
@@ -191,12 +213,7 @@ def decode_sample(raw: dict[str, Any]) -> Sample:
     if missing:
         raise ValueError(f"{url}: sample {key!r} lacks {missing}")
     meta = json.loads(members[_META].decode("utf-8"))
-    crc = meta.get("latents_crc32") if isinstance(meta, dict) else None
-    if crc is not None and zlib.crc32(members[_LATENTS]) != crc:
-        raise ValueError(
-            f"{url}: sample {key!r}: its latents fail their CRC-32 check: the shard is corrupt "
-            "(`reelpack inspect ROOT --verify` lists every such sample)"
-        )
+    check_latents(members[_LATENTS], meta.get("latents_crc32"), url, key)
     tensors = load_safetensors(members[_LATENTS])
     if schemas.TENSOR_LATENTS not in tensors:
         raise ValueError(f"{url}: sample {key!r} has no tensor {schemas.TENSOR_LATENTS!r}")

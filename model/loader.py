@@ -76,6 +76,7 @@ from model.data import (
     PackedBatch,
     PackStats,
     Patch,
+    check_latents,
     is_s3,
     join_uri,
     list_files,
@@ -84,6 +85,7 @@ from model.data import (
     read_manifest,
     s3_client,
     split_s3,
+    stored_crc,
 )
 
 __all__ = [
@@ -692,6 +694,7 @@ def _build_batch(
             if suffix not in raw:
                 raise ValueError(f"{p.shard}: sample {p.key!r} lacks {suffix!r}")
         blob = raw[schemas.SAMPLE_LATENTS]
+        check_latents(blob, stored_crc(raw[schemas.SAMPLE_META]), p.shard, p.key)
         x = _st_tensor(blob, p.tensor, p.shard, p.key, as_float=False)
         if x is None:
             raise ValueError(f"{p.shard}: sample {p.key!r} has no tensor {p.tensor!r}")

@@ -727,3 +727,8 @@ def test_a_corrupt_sample_is_found_by_its_checksum(tmp_path) -> None:
     ]
     with pytest.raises(ValueError, match=rf"shard-000000.tar: sample '{key}': .*CRC-32"):
         list(iter_samples(root))
+    # the trainer's packed loader (planned from the index) checks every sample it reads
+    from model.loader import PackedLoader
+
+    with pytest.raises(ValueError, match=rf"shard-000000.tar: sample '{key}': .*CRC-32"):
+        list(PackedLoader(root, token_budget=64, patch=(1, 1, 1)))
