@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -51,12 +52,14 @@ def _is_media(name: str) -> bool:
 
 
 def read_source_list(uri: str) -> list[str]:
-    """The entries of a source list: a text file (local or ``s3://``) of one file, folder
-    or ``s3://`` URI per line; blank lines and lines starting with ``#`` are skipped."""
+    """The entries of a source list: a text file (local or ``s3://``; ``-``: standard
+    input) of one file, folder or ``s3://`` URI per line; blank lines and lines starting
+    with ``#`` are skipped."""
     from pipeline.storage import storage_for
 
     try:
-        text = storage_for(uri).read(uri).decode("utf-8-sig")
+        data = sys.stdin.buffer.read() if uri == "-" else storage_for(uri).read(uri)
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"source list {uri}: not UTF-8 text ({e.reason})") from None
     lines = (line.strip() for line in text.splitlines())
@@ -66,7 +69,7 @@ def read_source_list(uri: str) -> list[str]:
 def expand_sources(args: Iterable[str], exclude: str | None = None) -> list[str]:
     """Each argument is a file (taken whatever its name), a folder (media files below it,
     recursively), an ``s3://`` prefix (media objects under it) or ``@LIST``: the entries
-    of the source list ``LIST`` (:func:`read_source_list`). Returns sorted unique URIs:
+    of the source list ``LIST`` (:func:`read_source_list`; ``@-`` reads standard input). Returns sorted unique URIs:
     absolute local paths or ``s3://bucket/key``. A missing path given as an argument
     raises ``FileNotFoundError``.
 
@@ -85,7 +88,10 @@ def expand_sources(args: Iterable[str], exclude: str | None = None) -> list[str]
     for arg in args:
         if arg.startswith("@"):
             # relative paths in a local list are relative to the list's folder
-            base = Path.cwd() if is_s3(arg[1:]) else Path(arg[1:]).expanduser().parent
+            listed = arg[1:]
+            base = (
+                Path.cwd() if is_s3(listed) or listed == "-" else Path(listed).expanduser().parent
+            )
             for entry in read_source_list(arg[1:]):
                 if is_s3(entry):
                     if entry.endswith("/"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 
 import pytest
 
@@ -220,7 +221,9 @@ def test_source_folders_skip_the_corpus_built_inside_them(tmp_path, s3_bucket: s
     ]
 
 
-def test_source_lists_name_files_folders_and_objects(tmp_path, s3_bucket: str) -> None:
+def test_source_lists_name_files_folders_and_objects(
+    tmp_path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline.sources import expand_sources
 
     videos = tmp_path / "videos"
@@ -260,6 +263,10 @@ def test_source_lists_name_files_folders_and_objects(tmp_path, s3_bucket: str) -
         str(videos / "a.mp4"),
         join(s3_bucket, "raw/c.mp4"),
     ]
+    # @- reads the list from standard input (find ... | reelpack build @- ...)
+    stdin = io.TextIOWrapper(io.BytesIO(f"{videos / 'a.mp4'}\n# done\n".encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert expand_sources(["@-"]) == [str(videos / "a.mp4")]
     with pytest.raises(FileNotFoundError, match=r"nolist\.txt"):
         expand_sources([f"@{tmp_path / 'nolist.txt'}"])
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")

@@ -79,7 +79,7 @@ def register(sub: Any) -> None:
         "sources",
         nargs="+",
         help="files, folders (recursive), s3:// prefixes, or @LIST: a text file (local or "
-        "s3://) of them, one per line",
+        "s3://; @-: standard input) of them, one per line",
     )
     p.add_argument("--out", required=True, help="corpus root: a folder or s3://bucket/prefix")
     p.add_argument("--config", help="YAML config file (see pipeline/config.py)")

@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
         "sources",
         nargs="+",
         help="files, folders (recursive), s3:// prefixes, or @LIST: a text file (local or "
-        "s3://) of them, one per line",
+        "s3://; @-: standard input) of them, one per line",
     )
     p.add_argument("--config", help="build config YAML; may hold a `plan:` section of rates")
     p.add_argument("--preset", help="model preset: default (real models) or tiny")
