@@ -229,7 +229,7 @@ def demo_videos(out_dir: str) -> list[str]:
 
 
 def _encode_frames(
-    path: str | io.RawIOBase,
+    path: str,
     frames: list[np.ndarray] | Iterator[np.ndarray],
     *,
     fps: float = 10.0,
@@ -244,26 +244,11 @@ def _encode_frames(
     """Encode RGB frames; ``pts_s`` gives each frame's own time (variable frame rate).
     With ``pipe``, the muxer writes to a stream it cannot seek back in, as a recorder
     writing to a pipe does: headers that need the end (Matroska's duration) stay empty."""
-    if pipe:
-        sink = _Pipe()
-        _encode_frames(
-            sink,
-            frames,
-            fps=fps,
-            codec=codec,
-            pix_fmt=pix_fmt,
-            options=options,
-            fmt=fmt,
-            rotation=rotation,
-            pts_s=pts_s,
-        )
-        with open(str(path), "wb") as f:
-            f.write(sink.data)
-        return
     frames = iter(frames)
     first = next(frames)
     height, width = first.shape[:2]
-    with av.open(path, mode="w", format=fmt) as out:
+    sink = _Pipe() if pipe else None
+    with av.open(sink if sink is not None else path, mode="w", format=fmt) as out:
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         assert isinstance(stream, av.VideoStream)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
@@ -281,6 +266,9 @@ def _encode_frames(
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+    if sink is not None:
+        with open(path, "wb") as f:
+            f.write(sink.data)
 
 
 class _Pipe(io.RawIOBase):
