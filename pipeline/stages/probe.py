@@ -192,20 +192,25 @@ def packet_timing(container: Any, fps: float) -> dict[str, Any]:
     nothing decoded: for a video whose header records neither, as Matroska and WebM
     written to a pipe or by a recorder (OBS, a browser's MediaRecorder) and raw
     elementary streams (.h264, .hevc) are. The duration spans the packets' timestamps
-    (plus one frame); without timestamps it is the packet count at ``fps``."""
+    (plus one frame); without timestamps it is the packet count at ``fps``. Packets after
+    a point the demuxer cannot read past are not counted (split then ends the source
+    there too)."""
     stream = video_stream(container)
     frame_s = 1.0 / fps if fps > 0 else 0.0
     tb = stream.time_base or Fraction(1, 1)
     one_frame = round(frame_s / tb)  # a packet without a duration shows for one frame
     count, first, end = 0, None, None
-    for packet in container.demux(stream):
-        if packet.size == 0:  # the demuxer's final flush packet
-            continue
-        count += 1
-        if packet.pts is not None:
-            first = packet.pts if first is None else min(first, packet.pts)
-            shown = packet.pts + (packet.duration or one_frame)
-            end = shown if end is None else max(end, shown)
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's final flush packet
+                continue
+            count += 1
+            if packet.pts is not None:
+                first = packet.pts if first is None else min(first, packet.pts)
+                shown = packet.pts + (packet.duration or one_frame)
+                end = shown if end is None else max(end, shown)
+    except (av.FFmpegError, OSError):  # a broken tail: the packets before it count
+        pass
     if first is not None and end is not None and end > first:
         duration_s = float((end - first) * tb)
     else:
