@@ -121,6 +121,9 @@ class RayConfig:
     # fail fast when the minimum actor pools cannot be placed on the current nodes; turn
     # off on clusters that add nodes on demand (an autoscaling KubeRay cluster)
     check_resources: bool = True
+    # fail fast when a model of the build is neither on disk nor downloadable from here
+    # (pipeline.models); turn off when the workers see models the driver cannot
+    check_models: bool = True
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from pipeline.config import (
     to_dict,
     validate,
 )
+from pipeline.models import check_models
 from pipeline.progress import (
     BuildProgress,
     RemoteMeter,
@@ -684,6 +685,7 @@ def _build(
     interrupted: str | None = None
     run_counts: dict[str, int] | None = None
     if todo:
+        check_models(cfg)  # before Ray starts: a missing model fails here, not in an actor
         init_ray(cfg)
         resources = ray.cluster_resources()
         cluster_gpus = float(resources.get("GPU", 0.0))

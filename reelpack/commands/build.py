@@ -16,6 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.compat import CorpusMismatch
     from pipeline.config import load_config
     from pipeline.graph import PlacementError, build
+    from pipeline.models import ModelUnavailable
 
     overrides: dict[str, Any] = {}
     if args.ray_address:
@@ -29,9 +30,15 @@ def run(args: argparse.Namespace) -> int:
         # with --json, stdout carries the summary alone; the running lines go to stderr
         echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
         summary = build(args.sources, args.out, cfg, echo=echo)
-    except (FileNotFoundError, NotADirectoryError, PlacementError, CorpusMismatch) as e:
+    except (
+        FileNotFoundError,
+        NotADirectoryError,
+        PlacementError,
+        CorpusMismatch,
+        ModelUnavailable,
+    ) as e:
         # a missing source, --out a file or another VAE's corpus, stages the cluster
-        # cannot place
+        # cannot place, a model that cannot be loaded
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # no space left, a storage failure after its retries
