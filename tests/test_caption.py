@@ -89,6 +89,9 @@ def test_fit_frames_keeps_aspect_and_never_upscales() -> None:
         ("The video shows a red car on a road.", "A red car on a road."),
         ("this clip depicts: two cats sleeping", "Two cats sleeping"),
         ("In the video, a woman reads.", "A woman reads."),
+        ("The image shows a red barn in snow.", "A red barn in snow."),  # an image source
+        ("In this photo, a child laughs.", "A child laughs."),
+        ("The image is overexposed.", "The image is overexposed."),  # not boilerplate
         ("The video footage is grainy.", "The video footage is grainy."),  # not boilerplate
         ("The video is dark and blurry.", "The video is dark and blurry."),
         ("A bell\x07 rings\x00.", "A bell rings."),

@@ -6,7 +6,8 @@ and failed rows pass through untouched. The clip is read from ``clip_bytes`` (de
 once: the source is never reopened); frames are sampled evenly over the whole clip
 (``num_frames`` of them, or ``sample_fps`` per second up to ``num_frames``) and
 resized to at most ``max_pixels`` each, keeping the aspect ratio, and the model
-generates greedily, several clips per ``generate`` call.
+generates greedily, several clips per ``generate`` call. A one-frame clip (an image
+source) is given to the model as an image, with ``image_prompt``.
 
 The model is any ``transformers`` image-text-to-text model that takes videos
 (``AutoProcessor`` + ``AutoModelForImageTextToText``), from a hub id or a local
@@ -125,9 +126,9 @@ RANDOM_WEIGHTS_PREFIX = "[random-weight tiny model] "
 
 # Openings that carry no content; Qwen-style models start most answers with one.
 _BOILERPLATE = re.compile(
-    r"^(?:(?:the|this) (?:video|clip|footage|scene|sequence) "
+    r"^(?:(?:the|this) (?:video|clip|footage|scene|sequence|image|picture|photo|photograph) "
     r"(?:shows|depicts|features|captures|presents|displays|begins with|opens with|is of)"
-    r"|in (?:the|this) (?:video|clip|footage|scene))[\s:,]+",
+    r"|in (?:the|this) (?:video|clip|footage|scene|image|picture|photo))[\s:,]+",
     re.IGNORECASE,
 )
 # A label some models put before the answer ("Caption: ...", "**Description:** ...").
