@@ -431,6 +431,11 @@ def bad_input_corpus(out_dir: str, long_minutes: float = 15.0) -> dict[str, str]
     note("recorded.webm", "WebM without a duration (written to a pipe, as recorders do)")
     _encode_frames(p("raw.h264"), _shots_frames(64, 48, [30, 30], 12), fmt="h264")
     note("raw.h264", "a raw H.264 elementary stream (no container, no timestamps)")
+    from PIL import Image
+
+    stills = [Image.fromarray(f) for f in _shots_frames(48, 32, [6, 6], 13)]
+    stills[0].save(p("animated.webp"), save_all=True, append_images=stills[1:], duration=100)
+    note("animated.webp", "an animated WebP")
     still = np.full((16, 16, 3), 120, np.uint8)
     n = round(long_minutes * 60 * 10)
     _encode_frames(

@@ -55,6 +55,7 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "two_video_streams.mkv": ("clips", None),
     "recorded.webm": ("clips", None),  # no duration in its header: found from the packets
     "raw.h264": ("clips", None),
+    "animated.webp": ("error", "an animated WebP, which FFmpeg cannot decode"),
     "static_long.mp4": ("clips", None),
 }
 

@@ -417,6 +417,9 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
     facts = _header_facts(container, stream)
     if cfg is not None:
         problem = check_size(facts["width"], facts["height"], cfg)
+        if problem and facts["codec"] == "webp" and facts["width"] <= 0:
+            # FFmpeg's WebP decoder reads still images only: an animation has no size
+            problem = "an animated WebP, which FFmpeg cannot decode (convert it to GIF or MP4)"
         if problem:
             raise LimitError(problem, facts)
     video = facts["media_kind"] == "video"
