@@ -98,8 +98,9 @@ def _hub_file_problem(
     """Why ``filename`` of the hub repo ``repo`` is neither cached nor downloadable."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
-        RemoteEntryNotFoundError,
+        LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
@@ -117,12 +118,20 @@ def _hub_file_problem(
         return "a gated model: accept its licence on the hub and log in (`hf auth login`)"
     except RepositoryNotFoundError:
         return "no such model on the Hugging Face hub (or it is private): check the id"
-    except RemoteEntryNotFoundError:
-        return f"the hub repository has no {path}"
+    except EntryNotFoundError as e:
+        if not isinstance(e, LocalEntryNotFoundError):
+            return f"the hub repository has no {path}"
+        cause = _first_line(e)  # the hub did not answer
+        return f"not in the local Hugging Face cache, and fetching it failed ({cause}); {fetch}"
     except Exception as e:  # refused connection, timeout, a proxy's error
-        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cause = _first_line(e)
         return f"not in the local Hugging Face cache, and fetching it failed ({cause}); {fetch}"
     return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _problem(need: _Need, unreachable: str | None) -> str | None:
