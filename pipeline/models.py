@@ -40,24 +40,25 @@ class _Need:
 
 
 def _needs(cfg: BuildConfig) -> tuple[list[_Need], list[tuple[str, str, str | None]]]:
-    """(hub or folder models, open_clip (stage, model, pretrained)) the graph loads; an
-    open_clip model given by its own config file (``clip_config``) is not checked."""
+    """(hub or folder models, open_clip (stage, model, pretrained)) of the stages the
+    build graph runs (:func:`pipeline.graph.build_steps`); an open_clip model given by
+    its own config file (``clip_config``) is not checked."""
+    from pipeline.graph import build_steps
+
+    stages = {step.name for step in build_steps(cfg, "")}
     needs: list[_Need] = []
     clips: list[tuple[str, str, str | None]] = []
-    a = cfg.aesthetic
-    if (a.head or (cfg.dedup.enabled and a.embeddings)) and not a.clip_config:
-        clips.append(("aesthetic", a.clip_model, a.clip_pretrained))
-    if a.head:
-        needs.append(_Need("aesthetic.head", a.head, "", file=True))
-    if cfg.caption.enabled:
+    for stage, clip in (("aesthetic", cfg.aesthetic), ("agreement", cfg.agreement)):
+        if stage in stages and not clip.clip_config:
+            clips.append((stage, clip.clip_model, clip.clip_pretrained))
+    if "aesthetic" in stages and cfg.aesthetic.head:
+        needs.append(_Need("aesthetic.head", cfg.aesthetic.head, "", file=True))
+    if "caption" in stages:
         needs.append(_Need("caption.model", cfg.caption.model, "config.json"))
-        g = cfg.agreement
-        if g.enabled and not g.clip_config:
-            clips.append(("agreement", g.clip_model, g.clip_pretrained))
     needs.append(
         _Need("encode.vae", cfg.encode.vae, "config.json", subfolder=cfg.encode.vae_subfolder)
     )
-    if cfg.text_encode.enabled:
+    if "text_encode" in stages:
         needs.append(_Need("text_encode.model", cfg.text_encode.model, "config.json"))
     return needs, clips
 
