@@ -677,6 +677,7 @@ def iter_source_frames(
     field_match: bool = False,
     pyav_only: bool = False,
     pts_table: list[int] | None = None,
+    animated_webp: bool = False,
 ) -> Iterator[DecodedFrame]:
     """Every frame of ``uri`` from ``start_frame`` on, decoded once (see the module doc).
 
@@ -687,9 +688,17 @@ def iter_source_frames(
     them, so a source that needs them (``pyav_only``: probed interlaced or HDR) is
     decoded by PyAV.
     ``pts_table`` (:func:`frame_pts_table`) saves demuxing the file to start mid-stream.
+    An ``animated_webp`` (probed as one) is decoded by Pillow (:mod:`pipeline.webp`),
+    whatever the backend: FFmpeg cannot.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}, expected one of {BACKENDS}")
+    if animated_webp:
+        from pipeline.webp import iter_webp_frames, read_webp  # imports this module
+
+        data = read_webp(uri)
+        yield from iter_webp_frames(data, display, max_area, start_frame, detect_width)
+        return
     next_frame = start_frame
     local = not uri.startswith("s3://")
     if backend == "decord" and local and display is not None and not pyav_only:

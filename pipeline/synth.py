@@ -433,9 +433,13 @@ def bad_input_corpus(out_dir: str, long_minutes: float = 15.0) -> dict[str, str]
     note("raw.h264", "a raw H.264 elementary stream (no container, no timestamps)")
     from PIL import Image
 
-    stills = [Image.fromarray(f) for f in _shots_frames(48, 32, [6, 6], 13)]
+    stills = [Image.fromarray(f) for f in _shots_frames(48, 32, [12, 12], 13)]
     stills[0].save(p("animated.webp"), save_all=True, append_images=stills[1:], duration=100)
-    note("animated.webp", "an animated WebP")
+    note("animated.webp", "an animated WebP (FFmpeg cannot decode it)")
+    with open(p("animated.webp"), "rb") as src, open(p("truncated_animated.webp"), "wb") as dst:
+        animation = src.read()
+        dst.write(animation[: len(animation) * 2 // 3])
+    note("truncated_animated.webp", "an animated WebP cut off mid-frame")
     still = np.full((16, 16, 3), 120, np.uint8)
     n = round(long_minutes * 60 * 10)
     _encode_frames(

@@ -28,6 +28,7 @@ __all__ = [
     "is_cover_art",
     "is_telecine_rate",
     "opaque",
+    "over_white",
     "pulled",
     "resample_indices",
     "telecine_repeats",
@@ -305,11 +306,17 @@ def opaque(frame: Any) -> Any:
     if not fmt.has_palette and not any(c.is_alpha for c in fmt.components):
         return frame
     rgba = frame.to_ndarray(format="rgba")
-    alpha = rgba[..., 3:]
-    if alpha.min() == 255:  # a palette without transparent entries, or all opaque
+    if rgba[..., 3].min() == 255:  # a palette without transparent entries, or all opaque
         return frame
-    weight = alpha.astype(np.float32) / 255.0
-    rgb = rgba[..., :3] * weight + 255.0 * (1.0 - weight)
-    out = av.VideoFrame.from_ndarray(np.round(rgb).astype(np.uint8), format="rgb24")
+    out = av.VideoFrame.from_ndarray(over_white(rgba), format="rgb24")
     out.pts, out.time_base = frame.pts, frame.time_base
     return out
+
+
+def over_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA composited over white: (H, W, 3) uint8 RGB."""
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    weight = alpha.astype(np.float32) / 255.0
+    return np.round(rgba[..., :3] * weight + 255.0 * (1.0 - weight)).astype(np.uint8)

@@ -55,7 +55,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "two_video_streams.mkv": ("clips", None),
     "recorded.webm": ("clips", None),  # no duration in its header: found from the packets
     "raw.h264": ("clips", None),
-    "animated.webp": ("error", "an animated WebP, which FFmpeg cannot decode"),
+    "animated.webp": ("clips", None),  # decoded by Pillow: FFmpeg cannot
+    "truncated_animated.webp": ("error", "an animated WebP truncated inside frame"),
     "static_long.mp4": ("clips", None),
 }
 

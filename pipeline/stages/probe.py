@@ -11,7 +11,8 @@ naming the file and the cause; it is never dropped.
 
 Stills (jpg, png, webp, bmp, tiff; PyAV's image demuxers) are ``media_kind="image"``:
 one frame at ``IMAGE_FPS``, which split turns into one 1-frame clip. An animated GIF
-is a video.
+is a video, and so is an animated WebP, read through Pillow (:mod:`pipeline.webp`):
+FFmpeg cannot decode one.
 
 Sources are opened only through :func:`open_source`, so a storage backend (``s3://``,
 streamed with ranged GETs, never copied to local disk) plugs in at one place.
@@ -57,6 +58,7 @@ __all__ = [
     "display_size",
     "open_source",
     "probe_video",
+    "webp_facts",
 ]
 
 # Decoders of still-image formats: a stream of one of these with one frame is an image.
@@ -417,9 +419,6 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
     facts = _header_facts(container, stream)
     if cfg is not None:
         problem = check_size(facts["width"], facts["height"], cfg)
-        if problem and facts["codec"] == "webp" and facts["width"] <= 0:
-            # FFmpeg's WebP decoder reads still images only: an animation has no size
-            problem = "an animated WebP, which FFmpeg cannot decode (convert it to GIF or MP4)"
         if problem:
             raise LimitError(problem, facts)
     video = facts["media_kind"] == "video"
@@ -440,6 +439,49 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
             else 1.0
         ),
         "pulldown": interlaced and video and _pulldown(container, stream, facts["duration_s"]),
+    }
+
+
+def webp_facts(source: str, cfg: ProbeConfig) -> dict[str, Any]:
+    """The facts of an animated WebP (:mod:`pipeline.webp`), in the keys of
+    :func:`container_facts`: a video of the canvas size, timed by its frame durations.
+    The canvas is checked against the size limits before its first frame is decoded."""
+    from pipeline.webp import iter_webp_frames, parse_animation, read_webp  # imports decode
+
+    data = read_webp(source)
+    animation = parse_animation(data)
+    if animation is None:
+        raise ValueError("a WebP that FFmpeg cannot decode and that is no animation")
+    w, h = animation.width, animation.height
+    facts: dict[str, Any] = {
+        "container": "webp",
+        "media_kind": "video",
+        "codec": "webp",
+        "width": w,
+        "height": h,
+        "sar": Fraction(1),
+        "fps": animation.fps,
+        "duration_s": animation.duration_s,
+        "num_frames": animation.num_frames,
+        "num_frames_exact": True,
+        "start_s": 0.0,
+        "has_audio": False,
+        "num_video_streams": 1,
+    }
+    problem = check_size(w, h, cfg)
+    if problem:
+        raise LimitError(problem, facts)
+    next(iter_webp_frames(data, None, 0))  # proves the first frame decodes
+    return {
+        **facts,
+        "rotation": 0,
+        "display_width": w,
+        "display_height": h,
+        "vfr": animation.vfr,
+        "interlaced": False,
+        "color_transfer": None,
+        "picture_fraction": 1.0,
+        "pulldown": False,
     }
 
 
@@ -523,11 +565,7 @@ class Probe:
         """The output columns of one source; never raises."""
         out: dict[str, Any] = dict.fromkeys(self.writes)
         try:
-            with open_source(source) as container:
-                facts = container_facts(container, self.cfg)
-            if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
-                with open_source(source) as container:  # a header without a duration
-                    facts.update(packet_timing(container, facts["fps"]))
+            facts = self._facts(source)
         except LimitError as exc:  # keep the header facts: they say why
             unknown = dict.fromkeys(
                 ("rotation", "vfr", "interlaced", "pulldown", "color_transfer", "picture_fraction")
@@ -545,6 +583,24 @@ class Probe:
         else:
             out.update(src_status="error", src_error=f"{source}: {problem}")
         return out
+
+    def _facts(self, source: str) -> dict[str, Any]:
+        """:func:`container_facts` of ``source``, timed from its packets when the header
+        has no duration; an animated WebP's from its chunks (:func:`webp_facts`)."""
+        with open_source(source) as container:
+            try:
+                facts = container_facts(container, self.cfg)
+            except LimitError as exc:
+                if exc.facts["codec"] != "webp" or exc.facts["width"] > 0:
+                    raise
+                # FFmpeg's WebP decoder reads stills only: an animation has no size
+                facts = {}
+        if not facts:
+            return webp_facts(source, self.cfg)
+        if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
+            with open_source(source) as container:  # a header without a duration
+                facts.update(packet_timing(container, facts["fps"]))
+        return facts
 
     @staticmethod
     def _fill(out: dict[str, Any], facts: dict[str, Any]) -> None:

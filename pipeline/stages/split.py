@@ -88,6 +88,7 @@ from pipeline.video import (
     telecine_repeats,
     video_stream,
 )
+from pipeline.webp import parse_animation, read_webp
 
 __all__ = [
     "CLIP_NAMESPACE",
@@ -991,6 +992,7 @@ def _split_source(
     pts_table: list[int] | None = None,
     work_area: int | None = None,
     flush_bytes: int = 0,
+    animated_webp: bool = False,
 ) -> Generator[list[_Clip], None, _RangeResult]:
     """The clips of one source (or of the range it owns): yielded in order as their
     payloads reach ``flush_bytes`` (never with 0), the rest returned; raises on decode
@@ -1015,6 +1017,7 @@ def _split_source(
             field_match=field_match,
             pyav_only=pyav_only,
             pts_table=pts_table,
+            animated_webp=animated_webp,
         ),
         deadline=deadline,
     )
@@ -1049,19 +1052,6 @@ def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfi
     raise ValueError("zero frames: the image does not decode")
 
 
-def _detection_frames(path: str, cfg: SplitConfig, field_match: bool) -> Iterator[DecodedFrame]:
-    with open_source(path) as container:
-        yield from iter_pyav(
-            container,
-            None,
-            0,
-            detect_width=cfg.detect_width,
-            deinterlace=cfg.deinterlace,
-            tone_map=cfg.tone_map,
-            field_match=field_match,
-        )
-
-
 def shots(
     path: str, detector: str = "adaptive", cfg: SplitConfig | None = None
 ) -> list[dict[str, Any]]:
@@ -1077,13 +1067,31 @@ def shots(
             stream = video_stream(container)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+        # FFmpeg reads no size (nor frame) of an animated WebP: Pillow decodes it
+        animated_webp = stream.codec_context.name == "webp" and not stream.codec_context.width
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        field_match = cfg.deinterlace and cfg.field_match and has_pulldown(container)
+        field_match = (
+            not animated_webp and cfg.deinterlace and cfg.field_match and has_pulldown(container)
+        )
+    if animated_webp:
+        animation = parse_animation(read_webp(path))
+        rate = Fraction(animation.fps) if animation else rate
     tracker = ShotTracker(cfg, float(rate or 0))
     times: list[float] = []
     cuts: list[int] = []
     end_s = 0.0
-    frames = Prefetcher(_detection_frames(path, cfg, field_match))
+    frames = Prefetcher(
+        iter_source_frames(
+            path,
+            None,
+            0,
+            detect_width=cfg.detect_width,
+            deinterlace=cfg.deinterlace,
+            tone_map=cfg.tone_map,
+            field_match=field_match,
+            animated_webp=animated_webp,
+        )
+    )
     try:
         for frame in frames:
             assert frame.small is not None
@@ -1296,6 +1304,7 @@ class Split:
             pts_table=_frame_table(row.get("range_frame_pts")),
             work_area=self._work_area(row),
             flush_bytes=flush_bytes,
+            animated_webp=row.get("src_codec") == "webp",
         )
         # Decoding reached the end of the stream: the frame count is exact.
         facts = {"src_num_frames": result.count, "src_num_frames_exact": True}
