@@ -36,7 +36,6 @@ from pipeline.stages.probe import (
     _film_like,
     _idet,
     container_facts,
-    has_pulldown,
     open_source,
     probe_video,
 )
@@ -753,8 +752,6 @@ def test_interlaced_sources_are_probed_and_deinterlaced(
         assert len(frames) == 20
         assert max(_combing(rgb_to_i420(f), 240) for f in frames[1:]) < 0.5
     assert probe_video(path)["pulldown"] is False  # live interlaced: bwdif alone
-    with open_source(path) as container:
-        assert not has_pulldown(container)
 
 
 def _film(frames: int) -> np.ndarray:
@@ -833,8 +830,6 @@ def test_film_in_interlaced_video_gets_its_pictures_back(
     _pulldown_video(path, film, pattern)
     facts = probe_video(path)
     assert facts["interlaced"] is True and facts["pulldown"] is True
-    with open_source(path) as container:  # what `reelpack shots` asks
-        assert has_pulldown(container)
     bwdif = list(iter_source_frames(path, None, 320 * 240))
     matched = list(iter_source_frames(path, None, 320 * 240, field_match=True))
     assert [(f.num, f.time_s) for f in matched] == [(f.num, f.time_s) for f in bwdif]

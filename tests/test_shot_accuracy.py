@@ -311,6 +311,10 @@ def test_a_still_image_is_one_one_frame_clip(tmp_path: os.PathLike[str], ext: st
     frames, _ = decode_mp4(clip["clip_bytes"])
     assert frames.shape == (1, 80, 120, 3)
     assert float(np.abs(frames[0].astype(np.int16) - image).mean()) < 8
+    # `reelpack shots` times it as the build does
+    (shot,) = shots(path)
+    assert (shot["start_frame"], shot["end_frame"]) == (0, 1)
+    assert (shot["start_s"], shot["end_s"]) == (clip["start_s"], clip["end_s"]) == (0.0, 1.0)
 
 
 def test_transnetv2_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

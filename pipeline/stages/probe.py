@@ -164,8 +164,9 @@ def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, A
     return rotation, first, _varies(demuxed if times is None else times)
 
 
-def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
-    """Container and stream facts of a video or image (path or binary file object).
+def probe_video(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
+    """Container and stream facts of a video or image (a path, ``file://`` or ``s3://``
+    URI, opened with :func:`open_source`).
 
     Returns ``container``, ``media_kind`` ("video"/"image"), ``codec``, coded
     ``width``/``height``, ``sar`` (Fraction), ``rotation`` (degrees counter-clockwise,
@@ -176,15 +177,21 @@ def probe_video(source: str | IO[bytes]) -> dict[str, Any]:
     frame interlaced), ``pulldown`` (interlaced video carrying progressive pictures,
     :func:`_pulldown`), ``color_transfer`` (its transfer characteristic, FFmpeg's
     name: "smpte2084" is PQ, "arib-std-b67" HLG) and ``picture_fraction`` (the share of
-    the frame inside black bars, :func:`_picture_fraction`). Raises on anything that is
-    not a decodable video or image.
+    the frame inside black bars, :func:`_picture_fraction`). A header without a
+    duration is timed from the packets (:func:`packet_timing`); an animated WebP is
+    read from its chunks (:func:`webp_facts`). With ``cfg``, the frame size limits are
+    checked before anything is decoded (:class:`LimitError`). Raises on anything that
+    is not a decodable video or image.
     """
-    with av.open(source, mode="r") as container:
-        facts = container_facts(container)
+    with open_source(source) as container:
+        header = _header_facts(container, video_stream(container))
+        # FFmpeg's WebP decoder reads stills only: an animation has no size
+        animated_webp = header["codec"] == "webp" and header["width"] <= 0
+        facts = {} if animated_webp else container_facts(container, cfg)
+    if animated_webp:
+        return webp_facts(source, cfg)
     if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
-        if not isinstance(source, str):
-            source.seek(0)
-        with av.open(source, mode="r") as container:
+        with open_source(source) as container:  # a header without a duration
             facts.update(packet_timing(container, facts["fps"]))
     return facts
 
@@ -373,20 +380,6 @@ def _field_matched_lumas(frames: list[Any]) -> list[np.ndarray]:
     return [f.reformat(**half, format="gray", interpolation="AREA").to_ndarray() for f in out]
 
 
-def has_pulldown(container: Any) -> bool:
-    """Probe's ``pulldown`` of an open container alone, for a caller that needs no other
-    fact: the first decoded frame is flagged interlaced and :func:`_pulldown` finds
-    film. One frame decoded for progressive video; a decode error is a no."""
-    stream = video_stream(container)
-    try:
-        first = next(container.decode(stream), None)
-    except (av.FFmpegError, OSError, ValueError):
-        return False
-    if first is None or not first.interlaced_frame:
-        return False
-    return _pulldown(container, stream, _header_facts(container, stream)["duration_s"])
-
-
 def _film_like(meta: dict[str, str]) -> bool:
     """idet's verdict on one frame: a repeated field, or a progressive picture."""
     return _repeated_field(meta) or meta.get("lavfi.idet.single.current_frame") == "progressive"
@@ -442,10 +435,11 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
     }
 
 
-def webp_facts(source: str, cfg: ProbeConfig) -> dict[str, Any]:
+def webp_facts(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
     """The facts of an animated WebP (:mod:`pipeline.webp`), in the keys of
     :func:`container_facts`: a video of the canvas size, timed by its frame durations.
-    The canvas is checked against the size limits before its first frame is decoded."""
+    With ``cfg``, the canvas is checked against the size limits before its first frame
+    is decoded."""
     from pipeline.webp import iter_webp_frames, parse_animation, read_webp  # imports decode
 
     data = read_webp(source)
@@ -468,7 +462,7 @@ def webp_facts(source: str, cfg: ProbeConfig) -> dict[str, Any]:
         "has_audio": False,
         "num_video_streams": 1,
     }
-    problem = check_size(w, h, cfg)
+    problem = check_size(w, h, cfg) if cfg is not None else None
     if problem:
         raise LimitError(problem, facts)
     next(iter_webp_frames(data, None, 0))  # proves the first frame decodes
@@ -565,7 +559,7 @@ class Probe:
         """The output columns of one source; never raises."""
         out: dict[str, Any] = dict.fromkeys(self.writes)
         try:
-            facts = self._facts(source)
+            facts = probe_video(source, self.cfg)
         except LimitError as exc:  # keep the header facts: they say why
             unknown = dict.fromkeys(
                 ("rotation", "vfr", "interlaced", "pulldown", "color_transfer", "picture_fraction")
@@ -583,24 +577,6 @@ class Probe:
         else:
             out.update(src_status="error", src_error=f"{source}: {problem}")
         return out
-
-    def _facts(self, source: str) -> dict[str, Any]:
-        """:func:`container_facts` of ``source``, timed from its packets when the header
-        has no duration; an animated WebP's from its chunks (:func:`webp_facts`)."""
-        with open_source(source) as container:
-            try:
-                facts = container_facts(container, self.cfg)
-            except LimitError as exc:
-                if exc.facts["codec"] != "webp" or exc.facts["width"] > 0:
-                    raise
-                # FFmpeg's WebP decoder reads stills only: an animation has no size
-                facts = {}
-        if not facts:
-            return webp_facts(source, self.cfg)
-        if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
-            with open_source(source) as container:  # a header without a duration
-                facts.update(packet_timing(container, facts["fps"]))
-        return facts
 
     @staticmethod
     def _fill(out: dict[str, Any], facts: dict[str, Any]) -> None:

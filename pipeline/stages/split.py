@@ -78,7 +78,7 @@ from pipeline.decode import (
 )
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
-from pipeline.stages.probe import describe, has_pulldown, open_source
+from pipeline.stages.probe import describe, open_source, probe_video
 from pipeline.video import (
     TELECINE_CYCLE,
     border_crop,
@@ -86,9 +86,7 @@ from pipeline.video import (
     is_telecine_rate,
     resample_indices,
     telecine_repeats,
-    video_stream,
 )
-from pipeline.webp import parse_animation, read_webp
 
 __all__ = [
     "CLIP_NAMESPACE",
@@ -1057,26 +1055,18 @@ def shots(
 ) -> list[dict[str, Any]]:
     """Shots of a video: ``start_frame``, ``end_frame`` (exclusive), ``start_s``, ``end_s``.
 
-    Decodes once at detection size (on a second thread, while this one detects); for
-    ``reelpack shots``. Times are presentation times relative to the stream start;
+    Probes the file as a build does (:func:`pipeline.stages.probe.probe_video`, without
+    its limits), then decodes it once at detection size (on a second thread, while
+    this one detects); for ``reelpack shots``. An image is one frame. Times are presentation times relative to the stream start;
     frame numbers are the source's own.
     """
     cfg = cfg or SplitConfig(detector=detector)
-    with open_source(path) as container:
-        try:
-            stream = video_stream(container)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        # FFmpeg reads no size (nor frame) of an animated WebP: Pillow decodes it
-        animated_webp = stream.codec_context.name == "webp" and not stream.codec_context.width
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        field_match = (
-            not animated_webp and cfg.deinterlace and cfg.field_match and has_pulldown(container)
-        )
-    if animated_webp:
-        animation = parse_animation(read_webp(path))
-        rate = Fraction(animation.fps) if animation else rate
-    tracker = ShotTracker(cfg, float(rate or 0))
+    facts = probe_video(path)  # what a build's probe finds, without its limits
+    if facts["media_kind"] == "image":  # one frame, lasting as long as a build says
+        return [{"start_frame": 0, "end_frame": 1, "start_s": 0.0, "end_s": facts["duration_s"]}]
+    animated_webp = facts["codec"] == "webp"  # read through Pillow
+    field_match = cfg.deinterlace and cfg.field_match and bool(facts["pulldown"])
+    tracker = ShotTracker(cfg, float(facts["fps"]))
     times: list[float] = []
     cuts: list[int] = []
     end_s = 0.0
