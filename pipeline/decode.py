@@ -48,7 +48,15 @@ import numpy as np
 
 from pipeline.hdr import DEFAULT_PEAK_NITS, TRC_PQ, content_peak_nits, is_hdr, tone_map_i420
 from pipeline.stages.probe import display_size, open_source
-from pipeline.video import FIELD_MATCH, even_size, filter_graph, opaque, pulled, video_stream
+from pipeline.video import (
+    FIELD_MATCH,
+    even_size,
+    filter_graph,
+    frame_rate,
+    opaque,
+    pulled,
+    video_stream,
+)
 
 __all__ = [
     "BACKENDS",
@@ -98,11 +106,6 @@ class DecodedFrame:
     def rgb(self) -> np.ndarray:
         """The working image as (H, W, 3) uint8 RGB (converted with its colour tags)."""
         return i420_to_rgb(self.yuv, self.colorspace, self.color_range)
-
-
-def _rate(stream: Any) -> float:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return float(rate) if rate else 0.0
 
 
 class TimestampJump(ValueError):
@@ -592,7 +595,8 @@ def iter_pyav(
     """
     stream = video_stream(container)
     stream.thread_type = "AUTO"
-    frame_s = 1.0 / _rate(stream) if _rate(stream) else 0.0
+    rate = frame_rate(stream)
+    frame_s = 1.0 / rate if rate else 0.0
     tb = stream.time_base or Fraction(1, 1)
     start_pts: int | None = stream.start_time
     wanted_pts = None

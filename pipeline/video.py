@@ -25,6 +25,7 @@ __all__ = [
     "encode_mp4",
     "even_size",
     "filter_graph",
+    "frame_rate",
     "is_cover_art",
     "is_telecine_rate",
     "opaque",
@@ -34,6 +35,21 @@ __all__ = [
     "telecine_repeats",
     "video_stream",
 ]
+
+
+# Raw elementary streams: no container timing, so FFmpeg's demuxer assumes 25 fps
+RAW_STREAM_FORMATS = frozenset({"h264", "hevc"})
+
+
+def frame_rate(stream: Any) -> float:
+    """The average frame rate of a PyAV video ``stream`` (0.0 when unknown). A raw
+    H.264/HEVC stream has no container timing (the demuxer assumes 25 fps), but its
+    bitstream may state its rate (VUI timing), which the decoder reports: that wins."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    container = getattr(stream, "container", None)
+    if container is not None and container.format.name in RAW_STREAM_FORMATS:
+        rate = stream.codec_context.framerate or rate
+    return float(rate) if rate else 0.0
 
 
 def is_cover_art(stream: Any) -> bool:

@@ -1149,3 +1149,36 @@ def test_transparent_pixels_are_white_not_the_colour_they_hide(tmp_path: Any) ->
     assert np.abs(image[0, 48, 30].astype(int) - (128, 207, 128)).max() <= 8  # half over white
     assert len(video) > 1
     assert (video[:, :20] >= 245).all(), video[:, :20].min(axis=(0, 1, 2))  # not magenta
+
+
+@pytest.mark.parametrize(
+    ("codec", "ext", "fps"), [("libx264", "h264", 24), ("libx265", "hevc", 30)]
+)
+def test_a_raw_stream_is_timed_by_the_rate_its_bitstream_states(
+    tmp_path: os.PathLike[str], codec: str, ext: str, fps: int
+) -> None:
+    """A raw elementary stream has no container timing (FFmpeg's demuxer assumes 25
+    fps); the rate in its bitstream (VUI) times the clips."""
+    from pipeline.synth import iter_synth_frames
+
+    path = os.path.join(tmp_path, f"camera.{ext}")
+    frames = list(iter_synth_frames(96, 64, [fps, 2 * fps], seed=5))
+    with av.open(path, "w", format=ext) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        if codec == "libx265":
+            stream.options = {"x265-params": "log-level=none"}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    probed = Probe()({"source": np.array([path], dtype=object)})
+    (row,) = batch_to_rows(probed)
+    assert row["fps"] == pytest.approx(fps) and row["src_duration_s"] == pytest.approx(3.0)
+    clips = batch_to_rows(Split(SplitConfig(min_clip_s=0.5))(probed))
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, fps), (fps, 3 * fps)]
+    assert [(c["start_s"], c["end_s"]) for c in clips] == [
+        pytest.approx((0.0, 1.0)),
+        pytest.approx((1.0, 3.0)),
+    ]

@@ -37,6 +37,7 @@ from pipeline.video import (
     FIELD_MATCH,
     border_crop,
     filter_graph,
+    frame_rate,
     is_cover_art,
     is_telecine_rate,
     opaque,
@@ -232,8 +233,7 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
     ctx = stream.codec_context
     width, height = int(ctx.width or stream.width or 0), int(ctx.height or stream.height or 0)
     sar = Fraction(stream.sample_aspect_ratio or ctx.sample_aspect_ratio or 1)
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    fps = float(rate) if rate else 0.0
+    fps = frame_rate(stream)
     time_base = stream.time_base or Fraction(1, 1)
     start_s = float(stream.start_time * time_base) if stream.start_time is not None else 0.0
     if stream.duration is not None and stream.duration > 0:
