@@ -18,6 +18,8 @@ import numpy as np
 
 __all__ = [
     "FIELD_MATCH",
+    "IMAGE_SEQUENCE_BRANDS",
+    "STILL_IMAGE_BRANDS",
     "TELECINE_CYCLE",
     "border_crop",
     "decode_mp4",
@@ -57,13 +59,22 @@ def is_cover_art(stream: Any) -> bool:
     return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
+# ISO BMFF brands of still images in HEIF containers (AVIF), and of image sequences
+STILL_IMAGE_BRANDS = frozenset({"avif", "mif1"})
+IMAGE_SEQUENCE_BRANDS = frozenset({"avis", "msf1"})
+
+
 def video_stream(container: Any) -> Any:
     """The source's video: the container's first video stream that is not cover art (an
-    attached picture, as audio files and some downloads carry). Raises ``ValueError``
+    attached picture, as audio files and some downloads carry). In an image sequence
+    (animated AVIF) the first stream is the still "primary item" shown where animation
+    is not supported, so the sequence's own track is taken. Raises ``ValueError``
     naming the streams there are when there is none."""
-    for stream in container.streams.video:
-        if not is_cover_art(stream):
-            return stream
+    streams = [s for s in container.streams.video if not is_cover_art(s)]
+    if len(streams) > 1 and container.metadata.get("major_brand") in IMAGE_SEQUENCE_BRANDS:
+        return max(streams, key=lambda s: s.frames or 0)
+    if streams:
+        return streams[0]
     kinds = sorted(
         "cover art" if s.type == "video" else str(s.type) for s in container.streams
     ) or ["none"]

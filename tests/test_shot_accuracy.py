@@ -19,6 +19,7 @@ import av
 import numpy as np
 import pytest
 
+from pipeline.sources import expand_sources
 from pipeline.stages.base import batch_to_rows, rows_to_batch
 from pipeline.stages.probe import Probe, probe_video
 from pipeline.stages.split import (
@@ -295,13 +296,14 @@ def test_detectors_without_exact_ranges_refuse_them(
 # --- stills, TransNetV2, the command -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("ext", ["png", "jpg", "webp"])
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp", "avif"])
 def test_a_still_image_is_one_one_frame_clip(tmp_path: os.PathLike[str], ext: str) -> None:
-    import cv2
+    from PIL import Image
 
     path = os.path.join(tmp_path, f"still.{ext}")
     image = next(iter_synth_frames(120, 80, [1], seed=1))
-    assert cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    Image.fromarray(image).save(path, quality=95)
+    assert expand_sources([str(tmp_path)]) == [path]
     probed = Probe()({"source": np.array([path], dtype=object)})
     (row,) = batch_to_rows(probed)
     assert row["src_status"] == "done" and row["src_media_kind"] == "image"
@@ -315,6 +317,23 @@ def test_a_still_image_is_one_one_frame_clip(tmp_path: os.PathLike[str], ext: st
     (shot,) = shots(path)
     assert (shot["start_frame"], shot["end_frame"]) == (0, 1)
     assert (shot["start_s"], shot["end_s"]) == (clip["start_s"], clip["end_s"]) == (0.0, 1.0)
+
+
+def test_an_animated_avif_is_a_video_of_its_sequence_track(tmp_path: os.PathLike[str]) -> None:
+    """An AVIF image sequence also holds a still (its first stream): the sequence is
+    the video."""
+    from PIL import Image
+
+    path = os.path.join(tmp_path, "loop.avif")
+    frames = [Image.fromarray(f) for f in iter_synth_frames(96, 64, [20, 25], seed=3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, quality=90)
+    probed = Probe()({"source": np.array([path], dtype=object)})
+    (row,) = batch_to_rows(probed)
+    assert row["src_media_kind"] == "video" and row["src_num_frames"] == 45
+    assert row["fps"] == pytest.approx(20.0)
+    clips = batch_to_rows(Split(SplitConfig(min_clip_s=0.5))(probed))
+    assert [(c["start_frame"], c["end_frame"]) for c in clips] == [(0, 20), (20, 45)]
+    assert clips[1]["start_s"] == pytest.approx(1.0) and clips[1]["end_s"] == pytest.approx(2.25)
 
 
 def test_transnetv2_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ variable frame rate from a constant one. A source that is not a video or image, 
 video stream, no frames, or breaks a limit gets ``src_status="error"`` and a reason
 naming the file and the cause; it is never dropped.
 
-Stills (jpg, png, webp, bmp, tiff; PyAV's image demuxers) are ``media_kind="image"``:
+Stills (jpg, png, webp, bmp, tiff, avif; PyAV's image demuxers) are ``media_kind="image"``:
 one frame at ``IMAGE_FPS``, which split turns into one 1-frame clip. An animated GIF
 is a video, and so is an animated WebP, read through Pillow (:mod:`pipeline.webp`):
 FFmpeg cannot decode one.
@@ -35,6 +35,7 @@ from pipeline.hdr import transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
 from pipeline.video import (
     FIELD_MATCH,
+    STILL_IMAGE_BRANDS,
     border_crop,
     filter_graph,
     frame_rate,
@@ -245,7 +246,8 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
     exact = bool(stream.frames and stream.frames > 0)
     num_frames = int(stream.frames) if exact else round(duration_s * fps)
     fmt = container.format.name if container.format is not None else ""
-    image = ctx.name in IMAGE_CODECS and (
+    still_heif = container.metadata.get("major_brand") in STILL_IMAGE_BRANDS  # AVIF
+    image = (ctx.name in IMAGE_CODECS or still_heif) and (
         fmt.endswith("_pipe") or fmt == "image2" or num_frames <= 1
     )
     if image:
