@@ -36,6 +36,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -61,7 +62,7 @@ from pipeline.progress import (
     StageMeter,
     stages_in_order,
 )
-from pipeline.sources import expand_sources
+from pipeline.sources import describe_skipped, expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
 from pipeline.stages.agreement import Agreement
 from pipeline.stages.base import Batch, Meter, metered, stage_actor, stage_task
@@ -625,7 +626,8 @@ def build(
     validate(cfg)
     _check_root(out)
     t0 = time.time()
-    sources = expand_sources(source_args, exclude=out)
+    skipped: Counter[str] = Counter()
+    sources = expand_sources(source_args, exclude=out, skipped=skipped)
     changed = _check_resume(out, cfg)
     # takes the corpus lock: one writer per corpus
     writer = CorpusWriter(out, cfg.write, (config_hash(cfg), to_dict(cfg)))
@@ -643,7 +645,10 @@ def build(
                 f"note: {out} was built with other settings for {shown}; they apply to the "
                 f"sources this run builds, committed sources keep what their run made{hint}"
             )
-        return _build(sources, out, cfg, echo, writer, t0)
+        note = describe_skipped(skipped)
+        if note:
+            echo(f"note: {note}")
+        return _build(sources, out, cfg, echo, writer, t0, skipped)
     except BaseException:
         writer.abort()  # e.g. no space left: no partial shard left behind
         raise
@@ -668,6 +673,7 @@ def _build(
     echo: Callable[[str], None],
     writer: CorpusWriter,
     t0: float,
+    skipped: Counter[str],
 ) -> dict[str, Any]:
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0)) + "-" + uuid.uuid4().hex[:6]
     done = writer.done_sources()
@@ -732,6 +738,7 @@ def _build(
         "run_id": run_id,
         "sources_total": len(sources),
         "sources_built": len(todo),
+        "files_skipped": dict(sorted(skipped.items())),  # not media, by extension
         **counts,
         "committed": run_counts,
         "stages": stages,

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "expand_sources", "read_source_list"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
+    "describe_skipped",
+    "expand_sources",
+    "read_source_list",
+]
 
 VIDEO_EXTENSIONS = frozenset(
     {
@@ -68,7 +75,9 @@ def read_source_list(uri: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def expand_sources(args: Iterable[str], exclude: str | None = None) -> list[str]:
+def expand_sources(
+    args: Iterable[str], exclude: str | None = None, skipped: Counter[str] | None = None
+) -> list[str]:
     """Each argument is a file (taken whatever its name), a folder (media files below it,
     recursively), an ``s3://`` prefix (media objects under it) or ``@LIST``: the entries
     of the source list ``LIST`` (:func:`read_source_list`; ``@-`` reads standard input). Returns sorted unique URIs:
@@ -82,47 +91,73 @@ def expand_sources(args: Iterable[str], exclude: str | None = None) -> list[str]
 
     Folders and prefixes skip everything under ``exclude`` (the corpus root): a corpus
     built inside its own source folder does not take its clip files for new sources.
+    Files in them that are not media by extension are skipped; ``skipped`` counts them
+    by extension (hidden files aside), so a caller can say what was left out.
     """
     from pipeline.storage import is_s3, storage_for
 
-    skip = _under(exclude)
+    media = _media_filter(exclude, Counter() if skipped is None else skipped)
     out: set[str] = set()
     for arg in args:
         if arg.startswith("@"):
-            # relative paths in a local list are relative to the list's folder
-            listed = arg[1:]
-            base = (
-                Path.cwd() if is_s3(listed) or listed == "-" else Path(listed).expanduser().parent
-            )
-            for entry in read_source_list(arg[1:]):
-                if is_s3(entry):
-                    if entry.endswith("/"):
-                        out.update(expand_sources([entry], exclude))
-                    else:
-                        out.add(entry)
-                    continue
-                path = (base / Path(entry).expanduser()).resolve()
-                if path.is_dir():
-                    out.update(expand_sources([str(path)], exclude))
-                else:
-                    out.add(str(path))
-            continue
-        if is_s3(arg):
+            out.update(_listed(arg[1:], media))
+        elif is_s3(arg):
             st = storage_for(arg)
             if st.exists(arg) and not arg.endswith("/"):
                 out.add(arg)
                 continue
             prefix = arg if arg.endswith("/") else arg + "/"
-            out.update(uri for uri in st.list(prefix) if _is_media(uri) and not skip(uri))
-            continue
-        path = Path(arg).expanduser().resolve()
-        if path.is_file():
-            out.add(str(path))
-        elif path.is_dir():
-            out.update(p for p in _walk(path) if _is_media(p) and not skip(p))
+            out.update(uri for uri in st.list(prefix) if media(uri))
         else:
-            raise FileNotFoundError(f"source {arg!r} does not exist")
+            path = Path(arg).expanduser().resolve()
+            if path.is_file():
+                out.add(str(path))
+            elif path.is_dir():
+                out.update(p for p in _walk(path) if media(p))
+            else:
+                raise FileNotFoundError(f"source {arg!r} does not exist")
     return sorted(out)
+
+
+def _listed(listed: str, media: Callable[[str], bool]) -> set[str]:
+    """The sources of the source list ``listed`` (see :func:`expand_sources`)."""
+    from pipeline.storage import is_s3, storage_for
+
+    # relative paths in a local list are relative to the list's folder
+    base = Path.cwd() if is_s3(listed) or listed == "-" else Path(listed).expanduser().parent
+    out: set[str] = set()
+    for entry in read_source_list(listed):
+        if is_s3(entry):
+            if entry.endswith("/"):
+                out.update(uri for uri in storage_for(entry).list(entry) if media(uri))
+            else:
+                out.add(entry)
+            continue
+        path = (base / Path(entry).expanduser()).resolve()
+        if path.is_dir():
+            out.update(p for p in _walk(path) if media(p))
+        else:
+            out.add(str(path))
+    return out
+
+
+def _media_filter(exclude: str | None, skipped: Counter[str]) -> Callable[[str], bool]:
+    """Whether a file found in a folder or prefix is a source: a media file by extension,
+    not under ``exclude``. Other files are counted in ``skipped`` by extension (hidden
+    files aside)."""
+    under_root = _under(exclude)
+
+    def media(uri: str) -> bool:
+        if under_root(uri):
+            return False
+        if _is_media(uri):
+            return True
+        name = os.path.basename(uri.rstrip("/"))
+        if name and not name.startswith("."):
+            skipped[os.path.splitext(name)[1].lower() or "(no extension)"] += 1
+        return False
+
+    return media
 
 
 def _walk(root: Path) -> Iterable[str]:
@@ -152,3 +187,16 @@ def _under(root: str | None) -> Callable[[str], bool]:
     base = root if is_s3(root) else str(Path(root).expanduser().resolve())
     base = base.rstrip("/") + "/"
     return lambda uri: uri.startswith(base)
+
+
+def describe_skipped(skipped: Counter[str]) -> str | None:
+    """A note on the files :func:`expand_sources` left out, or None when there were none:
+    ``skipped 302 files that are not video or image by extension (.heic 300, .txt 2)``."""
+    total = sum(skipped.values())
+    if not total:
+        return None
+    common = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+    kinds = ", ".join(f"{ext} {n}" for ext, n in common)
+    more = f", {len(skipped) - len(common)} other kinds" if len(skipped) > len(common) else ""
+    files = "file that is" if total == 1 else "files that are"
+    return f"skipped {total} {files} not video or image by extension ({kinds}{more})"

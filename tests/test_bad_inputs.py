@@ -129,11 +129,19 @@ def test_the_bad_corpus_builds_on_ray(
     cfg = load_config(preset="tiny", model_cache=os.path.join(tmp_path, "models"))
     out = os.path.join(tmp_path, "corpus")
     listed = os.path.join(tmp_path, "sources.txt")
+    other = os.path.join(tmp_path, "other")
+    os.makedirs(other)
+    with open(os.path.join(other, "notes.txt"), "w") as f:
+        f.write("not a video")
     with open(listed, "w") as f:
-        f.write(f"# the bad corpus\n{corpus}\n{os.path.join(tmp_path, 'deleted.mp4')}\n")
-    summary = build([f"@{listed}"], out, cfg, echo=lambda _: None)
+        f.write(f"# the bad corpus\n{corpus}\n{os.path.join(tmp_path, 'deleted.mp4')}\n{other}\n")
+    said: list[str] = []
+    summary = build([f"@{listed}"], out, cfg, echo=said.append)
     expected = {**EXPECTED, "deleted.mp4": ("error", "not found")}
     assert summary["sources_done"] == len(expected)  # every source reached an end
+    # a file in a source folder that is no media file is not a source, and is said so
+    assert summary["files_skipped"] == {".txt": 1}
+    assert "note: skipped 1 file that is not video or image by extension (.txt 1)" in said
     clips: dict[str, int] = {}
     for row in read_index(out).to_pylist():
         clips[os.path.basename(row["source"])] = clips.get(os.path.basename(row["source"]), 0) + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from collections import Counter
 
 import pytest
 
@@ -183,7 +184,7 @@ def test_credentials_are_masked_as_whole_tokens_only(monkeypatch: pytest.MonkeyP
 
 
 def test_source_folders_follow_links_to_folders_once(tmp_path) -> None:
-    from pipeline.sources import expand_sources
+    from pipeline.sources import describe_skipped, expand_sources
 
     disk = tmp_path / "disk2"
     (disk / "dvd").mkdir(parents=True)
@@ -196,10 +197,20 @@ def test_source_folders_follow_links_to_folders_once(tmp_path) -> None:
     (videos / "more").symlink_to(disk)  # a folder linked in from another disk
     (videos / "loop").symlink_to(videos)  # a link back up the tree
     (videos / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")  # a broken link
-    assert expand_sources([str(videos)]) == [
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "README"):
+        (videos / name).write_bytes(b"?")
+    skipped: Counter[str] = Counter()
+    assert expand_sources([str(videos)], skipped=skipped) == [
         str(videos / "a.mp4"),
         str(videos / "more" / "dvd" / "VTS_01_1.VOB"),
     ]
+    # the files left out are counted by extension (hidden files aside), and said
+    assert skipped == {".heic": 2, ".txt": 1, "(no extension)": 1}
+    assert describe_skipped(skipped) == (
+        "skipped 4 files that are not video or image by extension "
+        "(.heic 2, (no extension) 1, .txt 1)"
+    )
+    assert describe_skipped(Counter()) is None
 
 
 def test_source_folders_skip_the_corpus_built_inside_them(tmp_path, s3_bucket: str) -> None:
@@ -256,7 +267,9 @@ def test_source_lists_name_files_folders_and_objects(
             str(tmp_path / "lists" / "gone" / "e.mp4"),
         ]
     )
-    assert expand_sources([f"@{listed}"]) == expected
+    skipped: Counter[str] = Counter()
+    assert expand_sources([f"@{listed}"], skipped=skipped) == expected
+    assert skipped == {".txt": 1, ".md": 1}  # in the listed folder and prefix
     # a list on S3 too; with a plain argument beside it
     st.write(join(s3_bucket, "lists/all.txt"), f"{join(s3_bucket, 'raw/c.mp4')}\n".encode())
     assert expand_sources([f"@{join(s3_bucket, 'lists/all.txt')}", str(videos / "a.mp4")]) == [

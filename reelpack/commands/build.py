@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
 def summary_text(summary: dict[str, Any], out: str) -> str:
     """The run's summary in a few lines; the whole of it is ``<out>/summary.json``."""
+    from collections import Counter
+
+    from pipeline.sources import describe_skipped
     from pipeline.storage import join
 
     clips = summary["clips_by_status"]
@@ -69,6 +72,9 @@ def summary_text(summary: dict[str, Any], out: str) -> str:
         f"clips      kept {clips.get('kept', 0)}, rejected {clips.get('rejected', 0)}, "
         f"error {clips.get('error', 0)}",
     ]
+    note = describe_skipped(Counter(summary.get("files_skipped") or {}))
+    if note:
+        lines.insert(1, f"files      {note}")
     reasons = sorted(summary["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
     if reasons:
         lines.append("rejected   " + ", ".join(f"{r} {n}" for r, n in reasons))

@@ -13,21 +13,27 @@ __all__ = ["register", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     from pipeline.plan import format_plan, load_plan_config, make_plan
-    from pipeline.sources import expand_sources
+    from pipeline.sources import describe_skipped, expand_sources
 
     try:
         cfg, rates = load_plan_config(args.config, args.preset, args.rate, args.set)
     except (ValueError, OSError) as e:
         print(f"reelpack plan: config error: {e}", file=sys.stderr)
         return 2
+    skipped: Counter[str] = Counter()
     try:
-        sources = expand_sources(args.sources)
+        sources = expand_sources(args.sources, skipped=skipped)
     except FileNotFoundError as e:
         print(f"reelpack plan: {e}", file=sys.stderr)
         return 2
+    note = describe_skipped(skipped)
+    if note:
+        print(f"reelpack plan: note: {note}", file=sys.stderr)
     if not sources:
-        print("reelpack plan: no video sources found", file=sys.stderr)
+        print("reelpack plan: no video or image sources found", file=sys.stderr)
         return 2
     plan = make_plan(
         sources, cfg, sample=args.sample, workers=args.workers, gpus=args.gpus, rates=rates
