@@ -667,6 +667,20 @@ def _iter_decord(
             yield DecodedFrame(num, t0 - first, max(0.0, t1 - t0), rgb_to_i420(image), small)
 
 
+def _transparent_format(path: str) -> bool:
+    """Whether the video stream of ``path`` has an alpha channel or a palette (which may
+    hold transparent colours), from its header; no when it cannot be read."""
+    try:
+        with av.open(path) as container:
+            name = video_stream(container).codec_context.pix_fmt
+    except (av.FFmpegError, OSError, ValueError):
+        return False
+    if not name:
+        return False
+    fmt = av.VideoFormat(name)
+    return fmt.has_palette or any(c.is_alpha for c in fmt.components)
+
+
 def iter_source_frames(
     uri: str,
     display: tuple[int, int] | None,
@@ -690,7 +704,8 @@ def iter_source_frames(
     falls back to PyAV at the first frame decord did not deliver. ``deinterlace``,
     ``tone_map`` and ``field_match`` are as in :func:`iter_pyav`; decord does none of
     them, so a source that needs them (``pyav_only``: probed interlaced or HDR) is
-    decoded by PyAV.
+    decoded by PyAV; so is one with transparency (alpha or a palette), which decord
+    drops.
     ``pts_table`` (:func:`frame_pts_table`) saves demuxing the file to start mid-stream.
     An ``animated_webp`` (probed as one) is decoded by Pillow (:mod:`pipeline.webp`),
     whatever the backend: FFmpeg cannot.
@@ -705,8 +720,10 @@ def iter_source_frames(
         return
     next_frame = start_frame
     local = not uri.startswith("s3://")
-    if backend == "decord" and local and display is not None and not pyav_only:
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    decord = backend == "decord" and local and not pyav_only
+    # decord drops transparency, which PyAV composites over white
+    if decord and display is not None and not _transparent_format(path):
         try:
             frames = _iter_decord(path, display, rotation, max_area, start_frame, detect_width)
             for frame in frames:

@@ -1118,10 +1118,12 @@ def test_probe_reads_no_more_frames_when_the_first_shows_no_bars() -> None:
         )
 
 
-def test_transparent_pixels_are_white_not_the_colour_they_hide(tmp_path: Any) -> None:
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_transparent_pixels_are_white_not_the_colour_they_hide(tmp_path: Any, decoder: str) -> None:
     """A transparent PNG (hiding black margins, which would also read as black bars)
     and a video with alpha (PNG in MOV, hiding magenta) reach the payload composited
-    over white, as a viewer shows them."""
+    over white, as a viewer shows them, whichever decoder is configured (decord drops
+    alpha: such a source goes to PyAV)."""
     from PIL import Image
 
     rgba = np.zeros((96, 128, 4), np.uint8)  # transparent black all round
@@ -1141,7 +1143,7 @@ def test_transparent_pixels_are_white_not_the_colour_they_hide(tmp_path: Any) ->
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    out = Split(SplitConfig(min_clip_s=0.5))(probe_batch(png, mov))
+    out = Split(SplitConfig(min_clip_s=0.5, decoder=decoder))(probe_batch(png, mov))
     image, video = (decode_mp4(payload)[0] for payload in out["clip_bytes"])
     assert image.shape == (1, 96, 128, 3) and out["crop"][0] is None  # no bars cut off
     assert (image[0, :8] >= 250).all() and (image[0, :, -8:] >= 250).all()  # white margins
