@@ -64,6 +64,7 @@ __all__ = [
     "Prefetcher",
     "TimestampJump",
     "deinterlaced",
+    "detection_bgr",
     "frame_pts_table",
     "i420_planes",
     "i420_to_rgb",
@@ -632,6 +633,17 @@ def iter_pyav(
         yield DecodedFrame(num, time_s, duration, yuv, small, colorspace, color_range)
 
 
+def detection_bgr(rgb: np.ndarray, width: int) -> np.ndarray:
+    """The detection frame of an (H, W, 3) RGB image: BGR, resized to ``width`` wide
+    (``cv2.resize``, INTER_LINEAR, as PySceneDetect does) when wider."""
+    small = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    h, w = int(small.shape[0]), int(small.shape[1])
+    if w > width:
+        size = (width, max(1, round(h * width / w)))
+        small = cv2.resize(small, size, interpolation=cv2.INTER_LINEAR)
+    return np.asarray(small)
+
+
 def _iter_decord(
     path: str,
     display: tuple[int, int],
@@ -655,12 +667,7 @@ def _iter_decord(
         for i, image in enumerate(frames):
             num = lo + i
             t0, t1 = float(stamps[num, 0]), float(stamps[num, 1])
-            small = None
-            if detect_width is not None:
-                small = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-                if coded[0] > detect_width:
-                    dsize = (detect_width, max(1, round(coded[1] * detect_width / coded[0])))
-                    small = cv2.resize(small, dsize, interpolation=cv2.INTER_LINEAR)
+            small = None if detect_width is None else detection_bgr(image, detect_width)
             if rotation:
                 image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
             # decord hands out RGB: back to I420 (BT.601, limited range) for the payload.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.decode import DecodedFrame, rgb_to_i420
+from pipeline.decode import DecodedFrame, detection_bgr, rgb_to_i420
 from pipeline.video import even_size, over_white
 
 __all__ = [
@@ -161,10 +161,5 @@ def iter_webp_frames(
             if w:
                 interpolation = cv2.INTER_AREA if w < canvas[0] else cv2.INTER_LINEAR
                 yuv = rgb_to_i420(cv2.resize(rgb, (w, h), interpolation=interpolation))
-            small = None
-            if detect_width is not None:
-                small = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-                if canvas[0] > detect_width:
-                    size = (detect_width, max(1, round(canvas[1] * detect_width / canvas[0])))
-                    small = cv2.resize(small, size, interpolation=cv2.INTER_LINEAR)
+            small = None if detect_width is None else detection_bgr(rgb, detect_width)
             yield DecodedFrame(num, time_s, duration_ms / 1000.0, yuv, small)
