@@ -296,7 +296,7 @@ def test_detectors_without_exact_ranges_refuse_them(
 # --- stills, TransNetV2, the command -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("ext", ["png", "jpg", "webp", "avif"])
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp", "avif", "gif"])
 def test_a_still_image_is_one_one_frame_clip(tmp_path: os.PathLike[str], ext: str) -> None:
     from PIL import Image
 

@@ -9,10 +9,10 @@ variable frame rate from a constant one. A source that is not a video or image, 
 video stream, no frames, or breaks a limit gets ``src_status="error"`` and a reason
 naming the file and the cause; it is never dropped.
 
-Stills (jpg, png, webp, bmp, tiff, avif; PyAV's image demuxers) are ``media_kind="image"``:
-one frame at ``IMAGE_FPS``, which split turns into one 1-frame clip. An animated GIF
-is a video, and so is an animated WebP, read through Pillow (:mod:`pipeline.webp`):
-FFmpeg cannot decode one.
+Stills (jpg, png, webp, bmp, tiff, avif; PyAV's image demuxers; a GIF of one frame)
+are ``media_kind="image"``: one frame at ``IMAGE_FPS``, which split turns into one
+1-frame clip. An animated GIF is a video, and so is an animated WebP, read through
+Pillow (:mod:`pipeline.webp`): FFmpeg cannot decode one.
 
 Sources are opened only through :func:`open_source`, so a storage backend (``s3://``,
 streamed with ranged GETs, never copied to local disk) plugs in at one place.
@@ -139,20 +139,23 @@ def _varies(times: list[int]) -> bool:
     return bool(median > 0 and float(steps.max() - steps.min()) > 0.1 * median)
 
 
-def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, Any, bool]:
-    """(rotation, first decoded frame, variable frame rate) in one pass over the first
-    packets.
+def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, Any, bool, bool]:
+    """(rotation, first decoded frame, variable frame rate, one frame only) in one pass
+    over the first packets.
 
     Rotation is degrees counter-clockwise from the display matrix, read off the first
     decoded frame (PyAV exposes the stream's matrix only there). The frame rate is
     judged from the index (:func:`_index_times`) or the first ``_VFR_PACKETS`` packets'
-    times. Raises when no frame decodes.
+    times; "one frame only" when the stream ended after a single packet among them.
+    Raises when no frame decodes.
     """
     times = _index_times(stream) if video else []
     demuxed: list[int] = []
+    packets = 0
     rotation: int | None = None
     first = None
     for packet in container.demux(stream):
+        packets += packet.size > 0
         if times is None and packet.pts is not None:
             demuxed.append(int(packet.pts))
         if rotation is None:
@@ -161,9 +164,12 @@ def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, A
                 break
         if rotation is not None and (times is not None or len(demuxed) >= _VFR_PACKETS):
             break
+    else:
+        if rotation is not None:  # demuxed to the end
+            return rotation, first, _varies(demuxed if times is None else times), packets == 1
     if rotation is None:
         raise ValueError("zero frames: no frame decodes")
-    return rotation, first, _varies(demuxed if times is None else times)
+    return rotation, first, _varies(demuxed if times is None else times), False
 
 
 def probe_video(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
@@ -250,12 +256,9 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
     image = (ctx.name in IMAGE_CODECS or still_heif) and (
         fmt.endswith("_pipe") or fmt == "image2" or num_frames <= 1
     )
-    if image:
-        # A still: exactly one frame, shown for 1/IMAGE_FPS seconds.
-        fps, num_frames, exact, duration_s = IMAGE_FPS, 1, True, 1.0 / IMAGE_FPS
-    return {
+    facts = {
         "container": fmt,
-        "media_kind": "image" if image else "video",
+        "media_kind": "video",
         "codec": ctx.name,
         "width": width,
         "height": height,
@@ -267,6 +270,19 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
         "start_s": start_s,
         "has_audio": bool(container.streams.audio),
         "num_video_streams": sum(not is_cover_art(s) for s in container.streams.video),
+    }
+    return _as_still(facts) if image else facts
+
+
+def _as_still(facts: dict[str, Any]) -> dict[str, Any]:
+    """``facts`` of a still image: exactly one frame, shown for 1/IMAGE_FPS seconds."""
+    return {
+        **facts,
+        "media_kind": "image",
+        "fps": IMAGE_FPS,
+        "num_frames": 1,
+        "num_frames_exact": True,
+        "duration_s": 1.0 / IMAGE_FPS,
     }
 
 
@@ -417,7 +433,9 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
         if problem:
             raise LimitError(problem, facts)
     video = facts["media_kind"] == "video"
-    rotation, first, vfr = _first_frame_facts(container, stream, video)
+    rotation, first, vfr, one_frame = _first_frame_facts(container, stream, video)
+    if video and one_frame and facts["codec"] == "gif":  # a GIF still: an image
+        facts, video = _as_still(facts), False
     display_w, display_h = display_size(facts["width"], facts["height"], facts["sar"], rotation)
     interlaced = bool(first.interlaced_frame)
     return {
