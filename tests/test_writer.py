@@ -676,7 +676,7 @@ def test_a_build_that_fails_leaves_no_partial_shard(
     video = tmp_path / "v.mp4"
     video.write_bytes(b"not read")
 
-    def fail(sources, out, cfg, echo, writer, t0):  # type: ignore[no-untyped-def]
+    def fail(sources, out, cfg, echo, writer, *rest):  # type: ignore[no-untyped-def]
         writer.add(batch([clip("/v/a.mp4", i, 2) for i in range(2)]))  # written, not committed
         assert any(".tmp-" in n for n in os.listdir(os.path.join(out, "shards")))
         raise OSError(errno.ENOSPC, "No space left on device")
