@@ -390,7 +390,9 @@ def test_transnetv2_drops_dissolve_and_fade_frames(edits: dict[str, str]) -> Non
 
 
 def test_reelpack_shots_command(
-    edits: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    edits: dict[str, str],
+    tmp_path: os.PathLike[str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from reelpack import cli
 
@@ -403,4 +405,12 @@ def test_reelpack_shots_command(
     table = capsys.readouterr().out
     assert "start_frame" in table and len(table.strip().splitlines()) >= 5
     assert cli.main(["shots", path, "--detector", "nope"]) == 2
+    capsys.readouterr()
     assert cli.main(["shots", path + ".missing"]) == 1
+    assert f"reelpack shots: {path}.missing: not found" in capsys.readouterr().err
+    text = os.path.join(tmp_path, "notes.mp4")
+    with open(text, "w") as f:
+        f.write("not a video")
+    assert cli.main(["shots", text]) == 1
+    err = capsys.readouterr().err
+    assert f"{text}: not a readable video or image (unknown or corrupt container)" in err

@@ -61,6 +61,7 @@ __all__ = [
     "open_source",
     "probe_video",
     "webp_facts",
+    "why_unreadable",
 ]
 
 # Decoders of still-image formats: a stream of one of these with one frame is an image.
@@ -172,7 +173,9 @@ def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, A
     return rotation, first, _varies(demuxed if times is None else times), False
 
 
-def probe_video(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
+def probe_video(
+    source: str, cfg: ProbeConfig | None = None, *, bars: bool = True
+) -> dict[str, Any]:
     """Container and stream facts of a video or image (a path, ``file://`` or ``s3://``
     URI, opened with :func:`open_source`).
 
@@ -188,14 +191,15 @@ def probe_video(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
     the frame inside black bars, :func:`_picture_fraction`). A header without a
     duration is timed from the packets (:func:`packet_timing`); an animated WebP is
     read from its chunks (:func:`webp_facts`). With ``cfg``, the frame size limits are
-    checked before anything is decoded (:class:`LimitError`). Raises on anything that
-    is not a decodable video or image.
+    checked before anything is decoded (:class:`LimitError`). ``bars=False`` skips
+    looking for black bars (a few frames decoded across the video; ``picture_fraction``
+    is then None). Raises on anything that is not a decodable video or image.
     """
     with open_source(source) as container:
         header = _header_facts(container, video_stream(container))
         # FFmpeg's WebP decoder reads stills only: an animation has no size
         animated_webp = header["codec"] == "webp" and header["width"] <= 0
-        facts = {} if animated_webp else container_facts(container, cfg)
+        facts = {} if animated_webp else container_facts(container, cfg, bars=bars)
     if animated_webp:
         return webp_facts(source, cfg)
     if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
@@ -420,7 +424,9 @@ def _idet(frames: Iterator[Any]) -> Iterator[dict[str, str]]:
         yield from (dict(out.metadata) for out in pulled(graph))
 
 
-def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str, Any]:
+def container_facts(
+    container: Any, cfg: ProbeConfig | None = None, *, bars: bool = True
+) -> dict[str, Any]:
     """:func:`probe_video` on an open PyAV input container.
 
     With ``cfg``, the coded frame size is checked against its limits before the first
@@ -447,7 +453,7 @@ def container_facts(container: Any, cfg: ProbeConfig | None = None) -> dict[str,
         "interlaced": interlaced,
         "color_transfer": transfer_name(first.color_trc),
         "picture_fraction": (
-            _picture_fraction(container, stream, facts["duration_s"], first)
+            (_picture_fraction(container, stream, facts["duration_s"], first) if bars else None)
             if video and facts["duration_s"] > 0
             else 1.0
         ),
@@ -588,7 +594,7 @@ class Probe:
             out.update(src_status="error", src_error=f"{source}: {exc}")
             return out
         except Exception as exc:  # any failure of one file is that row's error value
-            out.update(src_status="error", src_error=f"{source}: {_cause(exc)}")
+            out.update(src_status="error", src_error=f"{source}: {why_unreadable(exc)}")
             return out
         self._fill(out, facts)
         problem = check_limits(facts, self.cfg)
@@ -635,7 +641,7 @@ class Probe:
         return with_columns(batch, **{name: [row[name] for row in rows] for name in self.writes})
 
 
-def _cause(exc: BaseException) -> str:
+def why_unreadable(exc: BaseException) -> str:
     """Why a source could not be probed, in words a reader of the index understands."""
     text = describe(exc)
     if isinstance(exc, FileNotFoundError):

@@ -1061,7 +1061,7 @@ def shots(
     frame numbers are the source's own.
     """
     cfg = cfg or SplitConfig(detector=detector)
-    facts = probe_video(path)  # what a build's probe finds, without its limits
+    facts = probe_video(path, bars=False)  # as a build's probe, without limits or bars
     if facts["media_kind"] == "image":  # one frame, lasting as long as a build says
         return [{"start_frame": 0, "end_frame": 1, "start_s": 0.0, "end_s": facts["duration_s"]}]
     animated_webp = facts["codec"] == "webp"  # read through Pillow
