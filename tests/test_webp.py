@@ -163,3 +163,16 @@ def test_an_animation_on_s3_is_split_like_a_local_one(
         (r["start_frame"], r["end_frame"]) for r in local
     ]
     assert all(r["source"] == uri and r["src_status"] == "done" for r in remote)
+
+
+def test_an_animation_too_large_to_hold_is_an_error_row(
+    animation: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libwebp decodes from memory: a file over ``MAX_BYTES`` is refused, not read."""
+    import pipeline.webp
+
+    path, _ = animation
+    monkeypatch.setattr(pipeline.webp, "MAX_BYTES", os.path.getsize(path) - 1)
+    row = Probe().probe_one(path)
+    assert row["src_status"] == "error" and path in row["src_error"]
+    assert "MiB it may take in memory (convert it to MP4)" in row["src_error"]
