@@ -37,7 +37,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "text.mp4": ("error", "not a readable video"),
     "no_moov.mp4": ("error", "not a readable video"),
     "truncated_mdat.mp4": ("error", "not a readable video"),
-    "corrupt_mid.mp4": ("error", "corrupt or truncated data"),
+    # decoding stops at the corrupt bytes; the clips before them stand
+    "corrupt_mid.mp4": ("clips", "decoding stopped after frame"),
     "audio_only.mp4": ("error", "no video stream (streams: audio)"),
     "audio_cover_art.mp4": ("error", "no video stream (streams: audio, cover art)"),
     "image_named.mp4": ("clips", None),  # a PNG whatever its name: a 1-frame clip
@@ -102,6 +103,8 @@ def test_every_bad_input_ends_in_one_terminal_outcome(
         if kind == "clips":
             assert rows[0]["src_status"] == "done" and num_clips == len(rows) >= 1, name
             assert all(r["clip_id"] and r["status"] in CLIP_STATUSES for r in rows), name
+            if words:  # a note on a source that is done
+                assert source in rows[-1]["src_error"] and words in rows[-1]["src_error"], name
             for r in rows:  # a rejected or failed clip says why
                 assert r["status"] == "kept" or r["reasons"] is not None or r["error"], name
         else:
@@ -151,6 +154,7 @@ def test_the_bad_corpus_builds_on_ray(
         row = sources[name]
         if kind == "clips":
             assert row["status"] == "done" and row["num_clips"] == clips[name] >= 1, row
+            assert words is None or words in row["error"], row
         else:
             assert row["status"] == kind and str(words) in row["error"], row
             assert name not in clips

@@ -301,9 +301,12 @@ def test_stream_hands_clips_on_in_chunks(landscape: tuple[str, list[int]]) -> No
     assert list(one["src_num_clips"]) == [4] * 4
 
 
-def test_stream_failing_after_handing_clips_on_ends_with_an_error_row(
+def test_corrupt_data_ends_the_stream_and_the_clips_before_it_stand(
     landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """FFmpeg's "invalid data" mid-stream (a corrupt packet, a file cut off) ends the
+    source there, as the end of the stream would: its shots before stand, streamed or
+    not, and the source's note says where and why decoding stopped."""
     path, _ = landscape
     real = split_mod.iter_source_frames
 
@@ -316,14 +319,35 @@ def test_stream_failing_after_handing_clips_on_ends_with_an_error_row(
     monkeypatch.setattr(split_mod, "iter_source_frames", breaks_at_frame_125)
     cfg = SplitConfig(work_max_area=96 * 54, flush_mib=1e-6)
     chunks = [batch_to_rows(c) for c in Split(cfg).stream(probe_batch(path))]
-    *early, (last,) = chunks
+    *early, last = chunks
     handed_on = [r for c in early for r in c]
     assert handed_on and all(r["src_num_clips"] is None for r in handed_on)
-    assert last["src_status"] == "error" and last["src_num_clips"] == len(handed_on) + 1
-    assert "decoding failed after frame 124" in last["src_error"] and path in last["src_error"]
-    # all at once, the same failure is a single error row
-    (row,) = batch_to_rows(Split(replace(cfg, flush_mib=0))(probe_batch(path)))
+    streamed = handed_on + last
+    assert all(r["src_status"] == "done" for r in streamed)
+    assert (
+        last[-1]["src_num_clips"] == len(streamed) and max(r["end_frame"] for r in streamed) == 125
+    )
+    note = last[-1]["src_error"]
+    assert note.startswith(f"{path}: decoding stopped after frame 124 (corrupt data: Invalid data")
+    # all at once: the same clips and note
+    rows = batch_to_rows(Split(replace(cfg, flush_mib=0))(probe_batch(path)))
+    assert [r["clip_id"] for r in rows] == [r["clip_id"] for r in streamed]
+    assert all(r["src_status"] == "done" and r["src_error"] == note for r in rows)
+
+
+def test_corrupt_data_at_the_first_frame_is_an_error_row(
+    landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = landscape
+
+    def breaks_at_once(*args: Any, **kwargs: Any) -> Iterator[DecodedFrame]:
+        raise av.InvalidDataError(1094995529, "Invalid data found when processing input")
+        yield  # a generator
+
+    monkeypatch.setattr(split_mod, "iter_source_frames", breaks_at_once)
+    (row,) = batch_to_rows(Split()(probe_batch(path)))
     assert row["clip_id"] is None and row["src_status"] == "error"
+    assert "no frame decodes (corrupt data): Invalid data" in row["src_error"]
 
 
 def test_clip_ids_are_deterministic(landscape: tuple[str, list[int]]) -> None:
@@ -390,9 +414,11 @@ def test_the_last_shot_waits_for_transition_marks_that_come_at_the_end(
     assert spans == [(0, 20), (25, 60)]
 
 
-def test_mid_decode_failure_becomes_one_error_row(
+def test_other_mid_decode_failures_become_one_error_row(
     landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A failure that is not corrupt data (storage, a bug) must not pass for the end of
+    the stream: the source fails, and its clips are not kept."""
     path, _ = landscape
     real = split_mod.iter_source_frames
 

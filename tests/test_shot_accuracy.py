@@ -285,6 +285,20 @@ def test_stitch_reports_a_failed_range() -> None:
     assert row["src_status"] == "error" and row["src_error"] == "s: boom" and row["clip_id"] is None
 
 
+def test_stitch_carries_the_note_of_a_range_that_met_corrupt_data() -> None:
+    """A range whose decoding stopped at corrupt data keeps its clips before it; its
+    note is the whole source's."""
+    note = "s: decoding stopped after frame 14 (corrupt data: Invalid data)"
+    first = [{"source": "s", "clip_id": "a", "start_frame": 0, "end_frame": 10}]
+    second = [{"source": "s", "clip_id": "b", "start_frame": 10, "end_frame": 15}]
+    for row in (*first, *second):
+        row.update(src_status="done", src_error=None)
+    second[-1]["src_error"] = note
+    rows = stitch([first, second])
+    assert [r["clip_id"] for r in rows] == ["a", "b"]
+    assert all(r["src_status"] == "done" and r["src_error"] == note for r in rows)
+
+
 def test_detectors_without_exact_ranges_refuse_them(
     boundary_video: tuple[str, dict[str, Any]],
 ) -> None:

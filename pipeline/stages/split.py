@@ -52,6 +52,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
+import av
 import cv2
 import numpy as np
 from scenedetect import (
@@ -520,11 +521,15 @@ def stitch(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]
         return [dict(rows[0], src_num_clips=0)]
     # The range that decoded to the end of the stream counted the frames exactly.
     exact = [r for r in rows if _flag(r.get("src_num_frames_exact"))]
-    facts = (
+    facts: dict[str, Any] = (
         {"src_num_frames": exact[-1]["src_num_frames"], "src_num_frames_exact": True}
         if exact
         else {}
     )
+    # a range that stopped early at corrupt data says so for the whole source
+    notes = [r["src_error"] for r in clips if isinstance(r.get("src_error"), str)]
+    if notes:
+        facts["src_error"] = notes[0]
     return [dict(r, src_num_clips=len(clips), **facts) for r in clips]
 
 
@@ -894,6 +899,21 @@ class _RangeResult:
     clips: list[_Clip]
     count: int  # frames decoded up to (exclusive) this frame number
     complete: bool  # decoded to the end of the stream
+    broken: str | None = None  # why decoding stopped early at corrupt data
+
+
+class _CorruptData(Exception):
+    """The decoder met data it cannot decode: the stream ends there for split."""
+
+
+def _until_corrupt(frames: Iterator[DecodedFrame]) -> Iterator[DecodedFrame]:
+    """``frames``, with FFmpeg's "invalid data" (a corrupt packet, a file cut off
+    mid-frame) raised as :class:`_CorruptData`. Other failures (storage, timeouts) stay
+    what they are: they must not pass for the end of the stream."""
+    try:
+        yield from frames
+    except av.error.InvalidDataError as exc:
+        raise _CorruptData(describe(exc)) from exc
 
 
 def _split_range(
@@ -906,28 +926,33 @@ def _split_range(
     """Drive ``splitter`` with decoded frames until it is done or the stream ends.
 
     With ``flush_bytes > 0`` yields finished clips whenever their payloads reach that
-    size; returns the rest (and the frame count)."""
+    size; returns the rest (and the frame count). Corrupt data after the first frame
+    ends the stream there, as a file cut off would: the shots before it stand, and the
+    result says why it stopped."""
     recent: deque[tuple[_Frame, float, np.ndarray]] = deque()
     keep = splitter.tracker.delay + 2  # frames a late first cut may reach back to
     complete = True
+    broken = None
     try:
         complete = yield from _drive(
-            frames, splitter, deadline, timeout_s, recent, keep, flush_bytes
+            _until_corrupt(frames), splitter, deadline, timeout_s, recent, keep, flush_bytes
         )
+    except _CorruptData as exc:
+        if splitter.count == 0:
+            raise ValueError(f"no frame decodes (corrupt data): {exc}") from exc
+        broken = f"decoding stopped after frame {splitter.count - 1} (corrupt data: {exc})"
+        complete = False
     except (SplitTimeout, MemoryError):
         raise
     except TimeoutError as exc:  # the decode thread delivered nothing before the deadline
         raise SplitTimeout(
             f"timeout after {timeout_s:g} s (after frame {splitter.count - 1})"
         ) from exc
-    except Exception as exc:  # name where decoding broke: "corrupt data" alone says little
-        raise ValueError(
-            f"decoding failed after frame {splitter.count - 1} (corrupt or truncated data): "
-            f"{describe(exc)}"
-        ) from exc
+    except Exception as exc:  # name where it broke
+        raise ValueError(f"failed after frame {splitter.count - 1}: {describe(exc)}") from exc
     if splitter.count == 0 and splitter.range_start == 0:
         raise ValueError("zero frames: no frame decodes")
-    return _RangeResult(splitter.finish(), splitter.count, complete)
+    return _RangeResult(splitter.finish(), splitter.count, complete, broken)
 
 
 def _drive(
@@ -1209,9 +1234,11 @@ class Split:
         that size, so memory stays flat in the source's length. Only the last chunk knows
         the source's totals: rows of earlier chunks have ``src_num_clips = None``, and
         the last chunk (always at least one row) carries ``src_num_clips`` and the final
-        source facts (exact frame count; ``error`` when decoding failed after clips
+        source facts (exact frame count; ``error`` when the split failed after clips
         were handed on: :class:`pipeline.writer.CorpusWriter` then records the source
-        as one error row, as it does for any failed split)."""
+        as one error row, as it does for any failed split). Corrupt data is no failure
+        once a frame has decoded: the stream ends there, and ``src_error`` notes it on a
+        source that is done."""
         base = dict(row)
         if "range_frame_pts" in base:
             base["range_frame_pts"] = None  # the range's business: not copied to every clip
@@ -1257,6 +1284,9 @@ class Split:
             return
         last = ([] if held is None else [held]) + [self._clip_row(base, source, c) for c in clips]
         if not last:
+            if base["src_error"]:  # decoding stopped at corrupt data before any clip
+                yield [self._placeholder(base, source, status="error", error=base["src_error"])]
+                return
             # Not an error, but say why nothing came out: the row is all a reader sees.
             note = f"{source}: no clips: no shot of at least min_clip_s={self.cfg.min_clip_s:g} s"
             yield [self._placeholder(base, source, status="done", error=note)]
@@ -1297,8 +1327,14 @@ class Split:
             animated_webp=row.get("src_codec") == "webp",
         )
         # Decoding reached the end of the stream: the frame count is exact.
-        facts = {"src_num_frames": result.count, "src_num_frames_exact": True}
-        return result.clips, facts if result.complete else {}
+        facts: dict[str, Any] = (
+            {"src_num_frames": result.count, "src_num_frames_exact": True}
+            if result.complete
+            else {}
+        )
+        if result.broken:  # a note on a source that is done, with the clips before it
+            facts["src_error"] = f"{source}: {result.broken}"
+        return result.clips, facts
 
     def _work_area(self, row: Mapping[str, Any]) -> int:
         """The working images' pixel area: ``work_max_area``, enlarged for a source whose
