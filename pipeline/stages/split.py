@@ -1082,8 +1082,8 @@ def shots(
 
     Probes the file as a build does (:func:`pipeline.stages.probe.probe_video`, without
     its limits), then decodes it once at detection size (on a second thread, while
-    this one detects); for ``reelpack shots``. An image is one frame. Times are presentation times relative to the stream start;
-    frame numbers are the source's own.
+    this one detects); for ``reelpack shots``. An image is one frame. Times are
+    presentation times relative to the stream start; frame numbers are the source's own.
     """
     cfg = cfg or SplitConfig(detector=detector)
     facts = probe_video(path, bars=False)  # as a build's probe, without limits or bars
