@@ -50,7 +50,7 @@ VIDEO_EXTENSIONS = frozenset(
     }
 )
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".avif"}  # AVIF: or animated
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
 )
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 
@@ -191,7 +191,7 @@ def _under(root: str | None) -> Callable[[str], bool]:
 
 def describe_skipped(skipped: Counter[str]) -> str | None:
     """A note on the files :func:`expand_sources` left out, or None when there were none:
-    ``skipped 302 files that are not video or image by extension (.heic 300, .txt 2)``."""
+    ``skipped 302 files that are not video or image by extension (.json 300, .txt 2)``."""
     total = sum(skipped.values())
     if not total:
         return None

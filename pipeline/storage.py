@@ -53,6 +53,7 @@ __all__ = [
     "StorageError",
     "is_s3",
     "join",
+    "read_limited",
     "split_s3",
     "storage_for",
 ]
@@ -830,6 +831,18 @@ class S3RangeReader(io.RawIOBase):
     def close(self) -> None:
         self._buf = b""
         super().close()
+
+
+def read_limited(uri: str, max_bytes: int) -> bytes:
+    """The whole file or object at ``uri``, for a reader that needs it in memory. One
+    over ``max_bytes`` is not read: ``ValueError`` says its size and the limit."""
+    storage = storage_for(uri)
+    size = storage.size(uri)
+    if size > max_bytes:
+        raise ValueError(
+            f"{size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB it may take in memory"
+        )
+    return storage.read(uri)
 
 
 def storage_for(uri: str, **s3_options: Any) -> Storage:

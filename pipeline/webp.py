@@ -114,17 +114,12 @@ def parse_animation(data: bytes) -> WebPAnimation | None:
 def read_webp(uri: str) -> bytes:
     """The whole file at ``uri`` (local path, ``file://`` or ``s3://``), at most
     :data:`MAX_BYTES`."""
-    from pipeline.storage import storage_for
+    from pipeline.storage import read_limited
 
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    storage = storage_for(path)
-    size = storage.size(path)
-    if size > MAX_BYTES:
-        raise ValueError(
-            f"an animated WebP of {size / 2**20:.0f} MiB, over the {MAX_BYTES >> 20} MiB "
-            "it may take in memory (convert it to MP4)"
-        )
-    return storage.read(path)
+    try:
+        return read_limited(uri, MAX_BYTES)
+    except ValueError as exc:
+        raise ValueError(f"an animated WebP of {exc} (convert it to MP4)") from None
 
 
 def iter_webp_frames(

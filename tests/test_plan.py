@@ -187,10 +187,10 @@ def test_cli(
     assert main(["plan", str(tmp_path / "missing")]) == 2
     photos = tmp_path / "photos"  # nothing a build would take: said so, with what is there
     photos.mkdir()
-    (photos / "IMG_0001.HEIC").write_bytes(b"?")
+    (photos / "IMG_0001.CR2").write_bytes(b"?")
     assert main(["plan", str(photos)]) == 2
     err = capsys.readouterr().err
-    assert "skipped 1 file that is not video or image by extension (.heic 1)" in err
+    assert "skipped 1 file that is not video or image by extension (.cr2 1)" in err
     assert "no video or image sources found" in err
 
 

@@ -184,7 +184,7 @@ def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
         "clips_by_status": {"kept": 6, "rejected": 3},
         "rejected_by_reason": {"motion<0.002": 1, "still_fraction>0.9": 2},
         "committed": {"sources": 4, "clips": 9, "shards": 2, "latent_tokens": 12345},
-        "files_skipped": {".heic": 30, ".txt": 1},
+        "files_skipped": {".cr2": 30, ".txt": 1},
         "interrupted": None,
     }
 
@@ -198,7 +198,7 @@ def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
     assert capsys.readouterr().out.splitlines() == [
         "sources: 5 found, 1 already done, 4 to build",
         "sources    4 done of 4 (1 failed; 1 already in the corpus) in 12.3 s",
-        "files      skipped 31 files that are not video or image by extension (.heic 30, .txt 1)",
+        "files      skipped 31 files that are not video or image by extension (.cr2 30, .txt 1)",
         "clips      kept 6, rejected 3, error 0",
         "rejected   still_fraction>0.9 2, motion<0.002 1",
         "committed  sources 4, clips 9, shards 2, latent tokens 12,345",

@@ -197,7 +197,7 @@ def test_source_folders_follow_links_to_folders_once(tmp_path) -> None:
     (videos / "more").symlink_to(disk)  # a folder linked in from another disk
     (videos / "loop").symlink_to(videos)  # a link back up the tree
     (videos / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")  # a broken link
-    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "README"):
+    for name in ("raw.CR2", "raw2.cr2", "README"):
         (videos / name).write_bytes(b"?")
     skipped: Counter[str] = Counter()
     assert expand_sources([str(videos)], skipped=skipped) == [
@@ -205,10 +205,10 @@ def test_source_folders_follow_links_to_folders_once(tmp_path) -> None:
         str(videos / "more" / "dvd" / "VTS_01_1.VOB"),
     ]
     # the files left out are counted by extension (hidden files aside), and said
-    assert skipped == {".heic": 2, ".txt": 1, "(no extension)": 1}
+    assert skipped == {".cr2": 2, ".txt": 1, "(no extension)": 1}
     assert describe_skipped(skipped) == (
         "skipped 4 files that are not video or image by extension "
-        "(.heic 2, (no extension) 1, .txt 1)"
+        "(.cr2 2, (no extension) 1, .txt 1)"
     )
     assert describe_skipped(Counter()) is None
 

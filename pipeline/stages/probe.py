@@ -58,6 +58,7 @@ __all__ = [
     "container_facts",
     "describe",
     "display_size",
+    "heif_facts",
     "open_source",
     "probe_video",
     "webp_facts",
@@ -190,18 +191,26 @@ def probe_video(
     name: "smpte2084" is PQ, "arib-std-b67" HLG) and ``picture_fraction`` (the share of
     the frame inside black bars, :func:`_picture_fraction`). A header without a
     duration is timed from the packets (:func:`packet_timing`); an animated WebP is
-    read from its chunks (:func:`webp_facts`). With ``cfg``, the frame size limits are
+    read from its chunks (:func:`webp_facts`), a HEIC photo by libheif
+    (:func:`heif_facts`). With ``cfg``, the frame size limits are
     checked before anything is decoded (:class:`LimitError`). ``bars=False`` skips
     looking for black bars (a few frames decoded across the video; ``picture_fraction``
     is then None). Raises on anything that is not a decodable video or image.
     """
+    from pipeline.heif import is_heif_still
+
     with open_source(source) as container:
         header = _header_facts(container, video_stream(container))
         # FFmpeg's WebP decoder reads stills only: an animation has no size
         animated_webp = header["codec"] == "webp" and header["width"] <= 0
-        facts = {} if animated_webp else container_facts(container, cfg, bars=bars)
+        # FFmpeg hands out a HEIC's tiles one by one: libheif assembles them
+        heif = is_heif_still(container.metadata.get("major_brand"), header["codec"])
+        other = animated_webp or heif
+        facts = {} if other else container_facts(container, cfg, bars=bars)
     if animated_webp:
         return webp_facts(source, cfg)
+    if heif:
+        return heif_facts(source, cfg)
     if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
         with open_source(source) as container:  # a header without a duration
             facts.update(packet_timing(container, facts["fps"]))
@@ -498,6 +507,43 @@ def webp_facts(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
         "display_width": w,
         "display_height": h,
         "vfr": animation.vfr,
+        "interlaced": False,
+        "color_transfer": None,
+        "picture_fraction": 1.0,
+        "pulldown": False,
+    }
+
+
+def heif_facts(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
+    """The facts of a HEIC/HEIF photo (:mod:`pipeline.heif`), in the keys of
+    :func:`container_facts`: an image of its displayed size. With ``cfg``, the size is
+    checked against the limits before the image is decoded."""
+    from pipeline.heif import heif_rgb, heif_size, read_heif
+
+    data = read_heif(source)
+    w, h = heif_size(data)
+    facts: dict[str, Any] = _as_still(
+        {
+            "container": "heif",
+            "codec": "hevc",
+            "width": w,
+            "height": h,
+            "sar": Fraction(1),
+            "start_s": 0.0,
+            "has_audio": False,
+            "num_video_streams": 1,
+        }
+    )
+    problem = check_size(w, h, cfg) if cfg is not None else None
+    if problem:
+        raise LimitError(problem, facts)
+    heif_rgb(data)  # proves it decodes
+    return {
+        **facts,
+        "rotation": 0,  # applied by libheif: the size is as shown
+        "display_width": w,
+        "display_height": h,
+        "vfr": False,
         "interlaced": False,
         "color_transfer": None,
         "picture_fraction": 1.0,

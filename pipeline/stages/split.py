@@ -78,12 +78,14 @@ from pipeline.decode import (
     join_i420,
 )
 from pipeline.hdr import HDR_TRANSFER_NAMES
+from pipeline.heif import heif_rgb, read_heif
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
 from pipeline.stages.probe import describe, open_source, probe_video
 from pipeline.video import (
     TELECINE_CYCLE,
     border_crop,
     encode_mp4,
+    even_size,
     is_telecine_rate,
     resample_indices,
     telecine_repeats,
@@ -1051,8 +1053,16 @@ def _split_source(
         splitter.close()
 
 
-def _split_image(uri: str, display: tuple[int, int], fps: float, cfg: SplitConfig) -> _Clip:
-    """A still as one 1-frame clip."""
+def _split_image(
+    uri: str, display: tuple[int, int], fps: float, cfg: SplitConfig, heif: bool = False
+) -> _Clip:
+    """A still as one 1-frame clip (a ``heif`` photo decoded by libheif)."""
+    if heif:
+        rgb = heif_rgb(read_heif(uri))
+        w, h = even_size(display[0], display[1], cfg.work_max_area)
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+        payload = encode_mp4([rgb], fps, crf=cfg.work_crf, preset=cfg.work_preset)
+        return _Clip(0, 1, 0.0, 1.0 / fps, payload)
     with open_source(uri) as container:
         frames = iter_pyav(
             container,
@@ -1177,6 +1187,7 @@ class Split:
     reads: tuple[str, ...] = (
         "source",
         *_SRC_COLUMNS,
+        "src_container",
         "src_media_kind",
         "src_rotation_deg",
         "src_interlaced",
@@ -1308,7 +1319,9 @@ class Split:
         fps = float(row["fps"])
         display = (int(row["width"]), int(row["height"]))
         if row.get("src_media_kind") == "image":
-            return ([_split_image(source, display, fps, self.cfg)] if range_start == 0 else []), {}
+            heif = row.get("src_container") == "heif"
+            clips = [_split_image(source, display, fps, self.cfg, heif)] if range_start == 0 else []
+            return clips, {}
         if (range_start > 0 or range_end is not None) and not supports_ranges(self.cfg):
             raise ValueError(f"detector {self.cfg.detector!r} does not support ranges")
         result = yield from _split_source(
