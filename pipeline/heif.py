@@ -47,10 +47,7 @@ def read_heif(uri: str) -> bytes:
     :data:`MAX_BYTES`."""
     from pipeline.storage import read_limited
 
-    try:
-        return read_limited(uri, MAX_BYTES)
-    except ValueError as exc:
-        raise ValueError(f"a HEIC/HEIF image of {exc}") from None
+    return read_limited(uri, MAX_BYTES, "a HEIC/HEIF image")
 
 
 def heif_size(data: bytes) -> tuple[int, int]:

@@ -833,14 +833,16 @@ class S3RangeReader(io.RawIOBase):
         super().close()
 
 
-def read_limited(uri: str, max_bytes: int) -> bytes:
+def read_limited(uri: str, max_bytes: int, what: str = "a file") -> bytes:
     """The whole file or object at ``uri``, for a reader that needs it in memory. One
-    over ``max_bytes`` is not read: ``ValueError`` says its size and the limit."""
+    over ``max_bytes`` is not read: ``ValueError`` says what it is (``what``), its size
+    and the limit."""
     storage = storage_for(uri)
     size = storage.size(uri)
     if size > max_bytes:
         raise ValueError(
-            f"{size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB it may take in memory"
+            f"{what} of {size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB "
+            "it may take in memory"
         )
     return storage.read(uri)
 

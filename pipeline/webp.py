@@ -116,10 +116,7 @@ def read_webp(uri: str) -> bytes:
     :data:`MAX_BYTES`."""
     from pipeline.storage import read_limited
 
-    try:
-        return read_limited(uri, MAX_BYTES)
-    except ValueError as exc:
-        raise ValueError(f"an animated WebP of {exc} (convert it to MP4)") from None
+    return read_limited(uri, MAX_BYTES, "an animated WebP")
 
 
 def iter_webp_frames(

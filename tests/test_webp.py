@@ -175,4 +175,4 @@ def test_an_animation_too_large_to_hold_is_an_error_row(
     monkeypatch.setattr(pipeline.webp, "MAX_BYTES", os.path.getsize(path) - 1)
     row = Probe().probe_one(path)
     assert row["src_status"] == "error" and path in row["src_error"]
-    assert "MiB it may take in memory (convert it to MP4)" in row["src_error"]
+    assert "an animated WebP of 2 MiB, over the 2 MiB it may take in memory" in row["src_error"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -481,69 +481,56 @@ def webp_facts(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
     animation = parse_animation(data)
     if animation is None:
         raise ValueError("a WebP that FFmpeg cannot decode and that is no animation")
-    w, h = animation.width, animation.height
-    facts: dict[str, Any] = {
+    header = {
         "container": "webp",
         "media_kind": "video",
         "codec": "webp",
-        "width": w,
-        "height": h,
-        "sar": Fraction(1),
+        "width": animation.width,
+        "height": animation.height,
         "fps": animation.fps,
         "duration_s": animation.duration_s,
         "num_frames": animation.num_frames,
         "num_frames_exact": True,
-        "start_s": 0.0,
-        "has_audio": False,
-        "num_video_streams": 1,
     }
-    problem = check_size(w, h, cfg) if cfg is not None else None
-    if problem:
-        raise LimitError(problem, facts)
-    next(iter_webp_frames(data, None, 0))  # proves the first frame decodes
-    return {
-        **facts,
-        "rotation": 0,
-        "display_width": w,
-        "display_height": h,
-        "vfr": animation.vfr,
-        "interlaced": False,
-        "color_transfer": None,
-        "picture_fraction": 1.0,
-        "pulldown": False,
-    }
+    return _decoded_elsewhere(
+        header, cfg, lambda: next(iter_webp_frames(data, None, 0)), vfr=animation.vfr
+    )
 
 
 def heif_facts(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
     """The facts of a HEIC/HEIF photo (:mod:`pipeline.heif`), in the keys of
-    :func:`container_facts`: an image of its displayed size. With ``cfg``, the size is
-    checked against the limits before the image is decoded."""
+    :func:`container_facts`: an image of its displayed size (libheif applies the stored
+    rotation). With ``cfg``, the size is checked against the limits before the image
+    is decoded."""
     from pipeline.heif import heif_rgb, heif_size, read_heif
 
     data = read_heif(source)
     w, h = heif_size(data)
-    facts: dict[str, Any] = _as_still(
-        {
-            "container": "heif",
-            "codec": "hevc",
-            "width": w,
-            "height": h,
-            "sar": Fraction(1),
-            "start_s": 0.0,
-            "has_audio": False,
-            "num_video_streams": 1,
-        }
-    )
-    problem = check_size(w, h, cfg) if cfg is not None else None
+    header = _as_still({"container": "heif", "codec": "hevc", "width": w, "height": h})
+    return _decoded_elsewhere(header, cfg, lambda: heif_rgb(data))
+
+
+def _decoded_elsewhere(
+    header: dict[str, Any],
+    cfg: ProbeConfig | None,
+    decode_first: Callable[[], Any],
+    vfr: bool = False,
+) -> dict[str, Any]:
+    """The facts of a source that a decoder other than FFmpeg reads, shown as decoded
+    (no rotation, bars, interlacing or HDR to find): ``header`` checked against the
+    size limits of ``cfg``, then ``decode_first`` run to prove that it decodes."""
+    defaults = {"sar": Fraction(1), "start_s": 0.0, "has_audio": False, "num_video_streams": 1}
+    facts: dict[str, Any] = {**defaults, **header}
+    problem = check_size(facts["width"], facts["height"], cfg) if cfg is not None else None
     if problem:
         raise LimitError(problem, facts)
-    heif_rgb(data)  # proves it decodes
+    decode_first()
     return {
         **facts,
-        "rotation": 0,  # applied by libheif: the size is as shown
-        "display_width": w,
-        "display_height": h,
-        "vfr": False,
+        "rotation": 0,
+        "display_width": facts["width"],
+        "display_height": facts["height"],
+        "vfr": vfr,
         "interlaced": False,
         "color_transfer": None,
         "picture_fraction": 1.0,
