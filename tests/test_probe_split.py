@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import logging
 import os
 import types
 import uuid
@@ -302,7 +303,9 @@ def test_stream_hands_clips_on_in_chunks(landscape: tuple[str, list[int]]) -> No
 
 
 def test_corrupt_data_ends_the_stream_and_the_clips_before_it_stand(
-    landscape: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+    landscape: tuple[str, list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """FFmpeg's "invalid data" mid-stream (a corrupt packet, a file cut off) ends the
     source there, as the end of the stream would: its shots before stand, streamed or
@@ -333,6 +336,11 @@ def test_corrupt_data_ends_the_stream_and_the_clips_before_it_stand(
     rows = batch_to_rows(Split(replace(cfg, flush_mib=0))(probe_batch(path)))
     assert [r["clip_id"] for r in rows] == [r["clip_id"] for r in streamed]
     assert all(r["src_status"] == "done" and r["src_error"] == note for r in rows)
+    # `reelpack shots` stops there too, and says so
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.split"):
+        found = shots(path)
+    assert found[-1]["end_frame"] == 125
+    assert "decoding stopped after frame 124 (corrupt data: Invalid data" in caplog.text
 
 
 def test_corrupt_data_at_the_first_frame_is_an_error_row(

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import logging
 import math
 import time
 import uuid
@@ -112,6 +113,8 @@ __all__ = [
     "stitch",
     "supports_ranges",
 ]
+
+log = logging.getLogger(__name__)
 
 DETECTORS = ("adaptive", "content", "histogram", "hash", "threshold", "transnetv2")
 # Detectors whose raw cuts depend on a bounded window of frames: ranges stitch exactly.
@@ -1094,6 +1097,7 @@ def shots(
     its limits), then decodes it once at detection size (on a second thread, while
     this one detects); for ``reelpack shots``. An image is one frame. Times are
     presentation times relative to the stream start; frame numbers are the source's own.
+    Corrupt data ends the stream where it starts, as in a build (logged as a warning).
     """
     cfg = cfg or SplitConfig(detector=detector)
     facts = probe_video(path, bars=False)  # as a build's probe, without limits or bars
@@ -1118,11 +1122,17 @@ def shots(
         )
     )
     try:
-        for frame in frames:
+        for frame in _until_corrupt(frames):
             assert frame.small is not None
             cuts += tracker.push_bgr(frame.num, frame.small)
             times.append(frame.time_s)
             end_s = frame.time_s + frame.duration_s
+    except _CorruptData as exc:  # as in a build: the stream ends there
+        if not times:
+            raise ValueError(f"no frame decodes (corrupt data): {exc}") from exc
+        log.warning(
+            "%s: decoding stopped after frame %d (corrupt data: %s)", path, len(times) - 1, exc
+        )
     finally:
         frames.close()
     cuts += tracker.finish()
