@@ -98,6 +98,10 @@ class DecodedFrame:
     small: np.ndarray | None = None
     colorspace: int = COLORSPACE_UNSPECIFIED  # FFmpeg AVColorSpace of ``yuv``
     color_range: int = RANGE_UNSPECIFIED  # FFmpeg AVColorRange of ``yuv``
+    # The display (width, height) of a frame whose picture has another aspect ratio than
+    # the stream's header (a stream that changes frame size mid-file, :class:`_Geometry`):
+    # ``yuv`` is then at a working size of that aspect. None: the header's (probed) one.
+    display: tuple[int, int] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -161,16 +165,66 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     return sorted(shown)
 
 
-def _working_size(
-    frame: Any, stream: Any, display: tuple[int, int] | None, max_area: int
-) -> tuple[tuple[int, int], int]:
-    """(decode size in coded orientation, rotation degrees ccw) for a stream's frames."""
-    rotation = round(frame.rotation or 0) % 360
-    sar = Fraction(stream.sample_aspect_ratio or 1)
-    shown = display or display_size(frame.width, frame.height, sar, rotation)
-    w, h = even_size(shown[0], shown[1], max_area)
-    # Scale in coded orientation, then rotate: a quarter turn swaps the sides.
-    return ((h, w) if rotation % 180 else (w, h)), rotation
+def _coded(size: tuple[int, int], rotation: int) -> tuple[int, int]:
+    """A display-oriented size in coded orientation: a quarter turn swaps the sides."""
+    return (size[1], size[0]) if rotation % 180 else size
+
+
+def _natural_detection_size(width: int, height: int, detect_width: int) -> tuple[int, int]:
+    """The size PySceneDetect's loop shrinks a ``width`` x ``height`` frame to."""
+    if width <= detect_width:
+        return width, height
+    return detect_width, max(1, round(height * detect_width / width))
+
+
+class _Geometry:
+    """Sizes for each picture size a stream decodes to.
+
+    The stream's header (what probe reports) fixes the reference: its working size
+    (from the probed ``display``) and its detection size. A frame of another coded size
+    (a stream that changes resolution mid-file: a broadcast capture going from an HD
+    programme to an SD advert, joined recordings, adaptive-bitrate captures) keeps the
+    detection size (stretched if need be: the detector's frames must not change shape),
+    and the working size too while its display aspect ratio is the header's (within
+    1 %); with another aspect ratio it gets a working size of its own, which
+    :class:`DecodedFrame.display` announces, so that its pictures are never stretched.
+    Every size depends only on the header and the frame, never on what was decoded
+    before: a range decoded from mid-stream gets the sizes a whole decode gets.
+    """
+
+    def __init__(
+        self,
+        coded: tuple[int, int],
+        sar: Fraction,
+        display: tuple[int, int] | None,
+        max_area: int,
+        detect_width: int | None,
+        rotation: int,
+    ) -> None:
+        self.coded, self.sar, self.rotation, self.max_area = coded, sar, rotation, max_area
+        self.display = display or display_size(*coded, sar, rotation)
+        self.detect: tuple[int, int] | None = None
+        if detect_width is not None:
+            self.detect = _natural_detection_size(*coded, detect_width)
+        self._sizes: dict[tuple[int, int], tuple[tuple[int, int], tuple[int, int] | None]] = {}
+
+    def sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """(working size in coded orientation, its display size when not the header's)
+        for a frame of ``width`` x ``height`` coded pixels."""
+        known = self._sizes.get((width, height))
+        if known is not None:
+            return known
+        shown, own = self.display, None
+        if (width, height) != self.coded:
+            frame_shown = display_size(width, height, self.sar, self.rotation)
+            aspect, header_aspect = frame_shown[0] / frame_shown[1], shown[0] / shown[1]
+            if abs(aspect / header_aspect - 1) > 0.01:
+                shown = own = frame_shown
+        size = (0, 0)
+        if self.max_area > 0:
+            size = _coded(even_size(shown[0], shown[1], self.max_area), self.rotation)
+        self._sizes[(width, height)] = (size, own)
+        return size, own
 
 
 def _frame_number(pts: int | None, pts_table: list[int] | None, previous: int) -> int:
@@ -271,11 +325,17 @@ def _bgr_tables(colorspace: int, color_range: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _detection_frame(
-    y: np.ndarray, u: np.ndarray, v: np.ndarray, colorspace: int, color_range: int, width: int
+    y: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    colorspace: int,
+    color_range: int,
+    size: tuple[int, int],
 ) -> np.ndarray:
     """The BGR frame PySceneDetect's loop would make: the whole frame converted to BGR
-    by swscale, then ``cv2.resize(..., INTER_LINEAR)`` to ``width`` wide, computed at
-    the small size.
+    by swscale, then ``cv2.resize(..., INTER_LINEAR)`` to ``size`` (its
+    :func:`_natural_detection_size`, or the header's for a frame of another size,
+    :class:`_Geometry`), computed at the small size.
 
     Luma is resized as OpenCV would, each small pixel gets the chroma of the source
     pixel it samples (:func:`_chroma_maps`), and swscale's own conversion is applied
@@ -285,11 +345,10 @@ def _detection_frame(
     few levels.
     """
     h, w = y.shape
-    if w <= width:
-        dw, dh = w, h
+    dw, dh = size
+    if (dw, dh) == (w, h):
         ys = np.ascontiguousarray(y)
     else:
-        dw, dh = width, max(1, round(h * width / w))
         ys = cv2.resize(y, (dw, dh), interpolation=cv2.INTER_LINEAR)
     maps = _chroma_maps(h, w, dh, dw)
     if maps is None:  # single chroma samples, exactly where nearest-neighbour reads
@@ -320,7 +379,7 @@ def _shrink(plane: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def _hdr_images(
-    frame: Any, size: tuple[int, int], detect_width: int | None, peak_nits: float
+    frame: Any, size: tuple[int, int], detect: tuple[int, int] | None, peak_nits: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`_images` of a PQ or HLG frame: tone-mapped to SDR (:mod:`pipeline.hdr`) at
     the working size, or at the detection size when no working image is asked for."""
@@ -332,23 +391,21 @@ def _hdr_images(
     )
     w = size[0]
     if w == 0:
-        tw = min(detect_width or frame.width, frame.width)
-        target = (max(2, tw - tw % 2), max(2, round(frame.height * tw / frame.width) // 2 * 2))
+        dw, dh = detect or (frame.width, frame.height)
+        target = (max(2, dw - dw % 2), max(2, dh - dh % 2))
     else:
         target = size
     sdr = tone_map_i420(y, u, v, frame.color_trc, target, peak_nits=peak_nits)
     small = None
-    if detect_width is not None:
-        small = _detection_frame(
-            *i420_planes(sdr), COLORSPACE_UNSPECIFIED, RANGE_MPEG, detect_width
-        )
+    if detect is not None:
+        small = _detection_frame(*i420_planes(sdr), COLORSPACE_UNSPECIFIED, RANGE_MPEG, detect)
     return (sdr if w else np.empty((0, 0), np.uint8)), small
 
 
 def _images(
     frame: Any,
     size: tuple[int, int],
-    detect_width: int | None,
+    detect: tuple[int, int] | None,
     tone_map: bool = True,
     peak_nits: float = DEFAULT_PEAK_NITS,
 ) -> tuple[np.ndarray, np.ndarray | None, int, int]:
@@ -358,7 +415,7 @@ def _images(
     size. With ``tone_map``, HDR frames become SDR (:func:`_hdr_images`), their
     highlights rolled off from ``peak_nits``."""
     if tone_map and is_hdr(frame.color_trc):
-        yuv, small = _hdr_images(frame, size, detect_width, peak_nits)
+        yuv, small = _hdr_images(frame, size, detect, peak_nits)
         return yuv, small, COLORSPACE_UNSPECIFIED, RANGE_MPEG
     y, u, v, full = _planes(frame)
     w, h = size
@@ -376,8 +433,8 @@ def _images(
         )
     small = None
     color_range = RANGE_JPEG if full else RANGE_MPEG
-    if detect_width is not None:
-        small = _detection_frame(y, u, v, frame.colorspace, color_range, detect_width)
+    if detect is not None:
+        small = _detection_frame(y, u, v, frame.colorspace, color_range, detect)
     return yuv.reshape(h * 3 // 2, w), small, frame.colorspace, color_range
 
 
@@ -609,8 +666,10 @@ def iter_pyav(
         if start_pts is None:
             start_pts = pts_table[0]
         wanted_pts = pts_table[start_frame]
-    size: tuple[int, int] = (0, 0)
-    rotation = 0
+    # the header's picture size (read before decoding, which may change it mid-stream)
+    header = (int(stream.codec_context.width or 0), int(stream.codec_context.height or 0))
+    sar = Fraction(stream.sample_aspect_ratio or 1)
+    geometry: _Geometry | None = None
     num = start_frame - 1
     clock = _Clock(start_pts, tb, frame_s)
     peak_nits = DEFAULT_PEAK_NITS
@@ -618,19 +677,22 @@ def iter_pyav(
         num = _frame_number(pts, pts_table, num)
         if num < start_frame:
             continue  # decoded from the keyframe before the seek point only to get here
-        if size == (0, 0) and max_area > 0:
-            size, rotation = _working_size(frame, stream, display, max_area)
+        if geometry is None:
+            rotation = round(frame.rotation or 0) % 360
+            coded = header if min(header) > 0 else (frame.width, frame.height)
+            geometry = _Geometry(coded, sar, display, max_area, detect_width, rotation)
+        size, shown = geometry.sizes(frame.width, frame.height)
         time_s = clock.time_of(pts, num)
         duration = float(frame.duration * frame.time_base) if frame.duration else frame_s
         if tone_map and frame.color_trc == TRC_PQ:
             peak_nits = content_peak_nits(frame) or peak_nits
         yuv, small, colorspace, color_range = _images(
-            frame, size, detect_width, tone_map, peak_nits
+            frame, size, geometry.detect, tone_map, peak_nits
         )
-        if rotation and yuv.size:
+        if geometry.rotation and yuv.size:
             # frame.rotation is counter-clockwise degrees, and so is np.rot90.
-            yuv = rotate_i420(yuv, rotation)
-        yield DecodedFrame(num, time_s, duration, yuv, small, colorspace, color_range)
+            yuv = rotate_i420(yuv, geometry.rotation)
+        yield DecodedFrame(num, time_s, duration, yuv, small, colorspace, color_range, shown)
 
 
 def detection_bgr(rgb: np.ndarray, width: int) -> np.ndarray:

@@ -225,6 +225,42 @@ def demo_videos(out_dir: str) -> list[str]:
     return paths
 
 
+def resized_stream(
+    path: str, parts: list[list[np.ndarray]], *, fps: float = 24.0, fmt: str | None = None
+) -> None:
+    """One H.264 stream whose frame size changes between ``parts`` (lists of RGB frames,
+    one size each), as a broadcast capture or joined recordings hold: each part encoded
+    with its own parameter sets, the packets muxed in order into ``path`` (container by
+    ``fmt`` or the file name), one frame every ``1 / fps`` seconds."""
+    raw = bytearray()
+    for frames in parts:
+        sink = _Pipe()
+        with av.open(sink, mode="w", format="h264") as out:
+            stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            assert isinstance(stream, av.VideoStream)
+            stream.height, stream.width = frames[0].shape[:2]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"preset": "ultrafast", "crf": "23"}
+            for image in frames:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        raw += sink.data
+    tick = Fraction(fps).limit_denominator(1001) ** -1
+    src = av.open(io.BytesIO(bytes(raw)), mode="r", format="h264")
+    with src, av.open(path, mode="w", format=fmt) as out:
+        video = src.streams.video[0]
+        stream = out.add_stream_from_template(video)
+        stream.time_base = tick
+        packets = (p for p in src.demux(video) if p.size)
+        for i, packet in enumerate(packets):  # no B-frames: decode order is display order
+            packet.stream = stream
+            packet.time_base, packet.pts, packet.dts, packet.duration = tick, i, i, 1
+            out.mux(packet)
+
+
 # --- a corpus of bad and unusual inputs ---------------------------------------------------------
 
 

@@ -579,7 +579,7 @@ def check_limits(facts: dict[str, Any], cfg: ProbeConfig) -> str | None:
 
 def describe(exc: BaseException) -> str:
     """A short cause for an error message (FFmpeg's own text, without the path it repeats)."""
-    return str(getattr(exc, "strerror", None) or exc or type(exc).__name__)
+    return str(getattr(exc, "strerror", None) or exc) or type(exc).__name__
 
 
 class Probe:

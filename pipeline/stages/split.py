@@ -47,7 +47,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -324,12 +324,15 @@ def supports_ranges(cfg: SplitConfig) -> bool:
     return cfg.detector in RANGE_DETECTORS
 
 
-def count_cuts(raw_cuts: Iterable[int], min_scene: int, last: int = 0) -> list[int]:
+def count_cuts(
+    raw_cuts: Iterable[int], min_scene: int, last: int = 0, forced: Container[int] = ()
+) -> list[int]:
     """The raw cuts that count: each at least ``min_scene`` frames after the previous one
-    that counted (``last``: the video start). Pure; equal to AdaptiveDetector's rule."""
+    that counted (``last``: the video start), and every ``forced`` one after ``last``.
+    Pure; equal to AdaptiveDetector's rule."""
     out = []
     for cut in sorted(set(raw_cuts)):
-        if cut - last >= min_scene:
+        if cut - last >= min_scene or (cut > last and cut in forced):
             out.append(cut)
             last = cut
     return out
@@ -357,6 +360,9 @@ class ShotTracker:
         self.min_scene = _min_scene_frames(cfg, fps)
         self.last_counted = first_frame
         self.raw: list[int] = []
+        # cuts that count whatever the detector says: where the picture's aspect ratio
+        # changes mid-stream (DecodedFrame.display), no clip may hold both pictures
+        self.forced: set[int] = set()
         self._last = -1
 
     def small_bgr(self, frame: np.ndarray) -> np.ndarray:
@@ -383,6 +389,13 @@ class ShotTracker:
         """:meth:`push` for a frame already at detection size (BGR)."""
         return self._count(self.push_small(frame_num, small_bgr))
 
+    def force(self, frame_num: int) -> list[int]:
+        """Make ``frame_num`` a cut that counts (the first frame of a picture of another
+        aspect ratio); returns it as :meth:`push` returns cuts."""
+        self.forced.add(frame_num)
+        self.raw.append(frame_num)
+        return self._count([frame_num])
+
     def finish(self) -> list[int]:
         """Cuts the detector holds back until the stream ends."""
         return self._count(self.finish_raw())
@@ -402,7 +415,7 @@ class ShotTracker:
         return False if ask is None else ask(frame_num)
 
     def _count(self, raw: list[int]) -> list[int]:
-        out = count_cuts(raw, self.min_scene, self.last_counted)
+        out = count_cuts(raw, self.min_scene, self.last_counted, self.forced)
         if out:
             self.last_counted = out[-1]
         return out
@@ -549,6 +562,7 @@ class _Frame:
     luma: float = 128.0  # mean luma of the detection-size frame
     colorspace: int = COLORSPACE_UNSPECIFIED  # FFmpeg colour tags of `yuv`
     color_range: int = RANGE_MPEG
+    display: tuple[int, int] | None = None  # DecodedFrame.display
 
 
 @dataclass(frozen=True)
@@ -559,6 +573,9 @@ class _Clip:
     end_s: float
     payload: bytes
     crop: tuple[int, int, int, int] | None = None  # (x, y, w, h) kept, display pixels
+    # the clip's display size where the stream changed to a picture of another aspect
+    # ratio (DecodedFrame.display); None: the source's
+    display: tuple[int, int] | None = None
 
 
 _CROP_SAMPLES = 12  # frames of a clip that border_crop looks at
@@ -691,6 +708,7 @@ class _SourceSplitter:
         self.count = 0
         self.end_s = 0.0
         self.done = False  # the range's last shot closed: stop decoding
+        self._previous: _Frame | None = None  # the frame pushed before
 
     @property
     def first_frame(self) -> int:
@@ -709,6 +727,9 @@ class _SourceSplitter:
             self.buffer.append(frame)
         raw = self.tracker.push_small(frame.num, small_bgr)
         self._on_raw(raw)
+        if self._previous is not None and frame.display != self._previous.display:
+            self._on_raw(self.tracker.force(frame.num))  # a picture of another shape
+        self._previous = frame
         self._advance_lead()
         # No cut yet that starts a shot of this range, and every cut up to `count -
         # delay` is reported by now: once that passes the end's sync point, any later
@@ -778,7 +799,7 @@ class _SourceSplitter:
             if self.own_from is None:
                 self._maybe_start(cut)
                 continue
-            if cut - self.tracker.last_counted < self.min_scene:
+            if cut not in self.tracker.forced and cut - self.tracker.last_counted < self.min_scene:
                 continue  # too close to the previous shot's start: not a cut
             if self.range_end >= 0 and cut >= self._sync(self.range_end):
                 # The next range owns shots from here on.
@@ -868,10 +889,11 @@ class _SourceSplitter:
         self, crop: tuple[int, int, int, int] | None, frames: list[_Frame]
     ) -> tuple[int, int, int, int] | None:
         """A working-size crop in the source's display pixels."""
-        if crop is None or self.display is None:
+        display = frames[0].display or self.display
+        if crop is None or display is None:
             return crop
         height, width = frames[0].yuv.shape[0] * 2 // 3, frames[0].yuv.shape[1]
-        sx, sy = self.display[0] / width, self.display[1] / height
+        sx, sy = display[0] / width, display[1] / height
         x, y, w, h = crop
         return round(x * sx), round(y * sy), round(w * sx), round(h * sy)
 
@@ -887,7 +909,15 @@ class _SourceSplitter:
         crop = self._border_crop(frames)
         self._payloads.append(self.encoder.submit(frames, crop))
         self.clips.append(
-            _Clip(start, end, frames[0].time_s, end_s, b"", self._shown(crop, frames))
+            _Clip(
+                start,
+                end,
+                frames[0].time_s,
+                end_s,
+                b"",
+                self._shown(crop, frames),
+                frames[0].display,
+            )
         )
         self._drop_until(end)
         self.pending = end
@@ -984,6 +1014,7 @@ def _drive(
             _luma(small),
             decoded.colorspace,
             decoded.color_range,
+            decoded.display,
         )
         owning = splitter.own_from is not None
         splitter.push(frame, decoded.duration_s, small)
@@ -1122,9 +1153,13 @@ def shots(
         )
     )
     try:
+        previous: DecodedFrame | None = None
         for frame in _until_corrupt(frames):
             assert frame.small is not None
             cuts += tracker.push_bgr(frame.num, frame.small)
+            if previous is not None and frame.display != previous.display:
+                cuts += tracker.force(frame.num)  # a picture of another shape, as in a build
+            previous = frame
             times.append(frame.time_s)
             end_s = frame.time_s + frame.duration_s
     except _CorruptData as exc:  # as in a build: the stream ends there
@@ -1391,7 +1426,7 @@ class Split:
             "clip_bytes": clip.payload,
             "crop": None if clip.crop is None else list(clip.crop),
             "src_num_clips": None,
-        }
+        } | ({} if clip.display is None else {"width": clip.display[0], "height": clip.display[1]})
 
     @staticmethod
     def _placeholder(
