@@ -467,6 +467,18 @@ def bad_input_corpus(out_dir: str, long_minutes: float = 15.0) -> dict[str, str]
     note("recorded.webm", "WebM without a duration (written to a pipe, as recorders do)")
     _encode_frames(p("raw.h264"), _shots_frames(64, 48, [30, 30], 12), fmt="h264")
     note("raw.h264", "a raw H.264 elementary stream (no container, no timestamps)")
+    _encode_frames(p("_whole.mkv"), _shots_frames(96, 64, [30, 30, 30, 30], 14))
+    with open(p("_whole.mkv"), "rb") as src, open(p("cut_off.mkv"), "wb") as dst:
+        whole = src.read()
+        dst.write(whole[: len(whole) * 2 // 3])
+    os.remove(p("_whole.mkv"))
+    note("cut_off.mkv", "Matroska cut off (its header announces the whole duration)")
+    resized_stream(
+        p("resized.mkv"),
+        [_shots_frames(96, 64, [20], 15), _shots_frames(64, 64, [20], 16)],
+        fps=10.0,
+    )
+    note("resized.mkv", "one stream changing its frame size and aspect ratio mid-file")
     from PIL import Image
 
     stills = [Image.fromarray(f) for f in _shots_frames(48, 32, [12, 12], 13)]

@@ -56,6 +56,9 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "two_video_streams.mkv": ("clips", None),
     "recorded.webm": ("clips", None),  # no duration in its header: found from the packets
     "raw.h264": ("clips", None),
+    # demuxes cleanly to where it stops: clips before it, and a note
+    "cut_off.mkv": ("clips", "file cut off"),
+    "resized.mkv": ("clips", None),  # a clip for each picture size
     "animated.webp": ("clips", None),  # decoded by Pillow: FFmpeg cannot
     "truncated_animated.webp": ("error", "an animated WebP truncated inside frame"),
     "static_long.mp4": ("clips", None),
@@ -175,6 +178,40 @@ def test_image_named_mp4_and_rotation_facts(corpus: str) -> None:
     assert image["src_media_kind"] == "image" and image["src_num_frames"] == 1
     assert rotated["src_rotation_deg"] == 90 and (rotated["width"], rotated["height"]) == (48, 96)
     assert rotated["src_coded_width"] == 96 and not rotated["src_has_audio"]
+
+
+def test_a_file_cut_off_gets_its_true_length_and_a_note(corpus: str) -> None:
+    """Matroska cut off: its header announces 12 s, its stream ends near 8 s. The source
+    is done, its clips before the end stand, its duration and frame count are what
+    decoding found, and the note says so; a ranged split says the same."""
+    from pipeline.stitching import RangeStitcher, expand_ranges
+
+    path = os.path.join(corpus, "cut_off.mkv")
+    cfg = SplitConfig(min_clip_s=0.5, max_clip_s=1.5)
+    probed = Probe()({"source": np.array([path], dtype=object)})
+    assert batch_to_rows(probed)[0]["src_duration_s"] == pytest.approx(12.0)
+    rows = batch_to_rows(Split(cfg)(probed))
+    last = rows[-1]
+    frames = int(last["src_num_frames"])
+    assert last["src_num_frames_exact"] and 40 <= frames < 120
+    assert last["src_duration_s"] == pytest.approx(frames / 10.0)
+    assert rows[-1]["end_frame"] <= frames and last["src_status"] == "done"
+    assert f"the stream ends at {frames / 10:.2f} s, short of the 12.00 s" in last["src_error"]
+
+    ranged = expand_ranges(probed, cfg, range_frames=20)
+    assert len(ranged["source"]) > 1
+    stitcher = RangeStitcher()
+    out: list[dict[str, Any]] = []
+    for i in range(len(ranged["source"])):
+        one = {k: v[i : i + 1] for k, v in ranged.items()}
+        for batch in stitcher(Split(cfg)(one)):
+            out.extend(batch_to_rows(batch))
+    keys = ("start_frame", "end_frame", "src_num_frames", "src_duration_s", "src_error")
+    assert [[r[k] for k in keys] for r in out] == [[r[k] for k in keys] for r in rows]
+
+    whole = os.path.join(corpus, "vfr.mkv")  # one that is not cut off has no note
+    done = batch_to_rows(Split(cfg)(Probe()({"source": np.array([whole], dtype=object)})))
+    assert {r["src_error"] for r in done} == {None}
 
 
 def test_per_source_timeout_ends_the_source_as_an_error(corpus: str) -> None:

@@ -540,7 +540,11 @@ def stitch(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]
     # The range that decoded to the end of the stream counted the frames exactly.
     exact = [r for r in rows if _flag(r.get("src_num_frames_exact"))]
     facts: dict[str, Any] = (
-        {"src_num_frames": exact[-1]["src_num_frames"], "src_num_frames_exact": True}
+        {
+            "src_num_frames": exact[-1]["src_num_frames"],
+            "src_num_frames_exact": True,
+            "src_duration_s": exact[-1].get("src_duration_s"),
+        }
         if exact
         else {}
     )
@@ -935,6 +939,7 @@ class _RangeResult:
     count: int  # frames decoded up to (exclusive) this frame number
     complete: bool  # decoded to the end of the stream
     broken: str | None = None  # why decoding stopped early at corrupt data
+    end_s: float = 0.0  # when the last decoded frame ends, from the stream start
 
 
 class _CorruptData(Exception):
@@ -987,7 +992,7 @@ def _split_range(
         raise ValueError(f"failed after frame {splitter.count - 1}: {describe(exc)}") from exc
     if splitter.count == 0 and splitter.range_start == 0:
         raise ValueError("zero frames: no frame decodes")
-    return _RangeResult(splitter.finish(), splitter.count, complete, broken)
+    return _RangeResult(splitter.finish(), splitter.count, complete, broken, splitter.end_s)
 
 
 def _drive(
@@ -1196,6 +1201,26 @@ _SRC_COLUMNS = (
 )
 
 
+# source facts that decoding to the end corrects (see Split._clips), on a source's rows
+_DECODED_FACTS = ("src_num_frames", "src_num_frames_exact", "src_duration_s", "src_error")
+
+
+def _cut_off(announced: Any, end_s: float) -> str | None:
+    """A note when a stream decoded to its end stops well short of the duration its
+    container's header announced (more than 1 s and 5 %): a file cut off (a download or
+    a recording that stopped) that demuxes cleanly to where it ends, as Matroska and
+    WebM do. None otherwise."""
+    if not isinstance(announced, float | int) or announced != announced:  # NaN
+        return None
+    missing = float(announced) - end_s
+    if missing <= max(1.0, 0.05 * float(announced)):
+        return None
+    return (
+        f"the stream ends at {end_s:.2f} s, short of the {float(announced):.2f} s its "
+        f"header announces (file cut off?)"
+    )
+
+
 def _frame_table(packed: Any) -> list[int] | None:
     """A range row's frame table (``range_frame_pts``: little-endian int64 bytes)."""
     if not isinstance(packed, bytes | bytearray | memoryview) or not len(packed):
@@ -1312,13 +1337,14 @@ class Split:
         emitted = 0
         clips: list[_Clip] = []
         failure = None
+        stopped = False  # decoding stopped early, at corrupt data
         try:
             chunks = self._clips(row, source, range_start, range_end, flush_bytes)
             while True:
                 try:
                     chunk = next(chunks)
                 except StopIteration as stop:
-                    clips, facts = stop.value
+                    clips, facts, stopped = stop.value
                     base.update(facts)
                     break
                 rows = ([] if held is None else [held]) + [
@@ -1340,15 +1366,10 @@ class Split:
             return
         last = ([] if held is None else [held]) + [self._clip_row(base, source, c) for c in clips]
         if not last:
-            if base["src_error"]:  # decoding stopped at corrupt data before any clip
-                yield [self._placeholder(base, source, status="error", error=base["src_error"])]
-                return
-            # Not an error, but say why nothing came out: the row is all a reader sees.
-            note = f"{source}: no clips: no shot of at least min_clip_s={self.cfg.min_clip_s:g} s"
-            yield [self._placeholder(base, source, status="done", error=note)]
+            yield [self._no_clips(base, source, stopped)]
             return
         total = emitted + len(last)
-        facts = {k: base[k] for k in ("src_num_frames", "src_num_frames_exact") if k in base}
+        facts = {k: base[k] for k in _DECODED_FACTS if k in base}
         yield [dict(r, src_num_clips=total, **facts) for r in last]
 
     def _clips(
@@ -1358,15 +1379,16 @@ class Split:
         range_start: int,
         range_end: int | None,
         flush_bytes: int,
-    ) -> Generator[list[_Clip], None, tuple[list[_Clip], dict[str, Any]]]:
+    ) -> Generator[list[_Clip], None, tuple[list[_Clip], dict[str, Any], bool]]:
         """Clips of one probed source row, as :func:`_split_source` yields them; returns
-        the remaining clips and the source facts learnt by decoding."""
+        the remaining clips, the source facts learnt by decoding, and whether decoding
+        stopped early at corrupt data."""
         fps = float(row["fps"])
         display = (int(row["width"]), int(row["height"]))
         if row.get("src_media_kind") == "image":
             heif = row.get("src_container") == "heif"
             clips = [_split_image(source, display, fps, self.cfg, heif)] if range_start == 0 else []
-            return clips, {}
+            return clips, {}, False
         if (range_start > 0 or range_end is not None) and not supports_ranges(self.cfg):
             raise ValueError(f"detector {self.cfg.detector!r} does not support ranges")
         result = yield from _split_source(
@@ -1384,15 +1406,15 @@ class Split:
             flush_bytes=flush_bytes,
             animated_webp=row.get("src_codec") == "webp",
         )
-        # Decoding reached the end of the stream: the frame count is exact.
-        facts: dict[str, Any] = (
-            {"src_num_frames": result.count, "src_num_frames_exact": True}
-            if result.complete
-            else {}
-        )
+        facts: dict[str, Any] = {}
+        if result.complete:  # decoding reached the end of the stream: the count is exact
+            facts = {"src_num_frames": result.count, "src_num_frames_exact": True}
+            short = _cut_off(row.get("src_duration_s"), result.end_s)
+            if short:  # the true length, and a note on a source that is done
+                facts.update(src_duration_s=result.end_s, src_error=f"{source}: {short}")
         if result.broken:  # a note on a source that is done, with the clips before it
             facts["src_error"] = f"{source}: {result.broken}"
-        return result.clips, facts
+        return result.clips, facts, result.broken is not None
 
     def _work_area(self, row: Mapping[str, Any]) -> int:
         """The working images' pixel area: ``work_max_area``, enlarged for a source whose
@@ -1427,6 +1449,17 @@ class Split:
             "crop": None if clip.crop is None else list(clip.crop),
             "src_num_clips": None,
         } | ({} if clip.display is None else {"width": clip.display[0], "height": clip.display[1]})
+
+    def _no_clips(self, base: dict[str, Any], source: str, stopped: bool) -> dict[str, Any]:
+        """The one row of a source without clips: an error when decoding stopped at
+        corrupt data before any clip; else done, with a note saying why nothing came
+        out (the row is all a reader sees), and what decoding found (a file cut off)."""
+        if stopped:
+            return self._placeholder(base, source, status="error", error=base["src_error"])
+        note = f"{source}: no clips: no shot of at least min_clip_s={self.cfg.min_clip_s:g} s"
+        if base["src_error"]:
+            note += "; " + base["src_error"].removeprefix(f"{source}: ")
+        return self._placeholder(base, source, status="done", error=note)
 
     @staticmethod
     def _placeholder(
