@@ -163,7 +163,10 @@ class SplitConfig:
     # Split.stream hands a source's finished clips on once their payloads reach this many
     # MiB, so memory stays flat however long the source (0: all clips at the end)
     flush_mib: float = 64.0
-    decoder: str = "pyav"  # one of pipeline.decode.BACKENDS ("decord" falls back to PyAV)
+    # one of pipeline.decode.BACKENDS ("decord" falls back to PyAV). decord scales every
+    # frame to one size: a stream that changes aspect ratio mid-file needs PyAV, which
+    # starts a clip at its own size there
+    decoder: str = "pyav"
     # deinterlace frames the decoder flags interlaced (FFmpeg bwdif, one frame per frame)
     deinterlace: bool = True
     # on sources probe found to carry progressive pictures in interlaced video (film
