@@ -199,11 +199,13 @@ def _cast_row(
 
 
 # A sources-table column comes from the stream column of the same name with "src_"
-# in front; ``source`` and the probe's ``fps``/``width``/``height`` keep their names.
+# in front (``width``/``height``: the source's display size, where a clip's own may
+# differ); ``source`` and the probe's ``fps`` keep their names; ``config_hash`` is the
+# run's.
 _SOURCE_NAMES = {
     f.name: f"src_{f.name}"
     for f in schemas.SOURCE_SCHEMA
-    if f.name not in ("source", "fps", "width", "height", "config_hash")
+    if f.name not in ("source", "fps", "config_hash")
 }
 
 
@@ -551,7 +553,11 @@ class CorpusWriter:
         """Put one complete source into the current part; commit the part when full."""
         clips = [r for r in rows if r["clip_id"] is not None]
         index_rows = [_cast_row(r, schemas.CLIP_SCHEMA, {}) for r in clips]
-        source_row = _cast_row(rows[0], schemas.SOURCE_SCHEMA, _SOURCE_NAMES)
+        first = dict(rows[0])
+        for side in ("width", "height"):  # rows split did not see: the probe's size
+            if _cast(first.get(f"src_{side}"), pa.int64()) is None:
+                first[f"src_{side}"] = first.get(side)
+        source_row = _cast_row(first, schemas.SOURCE_SCHEMA, _SOURCE_NAMES)
         source_row["config_hash"] = self._config_hash
         if source_row["status"] not in schemas.SOURCE_STATUSES:
             raise ValueError(f"source {source!r}: unknown src_status {source_row['status']!r}")

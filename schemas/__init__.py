@@ -176,10 +176,12 @@ CLIP_SCHEMA = pa.schema(
         pa.field("start_frame", pa.int64()),  # source frame numbering
         pa.field("end_frame", pa.int64()),  # exclusive
         pa.field("fps", pa.float64()),
-        pa.field("width", pa.int32()),  # display size of the source
+        # display size of the clip's picture: the source's (sources table), or where the
+        # stream changed to a picture of another aspect ratio mid-file, that picture's
+        pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
-        # (x, y, w, h) of the source's display frame kept after cropping black bars off
-        # the clip (split.crop_borders); null: the whole frame
+        # (x, y, w, h) of the clip's display frame (width x height) kept after cropping
+        # black bars off the clip (split.crop_borders); null: the whole frame
         pa.field("crop", pa.list_(pa.int32())),
         pa.field("caption", pa.string()),
         pa.field("latent_shape", pa.list_(pa.int32())),  # C, T, H, W
@@ -243,6 +245,8 @@ STREAM_ONLY_COLUMNS = (
     "src_num_frames",
     "src_codec",
     # probe facts, folded into the SOURCE_SCHEMA column of the same name without "src_"
+    "src_width",  # the source's display size (a clip's width/height: its picture's)
+    "src_height",
     "src_container",
     "src_media_kind",
     "src_coded_width",

@@ -136,6 +136,25 @@ def test_ranges_across_a_size_change_equal_one_range(aspect_change) -> None:
     assert {r["start_frame"] for r in whole} >= {48, 96}
 
 
+def test_the_corpus_keeps_the_source_size_and_each_clip_its_own(tmp_path) -> None:
+    """A capture whose first picture is too short for a clip: its only clip is square;
+    the sources table still gives the source's size, the index the clip's."""
+    from pipeline.graph import run_in_process
+    from pipeline.writer import read_index, read_sources
+
+    path = str(tmp_path / "short then square.mkv")
+    resized_stream(path, [_frames(320, 180, 8, seed=6), _frames(240, 240, 40, seed=7)], fps=FPS)
+    cfg = load_config(preset="tiny", model_cache=str(tmp_path / "models"))
+    out = str(tmp_path / "corpus")
+    run_in_process([path], out, cfg)
+    (source,) = read_sources(out).to_pylist()
+    assert (source["width"], source["height"]) == (320, 180)
+    assert source["status"] == "done" and source["num_clips"] == 1
+    (clip,) = read_index(out).to_pylist()
+    assert (clip["width"], clip["height"]) == (240, 240) and clip["start_frame"] == 8
+    assert clip["encode_src_width"] == clip["encode_src_height"]  # square, unstretched
+
+
 def test_an_error_without_a_message_is_named_by_its_type() -> None:
     assert describe(AssertionError()) == "AssertionError"
     assert describe(ValueError("bad header")) == "bad header"

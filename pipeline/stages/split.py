@@ -1281,8 +1281,10 @@ class Split:
         "start_s",
         "end_s",
         "fps",
-        "width",
+        "width",  # the clip's picture (the source's, unless its aspect ratio changed)
         "height",
+        "src_width",  # the source's display size (probe's width and height)
+        "src_height",
         "clip_bytes",
         "crop",
         *_SRC_COLUMNS,
@@ -1324,6 +1326,7 @@ class Split:
         once a frame has decoded: the stream ends there, and ``src_error`` notes it on a
         source that is done."""
         base = dict(row)
+        base["src_width"], base["src_height"] = row.get("width"), row.get("height")
         if "range_frame_pts" in base:
             base["range_frame_pts"] = None  # the range's business: not copied to every clip
         source = str(row["source"])
