@@ -46,7 +46,14 @@ import av
 import cv2
 import numpy as np
 
-from pipeline.hdr import DEFAULT_PEAK_NITS, TRC_PQ, content_peak_nits, is_hdr, tone_map_i420
+from pipeline.hdr import (
+    DEFAULT_PEAK_NITS,
+    TRC_PQ,
+    content_peak_nits,
+    is_hdr,
+    is_wide_gamut_sdr,
+    tone_map_i420,
+)
 from pipeline.stages.probe import display_size, open_source
 from pipeline.video import (
     FIELD_MATCH,
@@ -381,8 +388,9 @@ def _shrink(plane: np.ndarray, w: int, h: int) -> np.ndarray:
 def _hdr_images(
     frame: Any, size: tuple[int, int], detect: tuple[int, int] | None, peak_nits: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`_images` of a PQ or HLG frame: tone-mapped to SDR (:mod:`pipeline.hdr`) at
-    the working size, or at the detection size when no working image is asked for."""
+    """:func:`_images` of a PQ or HLG frame, tone-mapped to SDR, or of a BT.2020 SDR
+    frame, brought to BT.709 primaries (:mod:`pipeline.hdr`): at the working size, or
+    at the detection size when no working image is asked for."""
     if frame.format.name != "yuv420p10le":
         frame = frame.reformat(format="yuv420p10le")
     y, u, v = (
@@ -413,8 +421,11 @@ def _images(
     the image's FFmpeg colorspace and range), from the decoder's planes: the payload is
     never converted to RGB and back, and the detection frame is converted at its small
     size. With ``tone_map``, HDR frames become SDR (:func:`_hdr_images`), their
-    highlights rolled off from ``peak_nits``."""
-    if tone_map and is_hdr(frame.color_trc):
+    highlights rolled off from ``peak_nits``, and BT.2020 SDR frames get BT.709
+    colours."""
+    if tone_map and (
+        is_hdr(frame.color_trc) or is_wide_gamut_sdr(frame.color_primaries, frame.color_trc)
+    ):
         yuv, small = _hdr_images(frame, size, detect, peak_nits)
         return yuv, small, COLORSPACE_UNSPECIFIED, RANGE_MPEG
     y, u, v, full = _planes(frame)

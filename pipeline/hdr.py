@@ -1,4 +1,5 @@
-"""HDR video (PQ or HLG, BT.2020) tone-mapped to SDR for the working images.
+"""HDR video (PQ or HLG, BT.2020) tone-mapped to SDR for the working images, and
+BT.2020 SDR video brought to BT.709 colours.
 
 Phones record HDR by default (HLG on iPhones, PQ/HDR10 elsewhere). Shown as is, its
 10-bit code values look flat and washed out, and a VAE trained on them learns that
@@ -16,6 +17,10 @@ shows, at the working size (cheaper than at the coded size):
 5. BT.1886 encoding (gamma 2.4) to 8-bit R'G'B', then 8-bit I420 as
    :func:`pipeline.decode.rgb_to_i420` makes it (BT.601, limited range, the colour
    tags of an untagged frame).
+
+SDR video with BT.2020 primaries (:func:`is_wide_gamut_sdr`) takes the same path with
+BT.1886 (gamma 2.4) as its EOTF and no tone curve: only its primaries change. Used as
+is, its colours would look washed out, as BT.709 reads them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "TRC_PQ",
     "content_peak_nits",
     "is_hdr",
+    "is_wide_gamut_sdr",
     "tone_map_i420",
     "transfer_name",
 ]
@@ -42,6 +48,7 @@ __all__ = [
 # FFmpeg AVColorTransferCharacteristic values
 TRC_PQ, TRC_HLG = 16, 18
 HDR_TRANSFERS = frozenset({TRC_PQ, TRC_HLG})
+PRIMARIES_BT2020 = 9  # FFmpeg AVColorPrimaries
 _TRC_NAMES = {
     1: "bt709",
     2: "unknown",
@@ -92,6 +99,11 @@ def is_hdr(color_trc: int | None) -> bool:
     return color_trc in HDR_TRANSFERS
 
 
+def is_wide_gamut_sdr(color_primaries: int | None, color_trc: int | None) -> bool:
+    """Whether a frame is SDR with BT.2020 primaries (tagged so: untagged is BT.709)."""
+    return color_primaries == PRIMARIES_BT2020 and not is_hdr(color_trc)
+
+
 def transfer_name(color_trc: int | None) -> str | None:
     """FFmpeg's name of a transfer characteristic (None when unknown to the stream)."""
     if color_trc is None:
@@ -99,7 +111,7 @@ def transfer_name(color_trc: int | None) -> str | None:
     return _TRC_NAMES.get(int(color_trc), f"trc{int(color_trc)}")
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)
 def _eotf_table(trc: int) -> np.ndarray:
     """Non-linear code value (``_EOTF_STEPS`` steps over 0..1) -> light: nits for PQ,
     scene light 0..1 for HLG (its OOTF needs all three channels, see ``_display_light``)."""
@@ -113,8 +125,8 @@ def _eotf_table(trc: int) -> np.ndarray:
         a, b = 0.17883277, 0.28466892
         c = 0.5 - a * np.log(4 * a)
         light = np.where(e <= 0.5, e * e / 3, (np.exp((e - c) / a) + b) / 12)
-    else:
-        raise ValueError(f"transfer {trc} is not HDR")
+    else:  # SDR: BT.1886, reference white at HDR's reference white
+        light = REFERENCE_WHITE_NITS * e**2.4
     return light.astype(np.float32)
 
 
@@ -128,7 +140,7 @@ def _oetf_table() -> np.ndarray:
 def _display_light(rgb_code: np.ndarray, trc: int) -> np.ndarray:
     """Non-linear BT.2020 R'G'B' (0..1) -> display light in nits."""
     index = (np.clip(rgb_code, 0.0, 1.0) * (_EOTF_STEPS - 1) + 0.5).astype(np.uint16)
-    light = np.take(_eotf_table(trc), index)
+    light = np.take(_eotf_table(trc if is_hdr(trc) else 0), index)
     if trc == TRC_HLG:  # BT.2100 OOTF for a 1000-nit display: gamma 1.2 on scene luminance
         luma = cv2.transform(light, _LUMA_2020)
         light *= (1000.0 * np.power(np.maximum(luma, 1e-6), 0.2))[..., None]
@@ -144,8 +156,9 @@ def tone_map_i420(
     bits: int = 10,
     peak_nits: float = DEFAULT_PEAK_NITS,
 ) -> np.ndarray:
-    """SDR 8-bit I420 ``(h * 3 / 2, w)`` at ``size = (w, h)`` (even sides) from HDR 4:2:0
-    planes of ``bits``-bit limited-range BT.2020 Y'CbCr (uint16 arrays)."""
+    """SDR 8-bit I420 ``(h * 3 / 2, w)`` at ``size = (w, h)`` (even sides) from 4:2:0
+    planes of ``bits``-bit limited-range BT.2020 Y'CbCr (uint16 arrays): HDR when
+    ``trc`` is PQ or HLG, else SDR (no tone curve; BT.709 primaries)."""
     w, h = size
     scale = float(1 << (bits - 8))
     luma = cv2.resize(y, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
@@ -159,10 +172,11 @@ def tone_map_i420(
         ]
     )
     light = _display_light(cv2.transform(ycc, _YUV_TO_RGB), trc) / REFERENCE_WHITE_NITS
-    # extended Reinhard on luminance: x -> x (1 + x / w^2) / (1 + x), peak -> 1
-    x = np.maximum(cv2.transform(light, _LUMA_2020), 1e-6)
-    white = max(peak_nits / REFERENCE_WHITE_NITS, 1.0)
-    light *= ((1 + x / (white * white)) / (1 + x))[..., None]
+    if is_hdr(trc):
+        # extended Reinhard on luminance: x -> x (1 + x / w^2) / (1 + x), peak -> 1
+        x = np.maximum(cv2.transform(light, _LUMA_2020), 1e-6)
+        white = max(peak_nits / REFERENCE_WHITE_NITS, 1.0)
+        light *= ((1 + x / (white * white)) / (1 + x))[..., None]
     sdr = np.clip(cv2.transform(light, _GAMUT_2020_TO_709), 0.0, 1.0)
     rgb = np.take(_oetf_table(), (sdr * (_OETF_STEPS - 1) + 0.5).astype(np.uint16))
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)

@@ -1068,6 +1068,54 @@ def test_hdr_sources_are_tone_mapped_to_sdr(tmp_path: Any) -> None:
     assert white == pytest.approx(194, abs=8)
 
 
+def _bt2020_sdr_video(path: str, colours: list[tuple[float, float, float]]) -> None:
+    """Bands of the given BT.2020 R'G'B' colours (0..1), as 10-bit limited-range BT.2020
+    SDR HEVC (transfer bt2020-10), losslessly coded."""
+    params = "colorprim=bt2020:transfer=bt2020-10:colormatrix=bt2020nc:lossless=1:log-level=error"
+    with av.open(path, "w") as out:
+        stream = out.add_stream(
+            "libx265", rate=25, options={"x265-params": params, "preset": "ultrafast"}
+        )
+        stream.width, stream.height, stream.pix_fmt = 32 * len(colours), 64, "yuv420p10le"
+        w = stream.width
+        image = np.empty((96, w), np.uint16)
+        chroma = image[64:].reshape(64, w // 2)  # U rows, then V rows
+        for i, (r, g, b) in enumerate(colours):
+            y = 0.2627 * r + 0.6780 * g + 0.0593 * b
+            image[:64, 32 * i : 32 * (i + 1)] = round(64 + 876 * y)
+            chroma[:32, 16 * i : 16 * (i + 1)] = round(512 + 896 * (b - y) / 1.8814)
+            chroma[32:, 16 * i : 16 * (i + 1)] = round(512 + 896 * (r - y) / 1.4746)
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="yuv420p10le")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_bt2020_sdr_colours_are_brought_to_bt709(tmp_path: Any) -> None:
+    """SDR with BT.2020 primaries: each colour becomes the BT.709 colour that shows the
+    same light (BT.1886 linear light, BT.2087 matrix), greys stay greys. Read as BT.709
+    without conversion, the colours come out washed out."""
+    colours = [(0.5, 0.6, 0.4), (0.7, 0.3, 0.35), (0.5, 0.5, 0.5)]
+    path = str(tmp_path / "bt2020.mp4")
+    _bt2020_sdr_video(path, colours)
+    to_709 = np.array(
+        [[1.6605, -0.5876, -0.0728], [-0.1246, 1.1329, -0.0083], [-0.0182, -0.1006, 1.1187]]
+    )
+
+    def bands(tone_map: bool) -> np.ndarray:
+        (frame, *_) = list(iter_source_frames(path, None, 96 * 64, tone_map=tone_map))
+        rgb = frame.rgb().astype(float)
+        return np.array([rgb[8:56, 32 * i + 6 : 32 * i + 26].mean((0, 1)) for i in range(3)])
+
+    want = 255 * np.clip(np.array(colours) ** 2.4 @ to_709.T, 0, 1) ** (1 / 2.4)
+    got = bands(True)
+    assert np.abs(got - want).max() < 4, (got, want)
+    assert np.ptp(got[2]) < 2  # grey stays grey
+    raw = bands(False)
+    assert np.abs(raw - want)[:2].max() > 15  # the test can tell
+
+
 def _boxed_video(path: str, box: tuple[int, int, int, int], frames: int = 30) -> None:
     """A 192x108 video whose moving texture fills only ``box`` (x, y, w, h); black
     (RGB 0) elsewhere, as a letterboxed or pillarboxed transfer is."""

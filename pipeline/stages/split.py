@@ -177,8 +177,9 @@ class SplitConfig:
     # from clip payloads (the clip's frame numbers and times stay the source's), so the
     # payload holds each film frame once, at the film's rate (telecine_repeats)
     decimate: bool = True
-    # tone-map HDR frames (PQ, HLG) to SDR BT.709 (pipeline.hdr); off: their code values
-    # are used as if they were SDR
+    # tone-map HDR frames (PQ, HLG) to SDR BT.709, and bring BT.2020 SDR frames to BT.709
+    # primaries (pipeline.hdr, PyAV decoder only); off: their code values are used as if
+    # they were BT.709 SDR
     tone_map: bool = True
     # crop black bars (letterbox, pillarbox) off each clip's payload: rows and columns at
     # the frame's edges that stay within border_luma levels of black in every sampled
