@@ -185,53 +185,74 @@ def _natural_detection_size(width: int, height: int, detect_width: int) -> tuple
 
 
 class _Geometry:
-    """Sizes for each picture size a stream decodes to.
+    """Sizes for each picture geometry a stream decodes to.
 
     The stream's header (what probe reports) fixes the reference: its working size
     (from the probed ``display``) and its detection size. A frame of another coded size
-    (a stream that changes resolution mid-file: a broadcast capture going from an HD
-    programme to an SD advert, joined recordings, adaptive-bitrate captures) keeps the
+    or pixel aspect ratio (a stream that changes mid-file: a broadcast capture going
+    from an HD programme to an SD advert, or an SD channel switching between 4:3 and
+    16:9 by its pixel shape; joined recordings; adaptive-bitrate captures) keeps the
     detection size (stretched if need be: the detector's frames must not change shape),
     and the working size too while its display aspect ratio is the header's (within
     1 %); with another aspect ratio it gets a working size of its own, which
     :class:`DecodedFrame.display` announces, so that its pictures are never stretched.
-    Every size depends only on the header and the frame, never on what was decoded
-    before: a range decoded from mid-stream gets the sizes a whole decode gets.
+
+    The header's pixel aspect ratio is the stream's (a container's own, as players
+    prefer it); a frame's counts where its bitstream states another than the header's
+    bitstream did. Every size depends only on the header and the frame, never on what
+    was decoded before: a range decoded from mid-stream gets the sizes a whole decode
+    gets.
     """
 
     def __init__(
         self,
         coded: tuple[int, int],
         sar: Fraction,
+        coded_sar: Fraction | None,
         display: tuple[int, int] | None,
         max_area: int,
         detect_width: int | None,
         rotation: int,
     ) -> None:
         self.coded, self.sar, self.rotation, self.max_area = coded, sar, rotation, max_area
+        self.coded_sar = coded_sar  # the header's bitstream pixel aspect ratio, if stated
         self.display = display or display_size(*coded, sar, rotation)
         self.detect: tuple[int, int] | None = None
         if detect_width is not None:
             self.detect = _natural_detection_size(*coded, detect_width)
-        self._sizes: dict[tuple[int, int], tuple[tuple[int, int], tuple[int, int] | None]] = {}
+        self._sizes: dict[
+            tuple[int, int, Fraction], tuple[tuple[int, int], tuple[int, int] | None]
+        ] = {}
 
-    def sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    def sizes(
+        self, width: int, height: int, coded_sar: Fraction | None = None
+    ) -> tuple[tuple[int, int], tuple[int, int] | None]:
         """(working size in coded orientation, its display size when not the header's)
-        for a frame of ``width`` x ``height`` coded pixels."""
-        known = self._sizes.get((width, height))
+        for a frame of ``width`` x ``height`` coded pixels whose bitstream states
+        ``coded_sar`` (None or 0: not stated)."""
+        sar = self.sar
+        if coded_sar and self.coded_sar and coded_sar != self.coded_sar:
+            sar = coded_sar
+        known = self._sizes.get((width, height, sar))
         if known is not None:
             return known
         shown, own = self.display, None
-        if (width, height) != self.coded:
-            frame_shown = display_size(width, height, self.sar, self.rotation)
+        if (width, height, sar) != (*self.coded, self.sar):
+            frame_shown = display_size(width, height, sar, self.rotation)
             aspect, header_aspect = frame_shown[0] / frame_shown[1], shown[0] / shown[1]
             if abs(aspect / header_aspect - 1) > 0.01:
                 shown = own = frame_shown
         size = (0, 0)
         if self.max_area > 0:
             size = _coded(even_size(shown[0], shown[1], self.max_area), self.rotation)
-        self._sizes[(width, height)] = (size, own)
+        self._sizes[(width, height, sar)] = (size, own)
         return size, own
+
+
+def _stated_sar(ctx: Any) -> Fraction | None:
+    """The pixel aspect ratio the decoder has read from the bitstream (None: none)."""
+    sar = ctx.sample_aspect_ratio
+    return Fraction(sar) if sar else None
 
 
 def _frame_number(pts: int | None, pts_table: list[int] | None, previous: int) -> int:
@@ -613,7 +634,18 @@ def _timed_frames(
         decoded: Iterable[Any] = container.decode(stream)
     else:
         decoded = _decode_from(container, stream, wanted_pts)
+    decoded = _with_stated_sar(decoded, stream.codec_context)
     return rising_pts(deinterlaced(decoded, field_match) if deinterlace else decoded)
+
+
+def _with_stated_sar(frames: Iterable[Any], ctx: Any) -> Iterator[Any]:
+    """``frames`` as the decoder hands them out, each carrying (as ``frame.opaque``) the
+    pixel aspect ratio its bitstream states: PyAV's frames do not expose their own, and
+    the decoder's reflects the latest frame out, which is ahead of the frames that
+    :func:`rising_pts` and :func:`deinterlaced` hold back."""
+    for frame in frames:
+        frame.opaque = _stated_sar(ctx)
+        yield frame
 
 
 class _Clock:
@@ -677,9 +709,10 @@ def iter_pyav(
         if start_pts is None:
             start_pts = pts_table[0]
         wanted_pts = pts_table[start_frame]
-    # the header's picture size (read before decoding, which may change it mid-stream)
-    header = (int(stream.codec_context.width or 0), int(stream.codec_context.height or 0))
-    sar = Fraction(stream.sample_aspect_ratio or 1)
+    # the header's picture geometry (read before decoding, which may change it mid-stream)
+    ctx = stream.codec_context
+    header = (int(ctx.width or 0), int(ctx.height or 0))
+    sar, header_sar = Fraction(stream.sample_aspect_ratio or 1), _stated_sar(ctx)
     geometry: _Geometry | None = None
     num = start_frame - 1
     clock = _Clock(start_pts, tb, frame_s)
@@ -691,8 +724,9 @@ def iter_pyav(
         if geometry is None:
             rotation = round(frame.rotation or 0) % 360
             coded = header if min(header) > 0 else (frame.width, frame.height)
-            geometry = _Geometry(coded, sar, display, max_area, detect_width, rotation)
-        size, shown = geometry.sizes(frame.width, frame.height)
+            geometry = _Geometry(coded, sar, header_sar, display, max_area, detect_width, rotation)
+        stated = frame.opaque if isinstance(frame.opaque, Fraction) else _stated_sar(ctx)
+        size, shown = geometry.sizes(frame.width, frame.height, stated)
         time_s = clock.time_of(pts, num)
         duration = float(frame.duration * frame.time_base) if frame.duration else frame_s
         if tone_map and frame.color_trc == TRC_PQ:

@@ -226,14 +226,20 @@ def demo_videos(out_dir: str) -> list[str]:
 
 
 def resized_stream(
-    path: str, parts: list[list[np.ndarray]], *, fps: float = 24.0, fmt: str | None = None
+    path: str,
+    parts: list[list[np.ndarray]],
+    *,
+    fps: float = 24.0,
+    fmt: str | None = None,
+    sars: list[Fraction] | None = None,
 ) -> None:
-    """One H.264 stream whose frame size changes between ``parts`` (lists of RGB frames,
-    one size each), as a broadcast capture or joined recordings hold: each part encoded
-    with its own parameter sets, the packets muxed in order into ``path`` (container by
-    ``fmt`` or the file name), one frame every ``1 / fps`` seconds."""
+    """One H.264 stream whose frame size (or with ``sars``, its pixel aspect ratio)
+    changes between ``parts`` (lists of RGB frames, one size each), as a broadcast
+    capture or joined recordings hold: each part encoded with its own parameter sets,
+    the packets muxed in order into ``path`` (container by ``fmt`` or the file name),
+    one frame every ``1 / fps`` seconds."""
     raw = bytearray()
-    for frames in parts:
+    for i, frames in enumerate(parts):
         sink = _Pipe()
         with av.open(sink, mode="w", format="h264") as out:
             stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
@@ -241,6 +247,8 @@ def resized_stream(
             stream.height, stream.width = frames[0].shape[:2]
             stream.pix_fmt = "yuv420p"
             stream.options = {"preset": "ultrafast", "crf": "23"}
+            if sars is not None:
+                stream.codec_context.sample_aspect_ratio = sars[i]
             for image in frames:
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
                 for packet in stream.encode(frame):

@@ -5,6 +5,7 @@ at its own size; the same aspect ratio at another resolution goes on as before."
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
 import av
 import cv2
@@ -112,6 +113,20 @@ def test_another_resolution_of_the_same_aspect_ratio_goes_on(tmp_path) -> None:
     assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 96)]
     assert _payload_size(rows[0]["clip_bytes"]) == (320, 180, 96)
     assert (rows[0]["width"], rows[0]["height"]) == (320, 180)
+
+
+def test_a_change_of_pixel_shape_alone_is_a_change_of_picture(tmp_path) -> None:
+    """An SD channel switching between 4:3 and 16:9 keeps its coded size and changes its
+    pixels' shape (the bitstream's sample aspect ratio): 96x64 pixels shown 96x64, then
+    twice as wide (192x64), then 96x64 again. Each picture is a clip at its own shape."""
+    path = str(tmp_path / "anamorphic.mkv")
+    parts = [_frames(96, 64, 30, seed=8), _frames(96, 64, 30, seed=9), _frames(96, 64, 30, seed=10)]
+    resized_stream(path, parts, fps=FPS, sars=[Fraction(1), Fraction(2), Fraction(1)])
+    cfg = load_config(split={"work_fps": None, "min_scene_s": 10.0, "crop_borders": False})
+    rows = _split(cfg, path)
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 30), (30, 60), (60, 90)]
+    assert [(r["width"], r["height"]) for r in rows] == [(96, 64), (192, 64), (96, 64)]
+    assert [_payload_size(r["clip_bytes"])[:2] for r in rows] == [(96, 64), (192, 64), (96, 64)]
 
 
 def test_ranges_across_a_size_change_equal_one_range(aspect_change) -> None:
