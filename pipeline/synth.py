@@ -16,7 +16,7 @@ from __future__ import annotations
 import colorsys
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -189,14 +189,20 @@ def synth_video(
             stream.options = dict(options)
         elif codec == "libx264":
             stream.options = {"crf": "20", "preset": "veryfast"}
-        frames = iter_synth_frames(width, height, shots, seed, styles, transitions, flashes)
-        for frame in frames:
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            for packet in stream.encode(video_frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        _encode_rgb(
+            out, stream, iter_synth_frames(width, height, shots, seed, styles, transitions, flashes)
+        )
     return [int(c) for c in np.cumsum(shots)[:-1]]
+
+
+def _encode_rgb(out: Any, stream: Any, frames: Iterable[np.ndarray]) -> None:
+    """Encode RGB frames with ``stream``, mux them into ``out``, flush the encoder."""
+    for image in frames:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
 
 
 # name, width, height, fps, frames per shot, near-black shot indices
@@ -249,12 +255,7 @@ def resized_stream(
             stream.options = {"preset": "ultrafast", "crf": "23"}
             if sars is not None:
                 stream.codec_context.sample_aspect_ratio = sars[i]
-            for image in frames:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-            for packet in stream.encode():
-                out.mux(packet)
+            _encode_rgb(out, stream, frames)
         raw += sink.data
     tick = Fraction(fps).limit_denominator(1001) ** -1
     src = av.open(io.BytesIO(bytes(raw)), mode="r", format="h264")

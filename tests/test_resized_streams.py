@@ -83,19 +83,24 @@ def test_a_picture_of_another_aspect_ratio_is_a_clip_of_its_own(aspect_change) -
     ]
 
 
+def _one_scene_resized(path: str, size: tuple[int, int], seed: int) -> list[dict]:
+    """Split a 320x180 scene whose second half is resized to ``size`` mid-shot, with a
+    min_scene longer than the video: no detector cut can count."""
+    scene = _frames(320, 180, 96, seed=seed)
+    resized = [cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in scene[48:]]
+    resized_stream(path, [scene[:48], resized], fps=FPS)
+    return _split(load_config(split={"work_fps": None, "min_scene_s": 10.0}), path)
+
+
 def test_a_size_change_cuts_even_inside_one_shot(tmp_path) -> None:
     """The same scene going on, squeezed into a square picture: the detector may see no
     cut, but no clip may hold pictures of two shapes."""
-    scene = _frames(320, 180, 96, seed=4)
-    squeezed = [cv2.resize(f, (180, 180), interpolation=cv2.INTER_AREA) for f in scene[48:]]
     path = str(tmp_path / "squeezed.mkv")
-    resized_stream(path, [scene[:48], squeezed], fps=FPS)
-    # a min_scene longer than the video: no detector cut can count, the size change must
-    cfg = load_config(split={"work_fps": None, "min_scene_s": 10.0})
-    rows = _split(cfg, path)
+    rows = _one_scene_resized(path, (180, 180), seed=4)
     assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 48), (48, 96)]
     assert [_payload_size(r["clip_bytes"])[:2] for r in rows] == [(320, 180), (180, 180)]
-    assert [(s["start_frame"], s["end_frame"]) for s in shots(path, cfg=cfg.split)] == [
+    long_scenes = load_config(split={"min_scene_s": 10.0}).split
+    assert [(s["start_frame"], s["end_frame"]) for s in shots(path, cfg=long_scenes)] == [
         (0, 48),
         (48, 96),
     ]
@@ -104,12 +109,7 @@ def test_a_size_change_cuts_even_inside_one_shot(tmp_path) -> None:
 def test_another_resolution_of_the_same_aspect_ratio_goes_on(tmp_path) -> None:
     """An adaptive-bitrate capture dropping from 320x180 to 160x90 mid-shot: one clip at
     the working size, the smaller frames scaled up to it."""
-    scene = _frames(320, 180, 96, seed=5)
-    smaller = [cv2.resize(f, (160, 90), interpolation=cv2.INTER_AREA) for f in scene[48:]]
-    path = str(tmp_path / "abr.mkv")
-    resized_stream(path, [scene[:48], smaller], fps=FPS)
-    cfg = load_config(split={"work_fps": None, "min_scene_s": 10.0})
-    rows = _split(cfg, path)
+    rows = _one_scene_resized(str(tmp_path / "abr.mkv"), (160, 90), seed=5)
     assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 96)]
     assert _payload_size(rows[0]["clip_bytes"]) == (320, 180, 96)
     assert (rows[0]["width"], rows[0]["height"]) == (320, 180)
