@@ -41,6 +41,7 @@ __all__ = [
     "content_peak_nits",
     "is_hdr",
     "is_wide_gamut_sdr",
+    "primaries_name",
     "tone_map_i420",
     "transfer_name",
 ]
@@ -49,6 +50,20 @@ __all__ = [
 TRC_PQ, TRC_HLG = 16, 18
 HDR_TRANSFERS = frozenset({TRC_PQ, TRC_HLG})
 PRIMARIES_BT2020 = 9  # FFmpeg AVColorPrimaries
+_PRIMARIES_NAMES = {
+    1: "bt709",
+    2: "unknown",
+    4: "bt470m",
+    5: "bt470bg",
+    6: "smpte170m",
+    7: "smpte240m",
+    8: "film",
+    9: "bt2020",
+    10: "smpte428",
+    11: "smpte431",
+    12: "smpte432",
+    22: "ebu3213",
+}
 _TRC_NAMES = {
     1: "bt709",
     2: "unknown",
@@ -97,6 +112,11 @@ def content_peak_nits(frame: Any) -> float | None:
 def is_hdr(color_trc: int | None) -> bool:
     """Whether a frame's transfer characteristic is PQ or HLG."""
     return color_trc in HDR_TRANSFERS
+
+
+def primaries_name(color_primaries: int | None) -> str | None:
+    """FFmpeg's name of a frame's colour primaries ("bt2020"), None when not known."""
+    return None if color_primaries is None else _PRIMARIES_NAMES.get(int(color_primaries))
 
 
 def is_wide_gamut_sdr(color_primaries: int | None, color_trc: int | None) -> bool:

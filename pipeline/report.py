@@ -350,6 +350,7 @@ def _source_kinds(sources: pa.Table, index: pa.Table) -> str:
             count(sources, "color_transfer", HDR_TRANSFER_NAMES.__contains__),
             "HDR sources (tone-mapped)",
         ),
+        (_wide_gamut_sdr(sources), "BT.2020 SDR sources (colours to BT.709)"),
         (count(sources, "vfr", bool), "variable frame rate sources"),
         (count(index, "crop", bool), "clips cropped (black bars)"),
     ]
@@ -394,6 +395,17 @@ def _summary(manifest: Mapping[str, Any], index: pa.Table, sources: pa.Table) ->
 
 def _column(index: pa.Table, name: str) -> list[Any]:
     return index.column(name).to_pylist()
+
+
+def _wide_gamut_sdr(sources: pa.Table) -> int:
+    """Sources with BT.2020 primaries and an SDR transfer (corpora older than the
+    color_primaries column have none)."""
+    if "color_primaries" not in sources.column_names:
+        return 0
+    pairs = zip(
+        _column(sources, "color_primaries"), _column(sources, "color_transfer"), strict=True
+    )
+    return sum(1 for p, t in pairs if p == "bt2020" and t not in HDR_TRANSFER_NAMES)
 
 
 def _stills_note(count: int, what: str) -> str:

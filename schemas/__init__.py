@@ -156,6 +156,9 @@ SOURCE_SCHEMA = pa.schema(
         # FFmpeg's name of the first frame's transfer: "smpte2084" (PQ) and
         # "arib-std-b67" (HLG) are HDR, tone-mapped to SDR by split
         pa.field("color_transfer", pa.string()),
+        # FFmpeg's name of the first frame's colour primaries: "bt2020" with an SDR
+        # transfer has its colours brought to BT.709 by split
+        pa.field("color_primaries", pa.string()),
         # share of the frame's area inside black bars, from frames probe samples (1.0:
         # none seen); split enlarges its working images by it
         pa.field("picture_fraction", pa.float64()),
@@ -260,6 +263,7 @@ STREAM_ONLY_COLUMNS = (
     "src_interlaced",
     "src_pulldown",
     "src_color_transfer",
+    "src_color_primaries",
     "src_picture_fraction",
     # straggler ranges: one long source split into frame ranges processed in parallel,
     # stitched back on the driver (see pipeline.stitching)

@@ -1115,6 +1115,16 @@ def test_bt2020_sdr_colours_are_brought_to_bt709(tmp_path: Any) -> None:
     raw = bands(False)
     assert np.abs(raw - want)[:2].max() > 15  # the test can tell
 
+    # probe names the primaries, so that split sends such a source to PyAV even when
+    # decord is the decoder (decord knows nothing of colours)
+    facts = probe_video(path)
+    assert (facts["color_primaries"], facts["color_transfer"]) == ("bt2020", "bt2020-10")
+    assert probe_video(shared("testvideo.mp4"))["color_primaries"] in ("bt709", "unknown", None)
+    row = {"src_color_primaries": "bt2020", "src_color_transfer": "bt2020-10"}
+    assert Split(SplitConfig(decoder="decord"))._needs_pyav(row)
+    assert not Split(SplitConfig(decoder="decord", tone_map=False))._needs_pyav(row)
+    assert not Split(SplitConfig(decoder="decord"))._needs_pyav({"src_color_primaries": "bt709"})
+
 
 def _boxed_video(path: str, box: tuple[int, int, int, int], frames: int = 30) -> None:
     """A 192x108 video whose moving texture fills only ``box`` (x, y, w, h); black

@@ -269,14 +269,15 @@ def test_summary_names_the_sources_split_treated_specially() -> None:
         {
             "interlaced": [True, False, None],
             "pulldown": [True, False, None],
-            "color_transfer": ["arib-std-b67", "bt709", None],
+            "color_transfer": ["arib-std-b67", "bt2020-10", None],
+            "color_primaries": ["bt2020", "bt2020", None],
             "vfr": [False, False, True],
         }
     )
     index = pa.table({"crop": pa.array([[0, 14, 192, 80], None], pa.list_(pa.int32()))})
     assert _source_kinds(sources, index) == (
         "1 interlaced sources (deinterlaced), 1 of them film (fields matched), "
-        "1 HDR sources (tone-mapped), "
+        "1 HDR sources (tone-mapped), 1 BT.2020 SDR sources (colours to BT.709), "
         "1 variable frame rate sources, 1 clips cropped (black bars)"
     )
     # a corpus written before these columns existed

@@ -31,7 +31,7 @@ from typing import IO, Any
 import av
 import numpy as np
 
-from pipeline.hdr import transfer_name
+from pipeline.hdr import primaries_name, transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
 from pipeline.video import (
     FIELD_MATCH,
@@ -188,7 +188,8 @@ def probe_video(
     ``has_audio``, ``num_video_streams``, ``interlaced`` (the decoder flags the first
     frame interlaced), ``pulldown`` (interlaced video carrying progressive pictures,
     :func:`_pulldown`), ``color_transfer`` (its transfer characteristic, FFmpeg's
-    name: "smpte2084" is PQ, "arib-std-b67" HLG) and ``picture_fraction`` (the share of
+    name: "smpte2084" is PQ, "arib-std-b67" HLG), ``color_primaries`` (FFmpeg's name:
+    "bt2020" with an SDR transfer is wide-gamut SDR) and ``picture_fraction`` (the share of
     the frame inside black bars, :func:`_picture_fraction`). A header without a
     duration is timed from the packets (:func:`packet_timing`); an animated WebP is
     read from its chunks (:func:`webp_facts`), a HEIC photo by libheif
@@ -461,6 +462,7 @@ def container_facts(
         "vfr": vfr,
         "interlaced": interlaced,
         "color_transfer": transfer_name(first.color_trc),
+        "color_primaries": primaries_name(first.color_primaries),
         "picture_fraction": (
             (_picture_fraction(container, stream, facts["duration_s"], first) if bars else None)
             if video and facts["duration_s"] > 0
@@ -533,6 +535,7 @@ def _decoded_elsewhere(
         "vfr": vfr,
         "interlaced": False,
         "color_transfer": None,
+        "color_primaries": None,
         "picture_fraction": 1.0,
         "pulldown": False,
     }
@@ -602,6 +605,7 @@ class Probe:
         "src_interlaced",
         "src_pulldown",
         "src_color_transfer",
+        "src_color_primaries",
         "src_picture_fraction",
         "src_start_s",
         "src_num_frames_exact",
@@ -621,7 +625,15 @@ class Probe:
             facts = probe_video(source, self.cfg)
         except LimitError as exc:  # keep the header facts: they say why
             unknown = dict.fromkeys(
-                ("rotation", "vfr", "interlaced", "pulldown", "color_transfer", "picture_fraction")
+                (
+                    "rotation",
+                    "vfr",
+                    "interlaced",
+                    "pulldown",
+                    "color_transfer",
+                    "color_primaries",
+                    "picture_fraction",
+                )
             )
             self._fill(out, {**exc.facts, **unknown})
             out.update(src_status="error", src_error=f"{source}: {exc}")
@@ -660,6 +672,7 @@ class Probe:
             src_interlaced=facts["interlaced"],
             src_pulldown=facts["pulldown"],
             src_color_transfer=facts["color_transfer"],
+            src_color_primaries=facts["color_primaries"],
             src_picture_fraction=facts["picture_fraction"],
             src_start_s=facts["start_s"],
             src_num_frames_exact=facts["num_frames_exact"],

@@ -1267,6 +1267,7 @@ class Split:
         "src_interlaced",
         "src_pulldown",
         "src_color_transfer",
+        "src_color_primaries",
         "src_picture_fraction",
         "fps",
         "width",
@@ -1435,10 +1436,12 @@ class Split:
 
     def _needs_pyav(self, row: Mapping[str, Any]) -> bool:
         """Whether the source needs what only the PyAV backend does: deinterlacing, or
-        tone mapping (see :func:`pipeline.decode.iter_source_frames`)."""
+        tone mapping and gamut mapping (see :func:`pipeline.decode.iter_source_frames`)."""
         interlaced = self.cfg.deinterlace and _flag(row.get("src_interlaced"))
-        hdr = self.cfg.tone_map and row.get("src_color_transfer") in HDR_TRANSFER_NAMES
-        return bool(interlaced or hdr)
+        colours = row.get("src_color_transfer") in HDR_TRANSFER_NAMES or (
+            row.get("src_color_primaries") == "bt2020"
+        )
+        return bool(interlaced or (self.cfg.tone_map and colours))
 
     @staticmethod
     def _clip_row(base: dict[str, Any], source: str, clip: _Clip) -> dict[str, Any]:
