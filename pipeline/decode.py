@@ -106,7 +106,8 @@ class DecodedFrame:
     colorspace: int = COLORSPACE_UNSPECIFIED  # FFmpeg AVColorSpace of ``yuv``
     color_range: int = RANGE_UNSPECIFIED  # FFmpeg AVColorRange of ``yuv``
     # The display (width, height) of a frame whose picture has another aspect ratio than
-    # the stream's header (a stream that changes frame size mid-file, :class:`_Geometry`):
+    # the stream's header (a stream that changes frame size or pixel shape mid-file,
+    # :class:`_Geometry`):
     # ``yuv`` is then at a working size of that aspect. None: the header's (probed) one.
     display: tuple[int, int] | None = None
 

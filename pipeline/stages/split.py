@@ -896,7 +896,8 @@ class _SourceSplitter:
     def _shown(
         self, crop: tuple[int, int, int, int] | None, frames: list[_Frame]
     ) -> tuple[int, int, int, int] | None:
-        """A working-size crop in the source's display pixels."""
+        """A working-size crop in display pixels of the clip's picture (the source's,
+        or its own where the stream changed aspect ratio)."""
         display = frames[0].display or self.display
         if crop is None or display is None:
             return crop
