@@ -68,6 +68,7 @@ from pipeline.video import (
 __all__ = [
     "BACKENDS",
     "DecodedFrame",
+    "OtherStreams",
     "Prefetcher",
     "TimestampJump",
     "deinterlaced",
@@ -600,13 +601,48 @@ def rising_pts(frames: Iterable[Any], window: int = 2) -> Iterator[tuple[Any, in
         yield first, assign(first)
 
 
+@dataclass
+class OtherStreams:
+    """Filled in by a decode (:func:`iter_pyav`): how far the source's other streams
+    (audio, subtitles) go, as the latest end of their packets, in seconds from the video
+    stream's start; None while none came. Decoding reads their packets anyway, so this
+    costs nothing extra. A file cut off ends all its streams together; a file whose
+    audio runs on past its video does not."""
+
+    end_s: float | None = None
+
+    def note(self, packet: Any, start_s: float) -> None:
+        if packet.pts is None or packet.time_base is None:
+            return
+        end = float((packet.pts + (packet.duration or 0)) * packet.time_base) - start_s
+        self.end_s = end if self.end_s is None else max(self.end_s, end)
+
+
+def _decode(container: Any, stream: Any, others: OtherStreams | None) -> Iterator[Any]:
+    """``container.decode(stream)`` from where the container is; with ``others``, the
+    packets of the other streams, which that skips, are read too, and noted in it."""
+    if others is None:
+        yield from container.decode(stream)
+        return
+    tb = stream.time_base or Fraction(1, 1)
+    start_s = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+    for packet in container.demux():
+        if packet.stream_index == stream.index:
+            yield from packet.decode()
+        else:
+            others.note(packet, start_s)
+
+
 _MAX_BACK_OFF_S = 86400.0  # a seek that still lands late: decode from the start
 
 
-def _decode_from(container: Any, stream: Any, wanted_pts: int) -> Iterator[Any]:
-    """Decoded frames from a keyframe at or before ``wanted_pts``. Containers without an
-    index (MPEG-TS, elementary streams) can land past the wanted time, so a seek that
-    does is retried 1, 2, 4, ... seconds earlier, and from the start at last."""
+def _decode_from(
+    container: Any, stream: Any, wanted_pts: int, others: OtherStreams | None = None
+) -> Iterator[Any]:
+    """Decoded frames from a keyframe at or before ``wanted_pts`` (other streams noted
+    in ``others``, as :func:`_decode`). Containers without an index (MPEG-TS, elementary
+    streams) can land past the wanted time, so a seek that does is retried 1, 2, 4, ...
+    seconds earlier, and from the start at last."""
     tb = stream.time_base or Fraction(1, 1)
     back_s = 0.0
     while True:
@@ -614,10 +650,10 @@ def _decode_from(container: Any, stream: Any, wanted_pts: int) -> Iterator[Any]:
         before_start = stream.start_time is not None and target < stream.start_time
         if before_start or back_s > _MAX_BACK_OFF_S:
             container.seek(0)
-            yield from container.decode(stream)
+            yield from _decode(container, stream, others)
             return
         container.seek(target, stream=stream, backward=True, any_frame=False)
-        frames = container.decode(stream)
+        frames = _decode(container, stream, others)
         first = next(frames, None)
         if first is not None and (first.pts is None or first.pts <= wanted_pts):
             yield first
@@ -627,14 +663,20 @@ def _decode_from(container: Any, stream: Any, wanted_pts: int) -> Iterator[Any]:
 
 
 def _timed_frames(
-    container: Any, stream: Any, wanted_pts: int | None, deinterlace: bool, field_match: bool
+    container: Any,
+    stream: Any,
+    wanted_pts: int | None,
+    deinterlace: bool,
+    field_match: bool,
+    others: OtherStreams | None = None,
 ) -> Iterator[tuple[Any, int | None]]:
     """The stream's decoded frames, from a seek to ``wanted_pts`` (None: from where the
-    container is), deinterlaced when asked (:func:`deinterlaced`), with rising times."""
+    container is), deinterlaced when asked (:func:`deinterlaced`), with rising times;
+    the other streams' packets noted in ``others``."""
     if wanted_pts is None:
-        decoded: Iterable[Any] = container.decode(stream)
+        decoded: Iterable[Any] = _decode(container, stream, others)
     else:
-        decoded = _decode_from(container, stream, wanted_pts)
+        decoded = _decode_from(container, stream, wanted_pts, others)
     decoded = _with_stated_sar(decoded, stream.codec_context)
     return rising_pts(deinterlaced(decoded, field_match) if deinterlace else decoded)
 
@@ -684,6 +726,7 @@ def iter_pyav(
     deinterlace: bool = True,
     tone_map: bool = True,
     field_match: bool = False,
+    others: OtherStreams | None = None,
 ) -> Iterator[DecodedFrame]:
     """Decode the first video stream of an open PyAV ``container`` from ``start_frame``.
 
@@ -693,7 +736,7 @@ def iter_pyav(
     :func:`frame_pts_table`, computed when None) numbers the frames. ``detect_width``
     adds :attr:`DecodedFrame.small`. ``deinterlace`` runs frames flagged interlaced
     through :func:`deinterlaced` (field-matched first with ``field_match``); ``tone_map``
-    turns HDR (PQ, HLG) frames into SDR.
+    turns HDR (PQ, HLG) frames into SDR. ``others`` notes how far the other streams go.
     """
     stream = video_stream(container)
     stream.thread_type = "AUTO"
@@ -718,7 +761,8 @@ def iter_pyav(
     num = start_frame - 1
     clock = _Clock(start_pts, tb, frame_s)
     peak_nits = DEFAULT_PEAK_NITS
-    for frame, pts in _timed_frames(container, stream, wanted_pts, deinterlace, field_match):
+    timed = _timed_frames(container, stream, wanted_pts, deinterlace, field_match, others)
+    for frame, pts in timed:
         num = _frame_number(pts, pts_table, num)
         if num < start_frame:
             continue  # decoded from the keyframe before the seek point only to get here
@@ -811,6 +855,7 @@ def iter_source_frames(
     pyav_only: bool = False,
     pts_table: list[int] | None = None,
     animated_webp: bool = False,
+    others: OtherStreams | None = None,
 ) -> Iterator[DecodedFrame]:
     """Every frame of ``uri`` from ``start_frame`` on, decoded once (see the module doc).
 
@@ -823,7 +868,8 @@ def iter_source_frames(
     drops.
     ``pts_table`` (:func:`frame_pts_table`) saves demuxing the file to start mid-stream.
     An ``animated_webp`` (probed as one) is decoded by Pillow (:mod:`pipeline.webp`),
-    whatever the backend: FFmpeg cannot.
+    whatever the backend: FFmpeg cannot. PyAV notes in ``others`` how far the source's
+    other streams go (decord and Pillow do not).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}, expected one of {BACKENDS}")
@@ -861,6 +907,7 @@ def iter_source_frames(
             deinterlace,
             tone_map,
             field_match,
+            others,
         )
 
 

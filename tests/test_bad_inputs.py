@@ -26,7 +26,7 @@ from pipeline.stages.decide import Decide, DecideConfig
 from pipeline.stages.probe import Probe, ProbeConfig
 from pipeline.stages.score import Score, ScoreConfig
 from pipeline.stages.split import Split, SplitConfig
-from pipeline.synth import bad_input_corpus, synth_video
+from pipeline.synth import bad_input_corpus, iter_synth_frames, synth_video
 from schemas import CLIP_STATUSES, SOURCE_STATUSES
 
 # What each file must end as: ("error", words the reason names) or ("clips", None) or
@@ -180,12 +180,30 @@ def test_image_named_mp4_and_rotation_facts(corpus: str) -> None:
     assert rotated["src_coded_width"] == 96 and not rotated["src_has_audio"]
 
 
+def _ranged(probed: dict[str, Any], cfg: SplitConfig, range_frames: int) -> list[dict[str, Any]]:
+    """Rows of a source split in ranges of ``range_frames`` and stitched back."""
+    from pipeline.stitching import RangeStitcher, expand_ranges
+
+    ranged = expand_ranges(probed, cfg, range_frames=range_frames)
+    assert len(ranged["source"]) > 1
+    stitcher = RangeStitcher()
+    out: list[dict[str, Any]] = []
+    for i in range(len(ranged["source"])):
+        one = {k: v[i : i + 1] for k, v in ranged.items()}
+        for batch in stitcher(Split(cfg)(one)):
+            out.extend(batch_to_rows(batch))
+    return out
+
+
+def _facts(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    keys = ("start_frame", "end_frame", "src_num_frames", "src_duration_s", "src_error")
+    return [[r[k] for k in keys] for r in rows]
+
+
 def test_a_file_cut_off_gets_its_true_length_and_a_note(corpus: str) -> None:
     """Matroska cut off: its header announces 12 s, its stream ends near 8 s. The source
     is done, its clips before the end stand, its duration and frame count are what
     decoding found, and the note says so; a ranged split says the same."""
-    from pipeline.stitching import RangeStitcher, expand_ranges
-
     path = os.path.join(corpus, "cut_off.mkv")
     cfg = SplitConfig(min_clip_s=0.5, max_clip_s=1.5)
     probed = Probe()({"source": np.array([path], dtype=object)})
@@ -198,20 +216,83 @@ def test_a_file_cut_off_gets_its_true_length_and_a_note(corpus: str) -> None:
     assert rows[-1]["end_frame"] <= frames and last["src_status"] == "done"
     assert f"the stream ends at {frames / 10:.2f} s, short of the 12.00 s" in last["src_error"]
 
-    ranged = expand_ranges(probed, cfg, range_frames=20)
-    assert len(ranged["source"]) > 1
-    stitcher = RangeStitcher()
-    out: list[dict[str, Any]] = []
-    for i in range(len(ranged["source"])):
-        one = {k: v[i : i + 1] for k, v in ranged.items()}
-        for batch in stitcher(Split(cfg)(one)):
-            out.extend(batch_to_rows(batch))
-    keys = ("start_frame", "end_frame", "src_num_frames", "src_duration_s", "src_error")
-    assert [[r[k] for k in keys] for r in out] == [[r[k] for k in keys] for r in rows]
+    assert _facts(_ranged(probed, cfg, range_frames=20)) == _facts(rows)
 
     whole = os.path.join(corpus, "vfr.mkv")  # one that is not cut off has no note
     done = batch_to_rows(Split(cfg)(Probe()({"source": np.array([whole], dtype=object)})))
     assert {r["src_error"] for r in done} == {None}
+
+
+def _mkv_with_audio(path: str, video_s: float, audio_s: float, keep: float = 1.0) -> None:
+    """Matroska with a 10 fps video of ``video_s`` and a tone of ``audio_s``, muxed in
+    time order; ``keep < 1`` cuts the file off after that fraction of its bytes."""
+    import av
+
+    fps, rate, hop = 10, 8000, 1024
+    half = round(video_s * fps) // 2
+    images = iter_synth_frames(96, 64, [half, half], seed=3)
+    tone = (np.sin(np.arange(round(audio_s * rate)) / 7.0) * 0.3).astype(np.float32)[None]
+    with av.open(path, "w", format="matroska") as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 96, 64, "yuv420p"
+        audio = out.add_stream("flac", rate=rate, layout="mono")
+        done = 0  # audio samples muxed
+
+        def audio_until(t: float) -> None:
+            nonlocal done
+            while done < tone.shape[1] and done / rate <= t:
+                frame = av.AudioFrame.from_ndarray(tone[:, done : done + hop], "fltp", "mono")
+                frame.sample_rate, frame.pts = rate, done
+                out.mux(audio.encode(frame))
+                done += hop
+
+        for i, image in enumerate(images):
+            audio_until(i / fps)
+            out.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(video.encode())
+        audio_until(audio_s)
+        out.mux(audio.encode())
+    if keep < 1:
+        with open(path, "r+b") as f:
+            f.truncate(int(os.path.getsize(path) * keep))
+
+
+def test_audio_that_runs_past_the_video_is_not_a_file_cut_off(tmp_path: Any) -> None:
+    """Matroska states one duration for all its streams: a 4 s video with 10 s of audio
+    announces 10 s. Its video's length is 4 s, and it is no cut-off file: no note, split
+    whole or in ranges. A file cut off in the middle of both streams gets the note."""
+    cfg = SplitConfig(min_clip_s=0.5, max_clip_s=1.5)
+    whole = str(tmp_path / "long_audio.mkv")
+    _mkv_with_audio(whole, video_s=4.0, audio_s=10.0)
+    probed = Probe()({"source": np.array([whole], dtype=object)})
+    assert batch_to_rows(probed)[0]["src_duration_s"] == pytest.approx(10.0, abs=0.2)
+    rows = batch_to_rows(Split(cfg)(probed))
+    assert rows and all(r["clip_id"] is not None for r in rows)
+    assert {r["src_error"] for r in rows} == {None}
+    assert rows[-1]["src_duration_s"] == pytest.approx(4.0)
+    assert _facts(_ranged(probed, cfg, range_frames=15)) == _facts(rows)
+
+    cut = str(tmp_path / "cut_with_audio.mkv")
+    _mkv_with_audio(cut, video_s=10.0, audio_s=10.0, keep=0.5)
+    probed = Probe()({"source": np.array([cut], dtype=object)})
+    assert batch_to_rows(probed)[0]["src_duration_s"] == pytest.approx(10.0, abs=0.2)
+    rows = batch_to_rows(Split(cfg)(probed))
+    end_s = rows[-1]["src_duration_s"]
+    assert 2.0 < end_s < 8.0
+    assert f"the stream ends at {end_s:.2f} s, short of the 10." in rows[-1]["src_error"]
+
+
+def test_a_cut_off_file_without_clips_is_done_with_both_notes(corpus: str) -> None:
+    """No shot of a cut-off file is long enough for a clip: its one row is done, and
+    says both why no clip came out and where the stream ended."""
+    path = os.path.join(corpus, "cut_off.mkv")
+    probed = Probe()({"source": np.array([path], dtype=object)})
+    (row,) = batch_to_rows(Split(SplitConfig(min_clip_s=20.0, max_clip_s=30.0))(probed))
+    assert row["clip_id"] is None and row["src_status"] == "done"
+    note = row["src_error"]
+    assert note.startswith(f"{path}: no clips: no shot of at least min_clip_s=20 s; ")
+    assert "short of the 12.00 s its header announces (file cut off?)" in note
+    assert row["src_num_frames_exact"] and row["src_duration_s"] < 10.0
 
 
 def test_per_source_timeout_ends_the_source_as_an_error(corpus: str) -> None:

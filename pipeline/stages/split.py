@@ -72,6 +72,7 @@ from pipeline.decode import (
     RANGE_JPEG,
     RANGE_MPEG,
     DecodedFrame,
+    OtherStreams,
     Prefetcher,
     i420_planes,
     iter_pyav,
@@ -945,6 +946,7 @@ class _RangeResult:
     complete: bool  # decoded to the end of the stream
     broken: str | None = None  # why decoding stopped early at corrupt data
     end_s: float = 0.0  # when the last decoded frame ends, from the stream start
+    others_end_s: float | None = None  # how far the other streams go (None: unknown)
 
 
 class _CorruptData(Exception):
@@ -1070,6 +1072,7 @@ def _split_source(
     # field-matched film: payloads without 3:2 telecine's repeated pictures
     decimate = field_match and cfg.decimate
     splitter = _SourceSplitter(cfg, fps, range_start, range_end, display, decimate)
+    others = OtherStreams()  # filled in as the decode goes
     # Three threads overlap: decoding + conversion (here), detection (the caller's
     # thread), payload encoding (the splitter's encoder).
     frames = Prefetcher(
@@ -1087,11 +1090,13 @@ def _split_source(
             pyav_only=pyav_only,
             pts_table=pts_table,
             animated_webp=animated_webp,
+            others=others,
         ),
         deadline=deadline,
     )
     try:
-        return (yield from _split_range(frames, splitter, deadline, cfg.timeout_s, flush_bytes))
+        result = yield from _split_range(frames, splitter, deadline, cfg.timeout_s, flush_bytes)
+        return replace(result, others_end_s=others.end_s)
     finally:
         frames.close()  # releases the container at once when a range stops early
         splitter.close()
@@ -1210,20 +1215,25 @@ _SRC_COLUMNS = (
 _DECODED_FACTS = ("src_num_frames", "src_num_frames_exact", "src_duration_s", "src_error")
 
 
-def _cut_off(announced: Any, end_s: float) -> str | None:
-    """A note when a stream decoded to its end stops well short of the duration its
-    container's header announced (more than 1 s and 5 %): a file cut off (a download or
-    a recording that stopped) that demuxes cleanly to where it ends, as Matroska and
-    WebM do. None otherwise."""
+def _cut_off_margin(announced: float) -> float:
+    """How far short of its header's duration a stream may end before it looks cut off."""
+    return max(1.0, 0.05 * announced)
+
+
+def _ends_short(announced: Any, end_s: float) -> float | None:
+    """The duration a container's header announced (``announced``), when a stream decoded
+    to its end stops well short of it (by more than :func:`_cut_off_margin`); else None."""
     if not isinstance(announced, float | int) or announced != announced:  # NaN
         return None
-    missing = float(announced) - end_s
-    if missing <= max(1.0, 0.05 * float(announced)):
-        return None
-    return (
-        f"the stream ends at {end_s:.2f} s, short of the {float(announced):.2f} s its "
-        f"header announces (file cut off?)"
-    )
+    return float(announced) if announced - end_s > _cut_off_margin(announced) else None
+
+
+def _data_goes_on(announced: float, others_end_s: float | None) -> bool:
+    """Whether the file's other streams (audio that runs on past the video) reach the
+    duration its header announces: then the file is whole and its video just ends
+    first. Matroska states one duration for all streams, so only the data tells this
+    from a file cut off."""
+    return others_end_s is not None and others_end_s >= announced - _cut_off_margin(announced)
 
 
 def _frame_table(packed: Any) -> list[int] | None:
@@ -1418,9 +1428,16 @@ class Split:
         facts: dict[str, Any] = {}
         if result.complete:  # decoding reached the end of the stream: the count is exact
             facts = {"src_num_frames": result.count, "src_num_frames_exact": True}
-            short = _cut_off(row.get("src_duration_s"), result.end_s)
-            if short:  # the true length, and a note on a source that is done
-                facts.update(src_duration_s=result.end_s, src_error=f"{source}: {short}")
+            announced = _ends_short(row.get("src_duration_s"), result.end_s)
+            if announced is not None:  # the video's true length, a note if cut off
+                facts["src_duration_s"] = result.end_s
+                if not _data_goes_on(announced, result.others_end_s):
+                    # a file cut off (a download or a recording that stopped) that
+                    # demuxes cleanly to where it ends, as Matroska and WebM do
+                    facts["src_error"] = (
+                        f"{source}: the stream ends at {result.end_s:.2f} s, short of the "
+                        f"{announced:.2f} s its header announces (file cut off?)"
+                    )
         if result.broken:  # a note on a source that is done, with the clips before it
             facts["src_error"] = f"{source}: {result.broken}"
         return result.clips, facts, result.broken is not None
