@@ -87,6 +87,13 @@ def main() -> None:
     p.add_argument("--shot-s", type=float, default=3.0, help="seconds per shot")
     p.add_argument("--fps", type=float, default=24.0)
     p.add_argument("--side", type=int, default=360, help="short side of the videos")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for both runs, as reelpack build --set (e.g. ray.split.num_cpus=0.5)",
+    )
     args = p.parse_args()
     os.environ["RAY_ADDRESS"] = "local"  # a fresh local Ray, never someone else's cluster
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
@@ -99,6 +106,7 @@ def main() -> None:
             preset="tiny",
             model_cache=str(root / "models"),
             split={"min_clip_s": 1.0, "max_clip_s": 5.0},
+            sets=args.set,
             ray={"num_cpus": CPUS},
         )
         # warm the model files and the OS page cache once, outside both timings
