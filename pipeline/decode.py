@@ -627,7 +627,8 @@ def _decode(container: Any, stream: Any, others: OtherStreams | None) -> Iterato
     tb = stream.time_base or Fraction(1, 1)
     start_s = float(stream.start_time * tb) if stream.start_time is not None else 0.0
     for packet in container.demux():
-        if packet.stream_index == stream.index:
+        # (the empty packets that flush decoders at the end all say stream_index 0)
+        if packet.stream.index == stream.index:
             yield from packet.decode()
         else:
             others.note(packet, start_s)

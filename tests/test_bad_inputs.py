@@ -233,9 +233,10 @@ def _mkv_with_audio(path: str, video_s: float, audio_s: float, keep: float = 1.0
     images = iter_synth_frames(96, 64, [half, half], seed=3)
     tone = (np.sin(np.arange(round(audio_s * rate)) / 7.0) * 0.3).astype(np.float32)[None]
     with av.open(path, "w", format="matroska") as out:
+        # audio first: the video, stream 1, must still be drained at the end
+        audio = out.add_stream("flac", rate=rate, layout="mono")
         video = out.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = 96, 64, "yuv420p"
-        audio = out.add_stream("flac", rate=rate, layout="mono")
         done = 0  # audio samples muxed
 
         def audio_until(t: float) -> None:
