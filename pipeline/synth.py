@@ -160,6 +160,7 @@ def synth_video(
     flashes: tuple[int, ...] = (),
     pix_fmt: str = "yuv420p",
     options: dict[str, str] | None = None,
+    fmt: str | None = None,
 ) -> list[int]:
     """Write a video of ``len(shots)`` visually distinct shots; return the cut frames.
 
@@ -171,7 +172,8 @@ def synth_video(
     the cut: frames ``cut - n//2 .. cut - n//2 + n``) or ``("fade", n)`` (``n`` frames
     fading to black before the cut and ``n`` fading in after it). ``flashes`` lists
     frames blown out to near-white (camera flashes: not cuts). ``width`` and ``height``
-    must be even (4:2:0 chroma) unless ``pix_fmt`` allows odd sizes.
+    must be even (4:2:0 chroma) unless ``pix_fmt`` allows odd sizes. ``fmt`` names the
+    muxer when the extension does not (``"m4v"``: a raw MPEG-4 stream).
     """
     if (pix_fmt == "yuv420p" and (width % 2 or height % 2)) or width < 1 or height < 1:
         raise ValueError(f"{path}: width and height must be even and >= 2, got {width}x{height}")
@@ -179,7 +181,7 @@ def synth_video(
         raise ValueError(f"{path}: every shot needs >= 1 frame, got {shots}")
     styles = {**(styles or {}), **{i: "dark" for i in dark_shots}}
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(path, mode="w") as out:
+    with av.open(path, mode="w", format=fmt) as out:
         stream = out.add_stream(codec, rate=rate)
         if not isinstance(stream, av.VideoStream):
             raise ValueError(f"{path}: {codec!r} is not a video codec")

@@ -40,17 +40,24 @@ __all__ = [
 
 
 # Raw elementary streams: no container timing, so FFmpeg's demuxer assumes 25 fps
-RAW_STREAM_FORMATS = frozenset({"h264", "hevc"})
+# Demuxers of raw streams: no container timing, only what the bitstream states. Their
+# average rate is a placeholder (25 fps; raw DV's is its time base, 60000), while the
+# rate FFmpeg derives from the bitstream (H.264/HEVC VUI timing, the MPEG-1/2 sequence
+# header, MPEG-4 VOL timing, the DV frame's system) is the true one.
+RAW_STREAM_FORMATS = frozenset(
+    {"h264", "hevc", "vvc", "mpegvideo", "m4v", "cavsvideo", "vc1", "h261", "h263", "dv", "obu"}
+)
 
 
 def frame_rate(stream: Any) -> float:
-    """The average frame rate of a PyAV video ``stream`` (0.0 when unknown). A raw
-    H.264/HEVC stream has no container timing (the demuxer assumes 25 fps), but its
-    bitstream may state its rate (VUI timing), which the decoder reports: that wins."""
+    """The average frame rate of a PyAV video ``stream`` (0.0 when unknown). A raw stream
+    (:data:`RAW_STREAM_FORMATS`: an elementary H.264, HEVC, MPEG-2 or MPEG-4 stream, raw
+    DV) has no container timing; the rate its bitstream states wins there (FFmpeg
+    assumes 25 fps when it states none)."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     container = getattr(stream, "container", None)
     if container is not None and container.format.name in RAW_STREAM_FORMATS:
-        rate = stream.codec_context.framerate or rate
+        rate = stream.guessed_rate or stream.codec_context.framerate or rate
     return float(rate) if rate else 0.0
 
 

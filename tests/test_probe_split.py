@@ -56,7 +56,14 @@ from pipeline.stages.split import (
     stitch,
 )
 from pipeline.synth import demo_videos, synth_video
-from pipeline.video import decode_mp4, encode_mp4, even_size, resample_indices, telecine_repeats
+from pipeline.video import (
+    RAW_STREAM_FORMATS,
+    decode_mp4,
+    encode_mp4,
+    even_size,
+    resample_indices,
+    telecine_repeats,
+)
 from schemas import STREAM_COLUMNS
 
 VIDEOS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "videos")
@@ -634,6 +641,50 @@ def test_payload_colours_match_the_source(
         want = source[centre].reshape(-1, 3).mean(axis=0)
         assert np.abs(got - want).max() <= 3, (colour, got, want)
         assert np.abs(got - np.array(colour)).max() <= 8, (colour, got)
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "fmt", "fps", "size", "pix_fmt"),
+    [
+        ("es.m2v", "mpeg2video", "mpeg2video", 30000 / 1001, (128, 96), "yuv420p"),
+        ("es.m4v", "mpeg4", "m4v", 24.0, (128, 96), "yuv420p"),
+        ("es.h264", "libx264", "h264", 50.0, (128, 96), "yuv420p"),
+        ("ntsc.dv", "dvvideo", "dv", 30000 / 1001, (720, 480), "yuv411p"),
+        ("pal.dv", "dvvideo", "dv", 25.0, (720, 576), "yuv420p"),
+    ],
+)
+def test_raw_streams_run_at_the_rate_their_bitstream_states(
+    tmp_path: Any, name: str, codec: str, fmt: str, fps: float, size: tuple[int, int], pix_fmt: str
+) -> None:
+    """An elementary stream (MPEG-2, MPEG-4, H.264) or raw DV has no container timing:
+    FFmpeg's average rate for it is a placeholder (25 fps; raw DV's is 60000). The rate
+    the bitstream states is the stream's rate: the clips, their times and their payloads
+    keep the source's speed."""
+    path = str(tmp_path / name)
+    shots = [30, 36]
+    options = {"b": "4M"} if codec != "libx264" else None  # not FFmpeg's 200 kb/s
+    cuts = synth_video(
+        path,
+        width=size[0],
+        height=size[1],
+        fps=fps,
+        shots=shots,
+        seed=7,
+        codec=codec,
+        pix_fmt=pix_fmt,
+        fmt=fmt,
+        options=options,
+    )
+    facts = probe_video(path)
+    assert facts["container"] in RAW_STREAM_FORMATS
+    assert facts["fps"] == pytest.approx(fps, rel=1e-4)
+    assert facts["num_frames"] == pytest.approx(sum(shots), abs=1)
+    rows = batch_to_rows(Split(SplitConfig(min_clip_s=0.3, max_clip_s=5.0))(probe_batch(path)))
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, cuts[0]), (cuts[0], 66)]
+    assert rows[1]["start_s"] == pytest.approx(cuts[0] / fps, abs=1e-3)
+    assert rows[1]["end_s"] == pytest.approx(66 / fps, abs=1e-3)
+    frames, payload_fps = decode_mp4(rows[1]["clip_bytes"])
+    assert len(frames) / payload_fps == pytest.approx(36 / fps, abs=0.07)
 
 
 @pytest.mark.parametrize("ext", ["mp4", "mkv"])
