@@ -71,6 +71,7 @@ __all__ = [
     "OtherStreams",
     "Prefetcher",
     "TimestampJump",
+    "Unseekable",
     "deinterlaced",
     "detection_bgr",
     "frame_pts_table",
@@ -122,10 +123,14 @@ class DecodedFrame:
         return i420_to_rgb(self.yuv, self.colorspace, self.color_range)
 
 
-class TimestampJump(ValueError):
+class Unseekable(ValueError):
+    """A stream whose frames cannot be found by their presentation times: it is decoded
+    from the start, never seeked into (and never split into ranges)."""
+
+
+class TimestampJump(Unseekable):
     """A stream whose presentation times jump back (or repeat): concatenated recordings,
-    an encoder restart, a 33-bit MPEG-TS wrap. Its frames cannot be found by time, so it
-    is decoded from the start, never seeked into."""
+    an encoder restart, a 33-bit MPEG-TS wrap."""
 
 
 # a drop in pts beyond this (seconds) is a jump, not B-frame reordering
@@ -144,7 +149,8 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     the start delivers, as unranged decoding numbers them. Leaves the container at its
     end: seek before decoding. With ``timeout_s > 0``, raises TimeoutError once
     demuxing has taken that long; raises :class:`TimestampJump` when times jump back
-    or repeat.
+    or repeat, and :class:`Unseekable` when no packet has a time (a raw elementary
+    stream: the demuxer only counts frames).
     """
     stream = video_stream(container)
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
@@ -153,7 +159,9 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     lead: list[int] = []  # packets before the first keyframe
     key_pts: int | None = None
     top: int | None = None
+    untimed = 0  # packets with data but no time
     for i, p in enumerate(container.demux(stream)):
+        untimed += p.pts is None and p.size > 0
         if p.pts is not None and p.size:
             t = int(p.pts)
             if top is not None and t < top - reorder:
@@ -168,6 +176,8 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
                 (lead if key_pts is None else pts).append(t)
         if deadline is not None and i % 256 == 0 and time.monotonic() > deadline:
             raise TimeoutError(f"demuxing the frame table took over {timeout_s:g} s")
+    if not pts and not lead and untimed:
+        raise Unseekable(f"none of its {untimed} packets has a presentation time")
     shown = lead if key_pts is None else [t for t in pts if t >= key_pts]
     if len(set(shown)) < len(shown):
         raise TimestampJump(f"{len(shown) - len(set(shown))} frames repeat a presentation time")

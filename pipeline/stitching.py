@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode import TimestampJump, frame_pts_table
+from pipeline.decode import Unseekable, frame_pts_table
 from pipeline.stages.base import Batch, batch_to_rows, clean_batch, rows_to_batch
 from pipeline.stages.probe import open_source
 from pipeline.stages.split import SplitConfig, frame_ranges, stitch, supports_ranges
@@ -35,11 +35,11 @@ def _frame_table(source: str, timeout_s: float) -> list[int] | None:
     """Every frame's presentation time (:func:`pipeline.decode.frame_pts_table`), or None
     when the source cannot be demuxed within ``timeout_s`` (its ranges then demux on
     their own, under split's per-source time limit, and fail there with a reason).
-    Raises :class:`pipeline.decode.TimestampJump` for times no range could seek by."""
+    Raises :class:`pipeline.decode.Unseekable` for times no range could seek by."""
     try:
         with open_source(source) as container:
             return frame_pts_table(container, timeout_s) or None
-    except TimestampJump:
+    except Unseekable:
         raise
     except Exception:
         return None
@@ -52,7 +52,8 @@ def expand_ranges(batch: Mapping[str, Any], split_cfg: SplitConfig, range_frames
     A long source is demuxed once here for its frame table: the ranges are cut from its
     exact frame count, and every range row carries the table (``range_frame_pts``), so
     a range seeks and numbers its frames without reading the whole file itself. A
-    source whose times jump back (:class:`pipeline.decode.TimestampJump`) stays whole."""
+    source no range could seek into (:class:`pipeline.decode.Unseekable`: its times
+    jump back, or its packets have none) stays whole."""
     out: list[dict[str, Any]] = []
     for row in batch_to_rows(batch):
         frames = _int_or_none(row.get("src_num_frames"))
@@ -68,7 +69,7 @@ def expand_ranges(batch: Mapping[str, Any], split_cfg: SplitConfig, range_frames
             try:
                 table = _frame_table(str(row["source"]), split_cfg.timeout_s)
                 ranges = frame_ranges(len(table) if table else frames, range_frames)
-            except TimestampJump:
+            except Unseekable:
                 pass  # decoded whole, from the start: one range
 
         ranged = len(ranges) > 1

@@ -95,6 +95,31 @@ def test_a_source_whose_times_jump_back_stays_one_range(tmp_path) -> None:
     assert [round(r["start_s"], 3) for r in rows] == [0.0, 2.5, 5.0, 7.5]
 
 
+def test_a_raw_stream_without_times_stays_one_range(tmp_path) -> None:
+    """A raw H.264 stream's packets carry no presentation times: no range could seek to
+    its frames (each would decode nothing, and its clips would be lost). It is not
+    ranged, its single decode keeps every clip, and a seek into it fails loudly."""
+    path = str(tmp_path / "raw.h264")
+    cuts = synth_video(path, width=96, height=64, fps=12.0, shots=[30, 29, 31], seed=4)
+    with (
+        open_source(path) as container,
+        pytest.raises(decode_mod.Unseekable, match="presentation time"),
+    ):
+        decode_mod.frame_pts_table(container)
+    cfg = load_config(split={"min_clip_s": 0.5, "max_clip_s": 3.0})
+    probed = _probe(cfg, path)
+    ranged = expand_ranges(probed, cfg.split, range_frames=20)
+    assert list(ranged["range_count"]) == [1] and ranged["range_start_frame"][0] is None
+    rows = batch_to_rows(Split(cfg.split)(ranged))
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [
+        (0, cuts[0]),
+        (cuts[0], cuts[1]),
+        (cuts[1], 90),
+    ]
+    with pytest.raises(decode_mod.Unseekable):
+        next(decode_mod.iter_source_frames(path, None, 96 * 64, start_frame=40))
+
+
 def test_stitcher_takes_batches_as_ray_hands_them_over() -> None:
     """Ranges that found no clip arrive as placeholder rows; in a batch of only those,
     Ray turns the empty clip_id and frame columns into NaN. They stitch to the one
