@@ -285,3 +285,41 @@ def test_source_lists_name_files_folders_and_objects(
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match=r"source list .*bin\.txt: not UTF-8"):
         expand_sources([f"@{tmp_path / 'bin.txt'}"])
+
+
+def test_a_listing_longer_than_one_page_lists_every_object(s3_bucket: str) -> None:
+    """S3 answers a listing 1000 keys at a time: every page is followed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = S3Storage()
+    keys = [join(s3_bucket, "many", f"{i:05d}.mp4") for i in range(1003)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: st.write(key, b"v"), keys))
+    assert st.list(join(s3_bucket, "many")) == keys
+
+
+def test_keys_with_characters_urls_treat_specially_are_read_as_they_are(
+    tmp_path, s3_bucket: str
+) -> None:
+    """An object key is a plain string: spaces, non-ASCII, '#', '?', '+' and '%20' in a
+    source's key reach probe and split unchanged (no URL parsing or escaping)."""
+    import numpy as np
+
+    from pipeline.sources import expand_sources
+    from pipeline.stages.base import batch_to_rows
+    from pipeline.stages.probe import Probe
+    from pipeline.stages.split import Split, SplitConfig
+    from pipeline.synth import synth_video
+
+    video = tmp_path / "v.mp4"
+    synth_video(str(video), width=96, height=64, fps=12.0, shots=[12, 12], seed=1)
+    names = ["東京 clip.mp4", "take#1.mp4", "why?.mp4", "a+b%20c.mp4"]
+    st = S3Storage()
+    for name in names:
+        st.write(join(s3_bucket, "v", name), video.read_bytes())
+    sources = expand_sources([join(s3_bucket, "v")])
+    assert sources == sorted(join(s3_bucket, "v", name) for name in names)
+    probed = Probe()({"source": np.array(sources, dtype=object)})
+    rows = batch_to_rows(Split(SplitConfig(min_clip_s=0.5))(probed))
+    assert [r["source"] for r in rows] == [s for s in sources for _ in range(2)]
+    assert {r["src_status"] for r in rows} == {"done"} and all(r["clip_id"] for r in rows)
