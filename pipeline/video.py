@@ -288,6 +288,19 @@ def resample_indices(num_frames: int, fps: float, target_fps: float | None) -> n
     return np.unique(np.minimum(np.floor(times * fps + 1e-6).astype(np.int64), num_frames - 1))
 
 
+def resample_times(times: Sequence[float], end_s: float, fps: float) -> np.ndarray:
+    """Indices of the frames shown at the ticks of an ``fps`` grid from ``times[0]`` up to
+    ``end_s``: at each tick, the last frame at or before it. Frames of a
+    variable-frame-rate clip (``times``: rising presentation times) so taken play at a
+    constant ``fps`` in real time: a frame held through a gap repeats, frames between two
+    ticks are skipped."""
+    shown = np.asarray(times, dtype=np.float64)
+    ticks = shown[0] + np.arange(0.0, max(end_s - shown[0], 0.0) - 1e-9, 1.0 / fps)
+    if not len(ticks):
+        return np.zeros(1, np.int64)
+    return np.searchsorted(shown, ticks + 1e-6, side="right") - 1
+
+
 # FFmpeg's fieldmatch, one frame out per frame in: each frame rebuilt from the fields that
 # belong together (its own, or one of a neighbour's); frames it cannot match stay flagged
 # interlaced (bwdif then deinterlaces them), matched ones come out progressive

@@ -23,7 +23,7 @@ from pipeline.stages.encode import (
     plan_clip,
     resample_indices,
 )
-from pipeline.video import decode_mp4, encode_mp4
+from pipeline.video import decode_mp4, encode_mp4, resample_times
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,15 @@ def test_resample_indices_to_target_fps() -> None:
     assert resample_indices(12, 24.0, 8.0).tolist() == [0, 3, 6, 9]
     assert resample_indices(5, 8.0, 16.0).tolist() == [0, 1, 2, 3, 4]  # never upsamples
     assert resample_indices(5, 30.0, None).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_resample_times_holds_and_skips_frames_by_their_times() -> None:
+    # 10 fps for 0.3 s, then 30 fps: at 10 fps the fast part gives every third frame
+    times = [0.0, 0.1, 0.2, 0.3, 1 / 3 + 0.0001, 0.3667, 0.4, 0.4333, 0.4667]
+    assert resample_times(times, 0.5, 10.0).tolist() == [0, 1, 2, 3, 6]
+    # a gap: the frame before it repeats until the next one is due
+    assert resample_times([0.0, 0.05, 0.4], 0.45, 10.0).tolist() == [0, 1, 1, 1, 2]
+    assert resample_times([2.0], 2.04, 16.0).tolist() == [0]  # one frame: itself
 
 
 def test_plan_of_an_image_is_one_frame() -> None:

@@ -687,6 +687,38 @@ def test_raw_streams_run_at_the_rate_their_bitstream_states(
     assert len(frames) / payload_fps == pytest.approx(36 / fps, abs=0.07)
 
 
+def test_a_variable_frame_rate_payload_plays_in_real_time(tmp_path: Any) -> None:
+    """A phone slows its frame rate in the dark: 3 s at 10 fps, then 3 s at 30 fps, of a
+    bar moving 40 px/s. Taken by number at the average rate (20 fps), the payload ran
+    the first part twice as fast and the second at two thirds. Taken by time, each
+    payload frame shows the bar where it was at that frame's time (within the 0.1 s a
+    10 fps frame is held)."""
+    times = [i / 10 for i in range(30)] + [3 + i / 30 for i in range(90)]
+    path = str(tmp_path / "vfr.mkv")
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 96, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for t in times:
+            image = np.full((96, 320, 3), 40, np.uint8)
+            x = round(20 + 40 * t)
+            image[:, x : x + 4] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    probed = probe_batch(path)
+    (row,) = batch_to_rows(probed)
+    assert row["src_vfr"]
+    for work_fps, rate in ((16.0, 16.0), (None, row["fps"])):  # None: the source's rate
+        cfg = SplitConfig(min_clip_s=0.5, max_clip_s=10.0, work_fps=work_fps, crop_borders=False)
+        (clip,) = batch_to_rows(Split(cfg)(probed))
+        frames, fps = decode_mp4(clip["clip_bytes"])
+        assert fps == pytest.approx(rate) and len(frames) == pytest.approx(6.0 * rate, abs=1)
+        shown = np.array([(np.argmax(f[48, :, 0] > 150) - 20) / 40 for f in frames])
+        assert np.abs(shown - np.arange(len(frames)) / fps).max() <= 0.11
+
+
 @pytest.mark.parametrize("ext", ["mp4", "mkv"])
 def test_probe_tells_variable_from_constant_frame_rate(tmp_path: Any, ext: str) -> None:
     """MP4 is judged from its index (no media bytes read), MKV by demuxing packets."""

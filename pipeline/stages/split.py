@@ -90,6 +90,7 @@ from pipeline.video import (
     even_size,
     is_telecine_rate,
     resample_indices,
+    resample_times,
     telecine_repeats,
 )
 
@@ -155,7 +156,9 @@ class SplitConfig:
     # frame rate of clip payloads: each clip keeps its frames nearest to this grid, as
     # encode resamples (pipeline.video.resample_indices), never more than the source's;
     # None keeps every frame. A build sets it to encode.target_fps unless set explicitly:
-    # later stages then decode, and split encodes, only the frames the VAE will see
+    # later stages then decode, and split encodes, only the frames the VAE will see. A
+    # variable-frame-rate source's frames are taken by their times (resample_times), at
+    # this rate or its average one, so its payloads play in real time
     work_fps: float | None = None
     work_crf: int = 18  # x264 CRF of clip payloads
     # x264 preset of clip payloads: transient bytes, so speed beats size (ultrafast encodes
@@ -622,19 +625,27 @@ class _PayloadEncoder:
         target_fps: float | None = None,
         ahead: int = 1,
         decimate: bool = False,
+        vfr: bool = False,
     ) -> None:
         self.crf, self.preset, self.ahead = crf, preset, ahead
         self.source_fps, self.target_fps = fps, target_fps
-        self.decimate = decimate
+        self.decimate, self.vfr = decimate, vfr
         self._pool: ThreadPoolExecutor | None = None
         self._waiting: deque[Future[bytes]] = deque()
 
     def submit(
-        self, frames: list[_Frame], crop: tuple[int, int, int, int] | None = None
+        self,
+        frames: list[_Frame],
+        crop: tuple[int, int, int, int] | None = None,
+        end_s: float | None = None,
     ) -> Future[bytes]:
-        """Encode one clip's frames on the ``target_fps`` grid, at the payload rate, cut
-        to ``crop`` (working-size pixels). With ``decimate``, 3:2 telecine's repeated
-        pictures are dropped first and the rest taken at the film's rate."""
+        """Encode one clip's frames (ending at ``end_s``) on the ``target_fps`` grid, at
+        the payload rate, cut to ``crop`` (working-size pixels). With ``decimate``, 3:2
+        telecine's repeated pictures are dropped first and the rest taken at the film's
+        rate. A variable-frame-rate source's frames are taken by their times
+        (:func:`~pipeline.video.resample_times`), at ``target_fps`` or the source's
+        average rate, so the payload plays in real time; a constant-rate source's by
+        their numbers."""
         rate = self.source_fps
         if self.decimate and is_telecine_rate(rate):
             repeats = set(telecine_repeats([_half_luma(f.yuv) for f in frames]))
@@ -642,8 +653,13 @@ class _PayloadEncoder:
                 frames = [f for i, f in enumerate(frames) if i not in repeats]
                 rate *= (TELECINE_CYCLE - 1) / TELECINE_CYCLE
         target = self.target_fps
-        fps = target if target is not None and 0 < target < rate else rate
-        frames = [frames[i] for i in resample_indices(len(frames), rate, target)]
+        if self.vfr and rate > 0:
+            fps = target if target is not None and target > 0 else rate
+            end = end_s if end_s is not None else frames[-1].time_s + 1.0 / rate
+            frames = [frames[i] for i in resample_times([f.time_s for f in frames], end, fps)]
+        else:
+            fps = target if target is not None and 0 < target < rate else rate
+            frames = [frames[i] for i in resample_indices(len(frames), rate, target)]
         if crop is not None:
             frames = [replace(f, yuv=crop_i420(f.yuv, crop)) for f in frames]
         if self._pool is None:
@@ -694,6 +710,7 @@ class _SourceSplitter:
         range_end: int = -1,
         display: tuple[int, int] | None = None,
         decimate: bool = False,
+        vfr: bool = False,
     ) -> None:
         self.cfg, self.fps, self.display = cfg, fps, display
         self.tracker = ShotTracker(cfg, fps, first_frame=range_start)
@@ -710,7 +727,7 @@ class _SourceSplitter:
         self.lead_open = False  # still trimming the open shot's leading edge
         self.clips: list[_Clip] = []
         self.encoder = _PayloadEncoder(
-            fps, cfg.work_crf, cfg.work_preset, cfg.work_fps, decimate=decimate
+            fps, cfg.work_crf, cfg.work_preset, cfg.work_fps, decimate=decimate, vfr=vfr
         )
         self._payloads: list[Future[bytes]] = []  # one per clip, in order
         self._counted = self._counted_bytes = 0  # take_ready's running payload total
@@ -917,7 +934,7 @@ class _SourceSplitter:
         following = next((f for f in self.buffer if f.num >= end), None)
         end_s = following.time_s if following is not None else self.end_s
         crop = self._border_crop(frames)
-        self._payloads.append(self.encoder.submit(frames, crop))
+        self._payloads.append(self.encoder.submit(frames, crop, end_s))
         self.clips.append(
             _Clip(
                 start,
@@ -1064,14 +1081,15 @@ def _split_source(
     work_area: int | None = None,
     flush_bytes: int = 0,
     animated_webp: bool = False,
+    vfr: bool = False,
 ) -> Generator[list[_Clip], None, _RangeResult]:
     """The clips of one source (or of the range it owns): yielded in order as their
     payloads reach ``flush_bytes`` (never with 0), the rest returned; raises on decode
-    failure, an empty stream or a timeout."""
+    failure, an empty stream or a timeout. ``vfr``: payload frames are taken by time."""
     deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s > 0 else None
     # field-matched film: payloads without 3:2 telecine's repeated pictures
     decimate = field_match and cfg.decimate
-    splitter = _SourceSplitter(cfg, fps, range_start, range_end, display, decimate)
+    splitter = _SourceSplitter(cfg, fps, range_start, range_end, display, decimate, vfr)
     others = OtherStreams()  # filled in as the decode goes
     # Three threads overlap: decoding + conversion (here), detection (the caller's
     # thread), payload encoding (the splitter's encoder).
@@ -1424,6 +1442,7 @@ class Split:
             work_area=self._work_area(row),
             flush_bytes=flush_bytes,
             animated_webp=row.get("src_codec") == "webp",
+            vfr=_flag(row.get("src_vfr")),
         )
         facts: dict[str, Any] = {}
         if result.complete:  # decoding reached the end of the stream: the count is exact
