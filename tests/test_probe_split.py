@@ -47,6 +47,7 @@ from pipeline.stages.split import (
     _Frame,
     _SourceSplitter,
     border_crop,
+    chunks_by_time,
     clip_spans,
     crop_i420,
     cut_clips,
@@ -687,14 +688,10 @@ def test_raw_streams_run_at_the_rate_their_bitstream_states(
     assert len(frames) / payload_fps == pytest.approx(36 / fps, abs=0.07)
 
 
-def test_a_variable_frame_rate_payload_plays_in_real_time(tmp_path: Any) -> None:
-    """A phone slows its frame rate in the dark: 3 s at 10 fps, then 3 s at 30 fps, of a
-    bar moving 40 px/s. Taken by number at the average rate (20 fps), the payload ran
-    the first part twice as fast and the second at two thirds. Taken by time, each
-    payload frame shows the bar where it was at that frame's time (within the 0.1 s a
-    10 fps frame is held)."""
+def _vfr_bar_video(path: str) -> None:
+    """3 s at 10 fps, then 3 s at 30 fps (a phone slowing its rate in the dark; nominally
+    30 fps), of a bar moving 40 px/s: frame time t shows it at x = 20 + 40 t."""
     times = [i / 10 for i in range(30)] + [3 + i / 30 for i in range(90)]
-    path = str(tmp_path / "vfr.mkv")
     with av.open(path, "w") as out:
         stream = out.add_stream("libx264", rate=30)
         stream.width, stream.height, stream.pix_fmt = 320, 96, "yuv420p"
@@ -707,6 +704,15 @@ def test_a_variable_frame_rate_payload_plays_in_real_time(tmp_path: Any) -> None
             frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
+
+
+def test_a_variable_frame_rate_payload_plays_in_real_time(tmp_path: Any) -> None:
+    """Taken by number at the nominal rate (30 fps), the payload of :func:`_vfr_bar_video`
+    ran its first part three times too fast and lasted 4 s of 6. Taken by time, each
+    payload frame shows the bar where it was at that frame's time (within the 0.1 s a
+    10 fps frame is held)."""
+    path = str(tmp_path / "vfr.mkv")
+    _vfr_bar_video(path)
     probed = probe_batch(path)
     (row,) = batch_to_rows(probed)
     assert row["src_vfr"]
@@ -717,6 +723,53 @@ def test_a_variable_frame_rate_payload_plays_in_real_time(tmp_path: Any) -> None
         assert fps == pytest.approx(rate) and len(frames) == pytest.approx(6.0 * rate, abs=1)
         shown = np.array([(np.argmax(f[48, :, 0] > 150) - 20) / 40 for f in frames])
         assert np.abs(shown - np.arange(len(frames)) / fps).max() <= 0.11
+
+
+def test_variable_frame_rate_clips_last_min_to_max_clip_s(tmp_path: Any) -> None:
+    """Clip lengths are seconds: counted in frames at the nominal 30 fps, a 60-frame
+    piece of :func:`_vfr_bar_video` lasted 4 s with max_clip_s=2. By the frames' times
+    every clip lasts 0.5-2 s, whole or split into ranges."""
+    from pipeline.stitching import RangeStitcher, expand_ranges
+
+    path = str(tmp_path / "vfr.mkv")
+    _vfr_bar_video(path)
+    probed = probe_batch(path)
+    cfg = SplitConfig(min_clip_s=0.5, max_clip_s=2.0, crop_borders=False)
+    rows = batch_to_rows(Split(cfg)(probed))
+    spans = [(r["start_frame"], r["end_frame"]) for r in rows]
+    assert spans == [(0, 20), (20, 60), (60, 120)]  # 2 s each (a CFR count: 60 frames)
+    assert all(0.5 <= r["end_s"] - r["start_s"] <= 2.0 + 1e-6 for r in rows)
+    ranged = expand_ranges(probed, cfg, range_frames=40)
+    assert len(ranged["source"]) == 3
+    stitcher, out = RangeStitcher(), []
+    for i in range(3):
+        for batch in stitcher(Split(cfg)({k: v[i : i + 1] for k, v in ranged.items()})):
+            out += [(r["start_frame"], r["end_frame"]) for r in batch_to_rows(batch)]
+    assert out == spans
+
+
+def test_chunks_by_time_cut_variable_rate_frames_within_the_limits() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        steps = rng.choice([1 / 60, 1 / 30, 1 / 10, 0.2], size=int(rng.integers(5, 400)))
+        times = np.concatenate([[0.0], np.cumsum(steps[:-1])]).tolist()
+        end_s = float(np.sum(steps))
+        min_s, max_s = float(rng.choice([0.5, 1.0])), float(rng.choice([2.0, 5.0]))
+        pieces = chunks_by_time(times, end_s, min_s, max_s)
+        ends = [*times, end_s]
+        if end_s < min_s:
+            continue
+        assert pieces and pieces[0][0] == 0
+        assert all(a < b for a, b in pieces)
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(pieces))  # no gaps
+        longest = max(b - a for a, b in itertools.pairwise(ends))
+        for a, b in pieces:
+            # where no frame starts in the window an even split needs, a piece ends at
+            # the nearest frame: within one frame of the limits
+            assert min_s - longest - 1e-6 <= ends[b] - ends[a] <= max_s + longest + 1e-6
+        assert sum(ends[b] - ends[a] > max_s + 1e-6 for a, b in pieces) <= 1
+        # what is left over after the last piece is less than a piece
+        assert end_s - ends[pieces[-1][1]] < min_s + longest + 1e-6
 
 
 @pytest.mark.parametrize("ext", ["mp4", "mkv"])

@@ -20,7 +20,8 @@ long source can be split into frame ranges processed independently
 (:func:`frame_ranges`, ``range_start_frame``/``range_end_frame``) and stitched back
 (:func:`stitch`) to exactly the single-range result. Clip rules: shots shorter than
 ``min_clip_s`` are dropped, longer than ``max_clip_s`` cut into chunks of similar
-length, optionally ``trim_frames`` dropped on each side of a cut and fade frames at
+length (in frames, or for variable-frame-rate video by the frames' times:
+:func:`chunks_by_time`), optionally ``trim_frames`` dropped on each side of a cut and fade frames at
 shot edges dropped (``drop_fades``: near-black frames, and the frames TransNetV2
 marks as part of a dissolve, fade or wipe). Black bars at the frame's edges
 (letterbox, pillarbox) are cropped off each clip's payload (:func:`border_crop`), so
@@ -40,6 +41,7 @@ columns. Stills (``src_media_kind == "image"``) become one 1-frame clip.
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
 import itertools
 import logging
@@ -475,6 +477,53 @@ def _chunks(start: int, end: int, min_frames: int, max_frames: int) -> list[tupl
     return out + list(itertools.pairwise(bounds))
 
 
+def chunks_by_time(
+    times: Sequence[float], end_s: float, min_s: float, max_s: float
+) -> list[tuple[int, int]]:
+    """:func:`_chunks` by the frames' times, for variable-frame-rate video: frames
+    ``[0, len(times))`` (presentation times ``times``, the last one ending at ``end_s``)
+    cut into pieces lasting ``min_s..max_s``, a piece lasting from its first frame to the
+    next piece's (or ``end_s``). Full-length pieces (as many frames as fit in ``max_s``)
+    while more than two remain, then the rest split evenly in time (or as many full
+    pieces as fit, dropping the leftover); only ever looking forward, as :func:`_chunks`.
+    Where no frame starts in the window an even split needs, a piece ends at the
+    nearest one: it may then last up to one frame longer than ``max_s``.
+    """
+    t = [*times, end_s]
+    last = len(times)
+
+    def fit(k: int, span_s: float) -> int:  # the furthest piece end within span_s of k
+        return max(k + 1, bisect.bisect_right(t, t[k] + span_s + _EPS, lo=k + 1) - 1)
+
+    out = []
+    start = 0
+    while start < last and end_s - t[start] > 2 * max_s + _EPS:
+        out.append((start, fit(start, max_s)))
+        start = out[-1][1]
+    if start >= last:
+        return out
+    rest = end_s - t[start]
+    n = math.ceil(rest / max_s - _EPS)
+    end = last
+    if n == 0 or rest / n < min_s - _EPS:
+        n = math.floor(rest / max_s + _EPS)
+        if n == 0:
+            return out
+        end = fit(start, n * max_s)
+    bounds = [start]
+    for left in range(n, 1, -1):  # pieces left to cut, this one included
+        prev = bounds[-1]
+        due = t[prev] + (t[end] - t[prev]) / left  # an even share of what is left
+        k = bisect.bisect_left(t, due - _EPS, lo=prev + 1, hi=end)
+        if k > prev + 1 and due - t[k - 1] < t[k] - due:
+            k -= 1  # the nearer of the frames around it
+        # no piece over max_s where the frames' times allow: this one, nor those after
+        low = bisect.bisect_left(t, t[end] - (left - 1) * max_s - _EPS, lo=prev + 1, hi=end)
+        bounds.append(min(max(low, min(k, fit(prev, max_s))), end - 1))
+    bounds.append(end)
+    return out + [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
 def clip_spans(start: int, end: int, fps: float, cfg: SplitConfig) -> list[tuple[int, int]]:
     """The clips of one shot ``[start, end)``: none when the shot is shorter than
     ``min_clip_s``, else pieces of ``min_clip_s..max_clip_s`` (see :func:`_chunks`)."""
@@ -712,7 +761,7 @@ class _SourceSplitter:
         decimate: bool = False,
         vfr: bool = False,
     ) -> None:
-        self.cfg, self.fps, self.display = cfg, fps, display
+        self.cfg, self.fps, self.display, self.vfr = cfg, fps, display, vfr
         self.tracker = ShotTracker(cfg, fps, first_frame=range_start)
         self.min_frames, self.max_frames = _frame_limits(fps, cfg)
         self.min_scene = self.tracker.min_scene
@@ -773,6 +822,13 @@ class _SourceSplitter:
         # Frames before `safe` cannot be reached by a late cut: when more than two
         # full chunks of the open shot are safe, the offline rule emits the first one.
         safe = self.count - self.tracker.delay
+        if self.vfr:  # the same rule by time: more than two full pieces safe
+            max_s = self.cfg.max_clip_s
+            while self._time_of(safe) - self._time_of(self.pending) > 2 * max_s + _EPS:
+                times = [f.time_s for f in self.buffer if self.pending <= f.num < safe]
+                (first, *_) = chunks_by_time(times, self._time_of(safe), 0.0, max_s)
+                self._emit(self.pending, self.pending + first[1])
+            return
         while safe - self.pending > 2 * self.max_frames:
             self._emit(self.pending, self.pending + self.max_frames)
 
@@ -893,13 +949,36 @@ class _SourceSplitter:
             ):
                 end = tail.pop().num
         end = max(end, self.pending)
-        if not self.lead_open and end - self.shot_start >= self.min_frames:
-            for a, b in clip_spans(self.pending, end, self.fps, self.cfg):
+        if not self.lead_open:
+            for a, b in self._spans(end):
                 self._emit(a, b)
         self._drop_until(cut)
         self.shot_start = self.pending = cut
         self.lead_open = True
         self._advance_lead()
+
+    def _spans(self, end: int) -> list[tuple[int, int]]:
+        """The clips of the open shot's frames from ``pending`` to ``end``: by frame
+        counts (:func:`clip_spans`), or for variable-frame-rate video by the frames'
+        times (:func:`chunks_by_time`), so that clips last ``min_clip_s..max_clip_s``."""
+        if not self.vfr:
+            if end - self.shot_start < self.min_frames:
+                return []
+            return clip_spans(self.pending, end, self.fps, self.cfg)
+        times = [f.time_s for f in self.buffer if self.pending <= f.num < end]
+        end_s = self._time_of(end)
+        if not times or end_s - times[0] < self.cfg.min_clip_s - _EPS:
+            return []
+        spans = chunks_by_time(times, end_s, self.cfg.min_clip_s, self.cfg.max_clip_s)
+        return [(self.pending + a, self.pending + b) for a, b in spans]
+
+    def _time_of(self, num: int) -> float:
+        """When frame ``num`` (buffered, or the next one to come) starts."""
+        if self.buffer:
+            i = num - self.buffer[0].num  # buffered frames are consecutive
+            if 0 <= i < len(self.buffer) and self.buffer[i].num == num:
+                return self.buffer[i].time_s
+        return self.end_s
 
     def _border_crop(self, frames: list[_Frame]) -> tuple[int, int, int, int] | None:
         """The clip's picture inside black bars, in working-size pixels (None: no bars)."""
