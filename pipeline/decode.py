@@ -137,7 +137,9 @@ class TimestampJump(Unseekable):
 _REORDER_S = 2.0
 
 
-def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
+def frame_pts_table(
+    container: Any, timeout_s: float = 0.0, keyframes: list[int] | None = None
+) -> list[int]:
     """Sorted presentation times (in the stream's time base) of every frame the source's
     video stream (:func:`pipeline.video.video_stream`) decodes to, from demuxing alone;
     position ``k`` holds frame ``k``'s pts.
@@ -150,7 +152,8 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     end: seek before decoding. With ``timeout_s > 0``, raises TimeoutError once
     demuxing has taken that long; raises :class:`TimestampJump` when times jump back
     or repeat, and :class:`Unseekable` when no packet has a time (a raw elementary
-    stream: the demuxer only counts frames).
+    stream: the demuxer only counts frames). ``keyframes``, when given, receives the
+    numbers of the frames a seek can start decoding at (the keyframes), in order.
     """
     stream = video_stream(container)
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
@@ -160,6 +163,7 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     key_pts: int | None = None
     top: int | None = None
     untimed = 0  # packets with data but no time
+    keys: list[int] = []  # keyframes' times
     for i, p in enumerate(container.demux(stream)):
         untimed += p.pts is None and p.size > 0
         if p.pts is not None and p.size:
@@ -172,6 +176,8 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
             top = t if top is None else max(top, t)
             if key_pts is None and p.is_keyframe:  # a discarded one still decodes
                 key_pts = t
+            if p.is_keyframe:
+                keys.append(t)
             if not p.is_discard:
                 (lead if key_pts is None else pts).append(t)
         if deadline is not None and i % 256 == 0 and time.monotonic() > deadline:
@@ -181,7 +187,10 @@ def frame_pts_table(container: Any, timeout_s: float = 0.0) -> list[int]:
     shown = lead if key_pts is None else [t for t in pts if t >= key_pts]
     if len(set(shown)) < len(shown):
         raise TimestampJump(f"{len(shown) - len(set(shown))} frames repeat a presentation time")
-    return sorted(shown)
+    table = sorted(shown)
+    if keyframes is not None and table:
+        keyframes[:] = sorted({bisect.bisect_left(table, t) for t in keys if t >= table[0]})
+    return table
 
 
 def _coded(size: tuple[int, int], rotation: int) -> tuple[int, int]:

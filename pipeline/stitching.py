@@ -11,6 +11,8 @@ range they start in). Ray-free.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,18 +33,37 @@ def _int_or_none(value: Any) -> int | None:
     return int(value)
 
 
-def _frame_table(source: str, timeout_s: float) -> list[int] | None:
-    """Every frame's presentation time (:func:`pipeline.decode.frame_pts_table`), or None
-    when the source cannot be demuxed within ``timeout_s`` (its ranges then demux on
-    their own, under split's per-source time limit, and fail there with a reason).
-    Raises :class:`pipeline.decode.Unseekable` for times no range could seek by."""
+def _frame_table(
+    source: str, timeout_s: float, keyframes: list[int] | None = None
+) -> list[int] | None:
+    """Every frame's presentation time (:func:`pipeline.decode.frame_pts_table`; the
+    keyframes' numbers into ``keyframes``), or None when the source cannot be demuxed
+    within ``timeout_s`` (its ranges then demux on their own, under split's per-source
+    time limit, and fail there with a reason). Raises
+    :class:`pipeline.decode.Unseekable` for times no range could seek by."""
     try:
         with open_source(source) as container:
-            return frame_pts_table(container, timeout_s) or None
+            return frame_pts_table(container, timeout_s, keyframes) or None
     except Unseekable:
         raise
     except Exception:
         return None
+
+
+def seekable_ranges(ranges: list[tuple[int, int]], keyframes: list[int]) -> list[tuple[int, int]]:
+    """``ranges`` (as :func:`pipeline.stages.split.frame_ranges` cuts them) merged where
+    a range's decode would start at a keyframe at or before the previous range's start:
+    a seek can only start at a keyframe, so in a stream with keyframes further apart
+    than a range (one keyframe, intra refresh) each range would decode all before it
+    again. Kept ranges start decoding less than a range before their start."""
+    if len(ranges) <= 1 or not keyframes:
+        return ranges
+    starts = [ranges[0][0]]
+    for start, _ in ranges[1:]:
+        at = bisect.bisect_right(keyframes, start) - 1  # the keyframe a seek decodes from
+        if at >= 0 and keyframes[at] > starts[-1]:
+            starts.append(start)
+    return [*itertools.pairwise(starts), (starts[-1], -1)]
 
 
 def expand_ranges(batch: Mapping[str, Any], split_cfg: SplitConfig, range_frames: int) -> Batch:
@@ -51,7 +72,8 @@ def expand_ranges(batch: Mapping[str, Any], split_cfg: SplitConfig, range_frames
 
     A long source is demuxed once here for its frame table: the ranges are cut from its
     exact frame count, and every range row carries the table (``range_frame_pts``), so
-    a range seeks and numbers its frames without reading the whole file itself. A
+    a range seeks and numbers its frames without reading the whole file itself; ranges
+    that would decode their predecessor again are merged (:func:`seekable_ranges`). A
     source no range could seek into (:class:`pipeline.decode.Unseekable`: its times
     jump back, or its packets have none) stays whole."""
     out: list[dict[str, Any]] = []
@@ -66,9 +88,11 @@ def expand_ranges(batch: Mapping[str, Any], split_cfg: SplitConfig, range_frames
             and frames > range_frames
             and supports_ranges(split_cfg)
         ):
+            keyframes: list[int] = []
             try:
-                table = _frame_table(str(row["source"]), split_cfg.timeout_s)
+                table = _frame_table(str(row["source"]), split_cfg.timeout_s, keyframes)
                 ranges = frame_ranges(len(table) if table else frames, range_frames)
+                ranges = seekable_ranges(ranges, keyframes) if table else ranges
             except Unseekable:
                 pass  # decoded whole, from the start: one range
 

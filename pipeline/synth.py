@@ -245,7 +245,7 @@ def resized_stream(
     changes between ``parts`` (lists of RGB frames, one size each), as a broadcast
     capture or joined recordings hold: each part encoded with its own parameter sets,
     the packets muxed in order into ``path`` (container by ``fmt`` or the file name),
-    one frame every ``1 / fps`` seconds."""
+    one frame every ``1 / fps`` seconds, a keyframe every second (as broadcast has)."""
     raw = bytearray()
     for i, frames in enumerate(parts):
         sink = _Pipe()
@@ -254,7 +254,7 @@ def resized_stream(
             assert isinstance(stream, av.VideoStream)
             stream.height, stream.width = frames[0].shape[:2]
             stream.pix_fmt = "yuv420p"
-            stream.options = {"preset": "ultrafast", "crf": "23"}
+            stream.options = {"preset": "ultrafast", "crf": "23", "g": str(max(1, round(fps)))}
             if sars is not None:
                 stream.codec_context.sample_aspect_ratio = sars[i]
             _encode_rgb(out, stream, frames)

@@ -695,6 +695,7 @@ def _vfr_bar_video(path: str) -> None:
     with av.open(path, "w") as out:
         stream = out.add_stream("libx264", rate=30)
         stream.width, stream.height, stream.pix_fmt = 320, 96, "yuv420p"
+        stream.options = {"g": "10"}  # keyframes a range can seek to
         stream.codec_context.time_base = Fraction(1, 1000)
         for t in times:
             image = np.full((96, 320, 3), 40, np.uint8)

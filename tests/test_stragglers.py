@@ -120,6 +120,47 @@ def test_a_raw_stream_without_times_stays_one_range(tmp_path) -> None:
         next(decode_mod.iter_source_frames(path, None, 96 * 64, start_frame=40))
 
 
+def test_ranges_that_would_decode_their_predecessor_again_are_merged(tmp_path) -> None:
+    """A seek starts decoding at a keyframe. In a stream with one keyframe (infinite GOP,
+    as low-latency encoders with intra refresh write) every range would decode all the
+    frames before it again: it stays one range. A keyframe past the first range's start
+    keeps the ranges from there on."""
+    cfg = load_config(split={"min_clip_s": 0.5, "max_clip_s": 3.0})
+    one_key = str(tmp_path / "one_key.mp4")
+    synth_video(
+        one_key,
+        width=96,
+        height=64,
+        fps=12.0,
+        shots=[30, 29, 2, 45],
+        seed=3,
+        options={"g": "1000", "sc_threshold": "0", "bf": "0"},
+    )
+    keyframes: list[int] = []
+    with open_source(one_key) as container:
+        assert len(decode_mod.frame_pts_table(container, keyframes=keyframes)) == 106
+    assert keyframes == [0]
+    probed = _probe(cfg, one_key)
+    ranged = expand_ranges(probed, cfg.split, range_frames=30)
+    assert list(ranged["range_count"]) == [1]
+    assert batch_to_rows(Split(cfg.split)(ranged))[-1]["end_frame"] == 106
+
+    two_keys = str(tmp_path / "two_keys.mp4")
+    synth_video(
+        two_keys,
+        width=96,
+        height=64,
+        fps=12.0,
+        shots=[60, 46],
+        seed=3,
+        options={"g": "60", "sc_threshold": "0", "bf": "0"},
+    )
+    ranged = expand_ranges(_probe(cfg, two_keys), cfg.split, range_frames=30)
+    # frame_ranges cuts 0, 26, 53, 80; from 26 and 53 a seek decodes from frame 0 again
+    assert list(ranged["range_start_frame"]) == [0, 80]
+    assert list(ranged["range_end_frame"]) == [80, None]
+
+
 def test_stitcher_takes_batches_as_ray_hands_them_over() -> None:
     """Ranges that found no clip arrive as placeholder rows; in a batch of only those,
     Ray turns the empty clip_id and frame columns into NaN. They stitch to the one
@@ -178,7 +219,10 @@ def test_a_range_inside_one_long_shot_stops_at_its_end(tmp_path) -> None:
     the next cut (the whole rest of a long single-shot video); results still stitch
     to the single-range run."""
     path = str(tmp_path / "one_shot.mp4")
-    synth_video(path, width=64, height=48, fps=12.0, shots=[20, 200, 20], seed=5)
+    # a keyframe every 2 s: each range seeks near its start (see seekable_ranges)
+    synth_video(
+        path, width=64, height=48, fps=12.0, shots=[20, 200, 20], seed=5, options={"g": "24"}
+    )
     cfg = load_config(split={"min_clip_s": 0.5, "max_clip_s": 3.0})
     probed = _probe(cfg, path)
     ranged = expand_ranges(probed, cfg.split, range_frames=48)
