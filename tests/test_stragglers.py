@@ -126,16 +126,14 @@ def test_ranges_that_would_decode_their_predecessor_again_are_merged(tmp_path) -
     frames before it again: it stays one range. A keyframe past the first range's start
     keeps the ranges from there on."""
     cfg = load_config(split={"min_clip_s": 0.5, "max_clip_s": 3.0})
-    one_key = str(tmp_path / "one_key.mp4")
-    synth_video(
-        one_key,
-        width=96,
-        height=64,
-        fps=12.0,
-        shots=[30, 29, 2, 45],
-        seed=3,
-        options={"g": "1000", "sc_threshold": "0", "bf": "0"},
-    )
+
+    def video(name: str, shots: list[int], gop: int) -> str:
+        path = str(tmp_path / name)
+        options = {"g": str(gop), "sc_threshold": "0", "bf": "0"}  # keyframes every gop
+        synth_video(path, width=96, height=64, fps=12.0, shots=shots, seed=3, options=options)
+        return path
+
+    one_key = video("one_key.mp4", [30, 29, 2, 45], gop=1000)
     keyframes: list[int] = []
     with open_source(one_key) as container:
         assert len(decode_mod.frame_pts_table(container, keyframes=keyframes)) == 106
@@ -145,16 +143,7 @@ def test_ranges_that_would_decode_their_predecessor_again_are_merged(tmp_path) -
     assert list(ranged["range_count"]) == [1]
     assert batch_to_rows(Split(cfg.split)(ranged))[-1]["end_frame"] == 106
 
-    two_keys = str(tmp_path / "two_keys.mp4")
-    synth_video(
-        two_keys,
-        width=96,
-        height=64,
-        fps=12.0,
-        shots=[60, 46],
-        seed=3,
-        options={"g": "60", "sc_threshold": "0", "bf": "0"},
-    )
+    two_keys = video("two_keys.mp4", [60, 46], gop=60)
     ranged = expand_ranges(_probe(cfg, two_keys), cfg.split, range_frames=30)
     # frame_ranges cuts 0, 26, 53, 80; from 26 and 53 a seek decodes from frame 0 again
     assert list(ranged["range_start_frame"]) == [0, 80]
