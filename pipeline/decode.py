@@ -26,6 +26,12 @@ once to list their presentation times (:func:`frame_pts_table`), the container
 seeks to the keyframe before the wanted frame, and decoded frames are numbered by
 their position in that table, so numbers equal those of a decode from the start
 (times as :func:`rising_pts` corrects them, for streams whose labels are shuffled).
+
+A packet the decoder cannot decode (FFmpeg's "invalid data": corrupt bytes) does not
+end the decode when a :class:`DecodeDamage` is handed in: decoding goes on, as
+``ffmpeg`` does, and the frames from the damage to the next keyframe (missing, or
+concealed from broken references) are left out. Frame numbers stay the source's own
+across the gap: the frames left out are counted from the video packets' times.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
 
@@ -54,7 +60,7 @@ from pipeline.hdr import (
     is_wide_gamut_sdr,
     tone_map_i420,
 )
-from pipeline.stages.probe import display_size, open_source
+from pipeline.stages.probe import describe, display_size, open_source
 from pipeline.video import (
     FIELD_MATCH,
     even_size,
@@ -621,6 +627,157 @@ def rising_pts(frames: Iterable[Any], window: int = 2) -> Iterator[tuple[Any, in
 
 
 @dataclass
+class DecodeDamage:
+    """Corrupt data a decode (:func:`iter_pyav`) went on past, filled in as it goes.
+
+    A packet that fails to decode is skipped. The frames after it until the next
+    keyframe are left out too: their references are broken, so they show the damage
+    (FFmpeg conceals it, but not well enough for training data), and a decoder that
+    lost a keyframe may hand them out of order. From the first failure on, frames are
+    numbered by their presentation times among the video packets sent to the decoder,
+    as :func:`frame_pts_table` numbers them: lost frames are counted, and frame numbers
+    stay the source's own.
+
+    :attr:`spans` lists each stretch left out as ``(first frame, first frame after)``
+    in source frame numbers; :attr:`count` is the number of frames in the stream so far,
+    left out ones included. However many packets fail, decoding goes on to the end of
+    the stream (the split's per-source timeout bounds it): a decode from the start finds
+    the frames after a long corrupt stretch, as one that starts after it does.
+    """
+
+    errors: int = 0
+    first_error: str = ""
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    count: int = 0
+    end_s: float = 0.0  # when the last frame (left out or not) ends, from the stream start
+    # Before the first failure: times of packets sent and not yet handed out (a heap).
+    _pending: list[int] = field(default_factory=list)
+    max_pts: int | None = None  # the latest packet time sent
+    # From the first failure on: the last frame handed out before it (the anchor: its
+    # pts, and its number once iter_pyav numbers it), the sorted times of packets sent
+    # after the anchor's and not yet passed by a clean frame, and how many were passed.
+    _anchor_pts: int | None = None
+    _anchor_num: int | None = None
+    _last_out: int | None = None  # pts of the last frame handed out
+    _sent: list[int] = field(default_factory=list)
+    _passed: int = 0
+    _floor: int | None = None  # pts of the last clean frame since the failure
+    _broken: bool = False  # a packet failed since the last keyframe came out
+    _marks: dict[int, tuple[int | None, bool]] = field(default_factory=dict)
+    _gap_from: int | None = None  # first frame of the stretch being left out
+    _last: int = -1  # the number of the frame before
+
+    def sent(self, packet: Any) -> None:
+        """A video packet goes to the decoder."""
+        if packet.pts is None or not packet.size:
+            return
+        pts = int(packet.pts)
+        self.max_pts = pts if self.max_pts is None else max(self.max_pts, pts)
+        if not self.errors:
+            heapq.heappush(self._pending, pts)
+        elif self._floor is None or pts > self._floor:
+            bisect.insort(self._sent, pts)
+
+    def seeked(self) -> None:
+        """The container seeked: packets sent before are not waited for."""
+        self._pending.clear()
+        self._sent.clear()
+        self._floor = self._last_out = self._anchor_pts = None
+        self._passed = 0
+
+    def failed(self, exc: Exception) -> None:
+        """The decoder could not decode a packet."""
+        if not self.errors:  # number from here on by packet times
+            self._anchor_pts = self._floor = self._last_out
+            floor = self._floor
+            self._sent = sorted(p for p in self._pending if floor is None or p > floor)
+            self._pending.clear()
+        self.errors += 1
+        self.first_error = self.first_error or describe(exc)
+        self._broken = True
+
+    def arrived(self, frame: Any) -> None:
+        """The decoder hands out ``frame`` (output order)."""
+        if frame.pts is None:
+            return
+        pts = int(frame.pts)
+        self._last_out = pts
+        if not self.errors:
+            while self._pending and self._pending[0] <= pts:
+                heapq.heappop(self._pending)
+            return
+        if self._broken and frame.key_frame:
+            self._broken = False
+        if self._floor is not None and pts <= self._floor:
+            self._marks[pts] = (None, True)  # out of order after the damage
+            return
+        # 1 + the packets between the anchor and this frame
+        offset = 1 + self._passed + bisect.bisect_left(self._sent, pts)
+        self._marks[pts] = (offset, self._broken)
+        if not self._broken:
+            passed = bisect.bisect_right(self._sent, pts)
+            del self._sent[:passed]
+            self._passed += passed
+            self._floor = pts
+
+    def number(self, frame: Any, num: int, table: list[int] | None) -> tuple[int, bool]:
+        """``frame``'s number and whether it is left out, given ``num``: its number
+        from ``table`` (:func:`frame_pts_table`) or as counted. Records the stretches
+        left out."""
+        pts = int(frame.pts) if frame.pts is not None else None
+        if pts is not None and pts == self._anchor_pts and self._anchor_num is None:
+            self._anchor_num = num
+        offset, left_out = self._marks.pop(pts, (0, False)) if pts is not None else (0, False)
+        if offset is None:
+            left_out = True
+        elif offset:
+            if self._anchor_num is not None:
+                num = self._anchor_num + offset
+            elif table is not None and pts is not None:  # no frame before the failure
+                at = bisect.bisect_left(table, pts)
+                left_out = left_out or at >= len(table) or table[at] != pts
+                num = at
+            else:  # ... from the stream start
+                num = offset - 1
+        left_out = left_out or (self.errors > 0 and num <= self._last)  # no number twice
+        if self.errors and (left_out or num > self._last + 1) and self._gap_from is None:
+            self._gap_from = self._last + 1
+        if left_out:
+            if offset is not None:
+                self.count = max(self.count, num + 1)
+            return num, True
+        if self._gap_from is not None:
+            self.spans.append((self._gap_from, num))
+            self._gap_from = None
+        self._last = num
+        self.count = num + 1
+        return num, False
+
+    def finish(self) -> None:
+        """The stream ended: packets sent but never decoded are lost frames at its end."""
+        if self.errors:
+            self.count = max(self.count, self._last + 1 + len(self._sent))
+            if self._gap_from is None and self.count > self._last + 1:
+                self._gap_from = self._last + 1
+        if self._gap_from is not None:
+            self.spans.append((self._gap_from, max(self.count, self._gap_from)))
+            self._gap_from = None
+
+    def note(self) -> str | None:
+        """What was left out, for the source's note (None: nothing)."""
+        if not self.spans:
+            return None
+        shown = ", ".join(f"{a}..{b - 1}" for a, b in self.spans[:3])
+        more = f" and {len(self.spans) - 3} more" if len(self.spans) > 3 else ""
+        frames = sum(b - a for a, b in self.spans)
+        packets = f"{self.errors} packet{'s' if self.errors != 1 else ''} undecodable"
+        return (
+            f"corrupt data ({packets}: {self.first_error}): {frames} frames left out "
+            f"(frames {shown}{more})"
+        )
+
+
+@dataclass
 class OtherStreams:
     """Filled in by a decode (:func:`iter_pyav`): how far the source's other streams
     (audio, subtitles) go, as the latest end of their packets, in seconds from the video
@@ -637,32 +794,54 @@ class OtherStreams:
         self.end_s = end if self.end_s is None else max(self.end_s, end)
 
 
-def _decode(container: Any, stream: Any, others: OtherStreams | None) -> Iterator[Any]:
+def _decode(
+    container: Any,
+    stream: Any,
+    others: OtherStreams | None,
+    damage: DecodeDamage | None = None,
+) -> Iterator[Any]:
     """``container.decode(stream)`` from where the container is; with ``others``, the
-    packets of the other streams, which that skips, are read too, and noted in it."""
-    if others is None:
+    packets of the other streams, which that skips, are read too, and noted in it; with
+    ``damage``, packets that fail to decode are skipped and noted in it."""
+    if others is None and damage is None:
         yield from container.decode(stream)
         return
     tb = stream.time_base or Fraction(1, 1)
     start_s = float(stream.start_time * tb) if stream.start_time is not None else 0.0
     for packet in container.demux():
         # (the empty packets that flush decoders at the end all say stream_index 0)
-        if packet.stream.index == stream.index:
+        if packet.stream.index != stream.index:
+            if others is not None:
+                others.note(packet, start_s)
+            continue
+        if damage is None:
             yield from packet.decode()
-        else:
-            others.note(packet, start_s)
+            continue
+        damage.sent(packet)
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError as exc:
+            damage.failed(exc)
+            continue
+        for frame in frames:
+            damage.arrived(frame)
+            yield frame
 
 
 _MAX_BACK_OFF_S = 86400.0  # a seek that still lands late: decode from the start
 
 
 def _decode_from(
-    container: Any, stream: Any, wanted_pts: int, others: OtherStreams | None = None
+    container: Any,
+    stream: Any,
+    wanted_pts: int,
+    others: OtherStreams | None = None,
+    damage: DecodeDamage | None = None,
 ) -> Iterator[Any]:
-    """Decoded frames from a keyframe at or before ``wanted_pts`` (other streams noted
-    in ``others``, as :func:`_decode`). Containers without an index (MPEG-TS, elementary
-    streams) can land past the wanted time, so a seek that does is retried 1, 2, 4, ...
-    seconds earlier, and from the start at last."""
+    """Decoded frames from a keyframe at or before ``wanted_pts`` (other streams and
+    damage noted in ``others`` and ``damage``, as :func:`_decode`). Containers without
+    an index (MPEG-TS, elementary streams) can land past the wanted time, so a seek that
+    does is retried 1, 2, 4, ... seconds earlier, and from the start at last."""
     tb = stream.time_base or Fraction(1, 1)
     back_s = 0.0
     while True:
@@ -670,10 +849,12 @@ def _decode_from(
         before_start = stream.start_time is not None and target < stream.start_time
         if before_start or back_s > _MAX_BACK_OFF_S:
             container.seek(0)
-            yield from _decode(container, stream, others)
+            yield from _decode(container, stream, others, damage)
             return
         container.seek(target, stream=stream, backward=True, any_frame=False)
-        frames = _decode(container, stream, others)
+        if damage is not None:
+            damage.seeked()
+        frames = _decode(container, stream, others, damage)
         first = next(frames, None)
         if first is not None and (first.pts is None or first.pts <= wanted_pts):
             yield first
@@ -689,14 +870,15 @@ def _timed_frames(
     deinterlace: bool,
     field_match: bool,
     others: OtherStreams | None = None,
+    damage: DecodeDamage | None = None,
 ) -> Iterator[tuple[Any, int | None]]:
     """The stream's decoded frames, from a seek to ``wanted_pts`` (None: from where the
     container is), deinterlaced when asked (:func:`deinterlaced`), with rising times;
-    the other streams' packets noted in ``others``."""
+    the other streams' packets noted in ``others``, corrupt ones in ``damage``."""
     if wanted_pts is None:
-        decoded: Iterable[Any] = _decode(container, stream, others)
+        decoded: Iterable[Any] = _decode(container, stream, others, damage)
     else:
-        decoded = _decode_from(container, stream, wanted_pts, others)
+        decoded = _decode_from(container, stream, wanted_pts, others, damage)
     decoded = _with_stated_sar(decoded, stream.codec_context)
     return rising_pts(deinterlaced(decoded, field_match) if deinterlace else decoded)
 
@@ -721,6 +903,13 @@ class _Clock:
         self.start_pts, self.time_base, self.frame_s = start_pts, time_base, frame_s
         self.last: float | None = None
         self.shift = 0.0  # added to times after a jump back
+
+    def peek(self, pts: int) -> float | None:
+        """The time :meth:`time_of` would give ``pts`` now, if it rises (else None)."""
+        if self.start_pts is None:
+            return None
+        t = float((pts - self.start_pts) * self.time_base) + self.shift
+        return t if self.last is None or t >= self.last else None
 
     def time_of(self, pts: int | None, num: int) -> float:
         if pts is None:
@@ -747,6 +936,7 @@ def iter_pyav(
     tone_map: bool = True,
     field_match: bool = False,
     others: OtherStreams | None = None,
+    damage: DecodeDamage | None = None,
 ) -> Iterator[DecodedFrame]:
     """Decode the first video stream of an open PyAV ``container`` from ``start_frame``.
 
@@ -757,6 +947,8 @@ def iter_pyav(
     adds :attr:`DecodedFrame.small`. ``deinterlace`` runs frames flagged interlaced
     through :func:`deinterlaced` (field-matched first with ``field_match``); ``tone_map``
     turns HDR (PQ, HLG) frames into SDR. ``others`` notes how far the other streams go.
+    With ``damage``, corrupt packets are decoded past (:class:`DecodeDamage`): the
+    frames left out are not yielded, and the frame numbers skip them.
     """
     stream = video_stream(container)
     stream.thread_type = "AUTO"
@@ -778,14 +970,10 @@ def iter_pyav(
     header = (int(ctx.width or 0), int(ctx.height or 0))
     sar, header_sar = Fraction(stream.sample_aspect_ratio or 1), _stated_sar(ctx)
     geometry: _Geometry | None = None
-    num = start_frame - 1
     clock = _Clock(start_pts, tb, frame_s)
     peak_nits = DEFAULT_PEAK_NITS
-    timed = _timed_frames(container, stream, wanted_pts, deinterlace, field_match, others)
-    for frame, pts in timed:
-        num = _frame_number(pts, pts_table, num)
-        if num < start_frame:
-            continue  # decoded from the keyframe before the seek point only to get here
+    timed = _timed_frames(container, stream, wanted_pts, deinterlace, field_match, others, damage)
+    for frame, pts, num in _numbered(timed, pts_table, start_frame, damage, clock, frame_s):
         if geometry is None:
             rotation = round(frame.rotation or 0) % 360
             coded = header if min(header) > 0 else (frame.width, frame.height)
@@ -802,7 +990,36 @@ def iter_pyav(
         if geometry.rotation and yuv.size:
             # frame.rotation is counter-clockwise degrees, and so is np.rot90.
             yuv = rotate_i420(yuv, geometry.rotation)
+        if damage is not None:
+            damage.end_s = time_s + duration
         yield DecodedFrame(num, time_s, duration, yuv, small, colorspace, color_range, shown)
+
+
+def _numbered(
+    timed: Iterable[tuple[Any, int | None]],
+    pts_table: list[int] | None,
+    start_frame: int,
+    damage: DecodeDamage | None,
+    clock: _Clock,
+    frame_s: float,
+) -> Iterator[tuple[Any, int | None, int]]:
+    """``(frame, pts, number)`` of the decoded frames from ``start_frame`` on, numbered
+    by ``pts_table`` or as they come; without the frames ``damage`` leaves out, whose
+    numbers are skipped (:class:`DecodeDamage`), and noting there when the stream ends."""
+    num = start_frame - 1
+    for frame, pts in timed:
+        num = _frame_number(pts, pts_table, num)
+        if damage is not None:
+            num, left_out = damage.number(frame, num, pts_table)
+            if left_out:
+                continue
+        if num >= start_frame:  # (else decoded from the keyframe before a seek point)
+            yield frame, pts, num
+    if damage is not None:
+        damage.finish()
+        last = None if damage.max_pts is None else clock.peek(damage.max_pts)
+        if damage.errors and last is not None:  # frames lost at the end end the stream
+            damage.end_s = max(damage.end_s, last + frame_s)
 
 
 def detection_bgr(rgb: np.ndarray, width: int) -> np.ndarray:
@@ -876,6 +1093,7 @@ def iter_source_frames(
     pts_table: list[int] | None = None,
     animated_webp: bool = False,
     others: OtherStreams | None = None,
+    damage: DecodeDamage | None = None,
 ) -> Iterator[DecodedFrame]:
     """Every frame of ``uri`` from ``start_frame`` on, decoded once (see the module doc).
 
@@ -889,7 +1107,8 @@ def iter_source_frames(
     ``pts_table`` (:func:`frame_pts_table`) saves demuxing the file to start mid-stream.
     An ``animated_webp`` (probed as one) is decoded by Pillow (:mod:`pipeline.webp`),
     whatever the backend: FFmpeg cannot. PyAV notes in ``others`` how far the source's
-    other streams go (decord and Pillow do not).
+    other streams go, and decodes past corrupt packets into ``damage``
+    (:class:`DecodeDamage`; decord and Pillow do neither).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}, expected one of {BACKENDS}")
@@ -928,6 +1147,7 @@ def iter_source_frames(
             tone_map,
             field_match,
             others,
+            damage,
         )
 
 

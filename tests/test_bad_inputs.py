@@ -37,8 +37,8 @@ EXPECTED: dict[str, tuple[str, str | None]] = {
     "text.mp4": ("error", "not a readable video"),
     "no_moov.mp4": ("error", "not a readable video"),
     "truncated_mdat.mp4": ("error", "not a readable video"),
-    # decoding stops at the corrupt bytes; the clips before them stand
-    "corrupt_mid.mp4": ("clips", "decoding stopped after frame"),
+    # decoding goes on past the corrupt bytes; the frames they damage are left out
+    "corrupt_mid.mp4": ("clips", "frames left out (frames 16..24)"),
     "audio_only.mp4": ("error", "no video stream (streams: audio)"),
     "audio_cover_art.mp4": ("error", "no video stream (streams: audio, cover art)"),
     "image_named.mp4": ("clips", None),  # a PNG whatever its name: a 1-frame clip
@@ -198,6 +198,107 @@ def _ranged(probed: dict[str, Any], cfg: SplitConfig, range_frames: int) -> list
 def _facts(rows: list[dict[str, Any]]) -> list[list[Any]]:
     keys = ("start_frame", "end_frame", "src_num_frames", "src_duration_s", "src_error")
     return [[r[k] for k in keys] for r in rows]
+
+
+def _with_corrupt_packets(src: str, dst: str, frames: list[int]) -> list[int]:
+    """A copy of the mp4 ``src`` whose packets of ``frames`` (presentation order) hold
+    random bytes after their first NAL's length; returns the keyframes' numbers."""
+    import av
+
+    with av.open(src) as container:
+        stream = container.streams.video[0]
+        demuxed = [(p.pts, p.pos, p.size, p.is_keyframe) for p in container.demux(stream)]
+    packets = sorted(p for p in demuxed if p[0] is not None and p[2])
+    with open(src, "rb") as f:
+        data = bytearray(f.read())
+    rng = np.random.default_rng(7)
+    for n in frames:
+        _, pos, size, _ = packets[n]
+        data[pos + 4 : pos + size] = rng.integers(
+            0, 256, max(0, size - 4), dtype=np.uint8
+        ).tobytes()
+    with open(dst, "wb") as f:
+        f.write(bytes(data))
+    return [i for i, p in enumerate(packets) if p[3]]
+
+
+@pytest.fixture(scope="module")
+def five_shots(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """10 s at 24 fps, five shots of 2 s, a keyframe at each cut (and only there)."""
+    path = str(tmp_path_factory.mktemp("damage") / "good.mp4")
+    gop = {"x264-params": "keyint=48:min-keyint=48:scenecut=0"}
+    synth_video(path, width=128, height=72, fps=24, shots=[48] * 5, seed=3, options=gop)
+    return path
+
+
+def _spans(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    return [(int(r["start_frame"]), int(r["end_frame"])) for r in rows if r["clip_id"]]
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [[100], [144], [200], list(range(100, 240))],
+    ids=["mid-gop", "keyframe", "last-gop", "to-the-end"],
+)
+def test_decoding_goes_on_past_corrupt_packets_and_leaves_out_their_frames(
+    five_shots: str, tmp_path: Any, corrupt: list[int]
+) -> None:
+    """Packets that do not decode cost only the frames they damage, as ``ffmpeg``
+    decodes on: the frames from the first bad packet to the next keyframe are left out
+    (concealed pictures are no training data), every clip outside them stands with its
+    own frame numbers and times, the frame count and duration stay exact, and the note
+    says which frames were left out. A lost keyframe makes the decoder hand frames out
+    of order; their numbers still come out right. A ranged split says the same."""
+    from pipeline.stages.split import shots
+
+    path = str(tmp_path / "damaged.mp4")
+    keyframes = _with_corrupt_packets(five_shots, path, corrupt)
+    assert keyframes == [0, 48, 96, 144, 192]
+    cfg = SplitConfig(min_clip_s=0.5, max_clip_s=5.0, work_max_area=64 * 36)
+    good = batch_to_rows(Split(cfg)(Probe()({"source": np.array([five_shots], dtype=object)})))
+    assert _spans(good) == [(0, 48), (48, 96), (96, 144), (144, 192), (192, 240)]
+    probed = Probe()({"source": np.array([path], dtype=object)})
+    rows = batch_to_rows(Split(cfg)(probed))
+    last = rows[-1]
+    assert all(r["src_status"] == "done" for r in rows)
+    assert last["src_num_frames"] == 240 and last["src_num_frames_exact"]
+    assert last["src_duration_s"] == pytest.approx(10.0)
+    note = last["src_error"]
+    assert note.startswith(f"{path}: corrupt data (") and "cut off" not in note
+    # the frames left out: from the first bad one, or B-frames before it that refer to
+    # it (after the keyframe before), to the next keyframe
+    first, after = (
+        int(note.split("(frames ")[1].split("..")[0]),
+        int(note.split("(frames ")[1].split("..")[1].split(")")[0]) + 1,
+    )
+    assert max(k for k in keyframes if k < corrupt[0]) < first <= corrupt[0]
+    assert after == next((k for k in keyframes if k > corrupt[-1]), 240)
+    assert f"{after - first} frames left out" in note
+    spans = _spans(rows)
+    assert spans and all(b <= first or a >= after for a, b in spans)
+    # every clip away from the damage is the undamaged file's, frames and times alike
+    by_start = {r["start_frame"]: r for r in rows if r["clip_id"]}
+    for r in good:
+        a, b = r["start_frame"], r["end_frame"]
+        if b <= first - 2 or a >= after:
+            assert (by_start[a]["end_frame"], by_start[a]["start_s"]) == (b, r["start_s"])
+            assert by_start[a]["end_s"] == pytest.approx(r["end_s"])
+    assert [s for s in spans if s[0] >= after] == [s for s in _spans(good) if s[0] >= after]
+    # split in ranges, the same clips and notes
+    assert _facts(_ranged(probed, cfg, range_frames=40)) == _facts(rows)
+    # `reelpack shots`: no shot holds a frame left out
+    found = [(s["start_frame"], s["end_frame"]) for s in shots(path)]
+    assert all(b <= first or a >= after for a, b in found)
+    assert found[-1][1] == (240 if after < 240 else first)
+
+
+def test_a_video_whose_every_packet_is_corrupt_is_an_error(five_shots: str, tmp_path: Any) -> None:
+    path = str(tmp_path / "all.mp4")
+    _with_corrupt_packets(five_shots, path, list(range(240)))
+    (row,) = batch_to_rows(Split()(Probe()({"source": np.array([path], dtype=object)})))
+    assert row["clip_id"] is None and row["src_status"] == "error"
+    assert row["src_error"].startswith(f"{path}: not a readable video")
+    assert "Invalid data" in row["src_error"]
 
 
 def test_a_file_cut_off_gets_its_true_length_and_a_note(corpus: str) -> None:

@@ -73,6 +73,7 @@ from pipeline.decode import (
     COLORSPACE_UNSPECIFIED,
     RANGE_JPEG,
     RANGE_MPEG,
+    DecodeDamage,
     DecodedFrame,
     OtherStreams,
     Prefetcher,
@@ -367,6 +368,10 @@ class ShotTracker:
         self.detect_width = cfg.detect_width
         self.detector = make_detector(cfg, fps)
         self.delay = int(self.detector.event_buffer_length)
+        # frames at the end the detector never judges: a cut among them goes unreported
+        # (detectors that look ahead judge the last frames when the stream ends)
+        judges_end = type(self.detector).post_process is not SceneDetector.post_process
+        self.unjudged = 0 if judges_end else self.delay
         self.min_scene = _min_scene_frames(cfg, fps)
         self.last_counted = first_frame
         self.raw: list[int] = []
@@ -605,11 +610,25 @@ def stitch(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]
         if exact
         else {}
     )
-    # a range that stopped early at corrupt data says so for the whole source
-    notes = [r["src_error"] for r in clips if isinstance(r.get("src_error"), str)]
+    # a range that met corrupt data says so for the whole source, clips or none
+    notes = [n for n in map(_range_note, rows) if n]
     if notes:
         facts["src_error"] = notes[0]
     return [dict(r, src_num_clips=len(clips), **facts) for r in clips]
+
+
+_NO_CLIPS = "no clips:"
+
+
+def _range_note(row: Mapping[str, Any]) -> str | None:
+    """The note a range's row has for its whole source: all of it, less the "no clips"
+    a range without clips says of itself."""
+    note = row.get("src_error")
+    if not isinstance(note, str) or row.get("clip_id") is not None:
+        return note if isinstance(note, str) else None
+    prefix = f"{row['source']}: "
+    rest = [p for p in note.removeprefix(prefix).split("; ") if not p.startswith(_NO_CLIPS)]
+    return prefix + "; ".join(rest) if rest else None
 
 
 # --- the streaming splitter ----------------------------------------------------------------------
@@ -792,18 +811,34 @@ class _SourceSplitter:
 
     # -- feeding ----------------------------------------------------------------------------
 
-    def push(self, frame: _Frame, duration_s: float, small_bgr: np.ndarray) -> None:
-        """Feed one frame with its detection-size BGR copy."""
+    def push(
+        self,
+        frame: _Frame,
+        duration_s: float,
+        small_bgr: np.ndarray,
+        recent: Iterable[_Frame] = (),
+    ) -> None:
+        """Feed one frame with its detection-size BGR copy. ``recent``: the frames pushed
+        last while this splitter owned no shot (for a gap before ``frame``, :meth:`_gap`)."""
         if self.done:
             return
+        if self._previous is not None and frame.num > self._previous.num + 1:
+            self._gap(self._previous.num + 1, frame.num, recent)
+            if self.done:
+                return
         self.count = frame.num + 1
         self.end_s = frame.time_s + duration_s
-        if self.own_from is not None:
+        owning = self.own_from is not None
+        if owning:
             self.buffer.append(frame)
         raw = self.tracker.push_small(frame.num, small_bgr)
         self._on_raw(raw)
         if self._previous is not None and frame.display != self._previous.display:
             self._on_raw(self.tracker.force(frame.num))  # a picture of another shape
+        if not owning and self.own_from is not None:
+            # Ownership began at a cut the detector reported late: re-buffer its frames.
+            self.buffer.extend(f for f in recent if f.num >= self.own_from)
+            self.buffer.append(frame)
         self._previous = frame
         self._advance_lead()
         # No cut yet that starts a shot of this range, and every cut up to `count -
@@ -873,6 +908,32 @@ class _SourceSplitter:
         del self.clips[:older], self._payloads[:older]
         return ready
 
+    def push_gap(self, resume: int) -> None:
+        """Frames from the last one pushed to ``resume`` are missing (:meth:`_gap`)."""
+        if not self.done and self._previous is not None and resume > self.count:
+            self._gap(self.count, resume, ())
+
+    def _gap(self, start: int, resume: int, recent: Iterable[_Frame]) -> None:
+        """Frames ``start..resume - 1`` are missing (corrupt data the decode left out,
+        :class:`pipeline.decode.DecodeDamage`): the open shot ends before them, less the
+        last frames the detector could not judge (a cut among them would go unseen), and
+        the detector starts afresh at ``resume``, which starts a shot. No clip and no
+        detector window spans the gap; a run of any range that decodes through it ends
+        and starts its shots there alike."""
+        owning = self.own_from is not None
+        self._on_raw(self.tracker.finish_raw())
+        if not owning and self.own_from is not None:  # began at a late cut: re-buffer
+            self.buffer.extend(f for f in recent if f.num >= self.own_from)
+        self._advance_lead()
+        if self.own_from is not None and not self.done:
+            self._close_shot(max(self.pending, start - self.tracker.unjudged), is_cut=False)
+            self._drop_until(resume)
+            self.shot_start = self.pending = resume
+            self.lead_open = True
+        previous = self.tracker
+        self.tracker = ShotTracker(self.cfg, self.fps, first_frame=resume)
+        self.tracker.raw, self.tracker.forced = previous.raw, previous.forced
+
     def _on_raw(self, raw: list[int]) -> None:
         """Handle newly reported raw cuts: start owning, close shots, stop owning."""
         for cut in sorted(raw):
@@ -906,7 +967,7 @@ class _SourceSplitter:
         self.tracker.last_counted = cut
         self.shot_start = self.pending = cut
         # Frames from the cut on were decoded already (the detector reports late); the
-        # caller (`_split_range`) re-buffers them.
+        # splitter re-buffers them (:meth:`push`).
         self.lead_open = True
 
     # -- shots ------------------------------------------------------------------------------
@@ -1043,6 +1104,7 @@ class _RangeResult:
     broken: str | None = None  # why decoding stopped early at corrupt data
     end_s: float = 0.0  # when the last decoded frame ends, from the stream start
     others_end_s: float | None = None  # how far the other streams go (None: unknown)
+    damaged: str | None = None  # corrupt data decoded past: the frames left out
 
 
 class _CorruptData(Exception):
@@ -1065,13 +1127,16 @@ def _split_range(
     deadline: float | None,
     timeout_s: float,
     flush_bytes: int = 0,
+    damage: DecodeDamage | None = None,
 ) -> Generator[list[_Clip], None, _RangeResult]:
-    """Drive ``splitter`` with decoded frames until it is done or the stream ends.
+    """Drive ``splitter`` with decoded frames until it is done or the stream ends
+    (``damage``: what the decode of ``frames`` left out).
 
     With ``flush_bytes > 0`` yields finished clips whenever their payloads reach that
-    size; returns the rest (and the frame count). Corrupt data after the first frame
-    ends the stream there, as a file cut off would: the shots before it stand, and the
-    result says why it stopped."""
+    size; returns the rest (and the frame count). Packets that fail to decode are
+    decoded past (``damage``, :meth:`_SourceSplitter._gap`); other corrupt data after
+    the first frame ends the stream there, as a file cut off would: the shots before it
+    stand, and the result says why it stopped."""
     recent: deque[tuple[_Frame, float, np.ndarray]] = deque()
     keep = splitter.tracker.delay + 2  # frames a late first cut may reach back to
     complete = True
@@ -1081,7 +1146,7 @@ def _split_range(
             _until_corrupt(frames), splitter, deadline, timeout_s, recent, keep, flush_bytes
         )
     except _CorruptData as exc:
-        if splitter.count == 0:
+        if splitter.count == 0 and splitter.range_start == 0:
             raise ValueError(f"no frame decodes (corrupt data): {exc}") from exc
         broken = f"decoding stopped after frame {splitter.count - 1} (corrupt data: {exc})"
         complete = False
@@ -1093,7 +1158,12 @@ def _split_range(
         ) from exc
     except Exception as exc:  # name where it broke
         raise ValueError(f"failed after frame {splitter.count - 1}: {describe(exc)}") from exc
+    if complete and damage is not None and damage.count > splitter.count:
+        # frames left out at the very end: the last shot ends before them as at a gap
+        splitter.push_gap(damage.count)
     if splitter.count == 0 and splitter.range_start == 0:
+        if damage is not None and damage.errors:
+            raise ValueError(f"no frame decodes (corrupt data): {damage.first_error}")
         raise ValueError("zero frames: no frame decodes")
     return _RangeResult(splitter.finish(), splitter.count, complete, broken, splitter.end_s)
 
@@ -1124,14 +1194,7 @@ def _drive(
             decoded.color_range,
             decoded.display,
         )
-        owning = splitter.own_from is not None
-        splitter.push(frame, decoded.duration_s, small)
-        if not owning and splitter.own_from is not None:
-            # Ownership began at a cut the detector reported late: re-buffer its frames.
-            start = splitter.own_from
-            splitter.buffer.extend(f for f, _, _ in recent if f.num >= start)
-            splitter.buffer.append(frame)
-            splitter._advance_lead()
+        splitter.push(frame, decoded.duration_s, small, (f for f, _, _ in recent))
         if splitter.own_from is None:
             recent.append((frame, decoded.duration_s, small))
             while len(recent) > keep:
@@ -1170,6 +1233,7 @@ def _split_source(
     decimate = field_match and cfg.decimate
     splitter = _SourceSplitter(cfg, fps, range_start, range_end, display, decimate, vfr)
     others = OtherStreams()  # filled in as the decode goes
+    damage = DecodeDamage()
     # Three threads overlap: decoding + conversion (here), detection (the caller's
     # thread), payload encoding (the splitter's encoder).
     frames = Prefetcher(
@@ -1188,12 +1252,21 @@ def _split_source(
             pts_table=pts_table,
             animated_webp=animated_webp,
             others=others,
+            damage=damage,
         ),
         deadline=deadline,
     )
     try:
-        result = yield from _split_range(frames, splitter, deadline, cfg.timeout_s, flush_bytes)
-        return replace(result, others_end_s=others.end_s)
+        result = yield from _split_range(
+            frames, splitter, deadline, cfg.timeout_s, flush_bytes, damage
+        )
+        if result.complete:  # frames left out at the very end count too
+            result = replace(
+                result,
+                count=max(result.count, damage.count),
+                end_s=max(result.end_s, damage.end_s),
+            )
+        return replace(result, others_end_s=others.end_s, damaged=damage.note())
     finally:
         frames.close()  # releases the container at once when a range stops early
         splitter.close()
@@ -1240,7 +1313,9 @@ def shots(
     its limits), then decodes it once at detection size (on a second thread, while
     this one detects); for ``reelpack shots``. An image is one frame. Times are
     presentation times relative to the stream start; frame numbers are the source's own.
-    Corrupt data ends the stream where it starts, as in a build (logged as a warning).
+    As in a build (and logged as a warning), frames that corrupt data leaves out
+    (:class:`pipeline.decode.DecodeDamage`) are in no shot, and corrupt data the decode
+    cannot go past ends the stream there.
     """
     cfg = cfg or SplitConfig(detector=detector)
     facts = probe_video(path, bars=False)  # as a build's probe, without limits or bars
@@ -1248,10 +1323,13 @@ def shots(
         return [{"start_frame": 0, "end_frame": 1, "start_s": 0.0, "end_s": facts["duration_s"]}]
     animated_webp = facts["codec"] == "webp"  # read through Pillow
     field_match = cfg.deinterlace and cfg.field_match and bool(facts["pulldown"])
-    tracker = ShotTracker(cfg, float(facts["fps"]))
-    times: list[float] = []
-    cuts: list[int] = []
+    fps = float(facts["fps"])
+    tracker = ShotTracker(cfg, fps)
+    times: dict[int, float] = {}
+    bounds: set[int] = {0}  # shot starts, and where the frames left out begin and end
+    gap_ends: dict[int, float] = {}  # first frame left out -> when the frame before ends
     end_s = 0.0
+    damage = DecodeDamage()
     frames = Prefetcher(
         iter_source_frames(
             path,
@@ -1262,38 +1340,46 @@ def shots(
             tone_map=cfg.tone_map,
             field_match=field_match,
             animated_webp=animated_webp,
+            damage=damage,
         )
     )
     try:
         previous: DecodedFrame | None = None
         for frame in _until_corrupt(frames):
             assert frame.small is not None
-            cuts += tracker.push_bgr(frame.num, frame.small)
+            if previous is not None and frame.num > previous.num + 1:  # frames left out
+                bounds.update(tracker.finish())
+                bounds.update((previous.num + 1, frame.num))
+                gap_ends[previous.num + 1] = end_s
+                tracker = ShotTracker(cfg, fps, first_frame=frame.num)
+            bounds.update(tracker.push_bgr(frame.num, frame.small))
             if previous is not None and frame.display != previous.display:
-                cuts += tracker.force(frame.num)  # a picture of another shape, as in a build
+                bounds.update(tracker.force(frame.num))  # a picture of another shape
             previous = frame
-            times.append(frame.time_s)
+            times[frame.num] = frame.time_s
             end_s = frame.time_s + frame.duration_s
     except _CorruptData as exc:  # as in a build: the stream ends there
         if not times:
             raise ValueError(f"no frame decodes (corrupt data): {exc}") from exc
-        log.warning(
-            "%s: decoding stopped after frame %d (corrupt data: %s)", path, len(times) - 1, exc
-        )
+        log.warning("%s: decoding stopped after frame %d (corrupt data: %s)", path, max(times), exc)
     finally:
         frames.close()
-    cuts += tracker.finish()
-    count = len(times)
-    bounds = [0, *sorted({c for c in cuts if 0 < c < count}), count]
+    bounds.update(tracker.finish())
+    if not times:
+        return []
+    count = max(times) + 1
+    if damage.note():
+        log.warning("%s: %s", path, damage.note())
+    edges = [*sorted(b for b in bounds if 0 <= b < count), count]
     return [
         {
             "start_frame": a,
             "end_frame": b,
             "start_s": times[a],
-            "end_s": times[b] if b < count else end_s,
+            "end_s": times[b] if b in times else gap_ends.get(b, end_s),
         }
-        for a, b in itertools.pairwise(bounds)
-        if b > a
+        for a, b in itertools.pairwise(edges)
+        if b > a and a in times
     ]
 
 
@@ -1433,8 +1519,9 @@ class Split:
         source facts (exact frame count; ``error`` when the split failed after clips
         were handed on: :class:`pipeline.writer.CorpusWriter` then records the source
         as one error row, as it does for any failed split). Corrupt data is no failure
-        once a frame has decoded: the stream ends there, and ``src_error`` notes it on a
-        source that is done."""
+        once a frame has decoded: decoding goes on past packets that fail, leaving out
+        the frames they damage, or else the stream ends there; ``src_error`` notes it on
+        a source that is done."""
         base = dict(row)
         base["src_width"], base["src_height"] = row.get("width"), row.get("height")
         if "range_frame_pts" in base:
@@ -1524,6 +1611,7 @@ class Split:
             vfr=_flag(row.get("src_vfr")),
         )
         facts: dict[str, Any] = {}
+        notes: list[str] = []  # on a source that is done
         if result.complete:  # decoding reached the end of the stream: the count is exact
             facts = {"src_num_frames": result.count, "src_num_frames_exact": True}
             announced = _ends_short(row.get("src_duration_s"), result.end_s)
@@ -1532,12 +1620,16 @@ class Split:
                 if not _data_goes_on(announced, result.others_end_s):
                     # a file cut off (a download or a recording that stopped) that
                     # demuxes cleanly to where it ends, as Matroska and WebM do
-                    facts["src_error"] = (
-                        f"{source}: the stream ends at {result.end_s:.2f} s, short of the "
+                    notes.append(
+                        f"the stream ends at {result.end_s:.2f} s, short of the "
                         f"{announced:.2f} s its header announces (file cut off?)"
                     )
-        if result.broken:  # a note on a source that is done, with the clips before it
-            facts["src_error"] = f"{source}: {result.broken}"
+        if result.damaged:  # frames corrupt data cost
+            notes.append(result.damaged)
+        if result.broken:  # where decoding stopped, with the clips before it
+            notes.append(result.broken)
+        if notes:
+            facts["src_error"] = f"{source}: " + "; ".join(notes)
         return result.clips, facts, result.broken is not None
 
     def _work_area(self, row: Mapping[str, Any]) -> int:
@@ -1580,9 +1672,9 @@ class Split:
         """The one row of a source without clips: an error when decoding stopped at
         corrupt data before any clip; else done, with a note saying why nothing came
         out (the row is all a reader sees), and what decoding found (a file cut off)."""
-        if stopped:
+        if stopped and not _optional_int(base.get("range_start_frame")):
             return self._placeholder(base, source, status="error", error=base["src_error"])
-        note = f"{source}: no clips: no shot of at least min_clip_s={self.cfg.min_clip_s:g} s"
+        note = f"{source}: {_NO_CLIPS} no shot of at least min_clip_s={self.cfg.min_clip_s:g} s"
         if base["src_error"]:
             note += "; " + base["src_error"].removeprefix(f"{source}: ")
         return self._placeholder(base, source, status="done", error=note)
