@@ -668,8 +668,9 @@ class DecodeDamage:
     _last: int = -1  # the number of the frame before
 
     def sent(self, packet: Any) -> None:
-        """A video packet goes to the decoder."""
-        if packet.pts is None or not packet.size:
+        """A video packet goes to the decoder (one it is told to discard, as an edit
+        list does, shows no frame: not counted)."""
+        if packet.pts is None or not packet.size or packet.is_discard:
             return
         pts = int(packet.pts)
         self.max_pts = pts if self.max_pts is None else max(self.max_pts, pts)
