@@ -315,9 +315,11 @@ def test_corrupt_data_ends_the_stream_and_the_clips_before_it_stand(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """FFmpeg's "invalid data" mid-stream (a corrupt packet, a file cut off) ends the
-    source there, as the end of the stream would: its shots before stand, streamed or
-    not, and the source's note says where and why decoding stopped."""
+    """FFmpeg's "invalid data" that decoding cannot go past (a broken container, a file
+    cut off mid-frame; a packet that fails to decode is decoded past instead, see
+    test_bad_inputs) ends the source there, as the end of the stream would: its shots
+    before stand, streamed or not, and the source's note says where and why decoding
+    stopped."""
     path, _ = landscape
     real = split_mod.iter_source_frames
 
