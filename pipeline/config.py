@@ -520,13 +520,20 @@ def _tiny(cfg: BuildConfig, user_keys: dict[str, Any]) -> BuildConfig:
         ),
         split=replace(cfg.split, **keep_user("split", work_max_area=256 * 144)),
         write=replace(cfg.write, **keep_user("write", shard_max_bytes=4 << 20)),
-        # the tiny model actors must fit beside the CPU tasks on a 2-core machine
+        # the tiny model actors must fit beside the CPU tasks on a 2-core machine (a
+        # stage's other resources, and any the user sets, stay as they are)
         ray=replace(
             cfg.ray,
             **{
-                stage: replace(getattr(cfg.ray, stage), num_cpus=0.1, num_gpus=0.0)
+                stage: replace(
+                    getattr(cfg.ray, stage),
+                    **{
+                        k: v
+                        for k, v in (("num_cpus", 0.1), ("num_gpus", 0.0))
+                        if k not in ((user_keys.get("ray") or {}).get(stage) or {})
+                    },
+                )
                 for stage in ACTOR_STAGES
-                if stage not in (user_keys.get("ray", {}) or {})
             },
         ),
     )

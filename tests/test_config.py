@@ -78,6 +78,11 @@ def test_tiny_preset_keeps_user_values(tmp_path, monkeypatch) -> None:
     assert cfg.encode.pixel_budget == 64 * 64  # the user's value wins over the preset's
     assert cfg.encode.vae.startswith(str(tmp_path / "cache"))
     assert cfg.caption.model.startswith(str(tmp_path / "cache"))
+    # stage resources field by field: more encode actors keep the preset's CPU share
+    ray = load_config(preset="tiny", sets=["ray.encode.max_actors=2"]).ray
+    assert (ray.encode.max_actors, ray.encode.num_cpus, ray.encode.num_gpus) == (2, 0.1, 0.0)
+    ray = load_config(preset="tiny", ray={"caption": {"num_cpus": 0.5}}).ray
+    assert (ray.caption.num_cpus, ray.caption.num_gpus, ray.aesthetic.num_cpus) == (0.5, 0.0, 0.1)
 
 
 def test_payloads_are_at_least_as_large_as_the_latents() -> None:
