@@ -292,6 +292,32 @@ def test_decoding_goes_on_past_corrupt_packets_and_leaves_out_their_frames(
     assert found[-1][1] == (240 if after < 240 else first)
 
 
+def test_an_avi_whose_index_disagrees_with_its_data_never_fails_a_ranged_build(
+    tmp_path: Any,
+) -> None:
+    """Bytes overwritten in an AVI's data: a decode from the start loses the frames in
+    them and numbers the rest on, but a seek goes by the index to the frames' old
+    places. Split in ranges, such a source becomes one error row that says why (or the
+    same clips as in one range), never an exception that stops the build."""
+    src = str(tmp_path / "good.avi")
+    synth_video(src, width=128, height=72, fps=24, shots=[48] * 5, seed=3, codec="mpeg4")
+    with open(src, "rb") as f:
+        data = bytearray(f.read())
+    at = int(len(data) * 0.45)
+    data[at : at + 2048] = np.random.default_rng(1).integers(0, 256, 2048, np.uint8).tobytes()
+    path = str(tmp_path / "damaged.avi")
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    cfg = SplitConfig(min_clip_s=0.5, max_clip_s=5.0, work_max_area=64 * 36)
+    probed = Probe()({"source": np.array([path], dtype=object)})
+    whole = batch_to_rows(Split(cfg)(probed))
+    assert whole[-1]["src_status"] == "done" and whole[-1]["src_num_frames"] < 240
+    ranged = _ranged(probed, cfg, range_frames=40)
+    if _facts(ranged) != _facts(whole):
+        (row,) = ranged
+        assert row["src_status"] == "error" and "its ranges disagree" in row["src_error"]
+
+
 def test_a_video_whose_every_packet_is_corrupt_is_an_error(five_shots: str, tmp_path: Any) -> None:
     path = str(tmp_path / "all.mp4")
     _with_corrupt_packets(five_shots, path, list(range(240)))

@@ -299,6 +299,24 @@ def test_stitch_carries_the_note_of_a_range_that_met_corrupt_data() -> None:
     assert all(r["src_status"] == "done" and r["src_error"] == note for r in rows)
 
 
+def test_stitch_turns_ranges_that_overlap_into_an_error_row() -> None:
+    """Ranges whose clips overlap (their seeks landed on other frames than a decode from
+    the start numbers) make the source one error row that says so, not a failed build;
+    a range that failed itself still names its own cause."""
+    first = [{"source": "s", "clip_id": "a", "start_frame": 0, "end_frame": 30}]
+    second = [{"source": "s", "clip_id": "b", "start_frame": 20, "end_frame": 40}]
+    for row in (*first, *second):
+        row.update(src_status="done", src_error=None)
+    (row,) = stitch([first, second])
+    assert row["src_status"] == "error" and row["clip_id"] is None and row["src_num_clips"] == 0
+    assert row["src_error"].startswith("s: split failed: its ranges disagree")
+    assert "clips overlap at frames 20..29" in row["src_error"]
+    assert "ray.straggler_range_frames: 0" in row["src_error"]
+    bad = [{"source": "s", "clip_id": None, "src_status": "error", "src_error": "s: boom"}]
+    (row,) = stitch([first, second, bad])
+    assert row["src_error"] == "s: boom"
+
+
 def test_detectors_without_exact_ranges_refuse_them(
     boundary_video: tuple[str, dict[str, Any]],
 ) -> None:

@@ -583,20 +583,29 @@ def stitch(parts: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]
     """Merge the :class:`Split` output rows of one source's ranges (in range order) into
     the rows a single-range run gives: clips concatenated in order, ``src_num_clips``
     the total; one ``done`` placeholder when no range has a clip; one ``error`` row
-    (naming the failed range) when any range failed. Pure."""
+    (naming the failed range) when any range failed, or when the ranges' clips overlap:
+    a file whose index disagrees with its data (a damaged AVI index) seeks to other
+    frames than a decode from the start numbers. Pure."""
     if not parts:
         raise ValueError("stitch needs at least one range")
     rows = [dict(r) for part in parts for r in part]
     failed = [r for r in rows if r.get("src_status") == "error"]
-    if failed:
-        return [dict(failed[0], clip_id=None, status=None, clip_bytes=None, src_num_clips=0)]
     clips = [r for r in rows if r.get("clip_id") is not None]
     clips.sort(key=lambda r: int(r["start_frame"]))
-    for a, b in itertools.pairwise(clips):
-        if int(b["start_frame"]) < int(a["end_frame"]):
-            raise ValueError(
-                f"{a['source']}: ranges overlap at frames {b['start_frame']}..{a['end_frame']}"
-            )
+    overlap = next(
+        ((a, b) for a, b in itertools.pairwise(clips) if b["start_frame"] < a["end_frame"]), None
+    )
+    if overlap is not None and not failed:
+        a, b = overlap
+        error = (
+            f"{a['source']}: split failed: its ranges disagree (clips overlap at frames "
+            f"{b['start_frame']}..{int(a['end_frame']) - 1}): seeking lands on other frames "
+            "than decoding from the start counts (a damaged index?); split it in one range "
+            "(ray.straggler_range_frames: 0)"
+        )
+        failed = [dict(rows[0], src_status="error", src_error=error)]
+    if failed:
+        return [dict(failed[0], clip_id=None, status=None, clip_bytes=None, src_num_clips=0)]
     if not clips:
         return [dict(rows[0], src_num_clips=0)]
     # The range that decoded to the end of the stream counted the frames exactly.
