@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
 
@@ -741,8 +741,11 @@ class DecodeDamage:
             else:  # ... from the stream start
                 num = offset - 1
         left_out = left_out or (self.errors > 0 and num <= self._last)  # no number twice
-        if self.errors and (left_out or num > self._last + 1) and self._gap_from is None:
-            self._gap_from = self._last + 1
+        # a stretch left out begins after the frame before (or, when the decode has
+        # numbered none yet, as a seek starts it, at this frame)
+        jumped = self._last >= 0 and num > self._last + 1
+        if self.errors and (left_out or jumped) and self._gap_from is None:
+            self._gap_from = self._last + 1 if self._last >= 0 else num
         if left_out:
             if offset is not None:
                 self.count = max(self.count, num + 1)
@@ -1123,6 +1126,7 @@ def iter_source_frames(
     local = not uri.startswith("s3://")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     decord = backend == "decord" and local and not pyav_only
+    detect_shape = None  # of decord's detection frames, which PyAV's must go on with
     # decord drops transparency, which PyAV composites over white
     if decord and display is not None and not _transparent_format(path):
         try:
@@ -1130,6 +1134,7 @@ def iter_source_frames(
             for frame in frames:
                 yield frame
                 next_frame = frame.num + 1
+                detect_shape = None if frame.small is None else frame.small.shape
             return
         except Exception:  # decord's failure modes are many; PyAV takes over below
             pass
@@ -1137,7 +1142,7 @@ def iter_source_frames(
         table = None  # from the start, frames are numbered as they come
         if next_frame > 0:
             table = pts_table if pts_table is not None else frame_pts_table(container)
-        yield from iter_pyav(
+        pyav = iter_pyav(
             container,
             display,
             max_area,
@@ -1150,6 +1155,21 @@ def iter_source_frames(
             others,
             damage,
         )
+        yield from pyav if detect_shape is None else _detected_as(pyav, detect_shape)
+
+
+def _detected_as(frames: Iterable[DecodedFrame], shape: tuple[int, ...]) -> Iterator[DecodedFrame]:
+    """``frames`` with their detection frames at ``shape``: where PyAV takes over from
+    decord mid-file, the detector must go on with frames of one size. decord's come
+    from its working image (square pixels, never enlarged), PyAV's from the coded frame
+    (an anamorphic one is taller or shorter)."""
+    height, width = int(shape[0]), int(shape[1])
+    for frame in frames:
+        small = frame.small
+        if small is not None and small.shape[:2] != (height, width):
+            small = cv2.resize(small, (width, height), interpolation=cv2.INTER_AREA)
+            frame = replace(frame, small=small)
+        yield frame
 
 
 class Prefetcher(Iterator[T], Generic[T]):

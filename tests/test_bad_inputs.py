@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -248,7 +249,8 @@ def test_decoding_goes_on_past_corrupt_packets_and_leaves_out_their_frames(
     (concealed pictures are no training data), every clip outside them stands with its
     own frame numbers and times, the frame count and duration stay exact, and the note
     says which frames were left out. A lost keyframe makes the decoder hand frames out
-    of order; their numbers still come out right. A ranged split says the same."""
+    of order; their numbers still come out right. A ranged split says the same, and so
+    does one by decord, which PyAV takes over from at the damage."""
     from pipeline.stages.split import shots
 
     path = str(tmp_path / "damaged.mp4")
@@ -286,6 +288,10 @@ def test_decoding_goes_on_past_corrupt_packets_and_leaves_out_their_frames(
     assert [s for s in spans if s[0] >= after] == [s for s in _spans(good) if s[0] >= after]
     # split in ranges, the same clips and notes
     assert _facts(_ranged(probed, cfg, range_frames=40)) == _facts(rows)
+    # with decord, which gives up at the damage: PyAV goes on from its last frame, with
+    # detection frames of decord's size (decord's come from the small working image)
+    with_decord = batch_to_rows(Split(replace(cfg, decoder="decord"))(probed))
+    assert _facts(with_decord) == _facts(rows)
     # `reelpack shots`: no shot holds a frame left out
     found = [(s["start_frame"], s["end_frame"]) for s in shots(path)]
     assert all(b <= first or a >= after for a, b in found)
