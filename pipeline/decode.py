@@ -650,17 +650,16 @@ class DecodeDamage:
     spans: list[tuple[int, int]] = field(default_factory=list)
     count: int = 0
     end_s: float = 0.0  # when the last frame (left out or not) ends, from the stream start
-    # Before the first failure: times of packets sent and not yet handed out (a heap).
-    _pending: list[int] = field(default_factory=list)
     max_pts: int | None = None  # the latest packet time sent
-    # From the first failure on: the last frame handed out before it (the anchor: its
-    # pts, and its number once iter_pyav numbers it), the sorted times of packets sent
-    # after the anchor's and not yet passed by a clean frame, and how many were passed.
+    # Sorted times of the packets sent and not yet passed by a frame handed out (from
+    # the first failure on, by a clean frame), and how many were passed since then.
+    _sent: list[int] = field(default_factory=list)
+    _passed: int = 0
+    # The last frame handed out before the first failure (the anchor: its pts, and its
+    # number once iter_pyav numbers it).
     _anchor_pts: int | None = None
     _anchor_num: int | None = None
     _last_out: int | None = None  # pts of the last frame handed out
-    _sent: list[int] = field(default_factory=list)
-    _passed: int = 0
     _floor: int | None = None  # pts of the last clean frame since the failure
     _broken: bool = False  # a packet failed since the last keyframe came out
     _marks: dict[int, tuple[int | None, bool]] = field(default_factory=dict)
@@ -674,25 +673,20 @@ class DecodeDamage:
             return
         pts = int(packet.pts)
         self.max_pts = pts if self.max_pts is None else max(self.max_pts, pts)
-        if not self.errors:
-            heapq.heappush(self._pending, pts)
-        elif self._floor is None or pts > self._floor:
+        if self._floor is None or pts > self._floor:
             bisect.insort(self._sent, pts)
 
     def seeked(self) -> None:
         """The container seeked: packets sent before are not waited for."""
-        self._pending.clear()
         self._sent.clear()
         self._floor = self._last_out = self._anchor_pts = None
         self._passed = 0
 
     def failed(self, exc: Exception) -> None:
         """The decoder could not decode a packet."""
-        if not self.errors:  # number from here on by packet times
-            self._anchor_pts = self._floor = self._last_out
-            floor = self._floor
-            self._sent = sorted(p for p in self._pending if floor is None or p > floor)
-            self._pending.clear()
+        if not self.errors:  # number from here on by packet times, after the anchor's
+            floor = self._anchor_pts = self._floor = self._last_out
+            self._sent = [p for p in self._sent if floor is None or p > floor]
         self.errors += 1
         self.first_error = self.first_error or describe(exc)
         self._broken = True
@@ -704,8 +698,7 @@ class DecodeDamage:
         pts = int(frame.pts)
         self._last_out = pts
         if not self.errors:
-            while self._pending and self._pending[0] <= pts:
-                heapq.heappop(self._pending)
+            del self._sent[: bisect.bisect_right(self._sent, pts)]
             return
         if self._broken and frame.key_frame:
             self._broken = False
