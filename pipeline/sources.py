@@ -110,10 +110,12 @@ def expand_sources(
             out.update(uri for uri in st.list(prefix) if media(uri))
         else:
             path = Path(arg).expanduser().resolve()
-            if path.is_file():
-                out.add(str(path))
-            elif path.is_dir():
+            if path.is_dir():
                 out.update(p for p in _walk(path) if media(p))
+            elif path.exists():  # a file, or anything else probe then names as its error
+                out.add(str(path))
+            elif Path(arg).expanduser().is_symlink():
+                raise FileNotFoundError(f"source {arg!r} is a broken link (to {path})")
             else:
                 raise FileNotFoundError(f"source {arg!r} does not exist")
     return sorted(out)
@@ -163,7 +165,9 @@ def _media_filter(exclude: str | None, skipped: Counter[str]) -> Callable[[str],
 def _walk(root: Path) -> Iterable[str]:
     """Paths of the files below ``root``, following links to folders (a pile of videos
     is often linked together from several disks), each real folder once, so a link
-    back up the tree does not loop."""
+    back up the tree does not loop. Broken links and entries that are not regular files
+    (named pipes, sockets) are listed too: probe makes each an error row that says what
+    it is (a link into a disk that is not mounted must not vanish from the build)."""
     seen: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -173,9 +177,7 @@ def _walk(root: Path) -> Iterable[str]:
         seen.add(real)
         dirs.sort()
         for name in files:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):  # not a broken link
-                yield path
+            yield os.path.join(folder, name)
 
 
 def _under(root: str | None) -> Callable[[str], bool]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipeline.sources import expand_sources
 from pipeline.stages.base import batch_to_rows
 from pipeline.stages.decide import Decide, DecideConfig
 from pipeline.stages.probe import Probe, ProbeConfig
@@ -119,6 +120,30 @@ def test_every_bad_input_ends_in_one_terminal_outcome(
     assert os.listdir(private_tmp) == [], "temp files left behind"
     assert sorted(os.listdir(corpus)) == before
     assert elapsed < 240, f"the corpus took {elapsed:.0f} s"
+
+
+@pytest.mark.timeout(120)
+def test_links_pipes_and_folders_found_as_sources_are_error_rows(tmp_path: Any) -> None:
+    """What a folder walk lists but is no file (a link into a disk not mounted, a named
+    pipe, a folder with a video's name) ends as one error row saying what it is, at
+    once: opening a named pipe would otherwise wait forever for a writer."""
+    videos = tmp_path / "videos"
+    (videos / "folder.mp4").mkdir(parents=True)
+    (videos / "unmounted.mp4").symlink_to("/mnt/disk9/unmounted.mp4")
+    os.mkfifo(videos / "pipe.mov")
+    sources = expand_sources([str(videos)])
+    assert [os.path.basename(s) for s in sources] == ["pipe.mov", "unmounted.mp4"]
+    sources.append(str(videos / "folder.mp4"))  # as a source list may name it
+    expected = {
+        "pipe.mov": "not a regular file but a named pipe",
+        "unmounted.mp4": "a broken link (its target /mnt/disk9/unmounted.mp4 does not exist)",
+        "folder.mp4": "not a regular file but a folder",
+    }
+    for source in sources:
+        (row,) = run_stages([source])
+        assert row["src_status"] == "error" and row["clip_id"] is None
+        assert row["src_error"].startswith(f"{source}: ")
+        assert expected[os.path.basename(source)] in row["src_error"], row["src_error"]
 
 
 @pytest.mark.slow

@@ -196,14 +196,22 @@ def test_source_folders_follow_links_to_folders_once(tmp_path) -> None:
     (videos / ".a.mp4.part.mp4").write_bytes(b"h")  # hidden
     (videos / "more").symlink_to(disk)  # a folder linked in from another disk
     (videos / "loop").symlink_to(videos)  # a link back up the tree
-    (videos / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")  # a broken link
+    # a broken link and a named pipe are listed: probe makes each an error row
+    (videos / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")
+    os.mkfifo(videos / "pipe.mkv")
     for name in ("raw.CR2", "raw2.cr2", "README"):
         (videos / name).write_bytes(b"?")
     skipped: Counter[str] = Counter()
     assert expand_sources([str(videos)], skipped=skipped) == [
         str(videos / "a.mp4"),
+        str(videos / "gone.mp4"),
         str(videos / "more" / "dvd" / "VTS_01_1.VOB"),
+        str(videos / "pipe.mkv"),
     ]
+    # given by name, a pipe is a source too; a broken link is said to be one
+    assert expand_sources([str(videos / "pipe.mkv")]) == [str(videos / "pipe.mkv")]
+    with pytest.raises(FileNotFoundError, match=r"gone\.mp4' is a broken link"):
+        expand_sources([str(videos / "gone.mp4")])
     # the files left out are counted by extension (hidden files aside), and said
     assert skipped == {".cr2": 2, ".txt": 1, "(no extension)": 1}
     assert describe_skipped(skipped) == (

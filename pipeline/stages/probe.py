@@ -20,8 +20,11 @@ streamed with ranged GETs, never copied to local disk) plugs in at one place.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
+import os
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,8 +107,37 @@ def open_source(uri: str) -> Iterator[Any]:
             handle.close()
         return
     path = uri[len("file://") :] if uri.startswith("file://") else uri
+    check_regular_file(path)
     with av.open(path, mode="r") as container:
         yield container
+
+
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def check_regular_file(path: str) -> None:
+    """Raise unless ``path`` is a regular file (or a link to one), before anything opens
+    it: opening a named pipe blocks until something writes to it, and a source is read
+    by seeking, which no pipe, socket or device allows. A broken link raises
+    ``FileNotFoundError`` naming its target."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = os.readlink(path)
+            raise FileNotFoundError(
+                errno.ENOENT, f"a broken link (its target {target} does not exist)", path
+            ) from None
+        raise
+    for test, kind in _NOT_REGULAR:
+        if test(mode):
+            raise ValueError(f"not a regular file but {kind}: a source must be a seekable file")
 
 
 def display_size(width: int, height: int, sar: Fraction, rotation: int) -> tuple[int, int]:
