@@ -17,6 +17,7 @@ without caption embeddings samples unconditionally.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -140,8 +141,11 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 DEFAULT_FPS = 16.0  # when neither the caller nor the corpus names a rate
 
 
-def check_output(out: str, frames: int) -> None:
-    """Raise ValueError unless ``out``'s suffix names a format that holds ``frames``."""
+def check_output(out: str, frames: int, fps: float | None = None) -> None:
+    """Raise ValueError unless ``out``'s suffix names a format that holds ``frames`` and
+    ``fps`` (when given) is a positive frame rate."""
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"{out}: the frame rate must be a positive number, not {fps:g}")
     suffix = Path(out).suffix.lower()
     if suffix in VIDEO_FORMATS or suffix == ".gif":
         return
@@ -163,7 +167,7 @@ def write_video(frames: np.ndarray, out: str, fps: float = DEFAULT_FPS) -> str:
     import av
     from PIL import Image
 
-    check_output(out, frames.shape[0])
+    check_output(out, frames.shape[0], fps)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
@@ -237,7 +241,7 @@ def sample_to_file(
     Uses the EMA weights when the checkpoint has them. ``device`` "auto": CUDA when
     available. Returns the written path.
     """
-    check_output(out, frames)
+    check_output(out, frames, fps)  # before any work
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     from model.data import read_manifest

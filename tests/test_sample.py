@@ -148,6 +148,9 @@ def test_write_video_formats_rates_and_refusals(tmp_path: Path) -> None:
         check_output(str(tmp_path / "a.avi"), 3)
     with pytest.raises(ValueError, match=r"unknown output type '\(no suffix\)'"):
         check_output(str(tmp_path / "a"), 1)
+    for fps in (0.0, -3.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"b\.mp4: the frame rate must be a positive"):
+            write_video(frames, str(tmp_path / "b.mp4"), fps=fps)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.jpg", "a.mp4"]
 
 
