@@ -114,6 +114,27 @@ class TrainConfig:
             problems.append(f"attn_backend {self.attn_backend!r} is not one of {ATTN_BACKENDS}")
         if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             problems.append("caption_dropout must be in [0, 1] and ema_decay in [0, 1)")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not self.timestep_std > 0:
+            problems.append("lr and timestep_std must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        if self.log_every < 1:
+            problems.append(f"log_every must be positive, not {self.log_every}")
+        negative = [
+            name
+            for name in (
+                "weight_decay",
+                "warmup_steps",
+                "grad_clip",
+                "shift_base_tokens",
+                "checkpoint_every",
+                "num_workers",
+                "shuffle_buffer",
+            )
+            if not getattr(self, name) >= 0
+        ]
+        if negative:
+            problems.append(f"{', '.join(negative)} must not be negative")
         if problems:
             raise ValueError("bad TrainConfig: " + "; ".join(problems))
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,6 +350,27 @@ def test_samples_over_the_budget_are_cropped_or_named_in_the_error(
         train(root, str(tmp_path / "none"), TrainConfig(steps=1, token_budget=3))
     with pytest.raises(ValueError, match="oversize 'shrink' is not one of"):
         TrainConfig(oversize="shrink").validate()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("log_every", 0, "log_every must be positive, not 0"),
+        ("lr", -1.0, "lr and timestep_std must be positive"),
+        ("lr", float("nan"), "lr and timestep_std must be positive"),
+        ("timestep_std", 0.0, "lr and timestep_std must be positive"),
+        ("min_lr_ratio", 1.5, "min_lr_ratio must be in [0, 1], not 1.5"),
+        ("shuffle_buffer", -1, "shuffle_buffer must not be negative"),
+        ("grad_clip", -0.5, "grad_clip must not be negative"),
+        ("warmup_steps", -2, "warmup_steps must not be negative"),
+    ],
+)
+def test_a_config_value_out_of_range_is_named_before_training(
+    field: str, value: float, words: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        dataclasses.replace(TrainConfig(), **{field: value}).validate()
+    TrainConfig().validate()  # the defaults are valid
 
 
 def test_a_checkpoint_from_before_a_new_field_resumes_with_its_default(tmp_path: Path) -> None:
