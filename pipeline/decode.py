@@ -63,10 +63,12 @@ from pipeline.hdr import (
 from pipeline.stages.probe import describe, display_size, open_source
 from pipeline.video import (
     FIELD_MATCH,
+    display_orientation,
     even_size,
     filter_graph,
     frame_rate,
     opaque,
+    orient,
     pulled,
     video_stream,
 )
@@ -511,10 +513,10 @@ def join_i420(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.concatenate([p.ravel() for p in (y, u, v)]).reshape(h * 3 // 2, w)
 
 
-def rotate_i420(yuv: np.ndarray, degrees: int) -> np.ndarray:
-    """An I420 image turned ``degrees`` counter-clockwise (a multiple of 90)."""
-    k = (degrees // 90) % 4
-    y, u, v = (np.rot90(p, k=k) for p in i420_planes(yuv))
+def rotate_i420(yuv: np.ndarray, degrees: int, mirrored: bool = False) -> np.ndarray:
+    """An I420 image shown display-side up: each plane through
+    :func:`~pipeline.video.orient`."""
+    y, u, v = (orient(p, degrees, mirrored) for p in i420_planes(yuv))
     return join_i420(y, u, v)
 
 
@@ -967,12 +969,13 @@ def iter_pyav(
     header = (int(ctx.width or 0), int(ctx.height or 0))
     sar, header_sar = Fraction(stream.sample_aspect_ratio or 1), _stated_sar(ctx)
     geometry: _Geometry | None = None
+    mirrored = False
     clock = _Clock(start_pts, tb, frame_s)
     peak_nits = DEFAULT_PEAK_NITS
     timed = _timed_frames(container, stream, wanted_pts, deinterlace, field_match, others, damage)
     for frame, pts, num in _numbered(timed, pts_table, start_frame, damage, clock, frame_s):
         if geometry is None:
-            rotation = round(frame.rotation or 0) % 360
+            rotation, mirrored = display_orientation(frame)
             coded = header if min(header) > 0 else (frame.width, frame.height)
             geometry = _Geometry(coded, sar, header_sar, display, max_area, detect_width, rotation)
         stated = frame.opaque if isinstance(frame.opaque, Fraction) else _stated_sar(ctx)
@@ -984,9 +987,8 @@ def iter_pyav(
         yuv, small, colorspace, color_range = _images(
             frame, size, geometry.detect, tone_map, peak_nits
         )
-        if geometry.rotation and yuv.size:
-            # frame.rotation is counter-clockwise degrees, and so is np.rot90.
-            yuv = rotate_i420(yuv, geometry.rotation)
+        if (geometry.rotation or mirrored) and yuv.size:
+            yuv = rotate_i420(yuv, geometry.rotation, mirrored)
         if damage is not None:
             damage.end_s = time_s + duration
         yield DecodedFrame(num, time_s, duration, yuv, small, colorspace, color_range, shown)
@@ -1033,17 +1035,16 @@ def detection_bgr(rgb: np.ndarray, width: int) -> np.ndarray:
 def _iter_decord(
     path: str,
     display: tuple[int, int],
-    rotation: int,
     max_area: int,
     start_frame: int,
     detect_width: int | None,
 ) -> Iterator[DecodedFrame]:
-    """Frames of a local file via decord (coded orientation, then rotated), in batches."""
+    """Frames of a local file shown as coded (no display rotation or mirroring) via
+    decord, in batches."""
     import decord
 
     w, h = even_size(display[0], display[1], max_area)
-    coded = (h, w) if rotation % 180 else (w, h)
-    reader = decord.VideoReader(path, width=coded[0], height=coded[1], num_threads=0)
+    reader = decord.VideoReader(path, width=w, height=h, num_threads=0)
     count = len(reader)
     stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
     first = float(stamps[0, 0]) if count else 0.0
@@ -1054,8 +1055,6 @@ def _iter_decord(
             num = lo + i
             t0, t1 = float(stamps[num, 0]), float(stamps[num, 1])
             small = None if detect_width is None else detection_bgr(image, detect_width)
-            if rotation:
-                image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
             # decord hands out RGB: back to I420 (BT.601, limited range) for the payload.
             yield DecodedFrame(num, t0 - first, max(0.0, t1 - t0), rgb_to_i420(image), small)
 
@@ -1082,6 +1081,7 @@ def iter_source_frames(
     start_frame: int = 0,
     backend: str = "pyav",
     rotation: int = 0,
+    mirrored: bool = False,
     detect_width: int | None = None,
     deinterlace: bool = True,
     tone_map: bool = True,
@@ -1094,8 +1094,10 @@ def iter_source_frames(
 ) -> Iterator[DecodedFrame]:
     """Every frame of ``uri`` from ``start_frame`` on, decoded once (see the module doc).
 
-    ``rotation`` (the probed display rotation) is needed by decord only; PyAV reads it
-    off the frames. With ``backend="decord"``, a decord failure (at open or mid-file)
+    ``rotation`` and ``mirrored`` are the probed display orientation: decord turns some
+    rotated videos itself (before scaling to the size it is asked for) and mirrors none,
+    so a source not shown as coded is decoded by PyAV, which reads the orientation off
+    the frames. With ``backend="decord"``, a decord failure (at open or mid-file)
     falls back to PyAV at the first frame decord did not deliver. ``deinterlace``,
     ``tone_map`` and ``field_match`` are as in :func:`iter_pyav`; decord does none of
     them, so a source that needs them (``pyav_only``: probed interlaced or HDR) is
@@ -1118,12 +1120,13 @@ def iter_source_frames(
     next_frame = start_frame
     local = not uri.startswith("s3://")
     path = uri[len("file://") :] if uri.startswith("file://") else uri
-    decord = backend == "decord" and local and not pyav_only
+    shown_as_coded = rotation % 360 == 0 and not mirrored
+    decord = backend == "decord" and local and not pyav_only and shown_as_coded
     detect_shape = None  # of decord's detection frames, which PyAV's must go on with
     # decord drops transparency, which PyAV composites over white
     if decord and display is not None and not _transparent_format(path):
         try:
-            frames = _iter_decord(path, display, rotation, max_area, start_frame, detect_width)
+            frames = _iter_decord(path, display, max_area, start_frame, detect_width)
             for frame in frames:
                 yield frame
                 next_frame = frame.num + 1

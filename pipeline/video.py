@@ -9,6 +9,7 @@ reopen the source.
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "border_crop",
     "decode_mp4",
     "decode_mp4_sampled",
+    "display_orientation",
     "encode_mp4",
     "even_size",
     "filter_graph",
@@ -31,6 +33,7 @@ __all__ = [
     "is_cover_art",
     "is_telecine_rate",
     "opaque",
+    "orient",
     "over_white",
     "pulled",
     "resample_indices",
@@ -86,6 +89,73 @@ def video_stream(container: Any) -> Any:
         "cover art" if s.type == "video" else str(s.type) for s in container.streams
     ) or ["none"]
     raise ValueError(f"no video stream (streams: {', '.join(dict.fromkeys(kinds))})")
+
+
+def orient(image: np.ndarray, degrees: int, mirrored: bool = False) -> np.ndarray:
+    """``image`` (rows first) mirrored left-right when ``mirrored``, then turned
+    ``degrees`` counter-clockwise (a multiple of 90): see :func:`display_orientation`."""
+    return np.rot90(image[:, ::-1] if mirrored else image, k=(degrees // 90) % 4)
+
+
+def _name_unknown_side_data() -> None:
+    """Let PyAV list frame side data of types its enum does not name. Its side-data
+    container raises ValueError on the first one, so a frame carrying one hides its
+    display matrix; FFmpeg 8 puts such a type (the EXIF block) on every photo that has
+    EXIF. An unknown type gets a stand-in member named ``UNKNOWN_<value>``."""
+    from av.sidedata.sidedata import Type
+
+    if "_missing_" in vars(Type):  # PyAV handles unknown types itself
+        return
+
+    def missing(cls: type[Type], value: object) -> Type | None:
+        if not isinstance(value, int):
+            return None
+        member = object.__new__(cls)
+        member._name_ = f"UNKNOWN_{value}"
+        member._value_ = value  # type: ignore[assignment]
+        return member
+
+    Type._missing_ = classmethod(missing)  # type: ignore[assignment,method-assign]
+
+
+_name_unknown_side_data()
+
+
+def _display_matrix(frame: Any) -> tuple[int, ...] | None:
+    """The frame's display matrix (FFmpeg's nine 16.16 / 2.30 fixed-point numbers)."""
+    try:
+        sides = list(frame.side_data)
+    except ValueError:  # a side data type PyAV cannot name after all
+        return None
+    for side in sides:
+        if side.type.name == "DISPLAYMATRIX":
+            return struct.unpack("=9i", bytes(side))
+    return None
+
+
+def display_orientation(frame: Any) -> tuple[int, bool]:
+    """(degrees counter-clockwise, mirrored): how the decoded ``frame`` is shown, from its
+    display matrix (an MP4/MOV track matrix, a photo's EXIF orientation, H.264/HEVC
+    display orientation): mirrored left-right when ``mirrored``, then turned by the
+    degrees (:func:`orient`). Read as ``ffmpeg``'s autorotate reads it, so a matrix
+    that flips the picture (a mirrored selfie, EXIF orientations 2, 4, 5 and 7) is shown
+    flipped, not turned upside down."""
+    ccw = round((frame.rotation or 0) / 90) * 90 % 360
+    matrix = _display_matrix(frame)
+    if matrix is None:
+        return ccw, False
+    a, c, d = matrix[0], matrix[3], matrix[4]
+    if ccw == 270:  # a clockwise quarter turn, or a transpose when the matrix flips
+        return (90, True) if c > 0 else (270, False)
+    if ccw == 90:  # a counter-clockwise quarter turn, or the other diagonal's flip
+        return (270, True) if c < 0 else (90, False)
+    if ccw == 180:  # turned, or mirrored along one axis only
+        if a < 0 and d >= 0:
+            return 0, True
+        if d < 0 and a >= 0:
+            return 180, True
+        return 180, False
+    return (180, True) if d < 0 else (0, False)  # upside down: mirrored top-bottom
 
 
 def filter_graph(frame: Any, time_base: Fraction, filters: Sequence[tuple[str, str]]) -> Any:

@@ -144,6 +144,9 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("coded_height", pa.int32()),
         pa.field("sar", pa.float64()),  # sample (pixel) aspect ratio
         pa.field("rotation_deg", pa.int32()),  # display matrix, counter-clockwise: 0/90/180/270
+        # the display matrix also mirrors the picture left-right, before the rotation (a
+        # flipped selfie video, EXIF orientations 2, 4, 5, 7); null: not known
+        pa.field("mirrored", pa.bool_()),
         pa.field("vfr", pa.bool_()),  # variable frame rate (packet durations differ)
         pa.field("start_s", pa.float64()),  # stream start time in the container
         pa.field("num_frames_exact", pa.bool_()),  # num_frames from the container, not estimated
@@ -256,6 +259,7 @@ STREAM_ONLY_COLUMNS = (
     "src_coded_height",
     "src_sar",
     "src_rotation_deg",
+    "src_mirrored",
     "src_vfr",
     "src_start_s",
     "src_num_frames_exact",

@@ -8,6 +8,7 @@ import io
 import itertools
 import logging
 import os
+import struct
 import types
 import uuid
 from collections.abc import Iterator
@@ -588,6 +589,106 @@ def test_rotation_direction_matches_players(
         "bottom_right": luma[32:, 16:],
     }
     assert max(quadrants, key=lambda k: quadrants[k].mean()) == corner
+
+
+def _quadrant_picture(height: int = 48, width: int = 64) -> np.ndarray:
+    """Top-left red, top-right blue, bottom half green: any turn or flip tells."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)
+    image[: height // 2, width // 2 :] = (0, 0, 255)
+    image[height // 2 :] = (0, 255, 0)
+    return image
+
+
+def _corners(rgb: np.ndarray) -> list[str]:
+    """The dominant colour near each corner: top-left, top-right, bottom-left, bottom-right."""
+    h, w = rgb.shape[:2]
+    names = ("red", "green", "blue")
+    patches = [rgb[: h // 4, : w // 4], rgb[: h // 4, -w // 4 :]]
+    patches += [rgb[-h // 4 :, : w // 4], rgb[-h // 4 :, -w // 4 :]]
+    return [names[int(np.argmax(p.reshape(-1, 3).mean(axis=0)))] for p in patches]
+
+
+def _payload_picture(path: str, decoder: str = "pyav") -> np.ndarray:
+    rows = batch_to_rows(Split(SplitConfig(decoder=decoder))(probe_batch(path)))
+    assert rows and rows[0]["clip_id"], rows[0]["src_error"]
+    frames, _ = decode_mp4(rows[0]["clip_bytes"], max_frames=1)
+    return frames[0]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_photo_exif_orientations_are_shown_as_pillow_shows_them(
+    tmp_path: os.PathLike[str], orientation: int
+) -> None:
+    """All eight EXIF orientations, the mirrored ones (2, 4, 5, 7) included: FFmpeg
+    reads them into a display matrix, whose flips a rotation angle alone loses (a
+    left-right mirror reads as a half turn, and the photo would end upside down)."""
+    from PIL import Image, ImageOps
+
+    path = os.path.join(tmp_path, f"photo{orientation}.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(_quadrant_picture()).save(path, exif=exif.tobytes(), quality=95)
+    with Image.open(path) as image:
+        shown = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    facts = probe_video(path)
+    assert (facts["display_height"], facts["display_width"]) == shown.shape[:2]
+    assert facts["mirrored"] == (orientation in (2, 4, 5, 7))
+    (row,) = batch_to_rows(probe_batch(path))
+    assert row["src_mirrored"] == facts["mirrored"]
+    payload = _payload_picture(path)
+    assert payload.shape[:2] == shown.shape[:2]
+    assert _corners(payload) == _corners(shown)
+
+
+def _with_track_matrix(src: str, dst: str, matrix: tuple[int, ...]) -> None:
+    """A copy of the MP4 ``src`` whose video track header carries display ``matrix``
+    (nine numbers as the tkhd box stores them: a, b, u, c, d, v, x, y, w)."""
+    with open(src, "rb") as f:
+        data = bytearray(f.read())
+    at = data.index(b"tkhd")
+    version = data[at + 4]
+    # version+flags, creation/modification times, track id, reserved, duration, then
+    # reserved (8), layer, alternate group, volume, reserved (8): the matrix follows
+    offset = at + 8 + (20 if version == 0 else 32) + 16
+    data[offset : offset + 36] = struct.pack(">9i", *matrix)
+    with open(dst, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_videos_mirrored_by_their_display_matrix_are_shown_mirrored(
+    tmp_path: os.PathLike[str], decoder: str
+) -> None:
+    """A track matrix that mirrors, turns, or both, as a player shows it, whichever
+    decoder is asked for (decord turns some rotated videos itself and mirrors none: such
+    a source goes to PyAV)."""
+    plain = os.path.join(tmp_path, "plain.mp4")
+    with av.open(plain, "w") as out:
+        stream = out.add_stream("libx264", rate=Fraction(24))
+        assert isinstance(stream, av.VideoStream)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(_quadrant_picture(), format="rgb24")
+        for _ in range(36):
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    one, w, h, z = 0x10000, 64 << 16, 48 << 16, 0x40000000
+    cases = {  # matrix -> (rotation, mirrored, corners as a player shows them)
+        (-one, 0, 0, 0, one, 0, w, 0, z): (0, True, ["blue", "red", "green", "green"]),
+        (one, 0, 0, 0, -one, 0, 0, h, z): (180, True, ["green", "green", "red", "blue"]),
+        (-one, 0, 0, 0, -one, 0, w, h, z): (180, False, ["green", "green", "blue", "red"]),
+        (one, 0, 0, 0, one, 0, 0, 0, z): (0, False, ["red", "blue", "green", "green"]),
+        (0, one, 0, -one, 0, 0, h, 0, z): (270, False, ["green", "red", "green", "blue"]),
+        (0, one, 0, one, 0, 0, 0, 0, z): (90, True, ["red", "green", "blue", "green"]),
+    }
+    for i, (matrix, (rotation, mirrored, corners)) in enumerate(cases.items()):
+        path = os.path.join(tmp_path, f"m{i}.mp4")
+        _with_track_matrix(plain, path, matrix)
+        facts = probe_video(path)
+        assert (facts["rotation"], facts["mirrored"]) == (rotation, mirrored), matrix
+        assert _corners(_payload_picture(path, decoder)) == corners, matrix
 
 
 # --- payload colours ---------------------------------------------------------------------

@@ -40,6 +40,7 @@ from pipeline.video import (
     FIELD_MATCH,
     STILL_IMAGE_BRANDS,
     border_crop,
+    display_orientation,
     filter_graph,
     frame_rate,
     is_cover_art,
@@ -173,12 +174,15 @@ def _varies(times: list[int]) -> bool:
     return bool(median > 0 and float(steps.max() - steps.min()) > 0.1 * median)
 
 
-def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, Any, bool, bool]:
-    """(rotation, first decoded frame, variable frame rate, one frame only) in one pass
+def _first_frame_facts(
+    container: Any, stream: Any, video: bool
+) -> tuple[tuple[int, bool], Any, bool, bool]:
+    """(orientation, first decoded frame, variable frame rate, one frame only) in one pass
     over the first packets.
 
-    Rotation is degrees counter-clockwise from the display matrix, read off the first
-    decoded frame (PyAV exposes the stream's matrix only there). The frame rate is
+    The orientation is (degrees counter-clockwise, mirrored) from the display matrix
+    (:func:`~pipeline.video.display_orientation`), read off the first decoded frame
+    (PyAV exposes the stream's matrix only there). The frame rate is
     judged from the index (:func:`_index_times`) or the first ``_VFR_PACKETS`` packets'
     times; "one frame only" when the stream ended after a single packet among them.
     Raises when no frame decodes.
@@ -186,7 +190,7 @@ def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, A
     times = _index_times(stream) if video else []
     demuxed: list[int] = []
     packets = 0
-    rotation: int | None = None
+    rotation: tuple[int, bool] | None = None
     first = None
     for packet in container.demux(stream):
         packets += packet.size > 0
@@ -194,7 +198,7 @@ def _first_frame_facts(container: Any, stream: Any, video: bool) -> tuple[int, A
             demuxed.append(int(packet.pts))
         if rotation is None:
             for first in packet.decode():
-                rotation = round(first.rotation or 0) % 360
+                rotation = display_orientation(first)
                 break
         if rotation is not None and (times is not None or len(demuxed) >= _VFR_PACKETS):
             break
@@ -481,7 +485,7 @@ def container_facts(
         if problem:
             raise LimitError(problem, facts)
     video = facts["media_kind"] == "video"
-    rotation, first, vfr, one_frame = _first_frame_facts(container, stream, video)
+    (rotation, mirrored), first, vfr, one_frame = _first_frame_facts(container, stream, video)
     if video and one_frame and facts["codec"] == "gif":  # a GIF still: an image
         facts, video = _as_still(facts), False
     display_w, display_h = display_size(facts["width"], facts["height"], facts["sar"], rotation)
@@ -489,6 +493,7 @@ def container_facts(
     return {
         **facts,
         "rotation": rotation,
+        "mirrored": mirrored,
         "display_width": display_w,
         "display_height": display_h,
         "vfr": vfr,
@@ -562,6 +567,7 @@ def _decoded_elsewhere(
     return {
         **facts,
         "rotation": 0,
+        "mirrored": False,
         "display_width": facts["width"],
         "display_height": facts["height"],
         "vfr": vfr,
@@ -633,6 +639,7 @@ class Probe:
         "src_coded_height",
         "src_sar",
         "src_rotation_deg",
+        "src_mirrored",
         "src_vfr",
         "src_interlaced",
         "src_pulldown",
@@ -659,6 +666,7 @@ class Probe:
             unknown = dict.fromkeys(
                 (
                     "rotation",
+                    "mirrored",
                     "vfr",
                     "interlaced",
                     "pulldown",
@@ -700,6 +708,7 @@ class Probe:
             src_coded_height=facts["height"],
             src_sar=float(facts["sar"]),
             src_rotation_deg=rotation,
+            src_mirrored=facts["mirrored"],
             src_vfr=facts["vfr"],
             src_interlaced=facts["interlaced"],
             src_pulldown=facts["pulldown"],
