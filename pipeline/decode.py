@@ -1047,6 +1047,13 @@ def _iter_decord(
     reader = decord.VideoReader(path, width=w, height=h, num_threads=0)
     count = len(reader)
     stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
+    starts = stamps[:, 0]
+    # decord reports frames without a time as about -3.7e17 s, and times as it reads
+    # them (out of order in AVIs of packed B-frames): PyAV takes over from the start
+    if count and not (
+        np.isfinite(stamps).all() and starts[0] > -1.0 and np.all(np.diff(starts) > 0)
+    ):
+        raise ValueError(f"decord gives {path} no rising frame times")
     first = float(stamps[0, 0]) if count else 0.0
     batch = 16  # frames per call: decord's per-call overhead vs. memory
     for lo in range(start_frame, count, batch):
