@@ -1360,10 +1360,12 @@ def test_bt2020_sdr_colours_are_brought_to_bt709(tmp_path: Any) -> None:
     facts = probe_video(path)
     assert (facts["color_primaries"], facts["color_transfer"]) == ("bt2020", "bt2020-10")
     assert probe_video(shared("testvideo.mp4"))["color_primaries"] in ("bt709", "unknown", None)
-    row = {"src_color_primaries": "bt2020", "src_color_transfer": "bt2020-10"}
+    mp4 = {"src_container": "mov,mp4,m4a,3gp,3g2,mj2"}
+    row = {**mp4, "src_color_primaries": "bt2020", "src_color_transfer": "bt2020-10"}
     assert Split(SplitConfig(decoder="decord"))._needs_pyav(row)
     assert not Split(SplitConfig(decoder="decord", tone_map=False))._needs_pyav(row)
-    assert not Split(SplitConfig(decoder="decord"))._needs_pyav({"src_color_primaries": "bt709"})
+    sdr = {**mp4, "src_color_primaries": "bt709"}
+    assert not Split(SplitConfig(decoder="decord"))._needs_pyav(sdr)
 
 
 def _boxed_video(path: str, box: tuple[int, int, int, int], frames: int = 30) -> None:
@@ -1493,13 +1495,20 @@ def test_transparent_pixels_are_white_not_the_colour_they_hide(tmp_path: Any, de
         "issue-134-rotate.mp4",
         "mmaction2_test.avi",
         "mmaction2_test.mp4",
+        "synth.ts",
     ],
 )
-def test_decord_gives_the_clips_pyav_gives(name: str) -> None:
-    """Frame numbers, times and payload sizes do not depend on the decoder. decord gives
-    the Xvid AVI's first frames no time (about -3.7e17 s, which made its clip end 3.7e17 s
-    later) and the rest out of step: PyAV decodes such a source."""
-    probed = probe_batch(shared(name))
+def test_decord_gives_the_clips_pyav_gives(name: str, tmp_path: os.PathLike[str]) -> None:
+    """Frame numbers, times and payload sizes do not depend on the decoder. decord
+    repeats frames of an MPEG-TS with B-frames (it found other cuts), and gives the Xvid
+    AVI's first frames no time (about -3.7e17 s: a clip ended 3.7e17 s after it began):
+    such containers decode through PyAV."""
+    if name == "synth.ts":
+        path = os.path.join(tmp_path, name)
+        synth_video(path, width=160, height=96, fps=25, shots=[36, 30, 40], seed=1)
+    else:
+        path = shared(name)
+    probed = probe_batch(path)
     by = {
         decoder: batch_to_rows(Split(SplitConfig(decoder=decoder))(probed))
         for decoder in ("pyav", "decord")
@@ -1513,6 +1522,20 @@ def test_decord_gives_the_clips_pyav_gives(name: str) -> None:
     for a, b in zip(by["pyav"], by["decord"], strict=True):
         assert (b["start_s"], b["end_s"]) == pytest.approx((a["start_s"], a["end_s"]), abs=1e-3)
         assert decode_mp4(b["clip_bytes"])[0].shape == decode_mp4(a["clip_bytes"])[0].shape
+
+
+def test_decord_frame_times_that_do_not_rise_hand_the_decode_to_pyav() -> None:
+    """Whatever the container, frames decord gives no rising times (the Xvid AVI's first
+    ones at about -3.7e17 s) are decoded by PyAV, with its times."""
+    path = shared("mmaction2_test.avi")
+    times = {
+        backend: [
+            (f.num, round(f.time_s, 6))
+            for f in iter_source_frames(path, (320, 240), 0, backend=backend)
+        ]
+        for backend in ("pyav", "decord")
+    }
+    assert times["decord"] == times["pyav"] and times["pyav"][0] == (0, 0.04)
 
 
 @pytest.mark.parametrize(

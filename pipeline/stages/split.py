@@ -133,6 +133,13 @@ CLIP_NAMESPACE = uuid.UUID("5b1f0c4e-2d7a-5e43-9a61-7f3c2b8e4d10")
 _EPS = 1e-6
 
 
+# FFmpeg demuxers of the containers decord decodes right (split.decoder: decord): files
+# with an index of their frames. Others (MPEG-TS, program streams, AVI, raw streams, ...)
+# decode through PyAV: decord hands out repeated frames in MPEG-TS with B-frames, and
+# AVIs of packed B-frames without frame times.
+DECORD_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"})
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     """Shot detection and clip cutting.
@@ -172,7 +179,8 @@ class SplitConfig:
     flush_mib: float = 64.0
     # one of pipeline.decode.BACKENDS ("decord" falls back to PyAV). decord scales every
     # frame to one size: a stream that changes aspect ratio mid-file needs PyAV, which
-    # starts a clip at its own size there
+    # starts a clip at its own size there. decord decodes only MP4/MOV and Matroska/WebM
+    # files shown as coded, in SDR and progressive (DECORD_CONTAINERS, _needs_pyav)
     decoder: str = "pyav"
     # deinterlace frames the decoder flags interlaced (FFmpeg bwdif, one frame per frame)
     deinterlace: bool = True
@@ -1656,13 +1664,17 @@ class Split:
         return round(area / min(1.0, max(0.5, fraction)))
 
     def _needs_pyav(self, row: Mapping[str, Any]) -> bool:
-        """Whether the source needs what only the PyAV backend does: deinterlacing, or
-        tone mapping and gamut mapping (see :func:`pipeline.decode.iter_source_frames`)."""
+        """Whether the source needs what only the PyAV backend does: deinterlacing, tone
+        mapping and gamut mapping (see :func:`pipeline.decode.iter_source_frames`), or
+        a container decord does not read right (:data:`DECORD_CONTAINERS`)."""
         interlaced = self.cfg.deinterlace and _flag(row.get("src_interlaced"))
         colours = row.get("src_color_transfer") in HDR_TRANSFER_NAMES or (
             row.get("src_color_primaries") == "bt2020"
         )
-        return bool(interlaced or (self.cfg.tone_map and colours))
+        container = row.get("src_container")
+        return bool(
+            interlaced or (self.cfg.tone_map and colours) or container not in DECORD_CONTAINERS
+        )
 
     @staticmethod
     def _clip_row(base: dict[str, Any], source: str, clip: _Clip) -> dict[str, Any]:
