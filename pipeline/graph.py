@@ -20,7 +20,10 @@ Streaming graph (cardinality per step)::
 
 Nothing is materialised whole: Ray Data streams blocks between operators with
 backpressure, the driver pulls finished batches, and the writer commits a shard
-only together with the index rows of complete sources. Resources per stage come
+only together with the index rows of complete sources. The steps that parse sources'
+bytes (probe, ranges, split) note each attempt in an :class:`InFlight` actor: a
+source that :data:`WORKER_DEATHS` workers died on stops the stream, and the driver
+streams the rest again with that source an error row (:func:`_build_passes`). Resources per stage come
 from ``BuildConfig.ray`` (:class:`pipeline.config.StageResources`).
 """
 
@@ -72,7 +75,7 @@ from pipeline.stages.dedup import Dedup
 from pipeline.stages.encode import Encode
 from pipeline.stages.probe import Probe
 from pipeline.stages.score import Score
-from pipeline.stages.split import Split
+from pipeline.stages.split import CRASH_ENV, Split
 from pipeline.stages.text_encode import TextEncode
 from pipeline.stitching import RangeStitcher, expand_ranges
 from pipeline.storage import is_s3, join, storage_for
@@ -112,6 +115,7 @@ _FORWARDED_ENV = (
     "REELPACK_CACHE",
     "HF_HOME",
     "HF_HUB_OFFLINE",
+    CRASH_ENV,
 )
 
 
@@ -202,6 +206,93 @@ def gpu_shares(cfg: BuildConfig, cluster_gpus: float) -> dict[str, float]:
 
 def _task_args(res: StageResources) -> dict[str, Any]:
     return {"batch_size": res.batch_size, "num_cpus": res.num_cpus}
+
+
+# A source (or range) whose worker process died this many times reading it (a decoder
+# crashing on the file, the kernel killing a worker that ran out of memory) becomes an
+# error row: the build goes on without it instead of Ray retrying it forever (a node
+# lost once costs one attempt).
+WORKER_DEATHS = 3
+
+
+class WorkerDeaths(RuntimeError):
+    """Raised instead of reading a source again that :data:`WORKER_DEATHS` workers died
+    on: a user error, which Ray does not retry, so the stream stops and the driver
+    builds the rest without it."""
+
+
+class InFlight:
+    """The attempts at reading each source that began and did not end, per step (probe,
+    ranges, split: the steps that parse a source's own bytes) and range. A worker that
+    dies leaves its attempt open, so a source its workers died on
+    :data:`WORKER_DEATHS` times shows here with that count; a finished attempt clears it."""
+
+    def __init__(self) -> None:
+        self.open: Counter[tuple[str, str, int]] = Counter()
+
+    def begin(self, keys: list[tuple[str, str, int]]) -> int:
+        """Note attempts at ``keys``; the most attempts now open at any of them."""
+        self.open.update(keys)
+        return max((self.open[k] for k in keys), default=0)
+
+    def end(self, keys: list[tuple[str, str, int]]) -> None:
+        for key in keys:
+            self.open.pop(key, None)
+
+    def died(self, times: int) -> dict[str, str]:
+        """Source -> step for the sources more than ``times`` attempts were made at (and
+        ``times`` died)."""
+        return {src: step for (step, src, _), n in self.open.items() if n > times}
+
+    def clear(self) -> None:
+        self.open.clear()
+
+
+def _attempt_keys(step: str, batch: Batch) -> list[tuple[str, str, int]]:
+    starts = batch.get("range_start_frame")
+    keys = []
+    for i, source in enumerate(batch["source"]):
+        start = starts[i] if starts is not None else None
+        keys.append((step, str(source), -1 if start is None or start != start else int(start)))
+    return keys
+
+
+def _guarded(fn: Callable[[Batch], Any], step: str, in_flight: Any) -> Callable[[Batch], Any]:
+    """``fn`` with each call's sources noted in the :class:`InFlight` actor ``in_flight``
+    before it runs and cleared when it has returned (a streaming stage: when its last
+    chunk is out). After :data:`WORKER_DEATHS` attempts that died, it raises
+    :class:`WorkerDeaths` instead of running ``fn`` again."""
+
+    def run(batch: Batch) -> Any:
+        keys = _attempt_keys(step, batch)
+        if _noted(in_flight.begin, keys, 0) > WORKER_DEATHS:
+            sources = sorted({k[1] for k in keys})
+            raise WorkerDeaths(f"{WORKER_DEATHS} workers died in {step} reading {sources}")
+        out = fn(batch)
+        if isinstance(out, Iterator):
+            return _ended(out, in_flight, keys)
+        _noted(in_flight.end, keys, None)
+        return out
+
+    run.__name__ = run.__qualname__ = getattr(fn, "__name__", step)
+    return run
+
+
+def _ended(
+    chunks: Iterator[Any], in_flight: Any, keys: list[tuple[str, str, int]]
+) -> Iterator[Any]:
+    yield from chunks
+    _noted(in_flight.end, keys, None)
+
+
+def _noted(method: Any, keys: list[tuple[str, str, int]], unreachable: Any) -> Any:
+    """``method(keys)`` of the :class:`InFlight` actor, or ``unreachable`` when the call
+    fails: while a node goes down the actor can be out of reach for a moment, and an
+    error raised here would fail the stream (Ray retries a dying worker, not an error)."""
+    try:
+        return ray.get(method.remote(keys), timeout=60)
+    except ray.exceptions.RayError:  # GetTimeoutError included
+        return unreachable
 
 
 def _actor_args(res: StageResources, gpus: float) -> dict[str, Any]:
@@ -352,11 +443,16 @@ def build_dataset(
     cluster_gpus: float = 0.0,
     out: str | None = None,
     meter: Meter | None = None,
+    in_flight: Any = None,
+    failed: dict[str, str] | None = None,
 ) -> ray.data.Dataset:
     """The lazy Ray Data graph from source URIs to encoded rows (clip payloads dropped).
 
     ``out`` is the corpus root, which seeds the near-duplicate index on resume. With
     ``meter``, every stage reports each batch to it, named by :func:`stage_labels`.
+    With ``in_flight`` (an :class:`InFlight` actor), the steps that read sources note
+    their attempts there. ``failed`` maps sources to the reason each is an error row
+    without being read (their workers died).
     """
     # one source per block, so a slow file never holds back others
     ds: ray.data.Dataset = ray.data.from_items(
@@ -366,11 +462,15 @@ def build_dataset(
     shares = gpu_shares(cfg, cluster_gpus)
     for step, label in zip(steps, stage_labels(steps), strict=True):
         res = step.res
-        if step.kind == "task":
-            fn = stage_task(step.fn, *step.args, name=label, meter=meter)
+        args = (*step.args, failed or {}) if step.name == "probe" else step.args
+        if step.kind in ("task", "function"):
+            if step.kind == "task":
+                fn = stage_task(step.fn, *args, name=label, meter=meter)
+            else:
+                fn = metered(step.fn, label, meter)
+            if in_flight is not None and step.name in _READS_SOURCES:
+                fn = _guarded(fn, step.name, in_flight)
             ds = ds.map_batches(fn, **_task_args(res))
-        elif step.kind == "function":
-            ds = ds.map_batches(metered(step.fn, label, meter), **_task_args(res))
         elif step.kind == "single":  # no GPU: the index is plain Python
             ds = ds.map_batches(
                 stage_actor(step.fn, label, meter),
@@ -389,6 +489,9 @@ def build_dataset(
         return ds.map_batches(_kept_payloads_only, batch_size=None, num_cpus=0.1)
     # the payloads stay on the workers; the driver receives index rows and latents
     return ds.drop_columns(["clip_bytes"])
+
+
+_READS_SOURCES = ("probe", "ranges", "split")  # the steps that parse sources' bytes
 
 
 def _kept_payloads_only(batch: Batch) -> Batch:
@@ -486,12 +589,17 @@ def stage_stats(
     return out
 
 
-def _start_meter() -> Any:
-    """The build's :class:`StageMeter` actor, on the driver's node (0 CPUs)."""
+def _on_driver_node(cls: type) -> Any:
+    """An actor of ``cls`` on the driver's node (0 CPUs): it lives as long as the build."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(StageMeter).options(num_cpus=0, scheduling_strategy=here).remote()
+    return ray.remote(cls).options(num_cpus=0, scheduling_strategy=here).remote()
+
+
+def _start_meter() -> Any:
+    """The build's :class:`StageMeter` actor, on the driver's node."""
+    return _on_driver_node(StageMeter)
 
 
 def _final_counts(meter: Any) -> StageCounts:
@@ -666,6 +774,85 @@ def _check_resume(out: str, cfg: BuildConfig) -> list[str]:
     return check_resume(out, json.loads(st.read(uri)), _manifest_extra(cfg))
 
 
+def _died(in_flight: Any, failed: dict[str, str]) -> dict[str, str]:
+    """The sources (not yet in ``failed``) whose workers died :data:`WORKER_DEATHS`
+    times, with the reason their error rows give."""
+    died = ray.get(in_flight.died.remote(WORKER_DEATHS))
+    return {
+        source: f"the worker reading it died {WORKER_DEATHS} times in {step} (a crash in "
+        "the decoder, or out of memory): left out"
+        for source, step in sorted(died.items())
+        if source not in failed
+    }
+
+
+def _write_stream(
+    ds: ray.data.Dataset, writer: CorpusWriter, progress: BuildProgress
+) -> tuple[RangeStitcher, Iterator[Any], str | None]:
+    """Every batch of ``ds``, its ranges stitched, into ``writer``: (the stitcher, the
+    batch iterator, and the signal that stopped the stream early or None)."""
+    stitcher = RangeStitcher()
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        with _StopSignals() as stop:
+            for batch in batches:
+                stop.writing = True
+                progress.observe(batch)
+                for whole in stitcher(batch):
+                    writer.add(whole)
+                    progress.update(whole)
+                stop.writing = False
+                stop.check()
+    except _Stop as e:
+        return stitcher, batches, str(e)
+    except Exception:
+        _close(batches)
+        raise
+    return stitcher, batches, None
+
+
+def _close(batches: Iterator[Any]) -> None:
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()  # stops Ray Data's executor
+
+
+def _build_passes(
+    todo: list[str],
+    cfg: BuildConfig,
+    cluster_gpus: float,
+    out: str,
+    meter: Meter,
+    writer: CorpusWriter,
+    progress: BuildProgress,
+    echo: Callable[[str], None],
+) -> tuple[ray.data.Dataset, RangeStitcher, Iterator[Any], str | None]:
+    """Stream the sources ``todo`` into ``writer``: (the last dataset, its stitcher and
+    batch iterator, the signal that stopped it early or None). Where workers kept dying
+    on a source (:data:`WORKER_DEATHS`), the stream fails: the complete sources are
+    committed and the rest streamed again, that source an error row that says so."""
+    in_flight = _on_driver_node(InFlight)
+    failed: dict[str, str] = {}  # sources whose workers died: error rows, not read again
+    while True:
+        ds = build_dataset(
+            todo, cfg, cluster_gpus, out=out, meter=meter, in_flight=in_flight, failed=failed
+        )
+        try:
+            stitcher, batches, interrupted = _write_stream(ds, writer, progress)
+        except Exception:
+            died = _died(in_flight, failed)
+            if not died:
+                raise
+            _commit(writer, cfg, drop_incomplete=True)
+            for source, reason in died.items():
+                echo(f"{source}: {reason}")
+            failed.update(died)
+            todo = [s for s in todo if s not in writer.done_sources()]
+            ray.get(in_flight.clear.remote())
+            continue
+        return ds, stitcher, batches, interrupted
+
+
 def _build(
     sources: list[str],
     out: str,
@@ -698,25 +885,15 @@ def _build(
         check_resources(cfg, cluster_nodes())
         meter = _start_meter()
         progress.poll = lambda: ray.get(meter.snapshot.remote(), timeout=10)
-        ds = build_dataset(todo, cfg, cluster_gpus, out=out, meter=RemoteMeter(meter))
-        stitcher = RangeStitcher()
         progress.start()
-        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:
-            with _StopSignals() as stop:
-                for batch in batches:
-                    stop.writing = True
-                    progress.observe(batch)
-                    for whole in stitcher(batch):
-                        writer.add(whole)
-                        progress.update(whole)
-                    stop.writing = False
-                    stop.check()
-        except _Stop as e:
-            interrupted = str(e)
-            # Commit the complete sources first (the others are built by the next run):
-            # `ray job stop` sends SIGKILL a few seconds after SIGTERM.
-            run_counts = _commit(writer, cfg, drop_incomplete=True)
+            ds, stitcher, batches, interrupted = _build_passes(
+                todo, cfg, cluster_gpus, out, RemoteMeter(meter), writer, progress, echo
+            )
+            if interrupted is not None:
+                # Commit the complete sources first (the others are built by the next
+                # run): `ray job stop` sends SIGKILL a few seconds after SIGTERM.
+                run_counts = _commit(writer, cfg, drop_incomplete=True)
         finally:
             progress.stop()
         if interrupted is None:
@@ -724,9 +901,7 @@ def _build(
                 raise RuntimeError(f"ranges missing for sources: {stitcher.unfinished()}")
             stages = stage_stats(ds, cfg, cluster_gpus)
         else:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()  # stops Ray Data's executor
+            _close(batches)
         final = _final_counts(meter)
         progress.poll = lambda: final  # the closing line reads these, not the dead actor
         per_stage = _per_stage(final, progress.stages)

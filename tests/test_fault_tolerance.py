@@ -104,3 +104,51 @@ def test_worker_node_killed_mid_build(cluster, tmp_path, tmp_path_factory) -> No
     kept = [r for r in index if r["status"] == "kept"]
     assert kept and all(r["shard"] and r["key"] for r in kept)
     assert Path(root / "summary.json").exists()
+
+
+def test_a_source_its_workers_keep_dying_on_becomes_an_error_row(
+    tmp_path, tmp_path_factory, monkeypatch
+) -> None:
+    """A file that crashes the decoder kills the worker reading it, each time Ray retries
+    it: after WORKER_DEATHS deaths the build goes on without it (an error row that says
+    so) instead of retrying it forever, and every other source is built."""
+    from pipeline.graph import WORKER_DEATHS
+    from pipeline.stages.split import CRASH_ENV
+
+    if ray.is_initialized():
+        ray.shutdown()
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    paths = []
+    for i, name in enumerate(["a.mp4", "b-crashes.mp4", "c.mp4"]):
+        path = videos / name
+        synth_video(str(path), width=96, height=64, fps=12.0, shots=[18, 18], seed=i)
+        paths.append(str(path.resolve()))
+    monkeypatch.setenv(CRASH_ENV, "crashes")  # splitting b-crashes.mp4 aborts the process
+    cfg = load_config(
+        preset="tiny",
+        model_cache=str(tmp_path_factory.mktemp("models")),
+        split={"min_clip_s": 1.0, "max_clip_s": 2.0},
+        ray={"progress_interval_s": 0, "num_cpus": 2},
+    )
+    root = tmp_path / "corpus"
+    said: list[str] = []
+    try:
+        summary = build([str(videos)], str(root), cfg, echo=said.append)
+        again = build([str(videos)], str(root), cfg, echo=said.append)
+    finally:
+        ray.shutdown()
+    reason = f"the worker reading it died {WORKER_DEATHS} times in split"
+    assert any(line.startswith(f"{paths[1]}: {reason}") for line in said), said
+    sources = {s["source"]: s for s in read_sources(str(root)).to_pylist()}
+    assert sorted(sources) == sorted(paths)
+    crashed = sources[paths[1]]
+    assert crashed["status"] == "error" and reason in crashed["error"], crashed
+    assert all(sources[p]["status"] == "done" for p in (paths[0], paths[2]))
+    index = read_index(str(root)).to_pylist()
+    ids = [r["clip_id"] for r in index if r["clip_id"]]
+    assert len(ids) == len(set(ids))
+    monkeypatch.delenv(CRASH_ENV)
+    assert set(ids) == _expected_clip_ids(cfg, [paths[0], paths[2]])
+    assert summary["sources_error"] == 1
+    assert again["sources_built"] == 0  # the crashed source is committed, not retried

@@ -25,7 +25,7 @@ import itertools
 import math
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -654,12 +654,20 @@ class Probe:
         "height",
     )
 
-    def __init__(self, cfg: ProbeConfig | None = None) -> None:
+    def __init__(
+        self, cfg: ProbeConfig | None = None, failed: Mapping[str, str] | None = None
+    ) -> None:
         self.cfg = cfg or ProbeConfig()
+        # sources known to fail without being opened again (a build's sources whose
+        # workers died on them): the reason of each
+        self.failed = dict(failed or {})
 
     def probe_one(self, source: str) -> dict[str, Any]:
         """The output columns of one source; never raises."""
         out: dict[str, Any] = dict.fromkeys(self.writes)
+        if source in self.failed:
+            out.update(src_status="error", src_error=f"{source}: {self.failed[source]}")
+            return out
         try:
             facts = probe_video(source, self.cfg)
         except LimitError as exc:  # keep the header facts: they say why

@@ -37,6 +37,10 @@ boundary come out whole. Exact for the local detectors (:data:`RANGE_DETECTORS`)
 A source that failed probe, breaks during decoding, runs past ``timeout_s`` or yields
 no clip becomes exactly one placeholder row (``clip_id`` None) with its ``src_*``
 columns. Stills (``src_media_kind == "image"``) become one 1-frame clip.
+
+**Test hook.** With ``REELPACK_TEST_CRASH_ON=<text>`` in its environment, a process
+splitting a source whose URI contains ``<text>`` aborts (SIGABRT), as a decoder that
+crashes on a file does. Only the worker-death tests set it (tests/test_fault_tolerance.py).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import importlib.util
 import itertools
 import logging
 import math
+import os
 import time
 import uuid
 from collections import deque
@@ -132,6 +137,8 @@ CLIP_NAMESPACE = uuid.UUID("5b1f0c4e-2d7a-5e43-9a61-7f3c2b8e4d10")
 # Slack for float frame rates: 2.0 s at 29.97 fps is 59.94 frames, keep 59 + epsilon.
 _EPS = 1e-6
 
+
+CRASH_ENV = "REELPACK_TEST_CRASH_ON"
 
 # FFmpeg demuxers of the containers decord decodes right (split.decoder: decord): files
 # with an index of their frames. Others (MPEG-TS, program streams, AVI, raw streams, ...)
@@ -1246,6 +1253,9 @@ def _split_source(
     """The clips of one source (or of the range it owns): yielded in order as their
     payloads reach ``flush_bytes`` (never with 0), the rest returned; raises on decode
     failure, an empty stream or a timeout. ``vfr``: payload frames are taken by time."""
+    crash_on = os.environ.get(CRASH_ENV)
+    if crash_on and crash_on in uri:  # the test hook (module doc)
+        os.abort()
     deadline = time.monotonic() + cfg.timeout_s if cfg.timeout_s > 0 else None
     # field-matched film: payloads without 3:2 telecine's repeated pictures
     decimate = field_match and cfg.decimate
