@@ -287,15 +287,18 @@ def _encode_frames(
     rotation: int = 0,
     pts_s: list[float] | None = None,
     pipe: bool = False,
+    muxer_options: dict[str, str] | None = None,
 ) -> None:
     """Encode RGB frames; ``pts_s`` gives each frame's own time (variable frame rate).
     With ``pipe``, the muxer writes to a stream it cannot seek back in, as a recorder
-    writing to a pipe does: headers that need the end (Matroska's duration) stay empty."""
+    writing to a pipe does: headers that need the end (Matroska's duration) stay empty.
+    ``options`` go to the encoder, ``muxer_options`` to the muxer."""
     frames = iter(frames)
     first = next(frames)
     height, width = first.shape[:2]
     sink = _Pipe() if pipe else None
-    with av.open(sink if sink is not None else path, mode="w", format=fmt) as out:
+    target = sink if sink is not None else path
+    with av.open(target, mode="w", format=fmt, options=muxer_options or {}) as out:
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         assert isinstance(stream, av.VideoStream)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
@@ -394,14 +397,14 @@ def bad_input_corpus(out_dir: str, long_minutes: float = 15.0) -> dict[str, str]
     with open(p("no_moov.mp4"), "wb") as f:  # moov is at the end: cut before it
         f.write(data[: len(data) // 2])
     note("no_moov.mp4", "mp4 truncated before its index (no moov)")
-    _encode_frames(p("_fast.mp4"), good, options={"movflags": "faststart"})
+    _encode_frames(p("_fast.mp4"), good, muxer_options={"movflags": "faststart"})
     with open(p("_fast.mp4"), "rb") as src:
         fast = src.read()
     os.remove(p("_fast.mp4"))
     with open(p("truncated_mdat.mp4"), "wb") as f:
         f.write(fast[: len(fast) * 2 // 3])
     note("truncated_mdat.mp4", "mp4 with truncated media data")
-    corrupt = bytearray(fast)
+    corrupt = bytearray(data)
     mid = len(corrupt) // 2
     corrupt[mid : mid + 2048] = rng.integers(0, 256, 2048, dtype=np.uint8).tobytes()
     with open(p("corrupt_mid.mp4"), "wb") as f:

@@ -34,11 +34,12 @@ from schemas import CLIP_STATUSES, SOURCE_STATUSES
 # What each file must end as: ("error", words the reason names) or ("clips", None) or
 # ("done", words of the no-clip note).
 EXPECTED: dict[str, tuple[str, str | None]] = {
-    "zero_bytes.mp4": ("error", "not a readable video"),
+    "zero_bytes.mp4": ("error", "not a readable video or image: an empty file (0 bytes)"),
     "random_bytes.mp4": ("error", "not a readable video"),
     "text.mp4": ("error", "not a readable video"),
-    "no_moov.mp4": ("error", "not a readable video"),
-    "truncated_mdat.mp4": ("error", "not a readable video"),
+    "no_moov.mp4": ("error", "an MP4/MOV without its index (no moov box): the file was cut off"),
+    # the index is at the front: the frames before the cut make clips, and a note
+    "truncated_mdat.mp4": ("clips", "file cut off"),
     # decoding goes on past the corrupt bytes; the frames they damage are left out
     "corrupt_mid.mp4": ("clips", "frames left out (frames 16..24)"),
     "audio_only.mp4": ("error", "no video stream (streams: audio)"),

@@ -687,7 +687,8 @@ class Probe:
             out.update(src_status="error", src_error=f"{source}: {exc}")
             return out
         except Exception as exc:  # any failure of one file is that row's error value
-            out.update(src_status="error", src_error=f"{source}: {why_unreadable(exc)}")
+            why = why_unreadable(exc, source)
+            out.update(src_status="error", src_error=f"{source}: {why}")
             return out
         self._fill(out, facts)
         problem = check_limits(facts, self.cfg)
@@ -736,13 +737,61 @@ class Probe:
         return with_columns(batch, **{name: [row[name] for row in rows] for name in self.writes})
 
 
-def why_unreadable(exc: BaseException) -> str:
-    """Why a source could not be probed, in words a reader of the index understands."""
+def why_unreadable(exc: BaseException, source: str | None = None) -> str:
+    """Why a source could not be probed, in words a reader of the index understands
+    (with ``source``, an empty file or an MP4 without its index is named as such)."""
     text = describe(exc)
     if isinstance(exc, FileNotFoundError):
         return f"not found: {text}"
     if isinstance(exc, (av.error.InvalidDataError, av.error.EOFError)) or "Invalid data" in text:
+        known = _known_damage(source) if source is not None else None
+        if known is not None:
+            return f"not a readable video or image: {known}"
         return f"not a readable video or image (unknown or corrupt container): {text}"
     if isinstance(exc, ValueError):
         return text  # our own checks already say what is wrong
     return f"not a readable video or image: {text}"
+
+
+def _known_damage(source: str) -> str | None:
+    """What is wrong with a source FFmpeg cannot open, where that can be told from its
+    size and top-level boxes: an empty file, or an MP4/MOV cut off before its index (the
+    ``moov`` box a recorder or uploader writes last). None otherwise, or when it cannot
+    be read."""
+    from pipeline.storage import storage_for
+
+    try:
+        with storage_for(source).open(source) as f:
+            f.seek(0, 2)
+            size = f.tell()
+            if size == 0:
+                return "an empty file (0 bytes)"
+            boxes = _top_level_boxes(f, size)
+    except Exception:  # unreadable here too: the decoder's own words stand
+        return None
+    if boxes[:1] == [b"ftyp"] and b"mdat" in boxes and b"moov" not in boxes:
+        return (
+            "an MP4/MOV without its index (no moov box): the file was cut off before "
+            "its end was written (an interrupted recording, upload or download)"
+        )
+    return None
+
+
+def _top_level_boxes(f: IO[bytes], size: int, limit: int = 64) -> list[bytes]:
+    """The types of the ISO-BMFF boxes at the top level of ``f`` (``size`` bytes), up
+    to ``limit`` of them or to the first box that runs past the end."""
+    types: list[bytes] = []
+    offset = 0
+    while offset + 8 <= size and len(types) < limit:
+        f.seek(offset)
+        head = f.read(16)
+        length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+        if length == 1 and len(head) == 16:
+            length = int.from_bytes(head[8:16], "big")
+        elif length == 0:
+            length = size - offset
+        if length < 8 or not kind.isalnum():
+            break
+        types.append(kind)
+        offset += length
+    return types

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reelpack shots: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bad file is a message, not a traceback
-        print(f"reelpack shots: {args.video}: {why_unreadable(exc)}", file=sys.stderr)
+        print(f"reelpack shots: {args.video}: {why_unreadable(exc, args.video)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(found, indent=2))
