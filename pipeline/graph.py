@@ -21,10 +21,11 @@ Streaming graph (cardinality per step)::
 Nothing is materialised whole: Ray Data streams blocks between operators with
 backpressure, the driver pulls finished batches, and the writer commits a shard
 only together with the index rows of complete sources. The steps that parse sources'
-bytes (probe, ranges, split) note each attempt in an :class:`InFlight` actor: a
-source that :data:`WORKER_DEATHS` workers died on stops the stream, and the driver
-streams the rest again with that source an error row (:func:`_build_passes`). Resources per stage come
-from ``BuildConfig.ray`` (:class:`pipeline.config.StageResources`).
+bytes (probe, ranges, split) note each attempt in the build's :class:`BuildState`
+actor (:class:`InFlight`): a source that :data:`WORKER_DEATHS` workers died on stops
+the stream, and the driver streams the rest again with that source an error row
+(:func:`_build_passes`). Resources per stage come from ``BuildConfig.ray``
+(:class:`pipeline.config.StageResources`).
 """
 
 from __future__ import annotations
@@ -589,17 +590,22 @@ def stage_stats(
     return out
 
 
-def _on_driver_node(cls: type) -> Any:
-    """An actor of ``cls`` on the driver's node (0 CPUs): it lives as long as the build."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+class BuildState(StageMeter, InFlight):
+    """The build's driver-side state as one actor (one worker process): the stage meter
+    and the attempts in flight."""
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(cls).options(num_cpus=0, scheduling_strategy=here).remote()
+    def __init__(self) -> None:
+        StageMeter.__init__(self)
+        InFlight.__init__(self)
 
 
 def _start_meter() -> Any:
-    """The build's :class:`StageMeter` actor, on the driver's node."""
-    return _on_driver_node(StageMeter)
+    """The build's :class:`BuildState` actor, on the driver's node (0 CPUs): it lives as
+    long as the build."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(BuildState).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 def _final_counts(meter: Any) -> StageCounts:
@@ -822,7 +828,7 @@ def _build_passes(
     cfg: BuildConfig,
     cluster_gpus: float,
     out: str,
-    meter: Meter,
+    state: Any,
     writer: CorpusWriter,
     progress: BuildProgress,
     echo: Callable[[str], None],
@@ -830,8 +836,9 @@ def _build_passes(
     """Stream the sources ``todo`` into ``writer``: (the last dataset, its stitcher and
     batch iterator, the signal that stopped it early or None). Where workers kept dying
     on a source (:data:`WORKER_DEATHS`), the stream fails: the complete sources are
-    committed and the rest streamed again, that source an error row that says so."""
-    in_flight = _on_driver_node(InFlight)
+    committed and the rest streamed again, that source an error row that says so.
+    ``state`` is the build's :class:`BuildState` actor."""
+    meter, in_flight = RemoteMeter(state), state
     failed: dict[str, str] = {}  # sources whose workers died: error rows, not read again
     while True:
         ds = build_dataset(
@@ -888,7 +895,7 @@ def _build(
         progress.start()
         try:
             ds, stitcher, batches, interrupted = _build_passes(
-                todo, cfg, cluster_gpus, out, RemoteMeter(meter), writer, progress, echo
+                todo, cfg, cluster_gpus, out, meter, writer, progress, echo
             )
             if interrupted is not None:
                 # Commit the complete sources first (the others are built by the next
