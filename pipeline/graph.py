@@ -266,13 +266,13 @@ def _guarded(fn: Callable[[Batch], Any], step: str, in_flight: Any) -> Callable[
 
     def run(batch: Batch) -> Any:
         keys = _attempt_keys(step, batch)
-        if _noted(in_flight.begin, keys, 0) > WORKER_DEATHS:
+        if _began(in_flight, keys) > WORKER_DEATHS:
             sources = sorted({k[1] for k in keys})
             raise WorkerDeaths(f"{WORKER_DEATHS} workers died in {step} reading {sources}")
         out = fn(batch)
         if isinstance(out, Iterator):
             return _ended(out, in_flight, keys)
-        _noted(in_flight.end, keys, None)
+        _ended_now(in_flight, keys)
         return out
 
     run.__name__ = run.__qualname__ = getattr(fn, "__name__", step)
@@ -283,17 +283,25 @@ def _ended(
     chunks: Iterator[Any], in_flight: Any, keys: list[tuple[str, str, int]]
 ) -> Iterator[Any]:
     yield from chunks
-    _noted(in_flight.end, keys, None)
+    _ended_now(in_flight, keys)
 
 
-def _noted(method: Any, keys: list[tuple[str, str, int]], unreachable: Any) -> Any:
-    """``method(keys)`` of the :class:`InFlight` actor, or ``unreachable`` when the call
-    fails: while a node goes down the actor can be out of reach for a moment, and an
-    error raised here would fail the stream (Ray retries a dying worker, not an error)."""
+def _ended_now(in_flight: Any, keys: list[tuple[str, str, int]]) -> None:
+    """Clear the attempts at ``keys``, not waiting for it (a lost call leaves an attempt
+    open: one of :data:`WORKER_DEATHS` spent, nothing else)."""
+    with contextlib.suppress(Exception):
+        in_flight.end.remote(keys)
+
+
+def _began(in_flight: Any, keys: list[tuple[str, str, int]]) -> int:
+    """Note attempts at ``keys``: the most now open at one of them, or 0 when the
+    :class:`InFlight` actor is out of reach (as it can be for a moment while a node
+    goes down; an error raised here would fail the stream, and Ray retries a dying
+    worker, not an error)."""
     try:
-        return ray.get(method.remote(keys), timeout=60)
+        return int(ray.get(in_flight.begin.remote(keys), timeout=60))
     except ray.exceptions.RayError:  # GetTimeoutError included
-        return unreachable
+        return 0
 
 
 def _actor_args(res: StageResources, gpus: float) -> dict[str, Any]:
