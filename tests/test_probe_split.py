@@ -234,11 +234,11 @@ def test_split_batch_with_good_and_bad_sources(
         assert r["src_status"] == "done" and r["src_num_clips"] == len(SHOTS)
         assert r["src_codec"] == "h264" and r["src_num_frames"] == sum(SHOTS)
         assert (r["width"], r["height"]) == (160, 90) and r["fps"] == pytest.approx(24.0)
-    for bad in (empty, text):
+    for bad, why in ((empty, "an empty file (0 bytes)"), (text, "Invalid data")):
         (row,) = [r for r in rows if r["source"] == bad]
         assert row["clip_id"] is None and row["clip_bytes"] is None
         assert row["src_status"] == "error" and row["src_num_clips"] == 0
-        assert bad in row["src_error"] and "Invalid data" in row["src_error"]
+        assert bad in row["src_error"] and why in row["src_error"]
     assert set(out) <= set(STREAM_COLUMNS)
 
 
