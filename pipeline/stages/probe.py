@@ -12,7 +12,9 @@ naming the file and the cause; it is never dropped.
 Stills (jpg, png, webp, bmp, tiff, avif; PyAV's image demuxers; a GIF of one frame)
 are ``media_kind="image"``: one frame at ``IMAGE_FPS``, which split turns into one
 1-frame clip. An animated GIF is a video, and so is an animated WebP, read through
-Pillow (:mod:`pipeline.webp`): FFmpeg cannot decode one.
+Pillow (:mod:`pipeline.webp`): FFmpeg cannot decode one. Stills FFmpeg decodes wrong or
+not at all (a JPEG-compressed or float TIFF, a PNG over its size limit) are read by
+Pillow too (:mod:`pipeline.stills`).
 
 Sources are opened only through :func:`open_source`, so a storage backend (``s3://``,
 streamed with ranged GETs, never copied to local disk) plugs in at one place.
@@ -64,6 +66,7 @@ __all__ = [
     "display_size",
     "heif_facts",
     "open_source",
+    "pillow_facts",
     "probe_video",
     "webp_facts",
     "why_unreadable",
@@ -235,19 +238,40 @@ def probe_video(
     is then None). Raises on anything that is not a decodable video or image.
     """
     from pipeline.heif import is_heif_still
+    from pipeline.stills import NotAPillowStill, pillow_reads
 
     with open_source(source) as container:
         header = _header_facts(container, video_stream(container))
+        codec, image = header["codec"], header["media_kind"] == "image"
         # FFmpeg's WebP decoder reads stills only: an animation has no size
-        animated_webp = header["codec"] == "webp" and header["width"] <= 0
+        animated_webp = codec == "webp" and header["width"] <= 0
         # FFmpeg hands out a HEIC's tiles one by one: libheif assembles them
-        heif = is_heif_still(container.metadata.get("major_brand"), header["codec"])
-        other = animated_webp or heif
-        facts = {} if other else container_facts(container, cfg, bars=bars)
+        heif = is_heif_still(container.metadata.get("major_brand"), codec)
+        # a still FFmpeg finds no size for, or decodes as black: Pillow reads it
+        pillow = (
+            image
+            and not animated_webp
+            and pillow_reads(source, codec, header["width"], header["height"])
+        )
+        facts, failed = {}, None
+        if not (animated_webp or heif or pillow):
+            try:
+                facts = container_facts(container, cfg, bars=bars)
+            except av.FFmpegError as exc:
+                if not image:
+                    raise
+                failed = exc  # a still whose frame FFmpeg fails on: Pillow may read it
     if animated_webp:
         return webp_facts(source, cfg)
     if heif:
         return heif_facts(source, cfg)
+    if pillow:
+        return pillow_facts(source, codec, cfg)
+    if failed is not None:
+        try:
+            return pillow_facts(source, codec, cfg)
+        except NotAPillowStill:
+            raise failed from None
     if facts["media_kind"] == "video" and facts["duration_s"] <= 0:
         with open_source(source) as container:  # a header without a duration
             facts.update(packet_timing(container, facts["fps"]))
@@ -547,6 +571,18 @@ def heif_facts(source: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
     w, h = heif_size(data)
     header = _as_still({"container": "heif", "codec": "hevc", "width": w, "height": h})
     return _decoded_elsewhere(header, cfg, lambda: heif_rgb(data))
+
+
+def pillow_facts(source: str, codec: str, cfg: ProbeConfig | None = None) -> dict[str, Any]:
+    """The facts of a still that Pillow reads (:mod:`pipeline.stills`), in the keys of
+    :func:`container_facts`: an image of its displayed size (its EXIF orientation
+    applied). With ``cfg``, the size is checked against the limits before the image is
+    decoded."""
+    from pipeline.stills import PILLOW_CONTAINER, still_rgb, still_size
+
+    w, h = still_size(source, codec)
+    header = _as_still({"container": PILLOW_CONTAINER, "codec": codec, "width": w, "height": h})
+    return _decoded_elsewhere(header, cfg, lambda: still_rgb(source, codec))
 
 
 def _decoded_elsewhere(

@@ -91,6 +91,7 @@ from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.heif import heif_rgb, read_heif
 from pipeline.stages.base import Batch, batch_to_rows, num_rows, rows_to_batch
 from pipeline.stages.probe import describe, open_source, probe_video
+from pipeline.stills import PILLOW_CONTAINER, still_rgb
 from pipeline.video import (
     TELECINE_CYCLE,
     border_crop,
@@ -1302,11 +1303,18 @@ def _split_source(
 
 
 def _split_image(
-    uri: str, display: tuple[int, int], fps: float, cfg: SplitConfig, heif: bool = False
+    uri: str,
+    display: tuple[int, int],
+    fps: float,
+    cfg: SplitConfig,
+    container: str | None = None,
+    codec: str = "",
 ) -> _Clip:
-    """A still as one 1-frame clip (a ``heif`` photo decoded by libheif)."""
-    if heif:
-        rgb = heif_rgb(read_heif(uri))
+    """A still as one 1-frame clip. Probe's ``container`` says what decodes it: libheif
+    (``heif``), Pillow (:data:`pipeline.stills.PILLOW_CONTAINER`, as ``codec``) or
+    FFmpeg (any other)."""
+    if container in ("heif", PILLOW_CONTAINER):
+        rgb = heif_rgb(read_heif(uri)) if container == "heif" else still_rgb(uri, codec)
         w, h = even_size(display[0], display[1], cfg.work_max_area)
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
         payload = encode_mp4([rgb], fps, crf=cfg.work_crf, preset=cfg.work_preset)
@@ -1619,8 +1627,12 @@ class Split:
         fps = float(row["fps"])
         display = (int(row["width"]), int(row["height"]))
         if row.get("src_media_kind") == "image":
-            heif = row.get("src_container") == "heif"
-            clips = [_split_image(source, display, fps, self.cfg, heif)] if range_start == 0 else []
+            container, codec = row.get("src_container"), str(row.get("src_codec") or "")
+            clips = (
+                [_split_image(source, display, fps, self.cfg, container, codec)]
+                if range_start == 0
+                else []
+            )
             return clips, {}, False
         if (range_start > 0 or range_end is not None) and not supports_ranges(self.cfg):
             raise ValueError(f"detector {self.cfg.detector!r} does not support ranges")
