@@ -50,7 +50,26 @@ VIDEO_EXTENSIONS = frozenset(
     }
 )
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".webp",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".avif",
+        ".heic",
+        ".heif",
+        ".tga",  # renders, game captures
+        ".ppm",  # Netpbm: frames dumped by tools and research code
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".qoi",
+        ".jp2",  # JPEG 2000 (archives, digital cinema frames)
+        ".j2k",
+    }
 )
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
 

@@ -1,7 +1,8 @@
 """Stills FFmpeg decodes wrong or not at all (a TIFF with JPEG, LZMA or Zstandard
 compression, a float TIFF, a PNG over FFmpeg's size limit) are read by Pillow
 (:mod:`pipeline.stills`): a one-frame clip of the picture as shown, or an error row
-naming the size limit it breaks; the stills FFmpeg reads stay with FFmpeg."""
+naming the size limit it breaks; the stills FFmpeg reads stay with FFmpeg, whatever
+image format its demuxer reads them as."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.sources import expand_sources
 from pipeline.stages.base import batch_to_rows
 from pipeline.stages.probe import Probe, ProbeConfig
 from pipeline.stages.split import Split, SplitConfig, shots
@@ -131,3 +133,22 @@ def test_a_still_neither_decodes_is_an_error_row_naming_both(tmp_path: os.PathLi
         in (row["src_error"])
     )
     assert placeholder["clip_id"] is None
+
+
+@pytest.mark.parametrize("extension", ["tga", "ppm", "pgm", "pcx", "sgi", "qoi", "jp2"])
+def test_a_still_in_another_image_format_is_an_image(
+    tmp_path: os.PathLike[str], extension: str
+) -> None:
+    """FFmpeg's image demuxers read TGA, Netpbm, PCX, SGI, QOI and JPEG 2000 as one-frame
+    streams: each is an image (a 1-frame clip), not a 1-frame video too short to cut."""
+    image = photo(5)
+    if extension == "pgm":
+        image = np.repeat(np.asarray(Image.fromarray(image).convert("L"))[..., None], 3, axis=2)
+    path = os.path.join(tmp_path, f"frame.{extension}")
+    Image.fromarray(image).save(path)
+    if extension not in ("pcx", "sgi"):
+        assert expand_sources([str(tmp_path)]) == [path]  # found in folders
+    row, (clip,) = probe_split(path)
+    assert row["src_status"] == "done" and row["src_media_kind"] == "image"
+    assert clip["status"] == "kept" and (clip["start_frame"], clip["end_frame"]) == (0, 1)
+    assert float(np.abs(payload(clip) - image).mean()) < 8

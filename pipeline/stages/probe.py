@@ -327,9 +327,11 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
     num_frames = int(stream.frames) if exact else round(duration_s * fps)
     fmt = container.format.name if container.format is not None else ""
     still_heif = container.metadata.get("major_brand") in STILL_IMAGE_BRANDS  # AVIF
-    image = (ctx.name in IMAGE_CODECS or still_heif) and (
-        fmt.endswith("_pipe") or fmt == "image2" or num_frames <= 1
-    )
+    # FFmpeg's image demuxers ("image2", "png_pipe", "ppm_pipe", ...) read stills of any
+    # codec (TGA, PPM, PCX, SGI, ...); a still-image codec in a container is a still
+    # when it holds one frame
+    image_demuxer = fmt.endswith("_pipe") or fmt == "image2"
+    image = image_demuxer or ((ctx.name in IMAGE_CODECS or still_heif) and num_frames <= 1)
     facts = {
         "container": fmt,
         "media_kind": "video",
