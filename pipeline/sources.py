@@ -13,6 +13,8 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "describe_skipped",
     "expand_sources",
+    "misnamed",
+    "printable",
     "read_source_list",
 ]
 
@@ -79,6 +81,41 @@ def _is_media(name: str) -> bool:
     return not base.startswith(".") and os.path.splitext(base)[1].lower() in MEDIA_EXTENSIONS
 
 
+def printable(path: str) -> str:
+    """``path`` as text the corpus tables can hold: a local file name that is not UTF-8
+    (Python holds its bytes as lone surrogates) with those bytes written ``\\xff``, say.
+    Probe then finds no such file and names the cause (:func:`misnamed`)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def misnamed(path: str) -> bytes | None:
+    """The real path (bytes) of the file :func:`printable` wrote as ``path``, when
+    ``path`` does not exist because a name in it is not UTF-8; else None."""
+    if "\\x" not in path:
+        return None
+    real = b"/" if path.startswith("/") else b""
+    for name in path.split("/"):
+        if not name:
+            continue
+        here = os.path.join(real, name.encode("utf-8"))
+        if os.path.lexists(here):
+            real = here
+            continue
+        try:
+            entries = os.listdir(real or b".")
+        except OSError:
+            return None
+        found = [e for e in entries if e.decode("utf-8", "backslashreplace") == name]
+        if not found:
+            return None
+        real = os.path.join(real, found[0])
+    return real if printable(os.fsdecode(real)) == path and os.path.lexists(real) else None
+
+
 def read_source_list(uri: str) -> list[str]:
     """The entries of a source list: a text file (local or ``s3://``; ``-``: standard
     input) of one file, folder or ``s3://`` URI per line; blank lines and lines starting
@@ -101,7 +138,8 @@ def expand_sources(
     recursively), an ``s3://`` prefix (media objects under it) or ``@LIST``: the entries
     of the source list ``LIST`` (:func:`read_source_list`; ``@-`` reads standard input). Returns sorted unique URIs:
     absolute local paths or ``s3://bucket/key``. A missing path given as an argument
-    raises ``FileNotFoundError``.
+    raises ``FileNotFoundError``. A local file name that is not UTF-8 is listed
+    :func:`printable`, so that it ends as an error row that says so.
 
     A list's entries are taken as they are, with no request per entry: a folder, or an
     ``s3://`` URI ending in ``/``, is expanded; any other entry is one source, and one
@@ -137,7 +175,7 @@ def expand_sources(
                 raise FileNotFoundError(f"source {arg!r} is a broken link (to {path})")
             else:
                 raise FileNotFoundError(f"source {arg!r} does not exist")
-    return sorted(out)
+    return sorted(printable(uri) for uri in out)
 
 
 def _listed(listed: str, media: Callable[[str], bool]) -> set[str]:

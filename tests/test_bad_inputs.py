@@ -147,6 +147,39 @@ def test_links_pipes_and_folders_found_as_sources_are_error_rows(tmp_path: Any) 
         assert expected[os.path.basename(source)] in row["src_error"], row["src_error"]
 
 
+def test_file_names_of_any_bytes_end_as_rows_a_table_can_hold(tmp_path: Any) -> None:
+    """Names with a newline, a backslash, URL and glob characters are built like any
+    other; a name that is not UTF-8 (a Latin-1 name copied from an old disk), in a
+    file or in a folder above it, is listed with its bytes written ``\\xe9`` and ends as
+    an error row saying so: corpus tables hold names as text."""
+    import pyarrow as pa
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    base = str(tmp_path / "base.mp4")
+    synth_video(base, width=96, height=64, fps=24, shots=[30], seed=7)
+    odd = ["new\nline.mp4", "back\\slash.mp4", "pct%20 plus+ hash#q?.mp4", "*glob[1].mp4"]
+    for name in odd:
+        os.link(base, videos / name)
+    os.link(base, os.path.join(bytes(videos), b"caf\xe9.mp4"))
+    os.mkdir(os.path.join(bytes(videos), b"d\xe9j\xe0"))
+    os.link(base, os.path.join(bytes(videos), b"d\xe9j\xe0", b"clip.mp4"))
+    sources = expand_sources([str(videos)])
+    misnamed = [str(videos / "caf\\xe9.mp4"), str(videos / "d\\xe9j\\xe0" / "clip.mp4")]
+    assert sources == sorted([str(videos / name) for name in odd] + misnamed)
+    for source in sources:
+        rows = run_stages([source])
+        pa.Table.from_pylist(rows)  # text columns encode
+        if source in misnamed:
+            (row,) = rows
+            assert row["src_status"] == "error" and row["src_error"].startswith(f"{source}: ")
+            assert "its path is not UTF-8 text (as bytes: b'/" in row["src_error"]
+            assert "\\xe9" in row["src_error"] and "rename the file" in row["src_error"]
+        else:
+            assert rows[0]["src_status"] == "done" and rows[0]["source"] == source
+            assert [r["status"] for r in rows] == ["kept"]
+
+
 @pytest.mark.slow
 def test_the_bad_corpus_builds_on_ray(
     corpus: str, tmp_path: os.PathLike[str], fresh_ray: None, monkeypatch: pytest.MonkeyPatch

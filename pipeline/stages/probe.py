@@ -129,14 +129,23 @@ def check_regular_file(path: str) -> None:
     """Raise unless ``path`` is a regular file (or a link to one), before anything opens
     it: opening a named pipe blocks until something writes to it, and a source is read
     by seeking, which no pipe, socket or device allows. A broken link raises
-    ``FileNotFoundError`` naming its target."""
+    ``FileNotFoundError`` naming its target; a name that is not UTF-8 (listed
+    :func:`~pipeline.sources.printable`) raises ``ValueError`` saying so."""
+    from pipeline.sources import misnamed, printable
+
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         if os.path.islink(path):
-            target = os.readlink(path)
+            target = printable(os.readlink(path))
             raise FileNotFoundError(
                 errno.ENOENT, f"a broken link (its target {target} does not exist)", path
+            ) from None
+        real = misnamed(path)
+        if real is not None:
+            raise ValueError(
+                f"its path is not UTF-8 text (as bytes: {real!r}); corpus tables hold "
+                "names as text: rename the file (convmv converts a folder of them)"
             ) from None
         raise
     for test, kind in _NOT_REGULAR:
