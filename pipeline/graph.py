@@ -69,7 +69,16 @@ from pipeline.progress import (
 from pipeline.sources import describe_skipped, expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
 from pipeline.stages.agreement import Agreement
-from pipeline.stages.base import Batch, Meter, metered, stage_actor, stage_task
+from pipeline.stages.base import (
+    ACTOR_CRASH_ENV,
+    Batch,
+    Meter,
+    batch_to_rows,
+    metered,
+    rows_to_batch,
+    stage_actor,
+    stage_task,
+)
 from pipeline.stages.caption import Captioner
 from pipeline.stages.decide import Decide
 from pipeline.stages.dedup import Dedup
@@ -117,6 +126,7 @@ _FORWARDED_ENV = (
     "HF_HOME",
     "HF_HUB_OFFLINE",
     CRASH_ENV,
+    ACTOR_CRASH_ENV,
 )
 
 
@@ -230,23 +240,41 @@ class InFlight:
 
     def __init__(self) -> None:
         self.open: Counter[tuple[str, str, int]] = Counter()
+        self.deaths: Counter[tuple[str, str, int]] = Counter()  # model stages' clips
 
     def begin(self, keys: list[tuple[str, str, int]]) -> int:
         """Note attempts at ``keys``; the most attempts now open at any of them."""
         self.open.update(keys)
         return max((self.open[k] for k in keys), default=0)
 
+    def again(self, keys: list[tuple[str, str, int]]) -> list[int]:
+        """Note one attempt at each of ``keys`` (a model stage's clips); an attempt still
+        open from before died. The deaths at each key, in order."""
+        for key in keys:
+            if self.open[key]:
+                self.deaths[key] += 1
+            self.open[key] = 1
+        return [self.deaths[k] for k in keys]
+
     def end(self, keys: list[tuple[str, str, int]]) -> None:
+        for key in keys:
+            self.open.pop(key, None)
+            self.deaths.pop(key, None)
+
+    def pause(self, keys: list[tuple[str, str, int]]) -> None:
+        """Close the attempts at ``keys``, keeping the deaths counted at them."""
         for key in keys:
             self.open.pop(key, None)
 
     def died(self, times: int) -> dict[str, str]:
         """Source -> step for the sources more than ``times`` attempts were made at (and
-        ``times`` died)."""
-        return {src: step for (step, src, _), n in self.open.items() if n > times}
+        ``times`` died), or one of whose clips ``times`` model-stage workers died on."""
+        deaths = {src: step for (step, src, _), n in self.deaths.items() if n >= times}
+        return deaths | {src: step for (step, src, _), n in self.open.items() if n > times}
 
     def clear(self) -> None:
         self.open.clear()
+        self.deaths.clear()
 
 
 def _attempt_keys(step: str, batch: Batch) -> list[tuple[str, str, int]]:
@@ -277,6 +305,68 @@ def _guarded(fn: Callable[[Batch], Any], step: str, in_flight: Any) -> Callable[
 
     run.__name__ = run.__qualname__ = getattr(fn, "__name__", step)
     return run
+
+
+def _clip_keys(step: str, batch: Batch) -> list[tuple[str, str, int] | None]:
+    """Each row's attempt key in model stage ``step`` (None for a row with no clip,
+    which the model stages pass on untouched)."""
+    ids = batch.get("clip_id")
+    if ids is None:
+        return [None] * len(batch["source"])
+    return [
+        None if clip is None else (step, str(source), int(str(clip), 16))
+        for source, clip in zip(batch["source"], ids, strict=True)
+    ]
+
+
+def guarded_actor(cls: type, step: str, in_flight: Any) -> type:
+    """Model stage ``cls`` (an actor class from :func:`stage_actor`) with each batch's
+    clips noted in the :class:`InFlight` actor ``in_flight``. A batch that a worker died
+    on (Ray Data retries it on a new one) runs one clip at a time, each noted alone, so
+    the clip that kills the worker is found; the attempt after its :data:`WORKER_DEATHS`
+    death raises :class:`WorkerDeaths`, and the build goes on without its source."""
+
+    def call(self: Any, batch: Batch) -> Batch:
+        keyed = _clip_keys(step, batch)
+        keys = [k for k in keyed if k is not None]
+        deaths = _again(in_flight, keys)
+        if max(deaths, default=0) >= WORKER_DEATHS:
+            dead = zip(keys, deaths, strict=True)
+            sources = sorted({k[1] for k, n in dead if n >= WORKER_DEATHS})
+            raise WorkerDeaths(f"{WORKER_DEATHS} workers died in {step} on clips of {sources}")
+        if not any(deaths):
+            out = cls.__call__(self, batch)
+            _ended_now(in_flight, keys)
+            return out
+        _call(in_flight.pause, keys)  # a worker died on this batch: find the clip
+        outs: list[dict[str, Any]] = []
+        for i, key in enumerate(keyed):
+            row = {name: values[i : i + 1] for name, values in batch.items()}
+            if key is not None:
+                _again(in_flight, [key])
+            outs += batch_to_rows(cls.__call__(self, row))
+            if key is not None:
+                _call(in_flight.end, [key])
+        return rows_to_batch(outs)
+
+    return type(cls.__name__, (cls,), {"__call__": call})
+
+
+def _again(in_flight: Any, keys: list[tuple[str, str, int]]) -> list[int]:
+    """:meth:`InFlight.again`, or no deaths when the actor is out of reach."""
+    if not keys:
+        return []
+    try:
+        return list(ray.get(in_flight.again.remote(keys), timeout=60))
+    except ray.exceptions.RayError:
+        return [0] * len(keys)
+
+
+def _call(method: Any, keys: list[tuple[str, str, int]]) -> None:
+    """``method`` of the :class:`InFlight` actor on ``keys``, waited for: the next death
+    must not count at a clip the attempt is done with."""
+    with contextlib.suppress(ray.exceptions.RayError):
+        ray.get(method.remote(keys), timeout=60)
 
 
 def _ended(
@@ -489,10 +579,11 @@ def build_dataset(
                 compute=ray.data.ActorPoolStrategy(size=1),
             )
         else:
+            actor = stage_actor(step.fn, label, meter)
+            if in_flight is not None:
+                actor = guarded_actor(actor, label, in_flight)
             ds = ds.map_batches(
-                stage_actor(step.fn, label, meter),
-                fn_constructor_args=step.args,
-                **_actor_args(res, shares[step.name]),
+                actor, fn_constructor_args=step.args, **_actor_args(res, shares[step.name])
             )
     if cfg.write.clip_files:  # the writer stores kept clips' payloads as files
         return ds.map_batches(_kept_payloads_only, batch_size=None, num_cpus=0.1)
@@ -793,8 +884,13 @@ def _died(in_flight: Any, failed: dict[str, str]) -> dict[str, str]:
     times, with the reason their error rows give."""
     died = ray.get(in_flight.died.remote(WORKER_DEATHS))
     return {
-        source: f"the worker reading it died {WORKER_DEATHS} times in {step} (a crash in "
-        "the decoder, or out of memory): left out"
+        source: (
+            f"the worker reading it died {WORKER_DEATHS} times in {step} (a crash in "
+            "the decoder, or out of memory): left out"
+            if step in _READS_SOURCES
+            else f"the worker running {step} died {WORKER_DEATHS} times on one of its "
+            "clips (a crash in the model, or out of memory): left out"
+        )
         for source, step in sorted(died.items())
         if source not in failed
     }

@@ -152,3 +152,77 @@ def test_a_source_its_workers_keep_dying_on_becomes_an_error_row(
     assert set(ids) == _expected_clip_ids(cfg, [paths[0], paths[2]])
     assert summary["sources_error"] == 1
     assert again["sources_built"] == 0  # the crashed source is committed, not retried
+
+
+def test_a_clip_that_keeps_killing_a_model_worker_leaves_only_its_source_out(
+    tmp_path, tmp_path_factory, monkeypatch
+) -> None:
+    """A clip that kills a model stage's worker (a crash in the model, the OOM killer)
+    each time Ray Data retries its batch (the aesthetic scorer's: 16 clips, those of all
+    three sources): the batch is retried one clip at a time to find that clip, and after
+    WORKER_DEATHS deaths on it its source is an error row; the sources batched with it
+    are built."""
+    from pipeline.graph import ACTOR_CRASH_ENV, WORKER_DEATHS
+
+    if ray.is_initialized():
+        ray.shutdown()
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    paths = []
+    for i, name in enumerate(["a.mp4", "b-crashes.mp4", "c.mp4"]):
+        path = videos / name
+        synth_video(str(path), width=96, height=64, fps=12.0, shots=[18, 18], seed=i)
+        paths.append(str(path.resolve()))
+    monkeypatch.setenv(ACTOR_CRASH_ENV, "aesthetic:crashes")
+    cfg = load_config(
+        preset="tiny",
+        model_cache=str(tmp_path_factory.mktemp("models")),
+        split={"min_clip_s": 1.0, "max_clip_s": 2.0},
+        ray={"progress_interval_s": 0, "num_cpus": 2},
+    )
+    assert cfg.ray.aesthetic.batch_size >= 6  # the clips of all three sources can meet
+    root = tmp_path / "corpus"
+    said: list[str] = []
+    try:
+        summary = build([str(videos)], str(root), cfg, echo=said.append)
+    finally:
+        ray.shutdown()
+    reason = f"the worker running aesthetic died {WORKER_DEATHS} times on one of its clips"
+    assert any(line.startswith(f"{paths[1]}: {reason}") for line in said), said
+    sources = {s["source"]: s for s in read_sources(str(root)).to_pylist()}
+    assert sorted(sources) == sorted(paths)
+    assert sources[paths[1]]["status"] == "error" and reason in sources[paths[1]]["error"]
+    assert all(sources[p]["status"] == "done" for p in (paths[0], paths[2]))
+    ids = [r["clip_id"] for r in read_index(str(root)).to_pylist() if r["clip_id"]]
+    assert len(ids) == len(set(ids))
+    monkeypatch.delenv(ACTOR_CRASH_ENV)
+    assert set(ids) == _expected_clip_ids(cfg, [paths[0], paths[2]])
+    assert summary["sources_error"] == 1
+
+
+def test_deaths_are_counted_at_the_clip_a_model_worker_died_on() -> None:
+    """The bookkeeping behind the test above: a batch retried one clip at a time closes
+    the clips it is done with, so only the clip being run when the worker died (and none
+    that was not reached) counts one more death."""
+    from pipeline.graph import WORKER_DEATHS, InFlight
+
+    assert WORKER_DEATHS == 3
+    state = InFlight()
+    keys = [("caption", "a.mp4", 1), ("caption", "b.mp4", 2), ("caption", "c.mp4", 3)]
+
+    def one_at_a_time_dying_at_b() -> None:
+        state.pause(keys)
+        state.again(keys[:1])
+        state.end(keys[:1])
+        state.again(keys[1:2])  # the worker dies here
+
+    assert state.again(keys) == [0, 0, 0]  # the whole batch; the worker dies
+    assert state.again(keys) == [1, 1, 1]  # retried: one at a time
+    one_at_a_time_dying_at_b()
+    assert state.again(keys) == [0, 2, 1]
+    assert state.died(WORKER_DEATHS) == {}
+    one_at_a_time_dying_at_b()
+    assert state.again(keys) == [0, 3, 1]  # the guard raises now
+    assert state.died(WORKER_DEATHS) == {"b.mp4": "caption"}
+    state.end(keys)
+    assert state.died(WORKER_DEATHS) == {} and state.again(keys) == [0, 0, 0]

@@ -9,6 +9,7 @@ silently: a failure becomes ``status="error"`` with a reason in ``error``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -221,6 +222,21 @@ def stage_task(
     return run
 
 
+# Test hook: an actor stage's worker aborts (as a crashing kernel or the OOM killer ends
+# it) on a batch holding a clip of a source whose URI contains the text after the colon,
+# in the stage before it: "aesthetic:crashes" (as split's REELPACK_TEST_CRASH_ON).
+ACTOR_CRASH_ENV = "REELPACK_TEST_CRASH_IN"
+
+
+def _crash_hook(stage: str, batch: Batch) -> None:
+    target, _, text = os.environ.get(ACTOR_CRASH_ENV, "").partition(":")
+    if target != stage or not text or "clip_id" not in batch:
+        return
+    pairs = zip(batch["source"], batch["clip_id"], strict=True)
+    if any(clip is not None and text in str(source) for source, clip in pairs):
+        os.abort()
+
+
 def stage_actor(stage_cls: Any, name: str | None = None, meter: Meter | None = None) -> type:
     """``stage_cls`` for a Ray actor pool: the same class, its output batches passed
     through :func:`clean_batch`, named after the stage; with ``meter``, each batch is
@@ -228,6 +244,7 @@ def stage_actor(stage_cls: Any, name: str | None = None, meter: Meter | None = N
     label = name or stage_cls.__name__
 
     def call(self: Any, batch: Batch) -> Batch:
+        _crash_hook(label, batch)
         return _timed(lambda b: clean_batch(stage_cls.__call__(self, b)), batch, label, meter)
 
     return type(stage_cls.__name__, (stage_cls,), {"__call__": call})
