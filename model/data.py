@@ -184,7 +184,8 @@ def check_latents(blob: bytes, crc: int | None, url: str, key: str) -> None:
     if crc is not None and zlib.crc32(blob) != crc:
         raise ValueError(
             f"{url}: sample {key!r}: its latents fail their CRC-32 check: the shard is corrupt "
-            "(`reelpack inspect ROOT --verify` lists every such sample)"
+            "(`reelpack inspect ROOT --verify` lists every such sample; training with "
+            "--skip-corrupt leaves them out)"
         )
 
 
@@ -316,6 +317,9 @@ class PackedBatch:
     token_budget: int = 0  # the sequence length the batch was packed for (0: unknown)
     batch_seed: int = 0  # deterministic per (seed, epoch, rank, step): seed per-step noise with it
     policies: list[str] = field(default_factory=list)  # per sample: "", "crop" or "downscale"
+    # samples planned for this sequence but left out as unreadable or corrupt (the
+    # loader's skip_corrupt), each "<shard>: sample '<key>': <why>"
+    corrupt: list[str] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -368,6 +372,8 @@ class PackStats:
     samples_dropped: int = 0  # in the < world_size packed sequences left over at an epoch's end
     padding_tokens: int = 0  # budget minus tokens, summed over batches
     tokens_dropped: int = 0  # removed by NaViT token dropping
+    samples_corrupt: int = 0  # unreadable or corrupt, left out (PackedLoader's skip_corrupt)
+    corrupt_samples: list[str] = field(default_factory=list)  # "<shard>: sample '<key>': <why>"
     seconds: float = 0.0  # wall time spent producing batches (loader only)
     _max_keys: int = 1000  # skipped_keys keeps at most this many examples
 
@@ -388,6 +394,11 @@ class PackStats:
         if len(self.skipped_keys) < self._max_keys:
             self.skipped_keys.append(key)
 
+    def corrupt(self, problem: str) -> None:
+        self.samples_corrupt += 1
+        if len(self.corrupt_samples) < self._max_keys:
+            self.corrupt_samples.append(problem)
+
     def summary(self) -> str:
         """The counts in one line for a person, e.g. after a training run."""
         line = (
@@ -402,6 +413,7 @@ class PackStats:
                 (self.samples_downscaled, "downscaled to fit"),
                 (self.samples_dropped, "left over at epoch ends"),
                 (self.tokens_dropped, "tokens dropped"),
+                (self.samples_corrupt, "left out as corrupt"),
             )
             if n
         ]
@@ -416,6 +428,7 @@ class PackStats:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         del out["_max_keys"]
         out["skipped_keys"] = out["skipped_keys"][:20]
+        out["corrupt_samples"] = out["corrupt_samples"][:20]
         out["padding_fraction"] = self.padding_fraction()
         out["tokens_per_s"] = self.tokens_per_s()
         return out

@@ -54,6 +54,7 @@ import bisect
 import dataclasses
 import io
 import json
+import logging
 import math
 import re
 import struct
@@ -98,6 +99,8 @@ __all__ = [
 ]
 
 OVERSIZE_POLICIES = ("skip", "crop", "downscale")
+
+log = logging.getLogger(__name__)
 _STATE_VERSION = 1
 _PART_RE = re.compile(r"part-(\d+)\.parquet$")
 _ALT_RE = re.compile(r"^" + re.escape(schemas.TENSOR_LATENTS) + r"@(\d+)x(\d+)$")
@@ -678,31 +681,51 @@ def _patchify_into(out: torch.Tensor, x: torch.Tensor, grid: Grid, patch: Patch)
     out.view(gt, gh, gw, pt, ph, pw, c).copy_(src)
 
 
+def _checked(p: PlannedSample, raw: RawSample | Exception, channels: int) -> torch.Tensor:
+    """The planned tensor of sample ``p`` read from its members ``raw``; ValueError naming
+    the sample when it cannot be read, is corrupt, or does not match the index."""
+    if isinstance(raw, Exception):
+        raise raw
+    for suffix in _ALLOWED:
+        if suffix not in raw:
+            raise ValueError(f"{p.shard}: sample {p.key!r} lacks {suffix!r}")
+    blob = raw[schemas.SAMPLE_LATENTS]
+    check_latents(blob, stored_crc(raw[schemas.SAMPLE_META]), p.shard, p.key)
+    x = _st_tensor(blob, p.tensor, p.shard, p.key, as_float=False)
+    if x is None:
+        raise ValueError(f"{p.shard}: sample {p.key!r} has no tensor {p.tensor!r}")
+    if tuple(x.shape) != p.shape or x.shape[0] != channels:
+        raise ValueError(
+            f"{p.shard}: sample {p.key!r} tensor {p.tensor!r} is {tuple(x.shape)}; the "
+            f"index says {p.shape} and the manifest {channels} channels"
+        )
+    return x
+
+
 def _build_batch(
     items: list[PlannedSample],
-    raws: list[RawSample],
+    raws: list[RawSample | Exception],
     patch: Patch,
     channels: int,
     budget: int,
     batch_seed: int,
     dropping: bool,
+    skip_corrupt: bool = False,
 ) -> PackedBatch:
+    """The packed sequence of ``items`` from their members ``raws`` (an exception: the
+    sample could not be read). A sample that fails (:func:`_checked`) raises, or with
+    ``skip_corrupt`` is left out of the sequence and named in its ``corrupt``."""
     views, poss, texts, keeps = [], [], [], []
-    captions, keys, grids = [], [], []
+    captions, keys, grids, policies, corrupt = [], [], [], [], []
     for p, raw in zip(items, raws, strict=True):
-        for suffix in _ALLOWED:
-            if suffix not in raw:
-                raise ValueError(f"{p.shard}: sample {p.key!r} lacks {suffix!r}")
-        blob = raw[schemas.SAMPLE_LATENTS]
-        check_latents(blob, stored_crc(raw[schemas.SAMPLE_META]), p.shard, p.key)
-        x = _st_tensor(blob, p.tensor, p.shard, p.key, as_float=False)
-        if x is None:
-            raise ValueError(f"{p.shard}: sample {p.key!r} has no tensor {p.tensor!r}")
-        if tuple(x.shape) != p.shape or x.shape[0] != channels:
-            raise ValueError(
-                f"{p.shard}: sample {p.key!r} tensor {p.tensor!r} is {tuple(x.shape)}; the "
-                f"index says {p.shape} and the manifest {channels} channels"
-            )
+        try:
+            x = _checked(p, raw, channels)
+        except ValueError as exc:
+            if not skip_corrupt:
+                raise
+            corrupt.append(str(exc))
+            continue
+        blob = raw[schemas.SAMPLE_LATENTS]  # type: ignore[index]
         positions = _positions(p.grid)  # (n, 3)
         index = torch.arange(positions.shape[0])
         if p.keep < positions.shape[0]:
@@ -713,12 +736,26 @@ def _build_batch(
         poss.append(positions)
         keeps.append(index)
         texts.append(_st_tensor(blob, schemas.TENSOR_TEXT_EMBEDS, p.shard, p.key))
-        captions.append(raw[schemas.SAMPLE_CAPTION].decode("utf-8"))
+        captions.append(raw[schemas.SAMPLE_CAPTION].decode("utf-8"))  # type: ignore[index]
         keys.append(p.key)
         grids.append(p.grid)
+        policies.append(p.policy)
+    dim = channels * math.prod(patch)
+    if not views:  # all left out: a batch of nothing, which the loader counts, not yields
+        return PackedBatch(
+            tokens=torch.empty(0, dim),
+            positions=torch.empty(0, 3, dtype=torch.int64),
+            sample_ids=torch.empty(0, dtype=torch.int64),
+            cu_seqlens=torch.zeros(1, dtype=torch.int32),
+            grids=[],
+            captions=[],
+            keys=[],
+            token_budget=budget,
+            batch_seed=batch_seed,
+            corrupt=corrupt,
+        )
     lengths = torch.tensor([i.shape[0] for i in keeps])
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
-    dim = channels * math.prod(patch)
     tokens = torch.empty(int(cu[-1]), dim)  # (N, D) float32, filled sample by sample
     for i, (x, index) in enumerate(zip(views, keeps, strict=True)):
         lo, hi = int(cu[i]), int(cu[i + 1])
@@ -750,7 +787,8 @@ def _build_batch(
         timesteps=torch.full((len(views),), math.nan),
         token_budget=budget,
         batch_seed=batch_seed,
-        policies=[p.policy for p in items],
+        policies=policies,
+        corrupt=corrupt,
     )
 
 
@@ -775,11 +813,13 @@ class _RankStream(torch.utils.data.IterableDataset[PackedBatch]):
         seed: int,
         epoch: int,
         dropping: bool,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
         self.bins, self.bin_ids, self.start = bins, bin_ids, start
         self.patch, self.channels, self.budget = patch, channels, budget
         self.seed, self.epoch, self.dropping = seed, epoch, dropping
+        self.skip_corrupt = skip_corrupt
 
     def __iter__(self) -> Iterator[PackedBatch]:
         info = torch.utils.data.get_worker_info()
@@ -792,7 +832,19 @@ class _RankStream(torch.utils.data.IterableDataset[PackedBatch]):
         reader = _Reader(needs)
         for j in mine:
             items = self.bins[j]
-            raws = [reader.get(p.shard, p.key) for p in items]
+            raws: list[RawSample | Exception] = []
+            for p in items:
+                try:
+                    raws.append(reader.get(p.shard, p.key))
+                except ValueError as exc:  # not in the shard (as the index says it is)
+                    if not self.skip_corrupt:
+                        raise
+                    raws.append(exc)
+                except tarfile.TarError as exc:  # the shard is cut short or garbled
+                    if not self.skip_corrupt:
+                        raise
+                    why = f"the shard cannot be read from here on ({exc})"
+                    raws.append(ValueError(f"{p.shard}: sample {p.key!r}: {why}"))
             yield _build_batch(
                 items,
                 raws,
@@ -801,6 +853,7 @@ class _RankStream(torch.utils.data.IterableDataset[PackedBatch]):
                 self.budget,
                 _batch_seed(self.seed, self.epoch, self.bin_ids[j]),
                 self.dropping,
+                self.skip_corrupt,
             )
 
 
@@ -829,6 +882,7 @@ class PackedLoader:
         token_drop: float = 0.0,
         drop_last: bool = True,
         balance_window: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         if token_budget < 1:
             raise ValueError(f"token_budget must be positive, got {token_budget}")
@@ -848,6 +902,7 @@ class PackedLoader:
         self.patch: Patch = (int(patch[0]), int(patch[1]), int(patch[2]))
         self.channels = int(manifest["vae"]["latent_channels"])
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.skip_corrupt = skip_corrupt
         self.cfg = PlanConfig(
             token_budget=token_budget,
             patch=self.patch,
@@ -899,7 +954,8 @@ class PackedLoader:
         return self._plan
 
     def __len__(self) -> int:
-        """Batches this rank yields per epoch (the same on every rank)."""
+        """Batches this rank yields per epoch (the same on every rank; fewer where
+        ``skip_corrupt`` left every sample of a sequence out)."""
         return self.plan().per_rank
 
     def set_epoch(self, epoch: int) -> None:
@@ -927,6 +983,7 @@ class PackedLoader:
             self.cfg.seed,
             plan.epoch,
             self.cfg.token_drop > 0,
+            self.skip_corrupt,
         )
         source: Any = stream
         if self.num_workers > 0 and len(order) - self.position > 0:
@@ -935,8 +992,13 @@ class PackedLoader:
             )
         tick = time.perf_counter()
         for batch in source:
-            self.position += 1
+            self.position += 1  # counts sequences, so that a resume continues exactly
             s = self.stats
+            for problem in batch.corrupt:
+                s.corrupt(problem)
+                log.warning("left out of batch %d: %s", self.position - 1, problem)
+            if not batch.num_samples:  # every sample of it left out: no step
+                continue
             s.samples_in += batch.num_samples
             s.samples_packed += batch.num_samples
             s.batches += 1

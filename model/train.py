@@ -64,7 +64,14 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 # TrainConfig fields a resumed run may change without changing what it computes next
 # (`steps` extends or shortens the schedule, which does change the lr from then on).
-RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "device", "num_workers")
+RESUMABLE_CHANGES = (
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "device",
+    "num_workers",
+    "skip_corrupt",  # a run stopped by a corrupt sample resumes past it
+)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,9 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2)
     gradient_checkpointing: bool = False
     num_workers: int = 0  # loader worker processes
+    # a sample that cannot be read or fails its CRC: stop the run (False), or leave it out
+    # of its packed sequence with a warning naming it and train on (True)
+    skip_corrupt: bool = False
     shuffle_buffer: int = 256  # samples; used by the shuffling loader
 
     def validate(self) -> None:
@@ -186,6 +196,7 @@ def make_loader(
         num_workers=cfg.num_workers,
         shuffle_buffer=cfg.shuffle_buffer,
         oversize=cfg.oversize,
+        skip_corrupt=cfg.skip_corrupt,
     )
 
 

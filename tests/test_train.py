@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def make_corpus(
                         embeds = embeds * 0.1 + scene_vectors[i % scenes]
                     tensors[schemas.TENSOR_TEXT_EMBEDS] = embeds.to(torch.bfloat16)
                 shape = list(latents[i].shape)
+                blob = save_safetensors(tensors)
                 row = {
                     "clip_id": key,
                     "source": f"/videos/v{i}.mp4",
@@ -87,12 +89,13 @@ def make_corpus(
                     "start_s": 0.0,
                     "end_s": 1.0,
                     "num_tokens": shape[1] * shape[2] // PATCH[1] * shape[3] // PATCH[2],
+                    "latents_crc32": zlib.crc32(blob),
                 }
                 rows.append(row)
                 sink.write(
                     {
                         "__key__": key,
-                        schemas.SAMPLE_LATENTS: save_safetensors(tensors),
+                        schemas.SAMPLE_LATENTS: blob,
                         schemas.SAMPLE_META: json.dumps(row).encode(),
                         schemas.SAMPLE_CAPTION: row["caption"].encode(),
                     }
@@ -399,3 +402,30 @@ def test_the_default_device_is_the_gpu_when_there_is_one(
     assert _setup_distributed(TrainConfig()).device == torch.device("cuda", 0)
     assert _setup_distributed(TrainConfig(device="cpu")).device == torch.device("cpu")
     assert chosen == [torch.device("cuda", 0)]
+
+
+def test_a_corrupt_sample_stops_the_run_or_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sample whose latents fail their CRC stops a run with its name and the way on;
+    with skip_corrupt (which a stopped run may resume with) it is left out and named."""
+    import tarfile
+
+    from model.train import RESUMABLE_CHANGES
+
+    root = make_corpus(tmp_path / "c", smooth_latents(MIX[:4]))
+    shard = root / schemas.SHARDS_DIR / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(f"clip0002.{schemas.SAMPLE_LATENTS}")
+    with open(shard, "r+b") as f:
+        f.seek(member.offset_data + member.size - 8)
+        f.write(bytes(8))
+    cfg = TrainConfig(steps=4, token_budget=64, log_every=1, device="cpu")
+    with pytest.raises(ValueError, match=r"sample 'clip0002': .*CRC-32.*--skip-corrupt"):
+        train(str(root), str(tmp_path / "stopped"), cfg)
+    assert "skip_corrupt" in RESUMABLE_CHANGES
+    skipping = dataclasses.replace(cfg, skip_corrupt=True)
+    with caplog.at_level("WARNING", logger="model.loader"):
+        losses = train(str(root), str(tmp_path / "run"), skipping)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert any("sample 'clip0002'" in r.getMessage() for r in caplog.records)

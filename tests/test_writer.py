@@ -732,3 +732,49 @@ def test_a_corrupt_sample_is_found_by_its_checksum(tmp_path) -> None:
 
     with pytest.raises(ValueError, match=rf"shard-000000.tar: sample '{key}': .*CRC-32"):
         list(PackedLoader(root, token_budget=64, patch=(1, 1, 1)))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_loader_can_leave_corrupt_samples_out(
+    tmp_path, caplog: pytest.LogCaptureFixture, workers: int
+) -> None:
+    """With ``skip_corrupt`` a sample whose latents fail their CRC, and one in the part of
+    a shard cut off, are left out of their packed sequences (a sequence of nothing is not
+    yielded), counted and named in a warning; every other sample is trained on, once."""
+    from model.loader import PackedLoader
+
+    root = str(tmp_path / "corpus")
+    writer = CorpusWriter(root)
+    writer.add(batch([clip("/v/a.mp4", i, 4, num_tokens=30) for i in range(4)]))
+    writer.close()
+    writer.write_manifest({"vae": {"id": "tiny", "latent_channels": 4}, "patch_size": [1, 1, 1]})
+    keys = sorted(r["key"] for r in read_index(root).to_pylist())
+    shard = os.path.join(root, "shards", "shard-000000.tar")
+    with tarfile.open(shard) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    latents = members[f"{keys[1]}.{schemas.SAMPLE_LATENTS}"]
+    with open(shard, "r+b") as f:
+        f.seek(latents.offset_data + latents.size - 16)
+        f.write(bytes(16))
+        f.seek(members[f"{keys[3]}.{schemas.SAMPLE_META}"].offset - 512)  # its first header
+        f.truncate()  # the shard is cut before the last sample
+    loader = PackedLoader(
+        root, token_budget=64, patch=(1, 1, 1), num_workers=workers, skip_corrupt=True
+    )
+    with caplog.at_level("WARNING", logger="model.loader"):
+        seen = [k for b in loader for k in b.keys]
+    assert sorted(seen) == [keys[0], keys[2]]
+    assert loader.stats.samples_corrupt == 2
+    problems = sorted(loader.stats.corrupt_samples)
+    assert f"sample '{keys[1]}': its latents fail their CRC-32 check" in problems[0]
+    assert f"sample '{keys[3]}': the shard cannot be read from here on" in problems[1]
+    assert "2 left out as corrupt" in loader.stats.summary()
+    warned = [r.getMessage() for r in caplog.records if "left out of batch" in r.getMessage()]
+    assert len(warned) == 2 and all("shard-000000.tar: sample" in w for w in warned)
+    # one sample per sequence: a sequence of nothing is counted, not yielded
+    alone = PackedLoader(
+        root, token_budget=30, patch=(1, 1, 1), num_workers=workers, skip_corrupt=True
+    )
+    assert len(alone) == 4
+    assert sorted(k for b in alone for k in b.keys) == [keys[0], keys[2]]
+    assert alone.stats.batches == 2 and alone.state_dict()["epoch"] == 1
