@@ -106,15 +106,9 @@ def test_worker_node_killed_mid_build(cluster, tmp_path, tmp_path_factory) -> No
     assert Path(root / "summary.json").exists()
 
 
-def test_a_source_its_workers_keep_dying_on_becomes_an_error_row(
-    tmp_path, tmp_path_factory, monkeypatch
-) -> None:
-    """A file that crashes the decoder kills the worker reading it, each time Ray retries
-    it: after WORKER_DEATHS deaths the build goes on without it (an error row that says
-    so) instead of retrying it forever, and every other source is built."""
-    from pipeline.graph import WORKER_DEATHS
-    from pipeline.stages.split import CRASH_ENV
-
+def _one_crashing_of_three(tmp_path) -> tuple[Path, list[str]]:
+    """A folder of three short videos, the second named to crash (``b-crashes.mp4``), and
+    their paths; no Ray running (the build starts a local one)."""
     if ray.is_initialized():
         ray.shutdown()
     videos = tmp_path / "videos"
@@ -124,13 +118,44 @@ def test_a_source_its_workers_keep_dying_on_becomes_an_error_row(
         path = videos / name
         synth_video(str(path), width=96, height=64, fps=12.0, shots=[18, 18], seed=i)
         paths.append(str(path.resolve()))
-    monkeypatch.setenv(CRASH_ENV, "crashes")  # splitting b-crashes.mp4 aborts the process
-    cfg = load_config(
+    return videos, paths
+
+
+def _local_tiny_config(tmp_path_factory):
+    return load_config(
         preset="tiny",
         model_cache=str(tmp_path_factory.mktemp("models")),
         split={"min_clip_s": 1.0, "max_clip_s": 2.0},
         ray={"progress_interval_s": 0, "num_cpus": 2},
     )
+
+
+def _check_only_the_crashing_one_left_out(root, paths, cfg, reason, said) -> None:
+    """The second of ``paths`` is an error row giving ``reason`` (and the build said
+    so); the others are built, their clips exactly once."""
+    assert any(line.startswith(f"{paths[1]}: {reason}") for line in said), said
+    sources = {s["source"]: s for s in read_sources(str(root)).to_pylist()}
+    assert sorted(sources) == sorted(paths)
+    crashed = sources[paths[1]]
+    assert crashed["status"] == "error" and reason in crashed["error"], crashed
+    assert all(sources[p]["status"] == "done" for p in (paths[0], paths[2]))
+    ids = [r["clip_id"] for r in read_index(str(root)).to_pylist() if r["clip_id"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == _expected_clip_ids(cfg, [paths[0], paths[2]])
+
+
+def test_a_source_its_workers_keep_dying_on_becomes_an_error_row(
+    tmp_path, tmp_path_factory, monkeypatch
+) -> None:
+    """A file that crashes the decoder kills the worker reading it, each time Ray retries
+    it: after WORKER_DEATHS deaths the build goes on without it (an error row that says
+    so) instead of retrying it forever, and every other source is built."""
+    from pipeline.graph import WORKER_DEATHS
+    from pipeline.stages.split import CRASH_ENV
+
+    videos, paths = _one_crashing_of_three(tmp_path)
+    monkeypatch.setenv(CRASH_ENV, "crashes")  # splitting b-crashes.mp4 aborts the process
+    cfg = _local_tiny_config(tmp_path_factory)
     root = tmp_path / "corpus"
     said: list[str] = []
     try:
@@ -139,17 +164,8 @@ def test_a_source_its_workers_keep_dying_on_becomes_an_error_row(
     finally:
         ray.shutdown()
     reason = f"the worker reading it died {WORKER_DEATHS} times in split"
-    assert any(line.startswith(f"{paths[1]}: {reason}") for line in said), said
-    sources = {s["source"]: s for s in read_sources(str(root)).to_pylist()}
-    assert sorted(sources) == sorted(paths)
-    crashed = sources[paths[1]]
-    assert crashed["status"] == "error" and reason in crashed["error"], crashed
-    assert all(sources[p]["status"] == "done" for p in (paths[0], paths[2]))
-    index = read_index(str(root)).to_pylist()
-    ids = [r["clip_id"] for r in index if r["clip_id"]]
-    assert len(ids) == len(set(ids))
     monkeypatch.delenv(CRASH_ENV)
-    assert set(ids) == _expected_clip_ids(cfg, [paths[0], paths[2]])
+    _check_only_the_crashing_one_left_out(root, paths, cfg, reason, said)
     assert summary["sources_error"] == 1
     assert again["sources_built"] == 0  # the crashed source is committed, not retried
 
@@ -164,22 +180,9 @@ def test_a_clip_that_keeps_killing_a_model_worker_leaves_only_its_source_out(
     are built."""
     from pipeline.graph import ACTOR_CRASH_ENV, WORKER_DEATHS
 
-    if ray.is_initialized():
-        ray.shutdown()
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    paths = []
-    for i, name in enumerate(["a.mp4", "b-crashes.mp4", "c.mp4"]):
-        path = videos / name
-        synth_video(str(path), width=96, height=64, fps=12.0, shots=[18, 18], seed=i)
-        paths.append(str(path.resolve()))
+    videos, paths = _one_crashing_of_three(tmp_path)
     monkeypatch.setenv(ACTOR_CRASH_ENV, "aesthetic:crashes")
-    cfg = load_config(
-        preset="tiny",
-        model_cache=str(tmp_path_factory.mktemp("models")),
-        split={"min_clip_s": 1.0, "max_clip_s": 2.0},
-        ray={"progress_interval_s": 0, "num_cpus": 2},
-    )
+    cfg = _local_tiny_config(tmp_path_factory)
     assert cfg.ray.aesthetic.batch_size >= 6  # the clips of all three sources can meet
     root = tmp_path / "corpus"
     said: list[str] = []
@@ -188,15 +191,8 @@ def test_a_clip_that_keeps_killing_a_model_worker_leaves_only_its_source_out(
     finally:
         ray.shutdown()
     reason = f"the worker running aesthetic died {WORKER_DEATHS} times on one of its clips"
-    assert any(line.startswith(f"{paths[1]}: {reason}") for line in said), said
-    sources = {s["source"]: s for s in read_sources(str(root)).to_pylist()}
-    assert sorted(sources) == sorted(paths)
-    assert sources[paths[1]]["status"] == "error" and reason in sources[paths[1]]["error"]
-    assert all(sources[p]["status"] == "done" for p in (paths[0], paths[2]))
-    ids = [r["clip_id"] for r in read_index(str(root)).to_pylist() if r["clip_id"]]
-    assert len(ids) == len(set(ids))
     monkeypatch.delenv(ACTOR_CRASH_ENV)
-    assert set(ids) == _expected_clip_ids(cfg, [paths[0], paths[2]])
+    _check_only_the_crashing_one_left_out(root, paths, cfg, reason, said)
     assert summary["sources_error"] == 1
 
 

@@ -6,36 +6,17 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 import numpy as np
 import pillow_heif
 import pytest
 from PIL import Image
+from still_images import payload, photo, probe_split
 
 from pipeline.sources import expand_sources
-from pipeline.stages.base import batch_to_rows
-from pipeline.stages.probe import Probe, ProbeConfig
-from pipeline.stages.split import Split, SplitConfig, shots
-from pipeline.synth import iter_synth_frames
-from pipeline.video import decode_mp4
+from pipeline.stages.split import shots
 
 pillow_heif.register_heif_opener()
-
-
-def photo(seed: int, width: int = 160, height: int = 96) -> np.ndarray:
-    return next(iter(iter_synth_frames(width, height, [1], seed=seed)))
-
-
-def probe_split(path: str, **probe: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    probed = Probe(ProbeConfig(**probe))({"source": np.array([path], dtype=object)})
-    return batch_to_rows(probed)[0], batch_to_rows(Split(SplitConfig())(probed))
-
-
-def payload(row: dict[str, Any]) -> np.ndarray:
-    frames, _ = decode_mp4(row["clip_bytes"])
-    assert frames.shape[0] == 1
-    return frames[0].astype(np.int16)
 
 
 def test_a_heic_photo_is_a_one_frame_clip(tmp_path: os.PathLike[str]) -> None:

@@ -7,34 +7,15 @@ image format its demuxer reads them as."""
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+from still_images import payload, photo, probe_split
 
 from pipeline.sources import expand_sources
-from pipeline.stages.base import batch_to_rows
-from pipeline.stages.probe import Probe, ProbeConfig
-from pipeline.stages.split import Split, SplitConfig, shots
+from pipeline.stages.split import shots
 from pipeline.stills import PILLOW_CONTAINER
-from pipeline.synth import iter_synth_frames
-from pipeline.video import decode_mp4
-
-
-def photo(seed: int, width: int = 160, height: int = 96) -> np.ndarray:
-    return next(iter(iter_synth_frames(width, height, [1], seed=seed)))
-
-
-def probe_split(path: str, **probe: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    probed = Probe(ProbeConfig(**probe))({"source": np.array([path], dtype=object)})
-    return batch_to_rows(probed)[0], batch_to_rows(Split(SplitConfig())(probed))
-
-
-def payload(row: dict[str, Any]) -> np.ndarray:
-    frames, _ = decode_mp4(row["clip_bytes"])
-    assert frames.shape[0] == 1
-    return frames[0].astype(np.int16)
 
 
 @pytest.mark.parametrize(
