@@ -114,7 +114,9 @@ def s3_client() -> Any:
 
 
 def read_bytes(uri: str) -> bytes:
-    """A whole file from a local path or ``s3://``; FileNotFoundError when it is missing."""
+    """A whole file from a local path, ``file://`` or ``s3://``; FileNotFoundError when it
+    is missing."""
+    uri = schemas.storage_location(uri)
     if not is_s3(uri):
         return Path(uri).read_bytes()
     bucket, key = split_s3(uri)
@@ -130,6 +132,7 @@ def read_bytes(uri: str) -> bytes:
 
 def list_files(prefix: str, suffix: str) -> list[str]:
     """Files directly under folder `prefix` (local or ``s3://``) whose names end in `suffix`, sorted."""
+    prefix = schemas.storage_location(prefix)
     if not is_s3(prefix):
         return sorted(str(p) for p in Path(prefix).glob(f"*{suffix}"))
     bucket, key = split_s3(prefix.rstrip("/") + "/")
@@ -152,6 +155,7 @@ def list_files(prefix: str, suffix: str) -> list[str]:
 
 
 def join_uri(root: str, *parts: str) -> str:
+    root = schemas.storage_location(root)
     if is_s3(root):
         return "/".join([root.rstrip("/"), *parts])
     return str(Path(root, *parts))

@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.data import PackedLoader, read_manifest
+import schemas
+from model.data import PackedLoader, is_s3, read_manifest
 from model.dit import ATTN_BACKENDS, DiT, DiTConfig, build_dit
 from model.ema import EMA
 from model.flow import REDUCTIONS, caption_keep_mask, flow_loss, resolution_shift
@@ -531,13 +532,23 @@ def _loss(
     )
 
 
-def _check_out(out: str, resume: bool) -> None:
-    """A fresh run never overwrites another run's checkpoint (or appends to its metrics)."""
-    ckpt_path = Path(out) / CHECKPOINT_NAME
+def _check_out(out: str, resume: bool) -> str:
+    """``out`` as a folder path (a ``file://`` URI's path). Checkpoints are written with
+    file I/O, to a local or shared filesystem: ``s3://`` (or ``gs://``) would become a
+    local folder ``s3:``, so it is refused. A fresh run never overwrites another run's
+    checkpoint (or appends to its metrics)."""
+    folder = schemas.storage_location(out)
+    if is_s3(folder):
+        raise ValueError(
+            f"--out {out}: the trainer writes its checkpoints to a folder (local, or a "
+            "filesystem every worker shares); copy it to object storage afterwards"
+        )
+    ckpt_path = Path(folder) / CHECKPOINT_NAME
     if not resume and ckpt_path.is_file():
         raise FileExistsError(
             f"{ckpt_path} exists: pass --resume to continue that run, or train into another --out"
         )
+    return folder
 
 
 def train(  # noqa: C901
@@ -551,7 +562,7 @@ def train(  # noqa: C901
     Under torchrun or Ray Train every rank calls this; losses are means over ranks.
     """
     cfg.validate()
-    _check_out(out, resume)
+    out = _check_out(out, resume)
     manifest, patch = _corpus_facts(root)
     d = _setup_distributed(cfg)
     out_dir = Path(out)
@@ -776,8 +787,9 @@ def train_with_ray(
 
     Uses the Ray this process already joined; otherwise joins `ray_address` (``auto``,
     ``ray://head:10001``) or ``RAY_ADDRESS`` (set by ``ray job submit``), else starts a
-    fresh local Ray. `root` and `out` must be storage every worker sees (``s3://`` or a
-    shared filesystem on a cluster); local paths are made absolute. `resume` and
+    fresh local Ray. `root` must be storage every worker sees (``s3://`` or a shared
+    filesystem on a cluster), `out` a folder every worker sees; local paths are made
+    absolute. `resume` and
     `until` are `train`'s. Returns the losses, as `train` does; RuntimeError if the
     ranks' loss curves differ.
     """
@@ -786,8 +798,7 @@ def train_with_ray(
 
     if "://" not in root:
         root = str(Path(root).resolve())
-    out_abs = str(Path(out).resolve())
-    _check_out(out_abs, resume)
+    out_abs = str(Path(_check_out(out, resume)).resolve())
     losses_file = Path(out_abs) / "ray_losses.json"
     losses_file.unlink(missing_ok=True)
     _init_ray(ray_address)

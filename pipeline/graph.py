@@ -816,6 +816,7 @@ class _StopSignals:
 
 def _check_root(out: str) -> None:
     """Fail before any work when ``out`` cannot be a corpus root (not at the first commit)."""
+    schemas.storage_location(out)  # gs://, https://, ...: no local folder named after it
     if not is_s3(out) and os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(
             f"--out {out}: a file; the corpus root is a folder or s3:// prefix"

@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import schemas
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "VIDEO_EXTENSIONS",
@@ -156,6 +158,8 @@ def expand_sources(
     media = _media_filter(exclude, Counter() if skipped is None else skipped)
     out: set[str] = set()
     for arg in args:
+        if not arg.startswith("@"):
+            arg = schemas.storage_location(arg)  # a file:// URI as its path; gs:// raises
         if arg.startswith("@"):
             out.update(_listed(arg[1:], media))
         elif is_s3(arg):
@@ -186,6 +190,11 @@ def _listed(listed: str, media: Callable[[str], bool]) -> set[str]:
     base = Path.cwd() if is_s3(listed) or listed == "-" else Path(listed).expanduser().parent
     out: set[str] = set()
     for entry in read_source_list(listed):
+        try:
+            entry = schemas.storage_location(entry)
+        except schemas.UnsupportedLocation:
+            out.add(entry)  # probe makes it an error row that says so
+            continue
         if is_s3(entry):
             if entry.endswith("/"):
                 out.update(uri for uri in storage_for(entry).list(entry) if media(uri))

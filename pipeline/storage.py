@@ -36,6 +36,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, BinaryIO, Protocol, TypeVar, cast
 
+import schemas
+
 __all__ = [
     "DEFAULT_BACKOFF_BASE_S",
     "DEFAULT_BACKOFF_MAX_S",
@@ -852,6 +854,7 @@ def storage_for(uri: str, **s3_options: Any) -> Storage:
 
     ``s3_options`` go to :class:`S3Storage` (thresholds, part size, read-ahead).
     """
+    schemas.storage_location(uri)  # another scheme raises, never becomes a local folder
     if is_s3(uri):
         return S3Storage(**s3_options)
     return LocalStorage()

@@ -16,6 +16,8 @@ persisted in a table.
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "config_file",
     "latents_tensor_name",
     "score_column",
+    "storage_location",
 ]
 
 SCHEMA_VERSION = 1
@@ -118,6 +121,34 @@ SCORE_NAMES = (
     "text_coverage",  # share of the frame area covered by overlaid text (edge-based proxy)
     "agreement",  # CLIP cosine similarity of the clip and its caption, -1..1 (NaN: no caption)
 )
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class UnsupportedLocation(ValueError):
+    """A URI of a scheme reelpack does not read or write (``gs://``, ``https://``)."""
+
+
+def storage_location(uri: str) -> str:
+    """``uri`` as reelpack's storage layers take it: an ``s3://`` URI or a local path as it
+    is, a ``file://`` URI as its path. :class:`UnsupportedLocation` for another scheme,
+    which would otherwise be taken for a local folder (``gs://b/x`` as ``./gs:/b/x``)."""
+    match = _SCHEME.match(uri)
+    if match is None:
+        return uri
+    scheme = match.group(1)
+    if scheme == "s3":
+        return uri
+    if scheme == "file":
+        return uri[len("file://") :]
+    if scheme.lower() in ("s3", "s3a", "s3n"):  # S3://, or Hadoop's names for S3
+        raise UnsupportedLocation(f"{uri}: write it as s3://{uri[match.end() :]}")
+    raise UnsupportedLocation(
+        f"{uri}: {scheme}:// is not storage reelpack reads or writes; local paths, file:// "
+        "and s3:// URIs are (another object store through its S3-compatible endpoint: "
+        "s3:// URIs with AWS_ENDPOINT_URL set to it)"
+    )
 
 
 def score_column(name: str) -> str:

@@ -331,3 +331,53 @@ def test_keys_with_characters_urls_treat_specially_are_read_as_they_are(
     rows = batch_to_rows(Split(SplitConfig(min_clip_s=0.5))(probed))
     assert [r["source"] for r in rows] == [s for s in sources for _ in range(2)]
     assert {r["src_status"] for r in rows} == {"done"} and all(r["clip_id"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("uri", "said"),
+    [
+        ("gs://bucket/videos/", "gs:// is not storage reelpack reads or writes"),
+        ("https://example.com/v.mp4", "https:// is not storage reelpack reads or writes"),
+        ("s3a://bucket/videos/", "write it as s3://bucket/videos/"),
+        ("S3://bucket/videos/", "write it as s3://bucket/videos/"),
+    ],
+)
+def test_a_uri_of_another_scheme_is_refused_not_taken_for_a_folder(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], uri, said
+) -> None:
+    """``gs://bucket/corpus`` as a local path is the folder ``./gs:/bucket/corpus``: a
+    build told to write there reported success while the corpus stayed on local disk.
+    As --out, a source or a source list entry, another scheme is named instead."""
+    import schemas
+    from pipeline.sources import expand_sources
+    from pipeline.stages.probe import Probe
+    from reelpack.cli import main
+
+    with pytest.raises(schemas.UnsupportedLocation, match=said):
+        schemas.storage_location(uri)
+    assert schemas.storage_location("file:///data/v.mp4") == "/data/v.mp4"
+    assert schemas.storage_location("s3://b/k") == "s3://b/k"
+    assert schemas.storage_location("rel/gs:/x") == "rel/gs:/x"  # a local path, as it is
+    monkeypatch.chdir(tmp_path)
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    assert main(["build", str(video), "--out", f"{uri}corpus", "--preset", "tiny"]) == 2
+    assert main(["build", uri, "--out", str(tmp_path / "corpus"), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(said) == 2
+    assert sorted(os.listdir(tmp_path)) == ["v.mp4"]  # nothing written anywhere
+    listed = tmp_path / "sources.txt"
+    listed.write_text(f"{uri}\nfile://{video}\n")
+    assert expand_sources([f"@{listed}"]) == sorted([uri, str(video)])
+    row = Probe().probe_one(uri)
+    assert row["src_status"] == "error" and row["src_error"].startswith(f"{uri}: ")
+    assert said in row["src_error"] and row["src_error"].count(f"{uri}: ") == 1
+
+
+def test_the_trainer_refuses_an_out_it_would_write_as_a_local_folder(tmp_path) -> None:
+    from model.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="the trainer writes its checkpoints to a folder"):
+        train(str(tmp_path), "s3://bucket/run", TrainConfig())
+    with pytest.raises(ValueError, match="gs:// is not storage reelpack reads or writes"):
+        train(str(tmp_path), "gs://bucket/run", TrainConfig())

@@ -36,6 +36,7 @@ from typing import IO, Any
 import av
 import numpy as np
 
+import schemas
 from pipeline.hdr import primaries_name, transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
 from pipeline.video import (
@@ -99,6 +100,10 @@ def open_source(uri: str) -> Iterator[Any]:
     the ``with`` block. ``s3://`` objects are read through the storage layer's seekable
     ranged-GET reader (:class:`pipeline.storage.S3RangeReader`): nothing is copied to
     local disk."""
+    try:
+        path = schemas.storage_location(uri)
+    except schemas.UnsupportedLocation as e:  # gs://, https://, ...: an error row says so
+        raise ValueError(str(e).removeprefix(f"{uri}: ")) from None
     if uri.startswith("s3://"):
         # Imported lazily: local runs never need boto3 or the storage layer.
         from pipeline.storage import storage_for
@@ -110,7 +115,6 @@ def open_source(uri: str) -> Iterator[Any]:
         finally:
             handle.close()
         return
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
     check_regular_file(path)
     with av.open(path, mode="r") as container:
         yield container

@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.graph import PlacementError, build
     from pipeline.models import ModelUnavailable
+    from schemas import UnsupportedLocation
 
     overrides: dict[str, Any] = {}
     if args.ray_address:
@@ -33,11 +34,12 @@ def run(args: argparse.Namespace) -> int:
     except (
         FileNotFoundError,
         NotADirectoryError,
+        UnsupportedLocation,
         PlacementError,
         CorpusMismatch,
         ModelUnavailable,
     ) as e:
-        # a missing source, --out a file or another VAE's corpus, stages the cluster
+        # a missing source, --out a file, gs:// or another VAE's corpus, stages the cluster
         # cannot place, a model that cannot be loaded
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
