@@ -573,8 +573,11 @@ def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -
 
 
 def write_report(root: str, out: str, *, samples: int = 6, vae_path: str | None = None) -> str:
-    """Render the report of ``root`` and write it to ``out`` (a local path); returns ``out``."""
+    """Render the report of ``root`` and write it to ``out`` (a local path, ``file://`` or
+    ``s3://``: beside an S3 corpus, say); returns ``out``."""
+    from pipeline.storage import storage_for
+
+    storage = storage_for(out)  # another scheme raises before the report is rendered
     page = render_report(root, samples=samples, vae_path=vae_path)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(page)
+    storage.write(out, page.encode("utf-8"))
     return out

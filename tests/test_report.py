@@ -182,6 +182,15 @@ def test_cli(corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert main(["report", str(tmp_path / "not-a-corpus"), "--out", str(out)]) == 2
 
 
+def test_the_report_is_written_beside_an_s3_corpus(corpus: str, s3_bucket: str) -> None:
+    from pipeline.storage import storage_for
+
+    uri = f"{s3_bucket}/reports/corpus.html"
+    assert write_report(corpus, uri, samples=2) == uri
+    page = storage_for(uri).read(uri).decode("utf-8")
+    assert page.startswith("<!DOCTYPE html>") and '<section id="gallery">' in page
+
+
 # --- in a real browser -------------------------------------------------------------------------
 
 # Appended to a *copy* of the page: records script errors and, after load, whether every

@@ -26,9 +26,13 @@ __all__ = ["register", "run"]
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.refilter import built_config, load_refilter_config, refilter
+    from schemas import UnsupportedLocation
 
     try:
         built = built_config(args.root)
+    except UnsupportedLocation as e:  # its text names the root
+        print(f"reelpack refilter: {e}", file=sys.stderr)
+        return 2
     except FileNotFoundError as e:
         print(f"reelpack refilter: {args.root}: {e}", file=sys.stderr)
         return 2
