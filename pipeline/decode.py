@@ -37,13 +37,14 @@ across the gap: the frames left out are counted from the video packets' times.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import heapq
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
@@ -793,20 +794,46 @@ class OtherStreams:
         self.end_s = end if self.end_s is None else max(self.end_s, end)
 
 
+def has_alpha_layer(stream: Any) -> bool:
+    """Whether ``stream`` is VP8/VP9 with an alpha layer (Matroska/WebM ``alpha_mode``
+    1): the alpha plane rides in each block's additional data, which only libvpx's
+    decoders read; FFmpeg's own VP8/VP9 decoders drop it."""
+    name = stream.codec_context.name
+    return name in ("vp8", "vp9") and str(stream.metadata.get("alpha_mode", "")) == "1"
+
+
+def _alpha_decoder(stream: Any) -> Any:
+    """A libvpx decoder for ``stream`` when it has an alpha layer (:func:`has_alpha_layer`)
+    and FFmpeg was built with libvpx; else None (the stream's own decoder)."""
+    if not has_alpha_layer(stream):
+        return None
+    name = {"vp8": "libvpx", "vp9": "libvpx-vp9"}[stream.codec_context.name]
+    try:
+        decoder: Any = av.CodecContext.create(name, "r")
+    except (av.FFmpegError, ValueError):  # no libvpx: decoded without its alpha
+        return None
+    decoder.width, decoder.height = stream.codec_context.width, stream.codec_context.height
+    decoder.thread_count = 0  # libvpx's own choice
+    return decoder
+
+
 def _decode(
     container: Any,
     stream: Any,
     others: OtherStreams | None,
     damage: DecodeDamage | None = None,
+    decoder: Any = None,
 ) -> Iterator[Any]:
     """``container.decode(stream)`` from where the container is; with ``others``, the
     packets of the other streams, which that skips, are read too, and noted in it; with
-    ``damage``, packets that fail to decode are skipped and noted in it."""
-    if others is None and damage is None:
+    ``damage``, packets that fail to decode are skipped and noted in it. ``decoder``
+    (:func:`_alpha_decoder`) decodes the stream's packets instead of its own."""
+    if others is None and damage is None and decoder is None:
         yield from container.decode(stream)
         return
     tb = stream.time_base or Fraction(1, 1)
     start_s = float(stream.start_time * tb) if stream.start_time is not None else 0.0
+    decode = packet_decoder(decoder)
     for packet in container.demux():
         # (the empty packets that flush decoders at the end all say stream_index 0)
         if packet.stream.index != stream.index:
@@ -814,17 +841,27 @@ def _decode(
                 others.note(packet, start_s)
             continue
         if damage is None:
-            yield from packet.decode()
+            yield from decode(packet)
             continue
         damage.sent(packet)
         try:
-            frames = packet.decode()
+            frames = decode(packet)
         except av.error.InvalidDataError as exc:
             damage.failed(exc)
             continue
         for frame in frames:
             damage.arrived(frame)
             yield frame
+    if decoder is not None:  # the container's flush packet went to the stream's decoder
+        with contextlib.suppress(av.error.EOFError):
+            yield from decoder.decode(None)
+
+
+def packet_decoder(decoder: Any) -> Callable[[Any], list[Any]]:
+    """How a packet of the stream is decoded: by ``decoder``, or by its stream's own."""
+    if decoder is None:
+        return lambda packet: packet.decode()
+    return lambda packet: decoder.decode(packet)
 
 
 _MAX_BACK_OFF_S = 86400.0  # a seek that still lands late: decode from the start
@@ -836,6 +873,7 @@ def _decode_from(
     wanted_pts: int,
     others: OtherStreams | None = None,
     damage: DecodeDamage | None = None,
+    decoder: Any = None,
 ) -> Iterator[Any]:
     """Decoded frames from a keyframe at or before ``wanted_pts`` (other streams and
     damage noted in ``others`` and ``damage``, as :func:`_decode`). Containers without
@@ -848,12 +886,16 @@ def _decode_from(
         before_start = stream.start_time is not None and target < stream.start_time
         if before_start or back_s > _MAX_BACK_OFF_S:
             container.seek(0)
-            yield from _decode(container, stream, others, damage)
+            if decoder is not None:
+                decoder.flush_buffers()
+            yield from _decode(container, stream, others, damage, decoder)
             return
         container.seek(target, stream=stream, backward=True, any_frame=False)
+        if decoder is not None:  # a seek flushes the stream's own decoder only
+            decoder.flush_buffers()
         if damage is not None:
             damage.seeked()
-        frames = _decode(container, stream, others, damage)
+        frames = _decode(container, stream, others, damage, decoder)
         first = next(frames, None)
         if first is not None and (first.pts is None or first.pts <= wanted_pts):
             yield first
@@ -874,11 +916,12 @@ def _timed_frames(
     """The stream's decoded frames, from a seek to ``wanted_pts`` (None: from where the
     container is), deinterlaced when asked (:func:`deinterlaced`), with rising times;
     the other streams' packets noted in ``others``, corrupt ones in ``damage``."""
+    decoder = _alpha_decoder(stream)  # VP8/VP9 with an alpha layer: libvpx
     if wanted_pts is None:
-        decoded: Iterable[Any] = _decode(container, stream, others, damage)
+        decoded: Iterable[Any] = _decode(container, stream, others, damage, decoder)
     else:
-        decoded = _decode_from(container, stream, wanted_pts, others, damage)
-    decoded = _with_stated_sar(decoded, stream.codec_context)
+        decoded = _decode_from(container, stream, wanted_pts, others, damage, decoder)
+    decoded = _with_stated_sar(decoded, decoder or stream.codec_context)
     return rising_pts(deinterlaced(decoded, field_match) if deinterlace else decoded)
 
 
@@ -1067,11 +1110,15 @@ def _iter_decord(
 
 
 def _transparent_format(path: str) -> bool:
-    """Whether the video stream of ``path`` has an alpha channel or a palette (which may
-    hold transparent colours), from its header; no when it cannot be read."""
+    """Whether the video stream of ``path`` has an alpha channel, an alpha layer
+    (:func:`has_alpha_layer`) or a palette (which may hold transparent colours), from its
+    header; no when it cannot be read."""
     try:
         with av.open(path) as container:
-            name = video_stream(container).codec_context.pix_fmt
+            stream = video_stream(container)
+            name = stream.codec_context.pix_fmt
+            if has_alpha_layer(stream):
+                return True
     except (av.FFmpegError, OSError, ValueError):
         return False
     if not name:

@@ -1487,6 +1487,45 @@ def test_transparent_pixels_are_white_not_the_colour_they_hide(tmp_path: Any, de
     assert (video[:, :20] >= 245).all(), video[:, :20].min(axis=(0, 1, 2))  # not magenta
 
 
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+@pytest.mark.parametrize("encoder", ["libvpx-vp9", "libvpx"])
+def test_a_vp8_or_vp9_alpha_layer_is_read(tmp_path: Any, decoder: str, encoder: str) -> None:
+    """WebM keeps a VP8 or VP9 video's alpha as a separate layer, which FFmpeg's own
+    decoders drop: the colour under transparent pixels (red here) showed. libvpx reads
+    it, from the start and after a seek, so they come out white."""
+    from pipeline.decode import iter_pyav
+
+    path = os.path.join(tmp_path, "sticker.webm")
+    with av.open(path, "w") as container:
+        stream = container.add_stream(encoder, rate=12)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuva420p"
+        if encoder == "libvpx":  # VP8's alpha layer needs no alternate reference frames
+            stream.options = {"auto-alt-ref": "0"}
+            stream.codec_context.bit_rate = 1_000_000
+        for i in range(24):
+            frame = np.zeros((96, 128, 4), np.uint8)
+            frame[..., 0], frame[..., 3] = 200, 255  # opaque red
+            frame[:, :48, 3] = 0  # the left part transparent
+            frame[40:56, 64 + i : 80 + i, :3] = (0, 0, 200)  # a moving blue square
+            image = av.VideoFrame.from_ndarray(frame, format="rgba").reformat(format="yuva420p")
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    out = Split(SplitConfig(min_clip_s=0.5, decoder=decoder))(probe_batch(path))
+    (video,) = (decode_mp4(payload)[0] for payload in out["clip_bytes"])
+    assert len(video) == 24
+    assert (video[:, 4:-4, 4:40] >= 245).all(), video[:, :, :40].min()  # white, not red
+    assert np.abs(video[:, 8, 100].astype(int) - (200, 0, 0)).max() <= 12  # opaque red
+    with av.open(path) as container:  # a range's decode starts with a seek
+        later = list(iter_pyav(container, (128, 96), 128 * 96, start_frame=12))
+    assert [f.num for f in later] == list(range(12, 24))
+    from pipeline.decode import i420_to_rgb
+
+    rgb = i420_to_rgb(later[0].yuv, later[0].colorspace, later[0].color_range)
+    assert (rgb[4:-4, 4:40] >= 245).all()
+
+
 @pytest.mark.parametrize(
     "name",
     [
