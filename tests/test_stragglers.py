@@ -251,3 +251,50 @@ def test_a_slow_frame_table_leaves_the_ranges_to_demux_on_their_own(tmp_path) ->
     ranged = expand_ranges(_probe(cfg, path), cfg.split, range_frames=40)
     assert list(ranged["range_count"]) == [3, 3, 3]  # from the probed frame count
     assert all(t is None for t in ranged["range_frame_pts"])
+
+
+def test_a_frame_held_for_minutes_ends_its_clip_at_max_clip_s(tmp_path) -> None:
+    """A screen recording paused for ten minutes holds one frame that long. Its clip
+    lasted the ten minutes, with a payload of 9,601 copies of the frame at 16 fps;
+    now it ends max_clip_s after it starts, whole or split in ranges."""
+    from fractions import Fraction
+
+    import av
+
+    from pipeline.synth import iter_synth_frames
+    from pipeline.video import decode_mp4
+
+    path = str(tmp_path / "paused.mp4")
+    ms = Fraction(1, 1000)
+    pts = [round(i * 1000 / 24) for i in range(48)]
+    pts += [602_000 + round(i * 1000 / 24) for i in range(48)]  # after 600 s of nothing
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.time_base = ms
+        for rgb, at in zip(iter_synth_frames(96, 64, [48, 48], seed=2), pts, strict=True):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = at, ms
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    cfg = load_config(split={"min_clip_s": 1.0, "max_clip_s": 10.0, "work_fps": 16.0})
+    probed = _probe(cfg, path)
+    assert bool(probed["src_vfr"][0])
+    whole = batch_to_rows(Split(cfg.split)(probed))
+    spans = [(r["start_frame"], r["end_frame"], r["start_s"], r["end_s"]) for r in whole]
+    assert [s[:2] for s in spans] == [(0, 47), (47, 48), (48, 96)]
+    assert spans[1][2:] == pytest.approx((47 / 24, 47 / 24 + 10.0), abs=0.01)
+    assert spans[2][2] == pytest.approx(602.0, abs=0.01)
+    for row in whole:
+        assert row["end_s"] - row["start_s"] <= 10.0 + 1e-6
+        assert len(decode_mp4(row["clip_bytes"])[0]) <= 10 * 16 + 1
+    stitcher, out = RangeStitcher(), []
+    ranged = expand_ranges(probed, cfg.split, range_frames=30)
+    assert len(ranged["source"]) == 2
+    for i in range(len(ranged["source"])):
+        one = {k: v[i : i + 1] for k, v in ranged.items()}
+        for batch in stitcher(Split(cfg.split)(one)):
+            out.extend(batch_to_rows(batch))
+    assert [(r["start_frame"], r["end_frame"], r["start_s"], r["end_s"]) for r in out] == spans

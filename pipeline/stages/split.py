@@ -21,7 +21,9 @@ long source can be split into frame ranges processed independently
 (:func:`stitch`) to exactly the single-range result. Clip rules: shots shorter than
 ``min_clip_s`` are dropped, longer than ``max_clip_s`` cut into chunks of similar
 length (in frames, or for variable-frame-rate video by the frames' times:
-:func:`chunks_by_time`), optionally ``trim_frames`` dropped on each side of a cut and fade frames at
+:func:`chunks_by_time`; a frame held longer than ``max_clip_s``, as a paused recording
+holds one, ends its clip ``max_clip_s`` after the clip starts), optionally ``trim_frames``
+dropped on each side of a cut and fade frames at
 shot edges dropped (``drop_fades``: near-black frames, and the frames TransNetV2
 marks as part of a dissolve, fade or wipe). Black bars at the frame's edges
 (letterbox, pillarbox) are cropped off each clip's payload (:func:`border_crop`), so
@@ -1098,6 +1100,12 @@ class _SourceSplitter:
         frames = [f for f in self.buffer if f.num < end]
         following = next((f for f in self.buffer if f.num >= end), None)
         end_s = following.time_s if following is not None else self.end_s
+        if end_s - frames[-1].time_s > self.cfg.max_clip_s:
+            # a frame shown longer than a clip may last (a paused screen recording, a
+            # time-lapse camera waiting): the clip ends max_clip_s after it starts, not
+            # when the next frame comes, and its payload holds no more frames than that
+            step = (frames[-1].time_s - frames[0].time_s) / max(1, len(frames) - 1)
+            end_s = max(frames[0].time_s + self.cfg.max_clip_s, frames[-1].time_s + step)
         crop = self._border_crop(frames)
         self._payloads.append(self.encoder.submit(frames, crop, end_s))
         self.clips.append(
