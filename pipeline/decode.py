@@ -68,6 +68,7 @@ from pipeline.video import (
     even_size,
     filter_graph,
     frame_rate,
+    is_raw_stream,
     opaque,
     orient,
     pulled,
@@ -1014,6 +1015,7 @@ def iter_pyav(
     geometry: _Geometry | None = None
     mirrored = False
     clock = _Clock(start_pts, tb, frame_s)
+    untimed = is_raw_stream(stream)  # its packet times are the parser's guesses
     peak_nits = DEFAULT_PEAK_NITS
     timed = _timed_frames(container, stream, wanted_pts, deinterlace, field_match, others, damage)
     for frame, pts, num in _numbered(timed, pts_table, start_frame, damage, clock, frame_s):
@@ -1023,7 +1025,7 @@ def iter_pyav(
             geometry = _Geometry(coded, sar, header_sar, display, max_area, detect_width, rotation)
         stated = frame.opaque if isinstance(frame.opaque, Fraction) else _stated_sar(ctx)
         size, shown = geometry.sizes(frame.width, frame.height, stated)
-        time_s = clock.time_of(pts, num)
+        time_s = num * frame_s if untimed else clock.time_of(pts, num)
         duration = float(frame.duration * frame.time_base) if frame.duration else frame_s
         if tone_map and frame.color_trc == TRC_PQ:
             peak_nits = content_peak_nits(frame) or peak_nits

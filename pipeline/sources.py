@@ -51,6 +51,24 @@ VIDEO_EXTENSIONS = frozenset(
         ".264",
         ".h265",
         ".hevc",
+        ".m1v",
+        ".mpv",
+        ".ivf",  # raw VP8/VP9/AV1 (encoder and test-suite output)
+        ".obu",
+        ".mjpeg",  # Motion JPEG from IP and USB cameras
+        ".mjpg",
+        ".qt",
+        ".mod",  # camcorders (MPEG-2 program streams)
+        ".tod",
+        ".vro",  # DVD recorders
+        ".m2t",  # HDV
+        ".mpe",
+        ".wtv",  # Windows Media Center recordings
+        ".rm",  # RealMedia
+        ".rmvb",
+        ".nut",
+        ".mk3d",
+        ".apng",  # animated PNG
     }
 )
 IMAGE_EXTENSIONS = frozenset(

@@ -31,6 +31,7 @@ __all__ = [
     "filter_graph",
     "frame_rate",
     "is_cover_art",
+    "is_raw_stream",
     "is_telecine_rate",
     "opaque",
     "orient",
@@ -42,14 +43,40 @@ __all__ = [
 ]
 
 
-# Raw elementary streams: no container timing, so FFmpeg's demuxer assumes 25 fps
 # Demuxers of raw streams: no container timing, only what the bitstream states. Their
 # average rate is a placeholder (25 fps; raw DV's is its time base, 60000), while the
 # rate FFmpeg derives from the bitstream (H.264/HEVC VUI timing, the MPEG-1/2 sequence
-# header, MPEG-4 VOL timing, the DV frame's system) is the true one.
+# header, MPEG-4 VOL timing, the DV frame's system) is the true one. The packet times
+# FFmpeg's parsers make up are guesses too (a raw MPEG-1 stream's first step is two
+# frames long), so frames of a raw stream are timed by their numbers at that rate.
 RAW_STREAM_FORMATS = frozenset(
-    {"h264", "hevc", "vvc", "mpegvideo", "m4v", "cavsvideo", "vc1", "h261", "h263", "dv", "obu"}
+    {
+        "h264",
+        "hevc",
+        "vvc",
+        "mpegvideo",
+        "m4v",
+        "cavsvideo",
+        "avs2",
+        "avs3",
+        "vc1",
+        "h261",
+        "h263",
+        "dirac",
+        "dnxhd",
+        "dv",
+        "obu",
+        "mjpeg",  # Motion JPEG from cameras (.mjpeg): JPEG pictures one after another
+        "mpjpeg",
+    }
 )
+
+
+def is_raw_stream(stream: Any) -> bool:
+    """Whether a PyAV video ``stream`` is a raw stream (:data:`RAW_STREAM_FORMATS`):
+    its frames are timed by their numbers at :func:`frame_rate`."""
+    container = getattr(stream, "container", None)
+    return container is not None and container.format.name in RAW_STREAM_FORMATS
 
 
 def frame_rate(stream: Any) -> float:
@@ -58,8 +85,7 @@ def frame_rate(stream: Any) -> float:
     DV) has no container timing; the rate its bitstream states wins there (FFmpeg
     assumes 25 fps when it states none)."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    container = getattr(stream, "container", None)
-    if container is not None and container.format.name in RAW_STREAM_FORMATS:
+    if is_raw_stream(stream):
         rate = stream.guessed_rate or stream.codec_context.framerate or rate
     return float(rate) if rate else 0.0
 

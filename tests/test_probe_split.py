@@ -753,6 +753,10 @@ def test_payload_colours_match_the_source(
         ("es.m2v", "mpeg2video", "mpeg2video", 30000 / 1001, (128, 96), "yuv420p"),
         ("es.m4v", "mpeg4", "m4v", 24.0, (128, 96), "yuv420p"),
         ("es.h264", "libx264", "h264", 50.0, (128, 96), "yuv420p"),
+        # variable rate: its header states 104.9 Mb/s, from which FFmpeg times it 6 ms long
+        ("vbr.m1v", "mpeg1video", "mpeg1video", 25.0, (128, 96), "yuv420p"),
+        # a camera's Motion JPEG stream: no rate (FFmpeg's 25 fps) nor frame count
+        ("camera.mjpeg", "mjpeg", "mjpeg", 25.0, (128, 96), "yuvj420p"),
         ("ntsc.dv", "dvvideo", "dv", 30000 / 1001, (720, 480), "yuv411p"),
         ("pal.dv", "dvvideo", "dv", 25.0, (720, 576), "yuv420p"),
     ],
@@ -760,10 +764,11 @@ def test_payload_colours_match_the_source(
 def test_raw_streams_run_at_the_rate_their_bitstream_states(
     tmp_path: Any, name: str, codec: str, fmt: str, fps: float, size: tuple[int, int], pix_fmt: str
 ) -> None:
-    """An elementary stream (MPEG-2, MPEG-4, H.264) or raw DV has no container timing:
-    FFmpeg's average rate for it is a placeholder (25 fps; raw DV's is 60000). The rate
-    the bitstream states is the stream's rate: the clips, their times and their payloads
-    keep the source's speed."""
+    """An elementary stream (MPEG-1/2, MPEG-4, H.264, Motion JPEG) or raw DV has no
+    container timing: FFmpeg's average rate for it is a placeholder (25 fps; raw DV's is
+    60000), and its duration a guess from the bit rate. The rate the bitstream states is
+    the stream's rate and its packets count its frames: the clips, their times and their
+    payloads keep the source's speed."""
     path = str(tmp_path / name)
     shots = [30, 36]
     options = {"b": "4M"} if codec != "libx264" else None  # not FFmpeg's 200 kb/s
@@ -789,6 +794,28 @@ def test_raw_streams_run_at_the_rate_their_bitstream_states(
     assert rows[1]["end_s"] == pytest.approx(66 / fps, abs=1e-3)
     frames, payload_fps = decode_mp4(rows[1]["clip_bytes"])
     assert len(frames) / payload_fps == pytest.approx(36 / fps, abs=0.07)
+
+
+def test_one_picture_in_a_stream_that_does_not_count_its_frames_is_a_still(tmp_path) -> None:
+    """A raw Motion JPEG stream states no frame count: one of many pictures is a video
+    (above), one of a single picture a still image, as a .jpg of it would be."""
+    path = str(tmp_path / "snapshot.mjpeg")
+    synth_video(
+        path,
+        width=128,
+        height=96,
+        fps=25,
+        shots=[1],
+        seed=2,
+        codec="mjpeg",
+        pix_fmt="yuvj420p",
+        fmt="mjpeg",
+    )
+    facts = probe_video(path)
+    assert (facts["media_kind"], facts["num_frames"]) == ("image", 1)
+    (row,) = batch_to_rows(Split(SplitConfig())(probe_batch(path)))
+    assert (row["start_frame"], row["end_frame"]) == (0, 1)
+    assert decode_mp4(row["clip_bytes"])[0].shape == (1, 96, 128, 3)
 
 
 def _vfr_bar_video(path: str) -> None:

@@ -41,12 +41,14 @@ from pipeline.hdr import primaries_name, transfer_name
 from pipeline.stages.base import Batch, num_rows, with_columns
 from pipeline.video import (
     FIELD_MATCH,
+    RAW_STREAM_FORMATS,
     STILL_IMAGE_BRANDS,
     border_crop,
     display_orientation,
     filter_graph,
     frame_rate,
     is_cover_art,
+    is_raw_stream,
     is_telecine_rate,
     opaque,
     pulled,
@@ -296,7 +298,8 @@ def packet_timing(container: Any, fps: float) -> dict[str, Any]:
     nothing decoded: for a video whose header records neither, as Matroska and WebM
     written to a pipe or by a recorder (OBS, a browser's MediaRecorder) and raw
     elementary streams (.h264, .hevc) are. The duration spans the packets' timestamps
-    (plus one frame); without timestamps it is the packet count at ``fps``. Packets after
+    (plus one frame); without timestamps, or in a raw stream (whose timestamps are
+    guesses), it is the packet count at ``fps``. Packets after
     a point the demuxer cannot read past are not counted (split then ends the source
     there too)."""
     stream = video_stream(container)
@@ -315,7 +318,7 @@ def packet_timing(container: Any, fps: float) -> dict[str, Any]:
                 end = shown if end is None else max(end, shown)
     except (av.FFmpegError, OSError):  # a broken tail: the packets before it count
         pass
-    if first is not None and end is not None and end > first:
+    if first is not None and end is not None and end > first and not is_raw_stream(stream):
         duration_s = float((end - first) * tb)
     else:
         duration_s = count * frame_s
@@ -330,7 +333,14 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
     fps = frame_rate(stream)
     time_base = stream.time_base or Fraction(1, 1)
     start_s = float(stream.start_time * time_base) if stream.start_time is not None else 0.0
-    if stream.duration is not None and stream.duration > 0:
+    fmt = container.format.name if container.format is not None else ""
+    if fmt in RAW_STREAM_FORMATS and fmt != "dv":
+        # a raw elementary stream holds no timing: a duration FFmpeg states is its size
+        # over the bit rate its header states, and an MPEG-1/2 video of variable rate
+        # states 104.9 Mb/s there (6 ms for a 6 s video): its packets time it instead
+        # (a raw DV file's frames are all one size, so its duration is exact)
+        duration_s = 0.0
+    elif stream.duration is not None and stream.duration > 0:
         duration_s = float(stream.duration * time_base)
     elif container.duration is not None and container.duration > 0:
         duration_s = container.duration / av.time_base
@@ -338,13 +348,17 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
         duration_s = 0.0
     exact = bool(stream.frames and stream.frames > 0)
     num_frames = int(stream.frames) if exact else round(duration_s * fps)
-    fmt = container.format.name if container.format is not None else ""
     still_heif = container.metadata.get("major_brand") in STILL_IMAGE_BRANDS  # AVIF
     # FFmpeg's image demuxers ("image2", "png_pipe", "ppm_pipe", ...) read stills of any
     # codec (TGA, PPM, PCX, SGI, ...); a still-image codec in a container is a still
-    # when it holds one frame
+    # when it holds one frame. One that does not say how many (a raw Motion JPEG stream
+    # from a camera, .mjpeg) is a video until its packets show only one
+    # (container_facts)
     image_demuxer = fmt.endswith("_pipe") or fmt == "image2"
-    image = image_demuxer or ((ctx.name in IMAGE_CODECS or still_heif) and num_frames <= 1)
+    counted = exact or duration_s > 0
+    image = image_demuxer or (
+        (ctx.name in IMAGE_CODECS or still_heif) and num_frames <= 1 and (counted or still_heif)
+    )
     facts = {
         "container": fmt,
         "media_kind": "video",
@@ -525,7 +539,9 @@ def container_facts(
             raise LimitError(problem, facts)
     video = facts["media_kind"] == "video"
     (rotation, mirrored), first, vfr, one_frame = _first_frame_facts(container, stream, video)
-    if video and one_frame and facts["codec"] == "gif":  # a GIF still: an image
+    vfr = vfr and not is_raw_stream(stream)  # a raw stream's packet times are guesses
+    if video and one_frame and (facts["codec"] == "gif" or facts["codec"] in IMAGE_CODECS):
+        # a GIF still, or one picture in a stream that does not count its frames: an image
         facts, video = _as_still(facts), False
     display_w, display_h = display_size(facts["width"], facts["height"], facts["sar"], rotation)
     interlaced = bool(first.interlaced_frame)
