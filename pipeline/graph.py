@@ -1025,7 +1025,8 @@ def _build(
         "run_id": run_id,
         "sources_total": len(sources),
         "sources_built": len(todo),
-        "files_skipped": dict(sorted(skipped.items())),  # not media, by extension
+        # not media, by extension; links to files listed under another path (LINK_KEY)
+        "files_skipped": dict(sorted(skipped.items())),
         **counts,
         "committed": run_counts,
         "stages": stages,

@@ -12,6 +12,7 @@ import schemas
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LINK_KEY",
     "VIDEO_EXTENSIONS",
     "describe_skipped",
     "expand_sources",
@@ -169,7 +170,11 @@ def expand_sources(
     Folders and prefixes skip everything under ``exclude`` (the corpus root): a corpus
     built inside its own source folder does not take its clip files for new sources.
     Files in them that are not media by extension are skipped; ``skipped`` counts them
-    by extension (hidden files aside), so a caller can say what was left out.
+    by extension (hidden files aside), so a caller can say what was left out. A file
+    listed under several local paths (links to it, as a folder of picks linking into
+    the raw pile, or a Hugging Face cache's snapshots, hold) is one source: its own
+    path where that is listed, else the first link; ``skipped`` counts the other
+    links under :data:`LINK_KEY`.
     """
     from pipeline.storage import is_s3, storage_for
 
@@ -197,7 +202,29 @@ def expand_sources(
                 raise FileNotFoundError(f"source {arg!r} is a broken link (to {path})")
             else:
                 raise FileNotFoundError(f"source {arg!r} does not exist")
-    return sorted(printable(uri) for uri in out)
+    links = _other_links(out)
+    if links and skipped is not None:
+        skipped[LINK_KEY] += len(links)
+    return sorted(printable(uri) for uri in out - links)
+
+
+# the key under which expand_sources counts links to files it lists already
+LINK_KEY = "(link to a listed file)"
+
+
+def _other_links(paths: set[str]) -> set[str]:
+    """The local ``paths`` that are links to a file listed under another of them: all
+    links to a file whose own path is listed, and all but the first link to any other
+    file. Broken links are kept (probe names each as one)."""
+    by_file: dict[str, list[str]] = {}
+    for path in paths:
+        if not path.startswith("s3://") and os.path.islink(path) and os.path.exists(path):
+            by_file.setdefault(os.path.realpath(path), []).append(path)
+    return {
+        link
+        for real, found in by_file.items()
+        for link in (found if real in paths else sorted(found)[1:])
+    }
 
 
 def _listed(listed: str, media: Callable[[str], bool]) -> set[str]:
@@ -278,11 +305,17 @@ def _under(root: str | None) -> Callable[[str], bool]:
 def describe_skipped(skipped: Counter[str]) -> str | None:
     """A note on the files :func:`expand_sources` left out, or None when there were none:
     ``skipped 302 files that are not video or image by extension (.json 300, .txt 2)``."""
-    total = sum(skipped.values())
-    if not total:
-        return None
-    common = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
-    kinds = ", ".join(f"{ext} {n}" for ext, n in common)
-    more = f", {len(skipped) - len(common)} other kinds" if len(skipped) > len(common) else ""
-    files = "file that is" if total == 1 else "files that are"
-    return f"skipped {total} {files} not video or image by extension ({kinds}{more})"
+    links = skipped.get(LINK_KEY, 0)
+    other = {ext: n for ext, n in skipped.items() if ext != LINK_KEY and n}
+    total = sum(other.values())
+    notes = []
+    if total:
+        common = sorted(other.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+        kinds = ", ".join(f"{ext} {n}" for ext, n in common)
+        more = f", {len(other) - len(common)} other kinds" if len(other) > len(common) else ""
+        files = "file that is" if total == 1 else "files that are"
+        notes.append(f"skipped {total} {files} not video or image by extension ({kinds}{more})")
+    if links:
+        names = "link" if links == 1 else "links"
+        notes.append(f"skipped {links} {names} to files listed under another path (built once)")
+    return "; ".join(notes) or None

@@ -221,6 +221,40 @@ def test_source_folders_follow_links_to_folders_once(tmp_path) -> None:
     assert describe_skipped(Counter()) is None
 
 
+def test_a_file_linked_under_several_names_is_one_source(tmp_path) -> None:
+    """A folder of picks linking into the pile, and a Hugging Face cache (snapshots
+    linking to blobs named by hash) list one file under several paths: it is built
+    once, under its own path where that is listed, else its first link."""
+    from pipeline.sources import LINK_KEY, describe_skipped, expand_sources
+
+    pile = tmp_path / "pile"
+    (pile / "picks").mkdir(parents=True)
+    (pile / "a.mp4").write_bytes(b"a")
+    (pile / "picks" / "best.mp4").symlink_to(pile / "a.mp4")
+    cache = pile / "hub"
+    (cache / "blobs").mkdir(parents=True)
+    (cache / "blobs" / "9f2c").write_bytes(b"x")  # no extension: not listed itself
+    for rev in ("v1", "v2"):
+        (cache / "snapshots" / rev).mkdir(parents=True)
+        (cache / "snapshots" / rev / "x.mp4").symlink_to(cache / "blobs" / "9f2c")
+    (pile / "gone.mp4").symlink_to(tmp_path / "deleted.mp4")  # broken: still listed
+    (pile / "gone2.mp4").symlink_to(tmp_path / "deleted.mp4")
+    skipped: Counter[str] = Counter()
+    assert expand_sources([str(pile)], skipped=skipped) == [
+        str(pile / "a.mp4"),
+        str(pile / "gone.mp4"),
+        str(pile / "gone2.mp4"),
+        str(cache / "snapshots" / "v1" / "x.mp4"),
+    ]
+    assert skipped == {LINK_KEY: 2, "(no extension)": 1}
+    assert describe_skipped(skipped) == (
+        "skipped 1 file that is not video or image by extension ((no extension) 1); "
+        "skipped 2 links to files listed under another path (built once)"
+    )
+    # a link given by name is its file, as listed from its folder
+    assert expand_sources([str(pile / "picks"), str(pile / "a.mp4")]) == [str(pile / "a.mp4")]
+
+
 def test_source_folders_skip_the_corpus_built_inside_them(tmp_path, s3_bucket: str) -> None:
     from pipeline.sources import expand_sources
 
