@@ -176,8 +176,10 @@ class Loader(Protocol):
     """What the trainer needs from a loader (`model.data.PackedLoader` has it)."""
 
     stats: Any
+    cfg: Any  # its model.loader.PlanConfig
 
     def __iter__(self) -> Iterator[Any]: ...
+    def plan(self, epoch: int | None = None) -> Any: ...
     def set_epoch(self, epoch: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -217,27 +219,42 @@ class _Stream:
                 count += 1
                 yield batch
             if count == 0 and fresh:
-                raise ValueError(f"{self.where}: {_no_batch_reason(self.loader.stats)}")
+                reason = _no_batch_reason(self.loader.plan(self.epoch), self.loader.cfg)
+                raise ValueError(f"{self.where}: {reason}")
             self.epoch, fresh = self.epoch + 1, True
 
     def __next__(self) -> Any:
         return next(self._it)
 
 
-def _no_batch_reason(stats: Any) -> str:
-    """Why an epoch gave this rank nothing to train on, from its loader's counts."""
-    packed, skipped = stats.samples_packed, stats.samples_skipped
-    if packed == 0 and skipped > 0:
-        return (
-            f"no batch: all {skipped} samples are larger than the token budget and were "
-            "skipped; raise --token-budget, or fit them with --oversize crop (fewer "
-            "frames) or --oversize downscale (a smaller stored resolution)"
+def _no_batch_reason(plan: Any, cfg: Any) -> str:
+    """Why an epoch gave this rank nothing to train on, from the loader's epoch plan
+    (``model.loader.EpochPlan``) and its ``PlanConfig``."""
+    skipped, bins = len(plan.skipped), plan.bins
+    if not bins and skipped:
+        fits = (
+            "or fit them with --oversize crop (fewer frames)"
+            if cfg.oversize != "crop"
+            else "or rebuild with smaller encode.pixel_budget"
         )
-    if packed == 0:
+        if cfg.oversize == "skip":
+            fits += (
+                " or --oversize downscale (a smaller resolution the corpus stores: "
+                "encode.extra_pixel_budgets)"
+            )
+        return (
+            f"no batch: all {skipped} samples are larger than the token budget "
+            f"({cfg.token_budget}) and were left out (--oversize {cfg.oversize}); "
+            f"raise --token-budget, {fits}"
+        )
+    if not bins:
         return "no batch: the corpus has no kept samples"
+    samples = sum(len(b) for b in bins)
+    ranks = plan.world_size
     return (
-        f"no batch for this rank: an epoch of {packed} samples packs into fewer sequences "
-        "than there are ranks; a smaller --token-budget makes more"
+        f"no batch for this rank: the epoch's {samples} samples pack into {len(bins)} "
+        f"sequence{'s' if len(bins) != 1 else ''} of {cfg.token_budget} tokens, fewer than "
+        f"the {ranks} ranks; a smaller --token-budget makes more, or train on fewer workers"
     )
 
 

@@ -349,10 +349,28 @@ def test_samples_over_the_budget_are_cropped_or_named_in_the_error(
     assert "3 cropped to fit" in out and "skipped" not in out
     train(root, str(tmp_path / "skip"), dataclasses.replace(crop, oversize="skip"))
     assert "3 skipped as over the token budget" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="all 8 samples are larger than the token budget"):
+    with pytest.raises(ValueError, match=r"all 8 samples are larger than the token budget \(3\)"):
         train(root, str(tmp_path / "none"), TrainConfig(steps=1, token_budget=3))
     with pytest.raises(ValueError, match="oversize 'shrink' is not one of"):
         TrainConfig(oversize="shrink").validate()
+
+
+def test_a_rank_left_without_a_sequence_is_told_why(tmp_path: Path) -> None:
+    """Eight samples packed into one sequence leave the second of two ranks nothing to
+    train on: the error counts the sequences and ranks, not "no kept samples"."""
+    from model.loader import PackedLoader
+    from model.train import _Stream
+
+    root = str(make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM))
+    loader = PackedLoader(root, token_budget=4096, rank=1, world_size=2)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "no batch for this rank: the epoch's 8 samples pack into 1 sequence of 4096 tokens, "
+            "fewer than the 2 ranks; a smaller --token-budget makes more"
+        ),
+    ):
+        next(_Stream(loader, 0, True, root))
 
 
 @pytest.mark.parametrize(
