@@ -405,10 +405,9 @@ class PackStats:
 
     def summary(self) -> str:
         """The counts in one line for a person, e.g. after a training run."""
-        line = (
-            f"{self.samples_packed} samples in {self.batches} packed sequences "
-            f"({self.tokens:,} tokens, {self.padding_fraction():.1%} padding)"
-        )
+        line = f"{self.samples_packed} samples in {self.batches} packed sequences"
+        if self.tokens + self.padding_tokens:
+            line += f" ({self.tokens:,} tokens, {self.padding_fraction():.1%} padding)"
         fitted = [
             f"{n} {what}"
             for n, what in (

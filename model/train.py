@@ -699,7 +699,7 @@ def train(  # noqa: C901
             save(step)
     if start < last or state is None:
         save(last)
-    if d.rank == 0:
+    if d.rank == 0 and start < last:
         print(f"loader: {loader.stats.summary()}", flush=True)
     if d.owns_group:
         _leave_group()

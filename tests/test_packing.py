@@ -120,6 +120,7 @@ def test_legacy_pack_reports_padding() -> None:
         for i, n in enumerate([3, 3, 2])
     ]
     stats = PackStats()
+    assert stats.summary() == "0 samples in 0 packed sequences"  # no "nan% padding"
     batches = list(pack(samples, 4, (1, 2, 2), stats))
     assert [b.num_tokens for b in batches] == [3, 3, 2]
     assert [b.num_padding for b in batches] == [1, 1, 2]
