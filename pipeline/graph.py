@@ -828,8 +828,14 @@ def build(
     out: str,
     cfg: BuildConfig,
     echo: Callable[[str], None] = print,
+    retry_errors: bool = False,
 ) -> dict[str, Any]:
     """Build (or resume) a corpus at ``out`` from files, folders or ``s3://`` prefixes.
+
+    A resume skips every source already committed, error rows included: a file that
+    cannot be read stays an error. ``retry_errors`` builds the sources listed whose
+    committed rows are an error again (a storage outage, a source replaced while it was
+    read, a file repaired since); their new rows supersede the error.
 
     Returns this run's summary (also written to ``<out>/summary.json`` and
     ``<out>/runs/<run_id>.json``): counts by status and reason, per-stage time,
@@ -862,6 +868,15 @@ def build(
         note = describe_skipped(skipped)
         if note:
             echo(f"note: {note}")
+        errored = writer.errored_sources() & set(sources)
+        if errored and retry_errors:
+            writer.redo(errored)
+            echo(f"note: retrying {len(errored)} sources that earlier runs left as errors")
+        elif errored:
+            echo(
+                f"note: {len(errored)} sources are errors from earlier runs and stay so; "
+                "--retry-errors builds them again"
+            )
         return _build(sources, out, cfg, echo, writer, t0, skipped)
     except BaseException:
         writer.abort()  # e.g. no space left: no partial shard left behind

@@ -49,6 +49,7 @@ __all__ = [
     "ENV_BACKOFF_MAX_S",
     "ENV_MAX_ATTEMPTS",
     "LocalStorage",
+    "ObjectChanged",
     "S3RangeReader",
     "S3Storage",
     "Storage",
@@ -83,6 +84,11 @@ log = logging.getLogger(__name__)
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URI and the cause."""
+
+
+class ObjectChanged(StorageError):
+    """An S3 object was replaced while it was being read: the bytes read so far belong
+    to another version than the rest would."""
 
 
 def is_s3(uri: str) -> bool:
@@ -546,31 +552,41 @@ class S3Storage:
             "read", uri, lambda: self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
         )
 
-    def read_range(self, uri: str, start: int, end: int) -> bytes:
+    def read_range(self, uri: str, start: int, end: int, *, etag: str | None = None) -> bytes:
+        """Bytes ``[start, end)``; with ``etag``, only of that version of the object
+        (:class:`ObjectChanged` once it has been replaced)."""
         if end <= start:
             return b""
         bucket, key = split_s3(uri)
+        pinned = {"IfMatch": etag} if etag else {}
 
         def go() -> bytes:
             try:
                 resp = self.client.get_object(
-                    Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+                    Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pinned
                 )
             except Exception as exc:
-                if _error_code(exc) in {"InvalidRange", "416"}:
+                code = _error_code(exc)
+                if code in {"InvalidRange", "416"}:
                     return b""  # start at or past the end, like a local read
+                if etag and code in {"PreconditionFailed", "412"}:
+                    raise ObjectChanged(
+                        f"read_range {uri}: the object was replaced while it was read "
+                        "(its ETag changed): read it again once it stays put"
+                    ) from None
                 raise
             return cast(bytes, resp["Body"].read())
 
         return self._call("read_range", uri, go)
 
     def size(self, uri: str) -> int:
+        return self.stat(uri)[0]
+
+    def stat(self, uri: str) -> tuple[int, str | None]:
+        """The object's size and ETag (the version a reader pins)."""
         bucket, key = split_s3(uri)
-        return self._call(
-            "size",
-            uri,
-            lambda: int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]),
-        )
+        head = self._call("size", uri, lambda: self.client.head_object(Bucket=bucket, Key=key))
+        return int(head["ContentLength"]), head.get("ETag")
 
     def exists(self, uri: str) -> bool:
         bucket, key = split_s3(uri)
@@ -742,7 +758,9 @@ class S3RangeReader(io.RawIOBase):
 
     Reads are served from a buffer of up to ``read_ahead`` bytes fetched at the
     current position, so memory stays bounded whatever the object's size.
-    ``bytes_fetched`` counts the bytes actually transferred.
+    ``bytes_fetched`` counts the bytes actually transferred. Every GET asks for the
+    version the reader opened (its ETag): an object replaced while it is read raises
+    :class:`ObjectChanged` rather than mixing two versions' bytes.
     """
 
     def __init__(self, storage: S3Storage, uri: str, read_ahead: int = DEFAULT_READ_AHEAD) -> None:
@@ -751,7 +769,7 @@ class S3RangeReader(io.RawIOBase):
         self.read_ahead = max(1, read_ahead)
         self.bytes_fetched = 0
         self._storage = storage
-        self._size = storage.size(uri)
+        self._size, self._etag = storage.stat(uri)
         self._pos = 0
         self._buf = b""
         self._buf_start = 0
@@ -789,7 +807,7 @@ class S3RangeReader(io.RawIOBase):
         return pos
 
     def _fetch(self, start: int, length: int) -> bytes:
-        data = self._storage.read_range(self.uri, start, start + length)
+        data = self._storage.read_range(self.uri, start, start + length, etag=self._etag)
         self.bytes_fetched += len(data)
         return data
 

@@ -411,6 +411,7 @@ class CorpusWriter:
         self._tar_tmp_path: str | None = None  # the shard being written, temporary name
         self._pending: dict[str, _Pending] = {}
         self._done: set[str] = set()  # committed and complete
+        self._errored: set[str] = set()  # committed, and an error row (latest part)
         self._in_part: set[str] = set()  # complete, in the part being assembled
         self._index_rows: list[dict[str, Any]] = []
         self._source_rows: list[dict[str, Any]] = []
@@ -477,6 +478,8 @@ class CorpusWriter:
         self._abort_uploads()
         index, sources = _read_tables(self.root)
         self._done = set(sources.column("source").to_pylist()) - _needing_work(index)
+        errors = sources.filter(pc.equal(sources.column("status"), "error"))
+        self._errored = set(errors.column("source").to_pylist())
         return max(committed, default=-1) + 1
 
     def _abort_uploads(self) -> None:
@@ -491,6 +494,15 @@ class CorpusWriter:
         """Committed sources that are complete (earlier runs, and this one so far): skip
         them on resume. Sources that :func:`sources_needing_work` names are not done."""
         return set(self._done)
+
+    def errored_sources(self) -> set[str]:
+        """Sources that earlier runs committed as error rows (latest part per source)."""
+        return set(self._errored)
+
+    def redo(self, sources: set[str]) -> None:
+        """Take rows of these committed sources again (a build retrying its errors):
+        the part that commits them supersedes their earlier rows."""
+        self._done -= sources
 
     # -- adding rows -----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ Run: ``python -m pytest tests/test_bad_inputs.py -q``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -584,6 +585,46 @@ def test_s3_sources_are_streamed_not_downloaded(
     # One decode pass reads the object about once, not a multiple of it.
     assert size <= split_reader.bytes_fetched <= 1.25 * size + (64 << 10)
     assert os.listdir(private_tmp) == []
+
+
+def test_an_s3_source_replaced_while_it_is_read_is_an_error_not_a_mix(
+    s3_bucket: str, tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream sync replaces the object while split decodes it: the rest of the
+    bytes would come from another video. The reader pins the version it opened, so the
+    source ends as an error row saying so, with no clip of the first part either (the
+    build takes it whole on a later run)."""
+    import pipeline.storage as storage
+
+    first, second = (os.path.join(tmp_path, f"v{i}.mp4") for i in (1, 2))
+    synth_video(first, width=192, height=108, fps=24, shots=[120, 160, 120], seed=4)
+    synth_video(second, width=192, height=108, fps=24, shots=[50, 50], seed=9)
+    uri = f"{s3_bucket}/videos/synced.mp4"
+    st = storage.storage_for(uri)
+    st.upload(first, uri)
+    readers: list[Any] = []
+    replaced = []
+
+    class Replacing(storage.S3RangeReader):
+        def _fetch(self, start: int, length: int) -> bytes:
+            # split's reader (probe's is the first) is a third of the way through
+            if len(readers) == 2 and self.bytes_fetched > self.size // 3 and not replaced:
+                st.upload(second, uri)
+                replaced.append(self.bytes_fetched)
+            return super()._fetch(start, length)
+
+    def open_small(self: Any, u: str) -> Any:
+        readers.append(Replacing(self, u, read_ahead=16 << 10))
+        return readers[-1]
+
+    monkeypatch.setattr(storage.S3Storage, "open", open_small)
+    rows = run_stages([uri])
+    assert len(readers) == 2 and replaced and st.size(uri) == os.path.getsize(second)
+    (row,) = rows
+    assert row["src_status"] == "error" and row["clip_id"] is None, row
+    problem = row["src_error"]
+    assert re.match(rf"{re.escape(uri)}: split failed: failed after frame \d+: ", problem), problem
+    assert "the object was replaced while it was read (its ETag changed)" in problem
 
 
 def test_a_large_s3_source_is_read_about_once(

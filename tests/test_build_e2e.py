@@ -212,6 +212,27 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     run_in_process([str(p) for p in videos.values()], alone, chunked)
     _assert_same_rows(read_index(alone).to_pylist(), rows)
 
+    # the broken file, repaired: a resume leaves its error row be; --retry-errors builds
+    # it again, and its rows replace the error
+    broken, original = videos["broken.mp4"], videos["broken.mp4"].read_bytes()
+    paths = [str(p) for p in videos.values()]
+    try:
+        synth_video(str(broken), width=96, height=64, fps=12.0, shots=[24, 24], seed=7)
+        said: list[str] = []
+        assert build(paths, root, tiny_cfg, echo=said.append)["sources_built"] == 0
+        assert any("1 sources are errors from earlier runs" in line for line in said), said
+        retried = build(paths, root, tiny_cfg, retry_errors=True)
+    finally:
+        broken.write_bytes(original)
+    assert (retried["sources_built"], retried["sources_done"]) == (1, 1), retried
+    statuses = {r["source"]: r["status"] for r in read_sources(root).to_pylist()}
+    assert statuses[str(broken)] == "done" and set(statuses.values()) == {"done"}
+    repaired = [r for r in read_index(root).to_pylist() if r["source"] == str(broken)]
+    assert len(repaired) == 2 and all(r["clip_id"] for r in repaired), repaired
+    others = [r for r in read_index(root).to_pylist() if r["source"] != str(broken)]
+    _assert_same_rows(others, [r for r in rows if r["source"] != str(broken)])
+    assert inspect_corpus(root).ok
+
     from model.train import TrainConfig, train
 
     losses = train(root, str(tmp_path / "train"), TrainConfig(preset="DiT-tiny", steps=4))

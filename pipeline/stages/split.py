@@ -1154,6 +1154,14 @@ def _until_corrupt(frames: Iterator[DecodedFrame]) -> Iterator[DecodedFrame]:
         raise _CorruptData(describe(exc)) from exc
 
 
+def _reached(splitter: _SourceSplitter) -> str:
+    """Where in its source (or range) a split stopped: "after frame N", or "before its
+    first frame"."""
+    if splitter.count > 0:
+        return f"after frame {splitter.count - 1}"
+    return "before its first frame"
+
+
 def _split_range(
     frames: Iterator[DecodedFrame],
     splitter: _SourceSplitter,
@@ -1186,11 +1194,9 @@ def _split_range(
     except (SplitTimeout, MemoryError):
         raise
     except TimeoutError as exc:  # the decode thread delivered nothing before the deadline
-        raise SplitTimeout(
-            f"timeout after {timeout_s:g} s (after frame {splitter.count - 1})"
-        ) from exc
+        raise SplitTimeout(f"timeout after {timeout_s:g} s ({_reached(splitter)})") from exc
     except Exception as exc:  # name where it broke
-        raise ValueError(f"failed after frame {splitter.count - 1}: {describe(exc)}") from exc
+        raise ValueError(f"failed {_reached(splitter)}: {describe(exc)}") from exc
     if complete and damage is not None and damage.count > splitter.count:
         # frames left out at the very end: the last shot ends before them as at a gap
         splitter.push_gap(damage.count)

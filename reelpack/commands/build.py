@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # with --json, stdout carries the summary alone; the running lines go to stderr
         echo = (lambda line: print(line, file=sys.stderr)) if args.json else print
-        summary = build(args.sources, args.out, cfg, echo=echo)
+        summary = build(args.sources, args.out, cfg, echo=echo, retry_errors=args.retry_errors)
     except (
         FileNotFoundError,
         NotADirectoryError,
@@ -101,5 +101,11 @@ def register(sub: Any) -> None:
     p.add_argument("--preset", help="model preset: default (real models) or tiny (offline, random)")
     add_set_argument(p)
     p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="build again the sources earlier runs committed as errors (a storage outage, "
+        "a file replaced while read or repaired since); their new rows replace the error",
+    )
     p.add_argument("--json", action="store_true", help="print the whole run summary as JSON")
     p.set_defaults(func=run)
