@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,10 +163,20 @@ def load_train_config(path: str | None = None, **overrides: Any) -> TrainConfig:
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
         values.update(loaded.get("train", loaded))  # a saved config.json has a "train" key
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    kinds = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(kinds))
     if unknown:
         raise ValueError(f"{path or 'overrides'}: unknown TrainConfig fields {unknown}")
+    for name, value in values.items():
+        kind = kinds[name]
+        # YAML's 1 is a fine float, but true is no number and 2.5 no step count
+        if isinstance(value, bool) != (kind is bool) or not isinstance(
+            value, (int, float) if kind is float else kind
+        ):
+            raise ValueError(
+                f"{path or 'overrides'}: {name} must be {kind.__name__}, got {value!r}"
+            )
+        values[name] = float(value) if kind is float else value
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg

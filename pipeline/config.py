@@ -178,8 +178,10 @@ def _coerce_tuple(value: Any, args: tuple[Any, ...], path: str) -> tuple[Any, ..
 
 
 def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"config {path}: expected a number, got {value!r}")
     if tp in (int, str, bool) and (
         not isinstance(value, tp) or (tp is int and isinstance(value, bool))
     ):

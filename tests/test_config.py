@@ -48,6 +48,9 @@ def test_yaml_overrides_and_types(tmp_path) -> None:
         ("bogus: 1\n", "top level"),
         ("encode:\n  pixel_budget: many\n", "encode.pixel_budget"),
         ("encode:\n  patch_size: [1, 2]\n", "encode.patch_size"),
+        ("split:\n  min_clip_s: abc\n", "split.min_clip_s: expected a number, got 'abc'"),
+        ("split:\n  max_clip_s: true\n", "split.max_clip_s: expected a number"),
+        ("encode:\n  target_fps: fast\n", "encode.target_fps"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text: str, where: str) -> None:

@@ -394,6 +394,26 @@ def test_a_config_value_out_of_range_is_named_before_training(
     TrainConfig().validate()  # the defaults are valid
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("lr: abc\n", "lr must be float, got 'abc'"),
+        ("steps: 2.5\n", "steps must be int, got 2.5"),
+        ("steps: true\n", "steps must be int, got True"),
+        ("fsdp: 1\n", "fsdp must be bool, got 1"),
+        ("device: 0\n", "device must be str, got 0"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_named(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {words}")):
+        load_train_config(str(path))
+    path.write_text("lr: 1\nsteps: 3\n")  # an int is a fine float
+    cfg = load_train_config(str(path))
+    assert (cfg.lr, cfg.steps) == (1.0, 3) and isinstance(cfg.lr, float)
+
+
 def test_a_checkpoint_from_before_a_new_field_resumes_with_its_default(tmp_path: Path) -> None:
     root = str(make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM))
     out = tmp_path / "run"
