@@ -68,6 +68,7 @@ from pipeline.video import (
     even_size,
     filter_graph,
     frame_rate,
+    is_cover_art,
     is_raw_stream,
     opaque,
     orient,
@@ -1094,11 +1095,14 @@ def _iter_decord(
     stamps = reader.get_frame_timestamp(range(count)) if count else np.zeros((0, 2))
     starts = stamps[:, 0]
     # decord reports frames without a time as about -3.7e17 s, and times as it reads
-    # them (out of order in AVIs of packed B-frames): PyAV takes over from the start
+    # them (out of order in AVIs of packed B-frames); in an MP4 whose edit list hides
+    # its first frames (a file trimmed without re-encoding) it counts them with times
+    # before zero, yet hands out only the shown ones, the last repeated for the hidden
+    # ones. PyAV takes over from the start
     if count and not (
-        np.isfinite(stamps).all() and starts[0] > -1.0 and np.all(np.diff(starts) > 0)
+        np.isfinite(stamps).all() and starts[0] >= -1e-3 and np.all(np.diff(starts) > 0)
     ):
-        raise ValueError(f"decord gives {path} no rising frame times")
+        raise ValueError(f"decord gives {path} no rising frame times from zero")
     first = float(stamps[0, 0]) if count else 0.0
     batch = 16  # frames per call: decord's per-call overhead vs. memory
     for lo in range(start_frame, count, batch):
@@ -1111,13 +1115,17 @@ def _iter_decord(
             yield DecodedFrame(num, t0 - first, max(0.0, t1 - t0), rgb_to_i420(image), small)
 
 
-def _transparent_format(path: str) -> bool:
-    """Whether the video stream of ``path`` has an alpha channel, an alpha layer
-    (:func:`has_alpha_layer`) or a palette (which may hold transparent colours), from its
-    header; no when it cannot be read."""
+def _decord_misreads(path: str) -> bool:
+    """Whether decord would decode ``path`` otherwise than PyAV, from its header: a video
+    stream with an alpha channel, an alpha layer (:func:`has_alpha_layer`) or a palette
+    (which may hold transparent colours), all of which decord drops; or more than one
+    video stream, of which decord takes the one FFmpeg ranks best rather than the one
+    probe describes (:func:`~pipeline.video.video_stream`). No when it cannot be read."""
     try:
         with av.open(path) as container:
             stream = video_stream(container)
+            if sum(not is_cover_art(s) for s in container.streams.video) > 1:
+                return True
             name = stream.codec_context.pix_fmt
             if has_alpha_layer(stream):
                 return True
@@ -1179,8 +1187,9 @@ def iter_source_frames(
     shown_as_coded = rotation % 360 == 0 and not mirrored
     decord = backend == "decord" and local and not pyav_only and shown_as_coded
     detect_shape = None  # of decord's detection frames, which PyAV's must go on with
-    # decord drops transparency, which PyAV composites over white
-    if decord and display is not None and not _transparent_format(path):
+    # decord drops transparency, which PyAV composites over white, and picks its own
+    # stream among several
+    if decord and display is not None and not _decord_misreads(path):
         try:
             frames = _iter_decord(path, display, max_area, start_frame, detect_width)
             for frame in frames:

@@ -101,16 +101,20 @@ IMAGE_SEQUENCE_BRANDS = frozenset({"avis", "msf1"})
 
 
 def video_stream(container: Any) -> Any:
-    """The source's video: the container's first video stream that is not cover art (an
-    attached picture, as audio files and some downloads carry). In an image sequence
-    (animated AVIF) the first stream is the still "primary item" shown where animation
-    is not supported, so the sequence's own track is taken. Raises ``ValueError``
-    naming the streams there are when there is none."""
+    """The source's video: of the container's video streams that are not cover art (an
+    attached picture, as audio files and some downloads carry), the one of the largest
+    picture, the first of those, as the ``ffmpeg`` command picks it (a camera's file
+    with a proxy or depth track, a broadcast capture of several programmes). In an image
+    sequence (animated AVIF) the first stream is the still "primary item" shown where
+    animation is not supported, so the sequence's own track is taken. Raises
+    ``ValueError`` naming the streams there are when there is none."""
     streams = [s for s in container.streams.video if not is_cover_art(s)]
     if len(streams) > 1 and container.metadata.get("major_brand") in IMAGE_SEQUENCE_BRANDS:
         return max(streams, key=lambda s: s.frames or 0)
     if streams:
-        return streams[0]
+        return max(
+            streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0)
+        )
     kinds = sorted(
         "cover art" if s.type == "video" else str(s.type) for s in container.streams
     ) or ["none"]

@@ -1515,6 +1515,77 @@ def test_transparent_pixels_are_white_not_the_colour_they_hide(tmp_path: Any, de
 
 
 @pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_an_mp4_trimmed_by_its_edit_list_starts_at_its_first_shown_frame(
+    tmp_path: Any, decoder: str
+) -> None:
+    """A file cut without re-encoding starts at a keyframe before the cut; its edit list
+    hides the frames up to the cut. Frames are numbered from the first shown one and
+    end at the last (decord counts the hidden ones too, and repeats the last frame for
+    them: such a file is decoded by PyAV)."""
+    whole, trimmed = str(tmp_path / "whole.mp4"), str(tmp_path / "trimmed.mp4")
+    synth_video(
+        whole,
+        width=160,
+        height=96,
+        fps=12,
+        shots=[30, 30, 30],
+        seed=5,
+        options={"g": "12", "bf": "0"},
+    )
+    with av.open(whole) as source, av.open(trimmed, "w") as out:
+        stream = source.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        step = round(1 / (12 * stream.time_base))  # one frame in the stream's time base
+        for packet in source.demux(stream):
+            if packet.dts is None or packet.pts < 12 * step:
+                continue  # from the keyframe at frame 12; the cut at frame 14
+            packet.pts -= 14 * step
+            packet.dts -= 14 * step
+            packet.stream = copy
+            out.mux(packet)
+    probed = probe_batch(trimmed)
+    rows = batch_to_rows(Split(SplitConfig(min_clip_s=0.5, decoder=decoder))(probed))
+    # the cuts at frames 30 and 60 of the whole file, 14 frames in: 16 and 46, of 76
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 16), (16, 46), (46, 76)]
+    assert [len(decode_mp4(r["clip_bytes"])[0]) for r in rows] == [16, 30, 30]
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
+def test_the_largest_of_several_video_streams_is_the_video(tmp_path: Any, decoder: str) -> None:
+    """A camera's file whose first track is a small proxy (or a depth map), the picture
+    second: the picture is the source, as the ``ffmpeg`` command takes it, under either
+    decoder (decord would pick a stream of its own: such a file is decoded by PyAV)."""
+    from pipeline.decode import _decord_misreads
+    from pipeline.synth import iter_synth_frames
+
+    path = str(tmp_path / "camera.mp4")
+    proxy = iter_synth_frames(96, 64, [24, 24], seed=1)  # its cut at frame 24
+    picture = iter_synth_frames(320, 240, [16, 32], seed=2)  # its cut at 16
+    with av.open(path, "w") as out:
+        streams = []
+        for w, h in ((96, 64), (320, 240)):
+            stream = out.add_stream("libx264", rate=12)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            streams.append(stream)
+        for images in zip(proxy, picture, strict=True):
+            for stream, image in zip(streams, images, strict=True):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    out.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                out.mux(packet)
+    probed = probe_batch(path)
+    assert (probed["width"][0], probed["height"][0]) == (320, 240)
+    rows = batch_to_rows(Split(SplitConfig(min_clip_s=0.5, decoder=decoder))(probed))
+    assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 16), (16, 48)]
+    assert [decode_mp4(r["clip_bytes"])[0].shape for r in rows] == [
+        (16, 240, 320, 3),
+        (32, 240, 320, 3),
+    ]
+    assert _decord_misreads(path)
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "decord"])
 @pytest.mark.parametrize("encoder", ["libvpx-vp9", "libvpx"])
 def test_a_vp8_or_vp9_alpha_layer_is_read(tmp_path: Any, decoder: str, encoder: str) -> None:
     """WebM keeps a VP8 or VP9 video's alpha as a separate layer, which FFmpeg's own
