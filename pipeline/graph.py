@@ -309,12 +309,13 @@ def _guarded(fn: Callable[[Batch], Any], step: str, in_flight: Any) -> Callable[
 
 def _clip_keys(step: str, batch: Batch) -> list[tuple[str, str, int] | None]:
     """Each row's attempt key in model stage ``step`` (None for a row with no clip,
-    which the model stages pass on untouched)."""
+    which the model stages pass on untouched: its ``clip_id`` is None, or NaN where a
+    block of such rows only reached the stage as a column of nulls)."""
     ids = batch.get("clip_id")
     if ids is None:
         return [None] * len(batch["source"])
     return [
-        None if clip is None else (step, str(source), int(str(clip), 16))
+        (step, str(source), int(clip, 16)) if isinstance(clip, str) and clip else None
         for source, clip in zip(batch["source"], ids, strict=True)
     ]
 

@@ -365,6 +365,34 @@ def test_decoding_goes_on_past_corrupt_packets_and_leaves_out_their_frames(
     assert found[-1][1] == (240 if after < 240 else first)
 
 
+@pytest.mark.slow
+def test_a_build_of_only_bad_sources_ends_with_their_error_rows(
+    tmp_path: os.PathLike[str], fresh_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every source fails: the model stages get blocks of placeholder rows only, whose
+    clip ids Ray hands over as a column of nulls (NaN), and pass them on; the build
+    commits each source's error row."""
+    from pipeline.config import load_config
+    from pipeline.graph import build
+    from pipeline.writer import read_index, read_sources
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    videos = os.path.join(tmp_path, "videos")
+    os.makedirs(videos)
+    with open(os.path.join(videos, "text.mp4"), "w") as f:
+        f.write("not a video")
+    with open(os.path.join(videos, "noise.mkv"), "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    cfg = load_config(preset="tiny", model_cache=os.path.join(tmp_path, "models"))
+    out = os.path.join(tmp_path, "corpus")
+    summary = build([videos], out, cfg, echo=lambda line: None)
+    assert (summary["sources_done"], summary["sources_error"]) == (2, 2), summary
+    rows = read_sources(out).to_pylist()
+    assert sorted(os.path.basename(r["source"]) for r in rows) == ["noise.mkv", "text.mp4"]
+    assert all(r["status"] == "error" and "not a readable video" in r["error"] for r in rows)
+    assert read_index(out).num_rows == 0
+
+
 def test_an_avi_whose_index_disagrees_with_its_data_never_fails_a_ranged_build(
     tmp_path: Any,
 ) -> None:
