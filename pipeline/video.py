@@ -100,11 +100,19 @@ STILL_IMAGE_BRANDS = frozenset({"avif", "mif1"})
 IMAGE_SEQUENCE_BRANDS = frozenset({"avis", "msf1"})
 
 
+def _picture_rank(stream: Any) -> tuple[bool, int]:
+    """How :func:`video_stream` ranks a stream: one the container says holds a single
+    frame (a thumbnail track not marked as cover art) below any other, then by area."""
+    ctx = stream.codec_context
+    return stream.frames != 1, (ctx.width or 0) * (ctx.height or 0)
+
+
 def video_stream(container: Any) -> Any:
     """The source's video: of the container's video streams that are not cover art (an
     attached picture, as audio files and some downloads carry), the one of the largest
     picture, the first of those, as the ``ffmpeg`` command picks it (a camera's file
-    with a proxy or depth track, a broadcast capture of several programmes). In an image
+    with a proxy or depth track, a broadcast capture of several programmes); a track of
+    one frame (a thumbnail) only when there is nothing else. In an image
     sequence (animated AVIF) the first stream is the still "primary item" shown where
     animation is not supported, so the sequence's own track is taken. Raises
     ``ValueError`` naming the streams there are when there is none."""
@@ -112,9 +120,7 @@ def video_stream(container: Any) -> Any:
     if len(streams) > 1 and container.metadata.get("major_brand") in IMAGE_SEQUENCE_BRANDS:
         return max(streams, key=lambda s: s.frames or 0)
     if streams:
-        return max(
-            streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0)
-        )
+        return max(streams, key=_picture_rank)
     kinds = sorted(
         "cover art" if s.type == "video" else str(s.type) for s in container.streams
     ) or ["none"]

@@ -1553,8 +1553,9 @@ def test_an_mp4_trimmed_by_its_edit_list_starts_at_its_first_shown_frame(
 @pytest.mark.parametrize("decoder", ["pyav", "decord"])
 def test_the_largest_of_several_video_streams_is_the_video(tmp_path: Any, decoder: str) -> None:
     """A camera's file whose first track is a small proxy (or a depth map), the picture
-    second: the picture is the source, as the ``ffmpeg`` command takes it, under either
-    decoder (decord would pick a stream of its own: such a file is decoded by PyAV)."""
+    second, and a larger thumbnail of one frame third: the picture is the source, as the
+    ``ffmpeg`` command takes it, under either decoder (decord would pick a stream of its
+    own: such a file is decoded by PyAV)."""
     from pipeline.decode import _decord_misreads
     from pipeline.synth import iter_synth_frames
 
@@ -1563,17 +1564,22 @@ def test_the_largest_of_several_video_streams_is_the_video(tmp_path: Any, decode
     picture = iter_synth_frames(320, 240, [16, 32], seed=2)  # its cut at 16
     with av.open(path, "w") as out:
         streams = []
-        for w, h in ((96, 64), (320, 240)):
+        for w, h in ((96, 64), (320, 240), (640, 480)):
             stream = out.add_stream("libx264", rate=12)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             streams.append(stream)
+        thumbnail = np.full((480, 640, 3), 200, np.uint8)
+        for packet in streams[2].encode(av.VideoFrame.from_ndarray(thumbnail, format="rgb24")):
+            out.mux(packet)
         for images in zip(proxy, picture, strict=True):
-            for stream, image in zip(streams, images, strict=True):
+            for stream, image in zip(streams[:2], images, strict=True):
                 for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                     out.mux(packet)
         for stream in streams:
             for packet in stream.encode():
                 out.mux(packet)
+    with av.open(path) as container:
+        assert [s.frames for s in container.streams.video] == [48, 48, 1]
     probed = probe_batch(path)
     assert (probed["width"][0], probed["height"][0]) == (320, 240)
     rows = batch_to_rows(Split(SplitConfig(min_clip_s=0.5, decoder=decoder))(probed))
