@@ -1519,9 +1519,9 @@ def test_an_mp4_trimmed_by_its_edit_list_starts_at_its_first_shown_frame(
     tmp_path: Any, decoder: str
 ) -> None:
     """A file cut without re-encoding starts at a keyframe before the cut; its edit list
-    hides the frames up to the cut. Frames are numbered from the first shown one and
-    end at the last (decord counts the hidden ones too, and repeats the last frame for
-    them: such a file is decoded by PyAV)."""
+    hides the frames up to the cut. Frames are counted and numbered from the first shown
+    one and end at the last (decord counts the hidden ones too, and repeats the last
+    frame for them: such a file is decoded by PyAV)."""
     whole, trimmed = str(tmp_path / "whole.mp4"), str(tmp_path / "trimmed.mp4")
     synth_video(
         whole,
@@ -1544,6 +1544,8 @@ def test_an_mp4_trimmed_by_its_edit_list_starts_at_its_first_shown_frame(
             packet.stream = copy
             out.mux(packet)
     probed = probe_batch(trimmed)
+    # the container counts 78 frames, two of them hidden
+    assert (probed["src_num_frames"][0], probed["src_num_frames_exact"][0]) == (76, True)
     rows = batch_to_rows(Split(SplitConfig(min_clip_s=0.5, decoder=decoder))(probed))
     # the cuts at frames 30 and 60 of the whole file, 14 frames in: 16 and 46, of 76
     assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 16), (16, 46), (46, 76)]

@@ -180,6 +180,23 @@ def _index_times(stream: Any) -> list[int] | None:
     return [int(entries[i].timestamp) for i in range(n) if not entries[i].is_discard]
 
 
+# index entries at each end of a stream that are looked at for frames an edit list hides
+_EDGE_ENTRIES = 256
+
+
+def _hidden_frames(stream: Any) -> int:
+    """Frames the container counts but its edit list hides (an MP4 trimmed without
+    re-encoding keeps the frames from the keyframe before the cut, marked discarded),
+    from the index entries at either end of the stream; 0 without an index."""
+    entries = getattr(stream, "index_entries", None)
+    if not entries:
+        return 0
+    n = len(entries)
+    edge = _EDGE_ENTRIES
+    ends = range(n) if n <= 2 * edge else (*range(edge), *range(n - edge, n))
+    return sum(bool(entries[i].is_discard) for i in ends)
+
+
 def _varies(times: list[int]) -> bool:
     """Whether frame times have unequal steps: sorted first (B-frames reorder them),
     steps differing by more than a tenth of the median step."""
@@ -347,7 +364,7 @@ def _header_facts(container: Any, stream: Any) -> dict[str, Any]:
     else:
         duration_s = 0.0
     exact = bool(stream.frames and stream.frames > 0)
-    num_frames = int(stream.frames) if exact else round(duration_s * fps)
+    num_frames = int(stream.frames) - _hidden_frames(stream) if exact else round(duration_s * fps)
     still_heif = container.metadata.get("major_brand") in STILL_IMAGE_BRANDS  # AVIF
     # FFmpeg's image demuxers ("image2", "png_pipe", "ppm_pipe", ...) read stills of any
     # codec (TGA, PPM, PCX, SGI, ...); a still-image codec in a container is a still
