@@ -19,6 +19,7 @@ is done.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["BuildProgress", "RemoteMeter", "StageMeter", "stages_in_order"]
+__all__ = ["BuildProgress", "RemoteMeter", "StageMeter", "error_reason", "stages_in_order"]
 
 StageCounts = Mapping[str, Mapping[str, float]]
 
@@ -66,6 +67,15 @@ class RemoteMeter:
         # a lost meter actor costs the display, not the build
         with contextlib.suppress(Exception):
             self.handle.add.remote(stage, rows_in, rows_out, busy_s)
+
+
+def error_reason(error: str, source: str) -> str:
+    """A source's error as a cause other sources share: the source's own name left out
+    (written ``<source>`` where the cause repeats it) and numbers written ``N``, so
+    ``a.mp4: frame size 9000x9000 exceeds ...`` and ``b.mp4: frame size 12000x800
+    exceeds ...`` count as one."""
+    text = error.replace(source, "<source>").removeprefix("<source>: ") or "(no reason given)"
+    return re.sub(r"\d+", "N", text)[:300]
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -117,7 +127,8 @@ class BuildProgress:
         self._last_print = self.started
         self._received: Counter[str] = Counter()
         self._expected: dict[str, int] = {}
-        self._final: dict[str, bool] = {}  # source failed, from its row with the count
+        # its error (None: the source did not fail), from its row with the count
+        self._final: dict[str, str | None] = {}
         self._clips_of: dict[str, list[tuple[str, list[str]]]] = {}  # until the source is done
         # seconds of clips seen and the duration of each source not yet done (:meth:`observe`)
         self._covered: dict[str, float] = {}
@@ -126,6 +137,7 @@ class BuildProgress:
         self.sources_error = 0
         self.clips: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()  # failed sources by error_reason
 
     def update(self, batch: Mapping[str, Any]) -> None:
         """Account for one batch of stream rows (after the last stage)."""
@@ -172,7 +184,9 @@ class BuildProgress:
             expected = batch["src_num_clips"][i]  # None / NaN on a streamed chunk's rows
             if expected is not None and expected == expected and source not in self._expected:
                 self._expected[source] = max(1, int(expected))
-                self._final[source] = batch["src_status"][i] == "error"
+                error = batch["src_error"][i] if "src_error" in batch else None
+                failed = batch["src_status"][i] == "error"
+                self._final[source] = (error if isinstance(error, str) else "") if failed else None
             self._received[source] += 1
             if batch["clip_id"][i] is not None:
                 reasons = batch["reasons"][i] if batch["status"][i] == "rejected" else None
@@ -191,8 +205,11 @@ class BuildProgress:
         self.sources_done += 1
         self._covered.pop(source, None)
         self._length.pop(source, None)
-        failed = self._final[source]
+        error = self._final[source]
+        failed = error is not None
         self.sources_error += failed
+        if error is not None:
+            self.errors[error_reason(error, source)] += 1
         for status, reasons in self._clips_of.pop(source, []):
             if not failed:
                 self.clips[status] += 1
@@ -260,4 +277,6 @@ class BuildProgress:
             "sources_error": self.sources_error,
             "clips_by_status": dict(self.clips),
             "rejected_by_reason": dict(self.reasons),
+            # failed sources by cause, most common first
+            "errors_by_reason": dict(self.errors.most_common()),
         }

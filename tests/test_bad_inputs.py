@@ -387,6 +387,8 @@ def test_a_build_of_only_bad_sources_ends_with_their_error_rows(
     out = os.path.join(tmp_path, "corpus")
     summary = build([videos], out, cfg, echo=lambda line: None)
     assert (summary["sources_done"], summary["sources_error"]) == (2, 2), summary
+    causes = summary["errors_by_reason"]  # the failed sources by cause, in the summary
+    assert sum(causes.values()) == 2 and all("not a readable video" in c for c in causes), causes
     rows = read_sources(out).to_pylist()
     assert sorted(os.path.basename(r["source"]) for r in rows) == ["noise.mkv", "text.mp4"]
     assert all(r["status"] == "error" and "not a readable video" in r["error"] for r in rows)

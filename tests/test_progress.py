@@ -167,6 +167,26 @@ def test_clips_count_when_their_source_completes_and_not_when_it_failed() -> Non
     p.update(final)
     assert (p.sources_done, p.sources_error) == (2, 1)
     assert p.counts()["clips_by_status"] == {"kept": 3} and p.counts()["rejected_by_reason"] == {}
+    assert p.counts()["errors_by_reason"] == {"(no reason given)": 1}
+
+
+def test_failed_sources_are_counted_by_cause() -> None:
+    """Causes that differ only in their numbers and in the source they name are one."""
+    p = BuildProgress(3, interval_s=0)
+    for name, error in (
+        ("/v/a.mp4", "/v/a.mp4: frame size 9000x9000 exceeds 33177600 pixels (max_pixels)"),
+        ("/v/b.mp4", "/v/b.mp4: frame size 12000x800 exceeds 33177600 pixels (max_pixels)"),
+        ("/v/c.mp4", "/v/c.mp4: split failed: timeout after 1800 s (reading /v/c.mp4)"),
+    ):
+        row = _rows(name, 1)
+        row["clip_id"] = np.array([None], dtype=object)
+        row["src_status"] = np.array(["error"], dtype=object)
+        row["src_error"] = np.array([error], dtype=object)
+        p.update(row)
+    assert p.counts()["errors_by_reason"] == {
+        "frame size NxN exceeds N pixels (max_pixels)": 2,
+        "split failed: timeout after N s (reading <source>)": 1,
+    }
 
 
 def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
@@ -185,6 +205,7 @@ def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
         "rejected_by_reason": {"motion<0.002": 1, "still_fraction>0.9": 2},
         "committed": {"sources": 4, "clips": 9, "shards": 2, "latent_tokens": 12345},
         "files_skipped": {".cr2": 30, ".txt": 1},
+        "errors_by_reason": {"not a readable video or image: an empty file (N bytes)": 1},
         "interrupted": None,
     }
 
@@ -200,6 +221,7 @@ def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
         "sources    4 done of 4 (1 failed; 1 already in the corpus) in 12.3 s",
         "files      skipped 31 files that are not video or image by extension (.cr2 30, .txt 1)",
         "clips      kept 6, rejected 3, error 0",
+        "failed     1 not a readable video or image: an empty file (N bytes)",
         "rejected   still_fraction>0.9 2, motion<0.002 1",
         "committed  sources 4, clips 9, shards 2, latent tokens 12,345",
         "summary    /data/c/summary.json (--json prints it)",
