@@ -114,8 +114,13 @@ class CorpusLock:
         if self.lost is not None:
             raise CorpusLocked(f"{self.root}: this run lost its lock to {self.lost}; stopped")
 
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lock if it is still this run's."""
+    def release(self, quick: bool = False) -> None:
+        """Stop the heartbeat and remove the lock if it is still this run's. ``quick``
+        (a writer dropped without unlock, released by the garbage collector at whatever
+        point it runs): one storage attempt per call, no retries, so a store that is
+        gone costs no minutes of backoff there."""
+        if quick and hasattr(self._st, "max_attempts"):
+            self._st.max_attempts = 1  # the dropped writer's own storage object
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()

@@ -417,6 +417,8 @@ class S3Storage:
         self.part_size = part_size
         self.max_concurrency = max(1, max_concurrency)
         self.read_ahead = read_ahead
+        # ranged reads ask for the version a reader opened, unless the store turns that down
+        self.pin_versions = True
         attempts = _setting(
             "max_attempts", max_attempts, ENV_MAX_ATTEMPTS, DEFAULT_MAX_ATTEMPTS, minimum=1
         )
@@ -558,22 +560,35 @@ class S3Storage:
         if end <= start:
             return b""
         bucket, key = split_s3(uri)
-        pinned = {"IfMatch": etag} if etag else {}
+        byte_range = f"bytes={start}-{end - 1}"
 
         def go() -> bytes:
+            pinned = etag if etag and self.pin_versions else None
             try:
                 resp = self.client.get_object(
-                    Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **pinned
+                    Bucket=bucket,
+                    Key=key,
+                    Range=byte_range,
+                    **({"IfMatch": pinned} if pinned else {}),
                 )
             except Exception as exc:
                 code = _error_code(exc)
                 if code in {"InvalidRange", "416"}:
                     return b""  # start at or past the end, like a local read
-                if etag and code in {"PreconditionFailed", "412"}:
+                if pinned and code in {"PreconditionFailed", "412"}:
                     raise ObjectChanged(
                         f"read_range {uri}: the object was replaced while it was read "
                         "(its ETag changed): read it again once it stays put"
                     ) from None
+                if pinned and code in {"NotImplemented", "501"}:
+                    self.pin_versions = False  # a store without conditional reads
+                    log.warning(
+                        "the S3 store does not take If-Match on reads (%s): sources are "
+                        "read unpinned, so one replaced while it is read goes unnoticed",
+                        code,
+                    )
+                    resp = self.client.get_object(Bucket=bucket, Key=key, Range=byte_range)
+                    return cast(bytes, resp["Body"].read())
                 raise
             return cast(bytes, resp["Body"].read())
 

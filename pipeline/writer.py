@@ -427,7 +427,7 @@ class CorpusWriter:
         # A writer dropped without unlock() can write no more: its lock goes with it
         # (not at interpreter exit, when storage may be gone; a dead run's lock is
         # taken over anyway).
-        weakref.finalize(self, self._lock.release).atexit = False
+        weakref.finalize(self, self._lock.release, quick=True).atexit = False
         try:
             self._next = self._recover()
             if build_config is not None:  # before any source row names it

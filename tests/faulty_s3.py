@@ -12,6 +12,7 @@ when the proxy's ``plan`` names a fault for that request:
 ``denied``     403 ``AccessDenied``; nothing is forwarded (not transient)
 ``invalid``    400 ``InvalidArgument``; nothing is forwarded (not transient)
 ``gone``       404 ``NoSuchUpload``; nothing is forwarded (not transient)
+``nocond``     501 ``NotImplemented`` to a request with If-Match; nothing is forwarded
 ``reset``      the connection is closed with no answer; nothing is forwarded
 ``drop``       forwarded (the store applies it), then closed with no answer: a lost reply
 ``cut``        a GET with a body: forwarded, then the head and half the body are sent
@@ -63,6 +64,12 @@ ERRORS: dict[str, tuple[int, str, str]] = {
     "invalid": (400, "InvalidArgument", "Invalid argument (injected)."),
     # what S3 may answer a repeated CompleteMultipartUpload once the first one succeeded
     "gone": (404, "NoSuchUpload", "The specified upload does not exist."),
+    # what a store without conditional requests may answer a GET with If-Match
+    "nocond": (
+        501,
+        "NotImplemented",
+        "A header you provided implies functionality that is not implemented.",
+    ),
 }
 CONNECTION_FAULTS = ("reset", "drop", "cut")
 TRANSIENT = ("slowdown", "internal", "timeout", "throttled", "reset", "drop", "cut")
@@ -86,6 +93,7 @@ class Request:
     attempt: int  # 1-based: how many times this (method, path, query, range) was seen
     fault: str | None = None
     status: int | None = None  # the answer's status (the store's when forwarded); None: none
+    if_match: str = ""  # the If-Match header, "" without one
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -202,7 +210,7 @@ class FaultyS3:
 
     # -- used by the handler ---------------------------------------------------------------
 
-    def _admit(self, method: str, target: str, range_header: str) -> Request:
+    def _admit(self, method: str, target: str, range_header: str, if_match: str = "") -> Request:
         parts = urllib.parse.urlsplit(target)
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
         query = sorted((k, v) for k, v in query if not k.lower().startswith("x-amz-"))
@@ -210,7 +218,7 @@ class FaultyS3:
         key = (method, path, urllib.parse.urlencode(query), range_header)
         with self._lock:
             self._attempts[key] += 1
-            req = Request(len(self.requests), *key, attempt=self._attempts[key])
+            req = Request(len(self.requests), *key, attempt=self._attempts[key], if_match=if_match)
             self.requests.append(req)
         plan = self.plan
         fault = plan(req) if plan is not None else None
@@ -242,7 +250,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         proxy = self.server.proxy
         body = self._read_body()  # always drained, so the connection stays in step
-        req = proxy._admit(self.command, self.path, self.headers.get("Range", ""))
+        req = proxy._admit(
+            self.command, self.path, self.headers.get("Range", ""), self.headers.get("If-Match", "")
+        )
         if req.fault in ERRORS:
             req.status = ERRORS[req.fault][0]
             self._send_error(*ERRORS[req.fault], resource=req.path)

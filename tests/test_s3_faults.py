@@ -163,6 +163,27 @@ def test_every_operation_survives_transient_faults(
         assert not any(secret in line for line in lines)
 
 
+def test_a_store_without_conditional_reads_is_read_unpinned(
+    proxy: FaultyS3, s3_server, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that answers If-Match with 501 NotImplemented: the reader's first pinned
+    GET is made again without it, and later ones go without it, with one warning."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    data = os.urandom(700_000)
+    uri = join(s3_bucket, "plain.bin")
+    _seed(s3_server, uri, data)
+    proxy.plan = always("nocond", match=lambda r: bool(r.if_match))
+    st = _fast(read_ahead=128 << 10)
+    with st.open(uri) as f:
+        assert f.read() == data  # a big read: one GET
+        f.seek(1000)
+        assert f.read(200_000) == data[1000:201_000]
+    assert proxy.injected() == {"nocond": 1} and not st.pin_versions
+    assert [r.if_match for r in proxy.seen("GET")].count("") == len(proxy.seen("GET")) - 1
+    warned = [r.getMessage() for r in caplog.records if "If-Match" in r.getMessage()]
+    assert len(warned) == 1 and "read unpinned" in warned[0], warned
+
+
 def test_bodies_cut_short_are_fetched_again(
     proxy: FaultyS3, s3_server, s3_bucket: str, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
