@@ -155,10 +155,10 @@ def load_train_config(path: str | None = None, **overrides: Any) -> TrainConfig:
     """A `TrainConfig` from a YAML/JSON file of its fields, then `overrides` (None = unset)."""
     values: dict[str, Any] = {}
     if path:
-        import yaml
+        from schemas.yamltext import load_yaml
 
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+        loaded = load_yaml(text) if not path.endswith(".json") else json.loads(text)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
         values.update(loaded.get("train", loaded))  # a saved config.json has a "train" key

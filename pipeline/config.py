@@ -41,6 +41,7 @@ from pipeline.stages.score import ScoreConfig
 from pipeline.stages.split import SplitConfig
 from pipeline.stages.text_encode import TextEncodeConfig
 from pipeline.writer import WriteConfig
+from schemas.yamltext import load_yaml
 
 __all__ = [
     "ACTOR_STAGES",
@@ -411,7 +412,7 @@ def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
         if not sep or not all(path):
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. split.detector=content")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_yaml(text) if text.strip() else ""
         except yaml.YAMLError as e:
             raise ValueError(f"--set {item!r}: value is not valid YAML: {e}") from None
         node = out
@@ -457,7 +458,7 @@ def load_config(
     layers: list[dict[str, Any]] = []
     if path:
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        loaded = load_yaml(text) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config {path}: top level must be a mapping")
         layers.append(loaded)

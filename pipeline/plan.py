@@ -40,14 +40,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config import BuildConfig, from_dict, load_config, merge_layers, parse_overrides
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.stages.decide import DEFAULT_THRESHOLDS
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import clip_spans
 from pipeline.video import even_size, resample_indices
+from schemas.yamltext import load_yaml
 
 __all__ = [
     "RATE_PRESETS",
@@ -468,7 +467,7 @@ def load_plan_config(
     (``--set KEY=VALUE``) items override its build sections."""
     data: dict[str, Any] = {}
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = load_yaml(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config {path}: top level must be a mapping")
         data = dict(loaded)

@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 
 import schemas
 from pipeline.stages.decide import DUPLICATE_REASON, LATE_SIGNALS, Decide, DecideConfig
 from pipeline.stages.dedup import DedupConfig, DedupIndex
 from pipeline.storage import join, storage_for
+from schemas.yamltext import load_yaml
 
 if TYPE_CHECKING:
     from pipeline.writer import CorpusWriter
@@ -102,7 +102,7 @@ def load_refilter_config(
 
     data: dict[str, Any] = {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"config {path}: top level must be a mapping")
     over = parse_overrides(sets)

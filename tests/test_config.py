@@ -41,6 +41,33 @@ def test_yaml_overrides_and_types(tmp_path) -> None:
     assert cfg.split.min_clip_s == 0.5
 
 
+def test_exponent_floats_are_numbers_in_files_and_set_items(tmp_path) -> None:
+    """YAML 1.2 and JSON read ``1e-1`` as a number; PyYAML alone reads it as a string."""
+    path = tmp_path / "c.yaml"
+    path.write_text("split:\n  min_clip_s: 5e-1\n  max_clip_s: 1E+1\n")
+    cfg = load_config(str(path), sets=["decide.thresholds.motion=[2.5e-3, null]"])
+    assert (cfg.split.min_clip_s, cfg.split.max_clip_s) == (0.5, 10.0)
+    assert cfg.decide.threshold_map()["motion"] == (0.0025, None)
+    assert parse_overrides(["a.b=-1e0", "a.c=1_000e-3", "a.d=e5"]) == {
+        "a": {"b": -1.0, "c": 1.0, "d": "e5"}
+    }
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("decide.thresholds.motion=abc", r"threshold 'motion': expected \[min, max\], got 'abc'"),
+        ("decide.thresholds.motion=[1, 2, 3]", r"expected \[min, max\], got \[1, 2, 3\]"),
+        ("decide.thresholds.motion=[low, null]", r"bounds are numbers or null, got 'low'"),
+        ("decide.thresholds.motion=[true, null]", r"bounds are numbers or null, got True"),
+        ("decide.thresholds.motion=[.nan, 1]", r"a bound is NaN"),
+    ],
+)
+def test_a_malformed_threshold_names_the_signal_and_the_value(item: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(sets=[item])
+
+
 @pytest.mark.parametrize(
     "text, where",
     [

@@ -259,7 +259,7 @@ def test_checkpoint_contents_and_ema_loading(tmp_path: Path) -> None:
 
 def test_config_file_and_validation(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
-    path.write_text("preset: DiT-tiny\nlr: 0.002\ngrad_accum: 2\n")
+    path.write_text("preset: DiT-tiny\nlr: 2e-3\ngrad_accum: 2\n")  # an exponent float
     cfg = load_train_config(str(path), lr=None, steps=7)
     assert (cfg.lr, cfg.grad_accum, cfg.steps) == (0.002, 2, 7)
     path.write_text("learning_rate: 1\n")

@@ -147,17 +147,31 @@ def _normalise(thresholds: Iterable[Any] | Mapping[str, Any]) -> tuple[tuple[str
     pairs: Iterable[Any] = thresholds.items() if isinstance(thresholds, Mapping) else thresholds
     out: list[tuple[str, Bounds]] = []
     for name, bounds in pairs:
-        lo, hi = bounds
         if name not in SCORE_NAMES:
             raise ValueError(f"threshold on unknown signal {name!r}; known: {SCORE_NAMES}")
         if any(name == seen for seen, _ in out):
             raise ValueError(f"signal {name!r} has two thresholds")
-        lo = None if lo is None else float(lo)
-        hi = None if hi is None else float(hi)
+        if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Iterable):
+            raise ValueError(f"threshold {name!r}: expected [min, max], got {bounds!r}")
+        bounds = list(bounds)
+        if len(bounds) != 2:
+            raise ValueError(f"threshold {name!r}: expected [min, max], got {bounds!r}")
+        lo, hi = (_bound(name, value) for value in bounds)
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"threshold {name!r}: min {lo} > max {hi}")
         out.append((name, (lo, hi)))
     return tuple(out)
+
+
+def _bound(name: str, value: Any) -> float | None:
+    """One end of a threshold: a number, or None for no bound."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"threshold {name!r}: bounds are numbers or null, got {value!r}")
+    if np.isnan(value):
+        raise ValueError(f"threshold {name!r}: a bound is NaN (null leaves a side open)")
+    return float(value)
 
 
 def edit_thresholds(base: Any, edits: Any) -> tuple[tuple[str, Bounds], ...]:
