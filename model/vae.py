@@ -23,6 +23,7 @@ loads back through the same ``VideoVAE.from_pretrained(dir)`` users run.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
@@ -204,7 +205,10 @@ class VideoVAE:
         import diffusers  # deferred: importing diffusers costs seconds
 
         model_cls = getattr(diffusers, vae_class)
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        # diffusers loads weights without a random init first only with accelerate, and
+        # otherwise prints a warning on every load: ask for what is installed
+        low_mem = importlib.util.find_spec("accelerate") is not None
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "low_cpu_mem_usage": low_mem}
         if subfolder is not None:
             kwargs["subfolder"] = subfolder
         vae = model_cls.from_pretrained(name_or_path, **kwargs).to(device)
