@@ -40,6 +40,7 @@ import json
 import struct
 import tarfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,6 +275,8 @@ def _check_shards(
     )
     stats = {"shards_read": 0, "samples": 0, "stale_samples": 0, "orphan_samples": 0}
     found: set[tuple[str, str]] = set()
+    read: set[str] = set()
+    unreadable: dict[str, str] = {}
     for n, uri in sorted(shards.items()):
         if n not in committed:
             continue
@@ -281,8 +284,9 @@ def _check_shards(
         try:
             samples = _read_shard(st, uri, shard, problems)
         except (tarfile.TarError, OSError) as e:
-            problems.append(f"{shard}: unreadable tar: {e}")
+            unreadable[shard] = f"unreadable tar ({e})"
             continue
+        read.add(shard)
         stats["shards_read"] += 1
         for key, member in samples.items():
             stats["samples"] += 1
@@ -299,10 +303,18 @@ def _check_shards(
             else:
                 stats["orphan_samples"] += 1
                 problems.append(f"{shard}:{key}: orphan sample (no committed index row)")
-    for shard, key in sorted(set(live) - found):
-        problems.append(
-            f"clip {live[(shard, key)]['clip_id']}: sample {shard}:{key} is not in the shard"
-        )
+    lost = sorted(set(live) - found)
+    for shard, key in lost:
+        if shard in read:
+            problems.append(
+                f"clip {live[(shard, key)]['clip_id']}: sample {shard}:{key} is not in the shard"
+            )
+    # a shard missing or unreadable as a whole: one line for all the clips it held
+    held = Counter(shard for shard, _ in lost if shard not in read)
+    for shard in sorted(set(held) | set(unreadable)):
+        what = unreadable.get(shard, "missing")
+        lost_here = f": the samples of {held[shard]} kept clip(s) are lost" if held[shard] else ""
+        problems.append(f"{shard}: {what}{lost_here}")
     return stats
 
 

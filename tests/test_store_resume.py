@@ -111,7 +111,11 @@ def _shard_of(root: Path, key: str) -> Path:
 _DAMAGE = {
     "missing shard": (
         lambda c: _shard_of(c, "clip00").unlink(),
-        ["sample shards/shard-000000.tar:clip00 is not in the shard"],
+        ["shards/shard-000000.tar: missing: the samples of 2 kept clip(s) are lost"],
+    ),
+    "truncated shard": (
+        lambda c: os.truncate(_shard_of(c, "clip00"), 700),
+        ["shards/shard-000000.tar: unreadable tar (", "): the samples of 2 kept clip(s) are lost"],
     ),
     "missing sample": (
         lambda c: _rewrite_tar(_shard_of(c, "clip03"), lambda i: not i.name.startswith("clip03")),
