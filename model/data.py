@@ -168,6 +168,10 @@ def read_manifest(root: str) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads(read_bytes(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no corpus manifest") from None
+    except ValueError as exc:  # JSON or UTF-8
+        raise ValueError(f"{path}: the corpus manifest is not JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: the corpus manifest is not a JSON object")
     for key in ("patch_size", "vae"):
         if key not in manifest:
             raise ValueError(f"{path}: manifest has no {key!r}")

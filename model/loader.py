@@ -278,7 +278,10 @@ def _open_tar(url: str, *, seekable: bool) -> tarfile.TarFile:
     """A tar reader: local files seek over unneeded members; s3 streams the body (or,
     for header probes, reads ranges)."""
     if not is_s3(url):
-        return tarfile.open(url, mode="r:")
+        try:
+            return tarfile.open(url, mode="r:")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url}: shard listed in the index is missing") from None
     if seekable:
         return tarfile.open(fileobj=io.BufferedReader(_S3RangeFile(url), 1 << 16), mode="r:")
     bucket, key = split_s3(url)
@@ -840,11 +843,17 @@ class _RankStream(torch.utils.data.IterableDataset[PackedBatch]):
                     if not self.skip_corrupt:
                         raise
                     raws.append(exc)
-                except tarfile.TarError as exc:  # the shard is cut short or garbled
-                    if not self.skip_corrupt:
-                        raise
+                except (tarfile.TarError, FileNotFoundError) as exc:  # cut short, garbled, gone
                     why = f"the shard cannot be read from here on ({exc})"
-                    raws.append(ValueError(f"{p.shard}: sample {p.key!r}: {why}"))
+                    if isinstance(exc, FileNotFoundError):
+                        why = "the shard is missing"
+                    problem = ValueError(f"{p.shard}: sample {p.key!r}: {why}")
+                    if not self.skip_corrupt:
+                        raise ValueError(
+                            f"{problem} (`reelpack inspect ROOT` lists what is damaged; "
+                            "training with --skip-corrupt leaves such samples out)"
+                        ) from exc
+                    raws.append(problem)
             yield _build_batch(
                 items,
                 raws,

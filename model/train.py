@@ -225,12 +225,19 @@ class _Stream:
         while True:
             if fresh:
                 self.loader.set_epoch(self.epoch)
-            count = 0
+            count, corrupt = 0, self.loader.stats.samples_corrupt
             for batch in self.loader:
                 count += 1
                 yield batch
             if count == 0 and fresh:
-                reason = _no_batch_reason(self.loader.plan(self.epoch), self.loader.cfg)
+                left_out = self.loader.stats.samples_corrupt - corrupt
+                reason = (
+                    f"no batch: all {left_out} samples this rank read were left out as "
+                    "unreadable or corrupt (--skip-corrupt); `reelpack inspect ROOT` lists "
+                    "what is damaged"
+                    if left_out
+                    else _no_batch_reason(self.loader.plan(self.epoch), self.loader.cfg)
+                )
                 raise ValueError(f"{self.where}: {reason}")
             self.epoch, fresh = self.epoch + 1, True
 
@@ -883,11 +890,14 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
         if f.name in skip:
             continue
         kind = type(getattr(TrainConfig(), f.name))
+        # a bool flag alone means true (--skip-corrupt); it also takes a value (--ema false)
+        flag: dict[str, Any] = {"nargs": "?", "const": True} if kind is bool else {}
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
             type=_parse_bool if kind is bool else kind,
             default=None,
             help=f"(default {getattr(TrainConfig(), f.name)!r})",
+            **flag,
         )
 
 

@@ -77,6 +77,15 @@ def test_iter_samples_reads_back_what_was_written(tmp_path: Path) -> None:
     assert samples[1].meta["latent_shape"] == [C, 2, 4, 6]
 
 
+def test_a_damaged_manifest_is_named(tmp_path: Path) -> None:
+    root = write_corpus(tmp_path / "c", _latents([(1, 2, 2)]))
+    path = root / "manifest.json"
+    for text, why in [("{bad", "is not JSON"), ("[1, 2]", "is not a JSON object")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"manifest.json: the corpus manifest {why}"):
+            read_manifest(str(root))
+
+
 def test_iter_samples_refuses_unknown_members(tmp_path: Path) -> None:
     # A pickle in a shard must never be loaded, whatever its suffix promises.
     root = write_corpus(tmp_path / "c", _latents([(1, 2, 2)]), extra={"pyd": b"\x80\x04K\x01."})

@@ -467,3 +467,37 @@ def test_a_corrupt_sample_stops_the_run_or_is_left_out(
         losses = train(str(root), str(tmp_path / "run"), skipping)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert any("sample 'clip0002'" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
+def test_a_lost_shard_stops_the_run_naming_it_or_leaves_every_sample_out(
+    tmp_path: Path, damage: str
+) -> None:
+    root = make_corpus(tmp_path / "c", smooth_latents(MIX[:4]))
+    shard = root / schemas.SHARDS_DIR / "shard-000000.tar"
+    if damage == "missing":
+        shard.unlink()
+        why = "the shard is missing"
+    else:
+        os.truncate(shard, 700)
+        why = r"the shard cannot be read from here on \(.+\)"
+    cfg = TrainConfig(steps=2, token_budget=64, device="cpu")
+    with pytest.raises(
+        ValueError, match=rf"shard-000000.tar: sample '\w+': {why} .*--skip-corrupt"
+    ):
+        train(str(root), str(tmp_path / "stopped"), cfg)
+    with pytest.raises(ValueError, match=r"no batch: all 4 samples .* left out as unreadable"):
+        train(str(root), str(tmp_path / "run"), dataclasses.replace(cfg, skip_corrupt=True))
+
+
+def test_a_bool_flag_alone_is_true_and_takes_a_value() -> None:
+    import argparse
+
+    from model.train import add_config_flags
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    assert parser.parse_args(["--skip-corrupt"]).skip_corrupt is True
+    assert parser.parse_args(["--skip-corrupt", "false", "--fsdp", "yes"]).skip_corrupt is False
+    assert parser.parse_args(["--fsdp", "yes"]).fsdp is True
+    assert parser.parse_args([]).skip_corrupt is None  # unset: the config file's value
