@@ -89,7 +89,7 @@ from pipeline.stages.split import CRASH_ENV, Split
 from pipeline.stages.text_encode import TextEncode
 from pipeline.stitching import RangeStitcher, expand_ranges
 from pipeline.storage import is_s3, join, storage_for
-from pipeline.writer import CorpusWriter
+from pipeline.writer import CorpusWriter, read_manifest
 
 __all__ = [
     "PlacementError",
@@ -889,11 +889,10 @@ def build(
 def _check_resume(out: str, cfg: BuildConfig) -> list[str]:
     """Raise CorpusMismatch when ``out`` holds another VAE's latents (pipeline.compat);
     the config keys that differ from the ones it was built with."""
-    st = storage_for(out)
-    uri = join(out, schemas.MANIFEST_NAME)
-    if not st.exists(uri):
+    manifest = read_manifest(out)
+    if manifest is None:
         return []
-    return check_resume(out, json.loads(st.read(uri)), _manifest_extra(cfg))
+    return check_resume(out, manifest, _manifest_extra(cfg))
 
 
 def _died(in_flight: Any, failed: dict[str, str]) -> dict[str, str]:

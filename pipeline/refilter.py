@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -42,7 +41,6 @@ import pyarrow.compute as pc
 import schemas
 from pipeline.stages.decide import DUPLICATE_REASON, LATE_SIGNALS, Decide, DecideConfig
 from pipeline.stages.dedup import DedupConfig, DedupIndex
-from pipeline.storage import join, storage_for
 from schemas.yamltext import load_yaml
 
 if TYPE_CHECKING:
@@ -63,11 +61,12 @@ _DECISION_COLUMNS = ("status", "reasons", "dup_of", "shard", "key")
 def built_config(root: str) -> dict[str, Any]:
     """The resolved build config stored in the corpus's manifest; FileNotFoundError when
     ``root`` has no manifest (not a corpus, or one that never committed)."""
-    st = storage_for(root)
-    uri = join(root, schemas.MANIFEST_NAME)
-    if not st.exists(uri):
+    from pipeline.writer import read_manifest
+
+    manifest = read_manifest(root)
+    if manifest is None:
         raise FileNotFoundError(f"no {schemas.MANIFEST_NAME}; not a reelpack corpus")
-    config = json.loads(st.read(uri)).get("config")
+    config = manifest.get("config")
     return config if isinstance(config, dict) else {}
 
 
@@ -241,13 +240,11 @@ def _write_manifest(
 ) -> dict[str, Any] | None:
     """Refresh counts and the decide / dedup config of ``manifest.json``, if there is one."""
     from pipeline.config import to_dict
+    from pipeline.writer import read_manifest
 
-    root = writer.root
-    st = storage_for(root)
-    uri = join(root, schemas.MANIFEST_NAME)
-    if not st.exists(uri):
+    manifest = read_manifest(writer.root)
+    if manifest is None:
         return None
-    manifest = json.loads(st.read(uri))
     extra = {
         k: v for k, v in manifest.items() if k not in ("schema_version", "created_at", "counts")
     }

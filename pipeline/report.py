@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import tarfile
 from collections import Counter
@@ -38,7 +37,7 @@ import pyarrow as pa
 import schemas
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.storage import join, storage_for
-from pipeline.writer import read_index, read_sources
+from pipeline.writer import read_index, read_manifest, read_sources
 
 __all__ = [
     "GalleryItem",
@@ -546,11 +545,9 @@ def _gallery(items: list[GalleryItem], note: str) -> str:
 
 def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -> str:
     """The HTML page of the corpus at ``root`` (local folder or ``s3://``)."""
-    st = storage_for(root)
-    manifest_uri = join(root, schemas.MANIFEST_NAME)
-    if not st.exists(manifest_uri):
+    manifest = read_manifest(root)
+    if manifest is None:
         raise FileNotFoundError(f"{root}: no {schemas.MANIFEST_NAME}; not a reelpack corpus")
-    manifest = json.loads(st.read(manifest_uri))
     index, sources = read_index(root), read_sources(root)
     dists = _distributions(index, sources)
     items, note = load_gallery(root, manifest, index, samples=samples, vae_path=vae_path)

@@ -336,6 +336,22 @@ def _counts(index: pa.Table, sources: pa.Table) -> dict[str, int]:
     return counts
 
 
+def read_manifest(root: str) -> dict[str, Any] | None:
+    """The corpus's ``manifest.json`` (None when there is none: not a corpus, or one that
+    never committed); ValueError naming the file when it is not a JSON object."""
+    st = storage_for(root)
+    uri = join(root, schemas.MANIFEST_NAME)
+    if not st.exists(uri):
+        return None
+    try:
+        manifest = json.loads(st.read(uri))
+    except ValueError as exc:  # JSON or UTF-8
+        raise ValueError(f"{uri}: the corpus manifest is not JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{uri}: the corpus manifest is not a JSON object")
+    return manifest
+
+
 def corpus_counts(root: str) -> dict[str, int]:
     """``schemas.COUNT_KEYS`` over the whole committed corpus at ``root`` (latest rows).
 

@@ -186,6 +186,16 @@ def test_inspect_fails_on_a_damaged_copy(good: str, tmp_path: Path, damage: str)
         assert any(text in p for p in report.problems), report.problems
 
 
+def test_commands_name_a_manifest_that_is_not_json(good: str) -> None:
+    from pipeline.refilter import built_config
+    from pipeline.report import render_report
+
+    (Path(good) / schemas.MANIFEST_NAME).write_text('{"vae": ')
+    for read in (built_config, render_report):
+        with pytest.raises(ValueError, match=r"manifest.json: the corpus manifest is not JSON"):
+            read(good)
+
+
 def test_inspect_command(good: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from reelpack.cli import main
 
