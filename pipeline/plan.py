@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import Any
 
 from pipeline.config import BuildConfig, from_dict, load_config, merge_layers, parse_overrides
 from pipeline.hdr import HDR_TRANSFER_NAMES
+from pipeline.progress import cause_lines, error_reason
 from pipeline.stages.decide import DEFAULT_THRESHOLDS
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import clip_spans
@@ -297,6 +299,9 @@ class Plan:
     rates: dict[str, float]
     per_source: list[SourceEstimate] = field(default_factory=list)
     traits: dict[str, int] = field(default_factory=dict)  # probed sources per trait
+    # probed sources that fail their probe, by cause (pipeline.progress.error_reason),
+    # the most common first: what a build would record as their error rows
+    probe_errors_by_reason: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -409,6 +414,11 @@ def make_plan(
         sources=len(sources),
         probed=len(chosen),
         probe_errors=sum(e.status != "done" for e in ests),
+        probe_errors_by_reason=dict(
+            Counter(
+                error_reason(e.error or "", e.source) for e in ests if e.status != "done"
+            ).most_common()
+        ),
         scale=scale,
         duration_s=sum(e.duration_s for e in ok) * scale,
         clips=clips,
@@ -501,6 +511,10 @@ def _size(n: float) -> str:
     return f"{n:.1f} PB"  # unreachable: TB returns above
 
 
+def _images(n: float) -> str:
+    return f" (and ~{n:,.0f} image{'' if round(n) == 1 else 's'})"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as a plain-text report with a per-stage table."""
     if plan.gpus:
@@ -509,13 +523,9 @@ def format_plan(plan: Plan) -> str:
         gpu_text = "no GPUs (model stages on CPUs)"
     lines = [
         f"plan ({plan.preset} preset): {plan.sources} sources, {plan.probed} probed"
-        f" ({plan.probe_errors} unreadable), {plan.workers} CPU workers, {gpu_text}",
+        f" ({plan.probe_errors} fail their probe), {plan.workers} CPU workers, {gpu_text}",
         f"  video      {_duration(plan.duration_s)}"
-        + (
-            f" (and ~{plan.traits['image'] * plan.scale:,.0f} images)"
-            if "image" in plan.traits
-            else ""
-        ),
+        + (_images(plan.traits["image"] * plan.scale) if "image" in plan.traits else ""),
         f"  clips      {plan.clips:,.0f} (kept ~{plan.clips_kept:,.0f})",
         f"  tokens     {plan.latent_tokens:,.0f} (~{plan.tokens_per_clip_mean:,.0f} per clip)",
         f"  storage    {_size(plan.storage_bytes)}",
@@ -523,6 +533,8 @@ def format_plan(plan: Plan) -> str:
     if plan.traits:
         found = ", ".join(f"{n} {TRAITS[t]}" for t, n in plan.traits.items())
         lines.append(f"  probed     {found}")
+    causes = cause_lines(plan.probe_errors_by_reason, 5, "--json lists them")
+    lines += [f"  {line}" for line in causes]
     lines += [
         "",
         f"  {'stage':<12} {'on':<7} {'work':>14} {'unit':<18} {'resource time':>14} {'wall':>10}",

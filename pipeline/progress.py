@@ -75,7 +75,28 @@ def error_reason(error: str, source: str) -> str:
     ``a.mp4: frame size 9000x9000 exceeds ...`` and ``b.mp4: frame size 12000x800
     exceeds ...`` count as one."""
     text = error.replace(source, "<source>").removeprefix("<source>: ") or "(no reason given)"
-    return re.sub(r"\d+", "N", text)[:300]
+    # numbers, not the digits of names (MP4, H.264, x264, VP9); sizes as NxN
+    text = _NUMBER.sub("N", text)
+    return _SIZE.sub("NxN", text)[:300]
+
+
+def cause_lines(causes: Mapping[str, int], shown: int, rest_where: str) -> list[str]:
+    """Lines ``failed     N <cause>`` for the ``shown`` most common ``causes`` (as
+    :func:`error_reason` writes them, most common first), then one line that sums the
+    others and says where they are listed (``rest_where``)."""
+    items = sorted(causes.items(), key=lambda kv: -kv[1])
+    lines = []
+    for i, (reason, n) in enumerate(items[:shown]):
+        text = reason if len(reason) <= 120 else reason[:117] + "..."
+        lines.append(f"{'failed' if i == 0 else '':<10} {n} {text}")
+    if len(items) > shown:
+        rest = sum(n for _, n in items[shown:])
+        lines.append(f"{'':<10} {rest} of {len(items) - shown} other cause(s) ({rest_where})")
+    return lines
+
+
+_NUMBER = re.compile(r"(?<![A-Za-z0-9.])\d+(?:\.\d+)?")
+_SIZE = re.compile(r"\bNx\d+\b")
 
 
 def _fmt_eta(seconds: float) -> str:

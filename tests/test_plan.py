@@ -201,6 +201,39 @@ def test_format_mentions_every_stage(videos: Path, tiny_cfg: BuildConfig) -> Non
         assert f"  {s.stage} " in text
 
 
+def test_plan_lists_why_probed_sources_fail(
+    videos: Path, tiny_cfg: BuildConfig, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    plain = make_plan(_sources(videos), tiny_cfg, workers=2)
+    bad = []
+    for n in range(5):
+        path = tmp_path / f"bad{n}.mp4"
+        path.write_bytes(b"" if n < 2 else b"not a video")
+        bad.append(str(path))
+    plan = make_plan(_sources(videos) + bad, tiny_cfg, workers=2, sample=100)
+    assert plan.probe_errors == plain.probe_errors + 5
+    reasons = plan.probe_errors_by_reason
+    assert sum(reasons.values()) == plan.probe_errors
+    assert reasons["not a readable video or image: an empty file (N bytes)"] == 2
+    garbage = "not a readable video or image (unknown or corrupt container): Invalid data"
+    assert sum(n for r, n in reasons.items() if r.startswith(garbage)) >= 3
+    text = format_plan(plan)
+    assert f"({plan.probe_errors} fail their probe)" in text
+    top, count = next(iter(reasons.items()))
+    assert f"  failed     {count} {top}"[:110] in text
+    assert json.loads(json.dumps(plan.to_json()))["probe_errors_by_reason"] == reasons
+    # five causes are listed, the rest summed
+    many = dataclasses.replace(
+        plan, probe_errors_by_reason={f"cause {c}": 9 - c for c in range(1, 8)}
+    )
+    lines = format_plan(many).splitlines()
+    listed = [line for line in lines if " cause " in line]
+    assert len(listed) == 5 and "  failed     8 cause 1" in lines
+    assert "             5 of 2 other cause(s) (--json lists them)" in lines
+
+
 def test_plan_names_sources_that_split_treats_specially(
     videos: Path, tiny_cfg: BuildConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

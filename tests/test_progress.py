@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from pipeline.progress import BuildProgress, StageMeter
+from pipeline.progress import BuildProgress, StageMeter, error_reason
 from pipeline.stages.base import metered, stage_actor, stage_task
 
 
@@ -187,6 +187,10 @@ def test_failed_sources_are_counted_by_cause() -> None:
         "frame size NxN exceeds N pixels (max_pixels)": 2,
         "split failed: timeout after N s (reading <source>)": 1,
     }
+    # digits of names stay: a cause reads as the error did
+    assert error_reason("/v/a.mp4: an MP4 without moov; H.264 (x264) at 29.97 fps", "/v/a.mp4") == (
+        "an MP4 without moov; H.264 (x264) at N fps"
+    )
 
 
 def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:

@@ -61,6 +61,7 @@ def summary_text(summary: dict[str, Any], out: str) -> str:
     """The run's summary in a few lines; the whole of it is ``<out>/summary.json``."""
     from collections import Counter
 
+    from pipeline.progress import cause_lines
     from pipeline.sources import describe_skipped
     from pipeline.storage import join
 
@@ -77,12 +78,9 @@ def summary_text(summary: dict[str, Any], out: str) -> str:
     note = describe_skipped(Counter(summary.get("files_skipped") or {}))
     if note:
         lines.insert(1, f"files      {note}")
-    errors = list((summary.get("errors_by_reason") or {}).items())
-    for i, (reason, n) in enumerate(errors[:3]):  # the most common causes of failed sources
-        shown = reason if len(reason) <= 120 else reason[:117] + "..."
-        lines.append(f"{'failed' if i == 0 else '':<10} {n} {shown}")
-    if len(errors) > 3:
-        lines.append(f"{'':<10} and {len(errors) - 3} other causes (summary.json errors_by_reason)")
+    # the most common causes of failed sources
+    causes = summary.get("errors_by_reason") or {}
+    lines += cause_lines(causes, 3, "summary.json errors_by_reason lists them")
     reasons = sorted(summary["rejected_by_reason"].items(), key=lambda kv: (-kv[1], kv[0]))
     if reasons:
         lines.append("rejected   " + ", ".join(f"{r} {n}" for r, n in reasons))
