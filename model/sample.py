@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.device import resolve_device
 from model.dit import DiT, grid_positions
 from model.flow import euler_sample, resolution_shift
 
@@ -242,8 +243,7 @@ def sample_to_file(
     available. Returns the written path.
     """
     check_output(out, frames, fps)  # before any work
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     from model.data import read_manifest
     from model.train import load_checkpoint
     from model.vae import VideoVAE

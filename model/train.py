@@ -46,6 +46,7 @@ from torch import nn
 
 import schemas
 from model.data import PackedLoader, is_s3, read_manifest
+from model.device import resolve_device
 from model.dit import ATTN_BACKENDS, DiT, DiTConfig, build_dit
 from model.ema import EMA
 from model.flow import REDUCTIONS, caption_keep_mask, flow_loss, resolution_shift
@@ -347,6 +348,8 @@ def _setup_distributed(cfg: TrainConfig) -> _Dist:
     want_cuda = cfg.device.startswith("cuda") or (
         cfg.device == "auto" and torch.cuda.is_available()
     )
+    if cfg.device.startswith("cuda"):
+        resolve_device(cfg.device)  # a GPU torch does not see here: named, not a crash
     owns = False
     if (
         dist.is_available()

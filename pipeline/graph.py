@@ -463,6 +463,36 @@ def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
         placed[stage] = placed.get(stage, 0) + 1
 
 
+def check_devices(cfg: BuildConfig, cluster_gpus: float) -> None:
+    """Fail fast, naming the field, when a model stage is set to a CUDA device that its
+    actors will not have: Ray shows an actor only the GPUs it reserved for it (none when
+    the stage's ``num_gpus`` is 0, or auto on a cluster without GPUs), each actor's
+    first as ``cuda:0``. Without this, every actor of the stage dies starting up."""
+    for stage, gpus in gpu_shares(cfg, cluster_gpus).items():
+        device = str(getattr(getattr(cfg, stage), "device", "auto"))
+        if not device.startswith("cuda"):
+            continue
+        index = int(device.partition(":")[2] or 0)
+        if index < math.ceil(gpus):
+            continue
+        given = getattr(cfg.ray, stage).num_gpus
+        if gpus <= 0:
+            why = (
+                f"ray.{stage}.num_gpus is {given:g}"
+                if given is not None
+                else f"ray.{stage}.num_gpus is auto and the cluster has no GPUs"
+            )
+            has = f"its actors get no GPU ({why})"
+        else:
+            seen = math.ceil(gpus)
+            names = "cuda:0" if seen == 1 else f"cuda:0..cuda:{seen - 1}"
+            has = f"each of its actors sees {seen} GPU(s), as {names}"
+        raise PlacementError(
+            f"config {stage}.device is {device!r}, but {has}: set {stage}.device "
+            f"to auto, or give the stage GPUs (ray.{stage}.num_gpus)"
+        )
+
+
 def _node_shape(node: dict[str, float]) -> str:
     return f"{node.get('CPU', 0.0):g} CPU/{node.get('GPU', 0.0):g} GPU"
 
@@ -1010,6 +1040,7 @@ def _build(
         resources = ray.cluster_resources()
         cluster_gpus = float(resources.get("GPU", 0.0))
         check_resources(cfg, cluster_nodes())
+        check_devices(cfg, cluster_gpus)
         meter = _start_meter()
         progress.poll = lambda: ray.get(meter.snapshot.remote(), timeout=10)
         progress.start()

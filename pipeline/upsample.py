@@ -91,8 +91,10 @@ class Upsampler:
 
         from model.tiny_text import is_tiny
 
-        if cfg.max_new_tokens < 1 or cfg.temperature < 0:
-            raise ValueError(f"invalid upsample config: {cfg}")
+        if cfg.max_new_tokens < 1:
+            raise ValueError(f"upsample: max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+        if cfg.temperature < 0:
+            raise ValueError(f"upsample: temperature must be >= 0, got {cfg.temperature}")
         self.cfg = cfg
         self.device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)

@@ -10,6 +10,7 @@ from pipeline.config import load_config
 from pipeline.graph import (
     WORKER_ENV_DEFAULTS,
     PlacementError,
+    check_devices,
     check_resources,
     cluster_nodes,
     gpu_shares,
@@ -101,6 +102,22 @@ def test_the_check_can_be_turned_off_for_autoscaling_clusters() -> None:
     check_resources(cfg, [{"CPU": 2.0}])
 
 
+def test_a_cuda_device_needs_gpus_for_the_stage() -> None:
+    """Ray shows an actor only its own GPUs, from cuda:0; none when the stage has none."""
+    check_devices(_cfg(), 0)  # devices "auto"
+    with pytest.raises(PlacementError, match=r"encode.device is 'cuda', but its actors get no GPU"):
+        check_devices(load_config(preset="tiny", sets=["encode.device=cuda"]), 4)
+    auto = load_config(sets=["caption.device=cuda"])  # default preset: num_gpus auto
+    with pytest.raises(PlacementError, match=r"num_gpus is auto and the cluster has no GPUs"):
+        check_devices(auto, 0)
+    check_devices(auto, 1)
+    two = ["encode.device=cuda:1", "ray.encode.num_gpus=2"]
+    check_devices(load_config(preset="tiny", sets=two), 2)
+    half = ["encode.device=cuda:1", "ray.encode.num_gpus=0.5"]
+    with pytest.raises(PlacementError, match=r"sees 1 GPU\(s\), as cuda:0: set encode.device"):
+        check_devices(load_config(preset="tiny", sets=half), 2)
+
+
 def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -116,6 +133,12 @@ def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(
     corpus = tmp_path / "corpus"
     assert main(["build", str(video), "--out", str(corpus), "--config", str(config)]) == 2
     assert "cannot place encode (64 CPU" in capsys.readouterr().err
+    config.write_text(
+        f"preset: tiny\nmodel_cache: {tmp_path / 'models'}\nencode: {{device: cuda}}\n"
+        "ray: {num_cpus: 2, progress_interval_s: 0}\n"
+    )
+    assert main(["build", str(video), "--out", str(corpus), "--config", str(config)]) == 2
+    assert "encode.device is 'cuda', but its actors get no GPU" in capsys.readouterr().err
     nodes = cluster_nodes()
     assert nodes and all(n["CPU"] > 0 for n in nodes)
     assert not (corpus / "index").exists()

@@ -442,6 +442,24 @@ def test_the_default_device_is_the_gpu_when_there_is_one(
     assert chosen == [torch.device("cuda", 0)]
 
 
+def test_a_cuda_device_torch_cannot_see_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.device import resolve_device
+    from model.train import _setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'cuda': torch sees 0 CUDA device\(s\) \(no GPU"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match=r"device 'cuda:0': torch sees 0"):
+        _setup_distributed(TrainConfig(device="cuda:0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match=r"device 'cuda:2': torch sees 2 CUDA device\(s\)$"):
+        resolve_device("cuda:2")
+
+
 def test_a_corrupt_sample_stops_the_run_or_is_left_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -84,6 +84,13 @@ def test_sampling_is_seeded(cfg: UpsampleConfig) -> None:
     assert hot(PROMPTS[:1]) == hot(PROMPTS[:1])
 
 
+def test_bad_settings_are_named_before_the_model_loads(cfg: UpsampleConfig) -> None:
+    with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1, got 0"):
+        Upsampler(replace(cfg, max_new_tokens=0))
+    with pytest.raises(ValueError, match=r"temperature must be >= 0, got -1"):
+        Upsampler(replace(cfg, temperature=-1.0))
+
+
 def test_upsample_function_loads_once(cfg: UpsampleConfig, upsampler: Upsampler) -> None:
     first = upsample(PROMPTS[0], cfg)
     assert first == upsampler(PROMPTS[:1])[0]

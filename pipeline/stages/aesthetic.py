@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from model.device import resolve_device
 from pipeline.stages.base import Batch, num_rows
 from pipeline.stages.score import (
     float_column,
@@ -61,7 +62,6 @@ __all__ = [
     "clip_embedding",
     "load_head",
     "register_clip_config",
-    "resolve_device",
 ]
 
 SCORE = score_column("aesthetic")
@@ -139,12 +139,6 @@ def register_clip_config(path: str | Path, clip_model: str) -> None:
         raise ValueError(f"open_clip names a config by its file stem: {path} is not {clip_model!r}")
     if open_clip.get_model_config(clip_model) is None:
         open_clip.add_model_config(path)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _embed_width(model: Any) -> int:

@@ -460,9 +460,9 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
     """``("auto", "auto")`` -> cuda + bfloat16 when a GPU is there, else cpu + float32."""
     import torch
 
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
+    from model.device import resolve_device
+
+    dev = resolve_device(device)
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     resolved = getattr(torch, dtype, None)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
+from model.device import resolve_device
 from model.vae import VideoVAE, native_size
 from pipeline.stages.base import Batch, num_rows, with_columns
 from pipeline.video import decode_mp4, resample_indices
@@ -171,9 +172,7 @@ def prepare_clip(
 
 
 def _device_dtype(cfg: EncodeConfig) -> tuple[str, torch.dtype]:
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(cfg.device))
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:

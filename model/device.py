@@ -1,0 +1,22 @@
+"""The torch device a command or stage runs on, from a config's ``device`` string."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["resolve_device"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: the first CUDA device when torch sees one, else the CPU; any other
+    value as torch reads it. A CUDA device torch does not see here is a ValueError that
+    names it (instead of torch's first failed allocation, deep in a model load)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            hint = "" if count else " (no GPU, or a torch build without CUDA)"
+            raise ValueError(f"device {str(device)!r}: torch sees {count} CUDA device(s){hint}")
+    return dev
