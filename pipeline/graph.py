@@ -467,7 +467,14 @@ def check_devices(cfg: BuildConfig, cluster_gpus: float) -> None:
     """Fail fast, naming the field, when a model stage is set to a CUDA device that its
     actors will not have: Ray shows an actor only the GPUs it reserved for it (none when
     the stage's ``num_gpus`` is 0, or auto on a cluster without GPUs), each actor's
-    first as ``cuda:0``. Without this, every actor of the stage dies starting up."""
+    first as ``cuda:0``. Without this, every actor of the stage dies starting up.
+    Split runs as CPU tasks, so TransNetV2 there runs on the CPU."""
+    device = cfg.split.transnet_device
+    if cfg.split.detector == "transnetv2" and device.startswith("cuda"):
+        raise PlacementError(
+            f"config split.transnet_device is {device!r}, but split runs as Ray tasks "
+            "without GPUs: set it to cpu"
+        )
     for stage, gpus in gpu_shares(cfg, cluster_gpus).items():
         device = str(getattr(getattr(cfg, stage), "device", "auto"))
         if not device.startswith("cuda"):

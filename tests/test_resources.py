@@ -113,6 +113,9 @@ def test_a_cuda_device_needs_gpus_for_the_stage() -> None:
     check_devices(auto, 1)
     two = ["encode.device=cuda:1", "ray.encode.num_gpus=2"]
     check_devices(load_config(preset="tiny", sets=two), 2)
+    split = ["split.detector=transnetv2", "split.transnet_device=cuda"]
+    with pytest.raises(PlacementError, match=r"split runs as Ray tasks without GPUs"):
+        check_devices(load_config(preset="tiny", sets=split), 1)
     half = ["encode.device=cuda:1", "ray.encode.num_gpus=0.5"]
     with pytest.raises(PlacementError, match=r"sees 1 GPU\(s\), as cuda:0: set encode.device"):
         check_devices(load_config(preset="tiny", sets=half), 2)
