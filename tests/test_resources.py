@@ -121,6 +121,37 @@ def test_a_cuda_device_needs_gpus_for_the_stage() -> None:
         check_devices(load_config(preset="tiny", sets=half), 2)
 
 
+def test_a_ray_address_where_nothing_answers_fails_in_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+    import time
+
+    from model.raycluster import check_reachable
+    from model.train import _init_ray
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")
+        check_reachable(f"ray://127.0.0.1:{port}")
+    check_reachable("auto")
+    closed = f"127.0.0.1:{port}"  # closed now
+    with pytest.raises(ConnectionError, match=rf"Ray address {closed}: nothing answers at"):
+        check_reachable(closed)
+    with pytest.raises(ConnectionError, match=rf"Ray address {closed}"):
+        _init_ray(closed)  # training's way in
+    from pipeline.synth import synth_video
+
+    synth_video(str(tmp_path / "v.mp4"), width=64, height=36, fps=12.0, shots=[24], seed=0)
+    started = time.monotonic()
+    args = ["build", str(tmp_path), "--out", str(tmp_path / "c"), "--ray-address", closed]
+    assert main([*args, "--preset", "tiny"]) != 0
+    assert f"Ray address {closed}: nothing answers" in capsys.readouterr().err
+    assert time.monotonic() - started < 120  # not ray.init's minutes of retries
+
+
 def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
