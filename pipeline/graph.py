@@ -1095,8 +1095,9 @@ def _build(
     }
     if todo:
         echo(progress.line())
-        if per_stage:
-            echo(progress.stage_line())
+        stage_line = progress.stage_line() if per_stage else None
+        if stage_line is not None:
+            echo(stage_line)
     if interrupted is not None:
         echo(
             f"interrupted ({interrupted}): {run_counts['sources']} sources committed this run, "

@@ -251,13 +251,18 @@ class BuildProgress:
     def _tick(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.echo(self.line())
-            if self.poll is not None:
-                self.echo(self.stage_line())
+            stages = self.stage_line() if self.poll is not None else None
+            if stages is not None:
+                self.echo(stages)
 
-    def stage_line(self) -> str:
-        """Rows out per stage so far and each stage's rate since the previous call."""
+    def stage_line(self) -> str | None:
+        """Rows out per stage so far and each stage's rate since the previous call; None
+        when the counts did not come in time (a meter busy on loaded cores: the next
+        line has them)."""
         try:
             counts = self.poll() if self.poll is not None else {}
+        except TimeoutError:
+            return None
         except Exception as e:  # the display never stops a build
             return f"[stages] unavailable: {type(e).__name__}: {e}"
         now = self.clock()

@@ -94,11 +94,15 @@ def test_stage_line_shows_rows_and_rate_since_last_line() -> None:
 
 
 def test_stage_line_survives_a_failing_poll() -> None:
-    def broken() -> dict:
-        raise TimeoutError("meter actor gone")
+    def slow() -> dict:
+        raise TimeoutError("meter busy")
 
+    def broken() -> dict:
+        raise RuntimeError("meter actor gone")
+
+    assert BuildProgress(1, stages=["split"], poll=slow).stage_line() is None  # next tick
     p = BuildProgress(1, stages=["split"], poll=broken)
-    assert p.stage_line() == "[stages] unavailable: TimeoutError: meter actor gone"
+    assert p.stage_line() == "[stages] unavailable: RuntimeError: meter actor gone"
 
 
 def test_ticker_prints_while_no_batch_arrives() -> None:
