@@ -289,11 +289,13 @@ def refilter(
     history = read_index(root, include_superseded=True)
     after = redecide(before, decide, dedup, history)
     sources = _changed_sources(before, after)
-    changed = sum(
+    fields = ("status", "reasons", "dup_of")
+    changed = sum(  # clips whose status, reasons or duplicate link changed
         a != b
-        for name in ("status", "reasons", "dup_of")
         for a, b in zip(
-            before.column(name).to_pylist(), after.column(name).to_pylist(), strict=True
+            zip(*(before.column(name).to_pylist() for name in fields), strict=True),
+            zip(*(after.column(name).to_pylist() for name in fields), strict=True),
+            strict=True,
         )
     )
     part = None

@@ -155,6 +155,7 @@ def test_refilter_changes_decisions_without_recomputing(
     assert summary["after"]["by_status"] == {"kept": 3, "rejected": 2}
     assert summary["after"]["rejected_by_reason"] == {"duplicate": 1, "sharpness<20": 1}
     assert summary["sources_rewritten"] == 1 and summary["part"] is not None
+    assert summary["decision_changes"] == 1  # one clip, whose status and reasons changed
     rows = by_id(corpus)
     assert rows["still-a"]["status"] == "kept" and rows["still-a"]["reasons"] == []
     assert rows["still-a"]["shard"] is None  # never encoded: the next build does it
