@@ -35,6 +35,12 @@ __all__ = ["check_output", "latent_grid", "sample_latents", "sample_to_file", "w
 Grid = tuple[int, int, int]
 
 
+# Sizes no sampler run can hold: refused before anything is allocated (a typo such as
+# --height 100000 would otherwise exhaust the host's memory)
+MAX_SAMPLE_PIXELS = 8192 * 8192
+MAX_SAMPLE_TOKENS = 1 << 22
+
+
 def latent_grid(
     vae: dict[str, Any], patch: Sequence[int], frames: int, height: int, width: int
 ) -> tuple[tuple[int, int, int], Grid]:
@@ -62,9 +68,19 @@ def latent_grid(
                 f"{name} {size} is not a positive multiple of {multiple} "
                 f"(VAE spatial factor {s} x patch {p}; e.g. {lower} or {lower + multiple})"
             )
+    if height * width > MAX_SAMPLE_PIXELS:
+        problems.append(
+            f"{width}x{height} is over {MAX_SAMPLE_PIXELS:,} pixels a frame (8192 x 8192)"
+        )
     if problems:
         raise ValueError("cannot sample that size: " + "; ".join(problems))
     latent = (1 + (frames - base) // tf, height // s, width // s)
+    tokens = latent[0] // max(pt, 1) * (latent[1] // ph) * (latent[2] // pw)
+    if tokens > MAX_SAMPLE_TOKENS:
+        raise ValueError(
+            f"cannot sample that size: {frames} frames of {width}x{height} make {tokens:,} "
+            f"tokens, over {MAX_SAMPLE_TOKENS:,}: fewer frames or a smaller size"
+        )
     if latent[0] % pt:
         raise ValueError(
             f"{frames} frames give {latent[0]} latent frames, not a multiple of the "

@@ -39,6 +39,12 @@ def test_latent_grid_sizes_and_errors() -> None:
         latent_grid(WAN, (1, 2, 2), 5, 24, 32)
     with pytest.raises(ValueError, match=r"temporal patch 2"):
         latent_grid(WAN, (2, 2, 2), 1, 32, 32)
+    # sizes no run could hold are refused before anything is allocated
+    assert latent_grid(WAN, (1, 2, 2), 1, 8192, 8192)[1] == (1, 512, 512)
+    with pytest.raises(ValueError, match=r"100000x100000 is over 67,108,864 pixels a frame"):
+        latent_grid(WAN, (1, 2, 2), 1, 100000, 100000)
+    with pytest.raises(ValueError, match=r"401 frames of 8192x8192 make 26,476,544 tokens"):
+        latent_grid(WAN, (1, 2, 2), 401, 8192, 8192)
 
 
 GRIDS = [(2, 4, 2), (1, 2, 5), (1, 3, 3)]  # portrait video, landscape image, square image
