@@ -178,13 +178,14 @@ def expand_sources(
     """
     from pipeline.storage import is_s3, storage_for
 
-    media = _media_filter(exclude, Counter() if skipped is None else skipped)
+    counted: Counter[str] = Counter() if skipped is None else skipped
+    media = _media_filter(exclude, counted)
     out: set[str] = set()
     for arg in args:
         if not arg.startswith("@"):
             arg = schemas.storage_location(arg)  # a file:// URI as its path; gs:// raises
         if arg.startswith("@"):
-            out.update(_listed(arg[1:], media))
+            out.update(_listed(arg[1:], media, counted, exclude))
         elif is_s3(arg):
             st = storage_for(arg)
             if st.exists(arg) and not arg.endswith("/"):
@@ -195,7 +196,7 @@ def expand_sources(
         else:
             path = Path(arg).expanduser().resolve()
             if path.is_dir():
-                out.update(p for p in _walk(path) if media(p))
+                out.update(p for p in _walk(path, counted, exclude) if media(p))
             elif path.exists():  # a file, or anything else probe then names as its error
                 out.add(str(path))
             elif Path(arg).expanduser().is_symlink():
@@ -227,7 +228,9 @@ def _other_links(paths: set[str]) -> set[str]:
     }
 
 
-def _listed(listed: str, media: Callable[[str], bool]) -> set[str]:
+def _listed(
+    listed: str, media: Callable[[str], bool], skipped: Counter[str], own: str | None
+) -> set[str]:
     """The sources of the source list ``listed`` (see :func:`expand_sources`)."""
     from pipeline.storage import is_s3, storage_for
 
@@ -248,7 +251,7 @@ def _listed(listed: str, media: Callable[[str], bool]) -> set[str]:
             continue
         path = (base / Path(entry).expanduser()).resolve()
         if path.is_dir():
-            out.update(p for p in _walk(path) if media(p))
+            out.update(p for p in _walk(path, skipped, own) if media(p))
         else:
             out.add(str(path))
     return out
@@ -273,12 +276,18 @@ def _media_filter(exclude: str | None, skipped: Counter[str]) -> Callable[[str],
     return media
 
 
-def _walk(root: Path) -> Iterable[str]:
+def _walk(root: Path, skipped: Counter[str], own: str | None = None) -> Iterable[str]:
     """Paths of the files below ``root``, following links to folders (a pile of videos
     is often linked together from several disks), each real folder once, so a link
     back up the tree does not loop. Broken links and entries that are not regular files
     (named pipes, sockets) are listed too: probe makes each an error row that says what
-    it is (a link into a disk that is not mounted must not vanish from the build)."""
+    it is (a link into a disk that is not mounted must not vanish from the build).
+
+    A reelpack corpus below ``root`` is not walked: its clip files (``write.clip_files``)
+    are cuts of sources, not sources; ``skipped`` counts such corpora under
+    :data:`CORPUS_KEY`, except ``own`` (the corpus being built, which the caller leaves
+    out). Given as ``root`` itself, a corpus is walked."""
+    own_real = os.path.realpath(os.path.expanduser(own)) if own and "://" not in own else None
     seen: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -286,9 +295,23 @@ def _walk(root: Path) -> Iterable[str]:
             dirs.clear()
             continue
         seen.add(real)
+        if folder != str(root) and _is_corpus(files, dirs):
+            dirs.clear()
+            if real != own_real:
+                skipped[CORPUS_KEY] += 1
+            continue
         dirs.sort()
         for name in files:
             yield os.path.join(folder, name)
+
+
+# the key under which expand_sources counts reelpack corpora found in source folders
+CORPUS_KEY = "(a reelpack corpus)"
+
+
+def _is_corpus(files: list[str], dirs: list[str]) -> bool:
+    """Whether a folder with these entries is a reelpack corpus root."""
+    return schemas.MANIFEST_NAME in files and {schemas.INDEX_DIR, schemas.SOURCES_DIR} <= set(dirs)
 
 
 def _under(root: str | None) -> Callable[[str], bool]:
@@ -305,8 +328,8 @@ def _under(root: str | None) -> Callable[[str], bool]:
 def describe_skipped(skipped: Counter[str]) -> str | None:
     """A note on the files :func:`expand_sources` left out, or None when there were none:
     ``skipped 302 files that are not video or image by extension (.json 300, .txt 2)``."""
-    links = skipped.get(LINK_KEY, 0)
-    other = {ext: n for ext, n in skipped.items() if ext != LINK_KEY and n}
+    links, corpora = skipped.get(LINK_KEY, 0), skipped.get(CORPUS_KEY, 0)
+    other = {ext: n for ext, n in skipped.items() if ext not in (LINK_KEY, CORPUS_KEY) and n}
     total = sum(other.values())
     notes = []
     if total:
@@ -318,4 +341,7 @@ def describe_skipped(skipped: Counter[str]) -> str | None:
     if links:
         names = "link" if links == 1 else "links"
         notes.append(f"skipped {links} {names} to files listed under another path (built once)")
+    if corpora:
+        names = "corpus" if corpora == 1 else "corpora"
+        notes.append(f"skipped {corpora} reelpack {names} inside the source folders")
     return "; ".join(notes) or None

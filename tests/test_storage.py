@@ -274,6 +274,40 @@ def test_source_folders_skip_the_corpus_built_inside_them(tmp_path, s3_bucket: s
     ]
 
 
+def test_source_folders_skip_other_corpora_inside_them(tmp_path) -> None:
+    """The clip files of a corpus built in a source folder are cuts of sources, not
+    sources; named itself, a corpus (or its clips folder) is walked."""
+    from collections import Counter
+
+    from pipeline.sources import describe_skipped, expand_sources
+
+    videos = tmp_path / "videos"
+    for corpus in ("v1", "deep/v2"):
+        root = videos / corpus
+        for folder in ("clips", "index", "sources", "shards"):
+            (root / folder).mkdir(parents=True)
+        (root / "manifest.json").write_text("{}")
+        (root / "clips" / "k.mp4").write_bytes(b"k")
+    (videos / "a.mp4").write_bytes(b"a")
+    (videos / "notes").mkdir()
+    (videos / "notes" / "manifest.json").write_text("{}")  # a manifest alone: no corpus
+    (videos / "notes" / "b.mp4").write_bytes(b"b")
+    skipped: Counter[str] = Counter()
+    found = expand_sources([str(videos)], skipped=skipped)
+    assert found == [str(videos / "a.mp4"), str(videos / "notes" / "b.mp4")]
+    assert describe_skipped(skipped) == (
+        "skipped 1 file that is not video or image by extension (.json 1); "
+        "skipped 2 reelpack corpora inside the source folders"
+    )
+    own: Counter[str] = Counter()  # the corpus being built is left out without a note
+    expand_sources([str(videos)], exclude=str(videos / "v1"), skipped=own)
+    assert own["(a reelpack corpus)"] == 1
+    assert expand_sources([str(videos / "v1")]) == [str(videos / "v1" / "clips" / "k.mp4")]
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{videos}\n")
+    assert expand_sources([f"@{listed}"]) == found
+
+
 def test_source_lists_name_files_folders_and_objects(
     tmp_path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
