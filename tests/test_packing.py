@@ -150,3 +150,11 @@ def test_pack_stats_command(
     text = capsys.readouterr().out
     assert code == 0 and "samples_cropped" in text and "padding_fraction" in text
     assert cli.main(["pack-stats", str(tmp_path / "nothing"), "--budget", "8"]) == 2
+    # a shard lost: a named stop, or with --skip-corrupt its samples counted as left out
+    next((tmp_path / "c" / "shards").glob("*.tar")).unlink()
+    args = ["pack-stats", str(tmp_path / "c"), "--budget", "32", "--json"]
+    assert cli.main(args) == 2
+    assert "the shard is missing" in capsys.readouterr().err
+    assert cli.main([*args, "--skip-corrupt"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples_corrupt"] > 0 and "the shard is missing" in out["corrupt_examples"][0]

@@ -36,6 +36,7 @@ def pack_stats(
     num_workers: int = 0,
     pack_buffer: int = 64,
     seed: int = 0,
+    skip_corrupt: bool = False,
 ) -> dict[str, Any]:
     """The loader's stats after one epoch (or `limit` batches) as a JSON-able dict."""
     from model.data import PackedLoader
@@ -49,6 +50,7 @@ def pack_stats(
         num_workers=num_workers,
         oversize=oversize,
         pack_buffer=pack_buffer,
+        skip_corrupt=skip_corrupt,
     )
     plan_s = time.perf_counter() - start
     steps = len(loader)
@@ -77,6 +79,8 @@ def pack_stats(
         "tokens_per_s": s.tokens_per_s() if s.seconds > 0 else None,
         "plan_s": plan_s,
         "skipped_examples": s.skipped_keys[:10],
+        "samples_corrupt": s.samples_corrupt,
+        "corrupt_examples": s.corrupt_samples[:10],
     }
 
 
@@ -96,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             num_workers=args.workers,
             pack_buffer=args.pack_buffer,
+            skip_corrupt=args.skip_corrupt,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"reelpack pack-stats: {e}", file=sys.stderr)
@@ -118,5 +123,11 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, help="stop after this many sequences")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--pack-buffer", type=int, default=64, help="samples per packing window")
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave out samples that cannot be read (counted in samples_corrupt), as "
+        "training with --skip-corrupt does",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
