@@ -122,10 +122,12 @@ def test_a_cuda_device_needs_gpus_for_the_stage() -> None:
 
 
 def test_a_ray_address_where_nothing_answers_fails_in_seconds(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import socket
     import time
+
+    import ray
 
     from model.raycluster import check_reachable
     from model.train import _init_ray
@@ -140,11 +142,13 @@ def test_a_ray_address_where_nothing_answers_fails_in_seconds(
     closed = f"127.0.0.1:{port}"  # closed now
     with pytest.raises(ConnectionError, match=rf"Ray address {closed}: nothing answers at"):
         check_reachable(closed)
-    with pytest.raises(ConnectionError, match=rf"Ray address {closed}"):
-        _init_ray(closed)  # training's way in
     from pipeline.synth import synth_video
 
     synth_video(str(tmp_path / "v.mp4"), width=64, height=36, fps=12.0, shots=[24], seed=0)
+    # as in a fresh process: an earlier test may have left a Ray up in this one
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ConnectionError, match=rf"Ray address {closed}"):
+        _init_ray(closed)  # training's way in
     started = time.monotonic()
     args = ["build", str(tmp_path), "--out", str(tmp_path / "c"), "--ray-address", closed]
     assert main([*args, "--preset", "tiny"]) != 0
