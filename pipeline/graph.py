@@ -67,7 +67,7 @@ from pipeline.progress import (
     StageMeter,
     stages_in_order,
 )
-from pipeline.sources import describe_skipped, expand_sources
+from pipeline.sources import NoSources, describe_skipped, expand_sources
 from pipeline.stages.aesthetic import AestheticScorer
 from pipeline.stages.agreement import Agreement
 from pipeline.stages.base import (
@@ -888,6 +888,8 @@ def build(
     t0 = time.time()
     skipped: Counter[str] = Counter()
     sources = expand_sources(source_args, exclude=out, skipped=skipped)
+    if not sources:  # a wrong path or prefix: fail before the corpus root is written
+        raise NoSources(source_args, skipped)
     changed = _check_resume(out, cfg)
     # takes the corpus lock: one writer per corpus
     writer = CorpusWriter(out, cfg.write, (config_hash(cfg), to_dict(cfg)))

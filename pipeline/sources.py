@@ -14,6 +14,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LINK_KEY",
     "VIDEO_EXTENSIONS",
+    "NoSources",
     "describe_skipped",
     "expand_sources",
     "misnamed",
@@ -323,6 +324,18 @@ def _under(root: str | None) -> Callable[[str], bool]:
     base = root if is_s3(root) else str(Path(root).expanduser().resolve())
     base = base.rstrip("/") + "/"
     return lambda uri: uri.startswith(base)
+
+
+class NoSources(FileNotFoundError):
+    """The arguments of a build or plan hold no video or image source: an empty folder,
+    prefix or list, or one holding only other files (which the message counts)."""
+
+    def __init__(self, args: Iterable[str], skipped: Counter[str]) -> None:
+        where = ", ".join(repr(a) for a in args)
+        note = describe_skipped(skipped)
+        super().__init__(
+            f"no video or image sources found in {where}" + (f"; {note}" if note else "")
+        )
 
 
 def describe_skipped(skipped: Counter[str]) -> str | None:

@@ -216,6 +216,31 @@ def test_cli_build_exits_2_naming_a_bad_value_or_root(tmp_path, capsys) -> None:
     assert f"--out {afile}: a file" in capsys.readouterr().err
 
 
+def test_a_build_or_plan_of_no_sources_fails_and_writes_nothing(tmp_path, capsys) -> None:
+    """An empty folder, a folder of other files, an empty list: exit 2 naming what was
+    searched (and what was skipped), no corpus root made."""
+    from reelpack.cli import main
+
+    empty, docs = tmp_path / "empty", tmp_path / "docs"
+    empty.mkdir()
+    docs.mkdir()
+    (docs / "notes.txt").write_text("x")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# nothing yet\n")
+    out = tmp_path / "c"
+    assert main(["build", str(empty), str(docs), "--out", str(out), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"no video or image sources found in '{empty}', '{docs}'" in err
+    assert "skipped 1 file that is not video or image by extension (.txt 1)" in err
+    assert main(["build", f"@{listing}", "--out", str(out)]) == 2
+    assert f"no video or image sources found in '@{listing}'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["plan", str(docs), "--preset", "tiny"]) == 2
+    assert f"reelpack plan: no video or image sources found in '{docs}'" in (
+        capsys.readouterr().err
+    )
+
+
 def test_set_items_lay_dotted_values_over_the_file(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("split: {detector: histogram, min_clip_s: 0.5}\n")

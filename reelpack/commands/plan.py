@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from pipeline.plan import format_plan, load_plan_config, make_plan
-    from pipeline.sources import describe_skipped, expand_sources
+    from pipeline.sources import NoSources, describe_skipped, expand_sources
 
     try:
         cfg, rates = load_plan_config(args.config, args.preset, args.rate, args.set)
@@ -29,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"reelpack plan: {e}", file=sys.stderr)
         return 2
+    if not sources:
+        print(f"reelpack plan: {NoSources(args.sources, skipped)}", file=sys.stderr)
+        return 2
     note = describe_skipped(skipped)
     if note:
         print(f"reelpack plan: note: {note}", file=sys.stderr)
-    if not sources:
-        print("reelpack plan: no video or image sources found", file=sys.stderr)
-        return 2
     plan = make_plan(
         sources, cfg, sample=args.sample, workers=args.workers, gpus=args.gpus, rates=rates
     )
