@@ -2,9 +2,22 @@
 a packed-sequence DiT, rectified flow, and the trainer.
 
 Separate from `pipeline` (never imports it); both depend on `schemas`. The pipeline
-may use `model.vae` only, the one place a VAE is loaded. Submodules are imported
+uses the loading pieces: `model.vae` (the one place a VAE is loaded), `model.text`,
+`model.tiny_text`, `model.device`, `model.weights` and `model.raycluster`. Submodules are imported
 explicitly (``from model.vae import VideoVAE``) so that loading the VAE wrapper does
 not pull in the trainer.
 """
 
-__all__ = ["data", "dit", "ema", "flow", "loader", "sample", "text", "tiny_text", "train", "vae"]
+__all__ = [
+    "data",
+    "dit",
+    "ema",
+    "flow",
+    "loader",
+    "sample",
+    "text",
+    "tiny_text",
+    "train",
+    "vae",
+    "weights",
+]

@@ -259,13 +259,17 @@ def sample_to_file(
     available. Returns the written path.
     """
     check_output(out, frames, fps)  # before any work
+    if steps < 1:
+        raise ValueError(f"need at least one sampling step, got {steps}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"the guidance scale must be a number, got {cfg_scale}")
     device = str(resolve_device(device))
     from model.data import read_manifest
-    from model.train import load_checkpoint
+    from model.train import load_checkpoint, read_checkpoint
     from model.vae import VideoVAE
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    model, config = load_checkpoint(ckpt, device, ema=ema and state.get("ema") is not None)
+    state = read_checkpoint(ckpt)
+    config, has_ema = state["config"], state.get("ema") is not None
     del state
     manifest = read_manifest(corpus_root or config["corpus"]["root"])
     trained_vae = config["corpus"]["vae"]
@@ -274,7 +278,9 @@ def sample_to_file(
             f"{corpus_root}: the corpus VAE ({manifest['vae'].get('id')}) is not the one "
             f"{ckpt} was trained on ({trained_vae.get('id')})"
         )
-    _, grid = latent_grid(manifest["vae"], model.config.patch_size, frames, height, width)
+    patch = tuple(config["model"]["patch_size"])
+    _, grid = latent_grid(manifest["vae"], patch, frames, height, width)  # before the model
+    model, _ = load_checkpoint(ckpt, device, ema=ema and has_ema)
     embeds = None
     if model.config.text_dim:
         embeds = [

@@ -61,6 +61,7 @@ __all__ = [
     "load_checkpoint",
     "load_train_config",
     "make_loader",
+    "read_checkpoint",
     "train",
     "train_with_ray",
 ]
@@ -115,9 +116,11 @@ class TrainConfig:
     shuffle_buffer: int = 256  # samples; used by the shuffling loader
 
     def validate(self) -> None:
-        problems = []
-        if self.steps < 1 or self.grad_accum < 1 or self.token_budget < 1:
-            problems.append("steps, grad_accum and token_budget must be positive")
+        problems = [
+            f"{name} must be positive, not {getattr(self, name)}"
+            for name in ("steps", "grad_accum", "token_budget", "log_every")
+            if getattr(self, name) < 1
+        ]
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision {self.precision!r} is not auto, bf16 or fp32")
         if self.loss_reduction not in REDUCTIONS:
@@ -126,17 +129,22 @@ class TrainConfig:
             problems.append(f"oversize {self.oversize!r} is not one of {OVERSIZE_POLICIES}")
         if self.attn_backend not in ATTN_BACKENDS:
             problems.append(f"attn_backend {self.attn_backend!r} is not one of {ATTN_BACKENDS}")
-        if not 0.0 <= self.caption_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
-            problems.append("caption_dropout must be in [0, 1] and ema_decay in [0, 1)")
-        if not (math.isfinite(self.lr) and self.lr > 0) or not self.timestep_std > 0:
-            problems.append("lr and timestep_std must be positive")
+        for name in ("lr", "timestep_std"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a positive number, not {value}")
+        if not math.isfinite(self.timestep_mean):
+            problems.append(f"timestep_mean must be a number, not {self.timestep_mean}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            problems.append(f"caption_dropout must be in [0, 1], not {self.caption_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1), not {self.ema_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             problems.append(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
-        if self.log_every < 1:
-            problems.append(f"log_every must be positive, not {self.log_every}")
-        negative = [
-            name
+        problems += [
+            f"{name} must be >= 0, not {getattr(self, name)}"
             for name in (
+                "seed",
                 "weight_decay",
                 "warmup_steps",
                 "grad_clip",
@@ -147,8 +155,6 @@ class TrainConfig:
             )
             if not getattr(self, name) >= 0
         ]
-        if negative:
-            problems.append(f"{', '.join(negative)} must not be negative")
         if problems:
             raise ValueError("bad TrainConfig: " + "; ".join(problems))
 
@@ -608,7 +614,7 @@ def train(  # noqa: C901
     ckpt_path = out_dir / CHECKPOINT_NAME
     state: dict[str, Any] | None = None
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(ckpt_path)
     elif resume and d.rank == 0:
         print(f"no checkpoint at {ckpt_path}: starting at step 0", flush=True)
 
@@ -863,11 +869,25 @@ def train_with_ray(
     return curves[0]
 
 
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state a training run saved at `path` (model, EMA, optimizer, config, ...),
+    loaded without unpickling code; a file that is not such a checkpoint is an error
+    naming it (:func:`model.weights.load_weights`)."""
+    from model.weights import load_weights
+
+    state = load_weights(path, "checkpoint", device)
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and "model" in state):
+        raise ValueError(
+            f"checkpoint {path} holds no model and config: not one `reelpack train` wrote"
+        )
+    return state
+
+
 def load_checkpoint(
     path: str, device: str = "cpu", *, ema: bool = False
 ) -> tuple[DiT, dict[str, Any]]:
     """A saved model (its EMA weights with `ema`) and its resolved config; nothing is unpickled."""
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = read_checkpoint(path, device)
     model_cfg = dict(state["config"]["model"])
     model_cfg["patch_size"] = tuple(model_cfg["patch_size"])
     model = DiT(DiTConfig(**model_cfg)).to(device)

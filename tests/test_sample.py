@@ -181,6 +181,49 @@ def test_sample_cli_and_size_errors(
     assert not (tmp_path / "clip.png").exists()
 
 
+def test_sample_names_a_bad_checkpoint_or_setting_before_building_the_model(
+    trained: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import model.train
+    from reelpack.cli import main
+
+    _, ckpt = trained
+    junk, cut, folder = tmp_path / "junk.pt", tmp_path / "cut.pt", tmp_path / "dir.pt"
+    junk.write_text("not a checkpoint\n")
+    cut.write_bytes(ckpt.read_bytes()[:2000])
+    folder.mkdir()
+    foreign = tmp_path / "tensor.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    out = str(tmp_path / "x.mp4")
+    size = ["--height", "16", "--width", "16", "--out", out]
+    for path, words in [
+        (junk, f"checkpoint {junk} is not a torch weights file, or it is cut short"),
+        (cut, f"checkpoint {cut} is not a torch weights file, or it is cut short"),
+        (folder, f"checkpoint {folder} is a folder, not a file"),
+        (tmp_path / "none.pt", f"checkpoint {tmp_path / 'none.pt'} does not exist"),
+        (foreign, f"checkpoint {foreign} holds no model and config"),
+    ]:
+        assert main(["sample", str(path), *size]) == 2
+        assert f"reelpack sample: {words}" in capsys.readouterr().err
+
+    def load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before the request was checked")
+
+    monkeypatch.setattr(model.train, "load_checkpoint", load)
+    for extra, words in [
+        (["--cfg", "nan"], "the guidance scale must be a number, got nan"),
+        (["--steps", "0"], "need at least one sampling step, got 0"),
+        (["--frames", "4"], "4 frames does not follow the VAE frame rule"),
+        (["--width", "20"], "width 20 is not a positive multiple of 16"),
+    ]:
+        assert main(["sample", str(ckpt), *size, *extra]) == 2
+        assert words in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
 def test_sample_refuses_a_corpus_with_another_vae(
     trained: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -426,6 +426,9 @@ def test_tiny_clip_loads_through_user_loaders(tiny: TinyClipPaths, tmp_path: Pat
     torch.save(AestheticHead(16).state_dict(), tmp_path / "narrow.pth")
     with pytest.raises(ValueError, match="32-wide"):
         load_head(tmp_path / "narrow.pth", 32)
+    (tmp_path / "page.pth").write_text("<html>404</html>")  # a download that went wrong
+    with pytest.raises(ValueError, match=r"aesthetic head .*page\.pth is not a torch weights"):
+        load_head(tmp_path / "page.pth", 32)
 
 
 def test_aesthetic_refuses_with_nothing_to_do() -> None:

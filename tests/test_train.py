@@ -291,6 +291,13 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     other = str(tmp_path / "other")
     assert main([*args[:3], other, *args[4:], "--resume"]) == 0
     assert "no checkpoint at" in capsys.readouterr().out
+    # a checkpoint cut short (a copy that stopped) is named, not a torch traceback
+    ckpt = Path(other) / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:4096])
+    assert main([*args[:3], other, *args[4:], "--resume"]) == 1
+    assert f"checkpoint {ckpt} is not a torch weights file, or it is cut short" in (
+        capsys.readouterr().err
+    )
 
 
 # --- several processes ------------------------------------------------------------------
@@ -377,13 +384,19 @@ def test_a_rank_left_without_a_sequence_is_told_why(tmp_path: Path) -> None:
     ("field", "value", "words"),
     [
         ("log_every", 0, "log_every must be positive, not 0"),
-        ("lr", -1.0, "lr and timestep_std must be positive"),
-        ("lr", float("nan"), "lr and timestep_std must be positive"),
-        ("timestep_std", 0.0, "lr and timestep_std must be positive"),
+        ("steps", 0, "steps must be positive, not 0"),
+        ("token_budget", -4, "token_budget must be positive, not -4"),
+        ("lr", -1.0, "lr must be a positive number, not -1.0"),
+        ("lr", float("nan"), "lr must be a positive number, not nan"),
+        ("timestep_std", 0.0, "timestep_std must be a positive number, not 0.0"),
+        ("timestep_mean", float("inf"), "timestep_mean must be a number, not inf"),
+        ("ema_decay", 1.0, "ema_decay must be in [0, 1), not 1.0"),
+        ("caption_dropout", 2.0, "caption_dropout must be in [0, 1], not 2.0"),
         ("min_lr_ratio", 1.5, "min_lr_ratio must be in [0, 1], not 1.5"),
-        ("shuffle_buffer", -1, "shuffle_buffer must not be negative"),
-        ("grad_clip", -0.5, "grad_clip must not be negative"),
-        ("warmup_steps", -2, "warmup_steps must not be negative"),
+        ("shuffle_buffer", -1, "shuffle_buffer must be >= 0, not -1"),
+        ("grad_clip", -0.5, "grad_clip must be >= 0, not -0.5"),
+        ("warmup_steps", -2, "warmup_steps must be >= 0, not -2"),
+        ("seed", -5, "seed must be >= 0, not -5"),
     ],
 )
 def test_a_config_value_out_of_range_is_named_before_training(

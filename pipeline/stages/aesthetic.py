@@ -116,7 +116,9 @@ class AestheticHead(nn.Module):
 def load_head(path: str | Path, dim: int) -> AestheticHead:
     """An :class:`AestheticHead` of input width ``dim`` from a state-dict file, loaded
     without unpickling code (``weights_only=True``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from model.weights import load_weights
+
+    state = load_weights(path, "aesthetic head")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     head = AestheticHead(dim)

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             ema=not args.no_ema,
         )
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, IsADirectoryError) as e:
+        # a bad size or setting, a file that is not a checkpoint, no corpus manifest
         print(f"reelpack sample: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -1,0 +1,31 @@
+"""Reading torch weight files (training checkpoints, the aesthetic head) without
+unpickling code, with errors that name the file and what it was meant to be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["load_weights"]
+
+
+def load_weights(path: str | Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``. A missing file, a folder, and a file that
+    is not one ``torch.save`` wrote of tensors and plain containers (another format, or
+    one cut short) raise FileNotFoundError, IsADirectoryError or ValueError, each
+    naming ``what`` (e.g. "checkpoint") and the file."""
+    name = f"{what} {path}"
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{name} is a folder, not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name} does not exist") from None
+    except OSError:
+        raise
+    except Exception as e:  # torch raises KeyError, RuntimeError, UnpicklingError, EOFError
+        first = (str(e).strip().split(". ")[0].splitlines() or [""])[0][:160]
+        cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise ValueError(f"{name} is not a torch weights file, or it is cut short ({cause})") from e
