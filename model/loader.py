@@ -895,6 +895,15 @@ class PackedLoader:
     ) -> None:
         if token_budget < 1:
             raise ValueError(f"token_budget must be positive, got {token_budget}")
+        if pack_buffer < 1:
+            raise ValueError(f"pack_buffer must be positive, got {pack_buffer}")
+        for name, value in (
+            ("num_workers", num_workers),
+            ("shuffle_buffer", shuffle_buffer),
+            ("balance_window", balance_window),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if oversize not in OVERSIZE_POLICIES:
             raise ValueError(f"oversize must be one of {OVERSIZE_POLICIES}, got {oversize!r}")
         if not 0 <= rank < world_size:

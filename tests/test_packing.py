@@ -4,6 +4,7 @@ on generated corpora (no token lost or duplicated, budget respected, positions a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import tempfile
@@ -150,6 +151,17 @@ def test_pack_stats_command(
     text = capsys.readouterr().out
     assert code == 0 and "samples_cropped" in text and "padding_fraction" in text
     assert cli.main(["pack-stats", str(tmp_path / "nothing"), "--budget", "8"]) == 2
+    capsys.readouterr()
+    # settings out of range are named, not clamped or ignored
+    for flags, words in [
+        (["--limit", "0"], "--limit must be positive, got 0"),
+        (["--pack-buffer", "0"], "pack_buffer must be positive, got 0"),
+        (["--workers", "-1"], "num_workers must be >= 0, got -1"),
+        (["--patch", "a,b"], "--patch wants pt,ph,pw (positive), got 'a,b'"),
+    ]:
+        with contextlib.suppress(SystemExit):  # argparse exits 2 on a bad --patch
+            assert cli.main(["pack-stats", str(tmp_path / "c"), "--budget", "32", *flags]) == 2
+        assert words in capsys.readouterr().err
     # a shard lost: a named stop, or with --skip-corrupt its samples counted as left out
     next((tmp_path / "c" / "shards").glob("*.tar")).unlink()
     args = ["pack-stats", str(tmp_path / "c"), "--budget", "32", "--json"]

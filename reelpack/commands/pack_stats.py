@@ -20,7 +20,10 @@ __all__ = ["register", "run"]
 
 
 def _patch(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.split(",")]
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) != 3 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"--patch wants pt,ph,pw (positive), got {text!r}")
     return parts[0], parts[1], parts[2]
@@ -40,6 +43,9 @@ def pack_stats(
 ) -> dict[str, Any]:
     """The loader's stats after one epoch (or `limit` batches) as a JSON-able dict."""
     from model.data import PackedLoader
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be positive, got {limit}")
 
     start = time.perf_counter()
     loader = PackedLoader(
