@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.config import BuildConfig
 
-__all__ = ["ModelUnavailable", "check_models", "model_problems"]
+__all__ = ["ModelUnavailable", "check_models", "model_problem", "model_problems"]
 
 
 class ModelUnavailable(RuntimeError):
@@ -174,6 +174,14 @@ def _clip_problem(model: str, pretrained: str | None, unreachable: str | None) -
     if any(isinstance(try_to_load_from_cache(hub, w), str) for w in weights):
         return None
     return _hub_file_problem(hub, "open_clip_config.json", None, unreachable)
+
+
+def model_problem(ref: str, filename: str = "config.json") -> str | None:
+    """Why the model ``ref`` (hub id or local folder) cannot be loaded from here, or None:
+    a missing folder, a folder without ``filename``, a hub model neither cached nor
+    downloadable."""
+    unreachable = None if _offline() or _looks_local(ref) else _hub_unreachable()
+    return _problem(_Need("", ref, filename), unreachable)
 
 
 def model_problems(cfg: BuildConfig) -> list[str]:

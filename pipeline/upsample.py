@@ -22,6 +22,7 @@ from ``model.tiny_text.build_tiny_causal_lm``; its answers start with
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,9 +78,27 @@ class UpsampleConfig:
     device: str = "auto"  # "auto" = cuda if available, else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
 
+    def validate(self) -> None:
+        """ValueError naming each setting out of range."""
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature must be a number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 class UpsampleError(ValueError):
     """The LLM gave no usable expansion (the message says why)."""
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """UpsampleError unless there is at least one prompt and none is blank."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise UpsampleError("upsample needs non-empty prompts")
 
 
 class Upsampler:
@@ -91,10 +110,7 @@ class Upsampler:
 
         from model.tiny_text import is_tiny
 
-        if cfg.max_new_tokens < 1:
-            raise ValueError(f"upsample: max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-        if cfg.temperature < 0:
-            raise ValueError(f"upsample: temperature must be >= 0, got {cfg.temperature}")
+        cfg.validate()
         self.cfg = cfg
         self.device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -161,8 +177,7 @@ class Upsampler:
         """One expanded caption per prompt; raises :class:`UpsampleError` naming the
         prompt when the LLM's answer stays degenerate after one retry."""
         prompts = list(prompts)
-        if not prompts or any(not p.strip() for p in prompts):
-            raise UpsampleError("upsample needs non-empty prompts")
+        check_prompts(prompts)
         results = [self._finish(r) for r in self._generate(prompts)]
         retry = [k for k, text in enumerate(results) if degenerate_reason(text)]
         if retry:

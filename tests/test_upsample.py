@@ -87,8 +87,12 @@ def test_sampling_is_seeded(cfg: UpsampleConfig) -> None:
 def test_bad_settings_are_named_before_the_model_loads(cfg: UpsampleConfig) -> None:
     with pytest.raises(ValueError, match=r"max_new_tokens must be >= 1, got 0"):
         Upsampler(replace(cfg, max_new_tokens=0))
-    with pytest.raises(ValueError, match=r"temperature must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"temperature must be a number >= 0, got -1"):
         Upsampler(replace(cfg, temperature=-1.0))
+    with pytest.raises(ValueError, match=r"temperature must be a number >= 0, got nan"):
+        Upsampler(replace(cfg, temperature=float("nan")))
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
+        Upsampler(replace(cfg, top_p=0.0))
 
 
 def test_upsample_function_loads_once(cfg: UpsampleConfig, upsampler: Upsampler) -> None:
@@ -154,5 +158,19 @@ def test_cli(
     rows = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == PROMPTS
     assert all(r["caption"].startswith(RANDOM_WEIGHTS_PREFIX) for r in rows)
-    assert main(["upsample", "--model", str(cache / "nowhere"), "a corgi"]) == 2
-    assert "reelpack upsample" in capsys.readouterr().err
+    nowhere = cache / "nowhere"
+    assert main(["upsample", "--model", str(nowhere), "a corgi"]) == 2
+    assert f"reelpack upsample: --model '{nowhere}': no such folder {nowhere}" in (
+        capsys.readouterr().err
+    )
+    assert main(["upsample", "--model", str(cache), "a corgi"]) == 2  # a folder, no model
+    assert f"{cache} has no config.json: not a saved model" in capsys.readouterr().err
+    # what the command can check is checked before any model loads (a missing one here)
+    for flags, words in [
+        (["--temperature", "nan"], "temperature must be a number >= 0, got nan"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
+        (["--device", "cuda:7"], "device 'cuda:7': torch sees"),
+        (["  "], "upsample needs non-empty prompts"),
+    ]:
+        assert main(["upsample", "--model", str(nowhere), "a corgi", *flags]) == 2
+        assert f"reelpack upsample: {words}" in capsys.readouterr().err

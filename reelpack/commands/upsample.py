@@ -26,7 +26,9 @@ def tiny_lm_dir() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.upsample import UpsampleConfig, UpsampleError, Upsampler
+    from model.device import resolve_device
+    from pipeline.models import model_problem
+    from pipeline.upsample import UpsampleConfig, UpsampleError, Upsampler, check_prompts
 
     model = args.model
     if args.preset == "tiny" and model is None:
@@ -40,13 +42,24 @@ def run(args: argparse.Namespace) -> int:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.temperature is not None:
         overrides["temperature"] = args.temperature
+    cfg = UpsampleConfig(**overrides)
+    try:  # what can be checked before the model loads
+        check_prompts(args.prompts)
+        cfg.validate()
+        resolve_device(cfg.device)
+    except ValueError as e:
+        print(f"reelpack upsample: {e}", file=sys.stderr)
+        return 2
+    problem = model_problem(cfg.model)
+    if problem:
+        print(f"reelpack upsample: --model {cfg.model!r}: {problem}", file=sys.stderr)
+        return 2
     try:
-        cfg = UpsampleConfig(**overrides)
         captions = Upsampler(cfg)(args.prompts)
     except UpsampleError as e:
         print(f"reelpack upsample: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:  # bad config, model not found
+    except OSError as e:  # a model folder that fails to load
         print(f"reelpack upsample: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if args.json:
