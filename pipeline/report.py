@@ -545,6 +545,8 @@ def _gallery(items: list[GalleryItem], note: str) -> str:
 
 def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -> str:
     """The HTML page of the corpus at ``root`` (local folder or ``s3://``)."""
+    if samples < 0:
+        raise ValueError(f"the gallery's sample count must be >= 0, got {samples}")
     manifest = read_manifest(root)
     if manifest is None:
         raise FileNotFoundError(f"{root}: no {schemas.MANIFEST_NAME}; not a reelpack corpus")

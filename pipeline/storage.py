@@ -158,10 +158,12 @@ class Storage(Protocol):
         ...
 
 
-def naming(error: OSError, path: str) -> OSError:
+def naming(error: OSError, path: str, temp: str | None = None) -> OSError:
     """``error`` with ``path`` as its file name: a failed write (no space left, a file
-    size limit, an I/O error) says which file. Unchanged when it names one already."""
-    if error.filename is not None:
+    size limit, an I/O error, ``path`` a folder) says which file. Unchanged when it names
+    another file already; one that names ``temp`` (the hidden file written first) names
+    ``path`` instead."""
+    if error.filename is not None and error.filename != temp:
         return error
     return OSError(error.errno, error.strerror or str(error), path)  # same subclass by errno
 
@@ -231,7 +233,7 @@ class LocalStorage:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             if isinstance(e, OSError):
-                raise naming(e, path) from e
+                raise naming(e, path, temp=tmp) from e
             raise
         # Make the rename itself durable.
         fd = os.open(folder, os.O_RDONLY)

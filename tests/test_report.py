@@ -175,11 +175,26 @@ def test_gallery_placeholder_without_vae(corpus: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli(corpus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli(
+    corpus: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tmp_path / "r.html"
     assert main(["report", corpus, "--out", str(out), "--samples", "2"]) == 0
     assert '<section id="gallery">' in out.read_text()
     assert main(["report", str(tmp_path / "not-a-corpus"), "--out", str(out)]) == 2
+    capsys.readouterr()
+    # --out a folder: named as given, no hidden temporary name, nothing left beside it
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    assert main(["report", corpus, "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"Is a directory: '{folder}'" in err and ".tmp-" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pages", "r.html"]
+    assert main(["report", corpus, "--out", str(out), "--samples", "-1"]) == 2
+    assert "sample count must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_the_report_is_written_beside_an_s3_corpus(corpus: str, s3_bucket: str) -> None:

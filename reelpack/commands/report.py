@@ -15,7 +15,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         write_report(args.root, args.out, samples=args.samples, vae_path=args.vae)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, IsADirectoryError, ValueError) as e:
+        # not a corpus, --out a folder, a bad --samples
         print(f"reelpack report: {e}", file=sys.stderr)
         return 2
     except (StorageError, OSError) as e:
