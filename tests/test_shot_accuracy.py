@@ -438,6 +438,13 @@ def test_reelpack_shots_command(
     assert "start_frame" in table and len(table.strip().splitlines()) >= 5
     assert cli.main(["shots", path, "--detector", "nope"]) == 2
     capsys.readouterr()
+    for flags, words in [  # a threshold that finds nothing, a NaN length: refused
+        (["--threshold", "-1"], "--threshold must be a number > 0, got -1.0"),
+        (["--threshold", "nan"], "--threshold must be a number > 0, got nan"),
+        (["--min-scene-s", "nan"], "--min-scene-s must be a number >= 0, got nan"),
+    ]:
+        assert cli.main(["shots", path, *flags]) == 2
+        assert f"reelpack shots: {words}" in capsys.readouterr().err
     assert cli.main(["shots", path + ".missing"]) == 1
     assert f"reelpack shots: {path}.missing: not found" in capsys.readouterr().err
     text = os.path.join(tmp_path, "notes.mp4")

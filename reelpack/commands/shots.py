@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -28,6 +29,14 @@ def run(args: argparse.Namespace) -> int:
             f"reelpack shots: unknown detector {args.detector!r}; known: {DETECTORS}",
             file=sys.stderr,
         )
+        return 2
+    bad = []
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold > 0):
+        bad.append(f"--threshold must be a number > 0, got {args.threshold}")
+    if not (math.isfinite(args.min_scene_s) and args.min_scene_s >= 0):
+        bad.append(f"--min-scene-s must be a number >= 0, got {args.min_scene_s}")
+    if bad:
+        print(f"reelpack shots: {'; '.join(bad)}", file=sys.stderr)
         return 2
     cfg = replace(
         SplitConfig(detector=args.detector), threshold=args.threshold, min_scene_s=args.min_scene_s
