@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -263,13 +264,23 @@ class _Checks:
         for path in paths:
             v = self.value(path)
             rule = f">= {low:g}" + (" or null" if none_ok else "")
-            self.need(none_ok if v is None else v >= low, path, rule)
+            if self._finite(v, path):
+                self.need(none_ok if v is None else v >= low, path, rule)
 
     def above(self, low: float, *paths: str, none_ok: bool = False) -> None:
         for path in paths:
             v = self.value(path)
             rule = f"> {low:g}" + (" or null" if none_ok else "")
-            self.need(none_ok if v is None else v > low, path, rule)
+            if self._finite(v, path):
+                self.need(none_ok if v is None else v > low, path, rule)
+
+    def _finite(self, v: Any, path: str) -> bool:
+        """False, with the problem noted, for an infinite value (YAML ``.inf``): no
+        setting takes one, and frame counts and sizes cannot be made of it."""
+        if isinstance(v, float) and math.isinf(v):
+            self.problems.append(f"{path} must be a finite number, got {v!r}")
+            return False
+        return True
 
     def one_of(self, path: str, options: tuple[str, ...]) -> None:
         self.need(self.value(path) in options, path, f"one of {list(options)}")

@@ -269,6 +269,10 @@ def test_set_items_lay_dotted_values_over_the_file(tmp_path) -> None:
         ("split.detectr=content", r"config split: unknown key\(s\) \['detectr'\]"),
         ("split.min_clip_s=-1", "split.min_clip_s must be >= 0"),
         ("split.min_clip_s=[1", "not valid YAML"),
+        # infinite lengths made every source "cannot convert float infinity to integer"
+        ("split.max_clip_s=.inf", r"split\.max_clip_s must be a finite number, got inf"),
+        ("split.min_scene_s=.inf", r"split\.min_scene_s must be a finite number, got inf"),
+        ("split.threshold=-.inf", r"split\.threshold must be a finite number, got -inf"),
     ],
 )
 def test_bad_set_items_name_the_item_or_key(item: str, message: str) -> None:
