@@ -17,7 +17,10 @@ without caption embeddings samples unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import uuid
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -159,10 +162,12 @@ DEFAULT_FPS = 16.0  # when neither the caller nor the corpus names a rate
 
 
 def check_output(out: str, frames: int, fps: float | None = None) -> None:
-    """Raise ValueError unless ``out``'s suffix names a format that holds ``frames`` and
-    ``fps`` (when given) is a positive frame rate."""
+    """Raise ValueError unless ``out``'s suffix names a format that holds ``frames``,
+    ``out`` is not a folder, and ``fps`` (when given) is a positive frame rate."""
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise ValueError(f"{out}: the frame rate must be a positive number, not {fps:g}")
+    if Path(out).is_dir():
+        raise ValueError(f"{out} is a folder; name the file to write")
     suffix = Path(out).suffix.lower()
     if suffix in VIDEO_FORMATS or suffix == ".gif":
         return
@@ -181,23 +186,41 @@ def write_video(frames: np.ndarray, out: str, fps: float = DEFAULT_FPS) -> str:
     """(T, H, W, 3) uint8 -> the file ``out``, in the format its suffix names (see
     :func:`check_output`): H.264 or VP9 video with PyAV, GIF or a still image with PIL.
     Returns ``out``."""
+    check_output(out, frames.shape[0], fps)
+    path = Path(out)
+    suffix = path.suffix.lower()
+    # written beside it, then renamed: a failed write leaves no partial file at `out`
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(frames, tmp, suffix, fps)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            blocker = next((p for p in path.parents if p.is_file()), None)
+            why = f"{blocker} is a file, not a folder" if blocker else e.strerror or str(e)
+            raise OSError(f"cannot write {out}: {why}") from e
+        raise
+    return str(path)
+
+
+def _write_file(frames: np.ndarray, path: Path, suffix: str, fps: float) -> None:
+    """:func:`write_video`'s encoding of ``frames`` to ``path`` as ``suffix`` says."""
     import av
     from PIL import Image
 
-    check_output(out, frames.shape[0], fps)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
     if suffix in IMAGE_FORMATS:
         Image.fromarray(frames[0]).save(path, format=IMAGE_FORMATS[suffix])
-        return str(path)
+        return
     if suffix == ".gif":
         images = [Image.fromarray(f) for f in frames]
         ms = 10 * max(1, round(100 / fps))  # GIF delays are whole centiseconds
         images[0].save(
             path, format="GIF", save_all=True, append_images=images[1:], duration=ms, loop=0
         )
-        return str(path)
+        return
     container_format, codec = VIDEO_FORMATS[suffix]
     _, h, w, _ = frames.shape
     with av.open(str(path), mode="w", format=container_format) as container:
@@ -210,7 +233,6 @@ def write_video(frames: np.ndarray, out: str, fps: float = DEFAULT_FPS) -> str:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return str(path)
 
 
 def _encode_prompt(

@@ -158,6 +158,16 @@ def test_write_video_formats_rates_and_refusals(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"b\.mp4: the frame rate must be a positive"):
             write_video(frames, str(tmp_path / "b.mp4"), fps=fps)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.jpg", "a.mp4"]
+    # where the file cannot be written: named before or after the encode, nothing left
+    with pytest.raises(ValueError, match=r"a\.mp4 is a folder; name the file to write"):
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "a.mp4").mkdir()
+        write_video(frames, str(tmp_path / "d" / "a.mp4"))
+    with pytest.raises(OSError, match=r"cannot write .*a\.jpg/b\.mp4: .*a\.jpg is a file"):
+        write_video(frames, str(tmp_path / "a.jpg" / "b.mp4"))
+    with pytest.raises(av.error.ExternalError):  # the encoder refuses odd sizes, mid-write
+        write_video(frames[:, :15, :15], str(tmp_path / "odd.mp4"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.jpg", "a.mp4", "d"]
 
 
 def test_sample_cli_and_size_errors(

@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
         # a bad size or setting, a file that is not a checkpoint, no corpus manifest
         print(f"reelpack sample: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the output cannot be written
+        print(f"reelpack sample: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 
