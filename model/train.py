@@ -588,6 +588,9 @@ def _check_out(out: str, resume: bool) -> str:
             f"--out {out}: the trainer writes its checkpoints to a folder (local, or a "
             "filesystem every worker shares); copy it to object storage afterwards"
         )
+    blocker = next((p for p in (Path(folder), *Path(folder).parents) if p.is_file()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"--out {out}: {blocker} is a file; training writes a folder")
     ckpt_path = Path(folder) / CHECKPOINT_NAME
     if not resume and ckpt_path.is_file():
         raise FileExistsError(

@@ -298,6 +298,15 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert f"checkpoint {ckpt} is not a torch weights file, or it is cut short" in (
         capsys.readouterr().err
     )
+    # a root that is no corpus, --out under a file: exit 2, one line naming it
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        capsys.readouterr().err == f"reelpack train: {tmp_path}/manifest.json: no corpus manifest\n"
+    )
+    assert main([*args[:3], str(ckpt / "run"), *args[4:]]) == 2
+    assert f"--out {ckpt}/run: {ckpt} is a file; training writes a folder" in (
+        capsys.readouterr().err
+    )
 
 
 # --- several processes ------------------------------------------------------------------

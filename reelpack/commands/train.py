@@ -37,9 +37,13 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             losses = train(args.root, args.out, cfg, resume=args.resume)
-    except FileExistsError as e:  # another run's checkpoint in --out
+    except (FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        # another run's checkpoint in --out, a root that is no corpus, --out a file
         print(f"reelpack train: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as e:  # nothing to train on, a damaged shard or checkpoint
+        print(f"reelpack train: {e}", file=sys.stderr)
+        return 1
     if losses:
         print(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     else:
