@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "resolve_device_dtype"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -20,3 +20,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
             hint = "" if count else " (no GPU, or a torch build without CUDA)"
             raise ValueError(f"device {str(device)!r}: torch sees {count} CUDA device(s){hint}")
     return dev
+
+
+def resolve_device_dtype(
+    device: str | torch.device, dtype: str
+) -> tuple[torch.device, torch.dtype]:
+    """:func:`resolve_device`, and the dtype a model runs in there: ``"auto"`` is
+    bfloat16 on CUDA (not float16, which T5's and other models' activations overflow)
+    and float32 elsewhere; any other value names a torch dtype ("float16", "float32")."""
+    dev = resolve_device(device)
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown torch dtype {dtype!r}")
+    return dev, resolved

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from model.device import resolve_device_dtype
+
 __all__ = [
     "DEFAULT_TEXT_ENCODER",
     "ENCODER_CLASSES",
@@ -100,22 +102,6 @@ def describe_text_encoder(
     }
 
 
-def _resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """``("auto", "auto")`` -> cuda + bfloat16 when a GPU is there, else cpu + float32.
-
-    bfloat16, not float16: T5 activations overflow float16.
-    """
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    resolved = getattr(torch, dtype, None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown torch dtype {dtype!r}")
-    return dev, resolved
-
-
 def pad_embeds(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpadded ``(L_i, D)`` embeddings -> ``(B, L_max, D)`` zero-padded and a ``(B, L_max)``
     bool mask (True on real tokens). Zeros, as Wan's pipeline pads its own."""
@@ -175,7 +161,7 @@ class TextEncoder:
         """Load tokenizer and encoder from a hub id or a local folder."""
         from transformers import AutoTokenizer
 
-        dev, torch_dtype = _resolve_device_dtype(device, dtype)
+        dev, torch_dtype = resolve_device_dtype(device, dtype)
         config = _load_config(model_id, subfolder)
         tokenizer = AutoTokenizer.from_pretrained(
             model_id, **({"subfolder": tokenizer_subfolder} if tokenizer_subfolder else {})

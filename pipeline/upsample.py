@@ -28,13 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.device import resolve_device_dtype
 from pipeline.stages.caption import (
     CAPTION_FACETS,
     RANDOM_WEIGHTS_PREFIX,
     RawCaption,
     degenerate_reason,
     finish_caption,
-    resolve_device_dtype,
 )
 
 __all__ = [
@@ -117,7 +117,8 @@ class Upsampler:
         self.tokenizer.padding_side = "left"  # batched decoder-only generation
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=self.dtype)
+        # Any: transformers types PreTrainedModel.to as taking a model, not a device
+        model: Any = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self._torch = torch
         self.prefix = RANDOM_WEIGHTS_PREFIX if is_tiny(cfg.model) else ""

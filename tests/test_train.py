@@ -482,6 +482,27 @@ def test_a_cuda_device_torch_cannot_see_is_named(monkeypatch: pytest.MonkeyPatch
         resolve_device("cuda:2")
 
 
+def test_one_rule_resolves_a_model_stage_device_and_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Caption, upsample, encode and the text encoder resolve "auto" one way: bfloat16 on
+    CUDA, float32 elsewhere; a GPU torch cannot see is named (the text encoder too)."""
+    from model.device import resolve_device_dtype
+    from model.text import TextEncoder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device_dtype("auto", "auto") == (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype("cpu", "float16") == (torch.device("cpu"), torch.float16)
+    with pytest.raises(ValueError, match=r"unknown torch dtype 'float17'"):
+        resolve_device_dtype("cpu", "float17")
+    with pytest.raises(ValueError, match=r"device 'cuda': torch sees 0 CUDA device"):
+        TextEncoder.from_pretrained("any/model", device="cuda")  # before any download
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device_dtype("auto", "auto") == (torch.device("cuda"), torch.bfloat16)
+    assert resolve_device_dtype("cuda:0", "float32") == (torch.device("cuda", 0), torch.float32)
+
+
 def test_a_corrupt_sample_stops_the_run_or_is_left_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

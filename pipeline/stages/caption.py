@@ -70,7 +70,6 @@ __all__ = [
     "first_sentence",
     "fit_frames",
     "prepare_clip",
-    "resolve_device_dtype",
     "sample_frame_indices",
     "sample_frame_indices_fps",
     "trim_to_sentence",
@@ -456,21 +455,6 @@ def degenerate_reason(text: str) -> str | None:
 
 
 # --- the stage -------------------------------------------------------------------------
-def resolve_device_dtype(device: str, dtype: str) -> tuple[Any, Any]:
-    """``("auto", "auto")`` -> cuda + bfloat16 when a GPU is there, else cpu + float32."""
-    import torch
-
-    from model.device import resolve_device
-
-    dev = resolve_device(device)
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    resolved = getattr(torch, dtype, None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown torch dtype {dtype!r}")
-    return dev, resolved
-
-
 def _clip_error(clip_id: Any, cause: str | BaseException) -> str:
     if isinstance(cause, DegenerateCaption):
         cause = f"degenerate output: {cause}"
@@ -523,12 +507,15 @@ class Captioner:
         ):
             raise ValueError(f"invalid caption config: {cfg}")
         self.cfg = cfg
+        from model.device import resolve_device_dtype
+
         self.device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
         self.processor = AutoProcessor.from_pretrained(cfg.model)
         # decoder-only batched generation: pad on the left so every prompt ends at the
         # position where generation starts
         self.processor.tokenizer.padding_side = "left"
-        model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=self.dtype)
+        # Any: transformers types PreTrainedModel.to as taking a model, not a device
+        model: Any = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self._torch = torch
         self.random_weights = is_tiny(cfg.model)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from model.device import resolve_device
+from model.device import resolve_device_dtype
 from model.vae import VideoVAE, native_size
 from pipeline.stages.base import Batch, num_rows, with_columns
 from pipeline.video import decode_mp4, resample_indices
@@ -171,15 +171,6 @@ def prepare_clip(
     return _resize_crop(frames[plan.frame_indices], plan.sizes[0]), plan.fps
 
 
-def _device_dtype(cfg: EncodeConfig) -> tuple[str, torch.dtype]:
-    device = str(resolve_device(cfg.device))
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        dtype = getattr(torch, cfg.dtype)
-    return device, dtype
-
-
 class Encode:
     """Callable stage; holds the VAE. One instance per Ray actor."""
 
@@ -208,7 +199,8 @@ class Encode:
 
     def __init__(self, cfg: EncodeConfig) -> None:
         self.cfg = cfg
-        self.device, self.dtype = _device_dtype(cfg)
+        device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+        self.device = str(device)
         self.vae = VideoVAE.from_pretrained(
             cfg.vae,
             vae_class=cfg.vae_class,
