@@ -163,12 +163,9 @@ def load_train_config(path: str | None = None, **overrides: Any) -> TrainConfig:
     """A `TrainConfig` from a YAML/JSON file of its fields, then `overrides` (None = unset)."""
     values: dict[str, Any] = {}
     if path:
-        from schemas.yamltext import load_yaml
+        from schemas.yamltext import read_config_file
 
-        text = Path(path).read_text()
-        loaded = load_yaml(text) if not path.endswith(".json") else json.loads(text)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+        loaded = read_config_file(path)
         values.update(loaded.get("train", loaded))  # a saved config.json has a "train" key
     values.update({k: v for k, v in overrides.items() if v is not None})
     kinds = typing.get_type_hints(TrainConfig)

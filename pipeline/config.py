@@ -42,7 +42,7 @@ from pipeline.stages.score import ScoreConfig
 from pipeline.stages.split import SplitConfig
 from pipeline.stages.text_encode import TextEncodeConfig
 from pipeline.writer import WriteConfig
-from schemas.yamltext import load_yaml
+from schemas.yamltext import load_yaml, read_config_file
 
 __all__ = [
     "ACTOR_STAGES",
@@ -468,11 +468,7 @@ def load_config(
     locations (building tiny models if needed)."""
     layers: list[dict[str, Any]] = []
     if path:
-        text = Path(path).read_text()
-        loaded = load_yaml(text) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config {path}: top level must be a mapping")
-        layers.append(loaded)
+        layers.append(read_config_file(path))
     if preset:
         layers.append({"preset": preset})
     layers += [parse_overrides(sets), overrides]

@@ -48,7 +48,7 @@ from pipeline.stages.decide import DEFAULT_THRESHOLDS
 from pipeline.stages.probe import Probe
 from pipeline.stages.split import clip_spans
 from pipeline.video import even_size, resample_indices
-from schemas.yamltext import load_yaml
+from schemas.yamltext import read_config_file
 
 __all__ = [
     "RATE_PRESETS",
@@ -477,10 +477,7 @@ def load_plan_config(
     (``--set KEY=VALUE``) items override its build sections."""
     data: dict[str, Any] = {}
     if path:
-        loaded = load_yaml(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config {path}: top level must be a mapping")
-        data = dict(loaded)
+        data = read_config_file(path)
     rate_section = data.pop("plan", None) or {}
     layers = [data, {"preset": preset} if preset else {}, parse_overrides(sets)]
     data = merge_layers(DEFAULT_THRESHOLDS, layers)

@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import schemas
 from pipeline.stages.decide import DUPLICATE_REASON, LATE_SIGNALS, Decide, DecideConfig
 from pipeline.stages.dedup import DedupConfig, DedupIndex
-from schemas.yamltext import load_yaml
+from schemas.yamltext import read_config_file
 
 if TYPE_CHECKING:
     from pipeline.writer import CorpusWriter
@@ -101,9 +101,7 @@ def load_refilter_config(
 
     data: dict[str, Any] = {}
     if path is not None:
-        data = load_yaml(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config {path}: top level must be a mapping")
+        data = read_config_file(path)
     over = parse_overrides(sets)
     outside = sorted(set(over) - {"decide", "dedup"})
     if outside:

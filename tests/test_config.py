@@ -16,8 +16,10 @@ from pipeline.config import (
     to_dict,
     validate,
 )
+from pipeline.refilter import load_refilter_config
 from pipeline.stages.decide import DEFAULT_THRESHOLDS
 from pipeline.stages.split import SplitConfig
+from schemas.yamltext import read_config_file
 
 
 def test_defaults_name_real_models() -> None:
@@ -51,6 +53,40 @@ def test_exponent_floats_are_numbers_in_files_and_set_items(tmp_path) -> None:
     assert parse_overrides(["a.b=-1e0", "a.c=1_000e-3", "a.d=e5"]) == {
         "a": {"b": -1.0, "c": 1.0, "d": "e5"}
     }
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        ("c.yaml", b"split:\n  min_clip_s: 1\n split: 2\n", r"not valid YAML at line 3, column 2"),
+        ("c.yaml", b"\xff\xfe split: 1", r"not UTF-8 text \(byte 0\)"),
+        ("c.yaml", b"- a\n- b\n", r"top level must be a mapping"),
+        ("c.json", b'{"split": {"min_clip_s": 1},}', r"not valid JSON at line 1, column 29"),
+    ],
+)
+def test_a_config_file_that_cannot_be_read_is_named_with_the_line(
+    tmp_path, capsys, name: str, data: bytes, message: str
+) -> None:
+    """Build, plan, refilter and train read config files one way; a broken one is a
+    config error naming the file (and where it breaks), not a parser traceback."""
+    from reelpack.cli import main
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"config {re.escape(str(path))}: {message}"):
+        read_config_file(path)
+    for argv in (
+        ["build", str(path), "--out", str(tmp_path / "c"), "--config", str(path)],
+        ["plan", str(path), "--config", str(path)],
+        ["train", str(tmp_path / "c"), "--out", str(tmp_path / "t"), "--config", str(path)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf"{argv[0]}: (config error: )?config .*{name}: {message}", err), err
+    with pytest.raises(ValueError, match=rf"config .*{name}: {message}"):
+        load_refilter_config(str(path))
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_config_file(tmp_path / "empty.yaml") == {}
 
 
 @pytest.mark.parametrize(
