@@ -23,6 +23,10 @@ config, all plain tensors and dicts (``torch.load(..., weights_only=True)``).
 Resuming (``resume=True``) restores all of it, so the next losses are exactly those
 the uninterrupted run would have produced (on the CPU; on GPUs up to kernel
 non-determinism). Only `RESUMABLE_CHANGES` may differ from the checkpoint's config.
+
+SIGINT or SIGTERM (Ctrl-C, a preempted pod, torchrun passing one on) ends the run after
+the step in progress, with a checkpoint: every rank stops at the same step, and
+`TrainingInterrupted` says where; a second signal stops at once, without one.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import typing
 from collections.abc import Iterator
@@ -56,6 +63,7 @@ from model.raycluster import check_reachable
 __all__ = [
     "RESUMABLE_CHANGES",
     "TrainConfig",
+    "TrainingInterrupted",
     "evaluate",
     "init_model",
     "load_checkpoint",
@@ -319,6 +327,15 @@ class _Dist:
     def all_sum(self, value: float) -> float:
         return self.all_mean(value) * self.world_size
 
+    def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
+        """:meth:`all_mean` of ``value`` and whether any rank's ``flag`` is set, in one
+        all-reduce (the step's loss, and a stop every rank must agree on)."""
+        if self.world_size == 1:
+            return value, flag
+        t = torch.tensor([value, float(flag)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t[0].item()) / self.world_size, bool(t[1].item() > 0)
+
     def gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
             return [obj]
@@ -574,6 +591,48 @@ def _loss(
     )
 
 
+class TrainingInterrupted(Exception):
+    """A signal ended the run early, after a checkpoint at ``step`` (the message says
+    how to go on)."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class _StopSignals:
+    """While open, SIGINT and SIGTERM set :attr:`name` instead of ending the process, so
+    that the loop saves a checkpoint first; a second one raises KeyboardInterrupt. Only
+    in the main thread, where Python runs signal handlers (Ray Train runs the loop in
+    another thread, and its driver takes the signals)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.name is not None:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(
+            f"{self.name}: stopping after this step, with a checkpoint (again: stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+
 def _check_out(out: str, resume: bool) -> str:
     """``out`` as a folder path (a ``file://`` URI's path). Checkpoints are written with
     file I/O, to a local or shared filesystem: ``s3://`` (or ``gs://``) would become a
@@ -679,58 +738,72 @@ def train(  # noqa: C901
     losses: list[float] = []
     model.train()
     last = cfg.steps if until is None else min(until, cfg.steps)
-    for step in range(start + 1, last + 1):
-        began = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, tokens, slots = 0.0, 0, 0
-        for micro in range(cfg.grad_accum):
-            b = _to_device(next(batches), d.device)
-            tokens, slots = tokens + b["tokens"].shape[0], slots + b["num_slots"]
-            sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-            with (
-                contextlib.nullcontext() if sync else model.no_sync(),  # type: ignore[operator]
-                torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast_bf16),
-            ):
-                loss = _loss(model, b, cfg, text, generator)
-            (loss / cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / cfg.grad_accum
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            if cfg.grad_clip > 0
-            else math.nan
-        )
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        losses.append(d.all_mean(step_loss))
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            seconds = time.perf_counter() - began
-            all_tokens, all_slots = d.all_sum(tokens), d.all_sum(slots)
-            record = {
-                "step": step,
-                "loss": losses[-1],
-                "tokens_per_s": all_tokens / seconds,
-                "padding": 1.0 - all_tokens / max(all_slots, 1),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-            }
-            if d.rank == 0:
-                print(
-                    f"step {step} loss {record['loss']:.4f} tokens/s {record['tokens_per_s']:.0f} "
-                    f"pad {record['padding']:.3f} lr {record['lr']:.2e} grad_norm {grad_norm:.3f}",
-                    flush=True,
-                )
-                with metrics.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != last:
-            save(step)
-    if start < last or state is None:
+    stopped_at: int | None = None
+    with _StopSignals() as signals:
+        for step in range(start + 1, last + 1):
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, tokens, slots = 0.0, 0, 0
+            for micro in range(cfg.grad_accum):
+                b = _to_device(next(batches), d.device)
+                tokens, slots = tokens + b["tokens"].shape[0], slots + b["num_slots"]
+                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                with (
+                    contextlib.nullcontext() if sync else model.no_sync(),  # type: ignore[operator]
+                    torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast_bf16),
+                ):
+                    loss = _loss(model, b, cfg, text, generator)
+                (loss / cfg.grad_accum).backward()
+                step_loss += float(loss.detach()) / cfg.grad_accum
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                if cfg.grad_clip > 0
+                else math.nan
+            )
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            # the step's mean loss, and whether a signal stops the run on any rank
+            mean, stop = d.mean_and_any(step_loss, signals.name is not None)
+            losses.append(mean)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                seconds = time.perf_counter() - began
+                all_tokens, all_slots = d.all_sum(tokens), d.all_sum(slots)
+                record = {
+                    "step": step,
+                    "loss": losses[-1],
+                    "tokens_per_s": all_tokens / seconds,
+                    "padding": 1.0 - all_tokens / max(all_slots, 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                }
+                if d.rank == 0:
+                    print(
+                        f"step {step} loss {record['loss']:.4f} tokens/s {record['tokens_per_s']:.0f} "
+                        f"pad {record['padding']:.3f} lr {record['lr']:.2e} grad_norm {grad_norm:.3f}",
+                        flush=True,
+                    )
+                    with metrics.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if stop and step != last:
+                save(step)
+                stopped_at = step
+                break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != last:
+                save(step)
+    if stopped_at is None and (start < last or state is None):
         save(last)
     if d.rank == 0 and start < last:
         print(f"loader: {loader.stats.summary()}", flush=True)
     if d.owns_group:
         _leave_group()
+    if stopped_at is not None:
+        raise TrainingInterrupted(
+            f"{signals.name or 'a signal to another rank'}: stopped after step {stopped_at} "
+            f"of {cfg.steps}, checkpoint {ckpt_path}; run again with --resume to go on",
+            stopped_at,
+        )
     return losses
 
 
@@ -937,7 +1010,12 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(parser)
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    train(args.root, args.out, load_train_config(args.config, **overrides), resume=args.resume)
+    cfg = load_train_config(args.config, **overrides)
+    try:
+        train(args.root, args.out, cfg, resume=args.resume)
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -309,6 +309,44 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     )
 
 
+def test_sigterm_stops_training_after_the_step_with_a_checkpoint(tmp_path: Path) -> None:
+    """A preempted run (SIGTERM; Ctrl-C alike) finishes its step, saves, and exits 130
+    saying how to go on; --resume continues from that step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from reelpack.cli import main
+
+    root = make_corpus(tmp_path / "c", smooth_latents(MIX[:4]))
+    out = tmp_path / "run"
+    args = ["train", str(root), "--out", str(out), "--token-budget", "64", "--log-every", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reelpack.cli", *args, "--steps", "1000000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert f"SIGTERM: stopped after step {step} of 1000000, checkpoint {out}" in err
+    assert "--resume" in err and "Traceback" not in err
+    assert len(metrics.read_text().splitlines()) == step  # every step logged, none lost
+    assert main([*args, "--steps", str(step + 2), "--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step + 2
+
+
 # --- several processes ------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -316,9 +354,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, jobs: list[tuple[int, str, str, TrainConfig]]) -> None:
+def _sigterm_in_call(loss: Any, at: int) -> Any:
+    """``loss`` that sends this process SIGTERM in its call number ``at`` (0: never)."""
+    import signal
+
+    calls = [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args, **kwargs)
+
+    return wrapped
+
+
+def _worker(rank: int, world: int, jobs: list[tuple[int, str, str, TrainConfig, int]]) -> None:
+    """Each job is a run; with ``sigterm_at`` > 0, rank 1 gets SIGTERM in that step."""
+    import model.train
+    from model.train import TrainingInterrupted
+
     torch.set_num_threads(1)
-    for port, root, out, cfg in jobs:  # one process start (seconds here) for several runs
+    for port, root, out, cfg, sigterm_at in jobs:  # one process start (seconds) for several runs
         os.environ.update(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
@@ -326,8 +383,15 @@ def _worker(rank: int, world: int, jobs: list[tuple[int, str, str, TrainConfig]]
             RANK=str(rank),
             LOCAL_RANK=str(rank),
         )
-        losses = train(root, out, cfg)  # joins, then leaves, the process group
-        torch.save({"losses": losses}, Path(out) / f"rank{rank}.pt")
+        real_loss = model.train._loss
+        model.train._loss = _sigterm_in_call(real_loss, sigterm_at if rank == 1 else 0)
+        try:
+            losses = train(root, out, cfg)  # joins, then leaves, the process group
+            torch.save({"losses": losses}, Path(out) / f"rank{rank}.pt")
+        except TrainingInterrupted as e:
+            torch.save({"stopped": e.step, "message": str(e)}, Path(out) / f"rank{rank}.pt")
+        finally:
+            model.train._loss = real_loss
 
 
 def test_ddp_and_fsdp_on_gloo_two_processes(tmp_path: Path) -> None:
@@ -335,10 +399,21 @@ def test_ddp_and_fsdp_on_gloo_two_processes(tmp_path: Path) -> None:
     ddp = TrainConfig(steps=3, lr=1e-2, token_budget=48, log_every=1, grad_accum=2)
     fsdp = TrainConfig(steps=2, lr=1e-2, token_budget=48, log_every=1, fsdp=True)
     jobs = [
-        (_free_port(), str(root), str(tmp_path / name), cfg)
-        for name, cfg in (("ddp", ddp), ("fsdp", fsdp))
+        (_free_port(), str(root), str(tmp_path / name), cfg, sigterm_at)
+        for name, cfg, sigterm_at in (
+            ("ddp", ddp, 0),
+            ("fsdp", fsdp, 0),
+            ("stop", dataclasses.replace(ddp, steps=6, grad_accum=1), 2),
+        )
     ]
     mp.spawn(_worker, args=(2, jobs), nprocs=2, join=True)
+    # SIGTERM to one rank: both stop after the same step, and one checkpoint holds it
+    ranks = [torch.load(tmp_path / "stop" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["stopped"] == ranks[1]["stopped"] == 2
+    assert ranks[1]["message"].startswith("SIGTERM: stopped after step 2 of 6")
+    assert ranks[0]["message"].startswith("a signal to another rank: stopped after step 2")
+    state = torch.load(tmp_path / "stop" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["rng"]) == 2
     for name, steps in (("ddp", 3), ("fsdp", 2)):
         ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in range(2)]
         # losses are averaged over ranks, so both report the same curve

@@ -16,7 +16,13 @@ __all__ = ["register"]
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.train import TrainConfig, load_train_config, train, train_with_ray
+    from model.train import (
+        TrainConfig,
+        TrainingInterrupted,
+        load_train_config,
+        train,
+        train_with_ray,
+    )
 
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
     try:
@@ -37,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             losses = train(args.root, args.out, cfg, resume=args.resume)
+    except TrainingInterrupted as e:  # SIGINT or SIGTERM: stopped with a checkpoint
+        print(f"reelpack train: {e}", file=sys.stderr)
+        return 130
     except (FileExistsError, FileNotFoundError, NotADirectoryError) as e:
         # another run's checkpoint in --out, a root that is no corpus, --out a file
         print(f"reelpack train: {e}", file=sys.stderr)
