@@ -18,6 +18,7 @@ without caption embeddings samples unconditionally.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import uuid
@@ -32,6 +33,8 @@ import torch
 from model.device import resolve_device
 from model.dit import DiT, grid_positions
 from model.flow import euler_sample, resolution_shift
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_output", "latent_grid", "sample_latents", "sample_to_file", "write_video"]
 
@@ -308,6 +311,12 @@ def sample_to_file(
         embeds = [
             _encode_prompt(manifest.get("text_encoder"), prompt, model.config.text_dim, device)
         ]
+    elif prompt.strip():
+        log.warning(
+            "%s was trained without captions (its corpus has no caption embeddings): "
+            "the prompt and the guidance scale change nothing",
+            ckpt,
+        )
     latent = sample_latents(
         model,
         [grid],

@@ -175,14 +175,18 @@ def test_sample_cli_and_size_errors(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from reelpack.cli import main
 
     _, ckpt = trained  # the corpus comes from the checkpoint's config
     out = tmp_path / "clip.mp4"
     args = ["sample", str(ckpt), "--prompt", "x", "--height", "16", "--width", "16", "--steps", "1"]
-    assert main([*args, "--frames", "5", "--out", str(out)]) == 0
+    with caplog.at_level("WARNING", logger="model.sample"):
+        assert main([*args, "--frames", "5", "--out", str(out)]) == 0
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
+    # the model takes no captions: a prompt is said to change nothing, not silently dropped
+    assert "trained without captions" in caplog.text and "the prompt" in caplog.text
     assert main([*args, "--frames", "6", "--out", str(out)]) == 2
     assert "frame rule" in capsys.readouterr().err
     # a format that cannot hold the clip fails before any model is loaded
