@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
-__all__ = ["check_reachable"]
+__all__ = ["RayUnreachable", "check_reachable", "join_cluster"]
+
+_HINT = (
+    "`ray start --head` prints the address to join (host:port of its GCS, 6379 by "
+    "default; ray://host:10001 for Ray Client); leave the address out to start a local Ray"
+)
+
+
+class RayUnreachable(ConnectionError):
+    """No Ray cluster answers at the address given; the message names it and how to
+    find the right one."""
 
 
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """ConnectionError naming ``address`` (``host:port`` or ``ray://host:port``) when
-    nothing there accepts a connection: ``ray.init`` would otherwise retry for minutes.
-    ``auto`` and ``local`` are Ray's own to resolve."""
+    """:class:`RayUnreachable` naming ``address`` (``host:port`` or ``ray://host:port``)
+    when nothing there accepts a connection: ``ray.init`` would otherwise retry for
+    minutes. ``auto`` and ``local`` are Ray's own to resolve."""
     if address in ("auto", "local"):
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
@@ -20,8 +31,22 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise ConnectionError(
+        raise RayUnreachable(
             f"Ray address {address}: nothing answers at {host}:{port} ({exc}); is the "
-            "cluster's head running there? `ray start --head` prints the address to join "
-            "(host:port of its GCS, 6379 by default; ray://host:10001 for Ray Client)"
+            f"cluster's head running there? {_HINT}"
+        ) from None
+
+
+def join_cluster(address: str, **kwargs: Any) -> None:
+    """``ray.init(address=address, **kwargs)`` after :func:`check_reachable`; Ray's own
+    refusal (``auto`` with no cluster running here) is a :class:`RayUnreachable` too."""
+    import ray
+
+    check_reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RayUnreachable(
+            f"Ray address {address}: {first.split('. Please')[0]}; {_HINT}"
         ) from None

@@ -58,7 +58,7 @@ from model.dit import ATTN_BACKENDS, DiT, DiTConfig, build_dit
 from model.ema import EMA
 from model.flow import REDUCTIONS, caption_keep_mask, flow_loss, resolution_shift
 from model.loader import OVERSIZE_POLICIES
-from model.raycluster import check_reachable
+from model.raycluster import join_cluster
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -857,8 +857,7 @@ def _init_ray(address: str | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
-        check_reachable(address)
-        ray.init(address=address)
+        join_cluster(address)
     else:  # never a cluster that merely happens to run on this machine
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
 

@@ -49,7 +49,7 @@ import numpy as np
 import ray
 
 import schemas
-from model.raycluster import check_reachable
+from model.raycluster import join_cluster
 from pipeline.compat import check_resume
 from pipeline.config import (
     ACTOR_STAGES,
@@ -169,8 +169,7 @@ def init_ray(cfg: BuildConfig) -> None:
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
             kwargs["runtime_env"] = {"env_vars": worker_env()}
         if cfg.ray.address:
-            check_reachable(cfg.ray.address)
-            ray.init(address=cfg.ray.address, **kwargs)
+            join_cluster(cfg.ray.address, **kwargs)
         else:  # always a fresh local instance, never a cluster that happens to run here
             with _sigint_ignored():
                 ray.init(

@@ -156,6 +156,29 @@ def test_a_ray_address_where_nothing_answers_fails_in_seconds(
     assert time.monotonic() - started < 120  # not ray.init's minutes of retries
 
 
+def test_auto_with_no_cluster_running_is_named_with_the_way_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--ray-address auto`` where no cluster runs: Ray's refusal (which names its own
+    ``--address`` flag) becomes one that says how to find the address or go local."""
+    import ray
+
+    from model.raycluster import RayUnreachable, join_cluster
+
+    def refuse(**kwargs: object) -> None:
+        raise ConnectionError(
+            "Could not find any running Ray instance. Please specify the one to connect to "
+            "by setting `--address` flag or `RAY_ADDRESS` environment variable."
+        )
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(RayUnreachable) as caught:
+        join_cluster("auto")
+    text = str(caught.value)
+    assert text.startswith("Ray address auto: Could not find any running Ray instance; ")
+    assert "`ray start --head`" in text and "`--address`" not in text
+
+
 def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

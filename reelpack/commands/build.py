@@ -13,6 +13,7 @@ __all__ = ["register", "summary_text"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.raycluster import RayUnreachable
     from pipeline.compat import CorpusMismatch
     from pipeline.config import load_config
     from pipeline.graph import PlacementError, build
@@ -38,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
         PlacementError,
         CorpusMismatch,
         ModelUnavailable,
+        RayUnreachable,
     ) as e:
         # a missing source, --out a file, gs:// or another VAE's corpus, stages the cluster
-        # cannot place, a model that cannot be loaded
+        # cannot place, a model that cannot be loaded, no Ray cluster at --ray-address
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # no space left, a storage failure after its retries

@@ -16,6 +16,7 @@ __all__ = ["register"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.raycluster import RayUnreachable
     from model.train import (
         TrainConfig,
         TrainingInterrupted,
@@ -46,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:  # SIGINT or SIGTERM: stopped with a checkpoint
         print(f"reelpack train: {e}", file=sys.stderr)
         return 130
-    except (FileExistsError, FileNotFoundError, NotADirectoryError) as e:
-        # another run's checkpoint in --out, a root that is no corpus, --out a file
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, RayUnreachable) as e:
+        # another run's checkpoint in --out, a root that is no corpus, --out a file, no
+        # Ray cluster at --ray-address
         print(f"reelpack train: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:  # nothing to train on, a damaged shard or checkpoint
