@@ -60,6 +60,10 @@ def run_demo(out: Path, steps: int = DEMO_STEPS) -> dict[str, Any]:
     from pipeline.graph import build
     from pipeline.synth import demo_videos
 
+    train_cfg = demo_train_config(steps)
+    train_cfg.validate()  # before a minute of synthesis and building
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; the demo writes a folder")
     out.mkdir(parents=True, exist_ok=True)
     videos = demo_videos(str(out / "videos"))
     print(f"[demo] synthesized {len(videos)} videos in {out / 'videos'}")
@@ -73,7 +77,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS) -> dict[str, Any]:
     print(f"[demo]   rejected by reason: {summary['rejected_by_reason']}")
     print(f"[demo]   shards: {summary['shards']}, latent tokens: {summary['latent_tokens']}")
     shutil.rmtree(out / "train", ignore_errors=True)  # a demo run again trains afresh
-    losses = train(corpus, str(out / "train"), demo_train_config(steps))
+    losses = train(corpus, str(out / "train"), train_cfg)
     summary["loss_first"], summary["loss_last"] = losses[0], losses[-1]
     print(f"[demo] trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     # 9 frames (1 + 4k for the Wan VAE) at 32x48: sides are multiples of VAE factor x patch

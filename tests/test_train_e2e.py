@@ -83,6 +83,22 @@ def test_the_demo_builds_trains_and_samples(demo_run: Path) -> None:
     assert max(m["padding"] for m in logged) < 0.15, logged[-1]
 
 
+def test_the_demo_refuses_bad_flags_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from reelpack import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--steps", "0"]) == 2
+    assert "reelpack demo: bad TrainConfig: steps must be positive, not 0" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()  # nothing synthesized or built
+    out.write_text("")
+    assert cli.main(["demo", "--out", str(out)]) == 2
+    assert f"--out {out} is a file; the demo writes a folder" in capsys.readouterr().err
+
+
 def test_tiny_model_learns_the_demo_corpus(demo_run: Path) -> None:
     """The model ``reelpack demo`` trained, scored on fixed (x0, noise, t) triples."""
     corpus = str(demo_run / "corpus")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,11 @@ __all__ = ["register"]
 def run(args: argparse.Namespace) -> int:
     from reelpack.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    try:
+        run_demo(Path(args.out), steps=args.steps)
+    except (ValueError, NotADirectoryError) as e:  # a bad --steps, --out a file
+        print(f"reelpack demo: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
