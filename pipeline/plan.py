@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 from collections import Counter
@@ -370,7 +371,11 @@ def make_plan(
     if not sources:
         raise ValueError("plan: no sources")
     if sample < 1:
-        raise ValueError(f"plan: sample must be >= 1, got {sample}")
+        raise ValueError(f"--sample must be >= 1, got {sample}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if gpus < 0:
+        raise ValueError(f"--gpus must be >= 0, got {gpus}")
     rates = rates or RATE_PRESETS.get(cfg.preset, PlanRates())
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     chosen = sorted(random.Random(seed).sample(sources, min(sample, len(sources))))
@@ -440,6 +445,10 @@ def make_plan(
 # --- configuration ---------------------------------------------------------------------------
 
 
+# rates the plan divides by: zero is no rate
+_DIVISOR_RATES = ("mean_shot_s", "write_bytes_per_s")
+
+
 def parse_rates(base: PlanRates, items: list[str] | dict[str, Any]) -> PlanRates:
     """``base`` with fields replaced from ``NAME=VALUE`` strings or a mapping (the config
     file's ``plan:`` section); unknown names are errors."""
@@ -461,8 +470,13 @@ def parse_rates(base: PlanRates, items: list[str] | dict[str, Any]) -> PlanRates
             values[name] = kind(value)
         except (TypeError, ValueError):
             raise ValueError(f"plan rate {name}: {value!r} is not a number") from None
-        if not values[name] >= 0:
+        v = values[name]
+        if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"plan rate {name}: must be >= 0, got {value!r}")
+        if name in _DIVISOR_RATES and v == 0:
+            raise ValueError(f"plan rate {name}: must be > 0, got {value!r}")
+        if name == "keep_fraction" and v > 1:
+            raise ValueError(f"plan rate {name}: a share, in [0, 1], got {value!r}")
     return replace(base, **values)
 
 

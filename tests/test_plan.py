@@ -162,6 +162,14 @@ def test_rates_from_config_and_flags(tmp_path: Path) -> None:
         parse_rates(PlanRates(), ["mean_shot=3"])
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_rates(PlanRates(), ["mean_shot_s"])
+    for item, words in [  # a zero divisor was a ZeroDivisionError; 2 of clips kept, taken
+        ("write_bytes_per_s=0", "write_bytes_per_s: must be > 0"),
+        ("mean_shot_s=0", "mean_shot_s: must be > 0"),
+        ("keep_fraction=2", r"keep_fraction: a share, in \[0, 1\]"),
+        ("model_load_s=inf", "model_load_s: must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            parse_rates(PlanRates(), [item])
     cfg_file.write_text("splitt: {}\n")
     with pytest.raises(ValueError, match="splitt"):
         load_plan_config(str(cfg_file), None)
@@ -184,6 +192,14 @@ def test_cli(
     assert data["sources"] == 3 and data["workers"] == 3 and data["gpus"] == 1
     assert {s["stage"] for s in data["stages"]} >= {"probe", "split", "encode", "write"}
     assert main([*argv, "--rate", "nope=1"]) == 2
+    capsys.readouterr()
+    for flags, words in [
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--gpus", "-1"], "--gpus must be >= 0, got -1"),
+        (["--sample", "0"], "--sample must be >= 1, got 0"),
+    ]:
+        assert main(["plan", str(videos), "--preset", "tiny", *flags]) == 2
+        assert capsys.readouterr().err == f"reelpack plan: {words}\n"
     assert main(["plan", str(tmp_path / "missing")]) == 2
     photos = tmp_path / "photos"  # nothing a build would take: said so, with what is there
     photos.mkdir()

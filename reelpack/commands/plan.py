@@ -35,9 +35,13 @@ def run(args: argparse.Namespace) -> int:
     note = describe_skipped(skipped)
     if note:
         print(f"reelpack plan: note: {note}", file=sys.stderr)
-    plan = make_plan(
-        sources, cfg, sample=args.sample, workers=args.workers, gpus=args.gpus, rates=rates
-    )
+    try:
+        plan = make_plan(
+            sources, cfg, sample=args.sample, workers=args.workers, gpus=args.gpus, rates=rates
+        )
+    except ValueError as e:  # --sample, --workers or --gpus out of range
+        print(f"reelpack plan: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(plan.to_json(), indent=2, sort_keys=True))
     else:
