@@ -309,6 +309,9 @@ def test_set_items_lay_dotted_values_over_the_file(tmp_path) -> None:
         ("split.max_clip_s=.inf", r"split\.max_clip_s must be a finite number, got inf"),
         ("split.min_scene_s=.inf", r"split\.min_scene_s must be a finite number, got inf"),
         ("split.threshold=-.inf", r"split\.threshold must be a finite number, got -inf"),
+        # a task stage takes no GPU and has no pool: refused, not silently ignored
+        ("ray.split.num_gpus=1", r"ray\.split\.num_gpus must be 0 \(split runs as CPU tasks"),
+        ("ray.score.max_actors=4", r"ray\.score\.min_actors / max_actors: score runs as Ray"),
     ],
 )
 def test_bad_set_items_name_the_item_or_key(item: str, message: str) -> None:
