@@ -386,17 +386,25 @@ def _check_output(c: _Checks) -> None:
             f"{at}.max_actors",
             f">= min_actors ({res.min_actors})",
         )
-        if f.name not in ACTOR_STAGES:  # Ray tasks: no GPUs, no pool (never silently)
+        # what a stage cannot use is refused, never silently ignored
+        models = ", ".join(s for s in ACTOR_STAGES if s != "dedup")
+        if f.name not in ACTOR_STAGES:
             c.need(
                 res.num_gpus == 0,
                 f"{at}.num_gpus",
-                f"0 ({f.name} runs as CPU tasks; GPUs go to the model stages: "
-                f"{', '.join(s for s in ACTOR_STAGES if s != 'dedup')})",
+                f"0 ({f.name} runs as CPU tasks; GPUs go to the model stages: {models})",
             )
             if (res.min_actors, res.max_actors) != (1, 1):
                 c.problems.append(
                     f"{at}.min_actors / max_actors: {f.name} runs as Ray tasks (as many at "
                     "once as their num_cpus fit), not an actor pool; leave them out"
+                )
+        elif f.name == "dedup":
+            c.need(res.num_gpus == 0, f"{at}.num_gpus", "0 (the near-duplicate index is CPU work)")
+            if (res.min_actors, res.max_actors) != (1, 1):
+                c.problems.append(
+                    f"{at}.min_actors / max_actors: dedup is one actor holding the build's "
+                    "one index (two would each miss the other's duplicates); leave them out"
                 )
 
 
