@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import schemas
 from pipeline.hdr import HDR_TRANSFER_NAMES
@@ -220,8 +221,21 @@ def decode_thumbnails(vae: Any, latents: Any, frames: int = 3, max_side: int = 1
     return [_png_data_uri(cv2.resize(pixels[i], size, interpolation=cv2.INTER_AREA)) for i in picks]
 
 
+# what the gallery reads of a kept row
+_GALLERY_COLUMNS = ["clip_id", "source", "start_s", "caption", "latent_shape", "shard", "key"]
+# what the page reads of the index: every column but the per-clip vectors (a million
+# ViT-L/14 embeddings alone are 3 GB)
+_REPORT_COLUMNS = [
+    name
+    for name in schemas.CLIP_SCHEMA.names
+    if name not in ("clip_embedding", "encode_frame_indices", "extra_latents")
+]
+
+
 def _pick_samples(index: pa.Table, n: int) -> list[dict[str, Any]]:
-    kept = [r for r in index.to_pylist() if r["status"] == "kept" and r["shard"] and r["key"]]
+    stored = pc.and_(pc.not_equal(index["shard"], ""), pc.not_equal(index["key"], ""))
+    kept_rows = index.filter(pc.and_(pc.equal(index["status"], "kept"), stored))
+    kept = kept_rows.select(_GALLERY_COLUMNS).to_pylist()  # the kept rows alone, as dicts
     kept.sort(key=lambda r: (r["source"], r["start_s"] or 0.0, r["clip_id"]))
     if len(kept) <= n:
         return kept
@@ -550,7 +564,7 @@ def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -
     manifest = read_manifest(root)
     if manifest is None:
         raise FileNotFoundError(f"{root}: no {schemas.MANIFEST_NAME}; not a reelpack corpus")
-    index, sources = read_index(root), read_sources(root)
+    index, sources = read_index(root, columns=_REPORT_COLUMNS), read_sources(root)
     dists = _distributions(index, sources)
     items, note = load_gallery(root, manifest, index, samples=samples, vae_path=vae_path)
     sections = [

@@ -238,8 +238,21 @@ def _committed(root: str, st: Storage) -> dict[int, str]:
     return _numbered(st.list(join(root, schemas.SOURCES_DIR)), _PART_RE)
 
 
-def _read_part(st: Storage, root: str, directory: str, n: int, schema: pa.Schema) -> pa.Table:
-    table = pq.read_table(io.BytesIO(st.read(join(root, directory, _part_name(n)))))
+def _read_part(
+    st: Storage,
+    root: str,
+    directory: str,
+    n: int,
+    schema: pa.Schema,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """Part ``n`` as ``schema`` (only ``columns`` of it, and ``source``, when given)."""
+    if columns is not None:
+        wanted = set(columns) | {"source"}
+        schema = pa.schema([f for f in schema if f.name in wanted])
+    data = pq.ParquetFile(io.BytesIO(st.read(join(root, directory, _part_name(n)))))
+    present = [name for name in schema.names if name in data.schema_arrow.names]
+    table = data.read(columns=present)
     # Parts written before a column was added lack it: add it as nulls, then order as schema.
     for f in schema:
         if f.name not in table.column_names:
@@ -277,32 +290,46 @@ def _concat(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def _read_tables(root: str, include_superseded: bool = False) -> tuple[pa.Table, pa.Table]:
-    """(index, sources) of the committed corpus; latest part per source unless told otherwise."""
+def _read_tables(
+    root: str, include_superseded: bool = False, columns: Sequence[str] | None = None
+) -> tuple[pa.Table, pa.Table]:
+    """(index, sources) of the committed corpus; latest part per source unless told
+    otherwise; the index with only ``columns`` (and ``source``) when given."""
     st = storage_for(root)
     source_parts = _source_parts(root, st)
     latest = _latest_part(source_parts)
     index_parts: list[pa.Table] = []
     sources: list[pa.Table] = []
     for n, table in source_parts.items():
-        index = _read_part(st, root, schemas.INDEX_DIR, n, schemas.CLIP_SCHEMA)
+        index = _read_part(st, root, schemas.INDEX_DIR, n, schemas.CLIP_SCHEMA, columns)
         if not include_superseded:
             index, table = _live(index, n, latest), _live(table, n, latest)
         index_parts.append(index)
         sources.append(table)
     return (
-        _concat(index_parts, schemas.CLIP_SCHEMA),
+        pa.concat_tables(index_parts) if index_parts else _index_schema(columns).empty_table(),
         _concat(sources, schemas.SOURCE_SCHEMA),
     )
 
 
-def read_index(root: str, include_superseded: bool = False) -> pa.Table:
+def _index_schema(columns: Sequence[str] | None) -> pa.Schema:
+    if columns is None:
+        return schemas.CLIP_SCHEMA
+    wanted = set(columns) | {"source"}
+    return pa.schema([f for f in schemas.CLIP_SCHEMA if f.name in wanted])
+
+
+def read_index(
+    root: str, include_superseded: bool = False, columns: Sequence[str] | None = None
+) -> pa.Table:
     """Every clip row of the committed corpus (CLIP_SCHEMA), latest part per source.
 
     ``include_superseded=True`` returns the rows of every committed part instead
-    (history: a source then appears once per part that holds it).
+    (history: a source then appears once per part that holds it). ``columns``: only
+    those (and ``source``), in schema order; a reader that needs no embeddings reads
+    none (a million ViT-L/14 embeddings are 3 GB).
     """
-    return _read_tables(root, include_superseded)[0]
+    return _read_tables(root, include_superseded, columns)[0]
 
 
 def read_sources(root: str, include_superseded: bool = False) -> pa.Table:
@@ -357,7 +384,12 @@ def corpus_counts(root: str) -> dict[str, int]:
 
     ``shards`` counts the shards that hold at least one live (kept, latest) sample.
     """
-    return _counts(*_read_tables(root))
+    return _counts(*_read_tables(root, columns=_COUNT_COLUMNS))
+
+
+# the index columns each reader below needs: never the embeddings (a million clips' are GBs)
+_COUNT_COLUMNS = ("status", "num_tokens", "shard")
+_WORK_COLUMNS = ("status", "shard", "key")
 
 
 def _needing_work(index: pa.Table) -> set[str]:
@@ -381,7 +413,7 @@ def sources_needing_work(root: str) -> set[str]:
     A build must process them again; ``CorpusWriter.done_sources`` already leaves
     them out, and the writer accepts their rows again (the new part supersedes).
     """
-    return _needing_work(read_index(root))
+    return _needing_work(read_index(root, columns=_WORK_COLUMNS))
 
 
 # --- the writer -------------------------------------------------------------------------------
@@ -492,7 +524,7 @@ class CorpusWriter:
                 ):
                     self._st.delete(uri)  # a killed run's temp file or uncommitted part
         self._abort_uploads()
-        index, sources = _read_tables(self.root)
+        index, sources = _read_tables(self.root, columns=_WORK_COLUMNS)
         self._done = set(sources.column("source").to_pylist()) - _needing_work(index)
         errors = sources.filter(pc.equal(sources.column("status"), "error"))
         self._errored = set(errors.column("source").to_pylist())
@@ -763,7 +795,7 @@ class CorpusWriter:
             raise ValueError("rewrite needs a writer with nothing uncommitted")
         if not rows_by_source:
             return -1
-        index_all = read_index(self.root, include_superseded=True)
+        index_all = read_index(self.root, include_superseded=True, columns=("shard", "key"))
         samples = set(
             zip(
                 index_all.column("shard").to_pylist(),

@@ -355,6 +355,13 @@ def test_rewrite_rows_latest_part_wins(root: str) -> None:
     assert after["_v_a_mp4-1"]["shard"] == before["_v_a_mp4-1"]["shard"]  # still live
     assert after["_v_c_mp4-0"]["status"] == "kept" and after["_v_c_mp4-0"]["key"] is None
     assert len(read_index(root, include_superseded=True)) == 5 + 4
+    # a reader that needs a few columns gets those (and the source), same rows, latest wins
+    few = read_index(root, columns=["status", "clip_id"])
+    assert few.column_names == ["clip_id", "source", "status"]
+    assert sorted(zip(few["clip_id"].to_pylist(), few["status"].to_pylist(), strict=True)) == (
+        sorted((k, r["status"]) for k, r in after.items())
+    )
+    assert read_index(root, columns=["clip_embedding"]).num_rows == 5
     assert len(read_sources(root)) == 3 and len(read_sources(root, include_superseded=True)) == 5
     counts = corpus_counts(root)
     assert (counts["clips"], counts["clips_kept"], counts["clips_rejected"]) == (5, 4, 1)
@@ -372,6 +379,20 @@ def test_rewrite_rows_latest_part_wins(root: str) -> None:
     assert final["_v_c_mp4-0"]["shard"] == "shards/shard-000003.tar"
     assert final["_v_a_mp4-0"]["status"] == "rejected"  # the refilter's decision stays
     assert corpus_counts(root)["clips_kept"] == 4
+
+
+def test_a_part_written_before_a_column_existed_reads_it_as_nulls(tmp_path) -> None:
+    """Whole or a few columns at a time: a column an older part lacks comes back null."""
+    import pyarrow.parquet as pq
+
+    root = str(tmp_path / "corpus")
+    _small_corpus(root)
+    for part in sorted((tmp_path / "corpus" / schemas.INDEX_DIR).glob("*.parquet")):
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns(["caption_short", "latents_crc32"]), part)
+    for index in (read_index(root), read_index(root, columns=["caption_short", "status"])):
+        assert index.num_rows == 5 and index["caption_short"].null_count == 5
+        assert index["status"].to_pylist().count("kept") == 4
 
 
 def test_rewrite_refuses_what_does_not_fit(tmp_path) -> None:
