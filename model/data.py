@@ -166,8 +166,8 @@ def read_manifest(root: str) -> dict[str, Any]:
     path = join_uri(root, schemas.MANIFEST_NAME)
     try:
         manifest: dict[str, Any] = json.loads(read_bytes(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no corpus manifest") from None
+    except (FileNotFoundError, NotADirectoryError):  # no such root, or a file
+        raise FileNotFoundError(f"{path}: no corpus manifest; {root} is not a corpus") from None
     except ValueError as exc:  # JSON or UTF-8
         raise ValueError(f"{path}: the corpus manifest is not JSON ({exc})") from None
     if not isinstance(manifest, dict):

@@ -301,8 +301,11 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # a root that is no corpus, --out under a file: exit 2, one line naming it
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert (
-        capsys.readouterr().err == f"reelpack train: {tmp_path}/manifest.json: no corpus manifest\n"
+        capsys.readouterr().err
+        == f"reelpack train: {tmp_path}/manifest.json: no corpus manifest; {tmp_path} is not a corpus\n"
     )
+    assert main(["train", str(ckpt), "--out", str(tmp_path / "x")]) == 2  # a file as root
+    assert f"no corpus manifest; {ckpt} is not a corpus" in capsys.readouterr().err
     assert main([*args[:3], str(ckpt / "run"), *args[4:]]) == 2
     assert f"--out {ckpt}/run: {ckpt} is a file; training writes a folder" in (
         capsys.readouterr().err
