@@ -395,6 +395,17 @@ def test_a_part_written_before_a_column_existed_reads_it_as_nulls(tmp_path) -> N
         assert index["status"].to_pylist().count("kept") == 4
 
 
+def test_inspect_names_a_root_that_is_no_folder(tmp_path) -> None:
+    root = str(tmp_path / "corpus")
+    _small_corpus(root)
+    # a file:// URI is its folder: the same checks find the same things
+    assert inspect_corpus(f"file://{root}").problems == inspect_corpus(root).problems
+    assert inspect_corpus(root).stats["samples"] == 4
+    assert inspect_corpus(str(tmp_path / "nowhere")).problems == ["no such folder"]
+    (tmp_path / "corpus.tar").write_bytes(b"")
+    assert inspect_corpus(str(tmp_path / "corpus.tar")).problems == ["a file, not a corpus"]
+
+
 def test_rewrite_refuses_what_does_not_fit(tmp_path) -> None:
     root = str(tmp_path / "corpus")
     _small_corpus(root)
