@@ -609,14 +609,18 @@ class _StopSignals:
     def __init__(self) -> None:
         self.name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> _StopSignals:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked loader worker: the trainer stops it
+            return
         if self.name is not None:
             self.__exit__()
             raise KeyboardInterrupt
