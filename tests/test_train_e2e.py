@@ -169,7 +169,7 @@ def test_ray_train_two_workers_resume_and_match_ddp(local_ray: None, tmp_path: P
 
     # the same run as two plain DDP processes (what torchrun starts): the same losses
     ddp = tmp_path / "ddp"
-    mp.spawn(_worker, args=(2, [(_free_port(), root, str(ddp), cfg)]), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, [(_free_port(), root, str(ddp), cfg, 0)]), nprocs=2, join=True)
     assert head + tail == torch.load(ddp / "rank0.pt", weights_only=True)["losses"]
     reference = torch.load(ddp / "checkpoint.pt", weights_only=True)
     for name, value in reference["model"].items():
