@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import schemas
@@ -169,7 +169,8 @@ def expand_sources(
     costs no million requests before the build and one missing object stops nothing.
 
     Folders and prefixes skip everything under ``exclude`` (the corpus root): a corpus
-    built inside its own source folder does not take its clip files for new sources.
+    built inside its own source folder does not take its clip files for new sources;
+    nor are other reelpack corpora below them searched (counted under :data:`CORPUS_KEY`).
     Files in them that are not media by extension are skipped; ``skipped`` counts them
     by extension (hidden files aside), so a caller can say what was left out. A file
     listed under several local paths (links to it, as a folder of picks linking into
@@ -193,7 +194,9 @@ def expand_sources(
                 out.add(arg)
                 continue
             prefix = arg if arg.endswith("/") else arg + "/"
-            out.update(uri for uri in st.list(prefix) if media(uri))
+            out.update(
+                uri for uri in _listing(prefix, st.list(prefix), counted, exclude) if media(uri)
+            )
         else:
             path = Path(arg).expanduser().resolve()
             if path.is_dir():
@@ -246,7 +249,8 @@ def _listed(
             continue
         if is_s3(entry):
             if entry.endswith("/"):
-                out.update(uri for uri in storage_for(entry).list(entry) if media(uri))
+                found = _listing(entry, storage_for(entry).list(entry), skipped, own)
+                out.update(uri for uri in found if media(uri))
             else:
                 out.add(entry)
             continue
@@ -306,11 +310,55 @@ def _walk(root: Path, skipped: Counter[str], own: str | None = None) -> Iterable
             yield os.path.join(folder, name)
 
 
+def _listing(
+    prefix: str, uris: list[str], skipped: Counter[str], own: str | None = None
+) -> list[str]:
+    """``uris``, the recursive listing of the prefix ``prefix``, less what :func:`_walk`
+    leaves out of a folder: a reelpack corpus below ``prefix`` (found in the listing
+    itself, so it costs no request), counted in ``skipped`` unless it is ``own``."""
+    base = prefix.rstrip("/") + "/"
+    entries: dict[str, tuple[set[str], set[str]]] = {}  # folder -> (files, dirs)
+    for uri in uris:
+        if not uri.startswith(base):
+            continue
+        parts = uri[len(base) :].split("/")
+        folder = base
+        for part in parts[:-1]:
+            entries.setdefault(folder, (set(), set()))[1].add(part)
+            folder += part + "/"
+        entries.setdefault(folder, (set(), set()))[0].add(parts[-1])
+    corpora = {
+        folder
+        for folder, (files, dirs) in entries.items()
+        if folder != base and _is_corpus(files, dirs)
+    }
+    if not corpora:
+        return uris
+    own_root = own.rstrip("/") + "/" if own else None
+    kept, skipped_roots = [], set()
+    for uri in uris:
+        root = next((r for r in _folders(base, uri) if r in corpora), None)
+        if root is None:
+            kept.append(uri)
+        elif root != own_root:
+            skipped_roots.add(root)
+    skipped[CORPUS_KEY] += len(skipped_roots)
+    return kept
+
+
+def _folders(base: str, uri: str) -> Iterable[str]:
+    """The folders between ``base`` (left out) and ``uri``, outermost first."""
+    folder = base
+    for part in uri[len(base) :].split("/")[:-1]:
+        folder += part + "/"
+        yield folder
+
+
 # the key under which expand_sources counts reelpack corpora found in source folders
 CORPUS_KEY = "(a reelpack corpus)"
 
 
-def _is_corpus(files: list[str], dirs: list[str]) -> bool:
+def _is_corpus(files: Collection[str], dirs: Collection[str]) -> bool:
     """Whether a folder with these entries is a reelpack corpus root."""
     return schemas.MANIFEST_NAME in files and {schemas.INDEX_DIR, schemas.SOURCES_DIR} <= set(dirs)
 

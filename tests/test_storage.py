@@ -308,6 +308,34 @@ def test_source_folders_skip_other_corpora_inside_them(tmp_path) -> None:
     assert expand_sources([f"@{listed}"]) == found
 
 
+def test_source_prefixes_skip_other_corpora_under_them(s3_bucket: str) -> None:
+    """As in a folder, a corpus under an ``s3://`` prefix is found in the listing and
+    left out; named itself, it is listed."""
+    from collections import Counter
+
+    from pipeline.sources import describe_skipped, expand_sources
+
+    st = S3Storage()
+    keys = ["raw/a.mp4", "raw/notes/manifest.json", "raw/notes/b.mp4"]  # a manifest alone
+    for corpus in ("raw/v1", "raw/deep/v2"):
+        for name in ("manifest.json", "clips/k.mp4", "index/part-0.parquet", "sources/s.parquet"):
+            keys.append(f"{corpus}/{name}")
+    for key in keys:
+        st.write(join(s3_bucket, key), b"v")
+    raw = join(s3_bucket, "raw")
+    skipped: Counter[str] = Counter()
+    found = expand_sources([raw], skipped=skipped)
+    assert found == [join(s3_bucket, "raw/a.mp4"), join(s3_bucket, "raw/notes/b.mp4")]
+    assert describe_skipped(skipped) == (
+        "skipped 1 file that is not video or image by extension (.json 1); "
+        "skipped 2 reelpack corpora inside the source folders"
+    )
+    own: Counter[str] = Counter()  # the corpus being built is left out without a note
+    expand_sources([raw + "/"], exclude=join(s3_bucket, "raw/v1"), skipped=own)
+    assert own["(a reelpack corpus)"] == 1
+    assert expand_sources([join(s3_bucket, "raw/v1")]) == [join(s3_bucket, "raw/v1/clips/k.mp4")]
+
+
 def test_source_lists_name_files_folders_and_objects(
     tmp_path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
