@@ -389,6 +389,8 @@ def _check_output(c: _Checks) -> None:
         # what a stage cannot use is refused, never silently ignored
         models = ", ".join(s for s in ACTOR_STAGES if s != "dedup")
         if f.name not in ACTOR_STAGES:
+            # a CPU task needing no CPU would run unbounded, as many at once as there are blocks
+            c.above(0, f"{at}.num_cpus")
             c.need(
                 res.num_gpus == 0,
                 f"{at}.num_gpus",

@@ -169,6 +169,18 @@ def init_ray(cfg: BuildConfig) -> None:
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
             kwargs["runtime_env"] = {"env_vars": worker_env()}
         if cfg.ray.address:
+            local_only = [
+                f"ray.{name}"
+                for name in ("num_cpus", "object_store_memory")
+                if getattr(cfg.ray, name) is not None
+            ]
+            if local_only:
+                log.warning(
+                    "%s %s a local Ray only; the cluster at %s keeps its own",
+                    " and ".join(local_only),
+                    "size" if len(local_only) > 1 else "sizes",
+                    cfg.ray.address,
+                )
             join_cluster(cfg.ray.address, **kwargs)
         else:  # always a fresh local instance, never a cluster that happens to run here
             with _sigint_ignored():

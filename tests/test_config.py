@@ -312,6 +312,7 @@ def test_set_items_lay_dotted_values_over_the_file(tmp_path) -> None:
         # a task stage takes no GPU and has no pool: refused, not silently ignored
         ("ray.split.num_gpus=1", r"ray\.split\.num_gpus must be 0 \(split runs as CPU tasks"),
         ("ray.score.max_actors=4", r"ray\.score\.min_actors / max_actors: score runs as Ray"),
+        ("ray.split.num_cpus=0", r"ray\.split\.num_cpus must be > 0"),  # unbounded tasks
         ("ray.dedup.max_actors=2", r"ray\.dedup\.min_actors / max_actors: dedup is one actor"),
     ],
 )

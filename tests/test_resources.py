@@ -221,3 +221,26 @@ def test_worker_env_forwards_s3_settings_and_malloc_defaults(monkeypatch) -> Non
     }
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the user's setting wins
     assert worker_env()["MALLOC_ARENA_MAX"] == "8"
+
+
+def test_local_ray_sizes_given_with_a_cluster_address_are_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ray.num_cpus`` and ``ray.object_store_memory`` size a local Ray; a build that
+    joins a cluster says it does not apply them (a config shared between local and
+    cluster runs still works)."""
+    import ray
+
+    from pipeline import graph
+
+    joined: list[str] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(graph, "join_cluster", lambda address, **kw: joined.append(address))
+    cfg = load_config(preset="tiny", sets=["ray.address=10.0.0.5:6379", "ray.num_cpus=4"])
+    with caplog.at_level("WARNING", logger="pipeline.graph"):
+        graph.init_ray(cfg)
+    assert joined == ["10.0.0.5:6379"]
+    assert "ray.num_cpus sizes a local Ray only; the cluster at 10.0.0.5:6379" in caplog.text
+    caplog.clear()
+    graph.init_ray(load_config(preset="tiny", sets=["ray.address=10.0.0.5:6379"]))
+    assert "local Ray only" not in caplog.text
