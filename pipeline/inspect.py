@@ -37,7 +37,6 @@ found, at the cost of reading every shard once.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import tarfile
 import zlib
@@ -48,8 +47,16 @@ from typing import Any
 import pyarrow as pa
 
 import schemas
-from pipeline.storage import Storage, is_s3, join, storage_for
-from pipeline.writer import _PART_RE, _SHARD_RE, SAMPLE_KEY_RE, _counts, read_index, read_sources
+from pipeline.storage import Storage, join, storage_for
+from pipeline.writer import (
+    _PART_RE,
+    _SHARD_RE,
+    SAMPLE_KEY_RE,
+    _counts,
+    not_a_folder,
+    read_index,
+    read_sources,
+)
 
 __all__ = ["ALLOWED_SUFFIXES", "InspectReport", "inspect_corpus"]
 
@@ -395,9 +402,9 @@ def inspect_corpus(root: str, verify: bool = False) -> InspectReport:
     st = storage_for(root)
     report = InspectReport(root)
     problems = report.problems
-    local = None if is_s3(root) else schemas.storage_location(root)  # file:// as a path
-    if local is not None and not os.path.isdir(local):  # nothing else to check
-        problems.append("no such folder" if not os.path.exists(local) else "a file, not a corpus")
+    not_folder = not_a_folder(root)
+    if not_folder:  # nothing else to check
+        problems.append(not_folder)
         return report
     shards, committed = _check_files(st, root, problems)
     if not committed:

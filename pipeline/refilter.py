@@ -38,7 +38,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import schemas
 from pipeline.stages.decide import DUPLICATE_REASON, LATE_SIGNALS, Decide, DecideConfig
 from pipeline.stages.dedup import DedupConfig, DedupIndex
 from schemas.yamltext import read_config_file
@@ -61,12 +60,9 @@ _DECISION_COLUMNS = ("status", "reasons", "dup_of", "shard", "key")
 def built_config(root: str) -> dict[str, Any]:
     """The resolved build config stored in the corpus's manifest; FileNotFoundError when
     ``root`` has no manifest (not a corpus, or one that never committed)."""
-    from pipeline.writer import read_manifest
+    from pipeline.writer import require_manifest
 
-    manifest = read_manifest(root)
-    if manifest is None:
-        raise FileNotFoundError(f"no {schemas.MANIFEST_NAME}; not a reelpack corpus")
-    config = manifest.get("config")
+    config = require_manifest(root).get("config")
     return config if isinstance(config, dict) else {}
 
 

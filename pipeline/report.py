@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import schemas
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.storage import join, storage_for
-from pipeline.writer import read_index, read_manifest, read_sources
+from pipeline.writer import read_index, read_sources, require_manifest
 
 __all__ = [
     "GalleryItem",
@@ -561,9 +561,10 @@ def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -
     """The HTML page of the corpus at ``root`` (local folder or ``s3://``)."""
     if samples < 0:
         raise ValueError(f"the gallery's sample count must be >= 0, got {samples}")
-    manifest = read_manifest(root)
-    if manifest is None:
-        raise FileNotFoundError(f"{root}: no {schemas.MANIFEST_NAME}; not a reelpack corpus")
+    try:
+        manifest = require_manifest(root)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{root}: {e}") from None
     index, sources = read_index(root, columns=_REPORT_COLUMNS), read_sources(root)
     dists = _distributions(index, sources)
     items, note = load_gallery(root, manifest, index, samples=samples, vae_path=vae_path)

@@ -80,7 +80,7 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline.lock import CorpusLock
-from pipeline.storage import LocalStorage, S3Storage, Storage, join, naming, storage_for
+from pipeline.storage import LocalStorage, S3Storage, Storage, is_s3, join, naming, storage_for
 
 __all__ = [
     "KILL_ENV",
@@ -88,8 +88,10 @@ __all__ = [
     "CorpusWriter",
     "WriteConfig",
     "corpus_counts",
+    "not_a_folder",
     "read_index",
     "read_sources",
+    "require_manifest",
     "rewrite_sources_rows",
     "sources_needing_work",
 ]
@@ -377,6 +379,26 @@ def read_manifest(root: str) -> dict[str, Any] | None:
     if not isinstance(manifest, dict):
         raise ValueError(f"{uri}: the corpus manifest is not a JSON object")
     return manifest
+
+
+def require_manifest(root: str) -> dict[str, Any]:
+    """:func:`read_manifest`, or FileNotFoundError saying what ``root`` is instead of a
+    corpus: no such folder, a file, or a folder (or prefix) with no manifest."""
+    manifest = read_manifest(root)
+    if manifest is not None:
+        return manifest
+    raise FileNotFoundError(
+        not_a_folder(root) or f"no {schemas.MANIFEST_NAME}; not a reelpack corpus"
+    )
+
+
+def not_a_folder(root: str) -> str | None:
+    """What a local corpus root is when it is no folder ("no such folder", "a file, not
+    a corpus"); None for a folder or an ``s3://`` prefix."""
+    local = None if is_s3(root) else schemas.storage_location(root)  # file:// as a path
+    if local is None or os.path.isdir(local):
+        return None
+    return "no such folder" if not os.path.exists(local) else "a file, not a corpus"
 
 
 def corpus_counts(root: str) -> dict[str, int]:

@@ -234,6 +234,10 @@ def test_cli_refilter(
     assert "decide.min_duration_s must be >= 0" in capsys.readouterr().err
     assert main(["refilter", str(tmp_path), "--config", cfg]) == 2  # not a corpus
     assert "no manifest.json; not a reelpack corpus" in capsys.readouterr().err
+    assert main(["refilter", str(tmp_path / "nowhere")]) == 2  # said as inspect says it
+    assert f"{tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+    assert main(["refilter", str(typo)]) == 2
+    assert f"{typo}: a file, not a corpus" in capsys.readouterr().err
 
 
 def test_load_config_reads_decide_and_dedup_from_a_build_config(tmp_path: Path) -> None:

@@ -185,7 +185,9 @@ def test_cli(
     assert main(["report", corpus, "--out", str(out), "--samples", "2"]) == 0
     assert '<section id="gallery">' in out.read_text()
     assert main(["report", str(tmp_path / "not-a-corpus"), "--out", str(out)]) == 2
-    capsys.readouterr()
+    assert f"{tmp_path / 'not-a-corpus'}: no such folder" in capsys.readouterr().err
+    assert main(["report", str(out), "--out", str(tmp_path / "r2.html")]) == 2
+    assert f"{out}: a file, not a corpus" in capsys.readouterr().err
     # --out a folder: named as given, no hidden temporary name, nothing left beside it
     folder = tmp_path / "pages"
     folder.mkdir()
