@@ -43,6 +43,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -867,10 +868,18 @@ class _StopSignals:
 
 def _check_root(out: str) -> None:
     """Fail before any work when ``out`` cannot be a corpus root (not at the first commit)."""
-    schemas.storage_location(out)  # gs://, https://, ...: no local folder named after it
-    if not is_s3(out) and os.path.exists(out) and not os.path.isdir(out):
+    root = schemas.storage_location(out)  # gs://, https://, ...: no local folder named after it
+    if is_s3(root):
+        return
+    path = Path(root)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == path:
         raise NotADirectoryError(
             f"--out {out}: a file; the corpus root is a folder or s3:// prefix"
+        )
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"--out {out}: {blocker} is a file; the corpus root is a folder or s3:// prefix"
         )
 
 

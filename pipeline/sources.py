@@ -15,6 +15,7 @@ __all__ = [
     "LINK_KEY",
     "VIDEO_EXTENSIONS",
     "NoSources",
+    "SourceInCorpus",
     "describe_skipped",
     "expand_sources",
     "misnamed",
@@ -182,6 +183,7 @@ def expand_sources(
 
     counted: Counter[str] = Counter() if skipped is None else skipped
     media = _media_filter(exclude, counted)
+    _check_outside(args, exclude)
     out: set[str] = set()
     for arg in args:
         if not arg.startswith("@"):
@@ -211,6 +213,39 @@ def expand_sources(
     if links and skipped is not None:
         skipped[LINK_KEY] += len(links)
     return sorted(printable(uri) for uri in out - links)
+
+
+class SourceInCorpus(ValueError):
+    """A source folder or prefix at or below the corpus root being built: every file in
+    it would be the corpus's own, so none would be a source."""
+
+
+def _check_outside(args: Iterable[str], root: str | None) -> None:
+    """:class:`SourceInCorpus` for a folder or prefix argument at or below ``root``."""
+    from pipeline.storage import is_s3
+
+    if not root:
+        return
+    inside = _under(root)
+    for arg in args:
+        if arg.startswith("@"):
+            continue
+        try:
+            where = schemas.storage_location(arg)
+        except schemas.UnsupportedLocation:
+            continue  # expand_sources names it
+        if is_s3(where):
+            folder = where.rstrip("/") + "/"
+        else:
+            path = Path(where).expanduser().resolve()
+            if not path.is_dir():
+                continue  # a file is a source whatever its name
+            folder = str(path) + "/"
+        if inside(folder):
+            raise SourceInCorpus(
+                f"source {arg!r} is at or inside the corpus root --out {root}: its files "
+                "would be the corpus's own; write the corpus outside its source folders"
+            )
 
 
 # the key under which expand_sources counts links to files it lists already
@@ -369,6 +404,7 @@ def _under(root: str | None) -> Callable[[str], bool]:
 
     if not root:
         return lambda uri: False
+    root = schemas.storage_location(root)  # a file:// URI as its path
     base = root if is_s3(root) else str(Path(root).expanduser().resolve())
     base = base.rstrip("/") + "/"
     return lambda uri: uri.startswith(base)

@@ -136,7 +136,7 @@ def storage_location(uri: str) -> str:
     which would otherwise be taken for a local folder (``gs://b/x`` as ``./gs:/b/x``)."""
     match = _SCHEME.match(uri)
     if match is None:
-        return uri
+        return _not_a_mistyped_uri(uri)
     scheme = match.group(1)
     if scheme == "s3":
         return uri
@@ -148,6 +148,34 @@ def storage_location(uri: str) -> str:
         f"{uri}: {scheme}:// is not storage reelpack reads or writes; local paths, file:// "
         "and s3:// URIs are (another object store through its S3-compatible endpoint: "
         "s3:// URIs with AWS_ENDPOINT_URL set to it)"
+    )
+
+
+# storage schemes whose URIs, written with a slash too few, would be local paths
+_MISTYPED = re.compile(
+    r"^(s3|s3a|s3n|gs|gcs|file|https?|hdfs|az|abfss?|wasbs?|oss|r2):(?!//)/?", re.IGNORECASE
+)
+
+
+def _not_a_mistyped_uri(path: str) -> str:
+    """``path``, a local path, unless it is a storage URI with a slash or two missing
+    (``s3:/bucket/key`` would make the local folder ``./s3:``): the file URI of RFC 8089's
+    one-slash form (``file:/data/v.mp4``) as its path, else :class:`UnsupportedLocation`."""
+    match = _MISTYPED.match(path)
+    if match is None:
+        return path
+    scheme, rest = match.group(1).lower(), path[match.end() :].lstrip("/")
+    one_slash = path[match.end() - 1 : match.end()] == "/"
+    if scheme == "file" and one_slash:
+        return "/" + rest
+    local = f"(a local path: ./{path})"
+    if scheme.startswith("s3"):
+        raise UnsupportedLocation(f"{path}: a slash is missing; write it as s3://{rest} {local}")
+    if scheme == "file":
+        raise UnsupportedLocation(f"{path}: not a file URI; write it as file:///{rest} {local}")
+    raise UnsupportedLocation(
+        f"{path}: a malformed {scheme}:// URI {local}; {scheme}:// is not storage reelpack "
+        "reads or writes either: local paths, file:// and s3:// URIs are"
     )
 
 

@@ -250,6 +250,8 @@ def test_cli_build_exits_2_naming_a_bad_value_or_root(tmp_path, capsys) -> None:
     afile.write_text("")
     assert main(["build", str(video), "--out", str(afile)]) == 2
     assert f"--out {afile}: a file" in capsys.readouterr().err
+    assert main(["build", str(video), "--out", str(afile / "c")]) == 2  # was: [Errno 20]
+    assert f"--out {afile / 'c'}: {afile} is a file; the corpus root" in capsys.readouterr().err
 
 
 def test_a_build_or_plan_of_no_sources_fails_and_writes_nothing(tmp_path, capsys) -> None:
@@ -275,6 +277,13 @@ def test_a_build_or_plan_of_no_sources_fails_and_writes_nothing(tmp_path, capsys
     assert f"reelpack plan: no video or image sources found in '{docs}'" in (
         capsys.readouterr().err
     )
+    # a source folder at or inside the corpus root: all its files would be the corpus's
+    (docs / "v.mp4").write_bytes(b"")
+    for root in (docs, tmp_path, f"file://{tmp_path}"):
+        assert main(["build", str(docs), "--out", str(root), "--preset", "tiny"]) == 2
+        err = capsys.readouterr().err
+        assert f"source '{docs}' is at or inside the corpus root --out {root}: its files" in err
+    assert not (tmp_path / "manifest.json").exists() and not (docs / "lock.json").exists()
 
 
 def test_set_items_lay_dotted_values_over_the_file(tmp_path) -> None:

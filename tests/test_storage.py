@@ -313,7 +313,7 @@ def test_source_prefixes_skip_other_corpora_under_them(s3_bucket: str) -> None:
     left out; named itself, it is listed."""
     from collections import Counter
 
-    from pipeline.sources import describe_skipped, expand_sources
+    from pipeline.sources import SourceInCorpus, describe_skipped, expand_sources
 
     st = S3Storage()
     keys = ["raw/a.mp4", "raw/notes/manifest.json", "raw/notes/b.mp4"]  # a manifest alone
@@ -334,6 +334,8 @@ def test_source_prefixes_skip_other_corpora_under_them(s3_bucket: str) -> None:
     expand_sources([raw + "/"], exclude=join(s3_bucket, "raw/v1"), skipped=own)
     assert own["(a reelpack corpus)"] == 1
     assert expand_sources([join(s3_bucket, "raw/v1")]) == [join(s3_bucket, "raw/v1/clips/k.mp4")]
+    with pytest.raises(SourceInCorpus, match="is at or inside the corpus root"):
+        expand_sources([join(s3_bucket, "raw/v1/clips/")], exclude=join(s3_bucket, "raw"))
 
 
 def test_source_lists_name_files_folders_and_objects(
@@ -436,6 +438,9 @@ def test_keys_with_characters_urls_treat_specially_are_read_as_they_are(
         ("https://example.com/v.mp4", "https:// is not storage reelpack reads or writes"),
         ("s3a://bucket/videos/", "write it as s3://bucket/videos/"),
         ("S3://bucket/videos/", "write it as s3://bucket/videos/"),
+        # a slash too few made the local folder ./s3:
+        ("s3:/bucket/videos/", "a slash is missing; write it as s3://bucket/videos/"),
+        ("gs:/bucket/videos/", "a malformed gs:// URI"),
     ],
 )
 def test_a_uri_of_another_scheme_is_refused_not_taken_for_a_folder(
@@ -454,6 +459,8 @@ def test_a_uri_of_another_scheme_is_refused_not_taken_for_a_folder(
     assert schemas.storage_location("file:///data/v.mp4") == "/data/v.mp4"
     assert schemas.storage_location("s3://b/k") == "s3://b/k"
     assert schemas.storage_location("rel/gs:/x") == "rel/gs:/x"  # a local path, as it is
+    assert schemas.storage_location("notes:v2.mp4") == "notes:v2.mp4"
+    assert schemas.storage_location("file:/data/v.mp4") == "/data/v.mp4"  # RFC 8089's short form
     monkeypatch.chdir(tmp_path)
     video = tmp_path / "v.mp4"
     video.write_bytes(b"")

@@ -18,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.graph import PlacementError, build
     from pipeline.models import ModelUnavailable
+    from pipeline.sources import SourceInCorpus
     from schemas import UnsupportedLocation
 
     overrides: dict[str, Any] = {}
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         CorpusMismatch,
         ModelUnavailable,
         RayUnreachable,
+        SourceInCorpus,
     ) as e:
         # a missing source, --out a file, gs:// or another VAE's corpus, stages the cluster
         # cannot place, a model that cannot be loaded, no Ray cluster at --ray-address
