@@ -101,13 +101,22 @@ def _hub_file_problem(
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
+    if "://" in repo:
+        return (
+            "a URI: models load from a local folder or a Hugging Face hub id; "
+            "copy the model to a local folder first"
+        )
     path = f"{subfolder}/{filename}" if subfolder else filename
-    if isinstance(try_to_load_from_cache(repo, path), str):
-        return None
+    try:
+        if isinstance(try_to_load_from_cache(repo, path), str):
+            return None
+    except HFValidationError:
+        return "no such folder here, nor a Hugging Face hub id (NAME or NAMESPACE/NAME)"
     fetch = "download it first (`hf download ID`) or give a local folder"
     if _offline():
         return f"not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; {fetch}"

@@ -477,6 +477,33 @@ def test_a_uri_of_another_scheme_is_refused_not_taken_for_a_folder(
     assert said in row["src_error"] and row["src_error"].count(f"{uri}: ") == 1
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "gs://b/corpus"],
+        ["plan", "gs://b/videos/"],
+        ["refilter", "gs://b/corpus"],
+        ["report", "gs://b/corpus", "--out", "r.html"],
+        ["pack-stats", "gs://b/corpus", "--budget", "64"],
+        ["train", "gs://b/corpus", "--out", "run"],
+        ["train", ".", "--out", "gs://b/run"],
+    ],
+)
+def test_every_command_names_a_location_of_another_scheme(
+    args: list[str], tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``gs://`` root or output is a usage error (exit 2) that says what is read and
+    written, not a crash report with the exception's type."""
+    from reelpack.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "gs:// is not storage reelpack reads or writes" in err
+    assert "UnsupportedLocation" not in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_trainer_refuses_an_out_it_would_write_as_a_local_folder(tmp_path) -> None:
     from model.train import TrainConfig, train
 

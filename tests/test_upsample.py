@@ -165,6 +165,13 @@ def test_cli(
     )
     assert main(["upsample", "--model", str(cache), "a corgi"]) == 2  # a folder, no model
     assert f"{cache} has no config.json: not a saved model" in capsys.readouterr().err
+    # neither a folder nor a hub id: named, not the hub client's validation error
+    assert main(["upsample", "--model", "s3://models/lm", "a corgi"]) == 2
+    assert "'s3://models/lm': a URI: models load from a local folder" in capsys.readouterr().err
+    assert main(["upsample", "--model", "my lm", "a corgi"]) == 2
+    assert "'my lm': no such folder here, nor a Hugging Face hub id" in capsys.readouterr().err
+    assert main(["upsample", "--model", str(cache), "a corgi"]) == 2
+    assert f"{cache} has no config.json: not a saved model" in capsys.readouterr().err
     # what the command can check is checked before any model loads (a missing one here)
     for flags, words in [
         (["--temperature", "nan"], "temperature must be a number >= 0, got nan"),

@@ -14,10 +14,11 @@ __all__ = ["register", "run"]
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.inspect import inspect_corpus
+    from schemas import UnsupportedLocation
 
     try:
         report = inspect_corpus(args.root, verify=args.verify)
-    except OSError as e:  # storage unreachable, root unreadable
+    except (OSError, UnsupportedLocation) as e:  # storage unreachable, root unreadable, gs://
         print(f"reelpack inspect: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -17,6 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.plan import format_plan, load_plan_config, make_plan
     from pipeline.sources import NoSources, describe_skipped, expand_sources
+    from schemas import UnsupportedLocation
 
     try:
         cfg, rates = load_plan_config(args.config, args.preset, args.rate, args.set)
@@ -26,9 +27,12 @@ def run(args: argparse.Namespace) -> int:
     skipped: Counter[str] = Counter()
     try:
         sources = expand_sources(args.sources, skipped=skipped)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UnsupportedLocation) as e:  # a missing path, gs://
         print(f"reelpack plan: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a listing that failed: credentials, endpoint, permissions
+        print(f"reelpack plan: {e}", file=sys.stderr)
+        return 1
     if not sources:
         print(f"reelpack plan: {NoSources(args.sources, skipped)}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
         train,
         train_with_ray,
     )
+    from schemas import UnsupportedLocation
 
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
     try:
@@ -47,9 +48,15 @@ def run(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:  # SIGINT or SIGTERM: stopped with a checkpoint
         print(f"reelpack train: {e}", file=sys.stderr)
         return 130
-    except (FileExistsError, FileNotFoundError, NotADirectoryError, RayUnreachable) as e:
+    except (
+        FileExistsError,
+        FileNotFoundError,
+        NotADirectoryError,
+        RayUnreachable,
+        UnsupportedLocation,
+    ) as e:
         # another run's checkpoint in --out, a root that is no corpus, --out a file, no
-        # Ray cluster at --ray-address
+        # Ray cluster at --ray-address, a gs:// root or --out
         print(f"reelpack train: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:  # nothing to train on, a damaged shard or checkpoint
