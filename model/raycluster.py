@@ -1,11 +1,16 @@
-"""Joining a Ray cluster by address: a wrong address fails in seconds, naming it."""
+"""Joining a Ray cluster by address (a wrong address fails in seconds, naming it), and
+starting a local one that leaves Ctrl-C to its driver."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["RayUnreachable", "check_reachable", "join_cluster"]
+__all__ = ["RayUnreachable", "check_reachable", "join_cluster", "sigint_ignored"]
 
 _HINT = (
     "`ray start --head` prints the address to join (host:port of its GCS, 6379 by "
@@ -50,3 +55,18 @@ def join_cluster(address: str, **kwargs: Any) -> None:
         raise RayUnreachable(
             f"Ray address {address}: {first.split('. Please')[0]}; {_HINT}"
         ) from None
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a local Ray starts: its processes inherit that, so Ctrl-C in
+    a terminal (sent to the whole process group) reaches only the driver, which then
+    stops its work cleanly instead of losing its cluster under it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)

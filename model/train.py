@@ -58,7 +58,7 @@ from model.dit import ATTN_BACKENDS, DiT, DiTConfig, build_dit
 from model.ema import EMA
 from model.flow import REDUCTIONS, caption_keep_mask, flow_loss, resolution_shift
 from model.loader import OVERSIZE_POLICIES
-from model.raycluster import join_cluster
+from model.raycluster import join_cluster, sigint_ignored
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -595,21 +595,31 @@ class TrainingInterrupted(Exception):
     """A signal ended the run early, after a checkpoint at ``step`` (the message says
     how to go on)."""
 
-    def __init__(self, message: str, step: int) -> None:
+    def __init__(self, message: str, step: int, losses: list[float] | None = None) -> None:
         super().__init__(message)
         self.step = step
+        self.losses = list(losses or [])  # this run's losses, up to and with ``step``
 
 
 class _StopSignals:
     """While open, SIGINT and SIGTERM set :attr:`name` instead of ending the process, so
     that the loop saves a checkpoint first; a second one raises KeyboardInterrupt. Only
-    in the main thread, where Python runs signal handlers (Ray Train runs the loop in
-    another thread, and its driver takes the signals)."""
+    in the main thread, where Python runs signal handlers. Ray Train runs the loop in
+    another thread: its driver takes the signals and writes ``stop_file``, whose
+    contents (the signal's name) :meth:`requested` reads as a signal here."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: str | None = None) -> None:
         self.name: str | None = None
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
+        self._stop_file = Path(stop_file) if stop_file else None
+
+    def requested(self) -> bool:
+        """Whether a signal (here, or at the Ray Train driver) asks the run to stop."""
+        if self.name is None and self._stop_file is not None:
+            with contextlib.suppress(OSError):  # not there: no stop asked
+                self.name = self._stop_file.read_text().strip() or "stop"
+        return self.name is not None
 
     def __enter__(self) -> _StopSignals:
         self._pid = os.getpid()
@@ -660,7 +670,13 @@ def _check_out(out: str, resume: bool) -> str:
 
 
 def train(  # noqa: C901
-    root: str, out: str, cfg: TrainConfig, *, resume: bool = False, until: int | None = None
+    root: str,
+    out: str,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    until: int | None = None,
+    stop_file: str | None = None,
 ) -> list[float]:
     """Train to step `cfg.steps` on the corpus at `root`; save to `out`; return this run's losses.
 
@@ -668,6 +684,10 @@ def train(  # noqa: C901
     without it, an existing checkpoint there is an error, never overwritten. `until` stops early at that step with a checkpoint (a time-sliced or preempted job):
     the schedule is still the one of `cfg.steps`.
     Under torchrun or Ray Train every rank calls this; losses are means over ranks.
+
+    SIGINT or SIGTERM (or `stop_file` appearing, written by :func:`train_with_ray`'s
+    driver on one) ends the run after the step in progress, with a checkpoint:
+    :class:`TrainingInterrupted`, which carries the losses so far.
     """
     cfg.validate()
     out = _check_out(out, resume)
@@ -743,7 +763,7 @@ def train(  # noqa: C901
     model.train()
     last = cfg.steps if until is None else min(until, cfg.steps)
     stopped_at: int | None = None
-    with _StopSignals() as signals:
+    with _StopSignals(stop_file) as signals:
         for step in range(start + 1, last + 1):
             began = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -769,7 +789,7 @@ def train(  # noqa: C901
             if ema is not None:
                 ema.update(model)
             # the step's mean loss, and whether a signal stops the run on any rank
-            mean, stop = d.mean_and_any(step_loss, signals.name is not None)
+            mean, stop = d.mean_and_any(step_loss, signals.requested())
             losses.append(mean)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 seconds = time.perf_counter() - began
@@ -807,6 +827,7 @@ def train(  # noqa: C901
             f"{signals.name or 'a signal to another rank'}: stopped after step {stopped_at} "
             f"of {cfg.steps}, checkpoint {ckpt_path}; run again with --resume to go on",
             stopped_at,
+            losses,
         )
     return losses
 
@@ -863,20 +884,27 @@ def _init_ray(address: str | None) -> None:
     if address and address != "local":
         join_cluster(address)
     else:  # never a cluster that merely happens to run on this machine
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+        with sigint_ignored():  # Ctrl-C reaches the driver alone, which stops with a checkpoint
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
 
 
 def _ray_train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: `train`, then hand every rank's loss curve to the driver."""
+    """One Ray Train worker: `train`, then hand every rank's loss curve to the driver,
+    and where the run stopped when the driver's stop file ended it early."""
     import ray.train
 
-    losses = train(
-        config["root"],
-        config["out"],
-        config["cfg"],
-        resume=config["resume"],
-        until=config["until"],
-    )
+    stopped: dict[str, Any] | None = None
+    try:
+        losses = train(
+            config["root"],
+            config["out"],
+            config["cfg"],
+            resume=config["resume"],
+            until=config["until"],
+            stop_file=config["stop_file"],
+        )
+    except TrainingInterrupted as e:  # every rank stops at the same step
+        losses, stopped = e.losses, {"step": e.step, "message": str(e)}
     curves: list[Any] = [losses]
     if dist.is_initialized() and dist.get_world_size() > 1:  # Ray Train's process group
         curves = [None] * dist.get_world_size()
@@ -884,7 +912,9 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     if ray.train.get_context().get_world_rank() == 0:
         # Ray Train keeps reported metrics only with checkpoints: the curves go through
         # the (shared) output folder instead.
-        _atomic_write_text(Path(config["losses_file"]), json.dumps(curves))
+        _atomic_write_text(
+            Path(config["losses_file"]), json.dumps({"curves": curves, "stopped": stopped})
+        )
     ray.train.report({"loss": losses[-1] if losses else math.nan})
 
 
@@ -922,7 +952,10 @@ def train_with_ray(
         root = str(Path(root).resolve())
     out_abs = str(Path(_check_out(out, resume)).resolve())
     losses_file = Path(out_abs) / "ray_losses.json"
+    stop_file = Path(out_abs) / ".stop"  # written by the driver on SIGINT/SIGTERM
+    Path(out_abs).mkdir(parents=True, exist_ok=True)
     losses_file.unlink(missing_ok=True)
+    stop_file.unlink(missing_ok=True)
     _init_ray(ray_address)
     device = "cuda" if use_gpu else "cpu"
     trainer = TorchTrainer(
@@ -934,15 +967,45 @@ def train_with_ray(
             "resume": resume,
             "until": until,
             "losses_file": str(losses_file),
+            "stop_file": str(stop_file),
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name="reelpack-train", storage_path=str(Path(out_abs) / "ray")),
     )
-    trainer.fit()  # raises when a worker failed
-    curves: list[list[float]] = json.loads(losses_file.read_text())
+    try:
+        with _DriverStop(stop_file):
+            _fit(trainer)  # raises when a worker failed
+    finally:
+        stop_file.unlink(missing_ok=True)
+    result = json.loads(losses_file.read_text())
+    curves: list[list[float]] = result["curves"]
     if any(curve != curves[0] for curve in curves):
         raise RuntimeError(f"Ray Train ranks disagree on the losses: {curves}")
+    if result["stopped"] is not None:
+        stopped = result["stopped"]
+        raise TrainingInterrupted(stopped["message"], stopped["step"], curves[0])
     return curves[0]
+
+
+def _fit(trainer: Any) -> Any:
+    return trainer.fit()
+
+
+class _DriverStop(_StopSignals):
+    """The Ray Train driver's :class:`_StopSignals`: a first SIGINT or SIGTERM writes
+    the signal's name to ``stop_file`` (in the output folder every worker sees), which
+    each worker's loop reads as that signal; a second raises KeyboardInterrupt."""
+
+    def __init__(self, stop_file: Path) -> None:
+        super().__init__()
+        self._target = stop_file
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        super()._handle(signum, frame)
+        try:
+            _atomic_write_text(self._target, self.name or "stop")
+        except OSError as e:  # the workers cannot be told: the next signal stops at once
+            print(f"cannot ask the workers to stop ({e})", file=sys.stderr, flush=True)
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -50,7 +50,7 @@ import numpy as np
 import ray
 
 import schemas
-from model.raycluster import join_cluster
+from model.raycluster import join_cluster, sigint_ignored
 from pipeline.compat import check_resume
 from pipeline.config import (
     ACTOR_STAGES,
@@ -146,21 +146,6 @@ def worker_env() -> dict[str, str]:
     return env | {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
 
 
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored while a local Ray starts: its processes inherit that, so Ctrl-C in
-    a terminal (sent to the whole process group) reaches only the driver, which then
-    stops the build cleanly (see :class:`_StopSignals`) instead of losing its cluster."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, saved)
-
-
 def init_ray(cfg: BuildConfig) -> None:
     """Join the configured cluster, or start a local Ray, once per process."""
     if not ray.is_initialized():
@@ -184,7 +169,7 @@ def init_ray(cfg: BuildConfig) -> None:
                 )
             join_cluster(cfg.ray.address, **kwargs)
         else:  # always a fresh local instance, never a cluster that happens to run here
-            with _sigint_ignored():
+            with sigint_ignored():  # Ctrl-C stops the build, see _StopSignals
                 ray.init(
                     address="local",
                     _node_ip_address="127.0.0.1",  # a local Ray listens on loopback only

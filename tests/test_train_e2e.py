@@ -5,8 +5,9 @@
   model it trained, on fixed (x0, noise, t) triples (`model.train.evaluate`), must be
   at most half the untrained model's, and samples must carry the corpus's channel
   means.
-- `train_with_ray`: two Ray Train workers (gloo) on a fresh local Ray, stopped and
-  resumed, must reproduce the losses of two plain DDP processes exactly.
+- `train_with_ray`: two Ray Train workers (gloo) on a fresh local Ray, stopped by
+  Ctrl-C at the driver and resumed, must reproduce the losses of two plain DDP
+  processes exactly.
 """
 
 from __future__ import annotations
@@ -150,14 +151,34 @@ def local_ray() -> Iterator[None]:
         ray.shutdown()
 
 
-def test_ray_train_two_workers_resume_and_match_ddp(local_ray: None, tmp_path: Path) -> None:
+def test_ray_train_two_workers_resume_and_match_ddp(
+    local_ray: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at the driver stops both workers after the same step, with a checkpoint;
+    resumed, the run's losses and weights are those of two uninterrupted DDP processes."""
+    import signal
+
+    from model import train as train_module
+    from model.train import TrainingInterrupted
+
     root = str(make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM))
     cfg = TrainConfig(steps=5, lr=1e-2, token_budget=48, log_every=1, ema_decay=0.9)
     out = tmp_path / "ray"
-    head = train_with_ray(root, str(out), cfg, num_workers=2, until=3)  # as if preempted
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    fit = train_module._fit
+
+    def ctrl_c_then_fit(trainer: object) -> object:
+        signal.raise_signal(signal.SIGINT)  # as the run starts: taken by the driver's handler
+        return fit(trainer)
+
+    monkeypatch.setattr(train_module, "_fit", ctrl_c_then_fit)
+    with pytest.raises(TrainingInterrupted, match=r"SIGINT: stopped after step 1 of 5") as stop:
+        train_with_ray(root, str(out), cfg, num_workers=2)
+    monkeypatch.undo()
+    head = stop.value.losses
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == stop.value.step == 1
+    assert not (out / ".stop").exists()
     tail = train_with_ray(root, str(out), cfg, num_workers=2, resume=True)
-    assert len(head) == 3 and len(tail) == 2
+    assert len(head) == 1 and len(tail) == 4
     assert all(math.isfinite(x) for x in head + tail)
 
     state = torch.load(out / "checkpoint.pt", weights_only=True)
