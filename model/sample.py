@@ -290,12 +290,11 @@ def sample_to_file(
         raise ValueError(f"the guidance scale must be a number, got {cfg_scale}")
     device = str(resolve_device(device))
     from model.data import read_manifest
-    from model.train import load_checkpoint, read_checkpoint
+    from model.train import model_from_checkpoint, read_checkpoint
     from model.vae import VideoVAE
 
-    state = read_checkpoint(ckpt)
+    state = read_checkpoint(ckpt, mmap=True)  # read once; the optimizer state never is
     config, has_ema = state["config"], state.get("ema") is not None
-    del state
     manifest = read_manifest(corpus_root or config["corpus"]["root"])
     trained_vae = config["corpus"]["vae"]
     if trained_vae.get("config_sha256") != manifest["vae"].get("config_sha256"):
@@ -305,7 +304,8 @@ def sample_to_file(
         )
     patch = tuple(config["model"]["patch_size"])
     _, grid = latent_grid(manifest["vae"], patch, frames, height, width)  # before the model
-    model, _ = load_checkpoint(ckpt, device, ema=ema and has_ema)
+    model, _ = model_from_checkpoint(state, ckpt, device, ema=ema and has_ema)
+    del state
     embeds = None
     if model.config.text_dim:
         embeds = [

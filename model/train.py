@@ -69,6 +69,7 @@ __all__ = [
     "load_checkpoint",
     "load_train_config",
     "make_loader",
+    "model_from_checkpoint",
     "read_checkpoint",
     "train",
     "train_with_ray",
@@ -1008,13 +1009,15 @@ class _DriverStop(_StopSignals):
             print(f"cannot ask the workers to stop ({e})", file=sys.stderr, flush=True)
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+def read_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """The state a training run saved at `path` (model, EMA, optimizer, config, ...),
-    loaded without unpickling code; a file that is not such a checkpoint is an error
-    naming it (:func:`model.weights.load_weights`)."""
+    loaded without unpickling code (`mmap`: memory-mapped, read as it is used); a file
+    that is not such a checkpoint is an error naming it (:func:`model.weights.load_weights`)."""
     from model.weights import load_weights
 
-    state = load_weights(path, "checkpoint", device)
+    state = load_weights(path, "checkpoint", device, mmap=mmap)
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and "model" in state):
         raise ValueError(
             f"checkpoint {path} holds no model and config: not one `reelpack train` wrote"
@@ -1025,8 +1028,15 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
 def load_checkpoint(
     path: str, device: str = "cpu", *, ema: bool = False
 ) -> tuple[DiT, dict[str, Any]]:
-    """A saved model (its EMA weights with `ema`) and its resolved config; nothing is unpickled."""
-    state = read_checkpoint(path, device)
+    """A saved model (its EMA weights with `ema`) and its resolved config; nothing is
+    unpickled, and of the optimizer state nothing is read."""
+    return model_from_checkpoint(read_checkpoint(path, mmap=True), path, device, ema=ema)
+
+
+def model_from_checkpoint(
+    state: dict[str, Any], path: str, device: str = "cpu", *, ema: bool = False
+) -> tuple[DiT, dict[str, Any]]:
+    """:func:`load_checkpoint` of a state :func:`read_checkpoint` read from `path`."""
     model_cfg = dict(state["config"]["model"])
     model_cfg["patch_size"] = tuple(model_cfg["patch_size"])
     model = DiT(DiTConfig(**model_cfg)).to(device)

@@ -11,8 +11,12 @@ import torch
 __all__ = ["load_weights"]
 
 
-def load_weights(path: str | Path, what: str, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)``. A missing file, a folder, and a file that
+def load_weights(
+    path: str | Path, what: str, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> Any:
+    """``torch.load(path, weights_only=True)``; with ``mmap``, memory-mapped where the
+    file's format allows it, so that what the caller never reads (a checkpoint's
+    optimizer state, when sampling) is never read from disk. A missing file, a folder, and a file that
     is not one ``torch.save`` wrote of tensors and plain containers (another format, or
     one cut short) raise FileNotFoundError, IsADirectoryError or ValueError, each
     naming ``what`` (e.g. "checkpoint") and the file."""
@@ -20,7 +24,7 @@ def load_weights(path: str | Path, what: str, map_location: str | torch.device =
     if Path(path).is_dir():
         raise IsADirectoryError(f"{name} is a folder, not a file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _load(path, map_location, mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"{name} does not exist") from None
     except OSError:
@@ -29,3 +33,14 @@ def load_weights(path: str | Path, what: str, map_location: str | torch.device =
         first = (str(e).strip().split(". ")[0].splitlines() or [""])[0][:160]
         cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise ValueError(f"{name} is not a torch weights file, or it is cut short ({cause})") from e
+
+
+def _load(path: str | Path, map_location: str | torch.device, mmap: bool) -> Any:
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+        # the legacy (pre-zip) format cannot be mapped: read whole
+    return torch.load(path, map_location=map_location, weights_only=True)

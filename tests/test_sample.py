@@ -177,14 +177,24 @@ def test_sample_cli_and_size_errors(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    import model.weights
     from reelpack.cli import main
 
     _, ckpt = trained  # the corpus comes from the checkpoint's config
     out = tmp_path / "clip.mp4"
     args = ["sample", str(ckpt), "--prompt", "x", "--height", "16", "--width", "16", "--steps", "1"]
+    reads: list[tuple[object, bool]] = []
+    real_load = model.weights._load
+
+    def counted(path: object, map_location: object, mmap: bool) -> object:
+        reads.append((path, mmap))
+        return real_load(path, map_location, mmap)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model.weights, "_load", counted)
     with caplog.at_level("WARNING", logger="model.sample"):
         assert main([*args, "--frames", "5", "--out", str(out)]) == 0
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
+    assert reads == [(str(ckpt), True)]  # read once, mapped: the optimizer state never is
     # the model takes no captions: a prompt is said to change nothing, not silently dropped
     assert "trained without captions" in caplog.text and "the prompt" in caplog.text
     assert main([*args, "--frames", "6", "--out", str(out)]) == 2
@@ -226,7 +236,7 @@ def test_sample_names_a_bad_checkpoint_or_setting_before_building_the_model(
     def load(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before the request was checked")
 
-    monkeypatch.setattr(model.train, "load_checkpoint", load)
+    monkeypatch.setattr(model.train, "model_from_checkpoint", load)
     for extra, words in [
         (["--cfg", "nan"], "the guidance scale must be a number, got nan"),
         (["--steps", "0"], "need at least one sampling step, got 0"),
@@ -272,11 +282,11 @@ def test_sample_runs_on_the_gpu_when_there_is_one(
 
     devices: list[str] = []
 
-    def load(ckpt: str, device: str, ema: bool) -> None:
+    def load(state: dict, ckpt: str, device: str, ema: bool) -> None:
         devices.append(device)
         raise RuntimeError("stop after choosing the device")
 
-    monkeypatch.setattr(model.train, "load_checkpoint", load)
+    monkeypatch.setattr(model.train, "model_from_checkpoint", load)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     _, ckpt = trained
     for device in ("auto", "cpu"):

@@ -640,3 +640,14 @@ def test_a_bool_flag_alone_is_true_and_takes_a_value() -> None:
     assert parser.parse_args(["--skip-corrupt", "false", "--fsdp", "yes"]).skip_corrupt is False
     assert parser.parse_args(["--fsdp", "yes"]).fsdp is True
     assert parser.parse_args([]).skip_corrupt is None  # unset: the config file's value
+
+
+def test_mapped_reads_take_the_legacy_format_too(tmp_path: Path) -> None:
+    """``load_weights(mmap=True)`` maps a zip-format file and reads a legacy one whole."""
+    from model.weights import load_weights
+
+    for zipped in (True, False):
+        path = tmp_path / f"w{zipped}.pt"
+        torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=zipped)
+        got = load_weights(path, "weights", mmap=True)
+        assert torch.equal(got["w"], torch.arange(4.0))
