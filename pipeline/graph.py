@@ -94,6 +94,7 @@ from pipeline.storage import is_s3, join, storage_for
 from pipeline.writer import CorpusWriter, read_manifest
 
 __all__ = [
+    "BuildNotStarted",
     "PlacementError",
     "Step",
     "build",
@@ -892,12 +893,17 @@ def build(
     _check_root(out)
     t0 = time.time()
     skipped: Counter[str] = Counter()
-    sources = expand_sources(source_args, exclude=out, skipped=skipped)
-    if not sources:  # a wrong path or prefix: fail before the corpus root is written
-        raise NoSources(source_args, skipped)
-    changed = _check_resume(out, cfg)
-    # takes the corpus lock: one writer per corpus
-    writer = CorpusWriter(out, cfg.write, (config_hash(cfg), to_dict(cfg)))
+    try:
+        sources = expand_sources(source_args, exclude=out, skipped=skipped)
+        if not sources:  # a wrong path or prefix: fail before the corpus root is written
+            raise NoSources(source_args, skipped)
+        changed = _check_resume(out, cfg)
+        # takes the corpus lock: one writer per corpus
+        writer = CorpusWriter(out, cfg.write, (config_hash(cfg), to_dict(cfg)))
+    except (FileNotFoundError, NotADirectoryError):
+        raise  # a missing source, a root under a file: named as they are
+    except OSError as e:  # storage unreachable or refusing: no source was built
+        raise BuildNotStarted(str(e)) from e
     try:
         if changed:
             shown = ", ".join(changed[:6]) + (
@@ -930,6 +936,11 @@ def build(
         raise
     finally:
         writer.unlock()
+
+
+class BuildNotStarted(OSError):
+    """A storage failure (listing the sources, reading the corpus root, taking its lock)
+    before any source was built: nothing was written."""
 
 
 def _check_resume(out: str, cfg: BuildConfig) -> list[str]:

@@ -140,8 +140,40 @@ def test_build_refuses_a_corpus_another_run_writes(
     video.write_bytes(b"")
     _hold(str(root), host=socket.gethostname(), pid=live_pid)
     assert main(["build", str(video), "--out", str(root)]) == 1
-    assert "is being written by another run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is being written by another run" in err and "CorpusLocked" not in err
     assert not (root / "index").exists()
+
+
+def test_storage_that_fails_before_the_build_starts_says_nothing_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An endpoint that does not answer while the sources are listed, or the corpus
+    root is read: one line naming it, and no "run again to resume" (nothing started)."""
+    import socket as sockets
+
+    with sockets.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "REELPACK_S3_MAX_ATTEMPTS": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    video = tmp_path / "v.mp4"
+    video.write_bytes(b"")
+    for args in (
+        ["build", "s3://raw/videos/", "--out", str(tmp_path / "c")],
+        ["build", str(video), "--out", "s3://corpora/v1"],
+    ):
+        assert main([*args, "--preset", "tiny"]) == 1
+        err = capsys.readouterr().err
+        assert "Could not connect to the endpoint URL" in err
+        assert "nothing was built or written" in err and "resume" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
 
 
 def test_the_lock_on_s3(s3_bucket: str, live_pid: int) -> None:

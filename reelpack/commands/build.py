@@ -16,7 +16,8 @@ def run(args: argparse.Namespace) -> int:
     from model.raycluster import RayUnreachable
     from pipeline.compat import CorpusMismatch
     from pipeline.config import load_config
-    from pipeline.graph import PlacementError, build
+    from pipeline.graph import BuildNotStarted, PlacementError, build
+    from pipeline.lock import CorpusLocked
     from pipeline.models import ModelUnavailable
     from pipeline.sources import SourceInCorpus
     from schemas import UnsupportedLocation
@@ -47,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
         # cannot place, a model that cannot be loaded, no Ray cluster at --ray-address
         print(f"reelpack build: {e}", file=sys.stderr)
         return 2
+    except CorpusLocked as e:  # another run writes this corpus
+        print(f"reelpack build: {e}", file=sys.stderr)
+        return 1
+    except BuildNotStarted as e:  # storage unreachable before any work
+        print(f"reelpack build: {e}\nnothing was built or written", file=sys.stderr)
+        return 1
     except OSError as e:  # no space left, a storage failure after its retries
         print(
             f"reelpack build: {e}\nsources committed before it stay in the corpus; "
