@@ -234,6 +234,12 @@ class _Stream:
     def __init__(self, loader: Loader, epoch: int, fresh: bool, where: str) -> None:
         self.loader, self.epoch, self.where = loader, epoch, where
         self._it = self._run(fresh)
+        self._peeked: list[Any] = []
+
+    def peek(self) -> None:
+        """Fetch the next batch now (ValueError now when there is none); ``next`` returns it."""
+        if not self._peeked:
+            self._peeked.append(next(self._it))
 
     def _run(self, fresh: bool) -> Iterator[Any]:
         while True:
@@ -256,7 +262,7 @@ class _Stream:
             self.epoch, fresh = self.epoch + 1, True
 
     def __next__(self) -> Any:
-        return next(self._it)
+        return self._peeked.pop() if self._peeked else next(self._it)
 
 
 def _no_batch_reason(plan: Any, cfg: Any) -> str:
@@ -732,6 +738,9 @@ def train(  # noqa: C901
     autocast_bf16 = _autocast_bf16(cfg, d.device)
     text = raw.config.text_dim > 0
 
+    last = cfg.steps if until is None else min(until, cfg.steps)
+    if start < last:
+        batches.peek()  # a corpus that packs into no batch fails here, before --out is written
     if d.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(resolved, indent=2))
@@ -762,7 +771,6 @@ def train(  # noqa: C901
 
     losses: list[float] = []
     model.train()
-    last = cfg.steps if until is None else min(until, cfg.steps)
     stopped_at: int | None = None
     with _StopSignals(stop_file) as signals:
         for step in range(start + 1, last + 1):

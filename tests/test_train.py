@@ -445,6 +445,7 @@ def test_samples_over_the_budget_are_cropped_or_named_in_the_error(
     assert "3 skipped as over the token budget" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"all 8 samples are larger than the token budget \(3\)"):
         train(root, str(tmp_path / "none"), TrainConfig(steps=1, token_budget=3))
+    assert not (tmp_path / "none").exists()  # nothing written for a run that never began
     with pytest.raises(ValueError, match="oversize 'shrink' is not one of"):
         TrainConfig(oversize="shrink").validate()
 
