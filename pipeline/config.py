@@ -342,14 +342,17 @@ def _check_stages(c: _Checks) -> None:
 
     cfg = c.cfg
     for section in ("score", "aesthetic", "agreement"):
-        c.at_least(1, f"{section}.num_frames", f"{section}.max_frames")
+        # score's motion compares its sampled frames: two at least
+        low = 2 if section == "score" else 1
+        c.at_least(low, f"{section}.num_frames", f"{section}.max_frames")
         c.at_least(0, f"{section}.frames_per_second")
     c.at_least(0, "score.analysis_width", "score.text_frames", "score.still_flow")
     c.at_least(16, "score.flow_width", "score.text_width")
     c.at_least(1, "score.flow_pairs", "aesthetic.batch_size", "agreement.batch_size")
     c.device("aesthetic.device", "agreement.device")
     c.at_least(0, "decide.min_duration_s")
-    c.at_least(1, "caption.num_frames", "caption.max_pixels", "caption.batch_size")
+    c.at_least(1, "caption.num_frames", "caption.batch_size")
+    c.at_least(4, "caption.max_pixels")  # a frame of 2x2 pixels at least
     c.at_least(1, "caption.max_new_tokens", "caption.max_caption_tokens")
     c.at_least(1, "caption.short_max_new_tokens")
     c.above(0, "caption.sample_fps", none_ok=True)

@@ -296,8 +296,11 @@ def test_batch_failure_falls_back_to_single_clips(
 
 
 def test_captioner_rejects_bad_config(tiny_vlm_dir: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^caption config: num_frames must be >= 1, got 0$"):
         Captioner(CaptionConfig(model=tiny_vlm_dir, num_frames=0, device="cpu"))
+    bad = CaptionConfig(model=tiny_vlm_dir, max_pixels=2, sample_fps=0.0, device="cpu")
+    with pytest.raises(ValueError, match=r"max_pixels must be >= 4, got 2; sample_fps must be"):
+        Captioner(bad)  # each field named, not the whole config's repr
     with pytest.raises(ValueError):
         Captioner(CaptionConfig(model=tiny_vlm_dir, dtype="float33", device="cpu"))
 

@@ -322,6 +322,9 @@ def test_set_items_lay_dotted_values_over_the_file(tmp_path) -> None:
         ("ray.split.num_gpus=1", r"ray\.split\.num_gpus must be 0 \(split runs as CPU tasks"),
         ("ray.score.max_actors=4", r"ray\.score\.min_actors / max_actors: score runs as Ray"),
         ("ray.split.num_cpus=0", r"ray\.split\.num_cpus must be > 0"),  # unbounded tasks
+        # one sampled frame scored every moving clip's motion 0 (rejected as static)
+        ("score.num_frames=1", r"score\.num_frames must be >= 2, got 1"),
+        ("caption.max_pixels=2", r"caption\.max_pixels must be >= 4, got 2"),  # was a crash
         ("ray.dedup.max_actors=2", r"ray\.dedup\.min_actors / max_actors: dedup is one actor"),
     ],
 )

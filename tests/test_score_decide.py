@@ -783,3 +783,14 @@ def test_agreement_reuses_stored_embeddings_and_skips_uncaptioned(
     monkeypatch.setattr("pipeline.stages.agreement.decode_mp4_sampled", no_decode)
     again = stage(rows_to_batch(rows[:1] + rows[2:4]))[score_column("agreement")]
     np.testing.assert_allclose(again[:2], score[[0, 2]], atol=1e-3)
+
+
+def test_one_sampled_frame_still_measures_motion() -> None:
+    """Motion compares sampled frames: a clip that moves never scores 0 because one
+    frame was asked for (``num_frames: 1``, or one per second of a short clip)."""
+    clip = moving_clip()
+    full = score_clip(clip, 24.0, ScoreConfig(num_frames=2))[0]["motion"]
+    assert full > 0.002
+    for cfg in (ScoreConfig(num_frames=1), ScoreConfig(frames_per_second=0.1)):
+        assert score_clip(clip, 24.0, cfg)[0]["motion"] == full
+    assert score_frames(clip, ScoreConfig(num_frames=1))["motion"] == full

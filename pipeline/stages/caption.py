@@ -498,14 +498,20 @@ class Captioner:
 
         from model.tiny_text import is_tiny
 
-        if (
-            cfg.num_frames < 1
-            or cfg.max_pixels < 4
-            or cfg.batch_size < 1
-            or cfg.max_new_tokens < 1
-            or (cfg.sample_fps is not None and cfg.sample_fps <= 0)
-        ):
-            raise ValueError(f"invalid caption config: {cfg}")
+        bad = [
+            f"{name} must be >= {low}, got {value}"
+            for name, value, low in (
+                ("num_frames", cfg.num_frames, 1),
+                ("max_pixels", cfg.max_pixels, 4),  # a frame of 2x2 pixels at least
+                ("batch_size", cfg.batch_size, 1),
+                ("max_new_tokens", cfg.max_new_tokens, 1),
+            )
+            if value < low
+        ]
+        if cfg.sample_fps is not None and cfg.sample_fps <= 0:
+            bad.append(f"sample_fps must be > 0 or null, got {cfg.sample_fps}")
+        if bad:
+            raise ValueError("caption config: " + "; ".join(bad))
         self.cfg = cfg
         from model.device import resolve_device_dtype
 

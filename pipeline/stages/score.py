@@ -109,7 +109,9 @@ TEXT_EDGE_MIN = 64  # overlaid text is high-contrast; weaker edges are mostly te
 class ScoreConfig:
     """How the cheap signals look at a clip."""
 
-    num_frames: int = 8  # frames sampled evenly over the clip (all frames if fewer)
+    # frames sampled evenly over the clip (all frames if fewer; two at least: motion
+    # compares them)
+    num_frames: int = 8
     # > 0: sample this many frames per second of clip instead of num_frames (max_frames cap)
     frames_per_second: float = 0.0
     max_frames: int = 32
@@ -432,7 +434,7 @@ def score_frames(frames: np.ndarray, cfg: ScoreConfig | None = None) -> dict[str
     frames in order (no flow: that needs the frame rate, see :func:`score_clip`)."""
     cfg = cfg or ScoreConfig()
     _check_frames(frames)
-    return _sampled_signals(frames[sample_indices(len(frames), cfg.num_frames)], cfg)[0]
+    return _sampled_signals(frames[sample_indices(len(frames), max(cfg.num_frames, 2))], cfg)[0]
 
 
 def score_clip(
@@ -464,7 +466,8 @@ def score_payload(data: bytes, cfg: ScoreConfig | None = None) -> tuple[dict[str
 def _frames_read(total: int, fps: float, cfg: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
     """(frames sampled for the per-frame signals, first frames of the flow pairs)."""
     count = frame_count(total, fps, cfg.num_frames, cfg.frames_per_second, cfg.max_frames)
-    return sample_indices(total, count), flow_starts(total, cfg.flow_pairs)
+    # motion compares sampled frames: two at least, or a clip that moves would score 0
+    return sample_indices(total, max(count, 2)), flow_starts(total, cfg.flow_pairs)
 
 
 def _score(
