@@ -13,7 +13,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     names it (instead of torch's first failed allocation, deep in a model load)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch lists all twenty device types it knows
+        raise ValueError(
+            f"device {str(device)!r}: not a torch device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:

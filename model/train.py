@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -130,14 +131,18 @@ class TrainConfig:
             for name in ("steps", "grad_accum", "token_budget", "log_every")
             if getattr(self, name) < 1
         ]
-        if self.precision not in ("auto", "bf16", "fp32"):
-            problems.append(f"precision {self.precision!r} is not auto, bf16 or fp32")
-        if self.loss_reduction not in REDUCTIONS:
-            problems.append(f"loss_reduction {self.loss_reduction!r} is not one of {REDUCTIONS}")
-        if self.oversize not in OVERSIZE_POLICIES:
-            problems.append(f"oversize {self.oversize!r} is not one of {OVERSIZE_POLICIES}")
-        if self.attn_backend not in ATTN_BACKENDS:
-            problems.append(f"attn_backend {self.attn_backend!r} is not one of {ATTN_BACKENDS}")
+        problems += [
+            f"{name} {getattr(self, name)!r} is not one of {options}"
+            for name, options in (
+                ("precision", ("auto", "bf16", "fp32")),
+                ("loss_reduction", REDUCTIONS),
+                ("oversize", OVERSIZE_POLICIES),
+                ("attn_backend", ATTN_BACKENDS),
+            )
+            if getattr(self, name) not in options
+        ]
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            problems.append(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
         for name in ("lr", "timestep_std"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

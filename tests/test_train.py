@@ -485,6 +485,9 @@ def test_a_rank_left_without_a_sequence_is_told_why(tmp_path: Path) -> None:
         ("grad_clip", -0.5, "grad_clip must be >= 0, not -0.5"),
         ("warmup_steps", -2, "warmup_steps must be >= 0, not -2"),
         ("seed", -5, "seed must be >= 0, not -5"),
+        # was: trained on the CPU without a word
+        ("device", "mps", "device 'mps' is not auto, cpu, cuda or cuda:N"),
+        ("precision", "fp16", "precision 'fp16' is not one of ('auto', 'bf16', 'fp32')"),
     ],
 )
 def test_a_config_value_out_of_range_is_named_before_training(
@@ -559,6 +562,8 @@ def test_a_cuda_device_torch_cannot_see_is_named(monkeypatch: pytest.MonkeyPatch
     assert resolve_device("auto") == torch.device("cuda")
     with pytest.raises(ValueError, match=r"device 'cuda:2': torch sees 2 CUDA device\(s\)$"):
         resolve_device("cuda:2")
+    with pytest.raises(ValueError, match=r"device 'tpu': not a torch device; use auto, cpu"):
+        resolve_device("tpu")  # was torch's RuntimeError listing its twenty device types
 
 
 def test_one_rule_resolves_a_model_stage_device_and_dtype(
