@@ -5,6 +5,9 @@ either pointing at their old sample again or left for the next build."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,6 +241,20 @@ def test_cli_refilter(
     assert f"{tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
     assert main(["refilter", str(typo)]) == 2
     assert f"{typo}: a file, not a corpus" in capsys.readouterr().err
+    # a build writing the corpus (a live process of this host): named, nothing written
+    from test_lock import _hold
+
+    build = subprocess.Popen(["sleep", "60"])
+    _hold(corpus, host=socket.gethostname(), pid=build.pid)
+    strict = write_config(tmp_path / "s.json", [["sharpness", [1e9, None]]])
+    try:
+        assert main(["refilter", corpus, "--config", strict]) == 1
+        err = capsys.readouterr().err
+        assert "is being written by another run" in err and "CorpusLocked" not in err
+    finally:
+        build.kill()
+        build.wait()
+        os.remove(os.path.join(corpus, "lock.json"))
 
 
 def test_load_config_reads_decide_and_dedup_from_a_build_config(tmp_path: Path) -> None:

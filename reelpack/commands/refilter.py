@@ -25,6 +25,7 @@ __all__ = ["register", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.lock import CorpusLocked
     from pipeline.refilter import built_config, load_refilter_config, refilter
     from schemas import UnsupportedLocation
 
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = refilter(args.root, decide, dedup, dry_run=args.dry_run)
+    except CorpusLocked as e:  # a build (or another refilter) writes the corpus
+        print(f"reelpack refilter: {e}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as e:
         print(f"reelpack refilter: {args.root}: {e}", file=sys.stderr)
         return 1
