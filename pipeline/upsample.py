@@ -77,12 +77,15 @@ class UpsampleConfig:
     retry_repetition_penalty: float = 1.2
     device: str = "auto"  # "auto" = cuda if available, else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on CUDA, float32 on CPU
+    batch_size: int = 8  # prompts generated together (memory grows with it)
 
     def validate(self) -> None:
         """ValueError naming each setting out of range."""
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             problems.append(f"temperature must be a number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -175,10 +178,17 @@ class Upsampler:
         return finish_caption(raw, self.cfg.max_caption_tokens, encode, decode)
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:
-        """One expanded caption per prompt; raises :class:`UpsampleError` naming the
-        prompt when the LLM's answer stays degenerate after one retry."""
+        """One expanded caption per prompt, generated ``cfg.batch_size`` at a time;
+        raises :class:`UpsampleError` naming the prompt when the LLM's answer stays
+        degenerate after one retry."""
         prompts = list(prompts)
         check_prompts(prompts)
+        size = self.cfg.batch_size
+        return [
+            c for at in range(0, len(prompts), size) for c in self._batch(prompts[at : at + size])
+        ]
+
+    def _batch(self, prompts: list[str]) -> list[str]:
         results = [self._finish(r) for r in self._generate(prompts)]
         retry = [k for k, text in enumerate(results) if degenerate_reason(text)]
         if retry:

@@ -103,6 +103,25 @@ def test_upsample_function_loads_once(cfg: UpsampleConfig, upsampler: Upsampler)
     assert _upsampler(cfg) is _upsampler(cfg)
 
 
+def test_prompts_are_generated_a_batch_at_a_time(
+    upsampler: Upsampler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory is bounded by ``batch_size``, not by the number of prompts."""
+    sizes: list[int] = []
+
+    def generate(prompts: list[str], **kw: Any) -> list[RawCaption]:
+        sizes.append(len(prompts))
+        return [RawCaption(f"A scene about {p}.") for p in prompts]
+
+    monkeypatch.setattr(upsampler, "_generate", generate)
+    monkeypatch.setattr(upsampler, "cfg", replace(upsampler.cfg, batch_size=2))
+    captions = upsampler([f"prompt {k}" for k in range(5)])
+    assert sizes == [2, 2, 1]
+    assert [c.removeprefix(upsampler.prefix) for c in captions] == [
+        f"A scene about prompt {k}." for k in range(5)
+    ]
+
+
 def test_hygiene_and_retry(upsampler: Upsampler, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict[str, Any]] = []
 
@@ -158,6 +177,24 @@ def test_cli(
     rows = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == PROMPTS
     assert all(r["caption"].startswith(RANDOM_WEIGHTS_PREFIX) for r in rows)
+    # a prompt file, one per line, captioned two at a time as each batch is done
+    listed = cache / "prompts.txt"
+    listed.write_text(f"# for the launch\n{PROMPTS[0]}\n\n{PROMPTS[1]}\n{PROMPTS[0]}\n")
+    assert main([*argv, "--batch-size", "2", "--json", f"@{listed}"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["prompt"] for r in rows] == [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    assert all(r["caption"].startswith(RANDOM_WEIGHTS_PREFIX) for r in rows)
+    for arg, words in [
+        (f"@{cache / 'none.txt'}", f"prompt file {cache / 'none.txt'}: No such file"),
+        (f"@{lm_dir}", f"prompt file {lm_dir}: Is a directory"),
+    ]:
+        assert main([*argv, arg]) == 2
+        assert f"reelpack upsample: {words}" in capsys.readouterr().err
+    listed.write_text("# nothing yet\n")
+    assert main([*argv, f"@{listed}"]) == 2
+    assert f"prompt file {listed} holds no prompt" in capsys.readouterr().err
+    assert main([*argv, "--batch-size", "0", "x"]) == 2
+    assert "batch_size must be >= 1, got 0" in capsys.readouterr().err
     nowhere = cache / "nowhere"
     assert main(["upsample", "--model", str(nowhere), "a corgi"]) == 2
     assert f"reelpack upsample: --model '{nowhere}': no such folder {nowhere}" in (

@@ -3,8 +3,11 @@
     reelpack upsample "a corgi on a beach"
     reelpack upsample --model Qwen/Qwen2.5-3B-Instruct --device cuda "a red kite" "rain"
     reelpack upsample --preset tiny "a corgi on a beach"   # offline, random weights
+    reelpack upsample @prompts.txt > captions.txt         # one prompt per line
 
-Prints one caption per prompt (``--json``: a JSON list of {prompt, caption}).
+Prints one caption per prompt, each batch as it is done (``--json``: a JSON list of
+{prompt, caption} at the end). ``@FILE`` reads prompts from a UTF-8 text file, one per
+line (blank lines and lines starting with ``#`` skipped); ``@-`` from standard input.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run", "tiny_lm_dir"]
+__all__ = ["read_prompts", "register", "run", "tiny_lm_dir"]
 
 
 def tiny_lm_dir() -> str:
@@ -35,19 +38,19 @@ def run(args: argparse.Namespace) -> int:
         from model.tiny_text import build_tiny_causal_lm
 
         model = build_tiny_causal_lm(tiny_lm_dir())
-    overrides: dict[str, Any] = {"device": args.device}
-    if model is not None:
-        overrides["model"] = model
-    if args.max_new_tokens is not None:
-        overrides["max_new_tokens"] = args.max_new_tokens
-    if args.temperature is not None:
-        overrides["temperature"] = args.temperature
-    cfg = UpsampleConfig(**overrides)
+    given = {
+        "model": model,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "batch_size": args.batch_size,
+    }
+    cfg = UpsampleConfig(device=args.device, **{k: v for k, v in given.items() if v is not None})
     try:  # what can be checked before the model loads
-        check_prompts(args.prompts)
+        prompts = read_prompts(args.prompts)
+        check_prompts(prompts)
         cfg.validate()
         resolve_device(cfg.device)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"reelpack upsample: {e}", file=sys.stderr)
         return 2
     problem = model_problem(cfg.model)
@@ -55,27 +58,59 @@ def run(args: argparse.Namespace) -> int:
         print(f"reelpack upsample: --model {cfg.model!r}: {problem}", file=sys.stderr)
         return 2
     try:
-        captions = Upsampler(cfg)(args.prompts)
-    except UpsampleError as e:
-        print(f"reelpack upsample: {e}", file=sys.stderr)
-        return 1
+        upsampler = Upsampler(cfg)
     except OSError as e:  # a model folder that fails to load
         print(f"reelpack upsample: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    rows = []
+    try:
+        for at in range(0, len(prompts), cfg.batch_size):
+            batch = prompts[at : at + cfg.batch_size]
+            captions = upsampler(batch)
+            rows += [{"prompt": p, "caption": c} for p, c in zip(batch, captions, strict=True)]
+            if not args.json:
+                print("\n".join(captions), flush=True)
+    except UpsampleError as e:
+        print(f"reelpack upsample: {e}", file=sys.stderr)
+        return 1
     if args.json:
-        rows = [{"prompt": p, "caption": c} for p, c in zip(args.prompts, captions, strict=True)]
         print(json.dumps(rows, indent=2, ensure_ascii=False))
-    else:
-        for caption in captions:
-            print(caption)
     return 0
+
+
+def read_prompts(args: list[str]) -> list[str]:
+    """The prompts of the command line: each argument, or the lines of ``@FILE`` (``@-``:
+    standard input), blank lines and ``#`` comments skipped."""
+    prompts: list[str] = []
+    for arg in args:
+        if not arg.startswith("@") or arg == "@":
+            prompts.append(arg)
+            continue
+        name = arg[1:]
+        try:
+            data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file {name}: not UTF-8 text ({e.reason})") from None
+        except OSError as e:
+            raise OSError(f"prompt file {name}: {e.strerror or e}") from None
+        lines = (line.strip() for line in text.splitlines())
+        found = [line for line in lines if line and not line.startswith("#")]
+        if not found:
+            raise ValueError(f"prompt file {name} holds no prompt")
+        prompts += found
+    return prompts
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "upsample", help="expand short prompts into detailed captions in the training style"
     )
-    p.add_argument("prompts", nargs="+", help="short prompts, e.g. 'a corgi on a beach'")
+    p.add_argument(
+        "prompts",
+        nargs="+",
+        help="short prompts, e.g. 'a corgi on a beach'; @FILE: one per line (@-: stdin)",
+    )
     p.add_argument("--model", help="instruct LLM: hub id or local folder (default: Qwen3-4B)")
     p.add_argument(
         "--preset",
@@ -86,5 +121,6 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:1, ...")
     p.add_argument("--max-new-tokens", type=int, help="generation budget")
     p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--batch-size", type=int, help="prompts generated together (default 8)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, caption}")
     p.set_defaults(func=run)
