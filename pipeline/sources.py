@@ -183,7 +183,6 @@ def expand_sources(
 
     counted: Counter[str] = Counter() if skipped is None else skipped
     media = _media_filter(exclude, counted)
-    _check_outside(args, exclude)
     out: set[str] = set()
     for arg in args:
         if not arg.startswith("@"):
@@ -196,12 +195,14 @@ def expand_sources(
                 out.add(arg)
                 continue
             prefix = arg if arg.endswith("/") else arg + "/"
+            _check_outside(arg, prefix, exclude)
             out.update(
                 uri for uri in _listing(prefix, st.list(prefix), counted, exclude) if media(uri)
             )
         else:
             path = Path(arg).expanduser().resolve()
             if path.is_dir():
+                _check_outside(arg, str(path), exclude)
                 out.update(p for p in _walk(path, counted, exclude) if media(p))
             elif path.exists():  # a file, or anything else probe then names as its error
                 out.add(str(path))
@@ -220,32 +221,14 @@ class SourceInCorpus(ValueError):
     it would be the corpus's own, so none would be a source."""
 
 
-def _check_outside(args: Iterable[str], root: str | None) -> None:
-    """:class:`SourceInCorpus` for a folder or prefix argument at or below ``root``."""
-    from pipeline.storage import is_s3
-
-    if not root:
-        return
-    inside = _under(root)
-    for arg in args:
-        if arg.startswith("@"):
-            continue
-        try:
-            where = schemas.storage_location(arg)
-        except schemas.UnsupportedLocation:
-            continue  # expand_sources names it
-        if is_s3(where):
-            folder = where.rstrip("/") + "/"
-        else:
-            path = Path(where).expanduser().resolve()
-            if not path.is_dir():
-                continue  # a file is a source whatever its name
-            folder = str(path) + "/"
-        if inside(folder):
-            raise SourceInCorpus(
-                f"source {arg!r} is at or inside the corpus root --out {root}: its files "
-                "would be the corpus's own; write the corpus outside its source folders"
-            )
+def _check_outside(arg: str, folder: str, root: str | None) -> None:
+    """:class:`SourceInCorpus` when the source folder or prefix ``folder`` (given as
+    ``arg``) is at or below the corpus root ``root``."""
+    if root and _under(root)(folder.rstrip("/") + "/"):
+        raise SourceInCorpus(
+            f"source {arg!r} is at or inside the corpus root --out {root}: its files "
+            "would be the corpus's own; write the corpus outside its source folders"
+        )
 
 
 # the key under which expand_sources counts links to files it lists already

@@ -336,6 +336,8 @@ def test_source_prefixes_skip_other_corpora_under_them(s3_bucket: str) -> None:
     assert expand_sources([join(s3_bucket, "raw/v1")]) == [join(s3_bucket, "raw/v1/clips/k.mp4")]
     with pytest.raises(SourceInCorpus, match="is at or inside the corpus root"):
         expand_sources([join(s3_bucket, "raw/v1/clips/")], exclude=join(s3_bucket, "raw"))
+    named = join(s3_bucket, "raw/v1/clips/k.mp4")  # an object given by name is a source
+    assert expand_sources([named], exclude=join(s3_bucket, "raw")) == [named]
 
 
 def test_source_lists_name_files_folders_and_objects(
