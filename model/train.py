@@ -988,7 +988,13 @@ def train_with_ray(
     )
     try:
         with _DriverStop(stop_file):
-            _fit(trainer)  # raises when a worker failed
+            _fit(trainer)
+    except Exception as e:  # Ray Train's error holds each failed worker's own
+        failures = getattr(e, "worker_failures", None) or {}
+        first = failures[min(failures)] if failures else None
+        if isinstance(first, ValueError | OSError):  # what `train` names: raised as such
+            raise first from e
+        raise
     finally:
         stop_file.unlink(missing_ok=True)
     result = json.loads(losses_file.read_text())

@@ -177,6 +177,16 @@ def test_ray_train_two_workers_resume_and_match_ddp(
     head = stop.value.losses
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == stop.value.step == 1
     assert not (out / ".stop").exists()
+    # a worker's own error (as Ray Train hands it over: by rank) is raised as such
+    from ray.train import WorkerGroupError
+
+    def workers_fail(trainer: object) -> object:
+        raise WorkerGroupError("...", {1: OSError("rank 1"), 0: ValueError("no batch: rank 0")})
+
+    monkeypatch.setattr(train_module, "_fit", workers_fail)
+    with pytest.raises(ValueError, match=r"^no batch: rank 0$"):
+        train_with_ray(root, str(tmp_path / "failed"), cfg, num_workers=2)
+    monkeypatch.undo()
     tail = train_with_ray(root, str(out), cfg, num_workers=2, resume=True)
     assert len(head) == 1 and len(tail) == 4
     assert all(math.isfinite(x) for x in head + tail)
