@@ -1008,7 +1008,24 @@ def train_with_ray(
 
 
 def _fit(trainer: Any) -> Any:
-    return trainer.fit()
+    """``trainer.fit()`` in a thread of its own: in the main thread, Ray Train would
+    take SIGINT for itself (aborting the run without a checkpoint), where
+    :class:`_DriverStop` is to take it. The main thread waits, taking the signals."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 class _DriverStop(_StopSignals):

@@ -156,7 +156,9 @@ def test_ray_train_two_workers_resume_and_match_ddp(
 ) -> None:
     """Ctrl-C at the driver stops both workers after the same step, with a checkpoint;
     resumed, the run's losses and weights are those of two uninterrupted DDP processes."""
+    import os
     import signal
+    import threading
 
     from model import train as train_module
     from model.train import TrainingInterrupted
@@ -167,7 +169,8 @@ def test_ray_train_two_workers_resume_and_match_ddp(
     fit = train_module._fit
 
     def ctrl_c_then_fit(trainer: object) -> object:
-        signal.raise_signal(signal.SIGINT)  # as the run starts: taken by the driver's handler
+        # Ctrl-C while the run starts (its workers take seconds to reach their first step)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         return fit(trainer)
 
     monkeypatch.setattr(train_module, "_fit", ctrl_c_then_fit)
