@@ -335,21 +335,19 @@ def _listing(
     leaves out of a folder: a reelpack corpus below ``prefix`` (found in the listing
     itself, so it costs no request), counted in ``skipped`` unless it is ``own``."""
     base = prefix.rstrip("/") + "/"
-    entries: dict[str, tuple[set[str], set[str]]] = {}  # folder -> (files, dirs)
+    manifest = "/" + schemas.MANIFEST_NAME
+    # the folders holding a manifest (few), and the subfolders of each
+    candidates = {uri[: -len(manifest)] + "/" for uri in uris if uri.endswith(manifest)}
+    candidates.discard(base)
+    if not candidates:
+        return uris
+    dirs: dict[str, set[str]] = {folder: set() for folder in candidates}
     for uri in uris:
-        if not uri.startswith(base):
-            continue
-        parts = uri[len(base) :].split("/")
-        folder = base
-        for part in parts[:-1]:
-            entries.setdefault(folder, (set(), set()))[1].add(part)
-            folder += part + "/"
-        entries.setdefault(folder, (set(), set()))[0].add(parts[-1])
-    corpora = {
-        folder
-        for folder, (files, dirs) in entries.items()
-        if folder != base and _is_corpus(files, dirs)
-    }
+        for folder in _folders(base, uri):
+            rest = uri[len(folder) :]
+            if folder in dirs and "/" in rest:  # below a subfolder, not a file beside it
+                dirs[folder].add(rest.split("/", 1)[0])
+    corpora = {folder for folder in candidates if _is_corpus([schemas.MANIFEST_NAME], dirs[folder])}
     if not corpora:
         return uris
     own_root = own.rstrip("/") + "/" if own else None
