@@ -13,6 +13,11 @@ sequence* and run in one forward pass. The latent is decoded with the corpus's V
 at the corpus's frame rate (its encode ``target_fps``) unless one is given. The prompt is
 encoded with the corpus's text encoder (manifest ``text_encoder``); a model trained
 without caption embeddings samples unconditionally.
+
+One run makes as many clips as it is asked for, the model, VAE and text encoder loaded
+once: every prompt with every seed, a batch of them generated at once
+(:func:`plan_samples`, :func:`sample_to_files`). Each clip's noise comes from its own
+seed, so a clip is the same whichever batch it ran in.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,16 @@ from model.flow import euler_sample, resolution_shift
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_output", "latent_grid", "sample_latents", "sample_to_file", "write_video"]
+__all__ = [
+    "Sample",
+    "check_output",
+    "latent_grid",
+    "plan_samples",
+    "sample_latents",
+    "sample_to_file",
+    "sample_to_files",
+    "write_video",
+]
 
 Grid = tuple[int, int, int]
 
@@ -104,19 +119,36 @@ def sample_latents(
     steps: int = 30,
     cfg_scale: float = 1.0,
     shift_base_tokens: int = 0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     device: str | torch.device = "cpu",
 ) -> list[torch.Tensor]:
-    """Packed generation of several samples at once -> their latents (C, T, H, W)."""
+    """Packed generation of several samples at once -> their latents (C, T, H, W).
+
+    Each sample's noise comes from a generator of its own: ``seed`` is one seed per
+    sample, or an int ``s`` for seeds ``s, s + 1, ...``. A sample's result therefore does
+    not depend on what else is packed with it.
+    """
     model.eval()
     s = len(grids)
+    seeds = [seed + i for i in range(s)] if isinstance(seed, int) else [int(x) for x in seed]
+    if len(seeds) != s:
+        raise ValueError(f"{len(seeds)} seeds for {s} samples")
     lengths = torch.tensor([g[0] * g[1] * g[2] for g in grids])
     n = int(lengths.sum())
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
     positions = torch.cat([grid_positions(g, device) for g in grids])  # (N, 3)
     ids = torch.repeat_interleave(torch.arange(s), lengths).to(device)  # (N,)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(n, model.config.token_dim, generator=generator, device=device)
+    noise = torch.cat(
+        [
+            torch.randn(
+                int(length),
+                model.config.token_dim,
+                generator=torch.Generator(device=device).manual_seed(each),
+                device=device,
+            )
+            for length, each in zip(lengths, seeds, strict=True)
+        ]
+    )
 
     te, tcu = None, None
     if model.config.text_dim and text_embeds is not None:
@@ -238,9 +270,10 @@ def _write_file(frames: np.ndarray, path: Path, suffix: str, fps: float) -> None
             container.mux(packet)
 
 
-def _encode_prompt(
-    entry: dict[str, Any] | None, prompt: str, text_dim: int, device: str
-) -> torch.Tensor:
+def _encode_prompts(
+    entry: dict[str, Any] | None, prompts: Sequence[str], text_dim: int, device: str
+) -> list[torch.Tensor]:
+    """Each distinct prompt's caption embeddings (L, text_dim), the encoder loaded once."""
     if entry is None:
         raise ValueError(
             f"the model takes {text_dim}-d caption embeddings but the corpus manifest "
@@ -249,45 +282,103 @@ def _encode_prompt(
     from model.text import TextEncoder
 
     encoder = TextEncoder.from_manifest(entry, device=device, dtype="float32")
-    embeds: torch.Tensor = encoder.encode([prompt])[0]
-    if embeds.shape[-1] != text_dim:
+    distinct = list(dict.fromkeys(prompts))
+    by_prompt = dict(zip(distinct, encoder.encode(distinct), strict=True))
+    dim = next(iter(by_prompt.values())).shape[-1]
+    if dim != text_dim:
         raise ValueError(
-            f"text encoder {entry['id']!r} gives {embeds.shape[-1]}-d embeddings, "
+            f"text encoder {entry['id']!r} gives {dim}-d embeddings, "
             f"the model was trained on {text_dim}-d"
         )
-    return embeds.float()
+    return [by_prompt[p].float() for p in prompts]
 
 
-def sample_to_file(
+@dataclass(frozen=True)
+class Sample:
+    """One clip a sampling run writes: its prompt, its seed and the file it goes to."""
+
+    prompt: str
+    seed: int
+    out: str
+
+
+def plan_samples(
+    prompts: Sequence[str], seed: int, per_prompt: int, out: str, frames: int = 1
+) -> list[Sample]:
+    """The clips of a run: ``per_prompt`` seeds (``seed``, ``seed + 1``, ...) for each
+    prompt, in prompt order, and the file each is written to.
+
+    ``out`` is a name template: ``{n}`` (the clip's number, from 0), ``{seed}`` and
+    ``{prompt}`` (the prompt's number) are filled in, e.g. ``kite-{prompt}-{seed}.mp4``.
+    With no field, one clip goes to ``out`` itself, and several get ``-{n}`` before its
+    suffix (``kite.mp4`` -> ``kite-0.mp4``, ``kite-1.mp4``, ...). Raises
+    ValueError for no prompt, a count below 1, an unknown field, or two clips named alike.
+    """
+    if not prompts:
+        raise ValueError("no prompt to sample")
+    if per_prompt < 1:
+        raise ValueError(f"need at least one sample per prompt, got {per_prompt}")
+    pairs = [(i, p, seed + k) for i, p in enumerate(prompts) for k in range(per_prompt)]
+    template = out
+    if "{" not in out and len(pairs) == 1:
+        check_output(out, frames)
+        return [Sample(prompts[0], seed, out)]
+    if "{" not in out:
+        path = Path(out)
+        template = str(
+            path.with_name(f"{path.stem}-{{n:0{len(str(len(pairs) - 1))}d}}{path.suffix}")
+        )
+    names = []
+    for n, (i, _, each) in enumerate(pairs):
+        try:
+            names.append(template.format(n=n, seed=each, prompt=i))
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"--out {out}: not a name template ({e!r}); its fields are {{n}}, {{seed}} "
+                "and {prompt}"
+            ) from None
+    if len(set(names)) < len(names):
+        raise ValueError(
+            f"--out {out} names {len(pairs)} clips alike; add {{n}} (or {{seed}} and "
+            "{prompt}) to tell them apart"
+        )
+    for name in names:
+        check_output(name, frames)
+    return [Sample(p, each, name) for (_, p, each), name in zip(pairs, names, strict=True)]
+
+
+def sample_to_files(
     ckpt: str,
     corpus_root: str | None,
-    prompt: str,
+    samples: Sequence[Sample],
     frames: int,
     height: int,
     width: int,
     steps: int,
     cfg_scale: float,
-    out: str,
     *,
-    seed: int = 0,
     fps: float | None = None,
     device: str = "auto",
     ema: bool = True,
-) -> str:
-    """Generate one clip of ``frames x height x width`` pixels and write it to `out`
-    (its suffix names the format: :func:`check_output`).
+    batch_size: int = 4,
+    written: Callable[[Sample], None] | None = None,
+) -> list[str]:
+    """Generate every clip of ``samples`` (see :func:`plan_samples`), each
+    ``frames x height x width`` pixels, and write each to its file in the format its
+    suffix names (:func:`check_output`). Returns the written paths.
+
+    The checkpoint, the VAE and the text encoder are loaded once for the whole run;
+    ``batch_size`` clips are generated at once, packed into one sequence, and written
+    as their batch finishes (``written`` is called with each). A clip's pixels depend
+    on its prompt and seed, not on the batch it ran in.
 
     `corpus_root` gives the manifest (VAE, text encoder); None = the corpus the
     checkpoint was trained on. ``fps`` None plays the clip at the rate the corpus's
     latents were made at (its encode ``target_fps``; 16 if it kept each clip's own).
     Uses the EMA weights when the checkpoint has them. ``device`` "auto": CUDA when
-    available. Returns the written path.
+    available.
     """
-    check_output(out, frames, fps)  # before any work
-    if steps < 1:
-        raise ValueError(f"need at least one sampling step, got {steps}")
-    if not math.isfinite(cfg_scale):
-        raise ValueError(f"the guidance scale must be a number, got {cfg_scale}")
+    _check_request(samples, frames, fps, steps, cfg_scale, batch_size)  # before any work
     device = str(resolve_device(device))
     from model.data import read_manifest
     from model.train import model_from_checkpoint, read_checkpoint
@@ -306,34 +397,98 @@ def sample_to_file(
     _, grid = latent_grid(manifest["vae"], patch, frames, height, width)  # before the model
     model, _ = model_from_checkpoint(state, ckpt, device, ema=ema and has_ema)
     del state
-    embeds = None
+    prompts = [each.prompt for each in samples]
+    embeds: list[torch.Tensor] | None = None
     if model.config.text_dim:
-        embeds = [
-            _encode_prompt(manifest.get("text_encoder"), prompt, model.config.text_dim, device)
-        ]
-    elif prompt.strip():
+        embeds = _encode_prompts(
+            manifest.get("text_encoder"), prompts, model.config.text_dim, device
+        )
+    elif any(p.strip() for p in prompts):
         log.warning(
             "%s was trained without captions (its corpus has no caption embeddings): "
             "the prompt and the guidance scale change nothing",
             ckpt,
         )
-    latent = sample_latents(
-        model,
-        [grid],
-        text_embeds=embeds,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        shift_base_tokens=int(config["train"].get("shift_base_tokens", 0)),
-        seed=seed,
-        device=device,
-    )[0]  # (C, T, H, W)
     vae = VideoVAE.from_manifest(manifest["vae"], device=device)
-    video = vae.decode(latent[None])[0]  # (3, frames, height, width) in [-1, 1]
-    if tuple(video.shape[1:]) != (frames, height, width):
-        raise RuntimeError(
-            f"VAE decoded {tuple(video.shape)}, expected 3x{frames}x{height}x{width}"
-        )
-    pixels = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     if fps is None:
         fps = (manifest.get("config") or {}).get("encode", {}).get("target_fps") or DEFAULT_FPS
-    return write_video(pixels.cpu().numpy(), out, fps)
+    paths = []
+    for first in range(0, len(samples), batch_size):
+        batch = samples[first : first + batch_size]
+        latents = sample_latents(
+            model,
+            [grid] * len(batch),
+            text_embeds=None if embeds is None else embeds[first : first + len(batch)],
+            steps=steps,
+            cfg_scale=cfg_scale,
+            shift_base_tokens=int(config["train"].get("shift_base_tokens", 0)),
+            seed=[each.seed for each in batch],
+            device=device,
+        )
+        for each, latent in zip(batch, latents, strict=True):  # latent: (C, T, H, W)
+            video = vae.decode(latent[None])[0]  # (3, frames, height, width) in [-1, 1]
+            if tuple(video.shape[1:]) != (frames, height, width):
+                raise RuntimeError(
+                    f"VAE decoded {tuple(video.shape)}, expected 3x{frames}x{height}x{width}"
+                )
+            pixels = (video.permute(1, 2, 3, 0) + 1) * 127.5
+            pixels = pixels.round().clamp(0, 255).to(torch.uint8)
+            paths.append(write_video(pixels.cpu().numpy(), each.out, fps))
+            if written is not None:
+                written(each)
+    return paths
+
+
+def _check_request(
+    samples: Sequence[Sample],
+    frames: int,
+    fps: float | None,
+    steps: int,
+    cfg_scale: float,
+    batch_size: int,
+) -> None:
+    """ValueError for a sampling request no run can carry out."""
+    if not samples:
+        raise ValueError("no clip to sample")
+    for each in samples:
+        check_output(each.out, frames, fps)
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    if steps < 1:
+        raise ValueError(f"need at least one sampling step, got {steps}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"the guidance scale must be a number, got {cfg_scale}")
+
+
+def sample_to_file(
+    ckpt: str,
+    corpus_root: str | None,
+    prompt: str,
+    frames: int,
+    height: int,
+    width: int,
+    steps: int,
+    cfg_scale: float,
+    out: str,
+    *,
+    seed: int = 0,
+    fps: float | None = None,
+    device: str = "auto",
+    ema: bool = True,
+) -> str:
+    """Generate one clip of ``frames x height x width`` pixels and write it to `out`:
+    :func:`sample_to_files` for one prompt and seed. Returns the written path."""
+    (path,) = sample_to_files(
+        ckpt,
+        corpus_root,
+        [Sample(prompt, seed, out)],
+        frames,
+        height,
+        width,
+        steps,
+        cfg_scale,
+        fps=fps,
+        device=device,
+        ema=ema,
+    )
+    return path

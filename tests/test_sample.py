@@ -14,7 +14,16 @@ from PIL import Image
 from test_train import TEXT_DIM, make_corpus, smooth_latents
 
 from model.dit import build_dit
-from model.sample import check_output, latent_grid, sample_latents, sample_to_file, write_video
+from model.sample import (
+    Sample,
+    check_output,
+    latent_grid,
+    plan_samples,
+    sample_latents,
+    sample_to_file,
+    sample_to_files,
+    write_video,
+)
 from model.train import TrainConfig, train
 from model.vae import build_tiny_vae, describe_pretrained
 
@@ -92,7 +101,49 @@ def test_packed_cfg_equals_separate_runs_and_guidance_matters() -> None:
         model, GRIDS[:1], text_embeds=embeds[:1], steps=2, cfg_scale=1.0, seed=1
     )
     assert not torch.allclose(unguided[0], alone[0], atol=1e-3)
-    assert together[0].shape == alone[0].shape
+    # each sample has noise of its own seed: what is packed beside it changes nothing
+    torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=1e-4)
+    rest = sample_latents(model, GRIDS[1:], text_embeds=embeds[1:], steps=2, cfg_scale=3.0, seed=2)
+    for got, want in zip(rest, together[1:], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    swapped = sample_latents(
+        model, GRIDS[:2][::-1], text_embeds=embeds[:2][::-1], steps=2, cfg_scale=3.0, seed=[2, 1]
+    )
+    torch.testing.assert_close(swapped[1], alone[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="2 seeds for 3 samples"):
+        sample_latents(model, GRIDS, text_embeds=embeds, steps=1, seed=[1, 2])
+
+
+def test_plan_samples_names_every_clip(tmp_path: Path) -> None:
+    one = plan_samples(["a kite"], 7, 1, str(tmp_path / "kite.mp4"))
+    assert one == [Sample("a kite", 7, str(tmp_path / "kite.mp4"))]
+    many = plan_samples(["a", "b"], 3, 2, str(tmp_path / "k.mp4"))
+    assert [(s.prompt, s.seed, Path(s.out).name) for s in many] == [
+        ("a", 3, "k-0.mp4"),
+        ("a", 4, "k-1.mp4"),
+        ("b", 3, "k-2.mp4"),
+        ("b", 4, "k-3.mp4"),
+    ]
+    assert Path(plan_samples(["a"] * 11, 0, 1, "x.png")[10].out).name == "x-10.png"
+    assert plan_samples(["a"] * 11, 0, 1, "x.png")[0].out == "x-00.png"
+    named = plan_samples(["a", "b"], 0, 2, "out/p{prompt}-s{seed}.webm", frames=5)
+    assert [s.out for s in named] == [
+        "out/p0-s0.webm",
+        "out/p0-s1.webm",
+        "out/p1-s0.webm",
+        "out/p1-s1.webm",
+    ]
+    assert plan_samples(["a"], 5, 1, "seed{seed}.gif")[0].out == "seed5.gif"
+    with pytest.raises(ValueError, match=r"names 2 clips alike; add \{n\}"):
+        plan_samples(["a"], 0, 2, "p{prompt}.mp4")
+    with pytest.raises(ValueError, match=r"not a name template .*\{n\}, \{seed\} and \{prompt\}"):
+        plan_samples(["a", "b"], 0, 1, "{name}.mp4")
+    with pytest.raises(ValueError, match="holds one frame, not 5"):
+        plan_samples(["a", "b"], 0, 1, "{n}.png", frames=5)
+    with pytest.raises(ValueError, match="at least one sample per prompt, got 0"):
+        plan_samples(["a"], 0, 0, "x.mp4")
+    with pytest.raises(ValueError, match="no prompt"):
+        plan_samples([], 0, 1, "x.mp4")
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +250,28 @@ def test_sample_cli_and_size_errors(
     assert "trained without captions" in caplog.text and "the prompt" in caplog.text
     assert main([*args, "--frames", "6", "--out", str(out)]) == 2
     assert "frame rule" in capsys.readouterr().err
+    # many clips, one load: prompts from a file and the command line, two seeds each
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red kite\n# not a prompt\n\nrain on a lake\n")
+    reads.clear()
+    many = ["--frames", "1", "--num-samples", "2", "--batch-size", "3", "--seed", "5"]
+    template = str(tmp_path / "many" / "p{prompt}-s{seed}.png")
+    assert main([*args, "--prompt", f"@{prompts}", *many, "--out", template]) == 0
+    assert reads == [(str(ckpt), True)]
+    lines = capsys.readouterr().out.splitlines()
+    made = sorted(p.name for p in (tmp_path / "many").iterdir())
+    assert made == [f"p{p}-s{s}.png" for p in range(3) for s in (5, 6)]
+    assert lines[0] == f"wrote {tmp_path / 'many' / 'p0-s5.png'}  seed 5  x"
+    assert lines[-1] == f"wrote {tmp_path / 'many' / 'p2-s6.png'}  seed 6  rain on a lake"
+    # a clip is the same alone as in its batch: its prompt and seed decide it
+    alone = tmp_path / "alone.png"
+    assert main([*args[:2], *args[4:], "--seed", "6", "--out", str(alone)]) == 0
+    got = np.asarray(Image.open(tmp_path / "many" / "p1-s6.png"), dtype=int)
+    assert np.abs(got - np.asarray(Image.open(alone), dtype=int)).max() <= 1
+    assert main([*args, "--prompt", "@" + str(tmp_path / "none.txt"), "--out", str(out)]) == 1
+    assert "prompt file" in capsys.readouterr().err
+    assert main([*args, "--num-samples", "2", "--out", str(tmp_path / "same{prompt}.mp4")]) == 2
+    assert "names 2 clips alike" in capsys.readouterr().err
     # a format that cannot hold the clip fails before any model is loaded
     assert main([*args, "--frames", "5", "--out", str(tmp_path / "clip.png")]) == 2
     assert "holds one frame, not 5" in capsys.readouterr().err
@@ -273,6 +346,28 @@ def test_sample_with_the_corpus_text_encoder(tmp_path: Path) -> None:
     path = sample_to_file(ckpt, None, "a kite", 5, 32, 16, 2, 4.0, str(tmp_path / "k.mp4"))
     with av.open(path) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
+    # in a batch, each clip gets its own prompt's embeddings: as it would alone. Two
+    # steps leave the zero-initialised caption path at zero; random weights let the
+    # prompt change the picture.
+    state = torch.load(ckpt, weights_only=False)
+    g = torch.Generator().manual_seed(0)
+    for weights in (state["model"], state["ema"]):
+        for name, w in weights.items():
+            if w.is_floating_point():
+                weights[name] = w + 0.2 * torch.randn(w.shape, generator=g)
+    torch.save(state, ckpt)
+    runs = [("a kite", 0), ("rain on a lake at dusk", 0), ("rain on a lake at dusk", 1)]
+    batch = [Sample(p, seed, str(tmp_path / f"b{i}.png")) for i, (p, seed) in enumerate(runs)]
+    made: list[Sample] = []
+    paths = sample_to_files(ckpt, None, batch, 1, 16, 16, 2, 4.0, batch_size=2, written=made.append)
+    assert paths == [b.out for b in batch] and made == batch
+    images = [np.asarray(Image.open(b.out), dtype=int) for b in batch]
+    for i, (prompt, seed) in enumerate(runs):
+        one = sample_to_file(
+            ckpt, None, prompt, 1, 16, 16, 2, 4.0, str(tmp_path / "1.png"), seed=seed
+        )
+        assert np.abs(np.asarray(Image.open(one), dtype=int) - images[i]).max() <= 1
+    assert np.abs(images[0] - images[1]).max() > 1  # the prompt matters
 
 
 def test_sample_runs_on_the_gpu_when_there_is_one(

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_prompts", "register", "run", "tiny_lm_dir"]
+__all__ = ["register", "run", "tiny_lm_dir"]
 
 
 def tiny_lm_dir() -> str:
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from model.device import resolve_device
     from pipeline.models import model_problem
     from pipeline.upsample import UpsampleConfig, UpsampleError, Upsampler, check_prompts
+    from reelpack.commands import read_prompts
 
     model = args.model
     if args.preset == "tiny" and model is None:
@@ -76,30 +77,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     return 0
-
-
-def read_prompts(args: list[str]) -> list[str]:
-    """The prompts of the command line: each argument, or the lines of ``@FILE`` (``@-``:
-    standard input), blank lines and ``#`` comments skipped."""
-    prompts: list[str] = []
-    for arg in args:
-        if not arg.startswith("@") or arg == "@":
-            prompts.append(arg)
-            continue
-        name = arg[1:]
-        try:
-            data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"prompt file {name}: not UTF-8 text ({e.reason})") from None
-        except OSError as e:
-            raise OSError(f"prompt file {name}: {e.strerror or e}") from None
-        lines = (line.strip() for line in text.splitlines())
-        found = [line for line in lines if line and not line.startswith("#")]
-        if not found:
-            raise ValueError(f"prompt file {name} holds no prompt")
-        prompts += found
-    return prompts
 
 
 def register(sub: Any) -> None:
