@@ -54,8 +54,7 @@ from pipeline.writer import (
     SAMPLE_KEY_RE,
     _counts,
     not_a_folder,
-    read_index,
-    read_sources,
+    read_committed,
 )
 
 __all__ = ["ALLOWED_SUFFIXES", "InspectReport", "inspect_corpus"]
@@ -410,8 +409,10 @@ def inspect_corpus(root: str, verify: bool = False) -> InspectReport:
     if not committed:
         problems.append("no committed parts: not a corpus (or an empty one)")
     try:
-        index, sources = read_index(root, columns=_CHECKED_COLUMNS), read_sources(root)
-        history = read_index(root, include_superseded=True, columns=("shard", "key"))
+        index, sources, history = read_committed(
+            root, _CHECKED_COLUMNS, ("shard", "key"), history=True
+        )
+        assert history is not None
     except (OSError, pa.ArrowException) as e:
         problems.append(f"index unreadable: {e}")
         return report

@@ -146,6 +146,9 @@ def _batch(table: pa.Table) -> dict[str, np.ndarray]:
     return out
 
 
+_POINTER_COLUMNS = ("clip_id", "shard", "key")  # what _sample_pointers reads
+
+
 def _sample_pointers(history: pa.Table | None) -> dict[str, tuple[str, str]]:
     """clip_id -> (shard, key) of the latest sample any committed part wrote for it."""
     if history is None:
@@ -277,10 +280,11 @@ def refilter(
     how many clips changed; the sources rewritten; the part written (None on a dry
     run or when nothing changed); and the sources the next build must re-process.
     """
-    from pipeline.writer import CorpusWriter, read_index, sources_needing_work
+    from pipeline.writer import CorpusWriter, read_committed, sources_needing_work
 
-    before = read_index(root)
-    history = read_index(root, include_superseded=True)
+    # the live rows whole (they are rewritten), and of every committed row what leads
+    # to its sample; each index part is read once
+    before, _, history = read_committed(root, None, _POINTER_COLUMNS, history=True)
     after = redecide(before, decide, dedup, history)
     sources = _changed_sources(before, after)
     fields = ("status", "reasons", "dup_of")

@@ -1,10 +1,10 @@
 """A corpus as one self-contained HTML page: distributions, decisions and a gallery.
 
 ``reelpack report ROOT --out report.html`` reads a corpus (local folder or
-``s3://``) through :func:`pipeline.writer.read_index` / :func:`read_sources` and its
-manifest, and writes one HTML file that needs nothing else: plots are inline SVG
-drawn here (no plotting library, no script, no external stylesheet, no network),
-thumbnails are inline base64 PNG.
+``s3://``) through :func:`pipeline.writer.read_committed` (the live index rows, only
+the columns it plots, and the sources) and its manifest, and writes one HTML file
+that needs nothing else: plots are inline SVG drawn here (no plotting library, no
+script, no external stylesheet, no network), thumbnails are inline base64 PNG.
 
 Sections (each a ``<section id=...>``): ``summary`` (counts from the manifest and the
 tables), ``durations`` (clip and source lengths), ``aspect`` (clip aspect ratios),
@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import schemas
 from pipeline.hdr import HDR_TRANSFER_NAMES
 from pipeline.storage import join, storage_for
-from pipeline.writer import read_index, read_sources, require_manifest
+from pipeline.writer import read_committed, require_manifest
 
 __all__ = [
     "GalleryItem",
@@ -565,7 +565,7 @@ def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -
         manifest = require_manifest(root)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{root}: {e}") from None
-    index, sources = read_index(root, columns=_REPORT_COLUMNS), read_sources(root)
+    index, sources, _ = read_committed(root, _REPORT_COLUMNS)
     dists = _distributions(index, sources)
     items, note = load_gallery(root, manifest, index, samples=samples, vae_path=vae_path)
     sections = [

@@ -71,7 +71,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -85,10 +85,12 @@ from pipeline.storage import LocalStorage, S3Storage, Storage, is_s3, join, nami
 __all__ = [
     "KILL_ENV",
     "SAMPLE_KEY_RE",
+    "Committed",
     "CorpusWriter",
     "WriteConfig",
     "corpus_counts",
     "not_a_folder",
+    "read_committed",
     "read_index",
     "read_sources",
     "require_manifest",
@@ -292,26 +294,76 @@ def _concat(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def _read_tables(
-    root: str, include_superseded: bool = False, columns: Sequence[str] | None = None
-) -> tuple[pa.Table, pa.Table]:
-    """(index, sources) of the committed corpus; latest part per source unless told
-    otherwise; the index with only ``columns`` (and ``source``) when given."""
+class Committed(NamedTuple):
+    """What :func:`read_committed` read of a corpus, each part once."""
+
+    index: pa.Table  # the live clip rows (latest part per source), the columns asked for
+    sources: pa.Table  # the live source rows (SOURCE_SCHEMA)
+    history: pa.Table | None  # every committed clip row, superseded ones included
+
+
+def read_committed(
+    root: str,
+    columns: Sequence[str] | None = None,
+    history_columns: Sequence[str] | None = None,
+    *,
+    history: bool = False,
+) -> Committed:
+    """The committed corpus at ``root``, every part read once: its live index rows
+    with ``columns`` (None: all; ``source`` always), its live source rows and, with
+    ``history``, every committed index row with ``history_columns`` (None: all).
+
+    A reader that needs the live rows and the history (``inspect``, ``refilter``)
+    gets both from one read; :func:`read_index` and :func:`read_sources` are the
+    single-table forms.
+    """
+    wanted = columns
+    if history:
+        wanted = (
+            None if columns is None or history_columns is None else [*columns, *history_columns]
+        )
+    return _read_committed(root, wanted, columns, history_columns if history else ())
+
+
+def _read_committed(
+    root: str,
+    read: Sequence[str] | None,
+    live_columns: Sequence[str] | None,
+    history_columns: Sequence[str] | None,
+) -> Committed:
+    """Read index parts with ``read`` columns (``()``: no index part at all when neither
+    table wants one); the live rows get ``live_columns``, the history ``history_columns``
+    (``()``: no history)."""
     st = storage_for(root)
     source_parts = _source_parts(root, st)
     latest = _latest_part(source_parts)
+    live_schema = _index_schema(live_columns)
+    want_live = live_columns is None or len(live_columns) > 0
+    want_history = history_columns is None or len(history_columns) > 0
     index_parts: list[pa.Table] = []
+    all_parts: list[pa.Table] = []
     sources: list[pa.Table] = []
     for n, table in source_parts.items():
-        index = _read_part(st, root, schemas.INDEX_DIR, n, schemas.CLIP_SCHEMA, columns)
-        if not include_superseded:
-            index, table = _live(index, n, latest), _live(table, n, latest)
-        index_parts.append(index)
-        sources.append(table)
-    return (
-        pa.concat_tables(index_parts) if index_parts else _index_schema(columns).empty_table(),
+        sources.append(_live(table, n, latest))
+        if not (want_live or want_history):
+            continue
+        part = _read_part(st, root, schemas.INDEX_DIR, n, schemas.CLIP_SCHEMA, read)
+        if want_live:
+            index_parts.append(_live(part, n, latest).select(live_schema.names))
+        if want_history:
+            all_parts.append(part.select(_index_schema(history_columns).names))
+    return Committed(
+        _concat(index_parts, live_schema),
         _concat(sources, schemas.SOURCE_SCHEMA),
+        _concat(all_parts, _index_schema(history_columns)) if want_history else None,
     )
+
+
+def _read_tables(root: str, columns: Sequence[str] | None = None) -> tuple[pa.Table, pa.Table]:
+    """(index, sources) of the committed corpus, latest part per source; the index with
+    only ``columns`` (and ``source``) when given."""
+    index, sources, _ = _read_committed(root, columns, columns, ())
+    return index, sources
 
 
 def _index_schema(columns: Sequence[str] | None) -> pa.Schema:
@@ -331,12 +383,19 @@ def read_index(
     those (and ``source``), in schema order; a reader that needs no embeddings reads
     none (a million ViT-L/14 embeddings are 3 GB).
     """
-    return _read_tables(root, include_superseded, columns)[0]
+    if include_superseded:
+        everything = _read_committed(root, columns, (), columns).history
+        assert everything is not None
+        return everything
+    return _read_committed(root, columns, columns, ()).index
 
 
 def read_sources(root: str, include_superseded: bool = False) -> pa.Table:
-    """Every source row of the committed corpus (SOURCE_SCHEMA), latest part per source."""
-    return _read_tables(root, include_superseded)[1]
+    """Every source row of the committed corpus (SOURCE_SCHEMA), latest part per source;
+    no index part is read."""
+    if include_superseded:
+        return _concat(_source_parts(root, storage_for(root)).values(), schemas.SOURCE_SCHEMA)
+    return _read_committed(root, (), (), ()).sources
 
 
 def _counts(index: pa.Table, sources: pa.Table) -> dict[str, int]:
@@ -817,7 +876,8 @@ class CorpusWriter:
             raise ValueError("rewrite needs a writer with nothing uncommitted")
         if not rows_by_source:
             return -1
-        index_all = read_index(self.root, include_superseded=True, columns=("shard", "key"))
+        _, live_sources, index_all = read_committed(self.root, (), ("shard", "key"), history=True)
+        assert index_all is not None
         samples = set(
             zip(
                 index_all.column("shard").to_pylist(),
@@ -826,7 +886,7 @@ class CorpusWriter:
             )
         )
         samples.discard((None, None))
-        latest_sources = {r["source"]: r for r in read_sources(self.root).to_pylist()}
+        latest_sources = {r["source"]: r for r in live_sources.to_pylist()}
         index_rows: list[dict[str, Any]] = []
         source_rows: list[dict[str, Any]] = []
         for source, rows in rows_by_source.items():

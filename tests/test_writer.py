@@ -381,6 +381,61 @@ def test_rewrite_rows_latest_part_wins(root: str) -> None:
     assert corpus_counts(root)["clips_kept"] == 4
 
 
+def test_readers_read_each_index_part_once_and_only_the_columns_they_need(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sources alone read no index part; inspect and refilter, which need the live rows
+    and the history, read each part once; nobody but refilter reads the embeddings."""
+    import pipeline.writer
+    from pipeline.refilter import refilter
+    from pipeline.stages.decide import DecideConfig
+
+    root = str(tmp_path / "corpus")
+    _small_corpus(root)
+    before = {r["clip_id"]: r for r in read_index(root).to_pylist()}
+    rewrite_sources_rows(root, {"/v/a.mp4": [before["_v_a_mp4-0"], before["_v_a_mp4-1"]]})
+    parts = sorted(p.name for p in (tmp_path / "corpus" / schemas.INDEX_DIR).glob("*.parquet"))
+    assert len(parts) == 3
+    reads: list[tuple[str, int, frozenset[str] | None]] = []
+    real = pipeline.writer._read_part
+
+    def counted(st, root, directory, n, schema, columns=None):  # type: ignore[no-untyped-def]
+        reads.append((directory, n, None if columns is None else frozenset(columns)))
+        return real(st, root, directory, n, schema, columns)
+
+    monkeypatch.setattr(pipeline.writer, "_read_part", counted)
+
+    def index_reads() -> list[tuple[int, frozenset[str] | None]]:
+        out = [(n, cols) for d, n, cols in reads if d == schemas.INDEX_DIR]
+        reads.clear()
+        return out
+
+    assert len(read_sources(root)) == 3 and index_reads() == []
+    report = inspect_corpus(root)  # (its rows' token counts do not fit the patch)
+    assert report.stats["parts"] == 3 and report.stats["superseded_rows"] == 2
+    checked = index_reads()
+    assert sorted(n for n, _ in checked) == [0, 1, 2]
+    assert all(cols is not None and "clip_embedding" not in cols for _, cols in checked)
+    from pipeline.writer import read_committed
+
+    live, sources, history = read_committed(root, ["status"], ["shard", "key"], history=True)
+    assert sorted(n for n, _ in index_reads()) == [0, 1, 2]
+    assert live.column_names == ["source", "status"] and live.num_rows == 5
+    assert history is not None and history.column_names == ["source", "shard", "key"]
+    assert history.num_rows == 7 and sources.num_rows == 3
+    assert read_index(root, include_superseded=True).num_rows == 7
+    whole, committed = read_index(root), read_committed(root).index
+    assert whole.schema == committed.schema == schemas.CLIP_SCHEMA
+    assert whole.drop_columns(schemas.score_column("aesthetic")).equals(  # NaN != NaN
+        committed.drop_columns(schemas.score_column("aesthetic"))
+    )
+    index_reads()
+    summary = refilter(root, DecideConfig(), dry_run=True)
+    assert summary["clips"] == 5
+    # the live rows whole, once; the rewrite and the work check read only what they need
+    assert sorted(n for n, _ in index_reads()) == [0, 1, 2]
+
+
 def test_a_part_written_before_a_column_existed_reads_it_as_nulls(tmp_path) -> None:
     """Whole or a few columns at a time: a column an older part lacks comes back null."""
     import pyarrow.parquet as pq

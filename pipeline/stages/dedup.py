@@ -108,6 +108,10 @@ def _as_vector(value: Any) -> np.ndarray | None:
     return vec / norm
 
 
+# the index columns a dedup index is seeded from
+SEED_COLUMNS = ("clip_id", "status", "dup_of", "frame_hash", "clip_embedding")
+
+
 class DedupIndex:
     """Incremental duplicate finder over representatives (see the module docstring)."""
 
@@ -271,13 +275,13 @@ class DedupIndex:
         return None if self.ids[rep] == clip_id else self.ids[rep]
 
     def add_table(self, table: pa.Table) -> int:
-        """Seed from index rows (``clip_id``, ``status``, ``dup_of``, ``frame_hash``,
-        ``clip_embedding``): every kept, non-duplicate row becomes a representative.
-        Returns how many rows were added; read large indexes part by part."""
+        """Seed from index rows (:data:`SEED_COLUMNS`): every kept, non-duplicate row
+        becomes a representative. Returns how many rows were added; read large indexes
+        part by part."""
         names = set(table.column_names)
         col = {
             c: table.column(c).to_pylist() if c in names else [None] * table.num_rows
-            for c in ("clip_id", "status", "dup_of", "frame_hash", "clip_embedding")
+            for c in SEED_COLUMNS
         }
         keep = [
             i
@@ -307,7 +311,7 @@ def seed_from_corpus(index: DedupIndex, root: str) -> int:
     there is no corpus yet. Returns how many representatives were added."""
     from pipeline.writer import read_index  # storage I/O only here, at actor start
 
-    return index.add_table(read_index(root))
+    return index.add_table(read_index(root, columns=SEED_COLUMNS))
 
 
 class Dedup:
