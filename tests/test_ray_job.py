@@ -254,3 +254,22 @@ def test_build_corpus_job(cluster: LocalCluster, tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["clips"] == len(index)
     assert (tmp_path / "models" / "tiny").is_dir(), "the job did not use REELPACK_CACHE"
+
+    # the report job, on the same cluster, writes its page where it is told
+    report = tmp_path / "reports" / "v1.html"
+    submit = _ray_cli(
+        "job", "submit",
+        "--address", cluster.dashboard,
+        "--submission-id", f"{job_id}-report",
+        "--working-dir", str(work),
+        "--runtime-env-json", json.dumps(runtime_env),
+        "--no-wait",
+        "--",
+        "python", "jobs/report.py", str(out), "--out", str(report), "--samples", "2",
+        timeout=180,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+    logs = _wait_job(cluster.dashboard, f"{job_id}-report")
+    assert str(report) in logs
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>") and f"<td>clips</td><td>{len(index)}</td>" in page
