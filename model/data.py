@@ -373,6 +373,7 @@ class PackStats:
     samples_packed: int = 0
     samples_skipped: int = 0  # larger than the token budget on their own (after the policy)
     skipped_keys: list[str] = field(default_factory=list)
+    samples_misfit: int = 0  # latent shape not divisible by the patch: never packed
     batches: int = 0
     tokens: int = 0
     samples_cropped: int = 0  # temporally cropped to fit the budget
@@ -416,6 +417,7 @@ class PackStats:
             f"{n} {what}"
             for n, what in (
                 (self.samples_skipped, "skipped as over the token budget"),
+                (self.samples_misfit, "left out as not divisible by the patch"),
                 (self.samples_cropped, "cropped to fit"),
                 (self.samples_downscaled, "downscaled to fit"),
                 (self.samples_dropped, "left over at epoch ends"),

@@ -519,7 +519,8 @@ class EpochPlan:
     bins: list[list[PlannedSample]]  # all packed sequences, in packing order
     per_rank: int  # sequences (= steps) per rank
     rank_order: list[list[int]]  # rank -> indices into `bins`, step order
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # over the budget after the policy
+    misfit: list[str] = field(default_factory=list)  # latent shape not divisible by the patch
     cropped: int = 0
     downscaled: int = 0
     dropped: list[str] = field(default_factory=list)  # samples in leftover sequences
@@ -616,6 +617,9 @@ def plan_epoch(
     plan = EpochPlan(epoch, world_size, [], 0, [])
     for n, i in enumerate(order):
         e = entries[i]
+        if _grid(e.shape, e.shape[1], cfg.patch) is None:
+            plan.misfit.append(e.key)
+            continue
         choice = _apply_policy(e, cfg.token_budget, cfg.patch, cfg.oversize)
         if choice is None:
             plan.skipped.append(e.key)
@@ -987,6 +991,7 @@ class PackedLoader:
             self._counted.add(plan.epoch)
             for key in plan.skipped:
                 self.stats.skip(key)
+            self.stats.samples_misfit += len(plan.misfit)
             self.stats.samples_cropped += plan.cropped
             self.stats.samples_downscaled += plan.downscaled
             self.stats.samples_dropped += len(plan.dropped)

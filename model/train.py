@@ -274,6 +274,12 @@ def _no_batch_reason(plan: Any, cfg: Any) -> str:
     """Why an epoch gave this rank nothing to train on, from the loader's epoch plan
     (``model.loader.EpochPlan``) and its ``PlanConfig``."""
     skipped, bins = len(plan.skipped), plan.bins
+    misfit = len(getattr(plan, "misfit", ()))
+    if not bins and misfit and not skipped:
+        return (
+            f"no batch: the latent shapes of all {misfit} samples are not divisible by the "
+            f"patch {tuple(cfg.patch)}; the corpus was encoded for another patch size"
+        )
     if not bins and skipped:
         fits = (
             "or fit them with --oversize crop (fewer frames)"
@@ -285,10 +291,15 @@ def _no_batch_reason(plan: Any, cfg: Any) -> str:
                 " or --oversize downscale (a smaller resolution the corpus stores: "
                 "encode.extra_pixel_budgets)"
             )
+        others = (
+            f" (the other {misfit} are not divisible by the patch {tuple(cfg.patch)})"
+            if misfit
+            else ""
+        )
         return (
-            f"no batch: all {skipped} samples are larger than the token budget "
-            f"({cfg.token_budget}) and were left out (--oversize {cfg.oversize}); "
-            f"raise --token-budget, {fits}"
+            f"no batch: {'all ' if not misfit else ''}{skipped} samples are larger than the "
+            f"token budget ({cfg.token_budget}) and were left out (--oversize {cfg.oversize})"
+            f"{others}; raise --token-budget, {fits}"
         )
     if not bins:
         return "no batch: the corpus has no kept samples"

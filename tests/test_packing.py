@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -150,6 +151,11 @@ def test_pack_stats_command(
     code = cli.main(["pack-stats", str(tmp_path / "c"), "--budget", "32", "--oversize", "crop"])
     text = capsys.readouterr().out
     assert code == 0 and "samples_cropped" in text and "padding_fraction" in text
+    # a patch the latents do not divide into: counted as such, not as over the budget
+    code = cli.main(["pack-stats", str(tmp_path / "c"), "--budget", "32", "--patch", "1,4,4"])
+    text = capsys.readouterr().out
+    assert code == 0 and re.search(r"samples_not_divisible_by_patch +8\n", text), text
+    assert re.search(r"samples_skipped +0\n", text)
     assert cli.main(["pack-stats", str(tmp_path / "nothing"), "--budget", "8"]) == 2
     capsys.readouterr()
     # settings out of range are named, not clamped or ignored

@@ -446,6 +446,11 @@ def test_samples_over_the_budget_are_cropped_or_named_in_the_error(
     with pytest.raises(ValueError, match=r"all 8 samples are larger than the token budget \(3\)"):
         train(root, str(tmp_path / "none"), TrainConfig(steps=1, token_budget=3))
     assert not (tmp_path / "none").exists()  # nothing written for a run that never began
+    odd = str(make_corpus(tmp_path / "odd", [torch.randn(4, 1, 3, 5), torch.randn(4, 2, 2, 3)]))
+    with pytest.raises(
+        ValueError, match=r"all 2 samples are not divisible by the patch \(1, 2, 2\)"
+    ):
+        train(odd, str(tmp_path / "odd-run"), TrainConfig(steps=1, token_budget=64))
     with pytest.raises(ValueError, match="oversize 'shrink' is not one of"):
         TrainConfig(oversize="shrink").validate()
 

@@ -75,6 +75,7 @@ def pack_stats(
         "sequences": s.batches,
         "samples_packed": s.samples_packed,
         "samples_skipped": s.samples_skipped,
+        "samples_not_divisible_by_patch": s.samples_misfit,
         "samples_cropped": s.samples_cropped,
         "samples_downscaled": s.samples_downscaled,
         "samples_dropped_at_epoch_end": s.samples_dropped,
