@@ -404,6 +404,16 @@ def test_cli_prints_an_unforeseen_failure_as_one_line(
     assert main(["-v", "pack-stats", str(tmp_path), "--budget", "64"]) == 1
     assert "Traceback" in capsys.readouterr().err  # -v adds the traceback
 
+    def unreachable(*_: Any, **__: Any) -> Any:
+        raise OSError("s3://b/c/manifest.json: EndpointConnectionError: connection refused")
+
+    # a storage failure foreseen: its message alone, no exception type
+    monkeypatch.setattr("model.loader.PackedLoader.__init__", unreachable)
+    assert main(["pack-stats", "s3://b/c", "--budget", "64"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "reelpack pack-stats: s3://b/c/manifest.json: EndpointConnectionError: connection refused"
+    )
+
 
 def test_refuses_pickles_and_unindexed_corpora_still_work(tmp_path: Path) -> None:
     root = tmp_path / "c"

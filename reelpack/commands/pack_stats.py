@@ -109,9 +109,12 @@ def run(args: argparse.Namespace) -> int:
             pack_buffer=args.pack_buffer,
             skip_corrupt=args.skip_corrupt,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # not a corpus, a bad setting, a damaged shard
         print(f"reelpack pack-stats: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # storage that does not answer (the error names the object)
+        print(f"reelpack pack-stats: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(out, indent=2))
     else:
