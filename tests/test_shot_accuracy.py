@@ -445,6 +445,12 @@ def test_reelpack_shots_command(
     ]:
         assert cli.main(["shots", path, *flags]) == 2
         assert f"reelpack shots: {words}" in capsys.readouterr().err
+    for where, words in [  # a location no storage reads is a usage error
+        ("gs://videos/a.mp4", "gs:// is not storage reelpack reads or writes"),
+        ("s3:/videos/a.mp4", "a slash is missing; write it as s3://videos/a.mp4"),
+    ]:
+        assert cli.main(["shots", where]) == 2
+        assert f"reelpack shots: {where}: {words}" in capsys.readouterr().err
     assert cli.main(["shots", path + ".missing"]) == 1
     assert f"reelpack shots: {path}.missing: not found" in capsys.readouterr().err
     text = os.path.join(tmp_path, "notes.mp4")

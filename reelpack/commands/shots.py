@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.stages.probe import why_unreadable
     from pipeline.stages.split import DETECTORS, SplitConfig, shots
+    from schemas import UnsupportedLocation, storage_location
 
     if args.detector not in DETECTORS:
         print(
@@ -35,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
         bad.append(f"--threshold must be a number > 0, got {args.threshold}")
     if not (math.isfinite(args.min_scene_s) and args.min_scene_s >= 0):
         bad.append(f"--min-scene-s must be a number >= 0, got {args.min_scene_s}")
+    try:
+        storage_location(args.video)
+    except UnsupportedLocation as exc:  # gs://, s3:/bucket: a usage error, like a bad flag
+        bad.append(str(exc))
     if bad:
         print(f"reelpack shots: {'; '.join(bad)}", file=sys.stderr)
         return 2
