@@ -26,7 +26,7 @@ def summarize_corpus(root: str) -> dict[str, Any]:
     """Counts a person checks after a build: sources, clips by status and reason, tokens."""
     from pipeline.writer import read_index, read_sources
 
-    index = read_index(root).to_pylist()
+    index = read_index(root, columns=("status", "reasons", "shard", "num_tokens")).to_pylist()
     sources = read_sources(root).to_pylist()
     reasons: Counter[str] = Counter()
     for row in index:
