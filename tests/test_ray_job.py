@@ -213,6 +213,27 @@ def _wait_job(address: str, job_id: str) -> str:
     return logs
 
 
+def _run_job(
+    cluster: LocalCluster, job_id: str, work: Path, runtime_env: dict, script: list[str]
+) -> str:
+    """``ray job submit`` of ``python SCRIPT...`` from ``work``; waits for it to succeed and
+    returns its logs."""
+    submit = _ray_cli(
+        "job", "submit",
+        "--address", cluster.dashboard,
+        "--submission-id", job_id,
+        "--working-dir", str(work),
+        "--runtime-env-json", json.dumps(runtime_env),
+        "--no-wait",
+        "--",
+        "python", *script,
+        timeout=180,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+    assert job_id in submit.stdout + submit.stderr
+    return _wait_job(cluster.dashboard, job_id)
+
+
 def test_build_corpus_job(cluster: LocalCluster, tmp_path: Path) -> None:
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -226,21 +247,8 @@ def test_build_corpus_job(cluster: LocalCluster, tmp_path: Path) -> None:
         "env_vars": {"REELPACK_CACHE": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1"}
     }
     job_id = f"reelpack-test-{os.getpid()}-{int(time.time())}"
-    submit = _ray_cli(
-        "job", "submit",
-        "--address", cluster.dashboard,
-        "--submission-id", job_id,
-        "--working-dir", str(work),
-        "--runtime-env-json", json.dumps(runtime_env),
-        "--no-wait",
-        "--",
-        "python", "jobs/build_corpus.py", str(videos), "--out", str(out), "--preset", "tiny",
-        timeout=180,
-    )  # fmt: skip
-    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
-    assert job_id in submit.stdout + submit.stderr
-
-    logs = _wait_job(cluster.dashboard, job_id)
+    build = ["jobs/build_corpus.py", str(videos), "--out", str(out), "--preset", "tiny"]
+    logs = _run_job(cluster, job_id, work, runtime_env, build)
     # the driver ran in the uploaded working dir, against this cluster
     assert "sources" in logs
 
@@ -257,19 +265,8 @@ def test_build_corpus_job(cluster: LocalCluster, tmp_path: Path) -> None:
 
     # the report job, on the same cluster, writes its page where it is told
     report = tmp_path / "reports" / "v1.html"
-    submit = _ray_cli(
-        "job", "submit",
-        "--address", cluster.dashboard,
-        "--submission-id", f"{job_id}-report",
-        "--working-dir", str(work),
-        "--runtime-env-json", json.dumps(runtime_env),
-        "--no-wait",
-        "--",
-        "python", "jobs/report.py", str(out), "--out", str(report), "--samples", "2",
-        timeout=180,
-    )  # fmt: skip
-    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
-    logs = _wait_job(cluster.dashboard, f"{job_id}-report")
+    report_job = ["jobs/report.py", str(out), "--out", str(report), "--samples", "2"]
+    logs = _run_job(cluster, f"{job_id}-report", work, runtime_env, report_job)
     assert str(report) in logs
     page = report.read_text()
     assert page.startswith("<!DOCTYPE html>") and f"<td>clips</td><td>{len(index)}</td>" in page
