@@ -29,6 +29,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -592,6 +593,23 @@ def write_report(root: str, out: str, *, samples: int = 6, vae_path: str | None 
     from pipeline.storage import storage_for
 
     storage = storage_for(out)  # another scheme raises before the report is rendered
+    _check_request(out, vae_path)
     page = render_report(root, samples=samples, vae_path=vae_path)
     storage.write(out, page.encode("utf-8"))
     return out
+
+
+def _check_request(out: str, vae_path: str | None) -> None:
+    """ValueError, before any work, for a local ``out`` that cannot be written (a folder,
+    or under a file) and a ``vae_path`` that is no folder."""
+    from pipeline.storage import is_s3
+
+    if not is_s3(out):
+        local = Path(schemas.storage_location(out))
+        if local.is_dir():
+            raise ValueError(f"{out} is a folder; name the HTML file to write")
+        blocker = next((p for p in local.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise ValueError(f"cannot write {out}: {blocker} is a file, not a folder")
+    if vae_path is not None and not Path(vae_path).is_dir():
+        raise ValueError(f"--vae {vae_path}: no such folder (the folder of the corpus VAE)")

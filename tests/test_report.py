@@ -193,8 +193,15 @@ def test_cli(
     folder.mkdir()
     assert main(["report", corpus, "--out", str(folder)]) == 2
     err = capsys.readouterr().err
-    assert f"Is a directory: '{folder}'" in err and ".tmp-" not in err
+    assert f"reelpack report: {folder} is a folder; name the HTML file to write" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pages", "r.html"]
+    # --out under a file, a --vae that is no folder: named before any work
+    assert main(["report", corpus, "--out", str(out / "x.html")]) == 2
+    assert f"cannot write {out / 'x.html'}: {out} is a file, not a folder" in (
+        capsys.readouterr().err
+    )
+    assert main(["report", corpus, "--out", str(out), "--vae", str(tmp_path / "none")]) == 2
+    assert f"--vae {tmp_path / 'none'}: no such folder" in capsys.readouterr().err
     assert main(["report", corpus, "--out", str(out), "--samples", "-1"]) == 2
     assert "sample count must be >= 0, got -1" in capsys.readouterr().err
 
