@@ -317,52 +317,50 @@ def read_committed(
     gets both from one read; :func:`read_index` and :func:`read_sources` are the
     single-table forms.
     """
-    wanted = columns
-    if history:
-        wanted = (
-            None if columns is None or history_columns is None else [*columns, *history_columns]
-        )
-    return _read_committed(root, wanted, columns, history_columns if history else ())
+    return _read_committed(root, columns, history_columns, live=True, history=history)
 
 
 def _read_committed(
     root: str,
-    read: Sequence[str] | None,
     live_columns: Sequence[str] | None,
     history_columns: Sequence[str] | None,
+    *,
+    live: bool,
+    history: bool,
 ) -> Committed:
-    """Read index parts with ``read`` columns (``()``: no index part at all when neither
-    table wants one); the live rows get ``live_columns``, the history ``history_columns``
-    (``()``: no history)."""
+    """:func:`read_committed`, with the live index rows (``live``) and the history
+    (``history``) each asked for or not: no index part is read when neither is."""
+    read: list[str] | None = []  # the union of the columns the tables asked for
+    for wanted, cols in ((live, live_columns), (history, history_columns)):
+        if wanted:
+            read = None if cols is None or read is None else [*read, *cols]
     st = storage_for(root)
     source_parts = _source_parts(root, st)
     latest = _latest_part(source_parts)
-    live_schema = _index_schema(live_columns)
-    want_live = live_columns is None or len(live_columns) > 0
-    want_history = history_columns is None or len(history_columns) > 0
+    live_schema, history_schema = _index_schema(live_columns), _index_schema(history_columns)
     index_parts: list[pa.Table] = []
     all_parts: list[pa.Table] = []
     sources: list[pa.Table] = []
     for n, table in source_parts.items():
         sources.append(_live(table, n, latest))
-        if not (want_live or want_history):
+        if not (live or history):
             continue
         part = _read_part(st, root, schemas.INDEX_DIR, n, schemas.CLIP_SCHEMA, read)
-        if want_live:
+        if live:
             index_parts.append(_live(part, n, latest).select(live_schema.names))
-        if want_history:
-            all_parts.append(part.select(_index_schema(history_columns).names))
+        if history:
+            all_parts.append(part.select(history_schema.names))
     return Committed(
         _concat(index_parts, live_schema),
         _concat(sources, schemas.SOURCE_SCHEMA),
-        _concat(all_parts, _index_schema(history_columns)) if want_history else None,
+        _concat(all_parts, history_schema) if history else None,
     )
 
 
 def _read_tables(root: str, columns: Sequence[str] | None = None) -> tuple[pa.Table, pa.Table]:
     """(index, sources) of the committed corpus, latest part per source; the index with
     only ``columns`` (and ``source``) when given."""
-    index, sources, _ = _read_committed(root, columns, columns, ())
+    index, sources, _ = read_committed(root, columns)
     return index, sources
 
 
@@ -384,10 +382,10 @@ def read_index(
     none (a million ViT-L/14 embeddings are 3 GB).
     """
     if include_superseded:
-        everything = _read_committed(root, columns, (), columns).history
+        everything = _read_committed(root, None, columns, live=False, history=True).history
         assert everything is not None
         return everything
-    return _read_committed(root, columns, columns, ()).index
+    return read_committed(root, columns).index
 
 
 def read_sources(root: str, include_superseded: bool = False) -> pa.Table:
@@ -395,7 +393,7 @@ def read_sources(root: str, include_superseded: bool = False) -> pa.Table:
     no index part is read."""
     if include_superseded:
         return _concat(_source_parts(root, storage_for(root)).values(), schemas.SOURCE_SCHEMA)
-    return _read_committed(root, (), (), ()).sources
+    return _read_committed(root, None, None, live=False, history=False).sources
 
 
 def _counts(index: pa.Table, sources: pa.Table) -> dict[str, int]:
@@ -876,7 +874,9 @@ class CorpusWriter:
             raise ValueError("rewrite needs a writer with nothing uncommitted")
         if not rows_by_source:
             return -1
-        _, live_sources, index_all = read_committed(self.root, (), ("shard", "key"), history=True)
+        _, live_sources, index_all = _read_committed(
+            self.root, None, ("shard", "key"), live=False, history=True
+        )
         assert index_all is not None
         samples = set(
             zip(

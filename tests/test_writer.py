@@ -424,6 +424,8 @@ def test_readers_read_each_index_part_once_and_only_the_columns_they_need(
     assert history is not None and history.column_names == ["source", "shard", "key"]
     assert history.num_rows == 7 and sources.num_rows == 3
     assert read_index(root, include_superseded=True).num_rows == 7
+    bare = read_index(root, columns=())  # no column asked for: the rows, by source
+    assert bare.column_names == ["source"] and bare.num_rows == 5
     whole, committed = read_index(root), read_committed(root).index
     assert whole.schema == committed.schema == schemas.CLIP_SCHEMA
     assert whole.drop_columns(schemas.score_column("aesthetic")).equals(  # NaN != NaN
