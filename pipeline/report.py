@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 import schemas
 from pipeline.hdr import HDR_TRANSFER_NAMES
-from pipeline.storage import join, storage_for
+from pipeline.storage import is_s3, join, storage_for
 from pipeline.writer import read_committed, require_manifest
 
 __all__ = [
@@ -590,8 +590,6 @@ def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -
 def write_report(root: str, out: str, *, samples: int = 6, vae_path: str | None = None) -> str:
     """Render the report of ``root`` and write it to ``out`` (a local path, ``file://`` or
     ``s3://``: beside an S3 corpus, say); returns ``out``."""
-    from pipeline.storage import storage_for
-
     storage = storage_for(out)  # another scheme raises before the report is rendered
     _check_request(out, vae_path)
     page = render_report(root, samples=samples, vae_path=vae_path)
@@ -602,8 +600,6 @@ def write_report(root: str, out: str, *, samples: int = 6, vae_path: str | None 
 def _check_request(out: str, vae_path: str | None) -> None:
     """ValueError, before any work, for a local ``out`` that cannot be written (a folder,
     or under a file) and a ``vae_path`` that is no folder."""
-    from pipeline.storage import is_s3
-
     if not is_s3(out):
         local = Path(schemas.storage_location(out))
         if local.is_dir():
