@@ -120,6 +120,11 @@ class RayConfig:
     # (stitched back exactly; see pipeline.stitching); 0 turns range splitting off
     straggler_range_frames: int = 18_000
     progress_interval_s: float = 5.0  # seconds between progress lines; 0 turns them off
+    # consecutive model stages whose actors get no GPU (caption, agreement, encode and
+    # text_encode on a CPU-only cluster) run as one actor pool, all their models in each
+    # actor: one process start and one torch import instead of one per stage
+    # (pipeline.graph.fuse_steps); stages with GPUs always keep their own pools
+    fuse_cpu_models: bool = True
     # fail fast when the minimum actor pools cannot be placed on the current nodes; turn
     # off on clusters that add nodes on demand (an autoscaling KubeRay cluster)
     check_resources: bool = True

@@ -25,7 +25,8 @@ bytes (probe, ranges, split) note each attempt in the build's :class:`BuildState
 actor (:class:`InFlight`): a source that :data:`WORKER_DEATHS` workers died on stops
 the stream, and the driver streams the rest again with that source an error row
 (:func:`_build_passes`). Resources per stage come from ``BuildConfig.ray``
-(:class:`pipeline.config.StageResources`).
+(:class:`pipeline.config.StageResources`); consecutive model stages without GPUs
+share one actor pool (:func:`fuse_steps`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from pipeline.stages.base import (
     Batch,
     Meter,
     batch_to_rows,
+    fused_stages,
     metered,
     rows_to_batch,
     stage_actor,
@@ -96,12 +98,15 @@ from pipeline.writer import CorpusWriter, read_manifest
 __all__ = [
     "BuildNotStarted",
     "PlacementError",
+    "Pool",
     "Step",
+    "actor_pools",
     "build",
     "build_dataset",
     "build_steps",
     "check_resources",
     "cluster_nodes",
+    "fuse_steps",
     "gpu_shares",
     "init_ray",
     "run_in_process",
@@ -395,15 +400,6 @@ def _began(in_flight: Any, keys: list[tuple[str, str, int]]) -> int:
         return 0
 
 
-def _actor_args(res: StageResources, gpus: float) -> dict[str, Any]:
-    return {
-        "batch_size": res.batch_size,
-        "num_cpus": res.num_cpus,
-        "num_gpus": gpus,
-        "compute": ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-    }
-
-
 def _enabled_actor_stages(cfg: BuildConfig) -> list[str]:
     enabled = {
         "aesthetic": bool(cfg.aesthetic.head or (cfg.dedup.enabled and cfg.aesthetic.embeddings)),
@@ -434,12 +430,9 @@ def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
     """
     if not cfg.ray.check_resources:
         return
-    shares = gpu_shares(cfg, sum(n.get("GPU", 0.0) for n in nodes))
     demands: list[tuple[str, float, float]] = []
-    for stage, gpus in shares.items():
-        res: StageResources = getattr(cfg.ray, stage)
-        count = 1 if stage == "dedup" else res.min_actors
-        demands += [(stage, res.num_cpus, gpus)] * count
+    for pool in actor_pools(cfg, sum(n.get("GPU", 0.0) for n in nodes)):
+        demands += [(pool.label, pool.num_cpus, pool.num_gpus)] * pool.min_actors
     demands.sort(key=lambda d: (d[2], d[1]), reverse=True)
     task_cpus = max(getattr(cfg.ray, s).num_cpus for s in ("probe", "split", "score", "decide"))
     demands.append(("a CPU task (probe/split/score/decide)", task_cpus, 0.0))
@@ -574,6 +567,83 @@ def stage_labels(steps: list[Step]) -> list[str]:
     return labels
 
 
+def fuse_steps(cfg: BuildConfig, steps: list[Step], cluster_gpus: float) -> list[list[Step]]:
+    """The steps as Ray Data operators, each a list of steps.
+
+    With ``ray.fuse_cpu_models`` (the default), each run of two or more consecutive
+    model stages whose actors get no GPU (:func:`gpu_shares`), with the stateless steps
+    between them, is one operator: one actor pool whose actors hold all the run's
+    models (:func:`pipeline.stages.base.fused_stages`). On two CPUs, six model actors
+    starting at once (a process, Ray, torch and a model library each) cost more than a
+    small build's own work. Dedup's single actor ends a run; every other step is an
+    operator of its own.
+    """
+    shares = gpu_shares(cfg, cluster_gpus)
+    ops: list[list[Step]] = []
+    run: list[Step] = []
+
+    def end_run() -> None:
+        tail: list[Step] = []
+        while run and run[-1].kind != "actors":
+            tail.insert(0, run.pop())
+        if sum(step.kind == "actors" for step in run) > 1:
+            ops.append(list(run))
+        else:
+            ops.extend([step] for step in run)
+        ops.extend([step] for step in tail)
+        run.clear()
+
+    for step in steps:
+        cpu_model = step.kind == "actors" and shares.get(step.name, 0.0) == 0
+        between = bool(run) and step.kind == "task" and not hasattr(step.fn, "stream")
+        if cfg.ray.fuse_cpu_models and (cpu_model or between):
+            run.append(step)
+        else:
+            end_run()
+            ops.append([step])
+    end_run()
+    return ops
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The actor pool of one operator of model stages (one stage, or a fused run)."""
+
+    label: str  # the stages' labels joined by "+"
+    num_cpus: float  # the most of any of its model stages (they run one after another)
+    num_gpus: float
+    min_actors: int
+    max_actors: int
+    batch_size: int | None  # the largest of its stages'; each sees slices of its own
+
+
+def actor_pools(
+    cfg: BuildConfig, cluster_gpus: float, steps: list[Step] | None = None
+) -> list[Pool]:
+    """Every actor pool the build starts, dedup's single actor included, in graph order
+    (of ``steps``, by default :func:`build_steps`)."""
+    steps = steps if steps is not None else build_steps(cfg)
+    labels = dict(zip(map(id, steps), stage_labels(steps), strict=True))
+    shares = gpu_shares(cfg, cluster_gpus)
+    pools = []
+    for op in fuse_steps(cfg, steps, cluster_gpus):
+        models = [step for step in op if step.kind in ("actors", "single")]
+        if not models:
+            continue
+        single = op[0].kind == "single"
+        pools.append(
+            Pool(
+                label="+".join(labels[id(step)] for step in op),
+                num_cpus=max(step.res.num_cpus for step in models),
+                num_gpus=sum(shares.get(step.name, 0.0) for step in models),
+                min_actors=1 if single else max(step.res.min_actors for step in models),
+                max_actors=1 if single else max(step.res.max_actors for step in models),
+                batch_size=max(step.res.batch_size or 0 for step in models) or None,
+            )
+        )
+    return pools
+
+
 def build_dataset(
     sources: list[str],
     cfg: BuildConfig,
@@ -596,33 +666,42 @@ def build_dataset(
         [{"source": s} for s in sources], override_num_blocks=max(1, len(sources))
     )
     steps = build_steps(cfg, out)
-    shares = gpu_shares(cfg, cluster_gpus)
-    for step, label in zip(steps, stage_labels(steps), strict=True):
-        res = step.res
-        args = (*step.args, failed or {}) if step.name == "probe" else step.args
+    labels = dict(zip(map(id, steps), stage_labels(steps), strict=True))
+    pools = iter(actor_pools(cfg, cluster_gpus, steps))
+    for op in fuse_steps(cfg, steps, cluster_gpus):
+        step = op[0]
         if step.kind in ("task", "function"):
+            args = (*step.args, failed or {}) if step.name == "probe" else step.args
             if step.kind == "task":
-                fn = stage_task(step.fn, *args, name=label, meter=meter)
+                fn = stage_task(step.fn, *args, name=labels[id(step)], meter=meter)
             else:
-                fn = metered(step.fn, label, meter)
+                fn = metered(step.fn, labels[id(step)], meter)
             if in_flight is not None and step.name in _READS_SOURCES:
                 fn = _guarded(fn, step.name, in_flight)
-            ds = ds.map_batches(fn, **_task_args(res))
-        elif step.kind == "single":  # no GPU: the index is plain Python
-            ds = ds.map_batches(
-                stage_actor(step.fn, label, meter),
-                fn_constructor_args=step.args,
-                batch_size=res.batch_size,
-                num_cpus=res.num_cpus,
-                compute=ray.data.ActorPoolStrategy(size=1),
-            )
+            ds = ds.map_batches(fn, **_task_args(step.res))
+            continue
+        pool = next(pools)
+        if len(op) > 1:
+            members = [
+                (labels[id(m)], m.fn, m.args, m.kind == "actors", m.res.batch_size) for m in op
+            ]
+            actor, args = fused_stages(members, meter), ()
         else:
-            actor = stage_actor(step.fn, label, meter)
+            actor, args = stage_actor(step.fn, pool.label, meter), step.args
+        if step.kind == "single":  # no GPU: the index is plain Python
+            compute = ray.data.ActorPoolStrategy(size=1)
+        else:
             if in_flight is not None:
-                actor = guarded_actor(actor, label, in_flight)
-            ds = ds.map_batches(
-                actor, fn_constructor_args=step.args, **_actor_args(res, shares[step.name])
-            )
+                actor = guarded_actor(actor, pool.label, in_flight)
+            compute = ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)
+        ds = ds.map_batches(
+            actor,
+            fn_constructor_args=args,
+            batch_size=pool.batch_size,
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            compute=compute,
+        )
     if cfg.write.clip_files:  # the writer stores kept clips' payloads as files
         return ds.map_batches(_kept_payloads_only, batch_size=None, num_cpus=0.1)
     # the payloads stay on the workers; the driver receives index rows and latents

@@ -174,23 +174,25 @@ def test_a_clip_that_keeps_killing_a_model_worker_leaves_only_its_source_out(
     tmp_path, tmp_path_factory, monkeypatch
 ) -> None:
     """A clip that kills a model stage's worker (a crash in the model, the OOM killer)
-    each time Ray Data retries its batch (the aesthetic scorer's: 16 clips, those of all
-    three sources): the batch is retried one clip at a time to find that clip, and after
-    WORKER_DEATHS deaths on it its source is an error row; the sources batched with it
-    are built."""
-    from pipeline.graph import ACTOR_CRASH_ENV, WORKER_DEATHS
+    each time Ray Data retries its batch (the VAE's, in the actor pool the model stages
+    after dedup share on CPUs: 16 clips, those of all three sources): the batch is
+    retried one clip at a time to find that clip, and after WORKER_DEATHS deaths on it
+    its source is an error row; the sources batched with it are built."""
+    from pipeline.graph import ACTOR_CRASH_ENV, WORKER_DEATHS, actor_pools
 
     videos, paths = _one_crashing_of_three(tmp_path)
-    monkeypatch.setenv(ACTOR_CRASH_ENV, "aesthetic:crashes")
+    monkeypatch.setenv(ACTOR_CRASH_ENV, "encode:crashes")
     cfg = _local_tiny_config(tmp_path_factory)
-    assert cfg.ray.aesthetic.batch_size >= 6  # the clips of all three sources can meet
+    pool = actor_pools(cfg, 0.0)[-1]
+    assert pool.label == "caption+agreement+decide#2+encode+text_encode"
+    assert pool.batch_size >= 6  # the clips of all three sources can meet
     root = tmp_path / "corpus"
     said: list[str] = []
     try:
         summary = build([str(videos)], str(root), cfg, echo=said.append)
     finally:
         ray.shutdown()
-    reason = f"the worker running aesthetic died {WORKER_DEATHS} times on one of its clips"
+    reason = f"the worker running {pool.label} died {WORKER_DEATHS} times on one of its clips"
     monkeypatch.delenv(ACTOR_CRASH_ENV)
     _check_only_the_crashing_one_left_out(root, paths, cfg, reason, said)
     assert summary["sources_error"] == 1

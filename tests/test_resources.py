@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,13 @@ from pipeline.config import load_config
 from pipeline.graph import (
     WORKER_ENV_DEFAULTS,
     PlacementError,
+    Pool,
+    actor_pools,
+    build_steps,
     check_devices,
     check_resources,
     cluster_nodes,
+    fuse_steps,
     gpu_shares,
     worker_env,
 )
@@ -30,12 +35,60 @@ def test_tiny_preset_fits_a_two_cpu_machine() -> None:
 def test_actors_that_fit_the_totals_but_no_node_are_refused() -> None:
     # 4 encode actors of 2.5 CPUs + a 1-CPU task = 11 <= 12 CPUs in total, but a 4-CPU
     # node holds one such actor: the fourth has nowhere to go.
-    cfg = _cfg(encode={"num_cpus": 2.5, "min_actors": 4, "max_actors": 4})
+    encode = {"num_cpus": 2.5, "min_actors": 4, "max_actors": 4}
+    cfg = _cfg(encode=encode, fuse_cpu_models=False)
     nodes = [{"CPU": 4.0}] * 3
     with pytest.raises(PlacementError, match=r"cannot place encode \(2.5 CPU") as err:
         check_resources(cfg, nodes)
     assert "encode x3" in str(err.value)  # what was placed before it
     check_resources(cfg, [{"CPU": 4.0}] * 4)  # one more node: fits
+    # fused, encode's pool is that of the model stages after dedup: named as such
+    fused = "caption+agreement+decide#2+encode+text_encode"
+    with pytest.raises(PlacementError, match=rf"cannot place {re.escape(fused)} \(2.5 CPU"):
+        check_resources(_cfg(encode=encode), nodes)
+
+
+def test_model_stages_without_gpus_share_one_actor_pool() -> None:
+    """Consecutive model stages whose actors get no GPU (and the steps between them) run
+    as one actor pool of their largest CPU need, minimum and batch size; dedup's single
+    actor stands alone; stages with GPUs keep their own pools."""
+    cfg = _cfg(caption={"num_cpus": 0.25, "min_actors": 2, "max_actors": 3})
+    steps = build_steps(cfg)
+    assert [[s.name for s in op] for op in fuse_steps(cfg, steps, 0.0)][-4:] == [
+        ["aesthetic"],
+        ["decide"],
+        ["dedup"],
+        ["caption", "agreement", "decide", "encode", "text_encode"],
+    ]
+    fused = actor_pools(cfg, 0.0)[-1]
+    assert fused == Pool("caption+agreement+decide#2+encode+text_encode", 0.25, 0.0, 2, 3, 16)
+    assert [p.label for p in actor_pools(cfg, 0.0)] == ["aesthetic", "dedup", fused.label]
+    check_resources(cfg, [{"CPU": 2.0}])
+
+    unfused = _cfg(fuse_cpu_models=False)
+    assert len(actor_pools(unfused, 0.0)) == 6
+    assert all(len(op) == 1 for op in fuse_steps(unfused, build_steps(unfused), 0.0))
+
+    no_dedup = load_config(preset="tiny", model_cache="/nonexistent", dedup={"enabled": False})
+    assert [p.label for p in actor_pools(no_dedup, 0.0)] == [
+        "aesthetic+decide+caption+agreement+decide#2+encode+text_encode"
+    ]
+    # on GPUs (auto shares) every model stage keeps its pool; one on CPUs stays alone
+    gpus = load_config(preset="default", caption={"enabled": True})
+    assert [p.label for p in actor_pools(gpus, 1.0)] == ["aesthetic", "dedup", "caption", "encode"]
+    assert {p.num_gpus for p in actor_pools(gpus, 1.0)} == {0.3333, 0.0}
+    mixed = load_config(
+        preset="default",
+        caption={"enabled": True},
+        agreement={"enabled": True},
+        ray={"caption": {"num_gpus": 0.0}, "agreement": {"num_gpus": 0.0}},
+    )
+    assert [(p.label, p.num_gpus) for p in actor_pools(mixed, 1.0)] == [
+        ("aesthetic", 0.5),
+        ("dedup", 0.0),
+        ("caption+agreement", 0.0),  # the decide after them is a task of its own
+        ("encode", 0.5),
+    ]
 
 
 def test_fractional_gpus_are_packed_per_node() -> None:
@@ -193,7 +246,8 @@ def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(
     )
     corpus = tmp_path / "corpus"
     assert main(["build", str(video), "--out", str(corpus), "--config", str(config)]) == 2
-    assert "cannot place encode (64 CPU" in capsys.readouterr().err
+    fused = "caption+agreement+decide#2+encode+text_encode"  # the model stages' pool
+    assert f"cannot place {fused} (64 CPU" in capsys.readouterr().err
     config.write_text(
         f"preset: tiny\nmodel_cache: {tmp_path / 'models'}\nencode: {{device: cuda}}\n"
         "ray: {num_cpus: 2, progress_interval_s: 0}\n"

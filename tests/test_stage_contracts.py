@@ -109,3 +109,64 @@ def test_blocks_with_list_cells_join_on_ray(fresh_ray) -> None:
         [4, 2, 3, 7],
     ]
     assert rows[0]["clip_embedding"] is None and len(rows[2]["clip_embedding"]) == 2
+
+
+class _Model:
+    """A model stage: built once per actor; adds its name to each row's ``caption``."""
+
+    built = 0
+
+    def __init__(self, name: str, seen: list[tuple[str, int]]) -> None:
+        _Model.built += 1
+        self.name, self.seen = name, seen
+
+    def __call__(self, batch):
+        self.seen.append((self.name, len(batch["source"])))
+        captions = [
+            f"{c or ''}{self.name}" for c in batch.get("caption", [None] * len(batch["source"]))
+        ]
+        return {**batch, "caption": np.array(captions, dtype=object)}
+
+
+class _Task:
+    """A stateless stage: built afresh per batch; marks each row kept."""
+
+    built = 0
+
+    def __init__(self) -> None:
+        _Task.built += 1
+
+    def __call__(self, batch):
+        return {**batch, "status": np.array(["kept"] * len(batch["source"]), dtype=object)}
+
+
+def test_fused_stages_run_each_member_in_its_own_batch_size() -> None:
+    """Stages fused into one actor: rows pass through every member in order, each member
+    sees slices of at most its batch size, a model stage is built once per actor and a
+    stateless one per batch, and each reports to the meter under its own label."""
+    from pipeline.stages.base import fused_stages
+
+    seen: list[tuple[str, int]] = []
+    metered: list[tuple[str, int, int]] = []
+    _Model.built = _Task.built = 0
+    cls = fused_stages(
+        [
+            ("caption", _Model, ("a", seen), True, 4),
+            ("decide#2", _Task, (), False, None),
+            ("encode", _Model, ("b", seen), True, 1),
+        ],
+        meter=lambda name, rows_in, rows_out, busy: metered.append((name, rows_in, rows_out)),
+    )
+    assert cls.__name__ == "_Model+_Task+_Model"
+    actor = cls()
+    assert _Model.built == 2 and _Task.built == 0
+    sources = np.array([f"s{i}" for i in range(6)], dtype=object)
+    out = actor({"source": sources})
+    out2 = actor({"source": sources[:2]})
+    assert _Model.built == 2 and _Task.built == 2  # the models once, the task per batch
+    assert list(out["source"]) == list(sources)
+    assert list(out["caption"]) == ["ab"] * 6 and list(out["status"]) == ["kept"] * 6
+    assert list(out2["caption"]) == ["ab"] * 2
+    assert seen == [("a", 4), ("a", 2)] + [("b", 1)] * 6 + [("a", 2)] + [("b", 1)] * 2
+    assert [m[0] for m in metered[:4]] == ["caption", "caption", "decide#2", "encode"]
+    assert {name for name, _, _ in metered} == {"caption", "decide#2", "encode"}

@@ -23,6 +23,7 @@ __all__ = [
     "Batch",
     "batch_to_rows",
     "clean_batch",
+    "fused_stages",
     "metered",
     "num_rows",
     "rows_to_batch",
@@ -248,3 +249,46 @@ def stage_actor(stage_cls: Any, name: str | None = None, meter: Meter | None = N
         return _timed(lambda b: clean_batch(stage_cls.__call__(self, b)), batch, label, meter)
 
     return type(stage_cls.__name__, (stage_cls,), {"__call__": call})
+
+
+# One member of fused_stages: (label, stage class, constructor args, model stage?, batch size)
+Member = tuple[str, Any, tuple[Any, ...], bool, int | None]
+
+
+def fused_stages(members: Sequence[Member], meter: Meter | None = None) -> type:
+    """Consecutive stages as one actor class: each batch runs through the members in
+    order. A model stage (``True``) is built once per actor, as :func:`stage_actor`
+    builds it; a stateless stage afresh per batch, as :func:`stage_task` runs it. Each
+    member sees slices of at most its own batch size (a VAE that encodes one clip at a
+    time still does, in a pool fed 16 rows a batch), and reports to ``meter`` under its
+    own label, so progress and per-stage counts read as for separate pools."""
+    specs = list(members)
+
+    class Fused:
+        def __init__(self) -> None:
+            self.members: list[tuple[Callable[[Batch], Any], int | None]] = []
+            for label, cls, args, is_model, size in specs:
+                if is_model:
+                    fn: Callable[[Batch], Any] = stage_actor(cls, label, meter)(*args)
+                else:
+                    fn = stage_task(cls, *args, name=label, meter=meter)
+                self.members.append((fn, size))
+
+        def __call__(self, batch: Batch) -> Batch:
+            for fn, size in self.members:
+                batch = _in_slices(fn, batch, size)
+            return batch
+
+    name = "+".join(str(cls.__name__) for _, cls, _, _, _ in specs)
+    return type(name, (Fused,), {"__qualname__": name})
+
+
+def _in_slices(fn: Callable[[Batch], Batch], batch: Batch, size: int | None) -> Batch:
+    """``fn`` over ``batch`` in slices of at most ``size`` rows, joined again."""
+    n = num_rows(batch)
+    if size is None or n <= size:
+        return fn(batch)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, n, size):
+        rows += batch_to_rows(fn({k: v[start : start + size] for k, v in batch.items()}))
+    return clean_batch(rows_to_batch(rows))
