@@ -575,18 +575,25 @@ def fuse_steps(cfg: BuildConfig, steps: list[Step], cluster_gpus: float) -> list
     between them, is one operator: one actor pool whose actors hold all the run's
     models (:func:`pipeline.stages.base.fused_stages`). On two CPUs, six model actors
     starting at once (a process, Ray, torch and a model library each) cost more than a
-    small build's own work. Dedup's single actor ends a run; every other step is an
+    small build's own work. Dedup's single actor ends a run: its one global index does
+    not share the fate of a model that a clip can crash. Every other step is an
     operator of its own.
     """
     shares = gpu_shares(cfg, cluster_gpus)
     ops: list[list[Step]] = []
     run: list[Step] = []
 
+    def joins(step: Step) -> bool:
+        if step.kind == "task":
+            return bool(run) and not hasattr(step.fn, "stream")
+        cpu_model = step.kind == "actors" and shares.get(step.name, 0.0) == 0
+        return cfg.ray.fuse_cpu_models and cpu_model
+
     def end_run() -> None:
         tail: list[Step] = []
-        while run and run[-1].kind != "actors":
+        while run and run[-1].kind == "task":
             tail.insert(0, run.pop())
-        if sum(step.kind == "actors" for step in run) > 1:
+        if len(run) - sum(step.kind == "task" for step in run) > 1:
             ops.append(list(run))
         else:
             ops.extend([step] for step in run)
@@ -594,9 +601,7 @@ def fuse_steps(cfg: BuildConfig, steps: list[Step], cluster_gpus: float) -> list
         run.clear()
 
     for step in steps:
-        cpu_model = step.kind == "actors" and shares.get(step.name, 0.0) == 0
-        between = bool(run) and step.kind == "task" and not hasattr(step.fn, "stream")
-        if cfg.ray.fuse_cpu_models and (cpu_model or between):
+        if joins(step):
             run.append(step)
         else:
             end_run()
@@ -610,11 +615,13 @@ class Pool:
     """The actor pool of one operator of model stages (one stage, or a fused run)."""
 
     label: str  # the stages' labels joined by "+"
-    num_cpus: float  # the most of any of its model stages (they run one after another)
+    # what its model stages' actors would reserve together: an actor's torch runs on as
+    # many threads (Ray sets OMP_NUM_THREADS from it), one model after another
+    num_cpus: float
     num_gpus: float
-    min_actors: int
+    min_actors: int  # the most of any of its stages
     max_actors: int
-    batch_size: int | None  # the largest of its stages'; each sees slices of its own
+    batch_size: int | None  # its first model stage's; each later one sees slices of its own
 
 
 def actor_pools(
@@ -634,11 +641,11 @@ def actor_pools(
         pools.append(
             Pool(
                 label="+".join(labels[id(step)] for step in op),
-                num_cpus=max(step.res.num_cpus for step in models),
+                num_cpus=round(sum(step.res.num_cpus for step in models), 4),
                 num_gpus=sum(shares.get(step.name, 0.0) for step in models),
                 min_actors=1 if single else max(step.res.min_actors for step in models),
                 max_actors=1 if single else max(step.res.max_actors for step in models),
-                batch_size=max(step.res.batch_size or 0 for step in models) or None,
+                batch_size=models[0].res.batch_size,
             )
         )
     return pools

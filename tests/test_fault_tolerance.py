@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,7 @@ def test_a_clip_that_keeps_killing_a_model_worker_leaves_only_its_source_out(
     videos, paths = _one_crashing_of_three(tmp_path)
     monkeypatch.setenv(ACTOR_CRASH_ENV, "encode:crashes")
     cfg = _local_tiny_config(tmp_path_factory)
+    cfg = replace(cfg, ray=replace(cfg.ray, caption=replace(cfg.ray.caption, batch_size=16)))
     pool = actor_pools(cfg, 0.0)[-1]
     assert pool.label == "caption+agreement+decide#2+encode+text_encode"
     assert pool.batch_size >= 6  # the clips of all three sources can meet

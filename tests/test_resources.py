@@ -44,15 +44,16 @@ def test_actors_that_fit_the_totals_but_no_node_are_refused() -> None:
     check_resources(cfg, [{"CPU": 4.0}] * 4)  # one more node: fits
     # fused, encode's pool is that of the model stages after dedup: named as such
     fused = "caption+agreement+decide#2+encode+text_encode"
-    with pytest.raises(PlacementError, match=rf"cannot place {re.escape(fused)} \(2.5 CPU"):
+    with pytest.raises(PlacementError, match=rf"cannot place {re.escape(fused)} \(2.8 CPU"):
         check_resources(_cfg(encode=encode), nodes)
 
 
 def test_model_stages_without_gpus_share_one_actor_pool() -> None:
     """Consecutive model stages whose actors get no GPU (and the steps between them) run
-    as one actor pool of their largest CPU need, minimum and batch size; dedup's single
-    actor stands alone; stages with GPUs keep their own pools."""
-    cfg = _cfg(caption={"num_cpus": 0.25, "min_actors": 2, "max_actors": 3})
+    as one actor pool: the CPUs their actors would reserve together, their largest
+    minimum and maximum, the first one's batch size; dedup's single actor stands alone;
+    stages with GPUs keep their own pools."""
+    cfg = _cfg(caption={"min_actors": 2, "max_actors": 3})
     steps = build_steps(cfg)
     assert [[s.name for s in op] for op in fuse_steps(cfg, steps, 0.0)][-4:] == [
         ["aesthetic"],
@@ -61,7 +62,7 @@ def test_model_stages_without_gpus_share_one_actor_pool() -> None:
         ["caption", "agreement", "decide", "encode", "text_encode"],
     ]
     fused = actor_pools(cfg, 0.0)[-1]
-    assert fused == Pool("caption+agreement+decide#2+encode+text_encode", 0.25, 0.0, 2, 3, 16)
+    assert fused == Pool("caption+agreement+decide#2+encode+text_encode", 0.4, 0.0, 2, 3, 4)
     assert [p.label for p in actor_pools(cfg, 0.0)] == ["aesthetic", "dedup", fused.label]
     check_resources(cfg, [{"CPU": 2.0}])
 
@@ -247,7 +248,7 @@ def test_a_real_ray_build_fails_fast_when_actors_cannot_fit(
     corpus = tmp_path / "corpus"
     assert main(["build", str(video), "--out", str(corpus), "--config", str(config)]) == 2
     fused = "caption+agreement+decide#2+encode+text_encode"  # the model stages' pool
-    assert f"cannot place {fused} (64 CPU" in capsys.readouterr().err
+    assert f"cannot place {fused} (64.3 CPU" in capsys.readouterr().err
     config.write_text(
         f"preset: tiny\nmodel_cache: {tmp_path / 'models'}\nencode: {{device: cuda}}\n"
         "ray: {num_cpus: 2, progress_interval_s: 0}\n"
