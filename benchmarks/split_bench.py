@@ -253,6 +253,7 @@ def main() -> None:
         ("split throughput / CLI", lambda r: r["cli"] / r["split"], ">= 1.5", "{:.2f}"),
         ("split wall / plain decode wall", lambda r: r["split"] / r["decode"], "<= 1.3", "{:.2f}"),
         ("split wall / decode+rgb wall", lambda r: r["split"] / r["decode_rgb"], "", "{:.2f}"),
+        ("shots wall / plain decode wall", lambda r: r["shots"] / r["decode"], "", "{:.2f}"),
     ]
     for name, get, goal, fmt in table:
         cells = " ".join(f"{fmt.format(get(runs[n])):>22s}" for n in names)
