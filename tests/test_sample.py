@@ -337,10 +337,7 @@ def test_sample_with_the_corpus_text_encoder(tmp_path: Path) -> None:
     encoder_dir = build_tiny_text_encoder(str(tmp_path / "t5"))
     entry = TextEncoder.from_pretrained(encoder_dir, device="cpu").describe()
     vae = describe_pretrained(build_tiny_vae(str(tmp_path / "vae")))
-    # fixed latents: the trained model, and how much the prompt below changes its picture,
-    # must not depend on the tests run before this one (on some draws, barely at all)
-    g = torch.Generator().manual_seed(0)
-    latents = [torch.randn(16, 1, 2, 4, generator=g), torch.randn(16, 2, 4, 2, generator=g)]
+    latents = [torch.randn(16, 1, 2, 4), torch.randn(16, 2, 4, 2)]
     root = make_corpus(
         tmp_path / "c", latents, vae=vae, text_dim=int(entry["dim"]), text_encoder=entry
     )
