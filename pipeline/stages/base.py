@@ -260,8 +260,9 @@ def fused_stages(members: Sequence[Member], meter: Meter | None = None) -> type:
     order. A model stage (``True``) is built once per actor, as :func:`stage_actor`
     builds it; a stateless stage afresh per batch, as :func:`stage_task` runs it. Each
     member sees slices of at most its own batch size (a VAE that encodes one clip at a
-    time still does, in a pool fed 16 rows a batch), and reports to ``meter`` under its
-    own label, so progress and per-stage counts read as for separate pools."""
+    time still does, in a pool fed the captioner's batches of four), and reports to
+    ``meter`` under its own label, so progress and per-stage counts read as for
+    separate pools."""
     specs = list(members)
 
     class Fused:
