@@ -572,7 +572,10 @@ def test_flow_measures_motion_in_frame_diagonals_per_second() -> None:
     assert big == pytest.approx(flow, rel=0.2)
     # and per second: twice the frame rate, twice the flow
     assert flow_stats(roundtrip(pan_clip(4)), fps=16.0)[0] == pytest.approx(2 * flow, rel=0.01)
-    assert flow_stats(roundtrip(static_clip()), fps=8.0) == (0.0, 1.0)
+    # a still picture through H.264: on some CPUs x264 leaves a level's difference here
+    # and there between frames (flow ~1e-5, far below still_flow)
+    flow_still, still_still = flow_stats(roundtrip(static_clip()), fps=8.0)
+    assert flow_still < 1e-4 and still_still == 1.0
     assert flow_stats(static_clip()[:1], fps=8.0) == (0.0, 1.0)
 
 
@@ -598,7 +601,7 @@ def test_a_one_frame_clip_has_no_motion_signals_and_is_not_judged_on_them() -> N
     assert all(math.isnan(image[k]) for k in ("motion", "flow", "still_fraction"))
     assert image["sharpness"] > 20 and not math.isnan(image["exposure"])
     still, _ = score_clip(roundtrip(static_clip()), 8.0)  # a video of a still picture
-    assert still["motion"] == 0.0 and still["still_fraction"] == 1.0
+    assert still["motion"] < 1e-4 and still["still_fraction"] == 1.0  # up to codec noise
 
     def row(cid: str, frames: int, values: dict[str, float]) -> dict[str, Any]:
         scores = {score_column(k): v for k, v in values.items()}

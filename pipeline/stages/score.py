@@ -119,7 +119,7 @@ class ScoreConfig:
     flow_width: int = 128  # optical flow on frame pairs downscaled to this width
     flow_pairs: int = 4  # consecutive-frame pairs spread over the clip
     # a pair is still below this flow (frame diagonals per second; ~0.03 px/frame at
-    # 128 px wide and 24 fps); H.264 of a still image gives exactly 0
+    # 128 px wide and 24 fps); H.264 of a still image gives 0 or codec noise (~1e-5)
     still_flow: float = 0.005
     text_width: int = 384  # text needs more pixels than the other signals
     text_frames: int = 3  # frames (of the sampled ones) searched for text
