@@ -25,6 +25,7 @@ publishing (:func:`publish_build`) are shared with ``pipeline.tiny_vlm``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -125,7 +126,7 @@ CAPTION_CORPUS = (
 _SEED = 0
 _INIT_STD = 0.5  # wider than the real 0.02, so a tiny model's output depends on its input
 # Bump when a builder's output changes: folders built by an older version are rebuilt.
-_BUILD_VERSION = 3
+_BUILD_VERSION = 4
 # Decoded pieces a tiny model may emit: ASCII letters, spaces and light punctuation.
 _WORDLIKE = re.compile(r"[A-Za-z ,.'-]*[A-Za-z][A-Za-z ,.'-]*")
 
@@ -217,35 +218,21 @@ def build_chatml_tokenizer(vocab_size: int = 384) -> Any:
 
 
 def build_t5_tokenizer(vocab_size: int = 256, model_max_length: int = 512) -> Any:
-    """A Unigram tokenizer in T5's conventions, trained on :data:`CAPTION_CORPUS`.
+    """A Unigram tokenizer in T5's conventions over :data:`CAPTION_CORPUS`.
 
     ``<pad>``=0, ``</s>``=1, ``<unk>``=2 as in T5/umT5; ``</s>`` is appended to every
-    text, so an encoded caption's length counts its end token like the real ones.
+    text, so an encoded caption's length counts its end token like the real ones. The
+    pieces are fixed, not trained (the ``tokenizers`` Unigram trainer picks different
+    pieces in each process): see :func:`t5_vocab`.
     """
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(models.Unigram(t5_vocab(vocab_size), unk_id=2))
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        unk_token="<unk>",
-        # printable ASCII always has a piece; anything else becomes <unk>, as in T5
-        initial_alphabet=[chr(c) for c in range(33, 127)],
-        show_progress=False,
-    )
-    tok.train_from_iterator(CAPTION_CORPUS, trainer=trainer)
     eos = tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)]
@@ -257,6 +244,28 @@ def build_t5_tokenizer(vocab_size: int = 256, model_max_length: int = 512) -> An
         unk_token="<unk>",
         model_max_length=model_max_length,
     )
+
+
+def t5_vocab(vocab_size: int = 256) -> list[tuple[str, float]]:
+    """:func:`build_t5_tokenizer`'s pieces and log-probability scores, the same everywhere.
+
+    The three special tokens, ``▁`` and every printable ASCII character (anything else is
+    ``<unk>``, as in T5), then the corpus's words as ``▁word`` pieces, most frequent first
+    (ties by spelling), up to ``vocab_size``. A word scores its log frequency and a single
+    character scores below any word, so a known word is one piece and any other is spelled.
+    """
+    words: dict[str, int] = {}
+    for text in CAPTION_CORPUS:
+        for word in re.findall(r"[A-Za-z]+", text):
+            words[word] = words.get(word, 0) + 1
+    total = sum(words.values())
+    char_score = math.log(1 / total) - 4.0
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", char_score)]
+    vocab += [(chr(c), char_score) for c in range(33, 127)]
+    ranked = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
+    room = max(0, vocab_size - len(vocab))
+    vocab += [("\u2581" + w, math.log(n / total)) for w, n in ranked[:room]]
+    return vocab
 
 
 def non_word_token_ids(tokenizer: Any) -> list[int]:
@@ -283,7 +292,7 @@ def build_tiny_text_encoder(out_dir: str, family: str = "umt5") -> str:
     """Build (once) a tiny random-weight T5-family encoder in ``out_dir``; return it.
 
     ``family``: ``"umt5"`` (``UMT5EncoderModel``, as Wan 2.1) or ``"t5"``
-    (``T5EncoderModel``). Deterministic: fixed tokenizer training and torch seed.
+    (``T5EncoderModel``). Deterministic: fixed tokenizer pieces and torch seed.
     """
     if family not in _ENCODER_FAMILIES:
         raise ValueError(f"unknown text encoder family {family!r}; known: {_ENCODER_FAMILIES}")

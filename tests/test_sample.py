@@ -347,14 +347,15 @@ def test_sample_with_the_corpus_text_encoder(tmp_path: Path) -> None:
     with av.open(path) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
     # in a batch, each clip gets its own prompt's embeddings: as it would alone. Two
-    # steps leave the zero-initialised caption path at zero; random weights let the
-    # prompt change the picture.
+    # steps leave the zero-initialised caption path at zero; random weights, larger on
+    # the cross-attention, let the prompt change the picture by several levels.
     state = torch.load(ckpt, weights_only=False)
     g = torch.Generator().manual_seed(0)
     for weights in (state["model"], state["ema"]):
         for name, w in weights.items():
             if w.is_floating_point():
-                weights[name] = w + 0.2 * torch.randn(w.shape, generator=g)
+                scale = 1.0 if "cross_attn" in name else 0.2
+                weights[name] = w + scale * torch.randn(w.shape, generator=g)
     torch.save(state, ckpt)
     runs = [("a kite", 0), ("rain on a lake at dusk", 0), ("rain on a lake at dusk", 1)]
     batch = [Sample(p, seed, str(tmp_path / f"b{i}.png")) for i, (p, seed) in enumerate(runs)]
