@@ -217,7 +217,7 @@ def build_chatml_tokenizer(vocab_size: int = 384) -> Any:
     )
 
 
-def build_t5_tokenizer(vocab_size: int = 256, model_max_length: int = 512) -> Any:
+def build_t5_tokenizer(vocab_size: int = 320, model_max_length: int = 512) -> Any:
     """A Unigram tokenizer in T5's conventions over :data:`CAPTION_CORPUS`.
 
     ``<pad>``=0, ``</s>``=1, ``<unk>``=2 as in T5/umT5; ``</s>`` is appended to every
@@ -246,7 +246,7 @@ def build_t5_tokenizer(vocab_size: int = 256, model_max_length: int = 512) -> An
     )
 
 
-def t5_vocab(vocab_size: int = 256) -> list[tuple[str, float]]:
+def t5_vocab(vocab_size: int = 320) -> list[tuple[str, float]]:
     """:func:`build_t5_tokenizer`'s pieces and log-probability scores, the same everywhere.
 
     The three special tokens, ``▁`` and every printable ASCII character (anything else is

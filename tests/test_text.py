@@ -7,6 +7,8 @@ trip, with a tiny random umT5 loaded through the same loaders as ``google/umt5-x
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,41 @@ def test_tiny_encoder_loads_like_the_real_one(encoder_dir: str, encoder: TextEnc
     ids = tok("a dog")["input_ids"]
     assert ids[-1] == tok.eos_token_id == 1 and tok.pad_token_id == 0  # T5 conventions
     assert encoder.dim == 32 and encoder.dtype == torch.float32
+
+
+def test_tiny_t5_tokenizer_is_the_same_in_every_process(encoder_dir: str) -> None:
+    """Machines that build the tiny encoder get the same token ids for the same words."""
+    from transformers import AutoTokenizer
+
+    code = (
+        "from model.tiny_text import build_t5_tokenizer; "
+        "print(build_t5_tokenizer().backend_tokenizer.to_str())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.strip()
+    saved = Path(encoder_dir, "tokenizer.json").read_text()
+    assert json.loads(other)["model"] == json.loads(saved)["model"]
+    tok = AutoTokenizer.from_pretrained(encoder_dir)
+    pieces = tok.convert_ids_to_tokens(tok("A dog runs across the park")["input_ids"])
+    assert pieces == [
+        "\u2581A",
+        "\u2581dog",
+        "\u2581runs",
+        "\u2581across",
+        "\u2581the",
+        "\u2581park",
+        "</s>",
+    ]
+    assert tok.convert_ids_to_tokens(tok("Zq, é")["input_ids"]) == [
+        "\u2581",
+        "Z",
+        "q",
+        ",",
+        "\u2581",
+        "<unk>",
+        "</s>",
+    ]
 
 
 def test_t5_family_and_idempotent_build(encoder_dir: str, tmp_path: Path) -> None:
