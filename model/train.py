@@ -674,7 +674,7 @@ def _check_out(out: str, resume: bool) -> str:
     """``out`` as a folder path (a ``file://`` URI's path). Checkpoints are written with
     file I/O, to a local or shared filesystem: ``s3://`` (or ``gs://``) would become a
     local folder ``s3:``, so it is refused. A fresh run never overwrites another run's
-    checkpoint (or appends to its metrics)."""
+    checkpoint (or appends to its metrics), and no run writes into a corpus's root."""
     folder = schemas.storage_location(out)
     if is_s3(folder):
         raise ValueError(
@@ -684,6 +684,11 @@ def _check_out(out: str, resume: bool) -> str:
     blocker = next((p for p in (Path(folder), *Path(folder).parents) if p.is_file()), None)
     if blocker is not None:
         raise NotADirectoryError(f"--out {out}: {blocker} is a file; training writes a folder")
+    if (Path(folder) / schemas.MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"--out {out}: the folder holds a corpus ({schemas.MANIFEST_NAME}); "
+            "train into a folder of its own"
+        )
     ckpt_path = Path(folder) / CHECKPOINT_NAME
     if not resume and ckpt_path.is_file():
         raise FileExistsError(

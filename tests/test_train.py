@@ -310,6 +310,11 @@ def test_cli_train_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert f"--out {ckpt}/run: {ckpt} is a file; training writes a folder" in (
         capsys.readouterr().err
     )
+    # the corpus's own root: its files stay the build's
+    before = sorted(p.name for p in root.iterdir())
+    assert main([*args[:3], str(root), *args[4:]]) == 2
+    assert f"--out {root}: the folder holds a corpus (manifest.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir()) == before
 
 
 def test_sigterm_stops_training_after_the_step_with_a_checkpoint(tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         RayUnreachable,
         UnsupportedLocation,
     ) as e:
-        # another run's checkpoint in --out, a root that is no corpus, --out a file, no
-        # Ray cluster at --ray-address, a gs:// root or --out
+        # another run's checkpoint or a corpus in --out, a root that is no corpus, --out a
+        # file, no Ray cluster at --ray-address, a gs:// root or --out
         print(f"reelpack train: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:  # nothing to train on, a damaged shard or checkpoint
