@@ -605,11 +605,14 @@ def resolve_preset(cfg: BuildConfig, user_keys: dict[str, Any] | None = None) ->
     user_split = user_keys.get("split", {}) or {}
     if "work_max_area" not in user_split and resolved.split.work_max_area < largest:
         resolved = replace(resolved, split=replace(resolved.split, work_max_area=largest))
-    # ... and carry the frames the VAE will see: at its frame rate
+    # ... and carry the frames the VAE will see: at its frame rate, but at least two
+    # frames in the shortest clip kept, so score measures motion however sparse that rate
+    # (encode resamples a denser payload to its own rate)
     if "work_fps" not in user_split:
-        resolved = replace(
-            resolved, split=replace(resolved.split, work_fps=resolved.encode.target_fps)
-        )
+        work_fps = resolved.encode.target_fps
+        if work_fps is not None and resolved.split.min_clip_s > 0:
+            work_fps = max(work_fps, 2.0 / resolved.split.min_clip_s)
+        resolved = replace(resolved, split=replace(resolved.split, work_fps=work_fps))
     if resolved.text_encode.enabled and not resolved.caption.enabled:
         raise ValueError(
             "config text_encode.enabled needs caption.enabled (it encodes the captions)"

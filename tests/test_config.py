@@ -171,6 +171,11 @@ def test_payloads_carry_the_frame_rate_the_vae_sees() -> None:
     assert load_config(encode={"target_fps": None}).split.work_fps is None
     assert load_config(split={"work_fps": None}).split.work_fps is None
     assert load_config(split={"work_fps": 30.0}, encode={"target_fps": 8}).split.work_fps == 30.0
+    # a rate sparser than two frames in the shortest clip: payloads keep two, for score
+    assert load_config(encode={"target_fps": 0.5}).split.work_fps == 2.0  # min_clip_s 1
+    sparse = load_config(encode={"target_fps": 0.5}, split={"min_clip_s": 4.0})
+    assert sparse.split.work_fps == 0.5
+    assert load_config(encode={"target_fps": 0.5}, split={"min_clip_s": 0}).split.work_fps == 0.5
 
 
 @pytest.mark.parametrize(

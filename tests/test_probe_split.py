@@ -283,6 +283,29 @@ def test_payload_at_work_fps_holds_the_frames_the_vae_sees(tmp_path: Any) -> Non
     assert len(from_low) > 1
 
 
+def test_a_sparse_vae_rate_leaves_score_two_frames_per_clip(tmp_path: Any) -> None:
+    """``encode.target_fps`` below two frames in the shortest clip: a build's payloads
+    keep two frames, so score measures motion, and encode still takes its own rate."""
+    from pipeline.config import load_config
+    from pipeline.stages.score import score_payload
+
+    n, fps = 36, 24.0  # 1.5 s
+    frames = np.full((n, 48, 96, 3), 40, np.uint8)
+    for i in range(n):
+        frames[i, 16:32, 2 * i : 2 * i + 8] = 230  # a bar moving 2 px a frame
+    path = str(tmp_path / "bar.mp4")
+    with open(path, "wb") as f:
+        f.write(encode_mp4(frames, fps, crf=10))
+    split = {"min_clip_s": 1.0, "max_clip_s": 10.0, "work_max_area": 96 * 48}
+    cfg = load_config(encode={"target_fps": 0.5}, split=split)
+    (row,) = batch_to_rows(Split(cfg.split)(probe_batch(path)))
+    clip, clip_fps = decode_mp4(row["clip_bytes"])
+    assert (len(clip), clip_fps) == (3, pytest.approx(2.0))  # 0, 0.5 and 1.0 s
+    values, _ = score_payload(row["clip_bytes"])
+    assert values["motion"] > 0.01 and values["still_fraction"] == 0  # every pair moves
+    assert plan_clip(len(clip), clip_fps, 96, 48, cfg.encode, 8, 4).frame_indices.tolist() == [0]
+
+
 def test_stream_hands_clips_on_in_chunks(landscape: tuple[str, list[int]]) -> None:
     """Split.stream (what a build runs) gives __call__'s rows in chunks as payloads
     finish; only the last chunk carries the source's totals."""

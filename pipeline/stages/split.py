@@ -175,8 +175,9 @@ class SplitConfig:
     work_max_area: int = 640 * 360
     # frame rate of clip payloads: each clip keeps its frames nearest to this grid, as
     # encode resamples (pipeline.video.resample_indices), never more than the source's;
-    # None keeps every frame. A build sets it to encode.target_fps unless set explicitly:
-    # later stages then decode, and split encodes, only the frames the VAE will see. A
+    # None keeps every frame. A build sets it to encode.target_fps (at least two frames
+    # per min_clip_s, for score's motion) unless set explicitly: later stages then
+    # decode, and split encodes, only the frames the VAE will see. A
     # variable-frame-rate source's frames are taken by their times (resample_times), at
     # this rate or its average one, so its payloads play in real time
     work_fps: float | None = None
