@@ -17,8 +17,10 @@ is decoded), then models every probed source with the build's own rules:
 - **time**: each stage's work (source frames x megapixels, clips, tokens...) times a
   rate from :class:`PlanRates`. CPU stages share ``workers`` CPU slots; model stages
   share ``gpus`` GPUs (or, with none, run on the CPUs ``cpu_per_gpu_s`` times slower).
-  Every model actor first pays ``model_load_s`` to start (imports and weights), a
-  fixed cost that matters for small builds only.
+  Every model actor first pays ``actor_start_s`` (its process, Ray Data, torch) and
+  ``model_load_s`` per model it holds (the model's library and weights): a fixed cost
+  that matters for small builds only. Without GPUs, consecutive model stages share
+  one pool (:func:`pipeline.graph.fuse_steps`), so its actors start once.
   Stages stream, so the build's wall time is estimated as the busiest resource pool:
   ``max(cpu work / workers, gpu work / gpus, driver write time)``.
 
@@ -96,8 +98,10 @@ class PlanRates:
     # Wan 2.1 VAE: 81 frames of 480x832 (32 megapixel-frames) in ~2.5 s on an H100
     encode_gpu_s_per_mpx_frame: float = 0.08
     text_encode_gpu_s_per_clip: float = 0.02  # umt5-xxl encoder on one caption, batched
-    # start one model actor: import torch and its library, load the weights onto the
-    # device; paid by every actor of a pool (its min_actors at the start), once per build
+    # start one model actor (its process, Ray Data and torch imports), then per model
+    # it holds: import the model's library and load its weights onto the device; paid by
+    # every actor of a pool (its min_actors at the start), once per build
+    actor_start_s: float = 10.0
     model_load_s: float = 30.0
     cpu_per_gpu_s: float = 100.0  # CPU-core seconds per GPU second when gpus == 0
     write_bytes_per_s: float = 100e6  # driver -> storage (local disk or S3 multipart)
@@ -115,7 +119,8 @@ RATE_PRESETS: dict[str, PlanRates] = {
         agreement_gpu_s_per_clip=0.002,
         encode_gpu_s_per_mpx_frame=0.5,
         text_encode_gpu_s_per_clip=0.001,
-        model_load_s=6.0,  # mostly imports: torch, Ray Data, open_clip / diffusers / ...
+        actor_start_s=3.0,  # a worker process, Ray Data and torch on 2 busy cores
+        model_load_s=2.0,  # mostly imports: open_clip / diffusers / transformers
         cpu_per_gpu_s=1.0,
     ),
 }
@@ -309,12 +314,13 @@ class Plan:
 
 
 def _stage_work(
-    ests: list[SourceEstimate], cfg: BuildConfig, rates: PlanRates
+    ests: list[SourceEstimate], cfg: BuildConfig, rates: PlanRates, gpus: int
 ) -> list[tuple[str, str, float, str, float]]:
     """``(stage, resource, work, unit, resource seconds)`` summed over sampled sources,
     for the build's own stages (:func:`pipeline.graph.build_steps`, labelled as in its
-    progress lines), then the model actors' start-up. Model stages run on ``"gpu"``."""
-    from pipeline.graph import build_steps, stage_labels
+    progress lines), then the model actors' start-up on a cluster of ``gpus`` GPUs.
+    Model stages run on ``"gpu"``."""
+    from pipeline.graph import build_steps, fuse_steps, stage_labels
 
     ok = [e for e in ests if e.status == "done"]
     clips = sum(e.clips for e in ok)
@@ -343,16 +349,20 @@ def _stage_work(
     }
     steps = build_steps(cfg)
     out: list[tuple[str, str, float, str, float]] = []
-    actors = 0
     for step, label in zip(steps, stage_labels(steps), strict=True):
         if label not in work:  # "ranges": splitting a row into frame ranges costs nothing
             continue
-        model = step.kind == "actors"
-        actors += step.res.min_actors if model else 0
         amount, unit, rate = work[label]
-        out.append((label, "gpu" if model else "cpu", amount, unit, amount * rate))
+        out.append((label, "gpu" if step.kind == "actors" else "cpu", amount, unit, amount * rate))
+    actors, start_s = 0, 0.0
+    for op in fuse_steps(cfg, steps, gpus):  # a pool's actors hold all its models
+        models = [step for step in op if step.kind == "actors"]
+        if models:
+            n = max(step.res.min_actors for step in models)
+            actors += n
+            start_s += n * (rates.actor_start_s + len(models) * rates.model_load_s)
     if actors:
-        out.append(("start-up", "gpu", actors, "model actors", actors * rates.model_load_s))
+        out.append(("start-up", "gpu", actors, "model actors", start_s))
     return out
 
 
@@ -386,7 +396,7 @@ def make_plan(
 
     stages: list[StageEstimate] = []
     pools = {"cpu": 0.0, "gpu": 0.0, "driver": 0.0}
-    for stage, resource, work, unit, res_s in _stage_work(ests, cfg, rates):
+    for stage, resource, work, unit, res_s in _stage_work(ests, cfg, rates, gpus):
         if stage != "start-up":  # a fixed cost, whatever the number of sources
             work, res_s = work * scale, res_s * scale
         if resource == "gpu" and gpus == 0:  # model stages fall back to the CPUs

@@ -294,7 +294,8 @@ def test_plan_names_sources_that_split_treats_specially(
 
 def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> None:
     """One row per stage the build runs (its progress labels), then start-up and write;
-    model stages on the GPUs, and each pool's min_actors paying ``model_load_s``."""
+    model stages on the GPUs, and each pool's min_actors paying ``actor_start_s`` and
+    ``model_load_s`` per model they hold."""
     from dataclasses import replace
 
     from pipeline.graph import build_steps, stage_labels
@@ -303,7 +304,9 @@ def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> No
         tiny_cfg, ray=replace(tiny_cfg.ray, caption=replace(tiny_cfg.ray.caption, min_actors=3))
     )
     steps = build_steps(cfg)
-    plan = make_plan(_sources(videos), cfg, workers=2, gpus=1, rates=PlanRates(model_load_s=10.0))
+    rates = PlanRates(actor_start_s=4.0, model_load_s=10.0)
+    apart = replace(cfg, ray=replace(cfg.ray, fuse_cpu_models=False))  # a pool per stage
+    plan = make_plan(_sources(videos), apart, workers=2, gpus=1, rates=rates)
     labels = [label for label in stage_labels(steps) if label != "ranges"]
     assert [s.stage for s in plan.stages] == [*labels, "start-up", "write"]
     on = {s.stage: s.resource for s in plan.stages}
@@ -314,7 +317,20 @@ def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> No
     } | {"start-up"}
     actors = sum(s.res.min_actors for s in steps if s.kind == "actors")
     start = next(s for s in plan.stages if s.stage == "start-up")
-    assert (start.work, start.resource_s) == (actors, actors * 10.0)
+    assert (start.work, start.resource_s) == (actors, actors * 14.0)
+    # shared pools (the tiny preset's models get no GPU): the stages after dedup are one
+    # pool of caption's 3 actors, which start once and load 4 models each
+    shared = make_plan(_sources(videos), cfg, workers=2, gpus=1, rates=rates)
+    start = next(s for s in shared.stages if s.stage == "start-up")
+    models = [s for s in steps if s.kind == "actors"]
+    assert [s.name for s in models] == [
+        "aesthetic",
+        "caption",
+        "agreement",
+        "encode",
+        "text_encode",
+    ]
+    assert (start.work, start.resource_s) == (1 + 3, 1 * 14.0 + 3 * (4.0 + 4 * 10.0))
 
 
 def test_images_count_as_images_not_as_seconds_of_video(
