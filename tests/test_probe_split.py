@@ -253,16 +253,21 @@ def test_clip_bytes_decode_to_the_recorded_frames(landscape: tuple[str, list[int
         assert row["end_s"] == pytest.approx(row["end_frame"] / 24.0, abs=1e-3)
 
 
+def moving_bar_video(path: str, n: int, fps: float) -> str:
+    """``n`` frames of 96x48 at ``fps``: a bright bar moving 2 px a frame on grey."""
+    frames = np.full((n, 48, 96, 3), 40, np.uint8)
+    for i in range(n):
+        frames[i, 16:32, 2 * i : 2 * i + 8] = 230
+    with open(path, "wb") as f:
+        f.write(encode_mp4(frames, fps, crf=10))
+    return path
+
+
 def test_payload_at_work_fps_holds_the_frames_the_vae_sees(tmp_path: Any) -> None:
     """With ``work_fps`` a payload keeps only the frames on the encode stage's frame-rate
     grid, and encode then picks the same source frames as from a full-rate payload."""
     n, fps = 36, 24.0
-    frames = np.full((n, 48, 96, 3), 40, np.uint8)
-    for i in range(n):
-        frames[i, 16:32, 2 * i : 2 * i + 8] = 230  # a bar moving 2 px a frame
-    path = str(tmp_path / "bar.mp4")
-    with open(path, "wb") as f:
-        f.write(encode_mp4(frames, fps, crf=10))
+    path = moving_bar_video(str(tmp_path / "bar.mp4"), n, fps)
     cfg = SplitConfig(min_clip_s=0.5, max_clip_s=10.0, work_max_area=96 * 48)
     (full,) = batch_to_rows(Split(cfg)(probe_batch(path)))
     (low,) = batch_to_rows(Split(replace(cfg, work_fps=8.0))(probe_batch(path)))
@@ -289,13 +294,7 @@ def test_a_sparse_vae_rate_leaves_score_two_frames_per_clip(tmp_path: Any) -> No
     from pipeline.config import load_config
     from pipeline.stages.score import score_payload
 
-    n, fps = 36, 24.0  # 1.5 s
-    frames = np.full((n, 48, 96, 3), 40, np.uint8)
-    for i in range(n):
-        frames[i, 16:32, 2 * i : 2 * i + 8] = 230  # a bar moving 2 px a frame
-    path = str(tmp_path / "bar.mp4")
-    with open(path, "wb") as f:
-        f.write(encode_mp4(frames, fps, crf=10))
+    path = moving_bar_video(str(tmp_path / "bar.mp4"), 36, 24.0)  # 1.5 s
     split = {"min_clip_s": 1.0, "max_clip_s": 10.0, "work_max_area": 96 * 48}
     cfg = load_config(encode={"target_fps": 0.5}, split=split)
     (row,) = batch_to_rows(Split(cfg.split)(probe_batch(path)))
