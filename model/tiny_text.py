@@ -296,10 +296,11 @@ def build_tiny_text_encoder(out_dir: str, family: str = "umt5") -> str:
     """
     if family not in _ENCODER_FAMILIES:
         raise ValueError(f"unknown text encoder family {family!r}; known: {_ENCODER_FAMILIES}")
-    import torch
-    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     def save(folder: Path) -> None:
+        import torch
+        from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
         tokenizer = build_t5_tokenizer()
         classes: tuple[Any, Any] = (
             (UMT5Config, UMT5EncoderModel) if family == "umt5" else (T5Config, T5EncoderModel)

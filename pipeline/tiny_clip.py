@@ -8,7 +8,7 @@ meaningless numbers; a corpus built with it must say ``random_weights``.
 
 Example::
 
-    paths = build_tiny_clip("/tmp/tiny")     # writes config, weights, head; registers config
+    paths = build_tiny_clip("/tmp/tiny")     # writes config, weights and head, once
     scorer = AestheticScorer(AestheticConfig(**paths))
 
 Another process (a Ray worker) finds the model through ``AestheticConfig.clip_config``,
@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
-import torch
-from torch import nn
-
-from pipeline.stages.aesthetic import AestheticHead, register_clip_config
+if TYPE_CHECKING:
+    from pipeline.stages.aesthetic import AestheticHead
 
 __all__ = [
     "TINY_CLIP_CONFIG",
@@ -60,6 +59,8 @@ def _config_path(out_dir: Path) -> Path:
 
 def _atomic_save(obj: object, path: Path) -> None:
     # a concurrent reader (another test worker) never sees a half-written file
+    import torch
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -68,6 +69,8 @@ def _atomic_save(obj: object, path: Path) -> None:
 def register_tiny_clip(out_dir: str | Path) -> str:
     """Register the tiny config written by :func:`build_tiny_clip` with open_clip in this
     process; returns the model name."""
+    from pipeline.stages.aesthetic import register_clip_config
+
     register_clip_config(_config_path(Path(out_dir)), TINY_CLIP_NAME)
     return TINY_CLIP_NAME
 
@@ -75,6 +78,8 @@ def register_tiny_clip(out_dir: str | Path) -> str:
 def _init_head(head: AestheticHead) -> None:
     """Variance-preserving init and a bias of 5, so random scores spread around the
     real head's ~1..10 range instead of collapsing to ~0 through five linear layers."""
+    from torch import nn
+
     for layer in head.layers:
         if isinstance(layer, nn.Linear):
             nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
@@ -86,14 +91,16 @@ def _init_head(head: AestheticHead) -> None:
 
 def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> TinyClipPaths:
     """Write the tiny CLIP config, its seeded random weights and a seeded random
-    aesthetic head of matching width under ``out_dir``; register the config in this
-    process. Idempotent: existing files are kept (same seed, same bytes).
+    aesthetic head of matching width under ``out_dir``. Idempotent: existing files are
+    kept (same seed, same bytes), and then neither torch nor open_clip is imported, so
+    resolving the tiny preset costs a command nothing. The config is registered with
+    open_clip in this process when open_clip is loaded here (by the build, or before
+    the call); the loaders register it themselves from ``clip_config``, and
+    :func:`register_tiny_clip` does it for direct ``open_clip`` calls.
 
     Returns ``AestheticConfig`` keyword arguments: ``clip_model``, ``clip_pretrained``
     (weights file), ``head`` (head ``.pth``), ``clip_config`` (config JSON).
     """
-    import open_clip
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = _config_path(out)
@@ -102,11 +109,16 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> TinyClipPaths:
         tmp = config.with_name(f".{config.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, config)
-    register_tiny_clip(out)
 
     weights = out / f"{TINY_CLIP_NAME}-seed{seed}.pt"
     head_path = out / f"aesthetic-head-{TINY_CLIP_CONFIG['embed_dim']}-seed{seed}.pth"
     if not weights.exists() or not head_path.exists():
+        import open_clip
+        import torch
+
+        from pipeline.stages.aesthetic import AestheticHead
+
+        register_tiny_clip(out)
         # seed a private RNG stream: building must not disturb the caller's randomness
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -115,6 +127,8 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> TinyClipPaths:
             _init_head(head)
         _atomic_save(model.state_dict(), weights)
         _atomic_save(head.state_dict(), head_path)
+    elif "open_clip" in sys.modules:
+        register_tiny_clip(out)
     return TinyClipPaths(
         clip_model=TINY_CLIP_NAME,
         clip_pretrained=str(weights),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -149,6 +151,30 @@ def test_tiny_preset_keeps_user_values(tmp_path, monkeypatch) -> None:
     assert (ray.encode.max_actors, ray.encode.num_cpus, ray.encode.num_gpus) == (2, 0.1, 0.0)
     ray = load_config(preset="tiny", ray={"caption": {"num_cpus": 0.5}}).ray
     assert (ray.caption.num_cpus, ray.caption.num_gpus, ray.aesthetic.num_cpus) == (0.5, 0.0, 0.1)
+
+
+def test_commands_start_without_loading_model_libraries(tmp_path) -> None:
+    """Every command builds the whole parser, and a tiny-preset build resolves its
+    config in the driver: neither may import torch's model libraries once the tiny
+    models are in the cache (open_clip, diffusers and transformers' model code cost
+    several CPU-seconds each, on every command and in every task worker)."""
+    cache = tmp_path / "cache"
+    load_config(preset="tiny", model_cache=str(cache))  # builds the models once
+    code = (
+        "import sys\n"
+        "from reelpack.cli import _parser\n"
+        "_parser()\n"
+        "print('parser', 'torch' in sys.modules)\n"
+        "from pipeline.config import load_config\n"
+        "cfg = load_config(preset='tiny', model_cache=sys.argv[1])\n"
+        "heavy = ('open_clip', 'diffusers', 'transformers.models.t5.modeling_t5')\n"
+        "print('config', [m for m in heavy if m in sys.modules], cfg.aesthetic.clip_model)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(cache)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["parser False", "config [] reelpack-tiny-clip"]
 
 
 def test_payloads_are_at_least_as_large_as_the_latents() -> None:

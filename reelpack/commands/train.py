@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from model.train import add_config_flags
+    from model.train_config import add_config_flags
 
     p = sub.add_parser("train", help="train a DiT on a corpus")
     p.add_argument("root", help="corpus root: a folder or s3://bucket/prefix")
