@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,12 +242,28 @@ def build_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], s
     return videos, str(cfg_path)
 
 
-def _build(videos: list[str], out: str, config: str, kill: str | None, log: Path) -> int:
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """One Ray head node for this module's builds, as on a cluster: each build is a job
+    of it, a killed build's driver leaves the cluster up, and the next build joins it
+    instead of starting a Ray of its own."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
+    )
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+
+
+def _build(
+    videos: list[str], out: str, config: str, kill: str | None, log: Path, address: str
+) -> int:
     env = dict(os.environ)
     env.pop(KILL_ENV, None)
-    # A fresh local Ray per build, even if another cluster on this machine left its
-    # address file (ray.init() would otherwise join it).
-    env["RAY_ADDRESS"] = "local"
+    env.pop("RAY_ADDRESS", None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     if kill:
         env[KILL_ENV] = kill
@@ -261,6 +278,8 @@ def _build(videos: list[str], out: str, config: str, kill: str | None, log: Path
         out,
         "--config",
         config,
+        "--ray-address",
+        address,
     ]
     with open(log, "ab") as f:
         proc = subprocess.Popen(
@@ -269,7 +288,7 @@ def _build(videos: list[str], out: str, config: str, kill: str | None, log: Path
         try:
             code = proc.wait(timeout=600)
         finally:
-            # Ray processes this build started share its process group: end them too.
+            # anything this build started shares its process group: end it too
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
     return code
@@ -332,11 +351,13 @@ def _assert_only_leftovers(root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(build_inputs, tmp_path_factory) -> dict[str, Any]:
+def reference(build_inputs, ray_head, tmp_path_factory) -> dict[str, Any]:
     videos, config = build_inputs
     tmp = tmp_path_factory.mktemp("reference")
     root = str(tmp / "corpus")
-    assert _build(videos, root, config, None, tmp / "log") == 0, (tmp / "log").read_text()[-3000:]
+    assert _build(videos, root, config, None, tmp / "log", ray_head) == 0, (
+        tmp / "log"
+    ).read_text()[-3000:]
     snap = _snapshot(root, tmp)
     kept = [c for c in snap["clips"].values() if c["status"] == "kept"]
     assert len(kept) >= 3, "the reference build must write several shards"
@@ -374,18 +395,22 @@ def _assert_same(snap: dict[str, Any], reference: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_local_build_killed_twice_resumes_to_the_same_corpus(
-    build_inputs, reference, tmp_path
+    build_inputs, reference, ray_head, tmp_path
 ) -> None:
     videos, config = build_inputs
     root = str(tmp_path / "corpus")
     log = tmp_path / "log"
     # 1: killed right after the first shard reached its final name, before its index part
-    assert _build(videos, root, config, "shard:1", log) == -signal.SIGKILL, log.read_text()[-3000:]
+    assert _build(videos, root, config, "shard:1", log, ray_head) == -signal.SIGKILL, (
+        log.read_text()[-3000:]
+    )
     assert os.listdir(os.path.join(root, schemas.SHARDS_DIR))  # the shard is there...
     assert read_index(root).num_rows == 0  # ...but not visible
     _assert_only_leftovers(root)
     # 2: resumed, then killed after its second index part, before that part's commit marker
-    assert _build(videos, root, config, "index:2", log) == -signal.SIGKILL, log.read_text()[-3000:]
+    assert _build(videos, root, config, "index:2", log, ray_head) == -signal.SIGKILL, (
+        log.read_text()[-3000:]
+    )
     done = {
         Path(s).name
         for s in pq.read_table(os.path.join(root, "sources")).column("source").to_pylist()
@@ -393,14 +418,14 @@ def test_local_build_killed_twice_resumes_to_the_same_corpus(
     assert done and len(done) < len(videos)  # some sources committed, others not
     _assert_only_leftovers(root)
     # 3: resumed to the end
-    assert _build(videos, root, config, None, log) == 0, log.read_text()[-3000:]
+    assert _build(videos, root, config, None, log, ray_head) == 0, log.read_text()[-3000:]
     assert inspect_corpus(root).ok, inspect_corpus(root).problems
     _assert_same(_snapshot(root, tmp_path), reference)
 
 
 @pytest.mark.slow
 def test_interrupted_build_commits_what_is_complete_then_resumes(
-    build_inputs, reference, tmp_path
+    build_inputs, reference, ray_head, tmp_path
 ) -> None:
     """Ctrl-C (SIGINT, here sent while the writer is busy with the first sample) stops
     the build at the next safe point: complete sources are committed although their
@@ -413,9 +438,9 @@ def test_interrupted_build_commits_what_is_complete_then_resumes(
     big_shards.write_text(yaml.safe_dump(cfg))
     root = str(tmp_path / "corpus")
     log = tmp_path / "log"
-    assert _build(videos, root, str(big_shards), "sample:1:INT", log) == 130, log.read_text()[
-        -3000:
-    ]
+    assert _build(videos, root, str(big_shards), "sample:1:INT", log, ray_head) == 130, (
+        log.read_text()[-3000:]
+    )
     assert "interrupted (SIGINT)" in log.read_text()
     done = read_index(root).to_pylist()
     assert done and len({r["source"] for r in done}) < len(videos)
@@ -423,7 +448,7 @@ def test_interrupted_build_commits_what_is_complete_then_resumes(
     assert report.ok, report.problems  # a clean stop: no leftovers, manifest up to date
     summary = json.loads(Path(root, "summary.json").read_text())
     assert summary["interrupted"] == "SIGINT"
-    assert _build(videos, root, str(big_shards), None, log) == 0, log.read_text()[-3000:]
+    assert _build(videos, root, str(big_shards), None, log, ray_head) == 0, log.read_text()[-3000:]
     assert inspect_corpus(root).ok
     _assert_same(_snapshot(root, tmp_path), reference)
 
@@ -449,17 +474,17 @@ def test_stop_signals_wait_for_the_writer() -> None:
 
 @pytest.mark.slow
 def test_s3_build_killed_resumes_to_the_same_corpus_and_leaks_no_keys(
-    build_inputs, reference, s3_server, s3_bucket, tmp_path
+    build_inputs, reference, ray_head, s3_server, s3_bucket, tmp_path
 ) -> None:
     videos, config = build_inputs
     root = f"{s3_bucket}/corpus"
     log = tmp_path / "log"
-    assert _build(videos, root, config, "sources:2", log) == -signal.SIGKILL, log.read_text()[
-        -3000:
-    ]
+    assert _build(videos, root, config, "sources:2", log, ray_head) == -signal.SIGKILL, (
+        log.read_text()[-3000:]
+    )
     assert read_index(root).num_rows > 0
     _assert_only_leftovers(root)
-    assert _build(videos, root, config, None, log) == 0, log.read_text()[-3000:]
+    assert _build(videos, root, config, None, log, ray_head) == 0, log.read_text()[-3000:]
     report = inspect_corpus(root)
     assert report.ok, report.problems
     snap = _snapshot(root, tmp_path)
