@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where a device is resolved: a config imports without torch
+    import torch
 
 __all__ = ["resolve_device", "resolve_device_dtype"]
 
@@ -11,6 +14,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"``: the first CUDA device when torch sees one, else the CPU; any other
     value as torch reads it. A CUDA device torch does not see here is a ValueError that
     names it (instead of torch's first failed allocation, deep in a model load)."""
+    import torch
+
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -33,6 +38,8 @@ def resolve_device_dtype(
     """:func:`resolve_device`, and the dtype a model runs in there: ``"auto"`` is
     bfloat16 on CUDA (not float16, which T5's and other models' activations overflow)
     and float32 elsewhere; any other value names a torch dtype ("float16", "float32")."""
+    import torch
+
     dev = resolve_device(device)
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32

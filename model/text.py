@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from model.device import resolve_device_dtype
+
+if TYPE_CHECKING:  # imported where tensors are made: the build config imports without torch
+    import torch
 
 __all__ = [
     "DEFAULT_TEXT_ENCODER",
@@ -112,6 +113,8 @@ def pad_embeds(embeds: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
         raise ValueError(
             f"expected (L, D) tensors of one width, got {[tuple(e.shape) for e in embeds]}"
         )
+    import torch
+
     longest = max(int(e.shape[0]) for e in embeds)
     first = embeds[0]
     out = first.new_zeros((len(embeds), longest, first.shape[1]))  # (B, L, D)
@@ -232,6 +235,8 @@ class TextEncoder:
         attention mask (True on real tokens), on the model's device and dtype."""
         if not texts:
             raise ValueError("encode needs at least one text")
+        import torch
+
         enc = self.tokenizer(
             list(texts),
             padding="longest",

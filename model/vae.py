@@ -31,9 +31,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where tensors are made: sizes and facts import without torch
+    import torch
 
 __all__ = [
     "SUPPORTED_VAE_CLASSES",
@@ -56,6 +57,8 @@ class _Facts:
 
 
 def _floats(values: Any) -> list[float]:
+    import torch
+
     return [float(v) for v in torch.as_tensor(values, dtype=torch.float64).flatten().tolist()]
 
 
@@ -124,6 +127,8 @@ SUPPORTED_VAE_CLASSES = tuple(_FAMILIES)
 
 
 def _channel_vector(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
 
 
@@ -191,24 +196,28 @@ class VideoVAE:
         vae_class: str = "AutoencoderKLWan",
         subfolder: str | None = None,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         tiling: bool = True,
         slicing: bool = True,
     ) -> VideoVAE:
         """Load `vae_class` from a hub id or local folder with diffusers' own loader.
 
-        Tiling and slicing (where the class has them) bound memory on large clips and
-        batches; tiling only engages above the class's tile size.
+        ``dtype`` None is float32. Tiling and slicing (where the class has them) bound
+        memory on large clips and batches; tiling only engages above the class's tile size.
         """
         if vae_class not in _FAMILIES:
             raise ValueError(f"unsupported vae_class {vae_class!r}; one of {SUPPORTED_VAE_CLASSES}")
         import diffusers  # deferred: importing diffusers costs seconds
+        import torch
 
         model_cls = getattr(diffusers, vae_class)
         # diffusers loads weights without a random init first only with accelerate, and
         # otherwise prints a warning on every load: ask for what is installed
         low_mem = importlib.util.find_spec("accelerate") is not None
-        kwargs: dict[str, Any] = {"torch_dtype": dtype, "low_cpu_mem_usage": low_mem}
+        kwargs: dict[str, Any] = {
+            "torch_dtype": torch.float32 if dtype is None else dtype,
+            "low_cpu_mem_usage": low_mem,
+        }
         if subfolder is not None:
             kwargs["subfolder"] = subfolder
         vae = model_cls.from_pretrained(name_or_path, **kwargs).to(device)
@@ -225,7 +234,7 @@ class VideoVAE:
         path_override: str | None = None,
         *,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> VideoVAE:
         """Reload the VAE a corpus was built with, from the manifest's ``vae`` object.
 
@@ -293,7 +302,6 @@ class VideoVAE:
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    @torch.inference_mode()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> normalised latent mean (B, C, t, h, w), float32.
 
@@ -303,10 +311,13 @@ class VideoVAE:
             raise ValueError(
                 f"expected a float video (B, 3, T, H, W), got {video.dtype} {tuple(video.shape)}"
             )
+        import torch
+
         b, _, t, h, w = video.shape
         expected = (b, *self.latent_shape(t, h, w))
-        dist = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
-        z = _normalize(dist.mode().float(), self.normalization)  # (B, C, t, h, w)
+        with torch.inference_mode():
+            dist = self.vae.encode(video.to(self.device, self.dtype)).latent_dist
+            z = _normalize(dist.mode().float(), self.normalization)  # (B, C, t, h, w)
         if tuple(z.shape) != expected:
             raise RuntimeError(
                 f"{self.vae_class} encoded {tuple(video.shape)} to {tuple(z.shape)}, "
@@ -314,16 +325,18 @@ class VideoVAE:
             )
         return z
 
-    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, t, h, w) -> video (B, 3, T, H, W) in [-1, 1], float32."""
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(
                 f"expected latents (B, {self.latent_channels}, t, h, w), got {tuple(latents.shape)}"
             )
-        z = _denormalize(latents.to(self.device, torch.float32), self.normalization)
-        video = self.vae.decode(z.to(self.dtype)).sample  # (B, 3, T, H, W)
-        return video.float().clamp(-1.0, 1.0)
+        import torch
+
+        with torch.inference_mode():
+            z = _denormalize(latents.to(self.device, torch.float32), self.normalization)
+            video = self.vae.decode(z.to(self.dtype)).sample  # (B, 3, T, H, W)
+            return video.float().clamp(-1.0, 1.0)
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``vae`` object (JSON-able)."""
@@ -350,6 +363,7 @@ def build_tiny_vae(out_dir: str, seed: int = 0) -> str:
     target = Path(out_dir)
     if (target / "config.json").is_file():
         return out_dir
+    import torch
     from diffusers import AutoencoderKLWan
 
     with torch.random.fork_rng(devices=[]):

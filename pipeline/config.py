@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -248,6 +249,11 @@ X264_PRESETS = (
 )  # fmt: skip
 
 
+# device and dtype values checked without importing torch (seconds per command)
+_COMMON_DEVICE = r"auto|cpu|cuda(:\d+)?"
+_COMMON_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 class _Checks:
     """Collects what is wrong with a config, each problem named by its dotted path."""
 
@@ -291,22 +297,26 @@ class _Checks:
         self.need(self.value(path) in options, path, f"one of {list(options)}")
 
     def device(self, *paths: str) -> None:
-        import torch
-
         for path in paths:
             v = self.value(path)
-            try:
-                ok = v == "auto" or bool(torch.device(v))
-            except (RuntimeError, ValueError):
-                ok = False
+            ok = isinstance(v, str) and re.fullmatch(_COMMON_DEVICE, v) is not None
+            if not ok:  # anything else is what torch makes of it
+                import torch
+
+                try:
+                    ok = bool(torch.device(v))
+                except (RuntimeError, ValueError, TypeError):
+                    ok = False
             self.need(ok, path, '"auto" or a torch device ("cpu", "cuda", "cuda:1")')
 
     def dtype(self, *paths: str) -> None:
-        import torch
-
         for path in paths:
             v = self.value(path)
-            ok = v == "auto" or isinstance(getattr(torch, v, None), torch.dtype)
+            ok = v in _COMMON_DTYPES
+            if not ok:
+                import torch
+
+                ok = isinstance(v, str) and isinstance(getattr(torch, v, None), torch.dtype)
             self.need(ok, path, '"auto" or a torch dtype ("bfloat16", "float32")')
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
 if TYPE_CHECKING:
-    from pipeline.stages.aesthetic import AestheticHead
+    from pipeline.stages.aesthetic_head import AestheticHead
 
 __all__ = [
     "TINY_CLIP_CONFIG",
@@ -116,7 +116,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> TinyClipPaths:
         import open_clip
         import torch
 
-        from pipeline.stages.aesthetic import AestheticHead
+        from pipeline.stages.aesthetic_head import AestheticHead
 
         register_tiny_clip(out)
         # seed a private RNG stream: building must not disturb the caller's randomness

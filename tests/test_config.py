@@ -153,28 +153,37 @@ def test_tiny_preset_keeps_user_values(tmp_path, monkeypatch) -> None:
     assert (ray.caption.num_cpus, ray.caption.num_gpus, ray.aesthetic.num_cpus) == (0.5, 0.0, 0.1)
 
 
-def test_commands_start_without_loading_model_libraries(tmp_path) -> None:
-    """Every command builds the whole parser, and a tiny-preset build resolves its
-    config in the driver: neither may import torch's model libraries once the tiny
-    models are in the cache (open_clip, diffusers and transformers' model code cost
-    several CPU-seconds each, on every command and in every task worker)."""
+def test_commands_and_ray_workers_start_without_torch(tmp_path) -> None:
+    """Every command builds the whole parser; a build's driver resolves and checks its
+    config, and each Ray worker of a build imports the graph module. None of them
+    imports torch or a model library (several CPU-seconds each) once the tiny models
+    are in the cache: only the model stages' actors do, when they load their models."""
     cache = tmp_path / "cache"
     load_config(preset="tiny", model_cache=str(cache))  # builds the models once
     code = (
         "import sys\n"
         "from reelpack.cli import _parser\n"
         "_parser()\n"
-        "print('parser', 'torch' in sys.modules)\n"
         "from pipeline.config import load_config\n"
-        "cfg = load_config(preset='tiny', model_cache=sys.argv[1])\n"
-        "heavy = ('open_clip', 'diffusers', 'transformers.models.t5.modeling_t5')\n"
-        "print('config', [m for m in heavy if m in sys.modules], cfg.aesthetic.clip_model)\n"
+        "cfg = load_config(preset='tiny', model_cache=sys.argv[1], sets=['encode.device=cuda:1'])\n"
+        "import pipeline.graph\n"
+        "heavy = ('torch', 'open_clip', 'diffusers', 'transformers')\n"
+        "print([m for m in heavy if m in sys.modules], cfg.aesthetic.clip_model)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(cache)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["parser False", "config [] reelpack-tiny-clip"]
+    assert done.stdout.splitlines()[-1] == "[] reelpack-tiny-clip"
+    # a device or dtype outside the common spellings is still checked by torch itself
+    cfg = load_config(sets=["encode.device=meta", "encode.dtype=float64"])
+    assert (cfg.encode.device, cfg.encode.dtype) == ("meta", "float64")
+    for item, field in (
+        ("encode.device=cuda:x", "encode.device"),
+        ("text_encode.dtype=f32", "text_encode.dtype"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(field)):
+            load_config(sets=[item])
 
 
 def test_payloads_are_at_least_as_large_as_the_latents() -> None:

@@ -18,7 +18,8 @@ import pytest
 import torch
 from test_caption import _mkv
 
-from pipeline.stages.aesthetic import AestheticConfig, AestheticHead, AestheticScorer, load_head
+from pipeline.stages.aesthetic import AestheticConfig, AestheticScorer
+from pipeline.stages.aesthetic_head import AestheticHead, load_head
 from pipeline.stages.agreement import Agreement, AgreementConfig
 from pipeline.stages.base import rows_to_batch
 from pipeline.stages.decide import DEFAULT_THRESHOLDS, Decide, DecideConfig, decide

@@ -35,11 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
-from torch import nn
 
-from model.device import resolve_device
 from pipeline.stages.base import Batch, num_rows
 from pipeline.stages.score import (
     float_column,
@@ -56,11 +52,9 @@ from schemas import score_column
 __all__ = [
     "EMBEDDING",
     "AestheticConfig",
-    "AestheticHead",
     "AestheticScorer",
     "ClipEmbedder",
     "clip_embedding",
-    "load_head",
     "register_clip_config",
 ]
 
@@ -88,50 +82,6 @@ class AestheticConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
 
 
-class AestheticHead(nn.Module):
-    """LAION's improved-aesthetic MLP: dim -> 1024 -> 128 -> 64 -> 16 -> 1, no activations.
-
-    Module names match the released checkpoints (``layers.0/2/4/6/7``); the
-    dropouts are inert at inference but keep the indices right.
-    """
-
-    def __init__(self, dim: int = 768) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(dim, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (N, dim) L2-normalised image embeddings -> (N,) scores
-        return self.layers(x).squeeze(-1)
-
-
-def load_head(path: str | Path, dim: int) -> AestheticHead:
-    """An :class:`AestheticHead` of input width ``dim`` from a state-dict file, loaded
-    without unpickling code (``weights_only=True``)."""
-    from model.weights import load_weights
-
-    state = load_weights(path, "aesthetic head")
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    head = AestheticHead(dim)
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"aesthetic head {path} does not fit a {dim}-wide CLIP embedding "
-            f"(LAION's sac+logos+ava1-l14-linearMSE.pth needs ViT-L/14, 768): {exc}"
-        ) from exc
-    return head.eval()
-
-
 def register_clip_config(path: str | Path, clip_model: str) -> None:
     """Make ``clip_model`` known to open_clip from its config JSON; a no-op if it is."""
     import open_clip
@@ -150,6 +100,8 @@ def _embed_width(model: Any) -> int:
         return width
     size = model.visual.image_size
     size = size if isinstance(size, (tuple, list)) else (size, size)
+    import torch
+
     with torch.no_grad():
         out = model.encode_image(torch.zeros(1, 3, *size, device=next(model.parameters()).device))
     return int(out.shape[-1])
@@ -179,6 +131,8 @@ class ClipEmbedder:
     ) -> None:
         import open_clip  # heavy; only a configured stage pays for it
 
+        from model.device import resolve_device
+
         if clip_config is not None:
             register_clip_config(clip_config, clip_model)
         self.name = clip_model
@@ -192,30 +146,34 @@ class ClipEmbedder:
         self.width = _embed_width(self.model)
         self._tokenizer: Any = None
 
-    @torch.inference_mode()
     def images(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         """Normalised embeddings (N, D) float32 of N RGB frames (H, W, 3) uint8, any sizes."""
+        import torch
+        from PIL import Image
+
         out: list[torch.Tensor] = []
-        for start in range(0, len(frames), self.batch_size):
-            chunk = frames[start : start + self.batch_size]
-            pixels = torch.stack([self.preprocess(Image.fromarray(f)) for f in chunk])
-            emb = self.model.encode_image(pixels.to(self.device), normalize=True)  # (B, D)
-            out.append(emb.float().cpu())
+        with torch.inference_mode():
+            for start in range(0, len(frames), self.batch_size):
+                chunk = frames[start : start + self.batch_size]
+                pixels = torch.stack([self.preprocess(Image.fromarray(f)) for f in chunk])
+                emb = self.model.encode_image(pixels.to(self.device), normalize=True)  # (B, D)
+                out.append(emb.float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.width), np.float32)
 
-    @torch.inference_mode()
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """Normalised embeddings (N, D) float32 of N texts (the model's own tokenizer;
         longer texts are truncated to its context length, 77 tokens for CLIP)."""
         import open_clip
+        import torch
 
         if self._tokenizer is None:
             self._tokenizer = open_clip.get_tokenizer(self.name)
         out: list[torch.Tensor] = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self._tokenizer(list(texts[start : start + self.batch_size]))  # (B, L)
-            emb = self.model.encode_text(tokens.to(self.device), normalize=True)  # (B, D)
-            out.append(emb.float().cpu())
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                tokens = self._tokenizer(list(texts[start : start + self.batch_size]))  # (B, L)
+                emb = self.model.encode_text(tokens.to(self.device), normalize=True)  # (B, D)
+                out.append(emb.float().cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, self.width), np.float32)
 
 
@@ -231,6 +189,8 @@ class AestheticScorer:
     writes: tuple[str, ...] = (SCORE, EMBEDDING, "status", "error")
 
     def __init__(self, cfg: AestheticConfig | None = None) -> None:
+        from pipeline.stages.aesthetic_head import load_head
+
         cfg = cfg or AestheticConfig()
         if cfg.head is None and not cfg.embeddings:
             raise ValueError(
@@ -251,21 +211,22 @@ class AestheticScorer:
             None if cfg.head is None else load_head(cfg.head, self.clip.width).to(self.device)
         )
 
-    @torch.inference_mode()
     def score_frames(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         """Per-frame aesthetic scores (N,) of N RGB frames (H, W, 3) uint8, any sizes."""
         return self._head_scores(self.clip.images(frames))
 
-    @torch.inference_mode()
     def _head_scores(self, embeddings: np.ndarray) -> np.ndarray:
         if self.head is None:
             return np.full(len(embeddings), np.nan)
-        out = [
-            self.head(torch.from_numpy(embeddings[s : s + self.cfg.batch_size]).to(self.device))
-            .double()
-            .cpu()
-            for s in range(0, len(embeddings), self.cfg.batch_size)
-        ]
+        import torch
+
+        with torch.inference_mode():
+            out = [
+                self.head(torch.from_numpy(embeddings[s : s + self.cfg.batch_size]).to(self.device))
+                .double()
+                .cpu()
+                for s in range(0, len(embeddings), self.cfg.batch_size)
+            ]
         return torch.cat(out).numpy() if out else np.zeros(0)
 
     def _sample(self, data: Any) -> np.ndarray:

@@ -28,18 +28,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import cv2
 import numpy as np
-import torch
-from safetensors.torch import save as save_safetensors
 
 from model.device import resolve_device_dtype
 from model.vae import VideoVAE, native_size
 from pipeline.stages.base import Batch, num_rows, with_columns
 from pipeline.video import decode_mp4, resample_indices
 from schemas import TENSOR_LATENTS, latents_tensor_name
+
+if TYPE_CHECKING:  # the actor imports torch when it loads the VAE; the config needs none
+    import torch
 
 __all__ = [
     "Encode",
@@ -211,6 +212,8 @@ class Encode:
 
     def _latent(self, frames: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) uint8 -> normalised latent (C, t, h, w) bf16 on the CPU."""
+        import torch
+
         video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None]
         video = video.to(self.device, self.dtype) / 127.5 - 1.0  # (1, 3, T, H, W) in [-1, 1]
         latents = self.vae.encode(video)[0]  # shape checked against the frame/size rules
@@ -229,6 +232,8 @@ class Encode:
 
     def encode_one(self, clip_bytes: bytes) -> dict[str, Any]:
         """One payload -> the encode columns of its row."""
+        from safetensors.torch import save as save_safetensors
+
         frames, fps = decode_mp4(clip_bytes)
         t, h, w, _ = frames.shape
         plan = plan_clip(t, fps, w, h, self.cfg, self.vae.spatial_factor, self.vae.frame_step)

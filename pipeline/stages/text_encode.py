@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from model.text import DEFAULT_TEXT_ENCODER, TextEncoder
 from pipeline.stages.base import Batch, num_rows, with_columns
 from schemas import TENSOR_LATENTS, TENSOR_TEXT_EMBEDS
+
+if TYPE_CHECKING:  # the actor imports torch with its encoder; the config needs none
+    import torch
 
 __all__ = ["TextEncode", "TextEncodeConfig", "add_text_embeds"]
 
@@ -51,6 +51,10 @@ def add_text_embeds(latents_blob: bytes, embeds: torch.Tensor) -> bytes:
 
     The blob must hold ``latents``; an existing ``text_embeds`` is replaced (re-runs).
     """
+    import torch
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save as save_safetensors
+
     if embeds.ndim != 2 or embeds.shape[0] < 1:
         raise ValueError(f"text embeddings must be [L, D] with L >= 1, got {tuple(embeds.shape)}")
     tensors = load_safetensors(bytes(latents_blob))
