@@ -22,6 +22,7 @@ random-weight umT5 that loads back through :meth:`TextEncoder.from_pretrained`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,12 +91,24 @@ def describe_text_encoder(
     Keys: ``id``, ``class``, ``dim``, ``max_length``, ``subfolder``,
     ``tokenizer_subfolder``, ``random_weights``.
     """
-    config = _load_config(model_id, subfolder)
-    cls = ENCODER_CLASSES.get(config.model_type) or (config.architectures or ["AutoModel"])[0]
+    local = Path(model_id, subfolder or "", "config.json")
+    raw = json.loads(local.read_text()) if local.is_file() else {}
+    width = raw.get("d_model", raw.get("hidden_size"))
+    if raw.get("model_type") and isinstance(width, int):
+        # a local folder: its config.json says it all (transformers costs seconds to import)
+        model_type, architectures, dim = raw["model_type"], raw.get("architectures"), width
+    else:
+        config = _load_config(model_id, subfolder)
+        model_type, architectures, dim = (
+            config.model_type,
+            config.architectures,
+            _hidden_size(config),
+        )
+    cls = ENCODER_CLASSES.get(model_type) or (architectures or ["AutoModel"])[0]
     return {
         "id": model_id,
         "class": cls,
-        "dim": _hidden_size(config),
+        "dim": dim,
         "max_length": int(max_length),
         "subfolder": subfolder,
         "tokenizer_subfolder": tokenizer_subfolder,

@@ -2,8 +2,9 @@
 
 A corpus holds the latents of one VAE at one patch size: the trainer normalises every
 sample with the manifest's single VAE description, so latents of another VAE (another
-class, architecture or normalisation) or patch size would train silently wrong.
-:func:`check_resume` refuses those. Other settings may change between runs (a resume
+class, architecture or normalisation) or patch size would train silently wrong. Its
+caption embeddings come from one text encoder, whose width sizes the DiT's
+cross-attention. :func:`check_resume` refuses a build that would mix either. Other settings may change between runs (a resume
 with new thresholds, more actors, another device); the ones that change what is
 stored are listed, since committed sources keep what their run made.
 """
@@ -25,6 +26,9 @@ _VAE_IDENTITY = (
     "frame_rule",
     "normalization",
 )
+# What makes two text encoder descriptions (model.text.describe_text_encoder) alike
+# enough for one DiT: its cross-attention takes one embedding width from one model class.
+_TEXT_IDENTITY = ("class", "dim")
 # Settings that change how a build runs, not what it stores.
 _RUNTIME = (
     "ray",
@@ -73,8 +77,8 @@ def config_changes(built: Mapping[str, Any], now: Mapping[str, Any]) -> list[str
 
 def check_resume(root: str, manifest: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     """Raise :class:`CorpusMismatch` when ``run`` (this build's manifest fields: ``vae``,
-    ``patch_size``, ``config``) cannot add to the corpus ``manifest`` describes; else the
-    config keys that changed since it was built."""
+    ``patch_size``, ``text_encoder``, ``config``) cannot add to the corpus ``manifest``
+    describes; else the config keys that changed since it was built."""
     old_vae, new_vae = manifest.get("vae") or {}, run.get("vae") or {}
     differ = [k for k in _VAE_IDENTITY if old_vae.get(k) != new_vae.get(k)]
     if list(manifest.get("patch_size") or []) != list(run.get("patch_size") or []):
@@ -86,4 +90,14 @@ def check_resume(root: str, manifest: Mapping[str, Any], run: Mapping[str, Any])
             f"{manifest.get('patch_size')}; this build has {new_vae.get('class')} "
             f"{new_vae.get('id')!r}, patch {run.get('patch_size')}). Build into a new --out"
         )
+    old_text, new_text = manifest.get("text_encoder"), run.get("text_encoder")
+    if old_text and new_text:
+        differ = [k for k in _TEXT_IDENTITY if old_text.get(k) != new_text.get(k)]
+        if differ:
+            raise CorpusMismatch(
+                f"{root} holds caption embeddings of another text encoder ({', '.join(differ)} "
+                f"differ: the corpus has {old_text.get('class')} {old_text.get('id')!r}, "
+                f"{old_text.get('dim')}-d; this build has {new_text.get('class')} "
+                f"{new_text.get('id')!r}, {new_text.get('dim')}-d). Build into a new --out"
+            )
     return config_changes(manifest.get("config") or {}, run.get("config") or {})

@@ -869,12 +869,38 @@ def _describe_vae(vae: str, vae_class: str, subfolder: str | None) -> str:
     return json.dumps(describe_pretrained(vae, vae_class=vae_class, subfolder=subfolder))
 
 
+@functools.lru_cache(maxsize=4)
+def _describe_text_encoder(
+    model: str, max_length: int, subfolder: str | None, tokenizer_subfolder: str | None
+) -> str:
+    """The manifest's ``text_encoder`` object as JSON (from the encoder's config alone)."""
+    from model.text import describe_text_encoder
+
+    return json.dumps(
+        describe_text_encoder(
+            model,
+            max_length=max_length,
+            subfolder=subfolder,
+            tokenizer_subfolder=tokenizer_subfolder,
+        )
+    )
+
+
 def _manifest_extra(cfg: BuildConfig) -> dict[str, Any]:
     vae = json.loads(_describe_vae(cfg.encode.vae, cfg.encode.vae_class, cfg.encode.vae_subfolder))
+    text = cfg.text_encode
     return {
         "vae": vae,
         "patch_size": list(cfg.encode.patch_size),
-        "text_encoder": None,
+        # what the samples' text_embeds come from: the trainer sizes the DiT's
+        # cross-attention by its dim, the sampler encodes prompts with it
+        "text_encoder": json.loads(
+            _describe_text_encoder(
+                text.model, text.max_length, text.subfolder, text.tokenizer_subfolder
+            )
+        )
+        if text.enabled
+        else None,
         "captioner": {"id": cfg.caption.model} if cfg.caption.enabled else None,
         "random_weights": cfg.preset == "tiny",
         "config": to_dict(cfg),

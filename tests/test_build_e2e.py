@@ -189,6 +189,12 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     assert json.loads(stored.read_text()) == to_dict(live) == manifest["config"]
     assert manifest["counts"]["clips_kept"] == len(samples)
     assert manifest["vae"]["class"] == "AutoencoderKLWan"
+    # the samples' caption embeddings come from the encoder the manifest names: the
+    # trainer sizes the DiT's cross-attention by it, the sampler encodes prompts with it
+    text = manifest["text_encoder"]
+    assert (text["id"], text["class"]) == (live.text_encode.model, "UMT5EncoderModel")
+    embeds = load_safetensors(samples[0][schemas.SAMPLE_LATENTS])[schemas.TENSOR_TEXT_EMBEDS]
+    assert embeds.shape[-1] == text["dim"] == 32
     # the kept clips as files: what encode saw, at its size; nothing else
     kept = [r for r in rows if r["status"] == "kept"]
     assert sorted(p.name for p in (Path(root) / schemas.CLIPS_DIR).iterdir()) == sorted(
@@ -233,11 +239,13 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     _assert_same_rows(others, [r for r in rows if r["source"] != str(broken)])
     assert inspect_corpus(root).ok
 
-    from model.train import TrainConfig, train
+    from model.train import TrainConfig, init_model, train
 
-    losses = train(root, str(tmp_path / "train"), TrainConfig(preset="DiT-tiny", steps=4))
+    cfg = TrainConfig(preset="DiT-tiny", steps=4)
+    losses = train(root, str(tmp_path / "train"), cfg)
     assert len(losses) == 4 and all(loss == loss for loss in losses)
     assert (tmp_path / "train" / "checkpoint.pt").exists()
+    assert init_model(root, cfg).config.text_dim == 32  # a caption-conditioned DiT
 
 
 def test_build_to_s3_reads_back_with_plain_webdataset(

@@ -1,4 +1,5 @@
-"""A build adds to a corpus only with the same VAE and patch size; other changes are named."""
+"""A build adds to a corpus only with the same VAE, patch size and text encoder width;
+other changes are named."""
 
 from __future__ import annotations
 
@@ -69,6 +70,25 @@ def test_another_patch_size_is_refused() -> None:
     run["patch_size"] = [1, 4, 4]
     with pytest.raises(CorpusMismatch, match=r"\(patch_size differ.*Build into a new --out"):
         check_resume("c", _manifest(), run)
+
+
+def test_another_text_encoder_is_refused() -> None:
+    umt5 = {"id": "google/umt5-xxl", "class": "UMT5EncoderModel", "dim": 4096, "max_length": 512}
+    built, run = _manifest(), _manifest()
+    built["text_encoder"], run["text_encoder"] = umt5, {**umt5, "id": "/models/umt5-xxl"}
+    assert check_resume("c", built, run) == []  # the same encoder from another place
+    run["text_encoder"] = {
+        **umt5,
+        "id": "google/t5-v1_1-small",
+        "class": "T5EncoderModel",
+        "dim": 512,
+    }
+    with pytest.raises(CorpusMismatch, match=r"another text encoder \(class, dim differ.*4096-d"):
+        check_resume("c", built, run)
+    # a corpus whose manifest names no encoder (built without caption embeddings) may
+    # be continued with them, and the other way round: the config change is named
+    run["text_encoder"] = None
+    assert check_resume("c", built, run) == []
 
 
 def test_config_changes_ignore_runtime_settings() -> None:
