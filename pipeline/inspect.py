@@ -13,7 +13,9 @@ trainer would and lists every problem it finds:
   a known suffix (never ``.pyd``/``.pickle`` or any other code-carrying member, no
   absolute paths or ``..``); every sample is complete; every kept row points at an
   existing sample whose safetensors header has the recorded latent shape (bf16) and
-  extra resolutions, whose JSON names the clip and whose caption matches; no member
+  extra resolutions and caption embeddings (``text_embeds``, ``[L, dim]`` of the
+  manifest's ``text_encoder``; none when it names none), whose JSON names the clip
+  and whose caption matches; no member
   belongs to no committed row (orphan). Samples of superseded rows (a refilter) are
   counted as ``stale_samples``, not problems;
 - manifest: present, current schema version, counts equal to the index;
@@ -232,6 +234,7 @@ def _check_sample(
     row: dict[str, Any],
     problems: list[str],
     verify: bool = False,
+    text_dim: int | None = None,
 ) -> None:
     cid = row["clip_id"]
     off, size = member.suffixes[schemas.SAMPLE_LATENTS]
@@ -264,6 +267,7 @@ def _check_sample(
                 f"{shard}:{key}: tensor {name!r} is {got.get('dtype')} {got.get('shape')}, "
                 f"index says BF16 {shape} (clip {cid})"
             )
+    _check_text_embeds(header.get(schemas.TENSOR_TEXT_EMBEDS), text_dim, f"{shard}:{key}", problems)
     off, size = member.suffixes[schemas.SAMPLE_META]
     try:
         meta = json.loads(_read_at(st, uri, off, size))
@@ -277,6 +281,27 @@ def _check_sample(
         problems.append(f"{shard}:{key}: caption differs from the index (clip {cid})")
 
 
+def _check_text_embeds(got: Any, text_dim: int | None, where: str, problems: list[str]) -> None:
+    """A sample's caption embeddings against the manifest's text encoder (``text_dim``:
+    its width, None when the manifest names none): the trainer sizes the DiT by it."""
+    name = schemas.TENSOR_TEXT_EMBEDS
+    if text_dim is None:
+        if isinstance(got, dict):
+            problems.append(
+                f"{where}: holds {name!r} but {schemas.MANIFEST_NAME} names no text_encoder: "
+                "a trainer would leave the caption embeddings out (running the build "
+                "again, nothing left to build, rewrites the manifest)"
+            )
+        return
+    shape = got.get("shape") if isinstance(got, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 2 and shape[0] >= 1 and shape[1] == text_dim):
+        what = f"is {shape}" if isinstance(got, dict) else "missing"
+        problems.append(
+            f"{where}: tensor {name!r} {what}, the manifest's text encoder gives "
+            f"[L, {text_dim}] embeddings"
+        )
+
+
 def _check_shards(
     st: Storage,
     shards: dict[int, str],
@@ -285,6 +310,7 @@ def _check_shards(
     history: pa.Table,
     problems: list[str],
     verify: bool = False,
+    text_dim: int | None = None,
 ) -> dict[str, int]:
     ever = set(
         zip(history.column("shard").to_pylist(), history.column("key").to_pylist(), strict=True)
@@ -313,7 +339,7 @@ def _check_shards(
             row = live.get((shard, key))
             if row is not None:
                 found.add((shard, key))
-                _check_sample(st, uri, shard, key, member, row, problems, verify)
+                _check_sample(st, uri, shard, key, member, row, problems, verify, text_dim)
             elif (shard, key) in ever:
                 stats["stale_samples"] += 1  # superseded by a later part: not live, not lost
             else:
@@ -420,7 +446,12 @@ def inspect_corpus(root: str, verify: bool = False) -> InspectReport:
     manifest = _read_manifest(st, root, problems)
     patch = None if manifest is None else _check_manifest(manifest, counts, problems)
     live = _check_rows(index, sources, patch, problems)
-    stats = _check_shards(st, shards, committed, live, history, problems, verify)
+    text = (manifest or {}).get("text_encoder")
+    text_dim = text.get("dim") if isinstance(text, dict) else None
+    if text is not None and not (isinstance(text_dim, int) and text_dim > 0):
+        problems.append(f"{schemas.MANIFEST_NAME}: text_encoder has no embedding width (dim)")
+        text_dim = None
+    stats = _check_shards(st, shards, committed, live, history, problems, verify, text_dim)
     write_cfg = ((manifest or {}).get("config") or {}).get("write") or {}
     if write_cfg.get("clip_files"):
         stats.update(_check_clip_files(st, root, live, problems))

@@ -117,7 +117,7 @@ def _wait_dashboard(cluster: LocalCluster) -> None:
 
 def _kill_group(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
     """End the head's process group, then any process still holding our temp dir."""
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

@@ -41,13 +41,21 @@ from pipeline.writer import (
     rewrite_sources_rows,
 )
 
-
 # --- inspect ---------------------------------------------------------------------------------
+TEXT_ENCODER = {"id": "tiny-t5", "class": "T5EncoderModel", "dim": 8}
+
+
 def _make(root: str) -> str:
     writer = CorpusWriter(root, WriteConfig(shard_max_samples=2), ("c0ffee", {"preset": "tiny"}))
     writer.add(rows_to_batch(_rows(), columns=schemas.STREAM_COLUMNS))
     writer.close()
-    writer.write_manifest({"vae": {"id": "tiny", "latent_channels": 4}, "patch_size": [1, 2, 2]})
+    writer.write_manifest(
+        {
+            "vae": {"id": "tiny", "latent_channels": 4},
+            "patch_size": [1, 2, 2],
+            "text_encoder": TEXT_ENCODER,  # the width of _rows' text_embeds
+        }
+    )
     writer.unlock()
     return root
 
@@ -98,7 +106,7 @@ def test_inspect_after_refilter_counts_stale_samples(good: str) -> None:
     with open(os.path.join(good, schemas.MANIFEST_NAME)) as f:
         manifest = json.load(f)
     with CorpusWriter(good) as writer:
-        writer.write_manifest({k: manifest[k] for k in ("vae", "patch_size")})
+        writer.write_manifest({k: manifest[k] for k in ("vae", "patch_size", "text_encoder")})
     report = inspect_corpus(good)
     assert report.ok, report.problems
     assert report.stats["stale_samples"] == 1 and report.stats["superseded_rows"] == 1
@@ -144,6 +152,18 @@ _DAMAGE = {
     "manifest counts": (
         lambda c: _edit_manifest(c, lambda m: m["counts"].update(clips_kept=99)),
         ["counts.clips_kept is 99, the index gives 4"],
+    ),
+    "text encoder of another width": (
+        lambda c: _edit_manifest(c, lambda m: m.update(text_encoder={**TEXT_ENCODER, "dim": 16})),
+        ["clip00: tensor 'text_embeds' is [5, 8], the manifest's text encoder gives [L, 16]"],
+    ),
+    "no text encoder": (
+        lambda c: _edit_manifest(c, lambda m: m.update(text_encoder=None)),
+        ["clip00: holds 'text_embeds' but manifest.json names no text_encoder"],
+    ),
+    "text encoder without a width": (
+        lambda c: _edit_manifest(c, lambda m: m.update(text_encoder={"id": "t5"})),
+        ["text_encoder has no embedding width (dim)"],
     ),
     "missing build config": (
         lambda c: (c / "configs" / "c0ffee.json").unlink(),
