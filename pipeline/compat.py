@@ -4,9 +4,10 @@ A corpus holds the latents of one VAE at one patch size: the trainer normalises 
 sample with the manifest's single VAE description, so latents of another VAE (another
 class, architecture or normalisation) or patch size would train silently wrong. Its
 caption embeddings come from one text encoder, whose width sizes the DiT's
-cross-attention. :func:`check_resume` refuses a build that would mix either. Other settings may change between runs (a resume
-with new thresholds, more actors, another device); the ones that change what is
-stored are listed, since committed sources keep what their run made.
+cross-attention. :func:`check_resume` refuses a build that would mix either. Other
+settings may change between runs (a resume with new thresholds, more actors, another
+device); the ones that change what is stored are listed, since committed sources keep
+what their run made.
 """
 
 from __future__ import annotations
