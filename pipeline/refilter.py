@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.stages.decide import DUPLICATE_REASON, LATE_SIGNALS, Decide, DecideConfig
-from pipeline.stages.dedup import DedupConfig, DedupIndex
+from pipeline.stages.dedup import DedupConfig, DedupIndex, embedding_matrix
 from schemas.yamltext import read_config_file
 
 if TYPE_CHECKING:
@@ -196,7 +196,9 @@ def redecide(
         has_sample = [bool(shards[i] and keys[i]) or ids[i] in pointers for i in range(n)]
         order = _dedup_order(np.flatnonzero(status == "kept"), has_sample, ids)
         take = pa.array(order, pa.int64())
-        embeddings = table.column("clip_embedding").take(take).to_pylist()
+        column = table.column("clip_embedding").take(take)
+        matrix = embedding_matrix(column)  # no Python float per value
+        embeddings = matrix if matrix is not None else column.to_pylist()
         hashes = table.column("frame_hash").take(take).to_pylist()
         found = DedupIndex(dedup).add([str(ids[i]) for i in order], embeddings, hashes)
         for i, rep in zip(order, found, strict=True):

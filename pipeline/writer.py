@@ -68,7 +68,7 @@ import uuid
 import weakref
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -89,6 +89,7 @@ __all__ = [
     "CorpusWriter",
     "WriteConfig",
     "corpus_counts",
+    "iter_index_parts",
     "not_a_folder",
     "read_committed",
     "read_index",
@@ -355,6 +356,19 @@ def _read_committed(
         _concat(sources, schemas.SOURCE_SCHEMA),
         _concat(all_parts, history_schema) if history else None,
     )
+
+
+def iter_index_parts(root: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+    """The live index rows of the committed corpus at ``root`` (as :func:`read_index`),
+    one committed part at a time: a reader that folds rows into its own structure
+    holds one part's columns, not the whole index's."""
+    st = storage_for(root)
+    source_parts = _source_parts(root, st)
+    latest = _latest_part(source_parts)
+    schema = _index_schema(columns)
+    for n in source_parts:
+        part = _read_part(st, root, schemas.INDEX_DIR, n, schemas.CLIP_SCHEMA, columns)
+        yield _live(part, n, latest).select(schema.names)
 
 
 def _read_tables(root: str, columns: Sequence[str] | None = None) -> tuple[pa.Table, pa.Table]:

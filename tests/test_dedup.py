@@ -15,7 +15,13 @@ import pytest
 from pipeline.stages.aesthetic import AestheticConfig, AestheticScorer
 from pipeline.stages.base import rows_to_batch
 from pipeline.stages.decide import Decide, DecideConfig
-from pipeline.stages.dedup import Dedup, DedupConfig, DedupIndex, find_duplicates
+from pipeline.stages.dedup import (
+    Dedup,
+    DedupConfig,
+    DedupIndex,
+    embedding_matrix,
+    find_duplicates,
+)
 from pipeline.stages.score import Score
 from pipeline.tiny_clip import build_tiny_clip
 from pipeline.video import encode_mp4
@@ -163,6 +169,62 @@ def test_seed_from_table_takes_kept_representatives_only() -> None:
     assert index.add(["h2"], hashes=["00ff00ff00ff00fe"]) == ["h"]
     # a source rebuilt on resume meets its own seeded rows: not a duplicate of itself
     assert index.add(["a", "h"], [a, None], [None, "00ff00ff00ff00ff"]) == [None, None]
+
+
+def test_embedding_matrix_reads_arrow_without_python_floats() -> None:
+    """Null and empty cells become zero rows, null values NaN, a sliced chunk is read
+    from its offset; cells of two widths (or another type) are left to the row path."""
+    first = pa.array([[1.0, 2.0], None, [3.0, 4.0], [9.0, 9.0]], pa.list_(pa.float32()))
+    second = pa.array([[], [5.0, None], [6.0, 7.0]], pa.list_(pa.float32()))
+    column = pa.chunked_array([first.slice(1), second])
+    m = embedding_matrix(column)
+    assert m is not None and m.dtype == np.float32 and m.shape == (6, 2)
+    np.testing.assert_array_equal(m[[0, 1, 2, 3, 5]], [[0, 0], [3, 4], [9, 9], [0, 0], [6, 7]])
+    assert m[4, 0] == 5.0 and np.isnan(m[4, 1])
+    assert embedding_matrix(pa.array([[1.0], [1.0, 2.0]], pa.list_(pa.float32()))) is None
+    assert embedding_matrix(pa.array(["x"])) is None
+    empty = embedding_matrix(pa.array([None, []], pa.list_(pa.float32())))
+    assert empty is not None and empty.shape == (2, 0)
+    # every one of those rows is "no embedding" to the index, as the row path says
+    ids = [str(i) for i in range(6)]
+    assert DedupIndex().add(ids, m) == DedupIndex().add(ids, column.to_pylist())
+
+
+def test_array_and_row_inputs_agree_across_code_batches() -> None:
+    """An (n, D) array is normalised and hashed in batches of rows; rows given one by
+    one (lists, unnormalised) reach the same decisions, past a batch boundary."""
+    ids, emb = clustered(300, 2, cos=0.97, seed=5)
+    emb = emb * np.random.default_rng(1).uniform(0.5, 3.0, (len(emb), 1))  # any norm
+    cfg = DedupConfig(threshold=0.95)
+    with_batches = DedupIndex(cfg)
+    import pipeline.stages.dedup as dedup_module
+
+    old, dedup_module._CODE_ROWS = dedup_module._CODE_ROWS, 256  # 900 rows: four batches
+    try:
+        got = with_batches.add(ids, emb.astype(np.float32))
+    finally:
+        dedup_module._CODE_ROWS = old
+    assert got == DedupIndex(cfg).add(ids, [list(map(float, e)) for e in emb])
+    # the same items are duplicates as by exhaustive search (float16 storage may pick
+    # another of two near-equal representatives)
+    assert [r is None for r in got] == [r is None for r in brute_force(ids, unit(emb), 0.95)]
+
+
+def test_representatives_are_indexed_without_lookups() -> None:
+    """Seeding takes every given item as a representative, even two that would match
+    each other; later items are looked up against all of them."""
+    rng = np.random.default_rng(9)
+    a = unit(rng.standard_normal(DIM))
+    index = DedupIndex()
+    assert index.add_representatives(["a", "a2", "none"], np.stack([a, a, np.zeros(DIM)])) == 2
+    assert index.add_representatives(["h"], None, ["00ff00ff00ff00ff"]) == 1
+    assert index.ids == ["a", "a2", "h"]
+    assert index.add(["x", "h2"], [a, None], [None, "00ff00ff00ff00fe"]) in (
+        ["a", "h"],
+        ["a2", "h"],
+    )
+    with pytest.raises(ValueError, match="clip b: embedding width 5, index has 64"):
+        index.add_representatives(["b"], [np.ones(5)])
 
 
 # --- the stage ------------------------------------------------------------------------------

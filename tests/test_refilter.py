@@ -342,3 +342,27 @@ def test_dedup_stage_seeded_from_the_corpus_on_resume(corpus: str, tmp_path: Pat
     # a new copy of a committed clip is caught; the clip itself (rebuilt) is not
     assert out["dup_of"].tolist() == ["pan-b", None]
     assert len(Dedup(DedupConfig(), corpus_root=str(tmp_path / "empty")).index) == 0
+
+
+def test_dedup_seeds_part_by_part_from_the_live_rows(corpus: str) -> None:
+    """A resumed build's index is seeded one committed part at a time, from the live
+    rows only: a clip a later part rejects is no representative any more."""
+    from pipeline.writer import iter_index_parts
+
+    rows = [r for r in read_index(corpus).to_pylist() if r["source"] == "/videos/b.mp4"]
+    for row in rows:
+        if row["clip_id"] == "pan-b":
+            row.update(status="rejected", reasons=["sharpness<20"], shard=None, key=None)
+    with CorpusWriter(corpus) as writer:
+        writer.rewrite({"/videos/b.mp4": rows})
+    parts = list(iter_index_parts(corpus, ["clip_id", "status"]))
+    assert len(parts) == 2  # the first part's b rows are superseded by the second's
+    assert sorted(r["clip_id"] for p in parts for r in p.to_pylist()) == sorted(
+        read_index(corpus).column("clip_id").to_pylist()
+    )
+    assert parts[0].column_names == ["clip_id", "source", "status"]
+    stage = Dedup(DedupConfig(), corpus_root=corpus)
+    assert stage.index.ids == ["pan-a"]
+    copy = {"clip_id": "new-copy", "source": "/videos/new.mp4", "status": "kept", "reasons": []}
+    copy["frame_hash"] = by_id(corpus)["pan-b"]["frame_hash"]
+    assert stage(rows_to_batch([copy]))["dup_of"].tolist() == [None]  # pan-b is rejected now

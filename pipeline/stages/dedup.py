@@ -53,20 +53,29 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.stages.base import Batch, num_rows
 from pipeline.stages.decide import DUPLICATE_REASON, list_cells
 from pipeline.stages.score import object_column, require_columns
 
-__all__ = ["Dedup", "DedupConfig", "DedupIndex", "find_duplicates", "seed_from_corpus"]
+__all__ = [
+    "Dedup",
+    "DedupConfig",
+    "DedupIndex",
+    "embedding_matrix",
+    "find_duplicates",
+    "seed_from_corpus",
+]
 
 _HASH_BITS = 64
+_CODE_ROWS = 8192  # embeddings projected at once for their LSH codes
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,29 @@ def _as_vector(value: Any) -> np.ndarray | None:
     if vec.size == 0 or not np.isfinite(norm) or norm == 0:
         return None
     return vec / norm
+
+
+def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
+    """A ``list<float>`` column (``clip_embedding``) as an ``(n, D)`` float32 matrix,
+    built from Arrow's buffers without a Python object per value: a null or empty cell
+    is a row of zeros and a null value NaN, both "no embedding" to :class:`DedupIndex`.
+    None when the cells holding values differ in width, or for another type."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if not all(pa.types.is_list(c.type) or pa.types.is_large_list(c.type) for c in chunks):
+        return None
+    lengths = [c.value_lengths().fill_null(0).to_numpy(zero_copy_only=False) for c in chunks]
+    widths = {int(w) for n in lengths for w in np.unique(n[n > 0])}
+    if len(widths) > 1:
+        return None
+    dim = widths.pop() if widths else 0
+    out = np.zeros((len(column), dim), np.float32)
+    row = 0
+    for chunk, n in zip(chunks, lengths, strict=True):
+        if dim:  # flatten() skips null cells and honours the chunk's offset
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            out[row : row + len(chunk)][n > 0] = values.reshape(-1, dim)
+        row += len(chunk)
+    return out
 
 
 # the index columns a dedup index is seeded from
@@ -166,11 +198,39 @@ class DedupIndex:
         )
         self._tail = np.zeros((self.cfg.block_rows, dim), np.float16)
 
-    def _codes(self, vec: np.ndarray) -> list[int]:
+    def _codes(self, vecs: np.ndarray) -> list[list[int]]:
+        """The LSH bucket of each row of ``vecs`` (n, D) in every table."""
         assert self._planes is not None
-        signs = (self._planes @ vec > 0).reshape(self.cfg.lsh_tables, self.cfg.lsh_bits)
-        weights = 1 << np.arange(self.cfg.lsh_bits, dtype=np.int64)
-        return (signs.astype(np.int64) * weights).sum(axis=1).tolist()
+        tables, bits = self.cfg.lsh_tables, self.cfg.lsh_bits
+        signs = (vecs @ self._planes.T > 0).reshape(-1, tables, bits)
+        weights = 1 << np.arange(bits, dtype=np.int64)
+        return (signs.astype(np.int64) * weights).sum(axis=2).tolist()
+
+    def _prepared(
+        self, embeddings: Sequence[Any] | np.ndarray
+    ) -> Iterator[tuple[np.ndarray | None, list[int] | None]]:
+        """Per item, its unit vector (None: no embedding) and, for an ``(n, D)`` array of
+        the index's width, its LSH codes, computed :data:`_CODE_ROWS` rows at a time
+        (else :meth:`_add_one` computes them)."""
+        if not (isinstance(embeddings, np.ndarray) and embeddings.ndim == 2):
+            for e in embeddings:
+                yield _as_vector(e), None
+            return
+        for lo in range(0, len(embeddings), _CODE_ROWS):
+            m = np.asarray(embeddings[lo : lo + _CODE_ROWS], np.float32)
+            norms = np.linalg.norm(m, axis=1)
+            ok = np.isfinite(norms) & (norms > 0)
+            units = m / np.where(ok, norms, 1)[:, None]
+            if ok.any() and self.dim is None:
+                self._init_embeddings(m.shape[1])
+            if not ok.any() or m.shape[1] != self.dim:  # _add_one names a clip of another width
+                yield from ((u if good else None, None) for u, good in zip(units, ok, strict=True))
+                continue
+            codes = self._codes(units)
+            yield from (
+                (u, c) if good else (None, None)
+                for u, c, good in zip(units, codes, ok, strict=True)
+            )
 
     def _vectors(self, rows: np.ndarray) -> np.ndarray:
         """Stored embeddings (len(rows), D) float32 of embedding rows."""
@@ -235,18 +295,34 @@ class DedupIndex:
         if len(embs) != n or len(hs) != n:
             raise ValueError(f"{n} ids but {len(embs)} embeddings and {len(hs)} hashes")
         return [
-            self._add_one(str(i), _as_vector(e), _parse_hash(h))
-            for i, e, h in zip(ids, embs, hs, strict=True)
+            self._add_one(str(i), v, _parse_hash(h), c)
+            for i, (v, c), h in zip(ids, self._prepared(embs), hs, strict=True)
         ]
 
-    def _add_one(self, clip_id: str, vec: np.ndarray | None, h: int | None) -> str | None:
-        if vec is None and h is None:
-            return None
-        if h is not None:
-            rep = self._hash_match(h)
-            if rep is not None:
-                return self._name(rep, clip_id)
-        codes: list[int] = []
+    def add_representatives(
+        self,
+        ids: Sequence[str],
+        embeddings: Sequence[Any] | np.ndarray | None = None,
+        hashes: Sequence[Any] | None = None,
+    ) -> int:
+        """Index items known to be no duplicates of each other (a corpus's kept clips)
+        without looking each one up: :meth:`add`'s arguments; returns how many items
+        were indexed (those with an embedding or a hash)."""
+        n = len(ids)
+        embs: Sequence[Any] | np.ndarray = [None] * n if embeddings is None else embeddings
+        hs: Sequence[Any] = [None] * n if hashes is None else hashes
+        if len(embs) != n or len(hs) != n:
+            raise ValueError(f"{n} ids but {len(embs)} embeddings and {len(hs)} hashes")
+        added = 0
+        for clip_id, (vec, code), h in zip(ids, self._prepared(embs), hs, strict=True):
+            value = _parse_hash(h)
+            if vec is not None or value is not None:
+                self._insert(str(clip_id), self._checked(str(clip_id), vec), value, code)
+                added += 1
+        return added
+
+    def _checked(self, clip_id: str, vec: np.ndarray | None) -> np.ndarray | None:
+        """``vec``, after the index takes its width from the first embedding."""
         if vec is not None:
             if self.dim is None:
                 self._init_embeddings(len(vec))
@@ -254,10 +330,30 @@ class DedupIndex:
                 raise ValueError(
                     f"clip {clip_id}: embedding width {len(vec)}, index has {self.dim}"
                 )
-            codes = self._codes(vec)
+        return vec
+
+    def _add_one(
+        self, clip_id: str, vec: np.ndarray | None, h: int | None, codes: list[int] | None
+    ) -> str | None:
+        if vec is None and h is None:
+            return None
+        if h is not None:
+            rep = self._hash_match(h)
+            if rep is not None:
+                return self._name(rep, clip_id)
+        vec = self._checked(clip_id, vec)
+        if vec is not None:
+            codes = codes if codes is not None else self._codes(vec[None])[0]
             rep = self._embedding_match(vec, codes)
             if rep is not None:
                 return self._name(rep, clip_id)
+        self._insert(clip_id, vec, h, codes)
+        return None
+
+    def _insert(
+        self, clip_id: str, vec: np.ndarray | None, h: int | None, codes: list[int] | None
+    ) -> None:
+        """``clip_id`` becomes a representative."""
         rep = len(self.ids)
         self.ids.append(clip_id)
         self._hashes.append(h or 0)
@@ -266,8 +362,9 @@ class DedupIndex:
             for bucket, value in zip(self._hash_buckets, self._band_values(h), strict=True):
                 bucket.setdefault(value, array("q")).append(rep)
         if vec is not None:
-            self._store_embedding(rep, vec, codes)
-        return None
+            self._store_embedding(
+                rep, vec, codes if codes is not None else self._codes(vec[None])[0]
+            )
 
     def _name(self, rep: int, clip_id: str) -> str | None:
         """The representative's id; None when it is this very clip (a source rebuilt on
@@ -276,24 +373,23 @@ class DedupIndex:
 
     def add_table(self, table: pa.Table) -> int:
         """Seed from index rows (:data:`SEED_COLUMNS`): every kept, non-duplicate row
-        becomes a representative. Returns how many rows were added; read large indexes
-        part by part."""
+        becomes a representative (:meth:`add_representatives`). Returns how many rows
+        were indexed; a large index is read part by part (:func:`seed_from_corpus`)."""
         names = set(table.column_names)
-        col = {
-            c: table.column(c).to_pylist() if c in names else [None] * table.num_rows
-            for c in SEED_COLUMNS
-        }
-        keep = [
-            i
-            for i in range(table.num_rows)
-            if col["status"][i] == "kept" and col["dup_of"][i] is None and col["clip_id"][i]
-        ]
-        self.add(
-            [str(col["clip_id"][i]) for i in keep],
-            [col["clip_embedding"][i] for i in keep],
-            [col["frame_hash"][i] for i in keep],
-        )
-        return len(keep)
+        if not {"clip_id", "status"} <= names:
+            return 0
+        ids = table.column("clip_id")
+        keep = pc.and_(pc.equal(table.column("status"), "kept"), pc.not_equal(ids, ""))
+        if "dup_of" in names:
+            keep = pc.and_(keep, pc.is_null(table.column("dup_of")))
+        rows = table.filter(keep)  # a null in the mask drops the row too
+        embeddings: Sequence[Any] | np.ndarray | None = None
+        if "clip_embedding" in names:
+            column = rows.column("clip_embedding")
+            matrix = embedding_matrix(column)
+            embeddings = matrix if matrix is not None else column.to_pylist()
+        hashes = rows.column("frame_hash").to_pylist() if "frame_hash" in names else None
+        return self.add_representatives(rows.column("clip_id").to_pylist(), embeddings, hashes)
 
 
 def find_duplicates(
@@ -307,11 +403,12 @@ def find_duplicates(
 
 
 def seed_from_corpus(index: DedupIndex, root: str) -> int:
-    """Add the kept clips of the committed corpus at ``root`` (a resumed build); 0 when
-    there is no corpus yet. Returns how many representatives were added."""
-    from pipeline.writer import read_index  # storage I/O only here, at actor start
+    """Add the kept clips of the committed corpus at ``root`` (a resumed build), one
+    index part at a time; 0 when there is no corpus yet. Returns how many
+    representatives were added."""
+    from pipeline.writer import iter_index_parts  # storage I/O only here, at actor start
 
-    return index.add_table(read_index(root, columns=SEED_COLUMNS))
+    return sum(index.add_table(part) for part in iter_index_parts(root, SEED_COLUMNS))
 
 
 class Dedup:
