@@ -157,6 +157,10 @@ def test_pack_stats_command(
     assert code == 0 and re.search(r"samples_not_divisible_by_patch +8\n", text), text
     assert re.search(r"samples_skipped +0\n", text)
     assert cli.main(["pack-stats", str(tmp_path / "nothing"), "--budget", "8"]) == 2
+    # without --budget, train's default budget: every sample fits, none is skipped
+    assert cli.main(["pack-stats", str(tmp_path / "c"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_budget"] == 4096 and out["samples_skipped"] == 0
     capsys.readouterr()
     # settings out of range are named, not clamped or ignored
     for flags, words in [

@@ -1,4 +1,4 @@
-"""``reelpack pack-stats ROOT --budget N``: how well a corpus packs into a token budget.
+"""``reelpack pack-stats ROOT [--budget N]``: how well a corpus packs into a token budget.
 
 Runs `model.data.PackedLoader` over the corpus (one epoch, or ``--limit`` batches) and
 prints the padding fraction, packed sequences, samples skipped / cropped / downscaled
@@ -127,9 +127,17 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("pack-stats", help="padding and throughput of packing a corpus")
     p.add_argument("root", help="corpus root: a folder or s3://bucket/prefix")
-    p.add_argument("--budget", type=int, required=True, help="tokens per packed sequence")
+    from model.train_config import TrainConfig  # torch-free
+
+    train = TrainConfig()
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=train.token_budget,
+        help=f"tokens per packed sequence (default: train's, {train.token_budget})",
+    )
     p.add_argument("--patch", type=_patch, help="pt,ph,pw (default: the manifest's)")
-    p.add_argument("--oversize", choices=("skip", "crop", "downscale"), default="skip")
+    p.add_argument("--oversize", choices=("skip", "crop", "downscale"), default=train.oversize)
     p.add_argument("--limit", type=int, help="stop after this many sequences")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--pack-buffer", type=int, default=64, help="samples per packing window")
