@@ -75,7 +75,8 @@ __all__ = [
 ]
 
 _HASH_BITS = 64
-_CODE_ROWS = 8192  # embeddings projected at once for their LSH codes
+_CODE_ROWS = 8192  # embeddings projected at once for their LSH codes, per lookup batch
+_SEED_ROWS = 65536  # representatives indexed at once (each bucket extended once per batch)
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,18 @@ def embedding_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
             out[row : row + len(chunk)][n > 0] = values.reshape(-1, dim)
         row += len(chunk)
     return out
+
+
+def _extend_buckets(buckets: dict[int, array], keys: np.ndarray, reps: np.ndarray) -> None:
+    """Append each of ``reps`` (ascending) to the bucket of its key, one call per key."""
+    if not len(keys):
+        return
+    order = np.argsort(keys, kind="stable")
+    keys, reps = keys[order], reps[order].astype(np.int64)
+    uniq, starts = np.unique(keys, return_index=True)
+    ends = [*starts[1:].tolist(), len(keys)]
+    for key, a, b in zip(uniq.tolist(), starts.tolist(), ends, strict=True):
+        buckets.setdefault(int(key), array("q")).frombytes(reps[a:b].tobytes())
 
 
 # the index columns a dedup index is seeded from
@@ -218,7 +231,7 @@ class DedupIndex:
             return
         for lo in range(0, len(embeddings), _CODE_ROWS):
             m = np.asarray(embeddings[lo : lo + _CODE_ROWS], np.float32)
-            norms = np.linalg.norm(m, axis=1)
+            norms = np.sqrt(np.einsum("ij,ij->i", m, m))  # no (n, D) temporary
             ok = np.isfinite(norms) & (norms > 0)
             units = m / np.where(ok, norms, 1)[:, None]
             if ok.any() and self.dim is None:
@@ -306,20 +319,87 @@ class DedupIndex:
         hashes: Sequence[Any] | None = None,
     ) -> int:
         """Index items known to be no duplicates of each other (a corpus's kept clips)
-        without looking each one up: :meth:`add`'s arguments; returns how many items
-        were indexed (those with an embedding or a hash)."""
+        without looking each one up, :data:`_SEED_ROWS` at a time, bucket by bucket:
+        :meth:`add`'s arguments; returns how many items were indexed (those with an
+        embedding or a hash)."""
         n = len(ids)
         embs: Sequence[Any] | np.ndarray = [None] * n if embeddings is None else embeddings
         hs: Sequence[Any] = [None] * n if hashes is None else hashes
         if len(embs) != n or len(hs) != n:
             raise ValueError(f"{n} ids but {len(embs)} embeddings and {len(hs)} hashes")
         added = 0
-        for clip_id, (vec, code), h in zip(ids, self._prepared(embs), hs, strict=True):
-            value = _parse_hash(h)
-            if vec is not None or value is not None:
-                self._insert(str(clip_id), self._checked(str(clip_id), vec), value, code)
-                added += 1
+        for lo in range(0, n, _SEED_ROWS):
+            part = slice(lo, lo + _SEED_ROWS)
+            units, has_vec = self._unit_rows(list(ids[part]), embs[part])
+            values = [_parse_hash(h) for h in hs[part]]
+            has_hash = np.array([v is not None for v in values], bool)
+            take = np.flatnonzero(has_vec | has_hash)
+            first = len(self.ids)
+            reps = np.arange(first, first + len(take), dtype=np.int64)
+            chosen = take.tolist()
+            self.ids.extend(str(ids[lo + i]) for i in chosen)
+            hash_of = np.array([values[i] or 0 for i in chosen], np.uint64)
+            self._hashes.frombytes(hash_of.tobytes())
+            with_vec = has_vec[take]
+            emb_rows = np.full(len(take), -1, np.int64)
+            emb_rows[with_vec] = self._num_embedded + np.arange(int(with_vec.sum()))
+            self._emb_row.frombytes(emb_rows.tobytes())
+            hashed = has_hash[take]
+            for bucket, band in zip(
+                self._hash_buckets, self._bands_of(hash_of[hashed]), strict=True
+            ):
+                _extend_buckets(bucket, band, reps[hashed])
+            if units is not None and with_vec.any():
+                self._store_embeddings(reps[with_vec], units[take[with_vec]])
+            added += len(take)
         return added
+
+    def _unit_rows(
+        self, ids: list[Any], embeddings: Sequence[Any] | np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Unit rows ``(n, D)`` of ``embeddings`` (None when none has a value) and which
+        rows have one; the index takes its width from the first."""
+        if isinstance(embeddings, np.ndarray) and embeddings.ndim == 2:
+            m = embeddings.astype(np.float32, copy=False)
+            norms = np.sqrt(np.einsum("ij,ij->i", m, m))  # no (n, D) temporary
+            ok = np.isfinite(norms) & (norms > 0)
+            units = m / np.where(ok, norms, 1)[:, None]
+            for i in np.flatnonzero(ok)[:1]:
+                self._checked(str(ids[i]), units[i])
+            return (units if ok.any() else None), ok
+        vecs = [_as_vector(e) for e in embeddings]
+        for clip_id, vec in zip(ids, vecs, strict=True):
+            self._checked(str(clip_id), vec)
+        ok = np.array([v is not None for v in vecs], bool)
+        if not ok.any():
+            return None, ok
+        units = np.zeros((len(vecs), self.dim or 0), np.float32)
+        for i in np.flatnonzero(ok):
+            units[i] = vecs[i]
+        return units, ok
+
+    def _bands_of(self, hashes: np.ndarray) -> list[np.ndarray]:
+        """:meth:`_band_values` of many ``uint64`` hashes at once, band by band."""
+        return [
+            (hashes >> np.uint64(_HASH_BITS - hi)) & np.uint64((1 << (hi - lo)) - 1)
+            for lo, hi in self._bands
+        ]
+
+    def _store_embeddings(self, reps: np.ndarray, units: np.ndarray) -> None:
+        """:meth:`_store_embedding` of many new representatives, block by block (their
+        ``_emb_row`` entries are the next rows already)."""
+        done = 0
+        while done < len(reps):
+            if self._tail_rows == self.cfg.block_rows:
+                self._seal_block()
+            k = min(len(reps) - done, self.cfg.block_rows - self._tail_rows)
+            self._tail[self._tail_rows : self._tail_rows + k] = units[done : done + k]
+            self._tail_rows += k
+            self._num_embedded += k
+            done += k
+        codes = np.asarray(self._codes(units), np.int64)
+        for t, bucket in enumerate(self._lsh_buckets):
+            _extend_buckets(bucket, codes[:, t], reps)
 
     def _checked(self, clip_id: str, vec: np.ndarray | None) -> np.ndarray | None:
         """``vec``, after the index takes its width from the first embedding."""
@@ -382,14 +462,19 @@ class DedupIndex:
         keep = pc.and_(pc.equal(table.column("status"), "kept"), pc.not_equal(ids, ""))
         if "dup_of" in names:
             keep = pc.and_(keep, pc.is_null(table.column("dup_of")))
-        rows = table.filter(keep)  # a null in the mask drops the row too
+        keep = pc.fill_null(keep, False)  # a null status or id: not a representative
+        mask = keep.to_numpy(zero_copy_only=False)
+        small = table.select([c for c in ("clip_id", "frame_hash") if c in names]).filter(keep)
         embeddings: Sequence[Any] | np.ndarray | None = None
         if "clip_embedding" in names:
-            column = rows.column("clip_embedding")
-            matrix = embedding_matrix(column)
-            embeddings = matrix if matrix is not None else column.to_pylist()
-        hashes = rows.column("frame_hash").to_pylist() if "frame_hash" in names else None
-        return self.add_representatives(rows.column("clip_id").to_pylist(), embeddings, hashes)
+            column = table.column("clip_embedding")
+            matrix = embedding_matrix(column)  # the whole column: no filtered copy of it
+            if matrix is None:
+                embeddings = column.filter(keep).to_pylist()
+            else:
+                embeddings = matrix if mask.all() else matrix[mask]
+        hashes = small.column("frame_hash").to_pylist() if "frame_hash" in names else None
+        return self.add_representatives(small.column("clip_id").to_pylist(), embeddings, hashes)
 
 
 def find_duplicates(
