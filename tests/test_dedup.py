@@ -227,6 +227,50 @@ def test_representatives_are_indexed_without_lookups() -> None:
         index.add_representatives(["b"], [np.ones(5)])
 
 
+def test_bulk_seeding_builds_the_index_the_row_path_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """add_representatives (in batches, bucket by bucket, across embedding blocks) gives
+    the same index as adding the same non-duplicate items one by one: the same
+    representatives, hashes, embedding rows, buckets and stored vectors."""
+    import pipeline.stages.dedup as dedup_module
+
+    rng = np.random.default_rng(11)
+    n = 23
+    emb: list[np.ndarray | None] = list(unit(rng.standard_normal((n, DIM))))
+    hashes: list[str | None] = [f"{int(x):016x}" for x in rng.integers(0, 2**63, n)]
+    for i in (2, 9):
+        emb[i] = None  # hash only
+    for i in (4, 9, 15):
+        hashes[i] = None  # embedding only (9: neither, not indexed)
+    ids = [f"c{i}" for i in range(n)]
+    cfg = DedupConfig(block_rows=8)
+    rows = DedupIndex(cfg)
+    assert rows.add(ids, emb, hashes) == [None] * n
+    monkeypatch.setattr(dedup_module, "_SEED_ROWS", 5)
+    bulk = DedupIndex(cfg)
+    assert bulk.add_representatives(ids, emb, hashes) == n - 1
+    matrix = np.stack([np.zeros(DIM) if e is None else e * 3.0 for e in emb])
+    bulk_array = DedupIndex(cfg)
+    assert bulk_array.add_representatives(ids, matrix, hashes) == n - 1
+
+    def layout(index: DedupIndex) -> tuple[object, ...]:
+        buckets = [
+            {k: list(v) for k, v in b.items()} for b in index._lsh_buckets + index._hash_buckets
+        ]
+        return (index.ids, list(index._hashes), list(index._emb_row), buckets)
+
+    assert layout(bulk) == layout(rows) == layout(bulk_array)
+    stored = [i._vectors(np.arange(i._num_embedded)) for i in (rows, bulk, bulk_array)]
+    np.testing.assert_allclose(stored[1], stored[0], atol=1e-3)  # float16, rounded alike
+    np.testing.assert_allclose(stored[2], stored[0], atol=1e-3)
+    assert len(bulk._blocks) == 2  # 21 embeddings in blocks of 8
+    # and it answers lookups alike
+    probe = [emb[0], None, emb[20]]
+    probe_hashes = [None, hashes[2], None]
+    assert bulk.add(["x", "y", "z"], probe, probe_hashes) == ["c0", "c2", "c20"]
+
+
 # --- the stage ------------------------------------------------------------------------------
 
 
