@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Sample",
     "check_output",
+    "corpus_sample_size",
     "latent_grid",
     "plan_samples",
     "sample_latents",
@@ -196,9 +197,10 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 DEFAULT_FPS = 16.0  # when neither the caller nor the corpus names a rate
 
 
-def check_output(out: str, frames: int, fps: float | None = None) -> None:
-    """Raise ValueError unless ``out``'s suffix names a format that holds ``frames``,
-    ``out`` is not a folder, and ``fps`` (when given) is a positive frame rate."""
+def check_output(out: str, frames: int | None, fps: float | None = None) -> None:
+    """Raise ValueError unless ``out``'s suffix names a format that holds ``frames``
+    (None: not known yet, any format), ``out`` is not a folder, and ``fps`` (when given)
+    is a positive frame rate."""
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise ValueError(f"{out}: the frame rate must be a positive number, not {fps:g}")
     if Path(out).is_dir():
@@ -208,7 +210,7 @@ def check_output(out: str, frames: int, fps: float | None = None) -> None:
         return
     videos = ", ".join([*VIDEO_FORMATS, ".gif"])
     if suffix in IMAGE_FORMATS:
-        if frames == 1:
+        if frames is None or frames == 1:
             return
         raise ValueError(f"{out}: {suffix} holds one frame, not {frames}; use {videos}")
     raise ValueError(
@@ -303,7 +305,7 @@ class Sample:
 
 
 def plan_samples(
-    prompts: Sequence[str], seed: int, per_prompt: int, out: str, frames: int = 1
+    prompts: Sequence[str], seed: int, per_prompt: int, out: str, frames: int | None = 1
 ) -> list[Sample]:
     """The clips of a run: ``per_prompt`` seeds (``seed``, ``seed + 1``, ...) for each
     prompt, in prompt order, and the file each is written to.
@@ -312,7 +314,8 @@ def plan_samples(
     ``{prompt}`` (the prompt's number) are filled in, e.g. ``kite-{prompt}-{seed}.mp4``.
     With no field, one clip goes to ``out`` itself, and several get ``-{n}`` before its
     suffix (``kite.mp4`` -> ``kite-0.mp4``, ``kite-1.mp4``, ...). Raises
-    ValueError for no prompt, a count below 1, an unknown field, or two clips named alike.
+    ValueError for no prompt, a count below 1, an unknown field, or two clips named alike,
+    or a format that cannot hold ``frames`` (None: not known yet).
     """
     if not prompts:
         raise ValueError("no prompt to sample")
@@ -351,9 +354,9 @@ def sample_to_files(
     ckpt: str,
     corpus_root: str | None,
     samples: Sequence[Sample],
-    frames: int,
-    height: int,
-    width: int,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
     steps: int,
     cfg_scale: float,
     *,
@@ -373,7 +376,8 @@ def sample_to_files(
     on its prompt and seed, not on the batch it ran in.
 
     `corpus_root` gives the manifest (VAE, text encoder); None = the corpus the
-    checkpoint was trained on. ``fps`` None plays the clip at the rate the corpus's
+    checkpoint was trained on. A size left None is the corpus's most common sample's
+    (:func:`corpus_sample_size`); ``frames`` None is 1 when the files are images. ``fps`` None plays the clip at the rate the corpus's
     latents were made at (its encode ``target_fps``; 16 if it kept each clip's own).
     Uses the EMA weights when the checkpoint has them. ``device`` "auto": CUDA when
     available.
@@ -386,13 +390,24 @@ def sample_to_files(
 
     state = read_checkpoint(ckpt, mmap=True)  # read once; the optimizer state never is
     config, has_ema = state["config"], state.get("ema") is not None
-    manifest = read_manifest(corpus_root or config["corpus"]["root"])
+    root = corpus_root or config["corpus"]["root"]
+    manifest = read_manifest(root)
     trained_vae = config["corpus"]["vae"]
     if trained_vae.get("config_sha256") != manifest["vae"].get("config_sha256"):
         raise ValueError(
             f"{corpus_root}: the corpus VAE ({manifest['vae'].get('id')}) is not the one "
             f"{ckpt} was trained on ({trained_vae.get('id')})"
         )
+    if frames is None and all(Path(each.out).suffix.lower() in IMAGE_FORMATS for each in samples):
+        frames = 1
+    if frames is None or height is None or width is None:
+        common = corpus_sample_size(root, manifest["vae"])
+        frames, height, width = (
+            given if given is not None else default
+            for given, default in zip((frames, height, width), common, strict=True)
+        )
+        for each in samples:
+            check_output(each.out, frames, fps)
     patch = tuple(config["model"]["patch_size"])
     _, grid = latent_grid(manifest["vae"], patch, frames, height, width)  # before the model
     model, _ = model_from_checkpoint(state, ckpt, device, ema=ema and has_ema)
@@ -441,7 +456,7 @@ def sample_to_files(
 
 def _check_request(
     samples: Sequence[Sample],
-    frames: int,
+    frames: int | None,
     fps: float | None,
     steps: int,
     cfg_scale: float,
@@ -458,6 +473,26 @@ def _check_request(
         raise ValueError(f"need at least one sampling step, got {steps}")
     if not math.isfinite(cfg_scale):
         raise ValueError(f"the guidance scale must be a number, got {cfg_scale}")
+
+
+def corpus_sample_size(root: str, vae: dict[str, Any]) -> tuple[int, int, int]:
+    """``(frames, height, width)`` in pixels of the most common latent shape among the
+    kept samples of the corpus at ``root`` (``vae``: its manifest entry), the size a
+    sample "like the corpus" has. ValueError when the corpus keeps no sample."""
+    from collections import Counter
+
+    from model.loader import read_catalog
+
+    shapes = Counter(entry.shape[1:] for entry in read_catalog(root))
+    if not shapes:
+        raise ValueError(
+            f"{root}: the corpus keeps no sample to take a size from; give --frames, "
+            "--height and --width"
+        )
+    (t, h, w), _ = shapes.most_common(1)[0]
+    s, tf = int(vae["spatial_factor"]), int(vae["temporal_factor"])
+    base = int((vae.get("frame_rule") or {}).get("base", 1))
+    return base + (t - 1) * tf, h * s, w * s
 
 
 def sample_to_file(

@@ -17,6 +17,7 @@ from model.dit import build_dit
 from model.sample import (
     Sample,
     check_output,
+    corpus_sample_size,
     latent_grid,
     plan_samples,
     sample_latents,
@@ -393,3 +394,40 @@ def test_sample_runs_on_the_gpu_when_there_is_one(
     with pytest.raises(RuntimeError, match="stop after"):
         sample_to_file(str(ckpt), None, "", 1, 16, 16, 1, 1.0, str(tmp_path / "x.png"))
     assert devices == ["cuda", "cpu", "cuda"]
+
+
+def test_sample_size_defaults_to_the_corpus_most_common_sample(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --frames, --height or --width a clip is shaped like the corpus's most
+    common sample (an image file: one frame); a size given is kept."""
+    import json
+
+    from reelpack.cli import main
+
+    root, ckpt = trained
+    vae = json.loads((root / "manifest.json").read_text())["vae"]  # the checkpoint's VAE
+    shapes = [(1, 4, 4), (2, 2, 6), (3, 4, 2), (2, 2, 6)]
+    corpus = make_corpus(tmp_path / "c", [torch.randn(16, *s) for s in shapes], vae=vae)
+    assert corpus_sample_size(str(corpus), vae) == (5, 16, 48)  # 1 + 4 x 1 frames, 8x space
+    base = ["sample", str(ckpt), "--corpus", str(corpus), "--steps", "1"]
+    for extra, name, want in [
+        ([], "clip.mp4", (5, 16, 48)),
+        (["--height", "32"], "tall.mp4", (5, 32, 48)),
+        (["--frames", "9"], "long.webm", (9, 16, 48)),
+        ([], "still.png", (1, 16, 48)),
+    ]:
+        out = tmp_path / name
+        assert main([*base, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        if name.endswith(".png"):
+            assert np.asarray(Image.open(out)).shape[:2] == want[1:]
+            continue
+        with av.open(str(out)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert (len(frames), *frames[0].shape[:2]) == want
+    # an image file cannot hold the corpus's 5 frames when --frames asks for them
+    assert main([*base, "--frames", "5", "--out", str(tmp_path / "x.png")]) == 2
+    assert "holds one frame, not 5" in capsys.readouterr().err
+    empty = make_corpus(tmp_path / "empty", [], vae=vae)
+    assert main([*base[:2], "--corpus", str(empty), "--out", str(tmp_path / "e.mp4")]) == 2
+    assert "keeps no sample to take a size from" in capsys.readouterr().err

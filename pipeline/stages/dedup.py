@@ -35,8 +35,10 @@ How it scales (memory and time per representative, not per clip pair):
   vectors; lookups read only the candidate rows. Only representatives are stored:
   duplicates cost nothing.
 - Only kept clips are indexed (a blurry copy must not suppress a sharp one), and a
-  resumed build seeds the index from the corpus (:func:`seed_from_corpus`); a clip
-  that meets its own id (a source rebuilt after a refilter) is not a duplicate.
+  resumed build seeds the index from the corpus (:func:`seed_from_corpus`: one index
+  part at a time, its embeddings read from Arrow's buffers, every kept clip indexed as
+  a representative without a lookup, bucket by bucket; ``benchmarks/dedup_bench.py``);
+  a clip that meets its own id (a source rebuilt after a refilter) is not a duplicate.
 
 The :class:`Dedup` stage wraps one index: it must run as a single actor (one global
 index) after ``Decide``; rows it marks get ``dup_of``, status ``"rejected"`` and the

@@ -1,8 +1,9 @@
-"""``reelpack sample CKPT --prompt TEXT --frames N --height H --width W --steps S --cfg G --out FILE``.
+"""``reelpack sample CKPT --prompt TEXT [--frames N --height H --width W] --steps S --cfg G --out FILE``.
 
 Writes the file ``--out`` names, in the format of its suffix (.mp4, .mkv, .mov, .webm,
 .gif; .png, .jpg or .webp for ``--frames 1``). The VAE and text encoder come from the
-corpus manifest (``--corpus``, default: the corpus the checkpoint was trained on).
+corpus manifest (``--corpus``, default: the corpus the checkpoint was trained on). A
+size not given is that of the corpus's most common sample (frames: 1 for an image).
 
 Many clips in one run load the model once: ``--prompt`` repeats (``@FILE``: one prompt
 per line; ``@-``: standard input), ``--num-samples K`` makes K clips per prompt with
@@ -68,9 +69,14 @@ def register(sub: Any) -> None:
         help="caption to condition on (repeatable; @FILE: one per line, @-: standard input; "
         "default: one empty caption)",
     )
-    p.add_argument("--frames", type=int, default=1, help="frame count; must follow the VAE rule")
-    p.add_argument("--height", type=int, required=True, help="pixels")
-    p.add_argument("--width", type=int, required=True, help="pixels")
+    like = "default: the corpus's most common sample's"
+    p.add_argument(
+        "--frames",
+        type=int,
+        help=f"frame count, following the VAE rule ({like}; 1 for an image file)",
+    )
+    p.add_argument("--height", type=int, help=f"pixels ({like})")
+    p.add_argument("--width", type=int, help=f"pixels ({like})")
     p.add_argument("--steps", type=int, default=30, help="Euler steps")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument(
