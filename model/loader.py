@@ -90,6 +90,7 @@ from model.data import (
 )
 
 __all__ = [
+    "WHERE_SKIPS",
     "CatalogEntry",
     "EpochPlan",
     "PackedLoader",
@@ -145,17 +146,21 @@ def _index_parts(root: str) -> list[tuple[int, str]]:
 
 _CATALOG_COLUMNS = ("source", "status", "shard", "key", "latent_shape")
 _EXTRA_COLUMNS = ("extra_latents", "extra_latent_shapes")
+# what a `where` predicate is not given: one float per dimension per clip (a million
+# ViT-L/14 embeddings are 3 GB, and many times that as Python floats)
+WHERE_SKIPS = ("clip_embedding",)
 
 
 def _read_parquet(uri: str, all_columns: bool) -> pa.Table:
-    """An index part; only the columns the catalog needs unless `all_columns` (for `where`)."""
+    """An index part; only the columns the catalog needs unless `all_columns` (for
+    `where`: all but :data:`WHERE_SKIPS`)."""
     f = pq.ParquetFile(io.BytesIO(read_bytes(uri)) if is_s3(uri) else uri)
     names = f.schema_arrow.names
     missing = sorted(set(_CATALOG_COLUMNS) - set(names))
     if missing:
         raise ValueError(f"{uri}: index part lacks columns {missing}")
     if all_columns:
-        return f.read()
+        return f.read(columns=[c for c in names if c not in WHERE_SKIPS])
     return f.read(columns=[c for c in (*_CATALOG_COLUMNS, *_EXTRA_COLUMNS) if c in names])
 
 
@@ -178,23 +183,23 @@ def read_catalog(
 ) -> list[CatalogEntry]:
     """Kept samples of the corpus at `root` in index order, filtered by `where(row)`.
 
-    `where` gets the clip's index row (``schemas.CLIP_SCHEMA`` columns) as a dict.
-    A corpus without ``index/`` parts is scanned once through its shards instead
-    (safetensors headers and the JSON metadata only).
+    `where` gets the clip's index row (``schemas.CLIP_SCHEMA`` columns but
+    :data:`WHERE_SKIPS`) as a dict; rows become dicts a batch at a time. A corpus
+    without ``index/`` parts is scanned once through its shards instead (safetensors
+    headers and the JSON metadata only).
     """
     parts = _index_parts(root)
     if not parts:
         return _scan_catalog(root, where)
-    rows_by_part = []
+    tables = []
     latest: dict[str, int] = {}  # source -> highest part number holding it
-    for n, uri in parts:
-        rows = _read_parquet(uri, where is not None).to_pylist()
-        rows_by_part.append((n, uri, rows))
-        for r in rows:
-            latest[r["source"]] = max(latest.get(r["source"], n), n)
+    for n, uri in parts:  # in part order: a later part wins
+        table = _read_parquet(uri, where is not None)
+        tables.append((n, uri, table))
+        latest.update(dict.fromkeys(table.column("source").to_pylist(), n))
     out = []
-    for n, uri, rows in rows_by_part:
-        for r in rows:
+    for n, uri, table in tables:
+        for r in (row for batch in table.to_batches(4096) for row in batch.to_pylist()):
             if r["status"] != "kept" or latest[r["source"]] != n:
                 continue
             if not r["shard"] or not r["key"] or not r["latent_shape"]:

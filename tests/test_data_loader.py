@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 
 import schemas
 from model.data import PackedBatch, PackedLoader, patchify, unpatchify
-from model.loader import attention_cost, read_catalog
+from model.loader import WHERE_SKIPS, attention_cost, read_catalog
 
 C = 4
 PATCH = (1, 2, 2)
@@ -171,8 +171,17 @@ def test_catalog_keeps_kept_rows_and_later_parts_win(tmp_path: Path) -> None:
     )
     keys = [e.key for e in read_catalog(str(root))]
     assert keys == ["clip0001", "clip0002", "clip0003", "clip0004"]
-    good = read_catalog(str(root), where=lambda r: r[schemas.score_column("aesthetic")] >= 3)
+    seen: list[dict] = []
+
+    def aesthetic(row: dict) -> bool:
+        seen.append(row)
+        return row[schemas.score_column("aesthetic")] >= 3
+
+    good = read_catalog(str(root), where=aesthetic)
     assert [e.key for e in good] == ["clip0003", "clip0004"]
+    # the predicate sees every index column but the embeddings (large, and left out)
+    assert set(seen[0]) == set(schemas.CLIP_SCHEMA.names) - {"clip_embedding"}
+    assert seen[0]["caption"] and "clip_embedding" in WHERE_SKIPS
 
 
 # --- invariants, exactly once, equal steps -------------------------------------------------------
