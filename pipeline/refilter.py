@@ -263,9 +263,25 @@ def _write_manifest(
 
 
 def _rows_by_source(table: pa.Table, sources: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of ``sources`` as dicts, each embedding one numpy array (not a Python
+    float per value: a million 768-d embeddings are 25 GB as floats)."""
     subset = table.filter(pc.is_in(table.column("source"), value_set=pa.array(sources)))
+    vectors: list[Any] | None = None
+    if "clip_embedding" in subset.column_names:
+        column = subset.column("clip_embedding")
+        matrix = embedding_matrix(column)
+        if matrix is not None and pc.list_flatten(column).null_count == 0:
+            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
+            valid = column.is_valid().to_numpy(zero_copy_only=False)
+            vectors = [  # a null cell stays None and an empty list empty
+                row if n > 0 else ([] if ok else None)
+                for row, n, ok in zip(matrix, lengths, valid, strict=True)
+            ]
+            subset = subset.drop_columns(["clip_embedding"])
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in sources}
-    for row in subset.to_pylist():
+    for i, row in enumerate(subset.to_pylist()):
+        if vectors is not None:
+            row["clip_embedding"] = vectors[i]
         out[row["source"]].append(row)
     return out
 

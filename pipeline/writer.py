@@ -172,6 +172,10 @@ def _cast(value: Any, typ: pa.DataType) -> Any:
     if isinstance(value, float) and math.isnan(value) and not pa.types.is_floating(typ):
         return None  # Ray Data hands an all-null column of a block over as NaN floats
     if pa.types.is_list(typ):
+        if pa.types.is_floating(typ.value_type):
+            vector = _float_vector(value, typ.value_type)
+            if vector is not None:
+                return vector
         return [_cast(v, typ.value_type) for v in list(value)]
     if pa.types.is_string(typ):
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
@@ -184,6 +188,25 @@ def _cast(value: Any, typ: pa.DataType) -> Any:
             return None
         return int(value)
     raise TypeError(f"no cast for arrow type {typ}")
+
+
+def _float_vector(value: Any, typ: pa.DataType) -> np.ndarray | None:
+    """A flat sequence of numbers (an embedding) as one numpy array of ``typ``, which
+    Arrow takes as a list cell whole; None when an element is None or not a number
+    (then :func:`_cast` goes element by element). A million 768-d embeddings are 25 GB
+    as Python floats and 3 GB as arrays."""
+    dtype = typ.to_pandas_dtype()
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "fiub":
+            return None
+        return value.astype(dtype, copy=False)
+    if not isinstance(value, list | tuple) or None in value:
+        return None  # a null element stays null, not NaN
+    try:
+        vector = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        return None
+    return vector if vector.ndim == 1 else None
 
 
 def _cast_row(
@@ -224,6 +247,14 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
+
+
+def _sample_meta(row: Mapping[str, Any]) -> str:
+    """A sample's ``.json``: its index row minus bulky vectors (the CLIP embedding stays
+    in the parquet index), strict JSON."""
+    return json.dumps(
+        {k: _json_safe(v) for k, v in row.items() if k not in _META_EXCLUDED}, allow_nan=False
+    )
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -768,7 +799,7 @@ class CorpusWriter:
         # The JSON gets ``shard`` and ``key`` later: allow for them.
         extra = sum(
             blocks(len(latents))
-            + blocks(len(json.dumps(out)) + 128)
+            + blocks(len(_sample_meta(out)) + 128)
             + blocks(len((out["caption"] or "").encode("utf-8")))
             for out, latents in samples
         )
@@ -792,11 +823,7 @@ class CorpusWriter:
         if self._tar is None:
             self._open_tar()
         assert self._tar is not None
-        # the index row minus bulky vectors (the CLIP embedding stays in the parquet index)
-        meta = json.dumps(
-            {k: _json_safe(v) for k, v in row.items() if k not in _META_EXCLUDED},
-            allow_nan=False,
-        )
+        meta = _sample_meta(row)
         try:
             for suffix, data in (
                 (schemas.SAMPLE_LATENTS, latents),

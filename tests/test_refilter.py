@@ -366,3 +366,30 @@ def test_dedup_seeds_part_by_part_from_the_live_rows(corpus: str) -> None:
     copy = {"clip_id": "new-copy", "source": "/videos/new.mp4", "status": "kept", "reasons": []}
     copy["frame_hash"] = by_id(corpus)["pan-b"]["frame_hash"]
     assert stage(rows_to_batch([copy]))["dup_of"].tolist() == [None]  # pan-b is rejected now
+
+
+@pytest.mark.parametrize("hole", [False, True])
+def test_rewritten_rows_keep_their_embeddings(
+    tmp_path: Path, built: dict[str, Any], hole: bool
+) -> None:
+    """A refilter rewrites whole rows: every embedding (an array, a null, an empty list;
+    with ``hole`` also one with a null value, which the rows then carry as lists)
+    reaches the new part as it was."""
+    rng = np.random.default_rng(3)
+    batch = dict(built["batch"])
+    cells = np.empty(len(batch["clip_id"]), dtype=object)
+    last = [1.0, None] if hole else [1.0, 2.0]
+    shapes: list[Any] = [rng.standard_normal(2).astype(np.float32), None, [], last]
+    for i in range(len(cells)):
+        cells[i] = shapes[i % len(shapes)]
+    batch["clip_embedding"] = cells
+    root = str(tmp_path / "corpus")
+    with CorpusWriter(root) as writer:
+        writer.add(batch)
+        writer.write_manifest({"config": to_dict(BuildConfig())})
+    before = {r["clip_id"]: r["clip_embedding"] for r in read_index(root).to_pylist()}
+    # reject on sharpness everywhere: every source's rows are rewritten
+    summary = refilter(root, DecideConfig(thresholds={"sharpness": [1e9, None]}), DedupConfig())
+    assert summary["sources_rewritten"] == len(CLIPS) and summary["part"] == 1
+    after = {r["clip_id"]: r["clip_embedding"] for r in read_index(root).to_pylist()}
+    assert after == before and before[str(batch["clip_id"][3])] == last

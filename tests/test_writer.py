@@ -867,3 +867,44 @@ def test_the_loader_can_leave_corrupt_samples_out(
     assert len(alone) == 4
     assert sorted(k for b in alone for k in b.keys) == [keys[0], keys[2]]
     assert alone.stats.batches == 2 and alone.state_dict()["epoch"] == 1
+
+
+def test_embedding_cells_are_stored_as_given_whichever_form_they_come_in(tmp_path) -> None:
+    """An embedding reaches the index as a numpy array (a stage), a list (a refilter's
+    rows) or with holes; each is stored as the element-by-element cast would store it,
+    without a Python float per value where it can."""
+    import pyarrow as pa
+
+    from pipeline.writer import _cast
+
+    typ = schemas.CLIP_SCHEMA.field("clip_embedding").type
+    cells = [
+        np.array([0.1, -2.5, 3e38], dtype=np.float64),  # rounded to float32 as Arrow would
+        np.array([1.5, np.nan], dtype=np.float32),
+        np.arange(3, dtype=np.int64),
+        [0.25, 1, 7.0],
+        (1.0, 2.0),
+        [1.0, None, 3.0],  # a null element stays null, not NaN
+        ["0.5", "2"],  # numbers as text, as float() reads them
+        [],
+        None,
+    ]
+    fast = pa.array([_cast(c, typ) for c in cells], typ)
+    slow = pa.array(
+        [None if c is None else [None if v is None else float(v) for v in c] for c in cells], typ
+    )
+    assert nan_safe(fast.to_pylist()) == nan_safe(slow.to_pylist())
+    assert isinstance(_cast(cells[0], typ), np.ndarray)  # one array, not 3 Python floats
+    with pytest.raises(ValueError, match="could not convert string to float"):
+        _cast(["x"], typ)
+    # through a writer: stored as given
+    rows = [clip("/v/e.mp4", i, 3, "rejected", clip_embedding=e) for i, e in enumerate(cells[:3])]
+    with CorpusWriter(str(tmp_path / "c")) as writer:
+        writer.add(batch(rows))
+    stored = read_index(str(tmp_path / "c"), columns=["clip_embedding"]).column("clip_embedding")
+    assert nan_safe(stored.to_pylist()) == nan_safe(slow[:3].to_pylist())
+
+
+def nan_safe(cells: list) -> list:
+    """Cells with NaN written "nan" (NaN equals nothing, itself included)."""
+    return [c if c is None else ["nan" if v != v else v for v in c] for c in cells]
