@@ -12,7 +12,8 @@ How an epoch is made (everything up to step 5 reads only the index, never a shar
 
 1. **Catalog**: the kept rows of ``<root>/index/part-*.parquet`` (a later part wins for
    a source present in several parts; parts without a ``sources/`` commit marker are
-   ignored), filtered by the optional ``where(row)`` predicate. Each row's
+   ignored), filtered by the optional ``where(row)`` predicate and ``keep_key(key)``
+   (a sample key test that reads no more of the index: a held-out set). Each row's
    ``latent_shape`` gives its token count at the loader's patch. Without an index the
    shards are scanned once for their safetensors headers instead.
 2. **Order**: shards shuffled by (seed, epoch), then samples through a bounded shuffle
@@ -896,6 +897,7 @@ class PackedLoader:
         shuffle_buffer: int = 256,
         pack_buffer: int = 64,
         where: Callable[[dict[str, Any]], bool] | None = None,
+        keep_key: Callable[[str], bool] | None = None,
         oversize: str = "skip",
         token_drop: float = 0.0,
         drop_last: bool = True,
@@ -942,6 +944,8 @@ class PackedLoader:
             balance_window=balance_window,
         )
         self.entries = read_catalog(root, where)
+        if keep_key is not None:  # e.g. a held-out validation set, in or out
+            self.entries = [e for e in self.entries if keep_key(e.key)]
         if oversize == "downscale":
             self.entries = self._probe_alternatives(self.entries)
         self.stats = PackStats()

@@ -41,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from model.device import resolve_device
 from model.dit import DiT, DiTConfig, build_dit
 from model.ema import EMA
 from model.flow import caption_keep_mask, flow_loss, resolution_shift
+from model.loader import read_catalog
 from model.raycluster import join_cluster, sigint_ignored
 from model.train_config import TrainConfig, add_config_flags, load_train_config
 
@@ -64,6 +66,7 @@ __all__ = [
     "TrainConfig",
     "TrainingInterrupted",
     "evaluate",
+    "held_out_keys",
     "init_model",
     "load_checkpoint",
     "load_train_config",
@@ -80,6 +83,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 RESUMABLE_CHANGES = (
     "steps",
     "log_every",
+    "val_every",
     "checkpoint_every",
     "device",
     "num_workers",
@@ -101,10 +105,32 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def held_out_keys(root: str, count: int) -> frozenset[str]:
+    """The ``count`` kept samples of the corpus at `root` held out for validation: those
+    whose keys hash lowest (CRC-32), so every run and rank holds out the same ones and a
+    corpus that grows keeps most of them. ValueError when no sample would be left to
+    train on."""
+    if count <= 0:
+        return frozenset()
+    keys = sorted({e.key for e in read_catalog(root)}, key=lambda k: (zlib.crc32(k.encode()), k))
+    if count >= len(keys):
+        raise ValueError(
+            f"{root}: val_samples {count} holds out all {len(keys)} kept samples; "
+            "none is left to train on"
+        )
+    return frozenset(keys[:count])
+
+
 def make_loader(
-    root: str, cfg: TrainConfig, patch: tuple[int, int, int], rank: int, world_size: int
+    root: str,
+    cfg: TrainConfig,
+    patch: tuple[int, int, int],
+    rank: int,
+    world_size: int,
+    held_out: frozenset[str] = frozenset(),
 ) -> Loader:
-    """This rank's `model.data.PackedLoader` (planned from the index, shuffled, resumable)."""
+    """This rank's `model.data.PackedLoader` (planned from the index, shuffled, resumable),
+    without the samples ``held_out`` for validation."""
     return PackedLoader(
         root,
         token_budget=cfg.token_budget,
@@ -116,7 +142,57 @@ def make_loader(
         shuffle_buffer=cfg.shuffle_buffer,
         oversize=cfg.oversize,
         skip_corrupt=cfg.skip_corrupt,
+        keep_key=(lambda key: key not in held_out) if held_out else None,
     )
+
+
+class _Validation:
+    """The validation loss on the held-out samples: every rank packs its share of them
+    (the same number of batches on each, for FSDP), each batch gets the same noise and
+    timesteps at every evaluation, and the loss is the mean over all ranks' samples."""
+
+    def __init__(
+        self,
+        root: str,
+        cfg: TrainConfig,
+        patch: tuple[int, int, int],
+        d: _Dist,
+        keys: frozenset[str],
+    ) -> None:
+        self.cfg, self.d = dataclasses.replace(cfg, caption_dropout=0.0), d
+        self.loader = PackedLoader(
+            root,
+            token_budget=cfg.token_budget,
+            patch=patch,
+            seed=cfg.seed,
+            rank=d.rank,
+            world_size=d.world_size,
+            shuffle_buffer=0,
+            oversize=cfg.oversize,
+            drop_last=False,  # every rank gets batches, however few samples
+            skip_corrupt=cfg.skip_corrupt,
+            keep_key=keys.__contains__,
+        )
+        if len(self.loader) == 0:
+            raise ValueError(
+                f"{root}: the {len(keys)} held-out samples pack into no batch at token "
+                f"budget {cfg.token_budget} ({self.loader.stats})"
+            )
+
+    def loss(self, model: nn.Module, text: bool) -> float:
+        generator = torch.Generator(device=self.d.device).manual_seed(self.cfg.seed + 7919)
+        self.loader.set_epoch(0)
+        total, weight = _summed_loss(model, self.loader, self.cfg, text, generator, draws=1)
+        return self.d.all_sum(total) / max(self.d.all_sum(weight), 1.0)
+
+    def log(self, step: int, model: nn.Module, text: bool, metrics: Path) -> None:
+        """Compute the loss (on every rank) and record it (rank 0): printed, and a
+        ``{"step", "val_loss"}`` line in ``metrics.jsonl``."""
+        value = self.loss(model, text)
+        if self.d.rank == 0:
+            print(f"step {step} val_loss {value:.4f}", flush=True)
+            with metrics.open("a") as f:
+                f.write(json.dumps({"step": step, "val_loss": value}) + "\n")
 
 
 class _Stream:
@@ -627,7 +703,9 @@ def train(  # noqa: C901
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1_000_003 * d.rank)
-    loader = make_loader(root, cfg, patch, d.rank, d.world_size)
+    held_out = held_out_keys(root, cfg.val_samples)
+    loader = make_loader(root, cfg, patch, d.rank, d.world_size, held_out)
+    validation = _Validation(root, cfg, patch, d, held_out) if held_out else None
     start, epoch, fresh = 0, 0, True
     if state is not None:
         _load_optimizer(model, optimizer, state["optimizer"], cfg)
@@ -726,6 +804,10 @@ def train(  # noqa: C901
                     )
                     with metrics.open("a") as f:
                         f.write(json.dumps(record) + "\n")
+            if validation is not None and (
+                step == cfg.steps or (cfg.val_every and step % cfg.val_every == 0)
+            ):
+                validation.log(step, model, text, metrics)
             if stop and step != last:
                 save(step)
                 stopped_at = step
@@ -769,6 +851,25 @@ def evaluate(model: DiT, root: str, cfg: TrainConfig, *, seed: int = 0, draws: i
     loader = make_loader(root, cfg, patch, 0, 1)
     loader.set_epoch(0)
     text = model.config.text_dim > 0
+    total, weight = _summed_loss(model, loader, fixed, text, generator, draws)
+    if weight == 0:
+        raise ValueError(f"{root}: no packed batch to evaluate on ({loader.stats})")
+    return total / weight
+
+
+@torch.no_grad()
+def _summed_loss(
+    model: nn.Module,
+    loader: Any,
+    cfg: TrainConfig,
+    text: bool,
+    generator: torch.Generator,
+    draws: int,
+) -> tuple[float, int]:
+    """Loss times weight summed over one pass of `loader`'s current epoch, `draws` times
+    each batch, and the weight (samples, or tokens for ``loss_reduction="token"``), in
+    eval mode."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, weight = 0.0, 0
@@ -780,14 +881,12 @@ def evaluate(model: DiT, root: str, cfg: TrainConfig, *, seed: int = 0, draws: i
                 with torch.autocast(
                     device.type, dtype=torch.bfloat16, enabled=_autocast_bf16(cfg, device)
                 ):
-                    loss = _loss(model, b, fixed, text, generator)
+                    loss = _loss(model, b, cfg, text, generator)
                 total += float(loss) * count
-                weight += count
+                weight += int(count)
     finally:
         model.train(was_training)
-    if weight == 0:
-        raise ValueError(f"{root}: no packed batch to evaluate on ({loader.stats})")
-    return total / weight
+    return total, weight
 
 
 def _init_ray(address: str | None) -> None:

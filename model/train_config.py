@@ -53,6 +53,10 @@ class TrainConfig:
     # of its packed sequence with a warning naming it and train on (True)
     skip_corrupt: bool = False
     shuffle_buffer: int = 256  # samples; used by the shuffling loader
+    # kept samples held out of training for a validation loss (model.train.held_out_keys:
+    # the same ones on every run and rank); 0 = none
+    val_samples: int = 0
+    val_every: int = 0  # steps between validation losses; 0 = at the last step only
 
     def validate(self) -> None:
         from model.dit import ATTN_BACKENDS
@@ -99,6 +103,8 @@ class TrainConfig:
                 "checkpoint_every",
                 "num_workers",
                 "shuffle_buffer",
+                "val_samples",
+                "val_every",
             )
             if not getattr(self, name) >= 0
         ]

@@ -197,6 +197,35 @@ def test_tiny_model_learns_a_small_corpus(tmp_path: Path) -> None:
     assert last <= 0.5 * first, (first, last)
 
 
+def test_validation_loss_on_held_out_samples(tmp_path: Path) -> None:
+    """val_samples holds the same samples out of training on every run; their loss is
+    logged every val_every steps and at the end, the same each time it is computed."""
+    from model.train import _corpus_facts, _Dist, _Validation, held_out_keys, make_loader
+
+    root = str(make_corpus(tmp_path / "c", smooth_latents(MIX * 2), text_dim=TEXT_DIM))
+    held = held_out_keys(root, 3)
+    assert len(held) == 3 and held == held_out_keys(root, 3) and held < held_out_keys(root, 5)
+    cfg = TrainConfig(
+        steps=4, lr=1e-3, token_budget=64, log_every=2, val_samples=3, val_every=3, device="cpu"
+    )
+    _, patch = _corpus_facts(root)
+    loader = make_loader(root, cfg, patch, 0, 1, held)
+    assert len(loader.entries) == len(MIX) * 2 - 3 and not held & {e.key for e in loader.entries}
+    out = tmp_path / "run"
+    train(root, str(out), cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    assert [step for step, _ in val] == [3, 4]  # every 3 steps, and the last
+    model, _ = load_checkpoint(str(out / "checkpoint.pt"), ema=False)
+    validation = _Validation(root, cfg, patch, _Dist(0, 1, torch.device("cpu"), False), held)
+    again = [validation.loss(model, True) for _ in range(2)]
+    assert again[0] == again[1] == pytest.approx(val[-1][1], rel=1e-5)
+    with pytest.raises(ValueError, match="holds out all 16 kept samples; none is left"):
+        held_out_keys(root, 16)
+    with pytest.raises(ValueError, match="val_every must be >= 0"):
+        TrainConfig(val_every=-1).validate()
+
+
 # --- checkpoints and resume --------------------------------------------------------------
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path: Path) -> None:
     root = make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM)
@@ -405,7 +434,10 @@ def _worker(rank: int, world: int, jobs: list[tuple[int, str, str, TrainConfig, 
 def test_ddp_and_fsdp_on_gloo_two_processes(tmp_path: Path) -> None:
     root = make_corpus(tmp_path / "c", smooth_latents(MIX), text_dim=TEXT_DIM)
     ddp = TrainConfig(steps=3, lr=1e-2, token_budget=48, log_every=1, grad_accum=2)
-    fsdp = TrainConfig(steps=2, lr=1e-2, token_budget=48, log_every=1, fsdp=True)
+    # FSDP with a validation loss: every rank runs the held-out batches (the same count)
+    fsdp = TrainConfig(
+        steps=2, lr=1e-2, token_budget=48, log_every=1, fsdp=True, val_samples=2, val_every=1
+    )
     jobs = [
         (_free_port(), str(root), str(tmp_path / name), cfg, sigterm_at)
         for name, cfg, sigterm_at in (
@@ -434,6 +466,9 @@ def test_ddp_and_fsdp_on_gloo_two_processes(tmp_path: Path) -> None:
         model, _ = load_checkpoint(str(tmp_path / name / "checkpoint.pt"), ema=True)
         assert set(state["ema"]) == {n for n, _ in model.named_parameters()}
         assert state["model"]["x_embedder.weight"].shape == model.x_embedder.weight.shape
+    records = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").open()]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    assert [step for step, _ in val] == [1, 2] and all(math.isfinite(v) for _, v in val)
 
 
 def test_samples_over_the_budget_are_cropped_or_named_in_the_error(
