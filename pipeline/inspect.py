@@ -127,12 +127,20 @@ def _tokens(shape: list[int], patch: list[int]) -> int | None:
     return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
 
 
-# every index column but the per-clip vectors, which no check reads (a million clips'
-# CLIP embeddings are 3 GB, ten times that as Python rows)
+# the index columns the checks read (and ``source``): every live row becomes a dict, so
+# no score, embedding or frame list a check does not read (a million clips' CLIP
+# embeddings are 3 GB, ten times that as Python rows)
 _CHECKED_COLUMNS = [
-    name
-    for name in schemas.CLIP_SCHEMA.names
-    if name not in ("clip_embedding", "encode_frame_indices")
+    "clip_id",
+    "status",
+    "shard",
+    "key",
+    "num_tokens",
+    "latent_shape",
+    "latents_crc32",
+    "caption",
+    "extra_latents",
+    "extra_latent_shapes",
 ]
 
 

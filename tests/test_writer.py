@@ -416,6 +416,8 @@ def test_readers_read_each_index_part_once_and_only_the_columns_they_need(
     checked = index_reads()
     assert sorted(n for n, _ in checked) == [0, 1, 2]
     assert all(cols is not None and "clip_embedding" not in cols for _, cols in checked)
+    # and no score: its rows become Python dicts, so only the columns its checks read
+    assert not any(c.startswith("score_") for _, cols in checked for c in cols or ())
     from pipeline.writer import read_committed
 
     live, sources, history = read_committed(root, ["status"], ["shard", "key"], history=True)
