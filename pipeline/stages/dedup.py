@@ -222,24 +222,15 @@ class DedupIndex:
         return (signs.astype(np.int64) * weights).sum(axis=2).tolist()
 
     def _prepared(
-        self, embeddings: Sequence[Any] | np.ndarray
+        self, ids: Sequence[Any], embeddings: Sequence[Any] | np.ndarray
     ) -> Iterator[tuple[np.ndarray | None, list[int] | None]]:
-        """Per item, its unit vector (None: no embedding) and, for an ``(n, D)`` array of
-        the index's width, its LSH codes, computed :data:`_CODE_ROWS` rows at a time
-        (else :meth:`_add_one` computes them)."""
-        if not (isinstance(embeddings, np.ndarray) and embeddings.ndim == 2):
-            for e in embeddings:
-                yield _as_vector(e), None
-            return
+        """Per item, its unit vector and LSH codes (None, None: no embedding), computed
+        :data:`_CODE_ROWS` items at a time."""
         for lo in range(0, len(embeddings), _CODE_ROWS):
-            m = np.asarray(embeddings[lo : lo + _CODE_ROWS], np.float32)
-            norms = np.sqrt(np.einsum("ij,ij->i", m, m))  # no (n, D) temporary
-            ok = np.isfinite(norms) & (norms > 0)
-            units = m / np.where(ok, norms, 1)[:, None]
-            if ok.any() and self.dim is None:
-                self._init_embeddings(m.shape[1])
-            if not ok.any() or m.shape[1] != self.dim:  # _add_one names a clip of another width
-                yield from ((u if good else None, None) for u, good in zip(units, ok, strict=True))
+            part = slice(lo, lo + _CODE_ROWS)
+            units, ok = self._unit_rows(list(ids[part]), embeddings[part])
+            if units is None:
+                yield from ((None, None) for _ in ok)
                 continue
             codes = self._codes(units)
             yield from (
@@ -311,7 +302,7 @@ class DedupIndex:
             raise ValueError(f"{n} ids but {len(embs)} embeddings and {len(hs)} hashes")
         return [
             self._add_one(str(i), v, _parse_hash(h), c)
-            for i, (v, c), h in zip(ids, self._prepared(embs), hs, strict=True)
+            for i, (v, c), h in zip(ids, self._prepared(ids, embs), hs, strict=True)
         ]
 
     def add_representatives(
@@ -366,6 +357,7 @@ class DedupIndex:
             norms = np.sqrt(np.einsum("ij,ij->i", m, m))  # no (n, D) temporary
             ok = np.isfinite(norms) & (norms > 0)
             units = m / np.where(ok, norms, 1)[:, None]
+            units[~ok] = 0  # no NaN or inf reaches a projection
             for i in np.flatnonzero(ok)[:1]:
                 self._checked(str(ids[i]), units[i])
             return (units if ok.any() else None), ok
@@ -423,9 +415,7 @@ class DedupIndex:
             rep = self._hash_match(h)
             if rep is not None:
                 return self._name(rep, clip_id)
-        vec = self._checked(clip_id, vec)
-        if vec is not None:
-            codes = codes if codes is not None else self._codes(vec[None])[0]
+        if vec is not None and codes is not None:
             rep = self._embedding_match(vec, codes)
             if rep is not None:
                 return self._name(rep, clip_id)
@@ -443,10 +433,8 @@ class DedupIndex:
         if h is not None:
             for bucket, value in zip(self._hash_buckets, self._band_values(h), strict=True):
                 bucket.setdefault(value, array("q")).append(rep)
-        if vec is not None:
-            self._store_embedding(
-                rep, vec, codes if codes is not None else self._codes(vec[None])[0]
-            )
+        if vec is not None and codes is not None:
+            self._store_embedding(rep, vec, codes)
 
     def _name(self, rep: int, clip_id: str) -> str | None:
         """The representative's id; None when it is this very clip (a source rebuilt on
