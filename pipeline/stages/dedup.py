@@ -359,11 +359,11 @@ class DedupIndex:
             units = m / np.where(ok, norms, 1)[:, None]
             units[~ok] = 0  # no NaN or inf reaches a projection
             for i in np.flatnonzero(ok)[:1]:
-                self._checked(str(ids[i]), units[i])
+                self._check_width(str(ids[i]), units[i])
             return (units if ok.any() else None), ok
         vecs = [_as_vector(e) for e in embeddings]
         for clip_id, vec in zip(ids, vecs, strict=True):
-            self._checked(str(clip_id), vec)
+            self._check_width(str(clip_id), vec)
         ok = np.array([v is not None for v in vecs], bool)
         if not ok.any():
             return None, ok
@@ -395,16 +395,15 @@ class DedupIndex:
         for t, bucket in enumerate(self._lsh_buckets):
             _extend_buckets(bucket, codes[:, t], reps)
 
-    def _checked(self, clip_id: str, vec: np.ndarray | None) -> np.ndarray | None:
-        """``vec``, after the index takes its width from the first embedding."""
-        if vec is not None:
-            if self.dim is None:
-                self._init_embeddings(len(vec))
-            if len(vec) != self.dim:
-                raise ValueError(
-                    f"clip {clip_id}: embedding width {len(vec)}, index has {self.dim}"
-                )
-        return vec
+    def _check_width(self, clip_id: str, vec: np.ndarray | None) -> None:
+        """ValueError naming the clip when ``vec`` has another width than the index,
+        which takes its width from the first embedding."""
+        if vec is None:
+            return
+        if self.dim is None:
+            self._init_embeddings(len(vec))
+        if len(vec) != self.dim:
+            raise ValueError(f"clip {clip_id}: embedding width {len(vec)}, index has {self.dim}")
 
     def _add_one(
         self, clip_id: str, vec: np.ndarray | None, h: int | None, codes: list[int] | None
