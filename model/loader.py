@@ -62,7 +62,7 @@ import struct
 import tarfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -898,6 +898,7 @@ class PackedLoader:
         pack_buffer: int = 64,
         where: Callable[[dict[str, Any]], bool] | None = None,
         keep_key: Callable[[str], bool] | None = None,
+        catalog: Sequence[CatalogEntry] | None = None,
         oversize: str = "skip",
         token_drop: float = 0.0,
         drop_last: bool = True,
@@ -943,7 +944,8 @@ class PackedLoader:
             drop_last=drop_last,
             balance_window=balance_window,
         )
-        self.entries = read_catalog(root, where)
+        # `catalog`: read_catalog(root, where) read before, shared by several loaders
+        self.entries = list(catalog) if catalog is not None else read_catalog(root, where)
         if keep_key is not None:  # e.g. a held-out validation set, in or out
             self.entries = [e for e in self.entries if keep_key(e.key)]
         if oversize == "downscale":

@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,7 +57,7 @@ from model.device import resolve_device
 from model.dit import DiT, DiTConfig, build_dit
 from model.ema import EMA
 from model.flow import caption_keep_mask, flow_loss, resolution_shift
-from model.loader import read_catalog
+from model.loader import CatalogEntry, read_catalog
 from model.raycluster import join_cluster, sigint_ignored
 from model.train_config import TrainConfig, add_config_flags, load_train_config
 
@@ -105,14 +105,17 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def held_out_keys(root: str, count: int) -> frozenset[str]:
-    """The ``count`` kept samples of the corpus at `root` held out for validation: those
-    whose keys hash lowest (CRC-32), so every run and rank holds out the same ones and a
-    corpus that grows keeps most of them. ValueError when no sample would be left to
-    train on."""
+def held_out_keys(
+    root: str, count: int, catalog: Sequence[CatalogEntry] | None = None
+) -> frozenset[str]:
+    """The ``count`` kept samples of the corpus at `root` (its ``catalog``, when read
+    already) held out for validation: those whose keys hash lowest (CRC-32), so every
+    run and rank holds out the same ones and a corpus that grows keeps most of them.
+    ValueError when no sample would be left to train on."""
     if count <= 0:
         return frozenset()
-    keys = sorted({e.key for e in read_catalog(root)}, key=lambda k: (zlib.crc32(k.encode()), k))
+    entries = catalog if catalog is not None else read_catalog(root)
+    keys = sorted({e.key for e in entries}, key=lambda k: (zlib.crc32(k.encode()), k))
     if count >= len(keys):
         raise ValueError(
             f"{root}: val_samples {count} holds out all {len(keys)} kept samples; "
@@ -128,9 +131,10 @@ def make_loader(
     rank: int,
     world_size: int,
     held_out: frozenset[str] = frozenset(),
+    catalog: Sequence[CatalogEntry] | None = None,
 ) -> Loader:
     """This rank's `model.data.PackedLoader` (planned from the index, shuffled, resumable),
-    without the samples ``held_out`` for validation."""
+    without the samples ``held_out`` for validation (``catalog``: the index read already)."""
     return PackedLoader(
         root,
         token_budget=cfg.token_budget,
@@ -143,6 +147,7 @@ def make_loader(
         oversize=cfg.oversize,
         skip_corrupt=cfg.skip_corrupt,
         keep_key=(lambda key: key not in held_out) if held_out else None,
+        catalog=catalog,
     )
 
 
@@ -158,6 +163,7 @@ class _Validation:
         patch: tuple[int, int, int],
         d: _Dist,
         keys: frozenset[str],
+        catalog: Sequence[CatalogEntry] | None = None,
     ) -> None:
         self.cfg, self.d = dataclasses.replace(cfg, caption_dropout=0.0), d
         self.loader = PackedLoader(
@@ -172,6 +178,7 @@ class _Validation:
             drop_last=False,  # every rank gets batches, however few samples
             skip_corrupt=cfg.skip_corrupt,
             keep_key=keys.__contains__,
+            catalog=catalog,
         )
         if len(self.loader) == 0:
             raise ValueError(
@@ -703,9 +710,11 @@ def train(  # noqa: C901
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     generator = torch.Generator(device=d.device).manual_seed(cfg.seed + 1_000_003 * d.rank)
-    held_out = held_out_keys(root, cfg.val_samples)
-    loader = make_loader(root, cfg, patch, d.rank, d.world_size, held_out)
-    validation = _Validation(root, cfg, patch, d, held_out) if held_out else None
+    # with a validation set, the index is read once for it and both loaders
+    catalog = read_catalog(root) if cfg.val_samples > 0 else None
+    held_out = held_out_keys(root, cfg.val_samples, catalog)
+    loader = make_loader(root, cfg, patch, d.rank, d.world_size, held_out, catalog)
+    validation = _Validation(root, cfg, patch, d, held_out, catalog) if held_out else None
     start, epoch, fresh = 0, 0, True
     if state is not None:
         _load_optimizer(model, optimizer, state["optimizer"], cfg)
