@@ -3,8 +3,8 @@ a packed-sequence DiT, rectified flow, and the trainer.
 
 Separate from `pipeline` (never imports it); both depend on `schemas`. The pipeline
 uses the loading pieces: `model.vae` (the one place a VAE is loaded), `model.text`,
-`model.tiny_text`, `model.device`, `model.weights` and `model.raycluster`. Submodules are imported
-explicitly (``from model.vae import VideoVAE``) so that loading the VAE wrapper does
+`model.tiny_text`, `model.device`, `model.weights`, `model.fingerprint` and
+`model.raycluster`. Submodules are imported explicitly (``from model.vae import VideoVAE``) so that loading the VAE wrapper does
 not pull in the trainer.
 """
 
@@ -12,6 +12,7 @@ __all__ = [
     "data",
     "dit",
     "ema",
+    "fingerprint",
     "flow",
     "loader",
     "sample",

@@ -385,6 +385,7 @@ def sample_to_files(
     _check_request(samples, frames, fps, steps, cfg_scale, batch_size)  # before any work
     device = str(resolve_device(device))
     from model.data import read_manifest
+    from model.fingerprint import other_weights
     from model.train import model_from_checkpoint, read_checkpoint
     from model.vae import VideoVAE
 
@@ -393,7 +394,10 @@ def sample_to_files(
     root = corpus_root or config["corpus"]["root"]
     manifest = read_manifest(root)
     trained_vae = config["corpus"]["vae"]
-    if trained_vae.get("config_sha256") != manifest["vae"].get("config_sha256"):
+    corpus_vae = manifest["vae"]
+    if trained_vae.get("config_sha256") != corpus_vae.get("config_sha256") or other_weights(
+        trained_vae, corpus_vae
+    ):
         raise ValueError(
             f"{corpus_root}: the corpus VAE ({manifest['vae'].get('id')}) is not the one "
             f"{ckpt} was trained on ({trained_vae.get('id')})"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.device import resolve_device_dtype
+from model.fingerprint import check_weights, weights_sha256
 
 if TYPE_CHECKING:  # imported where tensors are made: the build config imports without torch
     import torch
@@ -89,8 +90,11 @@ def describe_text_encoder(
     """The manifest entry for an encoder, from its config alone (no weights loaded).
 
     Keys: ``id``, ``class``, ``dim``, ``max_length``, ``subfolder``,
-    ``tokenizer_subfolder``, ``random_weights``.
+    ``tokenizer_subfolder``, ``random_weights``, ``weights_sha256``
+    (:func:`model.fingerprint.weights_sha256`; None when the weights are not on this
+    machine).
     """
+
     local = Path(model_id, subfolder or "", "config.json")
     raw = json.loads(local.read_text()) if local.is_file() else {}
     width = raw.get("d_model", raw.get("hidden_size"))
@@ -113,6 +117,7 @@ def describe_text_encoder(
         "subfolder": subfolder,
         "tokenizer_subfolder": tokenizer_subfolder,
         "random_weights": _is_tiny(model_id, subfolder),
+        "weights_sha256": weights_sha256(model_id, subfolder),
     }
 
 
@@ -200,7 +205,8 @@ class TextEncoder:
         cls, entry: Mapping[str, Any], *, device: str = "auto", dtype: str = "auto"
     ) -> TextEncoder:
         """Load the encoder a corpus manifest's ``text_encoder`` entry names, and check
-        that it is the one the corpus was built with (class and width)."""
+        that it is the one the corpus was built with (class, width and, where the
+        manifest has their digest, weights)."""
         enc = cls.from_pretrained(
             str(entry["id"]),
             max_length=int(entry.get("max_length", 512)),
@@ -216,6 +222,7 @@ class TextEncoder:
                     f"text encoder {entry['id']}: manifest says {key}={entry[key]!r}, "
                     f"the loaded model has {got[key]!r}"
                 )
+        check_weights(entry, "text encoder", enc.model_id, enc.subfolder)
         return enc
 
     @property
@@ -227,7 +234,8 @@ class TextEncoder:
         return next(self.model.parameters()).dtype
 
     def describe(self) -> dict[str, Any]:
-        """The manifest's ``text_encoder`` entry (same keys as :func:`describe_text_encoder`)."""
+        """The manifest's ``text_encoder`` entry, but for ``weights_sha256`` (which reads
+        the weight files: :func:`describe_text_encoder` has it)."""
         return {
             "id": self.model_id,
             "class": type(self.model).__name__,

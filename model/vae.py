@@ -252,6 +252,9 @@ class VideoVAE:
                 f"VAE at {name!r} has config sha256 {vae.config_sha256}, "
                 f"the manifest says {entry['config_sha256']}"
             )
+        from model.fingerprint import check_weights
+
+        check_weights(entry, "VAE", name, subfolder)
         return vae
 
     # --- shapes ----------------------------------------------------------------------
@@ -396,10 +399,15 @@ def build_tiny_vae(out_dir: str, seed: int = 0) -> str:
 def describe_pretrained(
     name_or_path: str, *, vae_class: str = "AutoencoderKLWan", subfolder: str | None = None
 ) -> dict[str, Any]:
-    """The manifest ``vae`` object of a VAE, loaded on the CPU just to describe it."""
-    return VideoVAE.from_pretrained(
+    """The manifest ``vae`` object of a VAE, loaded on the CPU just to describe it, with
+    its ``weights_sha256`` (:func:`model.fingerprint.weights_sha256`; None when its files
+    are not on this machine)."""
+    from model.fingerprint import weights_sha256
+
+    described = VideoVAE.from_pretrained(
         name_or_path, vae_class=vae_class, subfolder=subfolder, tiling=False, slicing=False
     ).describe()
+    return {**described, "weights_sha256": weights_sha256(name_or_path, subfolder)}
 
 
 def native_size(

@@ -4,7 +4,9 @@ A corpus holds the latents of one VAE at one patch size: the trainer normalises 
 sample with the manifest's single VAE description, so latents of another VAE (another
 class, architecture or normalisation) or patch size would train silently wrong. Its
 caption embeddings come from one text encoder, whose width sizes the DiT's
-cross-attention. :func:`check_resume` refuses a build that would mix either. Other
+cross-attention. :func:`check_resume` refuses a build that would mix either: another
+class, config or width, or other weights where both manifests have their digest
+(``weights_sha256``; a model folder that merely moved keeps it). Other
 settings may change between runs (a resume with new thresholds, more actors, another
 device); the ones that change what is stored are listed, since committed sources keep
 what their run made.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from model.fingerprint import other_weights
 
 __all__ = ["CorpusMismatch", "check_resume", "config_changes"]
 
@@ -76,12 +80,19 @@ def config_changes(built: Mapping[str, Any], now: Mapping[str, Any]) -> list[str
     )
 
 
+def _differ(old: Mapping[str, Any], new: Mapping[str, Any], keys: tuple[str, ...]) -> list[str]:
+    differ = [k for k in keys if old.get(k) != new.get(k)]
+    if other_weights(old, new):
+        differ.append("weights_sha256")
+    return differ
+
+
 def check_resume(root: str, manifest: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
     """Raise :class:`CorpusMismatch` when ``run`` (this build's manifest fields: ``vae``,
     ``patch_size``, ``text_encoder``, ``config``) cannot add to the corpus ``manifest``
     describes; else the config keys that changed since it was built."""
     old_vae, new_vae = manifest.get("vae") or {}, run.get("vae") or {}
-    differ = [k for k in _VAE_IDENTITY if old_vae.get(k) != new_vae.get(k)]
+    differ = _differ(old_vae, new_vae, _VAE_IDENTITY)
     if list(manifest.get("patch_size") or []) != list(run.get("patch_size") or []):
         differ.append("patch_size")
     if differ:
@@ -93,7 +104,7 @@ def check_resume(root: str, manifest: Mapping[str, Any], run: Mapping[str, Any])
         )
     old_text, new_text = manifest.get("text_encoder"), run.get("text_encoder")
     if old_text and new_text:
-        differ = [k for k in _TEXT_IDENTITY if old_text.get(k) != new_text.get(k)]
+        differ = _differ(old_text, new_text, _TEXT_IDENTITY)
         if differ:
             raise CorpusMismatch(
                 f"{root} holds caption embeddings of another text encoder ({', '.join(differ)} "

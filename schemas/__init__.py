@@ -361,9 +361,12 @@ STREAM_TYPES: dict[str, pa.DataType] = {
 #   reelpack_version str, the package version that wrote the corpus
 #   created_at       str, ISO-8601 UTC time of the last write
 #   vae              object: id, class, subfolder, config_sha256, spatial_factor, temporal_factor,
-#                    latent_channels, frame_rule {base, step}, normalization {kind, ...}
+#                    latent_channels, frame_rule {base, step}, normalization {kind, ...},
+#                    weights_sha256 (model.fingerprint; null when the building machine
+#                    did not have the files)
 #   patch_size       [pt, ph, pw] used for ``num_tokens``
-#   text_encoder     null or object: id, dim
+#   text_encoder     null or object: id, class, dim, max_length, subfolder,
+#                    tokenizer_subfolder, random_weights, weights_sha256
 #   captioner        null or object: id
 #   random_weights   true when any model in the build had random weights (tiny preset):
 #                    latents and captions are then meaningless test data

@@ -91,6 +91,26 @@ def test_another_text_encoder_is_refused() -> None:
     assert check_resume("c", built, run) == []
 
 
+def test_other_weights_are_refused_where_both_manifests_have_their_digest() -> None:
+    umt5 = {"id": "google/umt5-xxl", "class": "UMT5EncoderModel", "dim": 4096}
+    built, run = _manifest(), _manifest()
+    built["vae"]["weights_sha256"] = run["vae"]["weights_sha256"] = "a" * 64
+    built["text_encoder"] = {**umt5, "weights_sha256": "c" * 64}
+    run["text_encoder"] = {**umt5, "id": "/models/umt5-xxl", "weights_sha256": "c" * 64}
+    assert check_resume("c", built, run) == []  # the same weights from another place
+    # a driver without the model's files, or a corpus from before digests: nothing to tell
+    run["vae"]["weights_sha256"] = None
+    del built["text_encoder"]["weights_sha256"]
+    assert check_resume("c", built, run) == []
+    run["vae"]["weights_sha256"] = "b" * 64
+    with pytest.raises(CorpusMismatch, match=r"another VAE or patch size \(weights_sha256 differ"):
+        check_resume("c", built, run)
+    run["vae"]["weights_sha256"] = "a" * 64
+    built["text_encoder"]["weights_sha256"] = "d" * 64
+    with pytest.raises(CorpusMismatch, match=r"another text encoder \(weights_sha256 differ"):
+        check_resume("c", built, run)
+
+
 def test_config_changes_ignore_runtime_settings() -> None:
     assert config_changes({"ray": {"num_cpus": 2}}, {"ray": {"num_cpus": 8}}) == []
     assert config_changes({"split": {"max_clip_s": 10}}, {"split": {"max_clip_s": 5}}) == [
@@ -115,6 +135,13 @@ def test_build_refuses_a_corpus_of_another_vae_before_any_work(
     manifest["config"]["decide"]["min_duration_s"] = 3.0
     (corpus / schemas.MANIFEST_NAME).write_text(json.dumps(manifest))
     assert _check_resume(str(corpus), cfg) == ["decide.min_duration_s"]
+    # the models' weights digests are read from the tiny preset's model folders
+    assert len(manifest["vae"]["weights_sha256"]) == 64
+    assert len(manifest["text_encoder"]["weights_sha256"]) == 64
+    manifest["vae"]["weights_sha256"] = "0" * 64
+    (corpus / schemas.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(CorpusMismatch, match=r"\(weights_sha256 differ"):
+        _check_resume(str(corpus), cfg)
     manifest["vae"]["latent_channels"] = 4
     (corpus / schemas.MANIFEST_NAME).write_text(json.dumps(manifest))
     video = tmp_path / "v.mp4"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from test_train import TEXT_DIM, make_corpus, smooth_latents
 
+import schemas
 from model.dit import build_dit
 from model.sample import (
     Sample,
@@ -329,6 +331,14 @@ def test_sample_refuses_a_corpus_with_another_vae(
     other = make_corpus(tmp_path / "other", smooth_latents([(1, 2, 2)]))
     with pytest.raises(ValueError, match="not the one"):
         sample_to_file(str(ckpt), str(other), "", 1, 16, 16, 1, 1.0, str(tmp_path / "x.png"))
+    # the same VAE config with other weights (a fine-tuned VAE's corpus) is another VAE
+    root, _ = trained
+    manifest = json.loads((root / schemas.MANIFEST_NAME).read_text())
+    assert len(manifest["vae"]["weights_sha256"]) == 64
+    manifest["vae"]["weights_sha256"] = "0" * 64
+    tuned = make_corpus(tmp_path / "tuned", smooth_latents([(1, 2, 2)]), vae=manifest["vae"])
+    with pytest.raises(ValueError, match="not the one"):
+        sample_to_file(str(ckpt), str(tuned), "", 1, 16, 16, 1, 1.0, str(tmp_path / "y.png"))
 
 
 def test_sample_with_the_corpus_text_encoder(tmp_path: Path) -> None:

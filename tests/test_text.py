@@ -7,6 +7,7 @@ trip, with a tiny random umT5 loaded through the same loaders as ``google/umt5-x
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors.torch import save as save_safetensors
 
 import schemas
 from model.data import decode_sample
+from model.fingerprint import weights_sha256
 from model.text import TextEncoder, describe_text_encoder, pad_embeds
 from model.tiny_text import MARKER_NAME, build_tiny_text_encoder, is_tiny
 from pipeline.stages.base import batch_to_rows, rows_to_batch
@@ -113,7 +115,8 @@ def test_t5_family_and_idempotent_build(encoder_dir: str, tmp_path: Path) -> Non
 
 def test_describe_without_loading_weights(encoder_dir: str, encoder: TextEncoder) -> None:
     entry = describe_text_encoder(encoder_dir, max_length=64)
-    assert entry == encoder.describe()
+    # the loaded encoder's entry, and the digest of the weight files (read, not loaded)
+    assert entry == {**encoder.describe(), "weights_sha256": weights_sha256(encoder_dir)}
     assert {"id", "class", "dim", "max_length"} <= set(entry)
     assert entry["class"] == "UMT5EncoderModel" and entry["dim"] == 32
     assert entry["max_length"] == 64 and entry["random_weights"] is True
@@ -157,12 +160,24 @@ def test_pad_embeds_round_trip(encoder: TextEncoder) -> None:
         pad_embeds([torch.zeros(2, 4), torch.zeros(2, 5)])
 
 
-def test_from_manifest_checks_identity(encoder: TextEncoder) -> None:
-    entry = encoder.describe()
+def test_from_manifest_checks_identity(
+    encoder: TextEncoder, encoder_dir: str, tmp_path: Path
+) -> None:
+    entry = describe_text_encoder(encoder_dir, max_length=64)  # what a build's manifest stores
     again = TextEncoder.from_manifest(entry, device="cpu")
     torch.testing.assert_close(again.encode(CAPTIONS[:1])[0], encoder.encode(CAPTIONS[:1])[0])
     with pytest.raises(ValueError, match="dim"):
         TextEncoder.from_manifest({**entry, "dim": 4096}, device="cpu")
+    # a copy elsewhere is the same encoder; the same config with other weights is not
+    moved = Path(shutil.copytree(encoder_dir, tmp_path / "moved"))
+    TextEncoder.from_manifest({**entry, "id": str(moved)}, device="cpu")
+    (weights,) = moved.glob("*.safetensors")
+    tensors = load_safetensors(weights.read_bytes())
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    weights.write_bytes(save_safetensors(tensors, metadata={"format": "pt"}))
+    with pytest.raises(ValueError, match=r"text encoder at .*moved.* has other weights"):
+        TextEncoder.from_manifest({**entry, "id": str(moved)}, device="cpu")
 
 
 # --- the stage and storage -------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model.fingerprint import weights_sha256
 from model.vae import VideoVAE, build_tiny_vae, describe_pretrained, native_size
 
 
@@ -163,9 +164,11 @@ def test_describe_and_from_manifest(vae: VideoVAE, tiny_dir: str, tmp_path: Path
     assert norm["kind"] == "mean_std" and len(norm["mean"]) == len(norm["std"]) == 16
     assert len(entry["config_sha256"]) == 64
 
-    assert describe_pretrained(tiny_dir) == entry
-    again = VideoVAE.from_manifest(entry)
+    described = describe_pretrained(tiny_dir)  # what a build's manifest stores
+    assert described == {**entry, "weights_sha256": weights_sha256(tiny_dir)}
+    again = VideoVAE.from_manifest(described)
     assert again.describe() == entry
+    entry = described
     x = _video(5, 16, 16)
     torch.testing.assert_close(again.encode(x), vae.encode(x))
 
@@ -173,6 +176,21 @@ def test_describe_and_from_manifest(vae: VideoVAE, tiny_dir: str, tmp_path: Path
     moved = tmp_path / "moved"
     vae.vae.save_pretrained(str(moved))
     assert VideoVAE.from_manifest(entry, path_override=str(moved)).name == str(moved)
+
+    # the same config with other weights (a fine-tuned copy) is refused
+    tuned = tmp_path / "tuned"
+    with torch.no_grad():
+        first = next(vae.vae.parameters())
+        first.add_(1.0)
+        try:
+            vae.vae.save_pretrained(str(tuned))
+        finally:
+            first.sub_(1.0)
+    with pytest.raises(ValueError, match=r"other weights than the corpus was built with"):
+        VideoVAE.from_manifest(entry, path_override=str(tuned))
+    # a manifest written before weight digests were kept loads it
+    old = {k: v for k, v in entry.items() if k != "weights_sha256"}
+    assert VideoVAE.from_manifest(old, path_override=str(tuned)).name == str(tuned)
 
     # a different VAE is refused
     other_dir = tmp_path / "other"
