@@ -212,7 +212,7 @@ def decode_thumbnails(vae: Any, latents: Any, frames: int = 3, max_side: int = 1
     return ``frames`` evenly spaced frames as PNG data URIs (longest side <= max_side)."""
     import cv2
 
-    video = vae.decode(latents.float()[None])[0]  # (3, T, H, W) in [-1, 1]
+    video = vae.decode(latents.float()[None])[0].cpu()  # (3, T, H, W) in [-1, 1]
     pixels = ((video.permute(1, 2, 3, 0).numpy() + 1.0) * 127.5).round().clip(0, 255)
     pixels = pixels.astype(np.uint8)  # (T, H, W, 3)
     t, h, w, _ = pixels.shape
@@ -271,10 +271,12 @@ def load_gallery(
     *,
     samples: int = 6,
     vae_path: str | None = None,
+    device: str = "auto",
 ) -> tuple[list[GalleryItem], str]:
     """Gallery items for up to ``samples`` kept clips, and a note for the whole gallery
-    (empty when thumbnails decoded). Thumbnails need the corpus's VAE; without it each
-    item carries the reason instead."""
+    (empty when thumbnails decoded). Thumbnails need the corpus's VAE, run on ``device``
+    (``auto``: a GPU when torch sees one, in bfloat16); without it each item carries the
+    reason instead."""
     rows = _pick_samples(index, samples)
     items = [
         GalleryItem(
@@ -289,9 +291,11 @@ def load_gallery(
     if not items:
         return items, "no kept clips"
     try:
+        from model.device import resolve_device_dtype
         from model.vae import VideoVAE
 
-        vae = VideoVAE.from_manifest(dict(manifest["vae"]), vae_path)
+        dev, dtype = resolve_device_dtype(device, "auto")
+        vae = VideoVAE.from_manifest(dict(manifest["vae"]), vae_path, device=str(dev), dtype=dtype)
     except Exception as exc:  # any failure to load is shown, not raised
         why = f"thumbnails unavailable: the corpus VAE could not be loaded ({type(exc).__name__}: {exc})"
         for it in items:
@@ -558,8 +562,11 @@ def _gallery(items: list[GalleryItem], note: str) -> str:
     return head + '<div class="gallery">' + "".join(cards) + "</div>"
 
 
-def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -> str:
-    """The HTML page of the corpus at ``root`` (local folder or ``s3://``)."""
+def render_report(
+    root: str, *, samples: int = 6, vae_path: str | None = None, device: str = "auto"
+) -> str:
+    """The HTML page of the corpus at ``root`` (local folder or ``s3://``); ``device``
+    decodes the gallery's thumbnails (:func:`load_gallery`)."""
     if samples < 0:
         raise ValueError(f"the gallery's sample count must be >= 0, got {samples}")
     try:
@@ -568,7 +575,9 @@ def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -
         raise FileNotFoundError(f"{root}: {e}") from None
     index, sources, _ = read_committed(root, _REPORT_COLUMNS)
     dists = _distributions(index, sources)
-    items, note = load_gallery(root, manifest, index, samples=samples, vae_path=vae_path)
+    items, note = load_gallery(
+        root, manifest, index, samples=samples, vae_path=vae_path, device=device
+    )
     sections = [
         _section("summary", "Summary", _summary(manifest, index, sources)),
         _section("durations", "Durations", dists["durations"]),
@@ -587,19 +596,21 @@ def render_report(root: str, *, samples: int = 6, vae_path: str | None = None) -
     )
 
 
-def write_report(root: str, out: str, *, samples: int = 6, vae_path: str | None = None) -> str:
+def write_report(
+    root: str, out: str, *, samples: int = 6, vae_path: str | None = None, device: str = "auto"
+) -> str:
     """Render the report of ``root`` and write it to ``out`` (a local path, ``file://`` or
     ``s3://``: beside an S3 corpus, say); returns ``out``."""
     storage = storage_for(out)  # another scheme raises before the report is rendered
-    _check_request(out, vae_path)
-    page = render_report(root, samples=samples, vae_path=vae_path)
+    _check_request(out, vae_path, device)
+    page = render_report(root, samples=samples, vae_path=vae_path, device=device)
     storage.write(out, page.encode("utf-8"))
     return out
 
 
-def _check_request(out: str, vae_path: str | None) -> None:
+def _check_request(out: str, vae_path: str | None, device: str = "auto") -> None:
     """ValueError, before any work, for a local ``out`` that cannot be written (a folder,
-    or under a file) and a ``vae_path`` that is no folder."""
+    or under a file), a ``vae_path`` that is no folder and a device torch cannot use."""
     if not is_s3(out):
         local = Path(schemas.storage_location(out))
         if local.is_dir():
@@ -609,3 +620,6 @@ def _check_request(out: str, vae_path: str | None) -> None:
             raise ValueError(f"cannot write {out}: {blocker} is a file, not a folder")
     if vae_path is not None and not Path(vae_path).is_dir():
         raise ValueError(f"--vae {vae_path}: no such folder (the folder of the corpus VAE)")
+    from model.device import resolve_device
+
+    resolve_device(device)

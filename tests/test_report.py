@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 import schemas
 from pipeline.report import bar_svg, histogram_svg, render_report, write_report
@@ -204,6 +205,17 @@ def test_cli(
     assert f"--vae {tmp_path / 'none'}: no such folder" in capsys.readouterr().err
     assert main(["report", corpus, "--out", str(out), "--samples", "-1"]) == 2
     assert "sample count must be >= 0, got -1" in capsys.readouterr().err
+    # the thumbnails' device: one torch cannot use is named before any work
+    before = out.read_bytes()
+    assert main(["report", corpus, "--out", str(out), "--device", "gpu"]) == 2
+    assert "device 'gpu': not a torch device; use auto, cpu" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["report", corpus, "--out", str(out), "--device", "cuda:0"]) == 2
+        assert "device 'cuda:0': torch sees 0 CUDA device(s)" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    out.unlink()
+    assert main(["report", corpus, "--out", str(out), "--samples", "1", "--device", "cpu"]) == 0
+    assert _images(out.read_text().split('<section id="gallery">')[1])
 
 
 def test_the_report_is_written_beside_an_s3_corpus(corpus: str, s3_bucket: str) -> None:

@@ -14,7 +14,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.storage import StorageError
 
     try:
-        write_report(args.root, args.out, samples=args.samples, vae_path=args.vae)
+        write_report(
+            args.root, args.out, samples=args.samples, vae_path=args.vae, device=args.device
+        )
     except (FileNotFoundError, IsADirectoryError, ValueError) as e:
         # not a corpus, --out a folder, a bad --samples
         print(f"reelpack report: {e}", file=sys.stderr)
@@ -32,4 +34,10 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--samples", type=int, default=6, help="kept clips in the gallery (default 6)")
     p.add_argument("--vae", help="folder holding the corpus VAE, when not where the manifest says")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the VAE decodes the gallery's thumbnails: auto (a GPU when present, "
+        "default), cpu, cuda, cuda:N",
+    )
     p.set_defaults(func=run)
