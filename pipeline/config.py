@@ -409,11 +409,20 @@ def _check_output(c: _Checks) -> None:
         if f.name not in ACTOR_STAGES:
             # a CPU task needing no CPU would run unbounded, as many at once as there are blocks
             c.above(0, f"{at}.num_cpus")
-            c.need(
-                res.num_gpus == 0,
-                f"{at}.num_gpus",
-                f"0 ({f.name} runs as CPU tasks; GPUs go to the model stages: {models})",
-            )
+            if f.name == "split" and c.cfg.split.detector == "transnetv2":
+                # each split task may hold a share of a GPU for TransNetV2 (transnet_device)
+                c.need(
+                    res.num_gpus is not None and res.num_gpus <= 1,
+                    f"{at}.num_gpus",
+                    "a number from 0 (no GPU) to 1 (TransNetV2 runs on one device)",
+                )
+            else:
+                c.need(
+                    res.num_gpus == 0,
+                    f"{at}.num_gpus",
+                    f"0 ({f.name} runs as CPU tasks; GPUs go to the model stages: {models}"
+                    + (", and to split's transnetv2 detector)" if f.name == "split" else ")"),
+                )
             if (res.min_actors, res.max_actors) != (1, 1):
                 c.problems.append(
                     f"{at}.min_actors / max_actors: {f.name} runs as Ray tasks (as many at "

@@ -209,6 +209,7 @@ def gpu_shares(cfg: BuildConfig, cluster_gpus: float) -> dict[str, float]:
     res = {s: getattr(cfg.ray, s) for s in stages}
     auto = [s for s in stages if res[s].num_gpus is None]
     claimed = sum(r.num_gpus * r.min_actors for r in res.values() if r.num_gpus is not None)
+    claimed += split_gpus(cfg)  # room for one split task's TransNetV2
     free = cluster_gpus - claimed
     actors = sum(res[s].min_actors for s in auto)
     share = 1.0  # also when explicit stages claim every GPU: check_resources names them
@@ -221,7 +222,16 @@ def gpu_shares(cfg: BuildConfig, cluster_gpus: float) -> dict[str, float]:
 
 
 def _task_args(res: StageResources) -> dict[str, Any]:
-    return {"batch_size": res.batch_size, "num_cpus": res.num_cpus}
+    args: dict[str, Any] = {"batch_size": res.batch_size, "num_cpus": res.num_cpus}
+    if res.num_gpus:  # split's share of a GPU for TransNetV2 (config allows no other)
+        args["num_gpus"] = res.num_gpus
+    return args
+
+
+def split_gpus(cfg: BuildConfig) -> float:
+    """The GPUs each split task reserves: ``ray.split.num_gpus`` for the transnetv2
+    detector (config refuses them for any other)."""
+    return float(cfg.ray.split.num_gpus or 0.0) if cfg.split.detector == "transnetv2" else 0.0
 
 
 # A source (or range) whose worker process died this many times reading it (a decoder
@@ -423,7 +433,8 @@ def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
     ``nodes`` holds each alive node's resources (``{"CPU": 8, "GPU": 1, ...}``). An
     actor needs its CPUs and GPUs on *one* node, so the check packs every actor of
     every minimum pool (largest first, each onto the fullest node where it fits) and
-    then one task of the CPU stages, instead of comparing cluster totals: 4 actors of
+    then one task of the CPU stages (and one split task with its share of a GPU, for
+    TransNetV2 on a GPU) beside them, instead of comparing cluster totals: 4 actors of
     1.5 CPUs do not fit on three 2-CPU nodes although 6 >= 6. Dedup's pool is one
     actor. Skipped with ``ray.check_resources: false`` (clusters that add nodes on
     demand).
@@ -434,12 +445,18 @@ def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
     for pool in actor_pools(cfg, sum(n.get("GPU", 0.0) for n in nodes)):
         demands += [(pool.label, pool.num_cpus, pool.num_gpus)] * pool.min_actors
     demands.sort(key=lambda d: (d[2], d[1]), reverse=True)
-    task_cpus = max(getattr(cfg.ray, s).num_cpus for s in ("probe", "split", "score", "decide"))
-    demands.append(("a CPU task (probe/split/score/decide)", task_cpus, 0.0))
+    actors = len(demands)
+    # then one task at a time beside them: a task ends, so tasks need room one by one
+    gpu_split = split_gpus(cfg) > 0
+    tasks = ("probe", "score", "decide") if gpu_split else ("probe", "split", "score", "decide")
+    task_cpus = max(getattr(cfg.ray, s).num_cpus for s in tasks)
+    demands.append((f"a CPU task ({'/'.join(tasks)})", task_cpus, 0.0))
+    if gpu_split:
+        demands.append(("a split task (TransNetV2)", cfg.ray.split.num_cpus, split_gpus(cfg)))
     free = [[n.get("CPU", 0.0), n.get("GPU", 0.0)] for n in nodes]
     eps = 1e-9
     placed: dict[str, int] = {}
-    for stage, cpus, gpus in demands:
+    for i, (stage, cpus, gpus) in enumerate(demands):
         fits = [f for f in free if f[0] + eps >= cpus and f[1] + eps >= gpus]
         if not fits:
             shape = ", ".join(f"{c:g} CPU/{g:g} GPU" for c, g in free) or "none"
@@ -450,24 +467,34 @@ def check_resources(cfg: BuildConfig, nodes: list[dict[str, float]]) -> None:
                 f"{', '.join(_node_shape(n) for n in nodes) or 'none'}). Lower "
                 f"ray.<stage>.num_cpus / num_gpus / min_actors, or use larger nodes"
             )
-        best = min(fits, key=lambda f: (f[1] - gpus, f[0] - cpus))  # the fullest that fits
-        best[0] -= cpus
-        best[1] -= gpus
-        placed[stage] = placed.get(stage, 0) + 1
+        if i < actors:
+            best = min(fits, key=lambda f: (f[1] - gpus, f[0] - cpus))  # the fullest that fits
+            best[0] -= cpus
+            best[1] -= gpus
+            placed[stage] = placed.get(stage, 0) + 1
 
 
 def check_devices(cfg: BuildConfig, cluster_gpus: float) -> None:
-    """Fail fast, naming the field, when a model stage is set to a CUDA device that its
-    actors will not have: Ray shows an actor only the GPUs it reserved for it (none when
-    the stage's ``num_gpus`` is 0, or auto on a cluster without GPUs), each actor's
-    first as ``cuda:0``. Without this, every actor of the stage dies starting up.
-    Split runs as CPU tasks, so TransNetV2 there runs on the CPU."""
+    """Fail fast, naming the field, when a model stage (or split's TransNetV2) is set to
+    a CUDA device that its actors (tasks) will not have: Ray shows an actor only the
+    GPUs it reserved for it (none when the stage's ``num_gpus`` is 0, or auto on a
+    cluster without GPUs), each actor's first as ``cuda:0``. Without this, every actor
+    of the stage dies starting up."""
     device = cfg.split.transnet_device
     if cfg.split.detector == "transnetv2" and device.startswith("cuda"):
-        raise PlacementError(
-            f"config split.transnet_device is {device!r}, but split runs as Ray tasks "
-            "without GPUs: set it to cpu"
-        )
+        index = int(device.partition(":")[2] or 0)
+        seen = math.ceil(split_gpus(cfg))
+        if index >= seen:
+            has = (
+                f"each sees {seen} GPU(s), as cuda:0"
+                if seen
+                else "they get no GPU (ray.split.num_gpus is 0)"
+            )
+            raise PlacementError(
+                f"config split.transnet_device is {device!r}, but split runs as Ray tasks "
+                f"and {has}: set split.transnet_device to auto or cpu, or give each split "
+                "task a share of a GPU (ray.split.num_gpus, e.g. 0.25)"
+            )
     for stage, gpus in gpu_shares(cfg, cluster_gpus).items():
         device = str(getattr(getattr(cfg, stage), "device", "auto"))
         if not device.startswith("cuda"):

@@ -373,6 +373,20 @@ def test_bad_set_items_name_the_item_or_key(item: str, message: str) -> None:
         load_config(sets=[item])
 
 
+def test_split_tasks_take_a_gpu_share_only_for_transnetv2() -> None:
+    transnet = "split.detector=transnetv2"
+    cfg = load_config(sets=[transnet, "ray.split.num_gpus=0.25"])
+    assert cfg.ray.split.num_gpus == 0.25
+    with pytest.raises(ValueError, match=r"and to split's transnetv2 detector\)"):
+        load_config(sets=["split.detector=content", "ray.split.num_gpus=0.25"])
+    with pytest.raises(ValueError, match=r"ray\.split\.num_gpus must be a number from 0 \(no"):
+        load_config(sets=[transnet, "ray.split.num_gpus=2"])
+    with pytest.raises(ValueError, match=r"ray\.split\.num_gpus must be a number from 0"):
+        load_config(sets=[transnet, "ray.split.num_gpus=null"])
+    with pytest.raises(ValueError, match=r"ray\.score\.num_gpus must be 0 \(score runs as CPU"):
+        load_config(sets=[transnet, "ray.score.num_gpus=0.25"])
+
+
 def test_a_thresholds_mapping_edits_the_defaults(tmp_path) -> None:
     """A config that names some thresholds changes those and keeps every other default;
     null removes one; a list of pairs (a stored config's form) is the whole set."""

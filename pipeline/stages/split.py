@@ -213,7 +213,9 @@ class SplitConfig:
     crop_borders: bool = True
     border_luma: float = 10.0
     timeout_s: float = 1800.0  # wall-clock limit per source (or range); 0 disables
-    transnet_device: str = "cpu"  # torch device of the optional TransNetV2 detector
+    # torch device of the optional TransNetV2 detector; a CUDA device needs a share of
+    # a GPU for each split task (ray.split.num_gpus)
+    transnet_device: str = "cpu"
 
 
 class SplitTimeout(TimeoutError):
