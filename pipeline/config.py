@@ -416,6 +416,12 @@ def _check_output(c: _Checks) -> None:
                     f"{at}.num_gpus",
                     "a number from 0 (no GPU) to 1 (TransNetV2 runs on one device)",
                 )
+                c.need(
+                    not (res.num_gpus and c.cfg.split.transnet_device == "cpu"),
+                    f"{at}.num_gpus",
+                    "0 while split.transnet_device is cpu (the share would sit unused; "
+                    "set split.transnet_device to auto or cuda)",
+                )
             else:
                 c.need(
                     res.num_gpus == 0,

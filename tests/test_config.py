@@ -375,12 +375,14 @@ def test_bad_set_items_name_the_item_or_key(item: str, message: str) -> None:
 
 def test_split_tasks_take_a_gpu_share_only_for_transnetv2() -> None:
     transnet = "split.detector=transnetv2"
-    cfg = load_config(sets=[transnet, "ray.split.num_gpus=0.25"])
+    cfg = load_config(sets=[transnet, "split.transnet_device=cuda", "ray.split.num_gpus=0.25"])
     assert cfg.ray.split.num_gpus == 0.25
+    with pytest.raises(ValueError, match=r"0 while split\.transnet_device is cpu \(the share"):
+        load_config(sets=[transnet, "ray.split.num_gpus=0.25"])  # the device's default
     with pytest.raises(ValueError, match=r"and to split's transnetv2 detector\)"):
         load_config(sets=["split.detector=content", "ray.split.num_gpus=0.25"])
     with pytest.raises(ValueError, match=r"ray\.split\.num_gpus must be a number from 0 \(no"):
-        load_config(sets=[transnet, "ray.split.num_gpus=2"])
+        load_config(sets=[transnet, "split.transnet_device=auto", "ray.split.num_gpus=2"])
     with pytest.raises(ValueError, match=r"ray\.split\.num_gpus must be a number from 0"):
         load_config(sets=[transnet, "ray.split.num_gpus=null"])
     with pytest.raises(ValueError, match=r"ray\.score\.num_gpus must be 0 \(score runs as CPU"):

@@ -155,7 +155,8 @@ def test_no_cpu_left_for_tasks_is_refused() -> None:
 def test_split_tasks_with_a_gpu_share_need_room_beside_the_model_actors() -> None:
     """TransNetV2 on a GPU: the model stages' auto shares leave room for a split task's."""
     cfg = load_config(
-        preset="default", sets=["split.detector=transnetv2", "ray.split.num_gpus=0.25"]
+        preset="default",
+        sets=["split.detector=transnetv2", "split.transnet_device=auto", "ray.split.num_gpus=0.25"],
     )
     # three auto stages on the 0.75 GPU left: a quarter each, as four would share a GPU
     assert gpu_shares(cfg, 1.0) == {s: 0.25 for s in ("aesthetic", "caption", "encode")} | {
@@ -165,7 +166,12 @@ def test_split_tasks_with_a_gpu_share_need_room_beside_the_model_actors() -> Non
     # the models pinned to the whole GPU: no split task could ever start
     pinned = load_config(
         preset="default",
-        sets=["split.detector=transnetv2", "ray.split.num_gpus=0.25", "ray.encode.num_gpus=1"],
+        sets=[
+            "split.detector=transnetv2",
+            "split.transnet_device=auto",
+            "ray.split.num_gpus=0.25",
+            "ray.encode.num_gpus=1",
+        ],
         ray={"aesthetic": {"num_gpus": 0}, "caption": {"num_gpus": 0}},
     )
     with pytest.raises(
@@ -176,7 +182,7 @@ def test_split_tasks_with_a_gpu_share_need_room_beside_the_model_actors() -> Non
     # both fit at once (2 CPUs left: either fits)
     tiny = load_config(
         preset="tiny",
-        sets=["split.detector=transnetv2", "ray.split.num_gpus=0.5"],
+        sets=["split.detector=transnetv2", "split.transnet_device=auto", "ray.split.num_gpus=0.5"],
         ray={"num_cpus": 2},
     )
     check_resources(tiny, [{"CPU": 2.0, "GPU": 1.0}])
