@@ -7,13 +7,20 @@ digest is the manifest's ``weights_sha256``: a build that resumes a corpus with 
 weights is refused, and one whose model folder merely moved is not.
 
 A file in a Hugging Face cache is read for free: the cache names each large (LFS) file
-by its SHA-256. Any other file is read once per digest (about a second per GB).
+by its SHA-256. Any other file is read once (about a second per GB) and its digest kept
+in ``$REELPACK_CACHE/sha256.json`` (default ``~/.cache/reelpack``) under its path, size
+and modification time, so a build that starts again does not read a 20 GB text encoder
+again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ __all__ = [
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 8 << 20
+_MEMO_MIN_BYTES = 16 << 20  # smaller files are read again: cheaper than a memo entry
 
 
 def model_folder(name_or_path: str, subfolder: str | None = None) -> Path | None:
@@ -64,16 +72,56 @@ def weight_files(folder: Path) -> list[Path]:
 
 def file_sha256(path: Path) -> str:
     """The SHA-256 of a file's bytes; a Hugging Face cache link's blob name when it is
-    one (the cache stores a large file once, under its SHA-256)."""
+    one (the cache stores a large file once, under its SHA-256); for a large file read
+    before with the same size and modification time, the digest kept then."""
     if path.is_symlink():
         target = path.resolve()
         if _SHA256_NAME.fullmatch(target.name) and target.parent.name == "blobs":
             return target.name
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns]
+    key = str(path.resolve())
+    memo = _read_memo() if st.st_size >= _MEMO_MIN_BYTES else {}
+    known = memo.get(key)
+    if isinstance(known, list) and known[:2] == stamp and isinstance(known[2], str):
+        return known[2]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
+    if st.st_size >= _MEMO_MIN_BYTES:
+        _write_memo({**memo, key: [*stamp, digest.hexdigest()]})
     return digest.hexdigest()
+
+
+def _memo_path() -> Path:
+    root = os.environ.get("REELPACK_CACHE") or "~/.cache/reelpack"
+    return Path(root).expanduser() / "sha256.json"
+
+
+def _read_memo() -> dict[str, Any]:
+    """The kept digests; empty when there are none or the file is not readable JSON."""
+    try:
+        memo = json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _write_memo(memo: dict[str, Any]) -> None:
+    """Replace the memo file whole (another process sees the old or the new one); a
+    cache that cannot be written only costs reading the file again next time."""
+    path = _memo_path()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sha256-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(memo, f)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def weights_sha256(name_or_path: str, subfolder: str | None = None) -> str | None:

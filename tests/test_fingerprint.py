@@ -118,3 +118,43 @@ def test_check_weights_and_other_weights(tmp_path: Path) -> None:
     assert not other_weights({"weights_sha256": "a"}, {"weights_sha256": "a"})
     assert not other_weights({"weights_sha256": "a"}, {"weights_sha256": None})
     assert not other_weights({}, {"weights_sha256": "b"})
+
+
+def test_a_large_files_digest_is_kept_under_its_path_size_and_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import model.fingerprint as fingerprint
+
+    monkeypatch.setenv("REELPACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fingerprint, "_MEMO_MIN_BYTES", 4)
+    memo = tmp_path / "cache" / "sha256.json"
+    weights = tmp_path / "m.safetensors"
+    weights.write_bytes(b"first")
+    first = hashlib.sha256(b"first").hexdigest()
+    assert file_sha256(weights) == first
+    assert json.loads(memo.read_text())[str(weights.resolve())][2] == first
+    # the same size and time: the kept digest (the file is not read again)
+    st = weights.stat()
+    weights.write_bytes(b"other")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_sha256(weights) == first
+    # another time: read again
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    other = hashlib.sha256(b"other").hexdigest()
+    assert file_sha256(weights) == other
+    # a memo that is not JSON is read as empty and replaced
+    memo.write_text("{")
+    assert file_sha256(weights) == other
+    assert json.loads(memo.read_text())[str(weights.resolve())][2] == other
+    # files below the size are not kept
+    monkeypatch.setattr(fingerprint, "_MEMO_MIN_BYTES", 1 << 20)
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x")
+    assert file_sha256(small) == hashlib.sha256(b"x").hexdigest()
+    assert str(small.resolve()) not in json.loads(memo.read_text())
+    # a cache that cannot be written (under a file): the digest all the same
+    monkeypatch.setenv("REELPACK_CACHE", str(small / "cache"))
+    monkeypatch.setattr(fingerprint, "_MEMO_MIN_BYTES", 1)
+    assert file_sha256(small) == hashlib.sha256(b"x").hexdigest()
