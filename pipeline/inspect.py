@@ -38,15 +38,18 @@ found, at the cost of reading every shard once.
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import tarfile
 import zlib
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import schemas
 from pipeline.storage import Storage, join, storage_for
@@ -127,9 +130,8 @@ def _tokens(shape: list[int], patch: list[int]) -> int | None:
     return (t // patch[0]) * (h // patch[1]) * (w // patch[2])
 
 
-# the index columns the checks read (and ``source``): every live row becomes a dict, so
-# no score, embedding or frame list a check does not read (a million clips' CLIP
-# embeddings are 3 GB, ten times that as Python rows)
+# the index columns the checks read (and ``source``): no score, embedding or frame list
+# a check does not read (a million clips' CLIP embeddings are 3 GB)
 _CHECKED_COLUMNS = [
     "clip_id",
     "status",
@@ -142,40 +144,85 @@ _CHECKED_COLUMNS = [
     "extra_latents",
     "extra_latent_shapes",
 ]
+_BATCH_ROWS = 65_536  # rows made Python objects at a time by the row checks
+
+
+class _ByShard:
+    """A table's rows grouped by their ``shard`` (sorted by it, stably: one shard's rows
+    keep their order). Only one shard's rows are made Python objects at a time, so
+    checking a corpus of millions of clips holds Arrow columns, not millions of dicts."""
+
+    def __init__(self, table: pa.Table) -> None:
+        table = table.set_column(
+            table.schema.get_field_index("shard"), "shard", pc.fill_null(table["shard"], "")
+        )
+        self.table = table.take(pc.sort_indices(table, sort_keys=[("shard", "ascending")]))
+        codes = pc.dictionary_encode(self.table["shard"]).combine_chunks()
+        order = codes.indices.to_numpy(zero_copy_only=False)
+        names = codes.dictionary.to_pylist()
+        starts = np.flatnonzero(np.diff(order)) + 1 if len(order) else np.zeros(0, np.int64)
+        bounds = [0, *starts.tolist(), len(order)] if len(order) else []
+        self.spans: dict[str, tuple[int, int]] = {
+            names[order[a]]: (a, b) for a, b in itertools.pairwise(bounds)
+        }
+
+    def _slice(self, shard: str) -> pa.Table:
+        a, b = self.spans.get(shard, (0, 0))
+        return self.table.slice(a, b - a)
+
+    def rows(self, shard: str) -> dict[str, dict[str, Any]]:
+        """The rows of ``shard`` by key (of two with one key, the later)."""
+        return {r["key"]: r for r in self._slice(shard).to_pylist()}
+
+    def keys(self, shard: str) -> set[str]:
+        return set(self._slice(shard).column("key").to_pylist())
+
+    def num_keys(self, shard: str) -> int:
+        return int(pc.count_distinct(self._slice(shard).column("key")).as_py())
 
 
 def _check_rows(
     index: pa.Table, sources: pa.Table, patch: list[int] | None, problems: list[str]
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """Row-level checks on the latest index; returns kept rows by (shard, key)."""
-    rows = index.to_pylist()
-    seen: set[str] = set()
-    per_source: dict[str, int] = {}
-    live: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
-        cid = r["clip_id"]
-        if cid in seen:
-            problems.append(f"clip {cid}: more than one index row")
-        seen.add(cid)
-        per_source[r["source"]] = per_source.get(r["source"], 0) + 1
-        if r["status"] not in schemas.CLIP_STATUSES:
-            problems.append(f"clip {cid}: unknown status {r['status']!r}")
-        if r["status"] != "kept":
-            if r["shard"] or r["key"]:
-                problems.append(f"clip {cid}: status {r['status']} but points at a sample")
-            continue
-        if not r["shard"] or not r["key"]:
-            problems.append(f"clip {cid}: kept but has no shard/key (needs a rebuild)")
-            continue
-        if (r["shard"], r["key"]) in live:
-            problems.append(f"clip {cid}: sample {r['shard']}:{r['key']} claimed twice")
-        live[(r["shard"], r["key"])] = r
-        if patch is not None and r["num_tokens"] != _tokens(r["latent_shape"] or [], patch):
-            problems.append(
-                f"clip {cid}: num_tokens {r['num_tokens']} does not match latent_shape "
-                f"{r['latent_shape']} at patch {patch}"
-            )
-    for s in sources.to_pylist():
+) -> _ByShard:
+    """Row-level checks on the latest index; returns the kept rows that point at a
+    sample, by shard."""
+    ids = pc.value_counts(index["clip_id"])
+    counts = ids.field("counts").to_numpy()
+    for n in np.flatnonzero(counts > 1):
+        cid = ids.field("values")[int(n)].as_py()
+        problems += [f"clip {cid}: more than one index row"] * (int(counts[n]) - 1)
+    status = index["status"]
+    known = pc.is_in(status, value_set=pa.array(list(schemas.CLIP_STATUSES)), skip_nulls=False)
+    for r in _pylist(index.filter(pc.invert(known)), ["clip_id", "status"]):
+        problems.append(f"clip {r['clip_id']}: unknown status {r['status']!r}")
+    kept = pc.fill_null(pc.equal(status, "kept"), False)
+    shard, key = pc.fill_null(index["shard"], ""), pc.fill_null(index["key"], "")
+    has_shard, has_key = pc.not_equal(shard, ""), pc.not_equal(key, "")
+    pointing = pc.and_(pc.invert(kept), pc.or_(has_shard, has_key))
+    for r in _pylist(index.filter(pointing), ["clip_id", "status"]):
+        problems.append(f"clip {r['clip_id']}: status {r['status']} but points at a sample")
+    for r in _pylist(
+        index.filter(pc.and_(kept, pc.invert(pc.and_(has_shard, has_key)))), ["clip_id"]
+    ):
+        problems.append(f"clip {r['clip_id']}: kept but has no shard/key (needs a rebuild)")
+    live = index.filter(pc.and_(kept, pc.and_(has_shard, has_key)))
+    _check_claims(live, problems)
+    if patch is not None:
+        for r in _pylist(live, ["clip_id", "num_tokens", "latent_shape"]):
+            if r["num_tokens"] != _tokens(r["latent_shape"] or [], patch):
+                problems.append(
+                    f"clip {r['clip_id']}: num_tokens {r['num_tokens']} does not match "
+                    f"latent_shape {r['latent_shape']} at patch {patch}"
+                )
+    by_source = pc.value_counts(index["source"])
+    per_source = dict(
+        zip(
+            by_source.field("values").to_pylist(),
+            by_source.field("counts").to_pylist(),
+            strict=True,
+        )
+    )
+    for s in _pylist(sources, ["source", "num_clips"]):
         got = per_source.get(s["source"], 0)
         if (s["num_clips"] or 0) != got:
             problems.append(
@@ -183,7 +230,29 @@ def _check_rows(
             )
     for s in set(per_source) - set(sources.column("source").to_pylist()):
         problems.append(f"source {s}: has index rows but no committed source row")
-    return live
+    return _ByShard(live)
+
+
+def _check_claims(live: pa.Table, problems: list[str]) -> None:
+    """Two kept rows pointing at one sample: each row after the first is named."""
+    pairs = live.group_by(["shard", "key"]).aggregate([([], "count_all")])
+    twice = pairs.filter(pc.greater(pairs["count_all"], 1))
+    if twice.num_rows == 0:
+        return
+    claimed = set(zip(twice["shard"].to_pylist(), twice["key"].to_pylist(), strict=True))
+    seen: set[tuple[str, str]] = set()
+    suspects = live.filter(pc.is_in(live["shard"], value_set=twice["shard"].combine_chunks()))
+    for r in _pylist(suspects, ["clip_id", "shard", "key"]):
+        pair = (r["shard"], r["key"])
+        if pair in claimed and pair in seen:
+            problems.append(f"clip {r['clip_id']}: sample {pair[0]}:{pair[1]} claimed twice")
+        seen.add(pair)
+
+
+def _pylist(table: pa.Table, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """``columns`` of ``table``'s rows as dicts, a batch at a time."""
+    for batch in table.select(columns).to_batches(max_chunksize=_BATCH_ROWS):
+        yield from batch.to_pylist()
 
 
 def _member_name(name: str, shard: str, problems: list[str]) -> tuple[str, str] | None:
@@ -314,17 +383,14 @@ def _check_shards(
     st: Storage,
     shards: dict[int, str],
     committed: set[int],
-    live: dict[tuple[str, str], dict[str, Any]],
+    live: _ByShard,
     history: pa.Table,
     problems: list[str],
     verify: bool = False,
     text_dim: int | None = None,
 ) -> dict[str, int]:
-    ever = set(
-        zip(history.column("shard").to_pylist(), history.column("key").to_pylist(), strict=True)
-    )
+    ever = _ByShard(history)
     stats = {"shards_read": 0, "samples": 0, "stale_samples": 0, "orphan_samples": 0}
-    found: set[tuple[str, str]] = set()
     read: set[str] = set()
     unreadable: dict[str, str] = {}
     for n, uri in sorted(shards.items()):
@@ -338,32 +404,36 @@ def _check_shards(
             continue
         read.add(shard)
         stats["shards_read"] += 1
+        rows = live.rows(shard)
+        superseded: set[str] | None = None  # the shard's keys of every committed row
         for key, member in samples.items():
             stats["samples"] += 1
             missing = sorted(set(ALLOWED_SUFFIXES) - set(member.suffixes))
             if missing:
                 problems.append(f"{shard}:{key}: incomplete sample, missing {missing}")
+                rows.pop(key, None)  # found, if incomplete
                 continue
-            row = live.get((shard, key))
+            row = rows.pop(key, None)
             if row is not None:
-                found.add((shard, key))
                 _check_sample(st, uri, shard, key, member, row, problems, verify, text_dim)
-            elif (shard, key) in ever:
+                continue
+            superseded = ever.keys(shard) if superseded is None else superseded
+            if key in superseded:
                 stats["stale_samples"] += 1  # superseded by a later part: not live, not lost
             else:
                 stats["orphan_samples"] += 1
                 problems.append(f"{shard}:{key}: orphan sample (no committed index row)")
-    lost = sorted(set(live) - found)
-    for shard, key in lost:
-        if shard in read:
+        for key in sorted(rows):  # live rows whose sample the shard does not hold
             problems.append(
-                f"clip {live[(shard, key)]['clip_id']}: sample {shard}:{key} is not in the shard"
+                f"clip {rows[key]['clip_id']}: sample {shard}:{key} is not in the shard"
             )
     # a shard missing or unreadable as a whole: one line for all the clips it held
-    held = Counter(shard for shard, _ in lost if shard not in read)
+    held = {shard: live.num_keys(shard) for shard in live.spans if shard not in read}
     for shard in sorted(set(held) | set(unreadable)):
         what = unreadable.get(shard, "missing")
-        lost_here = f": the samples of {held[shard]} kept clip(s) are lost" if held[shard] else ""
+        lost_here = (
+            f": the samples of {held[shard]} kept clip(s) are lost" if held.get(shard) else ""
+        )
         problems.append(f"{shard}: {what}{lost_here}")
     return stats
 
@@ -406,12 +476,13 @@ def _check_manifest(
 
 
 def _check_clip_files(
-    st: Storage, root: str, live: dict[tuple[str, str], dict[str, Any]], problems: list[str]
+    st: Storage, root: str, live: _ByShard, problems: list[str]
 ) -> dict[str, int]:
     """Every kept row's ``clips/<key>.mp4`` exists; files of no kept row are stale."""
     names = {uri.rsplit("/", 1)[-1] for uri in st.list(join(root, schemas.CLIPS_DIR))}
     wanted = {
-        schemas.clip_file(key).rsplit("/", 1)[-1]: row["clip_id"] for (_, key), row in live.items()
+        schemas.clip_file(r["key"]).rsplit("/", 1)[-1]: r["clip_id"]
+        for r in _pylist(live.table, ["key", "clip_id"])
     }
     for name, cid in sorted(wanted.items()):
         if name not in names:
