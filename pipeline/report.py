@@ -375,6 +375,13 @@ def _source_kinds(sources: pa.Table, index: pa.Table) -> str:
     return ", ".join(f"{n} {what}" for n, what in found if n) or "none special"
 
 
+def _text_encoder(entry: Any) -> str:
+    """The manifest's text encoder as one line: what made the caption embeddings."""
+    if not isinstance(entry, Mapping):
+        return "none (no caption embeddings)"
+    return f"{entry.get('class', '?')} {entry.get('id', '')}, {entry.get('dim', '?')}-d"
+
+
 def _summary(manifest: Mapping[str, Any], index: pa.Table, sources: pa.Table) -> str:
     counts = dict(manifest.get("counts") or {})
     status = Counter(index.column("status").to_pylist())
@@ -392,6 +399,7 @@ def _summary(manifest: Mapping[str, Any], index: pa.Table, sources: pa.Table) ->
         ),
         ("patch size", str(manifest.get("patch_size"))),
         ("captioner", str((manifest.get("captioner") or {}).get("id", "none"))),
+        ("text encoder", _text_encoder(manifest.get("text_encoder"))),
         (
             "reelpack",
             f"{manifest.get('reelpack_version', '?')}, written {manifest.get('created_at', '?')}",

@@ -136,6 +136,8 @@ def test_report_sections_and_self_contained(corpus: str) -> None:
         f"{status.count('kept')} / {status.count('rejected')} / {status.count('error')}" in summary
     )
     assert "random-weight" in summary  # the tiny preset's manifest says so
+    text = _manifest(corpus)["text_encoder"]  # what made the caption embeddings
+    assert html.escape(f"{text['class']} {text['id']}, {text['dim']}-d") in summary
 
     # every score column has a plot, with one line per configured bound
     thresholds = _manifest(corpus)["config"]["decide"]["thresholds"]
@@ -351,3 +353,11 @@ def test_stills_are_counted_not_plotted_as_one_second_clips() -> None:
     clip_plot = durations.split("source duration")[0]
     assert 'text-anchor="start" class="l">2</text>' in clip_plot
     assert 'text-anchor="end" class="l">3</text>' in clip_plot
+
+
+def test_summary_names_the_text_encoder_or_none() -> None:
+    from pipeline.report import _text_encoder
+
+    umt5 = {"id": "google/umt5-xxl", "class": "UMT5EncoderModel", "dim": 4096}
+    assert _text_encoder(umt5) == "UMT5EncoderModel google/umt5-xxl, 4096-d"
+    assert _text_encoder(None) == "none (no caption embeddings)"
