@@ -89,6 +89,11 @@ class PlanRates:
     # per 1920x1080 frame)
     deinterlace_cpu_s_per_mpx_frame: float = 0.001
     field_match_cpu_s_per_mpx_frame: float = 0.007
+    # the transnetv2 detector (split.detector): its CNN over every source frame, on one
+    # core (measured: 25 ms a frame), or on a GPU share (ray.split.num_gpus: one
+    # 100-frame window per call, latency-bound)
+    transnet_cpu_s_per_frame: float = 0.025
+    transnet_gpu_s_per_frame: float = 0.0005
     score_cpu_s_per_clip: float = 0.05  # decode a few payload frames + OpenCV reductions
     decide_cpu_s_per_clip: float = 0.0001
     dedup_cpu_s_per_clip: float = 0.001  # one index lookup and insert
@@ -195,6 +200,7 @@ class SourceEstimate:
     clip_s: float = 0.0  # total clip seconds
     tokens_per_clip: list[int] = field(default_factory=list)
     latent_bytes_per_clip: list[int] = field(default_factory=list)
+    source_frames: int = 0  # frames split decodes (and TransNetV2 sees)
     source_mpx_frames: float = 0.0  # decode work of split
     work_mpx_frames: float = 0.0  # payload encode work of split
     deinterlace_cpu_s: float = 0.0  # split's deinterlacing (bwdif, field matching)
@@ -251,6 +257,7 @@ def estimate_source(
         height,
     )
     work = even_size(width, height, cfg.split.work_max_area)
+    est.source_frames = num_frames
     est.source_mpx_frames = num_frames * width * height / 1e6
     payload_frames = len(resample_indices(num_frames, fps, cfg.split.work_fps))
     est.work_mpx_frames = payload_frames * work[0] * work[1] / 1e6
@@ -319,8 +326,9 @@ def _stage_work(
     """``(stage, resource, work, unit, resource seconds)`` summed over sampled sources,
     for the build's own stages (:func:`pipeline.graph.build_steps`, labelled as in its
     progress lines), then the model actors' start-up on a cluster of ``gpus`` GPUs.
-    Model stages run on ``"gpu"``."""
-    from pipeline.graph import build_steps, fuse_steps, stage_labels
+    Model stages run on ``"gpu"``, and so does TransNetV2 when split tasks hold a GPU
+    share on a cluster with GPUs (otherwise it is split's CPU work)."""
+    from pipeline.graph import build_steps, fuse_steps, split_gpus, stage_labels
 
     ok = [e for e in ests if e.status == "done"]
     clips = sum(e.clips for e in ok)
@@ -333,6 +341,11 @@ def _stage_work(
         + work_mpx * rates.split_cpu_s_per_work_mpx_frame
         + sum(e.deinterlace_cpu_s for e in ok)
     )
+    frames = sum(e.source_frames for e in ok)
+    transnet = cfg.split.detector == "transnetv2"
+    transnet_on_gpu = transnet and gpus > 0 and split_gpus(cfg) > 0
+    if transnet and not transnet_on_gpu:
+        split_s += frames * rates.transnet_cpu_s_per_frame
     # stage -> (work, unit, seconds per unit of work); a second decide sees kept clips
     work: dict[str, tuple[float, str, float]] = {
         "probe": (len(ests), "sources", rates.probe_cpu_s_per_source),
@@ -354,6 +367,9 @@ def _stage_work(
             continue
         amount, unit, rate = work[label]
         out.append((label, "gpu" if step.kind == "actors" else "cpu", amount, unit, amount * rate))
+        if label == "split" and transnet_on_gpu:
+            cost = frames * rates.transnet_gpu_s_per_frame
+            out.append(("transnetv2", "gpu", frames, "source frames", cost))
     actors, start_s = 0, 0.0
     for op in fuse_steps(cfg, steps, gpus):  # a pool's actors hold all its models
         models = [step for step in op if step.kind == "actors"]

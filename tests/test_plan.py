@@ -17,6 +17,7 @@ from pipeline.config import BuildConfig, load_config
 from pipeline.plan import (
     Plan,
     PlanRates,
+    StageEstimate,
     format_plan,
     load_plan_config,
     make_plan,
@@ -128,6 +129,37 @@ def test_time_scales_with_cluster_size(videos: Path, tiny_cfg: BuildConfig) -> N
     cpu_work = sum(s.resource_s for s in gpu.stages if s.resource == "cpu")
     gpu_work = sum(s.resource_s for s in gpu.stages if s.resource == "gpu")
     assert gpu.wall_s == pytest.approx(max(cpu_work / 4, gpu_work / 2, gstages["write"].wall_s))
+
+
+def test_transnetv2_costs_split_cpu_or_its_gpu_share(videos: Path, tiny_cfg: BuildConfig) -> None:
+    from dataclasses import replace
+
+    sources = _sources(videos)
+    frames = SHOT * 3 + SHOT * 2  # the two videos that probe
+    rates = PlanRates(transnet_cpu_s_per_frame=0.03, transnet_gpu_s_per_frame=0.001)
+
+    def stages(cfg: BuildConfig, gpus: int) -> dict[str, StageEstimate]:
+        plan = make_plan(sources, cfg, workers=2, gpus=gpus, rates=rates)
+        return {s.stage: s for s in plan.stages}
+
+    adaptive = stages(tiny_cfg, 1)
+    on_cpu = replace(tiny_cfg, split=replace(tiny_cfg.split, detector="transnetv2"))
+    cpu = stages(on_cpu, 1)
+    assert cpu["split"].resource_s == pytest.approx(adaptive["split"].resource_s + frames * 0.03)
+    assert "transnetv2" not in cpu
+    # with a GPU share per split task and GPUs to hold it: its own GPU line
+    shared = replace(
+        on_cpu,
+        split=replace(on_cpu.split, transnet_device="auto"),
+        ray=replace(on_cpu.ray, split=replace(on_cpu.ray.split, num_gpus=0.25)),
+    )
+    gpu = stages(shared, 1)
+    assert gpu["split"].resource_s == pytest.approx(adaptive["split"].resource_s)
+    line = gpu["transnetv2"]
+    assert (line.resource, line.work, line.unit) == ("gpu", frames, "source frames")
+    assert line.resource_s == pytest.approx(frames * 0.001)
+    # a cluster without GPUs runs it on the CPUs after all
+    assert stages(shared, 0)["split"].resource_s == pytest.approx(cpu["split"].resource_s)
 
 
 def test_sample_is_scaled_to_all_sources(videos: Path, tiny_cfg: BuildConfig) -> None:
