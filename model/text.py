@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from model.device import resolve_device_dtype
 from model.fingerprint import check_weights, weights_sha256
+from model.weights import quiet_progress
 
 if TYPE_CHECKING:  # imported where tensors are made: the build config imports without torch
     import torch
@@ -187,9 +188,10 @@ class TextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(
             model_id, **({"subfolder": tokenizer_subfolder} if tokenizer_subfolder else {})
         )
-        model = _model_class(config.model_type).from_pretrained(
-            model_id, dtype=torch_dtype, **({"subfolder": subfolder} if subfolder else {})
-        )
+        with quiet_progress():
+            model = _model_class(config.model_type).from_pretrained(
+                model_id, dtype=torch_dtype, **({"subfolder": subfolder} if subfolder else {})
+            )
         return cls(
             tokenizer,
             model.to(dev).eval(),

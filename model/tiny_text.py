@@ -301,6 +301,8 @@ def build_tiny_text_encoder(out_dir: str, family: str = "umt5") -> str:
         import torch
         from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
+        from model.weights import quiet_progress
+
         tokenizer = build_t5_tokenizer()
         classes: tuple[Any, Any] = (
             (UMT5Config, UMT5EncoderModel) if family == "umt5" else (T5Config, T5EncoderModel)
@@ -324,7 +326,8 @@ def build_tiny_text_encoder(out_dir: str, family: str = "umt5") -> str:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_SEED)
             model = model_cls(config).eval()
-        model.save_pretrained(str(folder))
+        with quiet_progress():
+            model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
 
     marker = {
@@ -342,6 +345,8 @@ def build_tiny_causal_lm(out_dir: str) -> str:
     """
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from model.weights import quiet_progress
 
     def save(folder: Path) -> None:
         tokenizer = build_chatml_tokenizer()
@@ -372,7 +377,8 @@ def build_tiny_causal_lm(out_dir: str) -> str:
             no_repeat_ngram_size=3,
             do_sample=False,
         )
-        model.save_pretrained(str(folder))
+        with quiet_progress():
+            model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
 
     marker = {

@@ -1,14 +1,34 @@
 """Reading torch weight files (training checkpoints, the aesthetic head) without
-unpickling code, with errors that name the file and what it was meant to be."""
+unpickling code, with errors that name the file and what it was meant to be; loading
+and saving pretrained models without transformers' progress bars."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["load_weights"]
+__all__ = ["load_weights", "quiet_progress"]
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' progress bars off while a model loads or is saved ("Loading
+    weights", "Writing model shards": one bar per model): a build and ``reelpack
+    sample`` report their own progress, and a bar per actor only buries it. Restored
+    afterwards as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_weights(

@@ -64,6 +64,8 @@ def build_tiny_vlm(out_dir: str) -> str:
             Qwen3VLVideoProcessor,
         )
 
+        from model.weights import quiet_progress
+
         tokenizer = build_chatml_tokenizer(_VOCAB_SIZE)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         pad_id, eos_id = ids["<|endoftext|>"], ids["<|im_end|>"]
@@ -151,7 +153,8 @@ def build_tiny_vlm(out_dir: str) -> str:
             no_repeat_ngram_size=3,
             do_sample=False,
         )
-        model.save_pretrained(str(folder))
+        with quiet_progress():
+            model.save_pretrained(str(folder))
         processor.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.device import resolve_device_dtype
+from model.weights import quiet_progress
 from pipeline.stages.caption import (
     CAPTION_FACETS,
     RANDOM_WEIGHTS_PREFIX,
@@ -121,7 +122,8 @@ class Upsampler:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Any: transformers types PreTrainedModel.to as taking a model, not a device
-        model: Any = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=self.dtype)
+        with quiet_progress():
+            model: Any = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self._torch = torch
         self.prefix = RANDOM_WEIGHTS_PREFIX if is_tiny(cfg.model) else ""

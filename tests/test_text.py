@@ -113,6 +113,18 @@ def test_t5_family_and_idempotent_build(encoder_dir: str, tmp_path: Path) -> Non
         build_tiny_text_encoder(str(tmp_path / "x"), "bert")
 
 
+def test_building_and_loading_print_no_progress_bars(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    TextEncoder.from_pretrained(build_tiny_text_encoder(str(tmp_path / "enc")))
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in out + err and "Writing model shards" not in out + err
+    assert hf_logging.is_progress_bar_enabled()  # as it was: the user's setting stands
+
+
 def test_describe_without_loading_weights(encoder_dir: str, encoder: TextEncoder) -> None:
     entry = describe_text_encoder(encoder_dir, max_length=64)
     # the loaded encoder's entry, and the digest of the weight files (read, not loaded)

@@ -514,6 +514,7 @@ class Captioner:
             raise ValueError("caption config: " + "; ".join(bad))
         self.cfg = cfg
         from model.device import resolve_device_dtype
+        from model.weights import quiet_progress
 
         self.device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
         self.processor = AutoProcessor.from_pretrained(cfg.model)
@@ -521,7 +522,8 @@ class Captioner:
         # position where generation starts
         self.processor.tokenizer.padding_side = "left"
         # Any: transformers types PreTrainedModel.to as taking a model, not a device
-        model: Any = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=self.dtype)
+        with quiet_progress():
+            model: Any = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self._torch = torch
         self.random_weights = is_tiny(cfg.model)
