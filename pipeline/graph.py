@@ -913,7 +913,31 @@ def _describe_text_encoder(
     )
 
 
+_DESCRIBING = threading.Lock()  # one description at a time: a second caller gets the cache
+
+
 def _manifest_extra(cfg: BuildConfig) -> dict[str, Any]:
+    """The manifest's entries besides the writer's own: the VAE and text encoder that
+    made the samples (:func:`_describe_vae` loads the VAE to describe it), the config."""
+    with _DESCRIBING:
+        return _describe_models(cfg)
+
+
+def _prepare_manifest(cfg: BuildConfig) -> None:
+    """Describe the build's models on a background thread while the build runs, so
+    that the commit after the last sample does not wait for diffusers' import and a
+    VAE's load (seconds; a driver is mostly idle meanwhile). A failure here is left to
+    the commit, which describes them again and reports it."""
+
+    def describe() -> None:
+        with contextlib.suppress(Exception):
+            _manifest_extra(cfg)
+
+    # not a daemon: an exit waits for it rather than stopping it inside an import
+    threading.Thread(target=describe, name="reelpack-describe-models").start()
+
+
+def _describe_models(cfg: BuildConfig) -> dict[str, Any]:
     vae = json.loads(_describe_vae(cfg.encode.vae, cfg.encode.vae_class, cfg.encode.vae_subfolder))
     text = cfg.text_encode
     return {
@@ -1207,6 +1231,7 @@ def _build(
         cluster_gpus = float(resources.get("GPU", 0.0))
         check_resources(cfg, cluster_nodes())
         check_devices(cfg, cluster_gpus)
+        _prepare_manifest(cfg)
         meter = _start_meter()
         progress.poll = lambda: ray.get(meter.snapshot.remote(), timeout=10)
         progress.start()

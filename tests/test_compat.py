@@ -149,3 +149,39 @@ def test_build_refuses_a_corpus_of_another_vae_before_any_work(
     assert main(["build", str(video), "--out", str(corpus), "--config", str(config)]) == 2
     assert "holds latents of another VAE or patch size (latent_channels" in capsys.readouterr().err
     assert sorted(p.name for p in corpus.iterdir()) == [schemas.MANIFEST_NAME]  # no lock, no parts
+
+
+def test_the_models_are_described_while_the_build_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from pipeline import graph
+
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def describe(cfg: object) -> dict[str, object]:
+        calls.append(threading.current_thread().name)
+        started.set()
+        assert release.wait(10)
+        return {"vae": "described"}
+
+    monkeypatch.setattr(graph, "_describe_models", describe)
+    cfg = load_config(preset="tiny")
+    graph._prepare_manifest(cfg)
+    assert started.wait(10)  # on its own thread, the build goes on meanwhile
+    assert calls == ["reelpack-describe-models"]
+    waiting = threading.Thread(target=graph._manifest_extra, args=(cfg,))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()  # the commit waits for the description under way ...
+    release.set()
+    waiting.join(10)
+    assert not waiting.is_alive() and len(calls) == 2  # ... then takes it (cached below)
+
+    def broken(cfg: object) -> dict[str, object]:
+        raise OSError("VAE folder gone")
+
+    monkeypatch.setattr(graph, "_describe_models", broken)
+    graph._prepare_manifest(cfg)  # a failure is left to the commit, which reports it
+    with pytest.raises(OSError, match="VAE folder gone"):
+        graph._manifest_extra(cfg)
