@@ -186,12 +186,24 @@ def init_ray(cfg: BuildConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # the build's own progress lines stand in for Ray Data's bars: not a warning
-    logging.getLogger("ray.data._internal.progress").addFilter(_not_bars_disabled)
+    # Model actors hold their models by design (sized by ray.<stage>.max_actors), which
+    # Ray Data's high-memory detector reports every 30 s as a multi-line warning.
+    detectors = ctx.issue_detectors_config.detectors
+    detectors[:] = [d for d in detectors if d.__name__ != "HighMemoryIssueDetector"]
+    # the build's own progress lines and summary stand in for Ray Data's bars and its
+    # closing line
+    logging.getLogger("ray.data._internal.progress").addFilter(_not_ray_data_chatter)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").addFilter(
+        _not_ray_data_chatter
+    )
 
 
-def _not_bars_disabled(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Progress bars disabled")
+def _not_ray_data_chatter(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (
+        message.startswith("Progress bars disabled")
+        or (record.levelno <= logging.INFO and "execution finished in" in message)
+    )
 
 
 def gpu_shares(cfg: BuildConfig, cluster_gpus: float) -> dict[str, float]:

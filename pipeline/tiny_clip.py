@@ -17,9 +17,12 @@ or by calling :func:`register_tiny_clip` before loading.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
@@ -42,6 +45,27 @@ TINY_CLIP_CONFIG: dict = {
     # full vocab so the bundled BPE tokenizer's ids stay valid; it dominates the size
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+
+
+@contextlib.contextmanager
+def _random_init_unannounced() -> Iterator[None]:
+    """Without open_clip's warning that no pretrained weights were loaded (random
+    weights are the point here). It warns through ``logging.warning``, which would
+    also give an unconfigured root logger a stderr handler: a handler that prints
+    nothing is there meanwhile."""
+    root = logging.getLogger()
+    quiet = logging.NullHandler()
+
+    def other(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root.addHandler(quiet)
+    root.addFilter(other)
+    try:
+        yield
+    finally:
+        root.removeFilter(other)
+        root.removeHandler(quiet)
 
 
 class TinyClipPaths(TypedDict):
@@ -122,7 +146,8 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> TinyClipPaths:
         # seed a private RNG stream: building must not disturb the caller's randomness
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+            with _random_init_unannounced():
+                model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
             head = AestheticHead(TINY_CLIP_CONFIG["embed_dim"])
             _init_head(head)
         _atomic_save(model.state_dict(), weights)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import ray.data
 import webdataset as wds
 from safetensors.torch import load as load_safetensors
 
@@ -142,6 +143,9 @@ def test_local_build_then_train(videos, tiny_cfg, tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     err = captured.err
     assert "[build] sources " in err
+    # Ray Data's advice on model actors' memory stays out (pipeline.graph.init_ray)
+    detectors = ray.data.DataContext.get_current().issue_detectors_config.detectors
+    assert "HighMemoryIssueDetector" not in [d.__name__ for d in detectors]
     stage_lines = [line for line in err.splitlines() if line.startswith("[stages] probe ")]
     assert stage_lines and "| encode " in stage_lines[-1], err[-2000:]
     # the closing lines (stdout) show the final per-stage counts

@@ -240,3 +240,18 @@ def test_build_prints_a_short_summary_or_the_json(capsys, monkeypatch) -> None:
     assert printed.err == "sources: 5 found, 1 already done, 4 to build\n"
     summary["interrupted"] = "SIGINT"
     assert cli.main(["build", "v.mp4", "--out", "/data/c"]) == 130
+
+
+def test_ray_datas_own_lines_give_way_to_the_builds() -> None:
+    import logging
+
+    from pipeline.graph import _not_ray_data_chatter
+
+    def record(level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.data", level, __file__, 1, message, None, None)
+
+    finished = "Dataset dataset_1 execution finished in 23.63 seconds"
+    assert not _not_ray_data_chatter(record(logging.INFO, finished))
+    assert not _not_ray_data_chatter(record(logging.WARNING, "Progress bars disabled. ..."))
+    assert _not_ray_data_chatter(record(logging.WARNING, "Operator failed: " + finished))
+    assert _not_ray_data_chatter(record(logging.INFO, "Execution plan of Dataset"))

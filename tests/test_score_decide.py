@@ -798,3 +798,19 @@ def test_one_sampled_frame_still_measures_motion() -> None:
     for cfg in (ScoreConfig(num_frames=1), ScoreConfig(frames_per_second=0.1)):
         assert score_clip(clip, 24.0, cfg)[0]["motion"] == full
     assert score_frames(clip, ScoreConfig(num_frames=1))["motion"] == full
+
+
+def test_building_the_tiny_clip_announces_nothing(tmp_path: Path) -> None:
+    # a fresh process: an unconfigured root logger, as a user's `reelpack build` has
+    code = (
+        "import logging, sys; from pipeline.tiny_clip import build_tiny_clip; "
+        "build_tiny_clip(sys.argv[1]); print(len(logging.getLogger().handlers))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "clip")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "No pretrained weights" not in out.stderr, out.stderr
+    assert out.stdout.strip() == "0"  # the root logger left unconfigured
