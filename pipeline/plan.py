@@ -20,7 +20,10 @@ is decoded), then models every probed source with the build's own rules:
   Every model actor first pays ``actor_start_s`` (its process, Ray Data, torch) and
   ``model_load_s`` per model it holds (the model's library and weights): a fixed cost
   that matters for small builds only. Without GPUs, consecutive model stages share
-  one pool (:func:`pipeline.graph.fuse_steps`), so its actors start once.
+  one pool (:func:`pipeline.graph.fuse_steps`), so its actors start once. Each CPU
+  slot's worker process and each single-process actor (the dedup index, the build's
+  progress meter) pays ``worker_start_s`` once (Python, Ray, Ray Data and the stage's
+  modules).
   Stages stream, so the build's wall time is estimated as the busiest resource pool:
   ``max(cpu work / workers, gpu work / gpus, driver write time)``.
 
@@ -108,6 +111,9 @@ class PlanRates:
     # every actor of a pool (its min_actors at the start), once per build
     actor_start_s: float = 10.0
     model_load_s: float = 30.0
+    # start one worker process for CPU tasks, or an actor without a model: Python, Ray,
+    # Ray Data and the stage's modules
+    worker_start_s: float = 4.0
     cpu_per_gpu_s: float = 100.0  # CPU-core seconds per GPU second when gpus == 0
     write_bytes_per_s: float = 100e6  # driver -> storage (local disk or S3 multipart)
     sample_overhead_bytes: int = 4096  # tar headers + JSON metadata + caption per sample
@@ -126,6 +132,7 @@ RATE_PRESETS: dict[str, PlanRates] = {
         text_encode_gpu_s_per_clip=0.001,
         actor_start_s=3.0,  # a worker process, Ray Data and torch on 2 busy cores
         model_load_s=2.0,  # mostly imports: open_clip / diffusers / transformers
+        worker_start_s=3.5,  # measured on 2 busy cores
         cpu_per_gpu_s=1.0,
     ),
 }
@@ -422,6 +429,17 @@ def make_plan(
         size = workers if resource == "cpu" else gpus
         pools[resource] += res_s
         stages.append(StageEstimate(stage, resource, work, unit, res_s, res_s / size))
+
+    # one worker process per CPU slot, one per single-process actor and the meter's:
+    # a fixed cost, as the model actors' start-up
+    from pipeline.graph import build_steps
+
+    processes = workers + sum(step.kind == "single" for step in build_steps(cfg)) + 1
+    start_s = processes * rates.worker_start_s
+    pools["cpu"] += start_s
+    stages.append(
+        StageEstimate("workers", "cpu", processes, "worker processes", start_s, start_s / workers)
+    )
 
     ok = [e for e in ests if e.status == "done"]
     clips = sum(e.clips for e in ok) * scale

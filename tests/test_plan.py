@@ -113,7 +113,7 @@ def replace_rates(cfg: BuildConfig, **values: float) -> PlanRates:
 
 def test_time_scales_with_cluster_size(videos: Path, tiny_cfg: BuildConfig) -> None:
     sources = _sources(videos)
-    rates = PlanRates(cpu_per_gpu_s=50.0)
+    rates = PlanRates(cpu_per_gpu_s=50.0, worker_start_s=0.0)  # work only: no process starts
     small = make_plan(sources, tiny_cfg, workers=2, gpus=0, rates=rates)
     big = make_plan(sources, tiny_cfg, workers=4, gpus=0, rates=rates)
     gpu = make_plan(sources, tiny_cfg, workers=4, gpus=2, rates=rates)
@@ -325,9 +325,10 @@ def test_plan_names_sources_that_split_treats_specially(
 
 
 def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> None:
-    """One row per stage the build runs (its progress labels), then start-up and write;
-    model stages on the GPUs, and each pool's min_actors paying ``actor_start_s`` and
-    ``model_load_s`` per model they hold."""
+    """One row per stage the build runs (its progress labels), then start-up, workers
+    and write; model stages on the GPUs, each pool's min_actors paying
+    ``actor_start_s`` and ``model_load_s`` per model they hold, and each worker process
+    ``worker_start_s``."""
     from dataclasses import replace
 
     from pipeline.graph import build_steps, stage_labels
@@ -340,7 +341,11 @@ def test_plan_covers_the_build_stages(videos: Path, tiny_cfg: BuildConfig) -> No
     apart = replace(cfg, ray=replace(cfg.ray, fuse_cpu_models=False))  # a pool per stage
     plan = make_plan(_sources(videos), apart, workers=2, gpus=1, rates=rates)
     labels = [label for label in stage_labels(steps) if label != "ranges"]
-    assert [s.stage for s in plan.stages] == [*labels, "start-up", "write"]
+    assert [s.stage for s in plan.stages] == [*labels, "start-up", "workers", "write"]
+    # a worker process per CPU slot, one for the dedup index and one for the meter
+    workers = next(s for s in plan.stages if s.stage == "workers")
+    assert (workers.resource, workers.work) == ("cpu", 2 + 1 + 1)
+    assert workers.resource_s == 4 * rates.worker_start_s and workers.wall_s == 2 * 4.0
     on = {s.stage: s.resource for s in plan.stages}
     assert {label for label, r in on.items() if r == "gpu"} == {
         label
