@@ -62,12 +62,18 @@ def model_folder(name_or_path: str, subfolder: str | None = None) -> Path | None
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files directly in ``folder`` that from_pretrained reads, by name."""
+    """The weight files directly in ``folder`` that from_pretrained reads, by name: the
+    ``.safetensors`` ones when there are any, and not a precision variant's
+    (``model.fp16.safetensors``, ``model.fp16-00001-of-00002.safetensors``) beside the
+    default files, which from_pretrained loads unless asked for a variant: a folder
+    downloaded whole and one that from_pretrained filled hold the same model."""
     files = sorted(
         p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES)
     )
     safetensors = [p for p in files if p.name.lower().endswith(".safetensors")]
-    return safetensors or files
+    chosen = safetensors or files
+    default = [p for p in chosen if p.name.count(".") == 1]  # name.suffix, no variant
+    return default or chosen
 
 
 def file_sha256(path: Path) -> str:

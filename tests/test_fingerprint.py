@@ -49,7 +49,15 @@ def test_the_digest_covers_the_weight_files_from_pretrained_reads(tmp_path: Path
     d = _folder(tmp_path / "d", **{"model-00001-of-00002__safetensors": b"1"})
     one = weights_sha256(str(d))
     (d / "model-00002-of-00002.safetensors").write_bytes(b"2")
-    assert weights_sha256(str(d)) not in (None, one)
+    two = weights_sha256(str(d))
+    assert two not in (None, one)
+    # a precision variant beside the default files (a repository downloaded whole) is
+    # not what from_pretrained loads; a folder of variants only is taken as it is
+    (d / "model.fp16-00001-of-00001.safetensors").write_bytes(b"half")
+    (a / "model.fp16.safetensors").write_bytes(b"half")
+    assert weights_sha256(str(d)) == two and weights_sha256(str(a)) == digest
+    e = _folder(tmp_path / "e", **{"model__fp16__safetensors": b"half"})
+    assert [p.name for p in weight_files(e)] == ["model.fp16.safetensors"]
 
 
 def test_subfolders_and_models_not_on_this_machine(tmp_path: Path) -> None:
