@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where weights are read: quiet_progress's importers need no torch
+    import torch
 
 __all__ = ["load_weights", "quiet_progress"]
 
@@ -56,6 +57,8 @@ def load_weights(
 
 
 def _load(path: str | Path, map_location: str | torch.device, mmap: bool) -> Any:
+    import torch
+
     if mmap:
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
